@@ -1,0 +1,7 @@
+"""`python -m kernel`: boot the agentos kernel in the foreground."""
+
+import sys
+
+from kernel.boot import main
+
+sys.exit(main())

@@ -1,0 +1,58 @@
+"""The access check every syscall passes: verify the token, then check its caveats against the
+call, its resource and the caller's attested principal. Denials are audited (rate-limited per
+principal, so a flood of forged tokens cannot turn into a flood of fsyncs)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from kernel.access.tokens import Capability, TokenError
+from sdk.abi import ErrorCode
+
+if TYPE_CHECKING:
+    from kernel.core import Caller, Kernel
+
+log = logging.getLogger("kernel.access")
+
+
+class Guard:
+    def __init__(self, kernel: Kernel) -> None:
+        self.kernel = kernel
+        self._buckets: dict[str, tuple[float, float]] = {}  # principal -> (tokens, last refill)
+        self.suppressed = 0
+
+    def check(self, token: str, op: str, resource: str | None, caller: Caller) -> Capability:
+        """The verified capability, or a `Fault(EPERM)` naming the reason."""
+        from kernel.core import Fault
+
+        try:
+            cap = self.kernel.authority.verify(token)
+        except TokenError as exc:
+            self.deny(caller.principal, op, resource, f"invalid token: {exc.reason}")
+            raise Fault(ErrorCode.EPERM, f"invalid token: {exc.reason}") from None
+        reason = cap.check(op, resource, caller.principal, time.time())
+        if reason is not None:
+            self.deny(caller.principal, op, resource, reason, token_id=cap.token_id)
+            raise Fault(ErrorCode.EPERM, f"{op}: {reason}")
+        return cap
+
+    def deny(self, principal: str, op: str, resource: str | None, reason: str,
+             token_id: str | None = None) -> None:
+        rate = self.kernel.config.audit_denials_per_s
+        now = time.monotonic()
+        tokens, last = self._buckets.get(principal, (rate, now))
+        tokens = min(rate, tokens + (now - last) * rate)
+        if tokens < 1:
+            self.suppressed += 1
+            self._buckets[principal] = (tokens, now)
+            return
+        self._buckets[principal] = (tokens - 1, now)
+        if len(self._buckets) > 10000:
+            self._buckets.clear()
+        log.warning("denied", extra={"principal": principal, "call": op, "resource": resource,
+                                     "reason": reason})
+        self.kernel.audit.append(principal, "deny", call=op, resource=resource, reason=reason,
+                                 token=token_id, suppressed_before=self.suppressed)
+        self.suppressed = 0

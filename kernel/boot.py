@@ -1,0 +1,95 @@
+"""`python -m kernel` / `agentos boot`: parse flags, set up logging, run the kernel."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from kernel.config import Config
+from kernel.state import StateError
+from sdk import layout
+
+log = logging.getLogger("kernel")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="TOML file with a [kernel] table")
+    p.add_argument("--log-format", choices=("json", "text"), help="log format (default json)")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--daemon", action="store_true",
+                   help="start in the background, wait until it answers, then exit 0; "
+                        "logs go to STATE_DIR/kernel.log")
+
+
+def daemonize(args: argparse.Namespace, state: Path) -> int:
+    """Re-run the kernel detached (new session, logs to a file) and wait until it is ready."""
+    import sdk
+
+    state.mkdir(mode=0o700, parents=True, exist_ok=True)
+    child_argv = ["--state-dir", str(state)]
+    if args.config:
+        child_argv += ["--config", str(args.config)]
+    if args.log_format:
+        child_argv += ["--log-format", args.log_format]
+    if args.log_level:
+        child_argv += ["--log-level", args.log_level]
+    with open(state / "kernel.log", "ab") as logf:
+        child = subprocess.Popen([sys.executable, "-m", "kernel", *child_argv],
+                                 stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                                 start_new_session=True, close_fds=True)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if child.poll() is not None:
+            print(f"agentos: kernel exited with status {child.returncode}; see "
+                  f"{state / 'kernel.log'}", file=sys.stderr)
+            return 1
+        try:
+            with sdk.connect(state_dir=state, timeout=1.0) as conn:
+                conn.sys.null()
+            print(child.pid)
+            return 0
+        except sdk.SyscallError:
+            time.sleep(0.05)
+    print("agentos: kernel did not become ready in 30 s", file=sys.stderr)
+    return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(prog="python -m kernel", description="Boot the agentos kernel.")
+    p.add_argument("--state-dir", help=f"state directory (default ${layout.ENV_STATE_DIR} or "
+                                       f"{layout.default_state_dir()})")
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    state = layout.state_dir(args.state_dir)
+    if args.daemon:
+        return daemonize(args, state)
+    try:
+        config = Config.load(args.config, state_dir=state, log_format=args.log_format,
+                             log_level=args.log_level)
+    except (OSError, ValueError, TypeError) as exc:
+        print(f"agentos: bad configuration: {exc}", file=sys.stderr)
+        return 2
+    from kernel import log as kernel_log
+    from kernel.core import Kernel
+
+    kernel_log.setup(config.log_format, config.log_level)
+    try:
+        return Kernel(config).run()
+    except StateError as exc:
+        log.error(str(exc))
+        print(f"agentos: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

@@ -1,0 +1,334 @@
+"""The kernel: boot, the dispatch loop, and the path every syscall takes.
+
+The loop is `poll → dispatch a batch → run timers → commit → send replies`. One thread owns the
+ROUTER socket and the database; handlers either answer at once or park the call (`PENDING`)
+and answer later from an event (a message arrives, an agent exits, a timer fires).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import os
+import signal
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import zmq
+
+from kernel.access.audit import AuditLog
+from kernel.access.guard import Guard
+from kernel.access.tokens import Capability, Rule, TokenAuthority
+from kernel.config import Config
+from kernel.db import Database
+from kernel.ipc import Mailboxes
+from kernel.notify import Notifier
+from kernel.proc.table import ProcessTable
+from kernel.state import StateDir, write_private
+from kernel.syscalls import SYSCALLS
+from kernel.transport import Identities, ZapHandler, open_router
+from sdk import abi
+
+log = logging.getLogger("kernel")
+
+VERSION = "0.1.0"
+BATCH = 256  # messages taken from the ROUTER per loop iteration
+
+
+class Fault(Exception):
+    """A handler's typed refusal: becomes an `Error` reply with this code."""
+
+    def __init__(self, code: abi.ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+PENDING = object()  # a handler's return value meaning "the reply comes later"
+
+
+@dataclass(frozen=True)
+class Caller:
+    principal: str  # "agent:<id>" or "user:<uid>"
+    agent_id: int | None
+
+
+@dataclass(eq=False)
+class Call:
+    """One syscall in flight: where its reply goes and whether it has been answered."""
+
+    route: bytes
+    id: int
+    name: str
+    caller: Caller
+    started: float
+    capability: Capability | None = None  # set once the access check passed
+    done: bool = False
+    on_cancel: list[Callable[[], None]] = field(default_factory=list)
+
+
+class Kernel:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.state = StateDir(config.state_dir)
+        self.notifier = Notifier()
+        self.started_at = time.time()
+        self.draining = False
+        self.outbox: list[list[bytes]] = []
+        self.counts: Counter[str] = Counter()
+        self.errors: Counter[str] = Counter()
+        self._timers: list[tuple[float, int, Callable[[], None]]] = []
+        self._timer_seq = itertools.count()
+        self._stop_requests = 0
+        self.parked: set[Call] = set()
+
+    # --- boot and shutdown -------------------------------------------------------------------
+
+    def boot(self) -> None:
+        """Recover state and open the front door; after this the kernel answers syscalls."""
+        self.state.open()
+        self.db = Database(self.state.db_path)
+        self.audit = AuditLog(self.db)
+        self.authority = TokenAuthority(self.state.secret_key())
+        self.guard = Guard(self)
+        self.identities = Identities({os.geteuid(), 0, *self.config.allowed_uids})
+        self.procs = ProcessTable(self)
+        self.ipc = Mailboxes(self)
+        self.procs.recover()
+        self.db.commit()
+
+        self.ctx = zmq.Context()
+        self.zap = ZapHandler(self.ctx, self.identities.principal)
+        self.zap.start()
+        self.router = open_router(self.ctx, str(self.state.socket_path),
+                                  self.config.max_message_bytes)
+        self.poller = zmq.Poller()
+        self.poller.register(self.router, zmq.POLLIN)
+        self._wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._wake_w = wake_w
+        self.poller.register(self._wake_r, zmq.POLLIN)
+        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        signal.signal(signal.SIGTERM, self._on_stop_signal)
+        signal.signal(signal.SIGINT, self._on_stop_signal)
+        self._write_admin_token()
+        self.db.commit()
+        log.info("kernel ready", extra={"state_dir": str(self.state.root), "pid": os.getpid(),
+                                        "socket": str(self.state.socket_path)})
+        self.notifier.notify("READY=1", f"MAINPID={os.getpid()}",
+                             "STATUS=answering syscalls")
+
+    def _write_admin_token(self) -> None:
+        uid = os.geteuid()
+        token = self.authority.mint(f"user:{uid}", [Rule("*")])
+        self.procs.record_token(token)
+        self.audit.append("kernel", "grant", subject=f"user:{uid}", rules=["*"], to="admin.token")
+        write_private(self.state.admin_token_path, (token + "\n").encode())
+
+    def _on_stop_signal(self, signum: int, _frame: Any) -> None:
+        self._stop_requests += 1
+
+    def run(self) -> int:
+        """Boot, serve until SIGTERM/SIGINT, drain, and return the exit status."""
+        self.boot()
+        try:
+            self._serve()
+        finally:
+            self._shutdown()
+        return 0
+
+    def _serve(self) -> None:
+        drain_deadline = None
+        while True:
+            if self._stop_requests and not self.draining:
+                self.draining = True
+                drain_deadline = time.monotonic() + self.config.drain_timeout
+                log.info("draining", extra={"agents": self.procs.running_count()})
+                self.notifier.notify("STOPPING=1", "STATUS=draining")
+                self.procs.terminate_all(self.config.kill_grace)
+            if self.draining:
+                if self._stop_requests > 1:
+                    self.procs.terminate_all(0)  # a second signal: no more grace
+                if self.procs.running_count() == 0 or time.monotonic() >= drain_deadline:
+                    return
+            self.step(self._poll_timeout())
+
+    def step(self, timeout_ms: int | None) -> None:
+        """One loop iteration; the unit the watchdog vouches for."""
+        ready = dict(self.poller.poll(timeout_ms))
+        if self.router in ready:
+            self._drain_router()
+        if self._wake_r in ready:
+            try:
+                os.read(self._wake_r, 4096)
+            except BlockingIOError:
+                pass
+        for fd in ready:
+            if isinstance(fd, int) and fd != self._wake_r:
+                self.procs.on_exit_fd(fd)
+        self._run_timers()
+        self.flush()
+        self.notifier.watchdog()
+
+    def _poll_timeout(self) -> int:
+        horizon = 1.0
+        if self.notifier.watchdog_interval is not None:
+            horizon = min(horizon, self.notifier.watchdog_interval)
+        if self._timers:
+            horizon = min(horizon, self._timers[0][0] - time.monotonic())
+        return max(0, int(horizon * 1000))
+
+    def _shutdown(self) -> None:
+        self.procs.terminate_all(0)
+        self.procs.reap_blocking(timeout=5.0)
+        for call in list(self.parked):
+            self.fail(call, abi.ErrorCode.ECANCELED, "the kernel is shutting down")
+        self.flush()
+        signal.set_wakeup_fd(-1)
+        self.router.close(linger=0)
+        self.ctx.term()
+        try:
+            os.unlink(self.state.socket_path)
+        except FileNotFoundError:
+            pass
+        self.db.close()
+        self.state.close()
+        log.info("kernel stopped", extra={"syscalls": sum(self.counts.values())})
+        self.notifier.close()
+
+    # --- timers ------------------------------------------------------------------------------
+
+    def after(self, seconds: float, fn: Callable[[], None]) -> None:
+        heapq.heappush(self._timers, (time.monotonic() + seconds, next(self._timer_seq), fn))
+
+    def _run_timers(self) -> None:
+        now = time.monotonic()
+        while self._timers and self._timers[0][0] <= now:
+            _, _, fn = heapq.heappop(self._timers)
+            try:
+                fn()
+            except Exception:
+                log.exception("timer failed")
+
+    # --- dispatch ----------------------------------------------------------------------------
+
+    def _drain_router(self) -> None:
+        for _ in range(BATCH):
+            try:
+                frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                self.dispatch(frames)
+            except Exception:  # the last line of defence: log, never die
+                log.exception("dispatch failed")
+
+    def dispatch(self, frames: list[zmq.Frame]) -> None:
+        route = frames[0].bytes
+        user = frames[-1].get("User-Id") if len(frames) > 1 else None
+        if not user:
+            # libzmq admits peers when no ZAP handler answers; ours always does, so a frame
+            # without a principal is a bug or an attack. Drop it unanswered.
+            log.error("message without attested principal dropped")
+            return
+        if len(frames) != 2:
+            self._send_error(route, 0, abi.ErrorCode.EINVAL, "expected exactly one frame")
+            return
+        data = frames[1].bytes
+        try:
+            req = abi.decode_request(data)
+        except abi.AbiError as exc:
+            self._send_error(route, abi.request_id_of(data), abi.ErrorCode.EINVAL, str(exc))
+            return
+        self.counts[req.call] += 1
+        entry = SYSCALLS.get(req.call)
+        if entry is None:
+            self._send_error(route, req.id, abi.ErrorCode.ENOSYS, f"no syscall {req.call!r}")
+            return
+        caller = self._caller(user)
+        if caller is None:
+            self._send_error(route, req.id, abi.ErrorCode.EPERM, f"{user} is not running")
+            return
+        call = Call(route, req.id, req.call, caller, time.monotonic())
+        self.db.begin_call()
+        failed = True
+        try:
+            args = abi.decode_args(req.args, entry.args)
+            resource = entry.resource(args, caller) if entry.resource else None
+            call.capability = self.guard.check(req.token, req.call, resource, caller)
+            result = entry.handler(self, call, args)
+            if result is not PENDING:
+                self.reply(call, result)
+            failed = False
+        except abi.AbiError as exc:
+            self.fail(call, abi.ErrorCode.EINVAL, str(exc))
+            failed = False
+        except Fault as exc:
+            self.fail(call, exc.code, exc.message)  # typed refusals keep their writes (audit)
+            failed = False
+        except Exception:
+            log.exception("syscall failed", extra={"call": req.call, "caller": caller.principal})
+            self.fail(call, abi.ErrorCode.EIO, "internal kernel error (logged)")
+        finally:
+            self.db.end_call(ok=not failed)  # a kernel bug halfway leaves no writes behind
+
+    def _caller(self, user: str) -> Caller | None:
+        kind, _, ident = user.partition(":")
+        if kind == "agent":
+            agent_id = int(ident)
+            return Caller(user, agent_id) if self.procs.is_live(agent_id) else None
+        return Caller(user, None)
+
+    # --- parked calls ------------------------------------------------------------------------
+
+    def park(self, call: Call, timeout_ms: int | None) -> object:
+        """Hold `call` until an event answers it, or fail it with ETIMEDOUT at its deadline."""
+        self.parked.add(call)
+        if timeout_ms is not None:
+            self.after(timeout_ms / 1000,
+                       lambda: self.fail(call, abi.ErrorCode.ETIMEDOUT, f"{call.name}: timed out"))
+        return PENDING
+
+    def cancel_calls_of(self, agent_id: int) -> None:
+        """A dead agent's parked calls: cancelled, and their waits released."""
+        for call in [c for c in self.parked if c.caller.agent_id == agent_id]:
+            self.fail(call, abi.ErrorCode.ECANCELED, f"agent {agent_id} has ended")
+
+    # --- replies -----------------------------------------------------------------------------
+
+    def reply(self, call: Call, result: Any) -> None:
+        if call.done:
+            return
+        frame = abi.encode(abi.Reply(call.id, msgspec.Raw(abi.encode(result))))
+        call.done = True
+        self.parked.discard(call)
+        self.outbox.append([call.route, frame])
+
+    def fail(self, call: Call, code: abi.ErrorCode, message: str) -> None:
+        if call.done:
+            return
+        call.done = True
+        self.parked.discard(call)
+        for cancel in call.on_cancel:
+            cancel()
+        self._send_error(call.route, call.id, code, message)
+
+    def _send_error(self, route: bytes, rid: int, code: abi.ErrorCode, message: str) -> None:
+        self.errors[code.name] += 1
+        self.outbox.append([route, abi.encode(abi.Error(rid, int(code), message))])
+
+    def flush(self) -> None:
+        """Commit the batch's writes, then send its replies: nothing is acknowledged before it
+        is durable."""
+        self.db.commit()
+        outbox, self.outbox = self.outbox, []
+        for frames in outbox:
+            try:
+                self.router.send_multipart(frames, zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass  # the peer is gone or not reading; its reply is lost with it
+

@@ -1,0 +1,116 @@
+"""The kernel's SQLite database: schema, migrations and group commit.
+
+One connection, used only by the dispatch thread. Writes of a loop iteration share one
+transaction that is committed before any reply of that iteration is sent, so everything
+acknowledged is durable (WAL, synchronous=FULL) and fsyncs are amortised over a batch.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+SCHEMA = [
+    # version 1
+    """
+    CREATE TABLE agents (
+        id          INTEGER PRIMARY KEY AUTOINCREMENT,
+        name        TEXT NOT NULL,
+        path        TEXT NOT NULL,
+        argv        TEXT NOT NULL,
+        caps        TEXT NOT NULL,
+        token_id    TEXT,
+        spawned_by  TEXT NOT NULL,
+        pid         INTEGER,
+        pid_start   INTEGER,
+        state       TEXT NOT NULL,
+        started_at  REAL,
+        ended_at    REAL,
+        exit_status INTEGER,
+        result      BLOB
+    );
+    CREATE INDEX agents_state ON agents(state);
+    CREATE TABLE tokens (
+        id         TEXT PRIMARY KEY,
+        parent     TEXT,
+        subject    TEXT NOT NULL,
+        issued_at  REAL NOT NULL,
+        expires_at REAL,
+        revoked_at REAL
+    );
+    CREATE TABLE messages (
+        seq       INTEGER PRIMARY KEY AUTOINCREMENT,
+        receiver  INTEGER NOT NULL,
+        sender    TEXT NOT NULL,
+        sender_id INTEGER,
+        data      BLOB NOT NULL,
+        sent_at   REAL NOT NULL
+    );
+    CREATE INDEX messages_receiver ON messages(receiver, seq);
+    CREATE TABLE audit (
+        seq       INTEGER PRIMARY KEY,
+        ts        REAL NOT NULL,
+        principal TEXT NOT NULL,
+        event     TEXT NOT NULL,
+        detail    TEXT NOT NULL,
+        prev      TEXT NOT NULL,
+        hash      TEXT NOT NULL
+    );
+    """,
+]
+
+
+class Database:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute("PRAGMA synchronous=FULL")
+        self.conn.execute("PRAGMA busy_timeout=5000")
+        self.conn.execute("PRAGMA foreign_keys=ON")
+        self._in_call = self._savepoint = False
+        self._migrate()
+
+    def _migrate(self) -> None:
+        version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > len(SCHEMA):
+            raise RuntimeError(f"{self.path} has schema {version}, newer than this kernel knows")
+        for number, script in enumerate(SCHEMA[version:], start=version + 1):
+            self.conn.execute("BEGIN IMMEDIATE")
+            for statement in filter(str.strip, script.split(";")):
+                self.conn.execute(statement)
+            self.conn.execute(f"PRAGMA user_version={number}")
+            self.conn.execute("COMMIT")
+
+    def write(self, sql: str, params: Any = ()) -> sqlite3.Cursor:
+        """Run a write inside the current batch's transaction (opened on first use) and, during
+        a syscall, inside that syscall's savepoint."""
+        if not self.conn.in_transaction:
+            self.conn.execute("BEGIN IMMEDIATE")
+        if self._in_call and not self._savepoint:
+            self.conn.execute("SAVEPOINT syscall")
+            self._savepoint = True
+        return self.conn.execute(sql, params)
+
+    def begin_call(self) -> None:
+        self._in_call, self._savepoint = True, False
+
+    def end_call(self, ok: bool) -> None:
+        """Keep a syscall's writes, or undo them all if it failed halfway."""
+        if self._savepoint:
+            if not ok:
+                self.conn.execute("ROLLBACK TO syscall")
+            self.conn.execute("RELEASE syscall")
+        self._in_call = self._savepoint = False
+
+    def read(self, sql: str, params: Any = ()) -> list[sqlite3.Row]:
+        return self.conn.execute(sql, params).fetchall()
+
+    def commit(self) -> None:
+        if self.conn.in_transaction:
+            self.conn.execute("COMMIT")
+
+    def close(self) -> None:
+        self.commit()
+        self.conn.close()

@@ -1,0 +1,95 @@
+"""Agent-to-agent mailboxes: durable, bounded, capability-gated (`ipc.send@ipc/<name>`).
+
+A message is committed to SQLite before the sender's call returns. `recv` takes the oldest
+message and deletes it in the same transaction as its reply: delivery is at most once.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from sdk import abi
+
+if TYPE_CHECKING:
+    from kernel.core import Call, Caller, Kernel
+
+
+class Mailboxes:
+    def __init__(self, kernel: Kernel) -> None:
+        self.k = kernel
+        self._waiters: dict[int, list[Call]] = {}
+        self._depth: dict[int, int] = {}
+
+    def _fault(self, code: abi.ErrorCode, message: str) -> Exception:
+        from kernel.core import Fault
+
+        return Fault(code, message)
+
+    def depth(self, agent_id: int) -> int:
+        if agent_id not in self._depth:
+            rows = self.k.db.read("SELECT COUNT(*) FROM messages WHERE receiver=?", (agent_id,))
+            self._depth[agent_id] = rows[0][0]
+        return self._depth[agent_id]
+
+    def send(self, caller: Caller, args: abi.SendArgs) -> None:
+        receiver = self.k.procs.live_by_name(args.to)
+        if receiver is None or receiver.exiting:
+            raise self._fault(abi.ErrorCode.ENOENT, f"no running agent named {args.to!r}")
+        blob = msgspec.msgpack.encode(args.data)
+        limit = self.k.config.ipc_message_bytes
+        if len(blob) > limit:
+            raise self._fault(abi.ErrorCode.EINVAL, f"message is {len(blob)} bytes, over {limit}")
+        rid = receiver.agent_id
+        if self.depth(rid) >= self.k.config.mailbox_depth:
+            raise self._fault(abi.ErrorCode.EAGAIN, f"mailbox of {args.to!r} is full")
+        self.k.db.write("INSERT INTO messages (receiver, sender, sender_id, data, sent_at) "
+                        "VALUES (?,?,?,?,?)",
+                        (rid, caller.principal, caller.agent_id, blob, time.time()))
+        self._depth[rid] += 1
+        self._deliver(rid)
+
+    def recv(self, call: Call, args: abi.RecvArgs) -> Any:
+        agent_id = call.caller.agent_id
+        if agent_id is None:
+            raise self._fault(abi.ErrorCode.EINVAL, "only agents have mailboxes")
+        message = self._take(agent_id)
+        if message is not None:
+            return message
+        if args.timeout_ms == 0:
+            raise self._fault(abi.ErrorCode.EAGAIN, "mailbox is empty")
+        waiters = self._waiters.setdefault(agent_id, [])
+        waiters.append(call)
+        call.on_cancel.append(lambda: waiters.remove(call) if call in waiters else None)
+        return self.k.park(call, args.timeout_ms)
+
+    def _take(self, agent_id: int) -> abi.Message | None:
+        if self.depth(agent_id) == 0:
+            return None
+        seq, sender, sender_id, blob, sent_at = self.k.db.read(
+            "SELECT seq, sender, sender_id, data, sent_at FROM messages WHERE receiver=? "
+            "ORDER BY seq LIMIT 1", (agent_id,))[0]
+        self.k.db.write("DELETE FROM messages WHERE seq=?", (seq,))
+        self._depth[agent_id] -= 1
+        return abi.Message(sender=sender, sender_id=sender_id,
+                           data=msgspec.msgpack.decode(blob), sent_at=sent_at)
+
+    def _deliver(self, agent_id: int) -> None:
+        waiters = self._waiters.get(agent_id)
+        while waiters:
+            call = waiters.pop(0)
+            if call.done:
+                continue
+            message = self._take(agent_id)
+            if message is None:
+                waiters.insert(0, call)
+                return
+            self.k.reply(call, message)
+
+    def drop(self, agent_id: int) -> None:
+        """An ended agent's mailbox and waiters go with it."""
+        self.k.db.write("DELETE FROM messages WHERE receiver=?", (agent_id,))
+        self._depth.pop(agent_id, None)
+        self._waiters.pop(agent_id, None)

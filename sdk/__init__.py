@@ -1,0 +1,68 @@
+"""agentos SDK: what an agent imports to make syscalls to the kernel (no torch, no kernel code)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from sdk import layout
+from sdk.abi import ABI_VERSION, AgentInfo, ErrorCode, LogChunk, Message, Stats
+from sdk.agent import Agent
+from sdk.client import AsyncConnection, Connection
+from sdk.errors import (
+    Busy,
+    Canceled,
+    InvalidArgument,
+    KernelFault,
+    KernelUnavailable,
+    NoSuchSyscall,
+    NotFound,
+    PermissionDenied,
+    QuotaExceeded,
+    SyscallError,
+    TimedOut,
+    TryAgain,
+)
+
+__all__ = [
+    "ABI_VERSION", "Agent", "AgentInfo", "AsyncConnection", "Busy", "Canceled", "Connection",
+    "ErrorCode", "InvalidArgument", "KernelFault", "KernelUnavailable", "LogChunk", "Message",
+    "NoSuchSyscall", "NotFound", "PermissionDenied", "QuotaExceeded", "Stats", "SyscallError",
+    "TimedOut", "TryAgain", "connect", "connect_async",
+]
+
+
+def _resolve(endpoint: str | None, token: str | None,
+             state_dir: str | os.PathLike[str] | None) -> tuple[str, str]:
+    """Explicit arguments win; then what the kernel put in an agent's environment; then, for
+    local administrators, the state dir's socket and admin token."""
+    endpoint = endpoint or (None if state_dir else os.environ.get(layout.ENV_ENDPOINT))
+    token = token or (None if state_dir else os.environ.get(layout.ENV_TOKEN))
+    state = layout.state_dir(state_dir)
+    if endpoint is None:
+        endpoint = layout.endpoint(state)
+    if token is None:
+        path = layout.admin_token_path(state)
+        try:
+            token = Path(path).read_text().strip()
+        except FileNotFoundError:
+            raise KernelUnavailable(
+                f"no admin token at {path}: is a kernel booted there?") from None
+        except PermissionError:
+            raise PermissionDenied(f"cannot read {path}: run as the kernel's user") from None
+    return endpoint, token
+
+
+def connect(endpoint: str | None = None, token: str | None = None, *,
+            state_dir: str | os.PathLike[str] | None = None, timeout: float = 30.0) -> Connection:
+    """A blocking connection to the kernel."""
+    endpoint, token = _resolve(endpoint, token, state_dir)
+    return Connection(endpoint, token, timeout=timeout)
+
+
+def connect_async(endpoint: str | None = None, token: str | None = None, *,
+                  state_dir: str | os.PathLike[str] | None = None,
+                  timeout: float = 30.0) -> AsyncConnection:
+    """An asyncio connection to the kernel; use inside a running event loop."""
+    endpoint, token = _resolve(endpoint, token, state_dir)
+    return AsyncConnection(endpoint, token, timeout=timeout)

@@ -1,0 +1,22 @@
+"""The `Agent` base class: subclass it, implement `run(task)`, and `agentos run` does the rest."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from sdk import layout
+
+
+class Agent:
+    """An agent program. `self.conn` is its kernel connection (blocking, or asyncio when `run`
+    is a coroutine function); `self.sys`, `self.proc` and `self.ipc` are its syscall families."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self.sys, self.proc, self.ipc = conn.sys, conn.proc, conn.ipc
+        self.id = int(os.environ.get(layout.ENV_AGENT_ID, "0")) or None
+        self.name = os.environ.get(layout.ENV_AGENT_NAME, type(self).__name__)
+
+    def run(self, task: str) -> Any:
+        raise NotImplementedError(f"{type(self).__name__}.run(task) is not implemented")

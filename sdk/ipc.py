@@ -1,0 +1,27 @@
+"""The `ipc` syscall family: capability-gated mailboxes between agents."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sdk import abi
+from sdk.proc import _ms
+
+
+class Ipc:
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+
+    def send(self, to: str, data: Any) -> None:
+        """Queue `data` (any msgpack value) in the mailbox of the running agent named `to`.
+
+        Needs a capability `ipc.send@ipc/<to>`. Returns once the message is durable.
+        """
+        return self._conn.call("ipc.send", abi.SendArgs(to=to, data=data), type(None))
+
+    def recv(self, timeout: float | None = None) -> abi.Message:
+        """The oldest message in this agent's mailbox; waits up to `timeout` seconds (forever
+        if None; ETIMEDOUT when it runs out)."""
+        ms = _ms(timeout)
+        return self._conn.call("ipc.recv", abi.RecvArgs(timeout_ms=ms), abi.Message,
+                               server_wait_ms=ms, wait_forever=ms is None)

@@ -1,0 +1,111 @@
+"""Fixtures: real kernels in temporary state dirs, the CLI as a subprocess, test agents."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import sdk
+
+ROOT = Path(__file__).resolve().parent.parent
+AGENTS = Path(__file__).resolve().parent / "agents"
+
+
+class KernelProcess:
+    """A kernel booted with `python -m kernel` in its own state dir."""
+
+    def __init__(self, state_dir: Path, env: dict[str, str] | None = None) -> None:
+        self.state_dir = state_dir
+        self.log_path = state_dir.parent / f"{state_dir.name}.log"
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, wait: bool = True) -> KernelProcess:
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the kernel
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "kernel", "--state-dir", str(self.state_dir),
+             "--log-format", "text"], stdout=self._log, stderr=self._log, env=self.env,
+            cwd=ROOT)
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"kernel exited {self.proc.returncode}:\n{self.log()}")
+            try:
+                with self.connect(timeout=1.0) as conn:
+                    conn.sys.null()
+                return
+            except sdk.SyscallError:
+                time.sleep(0.05)
+        raise RuntimeError(f"kernel not ready:\n{self.log()}")
+
+    def connect(self, timeout: float = 10.0) -> sdk.Connection:
+        return sdk.connect(state_dir=self.state_dir, timeout=timeout)
+
+    def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "userland.cli", "--state-dir",
+                               str(self.state_dir), *args], capture_output=True, text=True,
+                              timeout=timeout, cwd=ROOT)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def send_signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        rc = self.proc.wait(timeout)
+        self._log.close()
+        return rc
+
+
+@pytest.fixture(scope="session")
+def kernel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KernelProcess]:
+    """One kernel shared by the tests that do not stop or crash it."""
+    k = KernelProcess(tmp_path_factory.mktemp("k") / "state").start()
+    yield k
+    k.stop()
+
+
+@pytest.fixture
+def fresh_kernel(tmp_path: Path) -> Iterator[KernelProcess]:
+    """A kernel of the test's own, for tests that signal, crash or restart it."""
+    k = KernelProcess(tmp_path / "state")
+    yield k
+    if k.proc is not None and k.proc.poll() is None:
+        k.stop(signal.SIGKILL)
+
+
+@pytest.fixture
+def admin(kernel: KernelProcess) -> Iterator[sdk.Connection]:
+    with kernel.connect() as conn:
+        yield conn
+
+
+def agent(name: str) -> str:
+    return str(AGENTS / f"{name}.py")
+
+
+def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02) -> bool:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False

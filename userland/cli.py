@@ -1,0 +1,237 @@
+"""`agentos`: the command line, a userland program that makes syscalls with the admin token.
+
+Unix manners: results on stdout, diagnostics on stderr prefixed `agentos:`, `--json` for
+scripts, exit 0 on success, 1 when the kernel refuses or is unreachable, 2 on bad usage, and
+`wait` exits with the agent's own status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+import sdk
+from sdk import layout
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+def _connect(args: argparse.Namespace) -> sdk.Connection:
+    return sdk.connect(state_dir=layout.state_dir(args.state_dir))
+
+
+def _json(value: Any) -> None:
+    print(json.dumps(msgspec.to_builtins(value), indent=None, default=repr))
+
+
+def _when(ts: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
+
+
+def _show_result(result: Any) -> None:
+    if result is None:
+        return
+    print(result if isinstance(result, str) else json.dumps(result, default=repr))
+
+
+# --- subcommands ---------------------------------------------------------------------------
+
+
+def cmd_boot(args: argparse.Namespace) -> int:
+    from kernel import boot
+
+    return boot.run(args)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    path = Path(args.path).expanduser().absolute()
+    with _connect(args) as conn:
+        agent_id = conn.proc.spawn(str(path), name=args.name, argv=args.args, caps=args.cap)
+        if not args.wait:
+            print(agent_id)
+            return 0
+        info = conn.proc.wait(agent_id)
+    _show_result(info.result)
+    return info.exit_status if info.exit_status is not None else EXIT_ERROR
+
+
+def cmd_ps(args: argparse.Namespace) -> int:
+    with _connect(args) as conn:
+        agents = conn.proc.ps()
+    if not args.all:
+        agents = [a for a in agents if a.state in ("starting", "running")]
+    if args.json:
+        _json(agents)
+        return 0
+    print(f"{'ID':>5}  {'NAME':<20} {'STATE':<8} {'PID':>7} {'STATUS':>6}  {'STARTED':<19}  PATH")
+    for a in agents:
+        status = "-" if a.exit_status is None else str(a.exit_status)
+        pid = "-" if a.pid is None else str(a.pid)
+        print(f"{a.id:>5}  {a.name:<20} {a.state:<8} {pid:>7} {status:>6}  "
+              f"{_when(a.started_at):<19}  {a.path}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    with _connect(args) as conn:
+        info = conn.proc.info(args.id)
+    if args.json:
+        _json(info)
+    else:
+        for key, value in msgspec.to_builtins(info).items():
+            print(f"{key}: {value}")
+    return 0
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    with _connect(args) as conn:
+        info = conn.proc.wait(args.id, timeout=args.timeout)
+    if args.json:
+        _json(info)
+    else:
+        _show_result(info.result)
+    return info.exit_status if info.exit_status is not None else EXIT_ERROR
+
+
+def cmd_kill(args: argparse.Namespace) -> int:
+    with _connect(args) as conn:
+        conn.proc.kill(args.id, grace=0 if args.force else args.grace)
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    streams = [s for s in ("stdout", "stderr") if getattr(args, s)] or ["stdout", "stderr"]
+    offsets = dict.fromkeys(streams, 0)
+    sinks = {"stdout": sys.stdout.buffer, "stderr": sys.stderr.buffer}
+    with _connect(args) as conn:
+        while True:
+            ended = True
+            for stream in streams:
+                while True:
+                    chunk = conn.proc.logs(args.id, stream, offsets[stream])
+                    sinks[stream].write(chunk.data)
+                    sinks[stream].flush()
+                    offsets[stream] = chunk.offset
+                    if not chunk.data:
+                        break
+                ended = ended and chunk.eof
+            if not args.follow or ended:
+                return 0
+            time.sleep(0.2)
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    with _connect(args) as conn:
+        stats = conn.sys.stats()
+    if args.json:
+        _json(stats)
+        return 0
+    print(f"kernel {stats.version} (ABI {stats.abi}), pid {stats.pid}, up {stats.uptime_s:.0f} s")
+    print(f"agents running: {stats.agents_running}")
+    for name, count in sorted(stats.syscalls.items()):
+        print(f"  {name:<12} {count}")
+    if stats.errors:
+        print("errors: " + ", ".join(f"{k}={v}" for k, v in sorted(stats.errors.items())))
+    return 0
+
+
+def cmd_ping(args: argparse.Namespace) -> int:
+    with _connect(args) as conn:
+        start = time.perf_counter()
+        conn.sys.null()
+        elapsed = time.perf_counter() - start
+    print(f"kernel answered in {elapsed * 1e6:.0f} µs")
+    return 0
+
+
+# --- parser --------------------------------------------------------------------------------
+
+
+def parser() -> argparse.ArgumentParser:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        ver = version("agentos")
+    except PackageNotFoundError:
+        ver = "unknown"
+    p = argparse.ArgumentParser(prog="agentos", description="An operating system for LLM agents.")
+    p.add_argument("--version", action="version", version=f"agentos {ver}")
+    p.add_argument("--state-dir", metavar="DIR",
+                   help=f"the kernel's state directory (default ${layout.ENV_STATE_DIR} or "
+                        f"{layout.default_state_dir()})")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, fn: Any, help_text: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        sp.set_defaults(fn=fn)
+        return sp
+
+    from kernel.boot import add_arguments
+
+    add_arguments(command("boot", cmd_boot, "boot the kernel (foreground unless --daemon)"))
+
+    sp = command("run", cmd_run, "spawn an agent program; print its id")
+    sp.add_argument("path", help="the agent program (a Python file)")
+    sp.add_argument("args", nargs="*", help="arguments for the agent (its task); put them after --")
+    sp.add_argument("--name", help="agent name (default: the file's stem); unique while running")
+    sp.add_argument("--cap", action="append", default=[], metavar="OP[@RESOURCE]",
+                    help="grant a right, e.g. ipc.send@ipc/bob or 'proc.*' (repeatable)")
+    sp.add_argument("--wait", action="store_true",
+                    help="wait for it, print its result and exit with its status")
+
+    sp = command("ps", cmd_ps, "list agents (running ones unless -a)")
+    sp.add_argument("-a", "--all", action="store_true", help="include agents that have ended")
+    sp.add_argument("--json", action="store_true")
+
+    sp = command("info", cmd_info, "show one agent")
+    sp.add_argument("id", type=int)
+    sp.add_argument("--json", action="store_true")
+
+    sp = command("wait", cmd_wait, "wait for an agent; print its result; exit with its status")
+    sp.add_argument("id", type=int)
+    sp.add_argument("--timeout", type=float, metavar="SECONDS")
+    sp.add_argument("--json", action="store_true")
+
+    sp = command("kill", cmd_kill, "stop an agent: SIGTERM, then SIGKILL after the grace period")
+    sp.add_argument("id", type=int)
+    sp.add_argument("--grace", type=float, default=5.0, metavar="SECONDS")
+    sp.add_argument("-9", "--force", action="store_true", help="SIGKILL at once")
+
+    sp = command("logs", cmd_logs, "print an agent's captured stdout and stderr")
+    sp.add_argument("id", type=int)
+    sp.add_argument("-f", "--follow", action="store_true", help="keep printing until it ends")
+    sp.add_argument("--stdout", action="store_true", help="only stdout")
+    sp.add_argument("--stderr", action="store_true", help="only stderr")
+
+    sp = command("stats", cmd_stats, "kernel statistics")
+    sp.add_argument("--json", action="store_true")
+
+    command("ping", cmd_ping, "check that the kernel answers (sys.null)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except sdk.SyscallError as exc:
+        print(f"agentos: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # `agentos ps | head`: the reader left; exit quietly like other Unix tools.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
