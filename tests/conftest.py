@@ -102,7 +102,7 @@ def agent(name: str) -> str:
     return str(AGENTS / f"{name}.py")
 
 
-def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02) -> bool:  # noqa: ANN001
+def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():

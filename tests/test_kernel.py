@@ -81,7 +81,8 @@ def test_ipc_recv_times_out_and_send_to_nobody_is_enoent(admin: sdk.Connection) 
 def test_stolen_tokens_are_refused(kernel: KernelProcess, admin: sdk.Connection) -> None:
     victim = admin.proc.spawn(agent("blocker"), name="victim")
     assert wait_until(lambda: admin.proc.logs(victim).data == b"blocking\n")
-    environ = open(f"/proc/{admin.proc.info(victim).pid}/environ", "rb").read().split(b"\0")
+    with open(f"/proc/{admin.proc.info(victim).pid}/environ", "rb") as f:
+        environ = f.read().split(b"\0")
     victim_token = next(e for e in environ if e.startswith(b"AGENTOS_TOKEN=")).split(b"=", 1)[1]
     admin_token = (kernel.state_dir / "admin.token").read_text().strip()
     for stolen in (victim_token.decode(), admin_token):
