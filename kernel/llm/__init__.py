@@ -1,0 +1,1 @@
+"""The LLM core: model store, continuously batched engine, schedulers, context switch."""
