@@ -6,7 +6,19 @@ import os
 from pathlib import Path
 
 from sdk import layout
-from sdk.abi import ABI_VERSION, AgentInfo, ErrorCode, LogChunk, Message, Stats
+from sdk.abi import (
+    ABI_VERSION,
+    AgentInfo,
+    ChatDelta,
+    ChatMessage,
+    ChatResult,
+    ErrorCode,
+    LogChunk,
+    Message,
+    ModelInfo,
+    Stats,
+    ToolCall,
+)
 from sdk.agent import Agent
 from sdk.client import AsyncConnection, Connection
 from sdk.errors import (
@@ -25,10 +37,34 @@ from sdk.errors import (
 )
 
 __all__ = [
-    "ABI_VERSION", "Agent", "AgentInfo", "AsyncConnection", "Busy", "Canceled", "Connection",
-    "ErrorCode", "InvalidArgument", "KernelFault", "KernelUnavailable", "LogChunk", "Message",
-    "NoSuchSyscall", "NotFound", "PermissionDenied", "QuotaExceeded", "Stats", "SyscallError",
-    "TimedOut", "TryAgain", "connect", "connect_async",
+    "ABI_VERSION",
+    "Agent",
+    "AgentInfo",
+    "AsyncConnection",
+    "Busy",
+    "Canceled",
+    "ChatDelta",
+    "ChatMessage",
+    "ChatResult",
+    "Connection",
+    "ErrorCode",
+    "InvalidArgument",
+    "KernelFault",
+    "KernelUnavailable",
+    "LogChunk",
+    "Message",
+    "ModelInfo",
+    "NoSuchSyscall",
+    "NotFound",
+    "PermissionDenied",
+    "QuotaExceeded",
+    "Stats",
+    "SyscallError",
+    "TimedOut",
+    "ToolCall",
+    "TryAgain",
+    "connect",
+    "connect_async",
 ]
 
 

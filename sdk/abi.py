@@ -72,7 +72,14 @@ class Error(msgspec.Struct, array_like=True, tag="err", frozen=True):
     message: str
 
 
-Response = Reply | Error
+class Chunk(msgspec.Struct, array_like=True, tag="chunk", frozen=True):
+    """A piece of a streamed result; zero or more precede the call's one Reply or Error."""
+
+    id: int
+    data: msgspec.Raw
+
+
+Response = Reply | Error | Chunk
 
 
 # --- argument and result structs, one per syscall --------------------------------------------
@@ -127,6 +134,75 @@ class SendArgs(Args):
 
 class RecvArgs(Args):
     timeout_ms: TimeoutMs | None = None
+
+
+class FunctionCall(msgspec.Struct, frozen=True):
+    name: str
+    arguments: str  # JSON text, as in OpenAI's API
+
+
+class ToolCall(msgspec.Struct, frozen=True, omit_defaults=True):
+    id: str
+    function: FunctionCall
+    type: str = "function"
+
+
+class ChatMessage(msgspec.Struct, frozen=True, omit_defaults=True):
+    role: Annotated[str, msgspec.Meta(pattern=r"^(system|user|assistant|tool)$")]
+    content: Annotated[str, msgspec.Meta(max_length=1024 * 1024)] | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
+
+
+class ChatArgs(Args):
+    messages: Annotated[list[ChatMessage], msgspec.Meta(min_length=1, max_length=4096)]
+    model: Name | None = None  # None: the kernel's default model
+    temperature: Annotated[float, msgspec.Meta(ge=0.0, le=5.0)] = 0.0  # 0 is greedy
+    top_p: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 1.0
+    top_k: Annotated[int, msgspec.Meta(ge=0, le=100_000)] = 0
+    max_tokens: Annotated[int, msgspec.Meta(ge=1, le=32768)] = 256
+    stop: Annotated[list[Annotated[str, msgspec.Meta(min_length=1, max_length=256)]],
+                    msgspec.Meta(max_length=16)] = []
+    seed: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)] | None = None
+    response_format: Annotated[str, msgspec.Meta(pattern=r"^(text|json)$")] = "text"
+    tools: Annotated[list[dict[str, Any]], msgspec.Meta(max_length=128)] | None = None
+    tool_choice: Annotated[str, msgspec.Meta(pattern=r"^(auto|none|required)$")] = "auto"
+    priority: Annotated[int, msgspec.Meta(ge=-100, le=100)] = 0
+    stream: bool = False
+
+
+class CancelArgs(Args):
+    request: RequestId  # the id of the caller's own in-flight call, on the same connection
+
+
+class Usage(msgspec.Struct, frozen=True):
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
+
+
+class ChatResult(msgspec.Struct, frozen=True, omit_defaults=True):
+    model: str
+    message: ChatMessage
+    finish_reason: str  # stop | length | tool_calls | cancelled
+    usage: Usage
+    queued_ms: float = 0.0
+    ttft_ms: float = 0.0
+    total_ms: float = 0.0
+    preemptions: int = 0
+
+
+class ChatDelta(msgspec.Struct, frozen=True):
+    text: str
+
+
+class ModelInfo(msgspec.Struct, frozen=True, omit_defaults=True):
+    name: str
+    backend: str  # local | openai
+    device: str | None = None
+    dtype: str | None = None
+    default: bool = False
 
 
 class AgentInfo(msgspec.Struct, frozen=True, omit_defaults=True):

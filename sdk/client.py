@@ -1,18 +1,21 @@
 """The syscall transport: a ZeroMQ DEALER to the kernel, in blocking and asyncio forms.
 
-Each call sends one `Request` and waits for the reply with the same id. A socket monitor watches
-the connection, so a kernel that dies mid-call fails the call at once (`KernelUnavailable`)
-instead of leaving it hanging; a call that names no server-side wait also has a deadline.
+Each call sends one `Request` and receives zero or more `Chunk`s and then one `Reply` or
+`Error` with the same id. A socket monitor watches the connection, so a kernel that dies
+mid-call fails the call at once (`KernelUnavailable`) instead of leaving it hanging; a call
+that names no server-side wait also has a deadline. Leaving a stream early cancels it in the
+kernel (`llm.cancel`), so an abandoned generation stops using the model.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import msgspec
@@ -25,6 +28,9 @@ from sdk.errors import InvalidArgument, KernelUnavailable, SyscallError, from_co
 
 # How long a call waits for its reply beyond any wait the kernel performs on its behalf.
 DEFAULT_TIMEOUT = 30.0
+# A blocking reader holds the socket at most this long, so threads sharing a connection
+# take turns.
+_READ_SLICE_MS = 50
 
 _LOST = zmq.EVENT_DISCONNECTED | zmq.EVENT_MONITOR_STOPPED
 
@@ -43,37 +49,34 @@ def _make_request(ids: itertools.count, name: str, token: str, args: abi.Args | 
                        timeout_ms=server_wait_ms)
 
 
-def _deadline(timeout: float | None, server_wait_ms: int | None,
-              wait_forever: bool) -> float | None:
+def _budget(timeout: float, server_wait_ms: int | None, wait_forever: bool) -> float | None:
+    """Seconds to wait for the next message of a call, or None for as long as the kernel
+    lives."""
     if wait_forever:
         return None
-    budget = timeout if timeout is not None else DEFAULT_TIMEOUT
-    if server_wait_ms is not None:
-        budget += server_wait_ms / 1000
-    return time.monotonic() + budget
+    return timeout + (server_wait_ms / 1000 if server_wait_ms is not None else 0.0)
 
 
-def _result(resp: abi.Reply | abi.Error, result_type: Any) -> Any:
-    if isinstance(resp, abi.Error):
-        raise from_code(resp.code, resp.message)
+def _decode(raw: msgspec.Raw, kind: Any) -> Any:
     try:
-        return abi.decode_result(resp.result, result_type)
+        return abi.decode_result(raw, kind)
     except abi.AbiError as exc:
         raise InvalidArgument(str(exc)) from None
 
 
-class _Transport:
-    """What families need from a connection: `call(name, args, result_type, ...)`."""
+def _final(resp: abi.Reply | abi.Error, result_type: Any) -> Any:
+    if isinstance(resp, abi.Error):
+        raise from_code(resp.code, resp.message)
+    return _decode(resp.result, result_type)
 
-    call: Callable[..., Any]
 
-
-class Connection(_Transport):
-    """A blocking connection to the kernel; safe to share between threads (calls serialise)."""
+class Connection:
+    """A blocking connection to the kernel. Threads may share it; each call waits for its own
+    messages (others' are kept for them)."""
 
     def __init__(self, endpoint: str, token: str, *, timeout: float = DEFAULT_TIMEOUT,
                  context: zmq.Context | None = None) -> None:
-        from sdk.families import Ipc, Proc, System
+        from sdk.families import Ipc, Llm, Proc, System
 
         _check_endpoint(endpoint)
         self.endpoint, self.token, self.timeout = endpoint, token, timeout
@@ -82,46 +85,88 @@ class Connection(_Transport):
         self._sock.linger = 0
         self._monitor = self._sock.get_monitor_socket(_LOST)
         self._sock.connect(endpoint)
+        self._poller = zmq.Poller()
+        self._poller.register(self._sock, zmq.POLLIN)
+        self._poller.register(self._monitor, zmq.POLLIN)
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
+        self._inbox: dict[int, collections.deque[abi.Reply | abi.Error | abi.Chunk]] = {}
         self._lost = False
-        self.sys, self.proc, self.ipc = System(self), Proc(self), Ipc(self)
+        self.sys, self.proc, self.ipc, self.llm = System(self), Proc(self), Ipc(self), Llm(self)
+
+    def _send(self, name: str, args: abi.Args | None, server_wait_ms: int | None) -> int:
+        req = _make_request(self._ids, name, self.token, args, server_wait_ms)
+        with self._lock:
+            if self._lost:
+                raise KernelUnavailable("connection to the kernel was lost")
+            self._inbox[req.id] = collections.deque()
+            self._sock.send(abi.encode(req))
+        return req.id
+
+    def _next(self, rid: int, name: str, budget: float | None) -> abi.Reply | abi.Error | abi.Chunk:
+        """The next message for call `rid`, waiting at most `budget` seconds (None: forever)."""
+        deadline = None if budget is None else time.monotonic() + budget
+        box = self._inbox[rid]
+        while True:
+            if box:
+                return box.popleft()
+            with self._lock:
+                if box:
+                    continue
+                if self._lost:
+                    raise KernelUnavailable(f"{name}: connection to the kernel was lost")
+                left_ms = _READ_SLICE_MS if deadline is None else min(
+                    _READ_SLICE_MS, max(0, int((deadline - time.monotonic()) * 1000)))
+                ready = dict(self._poller.poll(left_ms))
+                if self._monitor in ready:
+                    event = parse_monitor_message(self._monitor.recv_multipart())
+                    if event["event"] & _LOST:
+                        self._lost = True
+                        raise KernelUnavailable(f"{name}: connection to the kernel was lost")
+                if self._sock in ready:
+                    self._read_available()
+            if not box and deadline is not None and time.monotonic() >= deadline:
+                raise KernelUnavailable(f"{name}: no reply from the kernel in time")
+
+    def _read_available(self) -> None:
+        while True:
+            try:
+                data = self._sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                msg = abi.decode_response(data)
+            except abi.AbiError:
+                continue  # a garbled frame cannot be ours to answer
+            box = self._inbox.get(msg.id)
+            if box is not None:
+                box.append(msg)
+            # Otherwise: a reply to a call that already gave up waiting. Drop it.
+
+    def _done(self, rid: int) -> None:
+        self._inbox.pop(rid, None)
 
     def call(self, name: str, args: abi.Args | None = None, result_type: Any = Any, *,
              server_wait_ms: int | None = None, wait_forever: bool = False,
              timeout: float | None = None) -> Any:
-        req = _make_request(self._ids, name, self.token, args, server_wait_ms)
-        deadline = _deadline(timeout if timeout is not None else self.timeout, server_wait_ms,
-                             wait_forever)
-        with self._lock:
-            if self._lost:
-                raise KernelUnavailable("connection to the kernel was lost")
-            self._sock.send(abi.encode(req))
-            return _result(self._await_reply(req.id, name, deadline), result_type)
+        rid = self._send(name, args, server_wait_ms)
+        budget = _budget(self.timeout if timeout is None else timeout, server_wait_ms,
+                         wait_forever)
+        try:
+            while True:
+                msg = self._next(rid, name, budget)
+                if not isinstance(msg, abi.Chunk):
+                    return _final(msg, result_type)
+        finally:
+            self._done(rid)
 
-    def _await_reply(self, rid: int, name: str, deadline: float | None) -> abi.Reply | abi.Error:
-        poller = zmq.Poller()
-        poller.register(self._sock, zmq.POLLIN)
-        poller.register(self._monitor, zmq.POLLIN)
-        while True:
-            left = None if deadline is None else deadline - time.monotonic()
-            wait_ms = None if left is None else max(0, int(left * 1000))
-            ready = dict(poller.poll(wait_ms))
-            if not ready:
-                raise KernelUnavailable(f"{name}: no reply from the kernel in time")
-            if self._monitor in ready:
-                event = parse_monitor_message(self._monitor.recv_multipart())
-                if event["event"] & _LOST:
-                    self._lost = True
-                    raise KernelUnavailable(f"{name}: connection to the kernel was lost")
-            if self._sock in ready:
-                try:
-                    resp = abi.decode_response(self._sock.recv())
-                except abi.AbiError:
-                    continue  # a garbled frame cannot be ours to answer; keep waiting
-                if resp.id == rid:
-                    return resp
-                # A reply to an earlier call that timed out on our side: drop it.
+    def stream(self, name: str, args: abi.Args | None, chunk_type: Any, result_type: Any, *,
+               server_wait_ms: int | None = None, wait_forever: bool = True,
+               timeout: float | None = None) -> Stream:
+        rid = self._send(name, args, server_wait_ms)
+        budget = _budget(self.timeout if timeout is None else timeout, server_wait_ms,
+                         wait_forever)
+        return Stream(self, rid, name, chunk_type, result_type, budget)
 
     def close(self) -> None:
         self._sock.disable_monitor()
@@ -135,12 +180,51 @@ class Connection(_Transport):
         self.close()
 
 
-class AsyncConnection(_Transport):
+class Stream:
+    """Iterate a streamed call's chunks; `result` holds its final value once iteration ends.
+    Closing it early (or leaving a `with` block) cancels the call in the kernel."""
+
+    def __init__(self, conn: Connection, rid: int, name: str, chunk_type: Any, result_type: Any,
+                 budget: float | None) -> None:
+        self._conn, self.request_id, self._name = conn, rid, name
+        self._chunk_type, self._result_type, self._budget = chunk_type, result_type, budget
+        self.result: Any = None
+        self.finished = False
+
+    def __iter__(self) -> Iterator[Any]:
+        try:
+            while not self.finished:
+                msg = self._conn._next(self.request_id, self._name, self._budget)
+                if isinstance(msg, abi.Chunk):
+                    yield _decode(msg.data, self._chunk_type)
+                else:
+                    self.finished = True
+                    self.result = _final(msg, self._result_type)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if not self.finished:
+            self.finished = True
+            try:
+                self._conn.call("llm.cancel", abi.CancelArgs(request=self.request_id), type(None))
+            except SyscallError:
+                pass  # it finished meanwhile, or the kernel is gone: nothing left to cancel
+        self._conn._done(self.request_id)
+
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncConnection:
     """An asyncio connection: calls are coroutines and may run concurrently on one socket."""
 
     def __init__(self, endpoint: str, token: str, *, timeout: float = DEFAULT_TIMEOUT,
                  context: zmq.asyncio.Context | None = None) -> None:
-        from sdk.families import Ipc, Proc, System
+        from sdk.families import Ipc, Llm, Proc, System
 
         _check_endpoint(endpoint)
         self.endpoint, self.token, self.timeout = endpoint, token, timeout
@@ -150,33 +234,53 @@ class AsyncConnection(_Transport):
         self._monitor = self._sock.get_monitor_socket(_LOST)
         self._sock.connect(endpoint)
         self._ids = itertools.count(1)
-        self._pending: dict[int, asyncio.Future[abi.Reply | abi.Error]] = {}
+        self._pending: dict[int, asyncio.Queue[abi.Reply | abi.Error | abi.Chunk]] = {}
         self._reader: asyncio.Task[None] | None = None
         self._lost: SyscallError | None = None
-        self.sys, self.proc, self.ipc = System(self), Proc(self), Ipc(self)
+        self.sys, self.proc, self.ipc, self.llm = System(self), Proc(self), Ipc(self), Llm(self)
 
-    async def call(self, name: str, args: abi.Args | None = None, result_type: Any = Any, *,
-                   server_wait_ms: int | None = None, wait_forever: bool = False,
-                   timeout: float | None = None) -> Any:
+    async def _send(self, name: str, args: abi.Args | None, server_wait_ms: int | None) -> int:
         if self._lost is not None:
             raise self._lost
         if self._reader is None:
             self._reader = asyncio.create_task(self._read())
         req = _make_request(self._ids, name, self.token, args, server_wait_ms)
-        deadline = _deadline(timeout if timeout is not None else self.timeout, server_wait_ms,
-                             wait_forever)
-        fut: asyncio.Future[abi.Reply | abi.Error] = asyncio.get_running_loop().create_future()
-        self._pending[req.id] = fut
+        self._pending[req.id] = asyncio.Queue()
+        await self._sock.send(abi.encode(req))
+        return req.id
+
+    async def _next(self, rid: int, name: str,
+                    budget: float | None) -> abi.Reply | abi.Error | abi.Chunk:
         try:
-            await self._sock.send(abi.encode(req))
-            wait_s = None if deadline is None else max(0.0, deadline - time.monotonic())
-            try:
-                resp = await asyncio.wait_for(fut, wait_s)
-            except TimeoutError:
-                raise KernelUnavailable(f"{name}: no reply from the kernel in time") from None
+            msg = await asyncio.wait_for(self._pending[rid].get(), budget)
+        except TimeoutError:
+            raise KernelUnavailable(f"{name}: no reply from the kernel in time") from None
+        if msg is None:
+            assert self._lost is not None
+            raise self._lost
+        return msg
+
+    async def call(self, name: str, args: abi.Args | None = None, result_type: Any = Any, *,
+                   server_wait_ms: int | None = None, wait_forever: bool = False,
+                   timeout: float | None = None) -> Any:
+        rid = await self._send(name, args, server_wait_ms)
+        budget = _budget(self.timeout if timeout is None else timeout, server_wait_ms,
+                         wait_forever)
+        try:
+            while True:
+                msg = await self._next(rid, name, budget)
+                if not isinstance(msg, abi.Chunk):
+                    return _final(msg, result_type)
         finally:
-            self._pending.pop(req.id, None)
-        return _result(resp, result_type)
+            self._pending.pop(rid, None)
+
+    async def stream(self, name: str, args: abi.Args | None, chunk_type: Any, result_type: Any, *,
+                     server_wait_ms: int | None = None, wait_forever: bool = True,
+                     timeout: float | None = None) -> AsyncStream:
+        rid = await self._send(name, args, server_wait_ms)
+        budget = _budget(self.timeout if timeout is None else timeout, server_wait_ms,
+                         wait_forever)
+        return AsyncStream(self, rid, name, chunk_type, result_type, budget)
 
     async def _read(self) -> None:
         poller = zmq.asyncio.Poller()
@@ -188,18 +292,17 @@ class AsyncConnection(_Transport):
                 event = parse_monitor_message(await self._monitor.recv_multipart())
                 if event["event"] & _LOST:
                     self._lost = KernelUnavailable("connection to the kernel was lost")
-                    for fut in self._pending.values():
-                        if not fut.done():
-                            fut.set_exception(self._lost)
+                    for queue in self._pending.values():
+                        queue.put_nowait(None)  # type: ignore[arg-type]
                     return
             if self._sock in ready:
                 try:
-                    resp = abi.decode_response(await self._sock.recv())
+                    msg = abi.decode_response(await self._sock.recv())
                 except abi.AbiError:
                     continue
-                fut = self._pending.get(resp.id)
-                if fut is not None and not fut.done():
-                    fut.set_result(resp)
+                queue = self._pending.get(msg.id)
+                if queue is not None:
+                    queue.put_nowait(msg)
 
     async def close(self) -> None:
         if self._reader is not None:
@@ -217,3 +320,36 @@ class AsyncConnection(_Transport):
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+class AsyncStream:
+    """`async for` over a streamed call's chunks; `result` holds the final value afterwards."""
+
+    def __init__(self, conn: AsyncConnection, rid: int, name: str, chunk_type: Any,
+                 result_type: Any, budget: float | None) -> None:
+        self._conn, self.request_id, self._name = conn, rid, name
+        self._chunk_type, self._result_type, self._budget = chunk_type, result_type, budget
+        self.result: Any = None
+        self.finished = False
+
+    async def __aiter__(self) -> AsyncIterator[Any]:
+        try:
+            while not self.finished:
+                msg = await self._conn._next(self.request_id, self._name, self._budget)
+                if isinstance(msg, abi.Chunk):
+                    yield _decode(msg.data, self._chunk_type)
+                else:
+                    self.finished = True
+                    self.result = _final(msg, self._result_type)
+        finally:
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        if not self.finished:
+            self.finished = True
+            try:
+                await self._conn.call("llm.cancel", abi.CancelArgs(request=self.request_id),
+                                      type(None))
+            except SyscallError:
+                pass
+        self._conn._pending.pop(self.request_id, None)

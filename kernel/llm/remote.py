@@ -1,0 +1,116 @@
+"""A model behind any OpenAI-compatible server (vLLM, Ollama, llama.cpp, another agentos).
+
+One streamed `POST {base}/chat/completions` per request, read as server-sent events, so tokens
+reach the agent as the server produces them and a cancelled request closes its connection.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+import urllib.parse
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from sdk import abi
+
+
+class RemoteError(Exception):
+    """The server refused or broke the request; the message says how."""
+
+
+@dataclass
+class RemoteModel:
+    base_url: str  # e.g. http://127.0.0.1:8000/v1
+    model: str  # the server's name for it
+    api_key: str | None = None
+    timeout: float = 600.0
+
+    def _connection(self) -> tuple[http.client.HTTPConnection, str]:
+        url = urllib.parse.urlsplit(self.base_url)
+        if url.scheme not in ("http", "https"):
+            raise RemoteError(f"unsupported URL scheme in {self.base_url!r}")
+        cls = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
+        conn = cls(url.hostname or "localhost", url.port, timeout=self.timeout)
+        return conn, url.path.rstrip("/")
+
+    def body(self, args: abi.ChatArgs) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": self.model,
+            "messages": [{k: v for k, v in (("role", m.role), ("content", m.content),
+                                              ("tool_call_id", m.tool_call_id), ("name", m.name))
+                          if v is not None} for m in args.messages],
+            "temperature": args.temperature, "top_p": args.top_p, "max_tokens": args.max_tokens,
+            "stream": True, "stream_options": {"include_usage": True},
+        }
+        if args.stop:
+            body["stop"] = args.stop
+        if args.seed is not None:
+            body["seed"] = args.seed
+        if args.response_format == "json":
+            body["response_format"] = {"type": "json_object"}
+        if args.tools:
+            body["tools"], body["tool_choice"] = args.tools, args.tool_choice
+        return body
+
+    def stream(self, args: abi.ChatArgs, cancelled: threading.Event) -> Iterator[dict[str, Any]]:
+        """The server's stream chunks (parsed JSON), until `[DONE]` or cancellation."""
+        conn, path = self._connection()
+        headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        try:
+            conn.request("POST", f"{path}/chat/completions", json.dumps(self.body(args)), headers)
+            resp = conn.getresponse()
+            if resp.status != 200:
+                detail = resp.read(4096).decode(errors="replace")
+                raise RemoteError(f"{self.base_url} answered {resp.status}: {detail}")
+            for line in resp:
+                if cancelled.is_set():
+                    return
+                line = line.strip()
+                if not line.startswith(b"data:"):
+                    continue
+                data = line[5:].strip()
+                if data == b"[DONE]":
+                    return
+                try:
+                    yield json.loads(data)
+                except ValueError:
+                    raise RemoteError(f"{self.base_url} sent a malformed event") from None
+        except (OSError, http.client.HTTPException) as exc:
+            raise RemoteError(f"{self.base_url}: {exc}") from None
+        finally:
+            conn.close()
+
+    def run(self, args: abi.ChatArgs, cancelled: threading.Event,
+            on_delta: Callable[[str], None]) -> tuple[str, str, list[abi.ToolCall], abi.Usage]:
+        """Run one request to the end: (text, finish_reason, tool_calls, usage)."""
+        text, finish, usage = [], "stop", abi.Usage(0, 0)
+        calls: dict[int, dict[str, Any]] = {}
+        for chunk in self.stream(args, cancelled):
+            if chunk.get("usage"):
+                u = chunk["usage"]
+                usage = abi.Usage(int(u.get("prompt_tokens", 0)),
+                                  int(u.get("completion_tokens", 0)))
+            for choice in chunk.get("choices") or []:
+                delta = choice.get("delta") or {}
+                if delta.get("content"):
+                    text.append(delta["content"])
+                    on_delta(delta["content"])
+                for call in delta.get("tool_calls") or []:
+                    slot = calls.setdefault(call.get("index", 0),
+                                            {"id": "", "name": "", "args": ""})
+                    slot["id"] = call.get("id") or slot["id"]
+                    fn = call.get("function") or {}
+                    slot["name"] += fn.get("name") or ""
+                    slot["args"] += fn.get("arguments") or ""
+                if choice.get("finish_reason"):
+                    finish = choice["finish_reason"]
+        tool_calls = [abi.ToolCall(id=c["id"] or f"call_{i}", function=abi.FunctionCall(
+            name=c["name"], arguments=c["args"] or "{}")) for i, c in sorted(calls.items())]
+        if cancelled.is_set():
+            finish = "cancelled"
+        return "".join(text), finish, tool_calls, usage
