@@ -1,0 +1,425 @@
+"""The agent launcher: apply a sandbox policy to this process, report it, then exec the agent."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import resource
+import shutil
+import signal
+import stat
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+from kernel.proc import landlock, seccomp
+from kernel.proc.sandbox import (
+    BOOT,
+    LAYER_EXIT,
+    PROJECT_ROOT,
+    LaunchExit,
+    Limits,
+    Policy,
+    runtime_paths,
+)
+
+T = TypeVar("T")
+
+_PR_SET_PDEATHSIG = 1
+_PR_SET_NO_NEW_PRIVS = 38
+_PR_GET_NO_NEW_PRIVS = 39
+_CAP_VERSION_3 = 0x20080522
+DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom")
+_NAMESPACES = ("mnt", "net", "pid")
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
+                        ctypes.c_ulong]
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+
+
+@dataclass
+class Args:
+    argv: list[str]
+    policy_fd: int | None = None
+    policy_text: str | None = None
+    report_fd: int | None = None
+    inside: str | None = None  # the host's namespace inodes, set by the outer stage for bwrap
+
+
+def parse_args(argv: Sequence[str]) -> Args:
+    args = Args(argv=[])
+    it = iter(argv)
+    for opt in it:
+        if opt == "--":
+            args.argv = list(it)
+            break
+        try:
+            value = next(it)
+        except StopIteration:
+            raise ValueError(f"{opt} needs a value") from None
+        if opt == "--policy-fd":
+            args.policy_fd = int(value)
+        elif opt == "--policy":
+            args.policy_text = value
+        elif opt == "--report-fd":
+            args.report_fd = int(value)
+        elif opt == "--inside":
+            args.inside = value
+        else:
+            raise ValueError(f"unknown option {opt}")
+    if not args.argv:
+        raise ValueError("no agent command after --")
+    if (args.policy_fd is None) == (args.policy_text is None):
+        raise ValueError("give exactly one of --policy-fd and --policy")
+    return args
+
+
+class Reporter:
+    """The JSON line the kernel reads before exec, and the fatal path for a refused launch."""
+
+    def __init__(self, fd: int | None) -> None:
+        self.fd = fd
+        self.tier = ""
+        self.applied: dict[str, Any] = {}
+
+    def send(self, record: dict[str, Any]) -> None:
+        if self.fd is None:
+            return
+        try:
+            os.write(self.fd, (json.dumps(record) + "\n").encode())
+        except OSError:
+            pass  # nobody listens: the exit status still says what happened
+
+    def fail(self, status: LaunchExit, message: str) -> NoReturn:
+        try:
+            os.write(2, f"agentos launch: {message}\n".encode())
+        except OSError:
+            pass
+        self.send({"event": "error", "tier": self.tier, "status": int(status), "error": message,
+                   "layers": self.applied})
+        os._exit(int(status))
+
+    def step(self, layer: str, fn: Callable[..., T], *args: Any) -> T:
+        """Run one layer's step; any failure is fatal, with that layer's exit status."""
+        try:
+            return fn(*args)
+        except Exception as exc:
+            self.fail(LAYER_EXIT[layer], f"{layer}: {exc}")
+
+
+def load_policy(args: Args) -> Policy:
+    if args.policy_fd is not None:
+        chunks = []
+        offset = 0
+        while chunk := os.pread(args.policy_fd, 65536, offset):
+            chunks.append(chunk)
+            offset += len(chunk)
+        policy = Policy.from_json(b"".join(chunks))
+    else:
+        policy = Policy.from_json(args.policy_text or "")
+    for path in (policy.home, policy.socket_dir, *policy.readable, *policy.writable):
+        if path is not None and not os.path.lexists(path):
+            raise ValueError(f"{path} does not exist")
+    # Where the agent writes, a symlink on the path could point its grant somewhere else.
+    for path in (policy.home, policy.socket_dir, *policy.writable):
+        if path is not None and os.path.realpath(path) != path:
+            raise ValueError(f"{path} is reached through a symlink; name its real path")
+    return policy
+
+
+def close_fds_except(keep: set[int]) -> None:
+    low = 0
+    for fd in sorted(keep):
+        if fd > low:
+            os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, 2**31 - 1)
+
+
+# --- layers ---------------------------------------------------------------------------------
+
+def set_rlimits(limits: Limits) -> dict[str, int]:
+    table = (("address_space", resource.RLIMIT_AS), ("cpu_seconds", resource.RLIMIT_CPU),
+             ("open_files", resource.RLIMIT_NOFILE), ("processes", resource.RLIMIT_NPROC),
+             ("file_size", resource.RLIMIT_FSIZE), ("core", resource.RLIMIT_CORE))
+    applied = {}
+    for name, which in table:
+        value = getattr(limits, name)
+        if value is None:
+            continue
+        # CPU: SIGXCPU at the soft limit (catchable), SIGKILL a second later.
+        hard = value + 1 if which == resource.RLIMIT_CPU else value
+        resource.setrlimit(which, (value, hard))
+        applied[name] = value
+    return applied
+
+
+def become(uid: int, gid: int) -> dict[str, int]:
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    # Leaving root clears the permitted set but not the inheritable one (bwrap's --cap-add put
+    # capabilities there); clear every set so no exec can bring one back.
+    header = _CapHeader(_CAP_VERSION_3, 0)
+    if _libc.capset(ctypes.byref(header), (_CapData * 2)()) != 0:
+        raise OSError(ctypes.get_errno(), "capset")
+    if os.getresuid() != (uid,) * 3 or os.getresgid() != (gid,) * 3 or os.getgroups():
+        raise RuntimeError("the uid/gid change did not take")
+    with open("/proc/self/status") as f:
+        caps = [line.split() for line in f if line.startswith(("CapInh", "CapPrm", "CapEff",
+                                                                "CapAmb"))]
+    if any(int(value, 16) for _, value in caps):
+        raise RuntimeError(f"capabilities left after the uid change: {caps}")
+    try:
+        os.setuid(0)
+    except PermissionError:
+        return {"uid": uid, "gid": gid}
+    raise RuntimeError("could become root again")
+
+
+def die_with_parent(ppid: int) -> None:
+    # Set after the uid change, which clears it; then make sure the parent did not die first.
+    if _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "PR_SET_PDEATHSIG")
+    if os.getppid() != ppid:
+        raise RuntimeError(f"the parent (pid {ppid}) died during launch")
+
+
+def no_new_privs() -> bool:
+    if _libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "PR_SET_NO_NEW_PRIVS")
+    if _libc.prctl(_PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0) != 1:
+        raise RuntimeError("no_new_privs did not stick")
+    return True
+
+
+def reach(path: str, mode: int, what: str) -> None:
+    """Raise PermissionError naming the directory that stops this uid from using `path`."""
+    if os.access(path, mode):
+        return
+    current = "/"
+    for part in Path(path).parts[1:]:
+        if not os.access(current, os.X_OK):
+            raise PermissionError(f"{what} {path} is out of reach of uid {os.getuid()}: no "
+                                  f"search permission on {current}")
+        current = os.path.join(current, part)
+    wanted = "".join(c for bit, c in ((os.R_OK, "r"), (os.W_OK, "w"), (os.X_OK, "x"))
+                     if mode & bit)
+    raise PermissionError(f"uid {os.getuid()} lacks {wanted} permission on {what} {path}")
+
+
+def check_home(home: str, uid: int) -> None:
+    try:
+        st = os.stat(home)
+    except PermissionError:
+        reach(home, os.X_OK, "home")  # names the directory in the way
+        raise
+    if st.st_uid != uid or stat.S_IMODE(st.st_mode) & 0o077:
+        raise PermissionError(f"home {home} must belong to uid {uid} with mode 0700 "
+                              f"(it is uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o})")
+    reach(home, os.R_OK | os.W_OK | os.X_OK, "home")
+
+
+def build_landlock(policy: Policy, private_tmp: bool) -> landlock.Ruleset:
+    ruleset = landlock.Ruleset(landlock.abi_version())
+    ruleset.allow_all(policy.readable, landlock.READ_ONLY)
+    ruleset.allow_all([p for p in (policy.home, *policy.writable) if p], landlock.READ_WRITE)
+    ruleset.allow_all([d for d in DEVICES if os.path.exists(d)], landlock.DEVICE)
+    if private_tmp:
+        ruleset.allow("/tmp", landlock.READ_WRITE)
+    return ruleset
+
+
+def namespace_ids() -> str:
+    return ":".join(str(os.stat(f"/proc/self/ns/{name}").st_ino) for name in _NAMESPACES)
+
+
+def check_inside(host: str) -> dict[str, Any]:
+    """Prove this process is not in the host's mount, network and pid namespaces."""
+    same = [n for n, a, b in zip(_NAMESPACES, host.split(":"), namespace_ids().split(":"),
+                                 strict=True) if a == b]
+    if same:
+        raise RuntimeError(f"still in the host's {', '.join(same)} namespace")
+    return {"via": "bwrap", "unshared": ["mnt", "pid", "net", "ipc", "uts", "cgroup"]}
+
+
+def _launcher_paths() -> list[str]:
+    """What the launcher itself needs inside the namespaces: it is visible there, but Landlock
+    keeps the agent from reading it unless the policy lists it."""
+    return [str(PROJECT_ROOT / "kernel" / "__init__.py"), str(PROJECT_ROOT / "kernel" / "proc"),
+            *runtime_paths()]
+
+
+def bwrap_argv(bwrap: str, policy: Policy, command: Sequence[str]) -> list[str]:
+    """bwrap run as root: new namespaces but the user one, a tmpfs root holding only the
+    policy's paths at their host paths, and just the capabilities the inner launcher needs to
+    become the agent's uid (it drops them all)."""
+    args = [bwrap, "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
+            "--unshare-cgroup-try", "--die-with-parent", "--new-session", "--clearenv",
+            "--hostname", "agent", "--cap-drop", "ALL", "--cap-add", "CAP_SETUID",
+            "--cap-add", "CAP_SETGID", "--cap-add", "CAP_SYS_RESOURCE"]
+    mounts: dict[str, str] = {"/dev": "dev", "/proc": "proc", "/tmp": "tmpfs"}
+    for path in (*policy.readable, *_launcher_paths()):
+        mounts.setdefault(path, "ro")
+    if policy.socket_dir:
+        # connect() to a socket needs no write access to the mount it sits on.
+        mounts[policy.socket_dir] = "ro"
+    for path in (policy.home, *policy.writable):
+        if path:
+            mounts[path] = "rw"
+    binds = [p for p, kind in mounts.items() if kind in ("ro", "rw")]
+    if "/" in binds:
+        raise ValueError("binding / would show the agent the whole host")
+
+    def under_bind(path: str) -> bool:
+        return any(path == b or path.startswith(b + "/") for b in binds)
+
+    made: set[str] = set()
+    for path, kind in sorted(mounts.items(), key=lambda item: (item[0].count("/"), item[0])):
+        # Directories on the way to a mount point get 0755 explicitly: bwrap would copy the
+        # host's modes, and a 0700 /root would hide a runtime installed beneath it.
+        for parent in [str(p) for p in reversed(Path(path).parents)][1:]:
+            if parent not in made and not under_bind(parent):
+                args += ["--perms", "0755", "--dir", parent]
+                made.add(parent)
+        made.add(path)
+        if kind == "dev":
+            args += ["--dev", "/dev"]
+        elif kind == "proc":
+            args += ["--proc", "/proc"]
+        elif kind == "tmpfs":
+            args += ["--perms", "1777", "--size", str(policy.limits.tmp_bytes), "--tmpfs", "/tmp"]
+        elif kind == "ro" and os.path.islink(path):
+            args += ["--symlink", os.readlink(path), path]
+        else:
+            # bwrap resolves a source as root, past any directory that would stop the agent:
+            # a symlink inside the path would bind whatever it points to.
+            if os.path.realpath(path) != path:
+                raise ValueError(f"{path} is reached through a symlink; name its real path")
+            args += ["--ro-bind" if kind == "ro" else "--bind", path, path]
+    args += ["--chdir", policy.home or "/", "--", *command]
+    return args
+
+
+# --- the launch -----------------------------------------------------------------------------
+
+class Launcher:
+    def __init__(self, policy: Policy, args: Args, report: Reporter) -> None:
+        self.policy = policy
+        self.args = args
+        self.report = report
+
+    def enter_namespaces(self, ppid: int) -> NoReturn:
+        """Outer stage: exec bwrap, which runs this launcher again inside (--inside)."""
+        a, policy, report = self.args, self.policy, self.report
+        bwrap = shutil.which("bwrap")
+        if bwrap is None:
+            report.fail(LaunchExit.NAMESPACES, "namespaces: bubblewrap (bwrap) is not on PATH")
+        inner = [sys.executable, "-I", "-S", "-c", BOOT, str(PROJECT_ROOT), "--inside",
+                 report.step("namespaces", namespace_ids)]
+        if a.policy_fd is not None:
+            inner += ["--policy-fd", str(a.policy_fd)]
+        else:
+            inner += ["--policy", a.policy_text or ""]
+        if a.report_fd is not None:
+            inner += ["--report-fd", str(a.report_fd)]
+        cmd = report.step("namespaces", bwrap_argv, bwrap, policy, [*inner, "--", *a.argv])
+        for fd in (a.policy_fd, a.report_fd, *policy.keep_fds):
+            if fd is not None:
+                os.set_inheritable(fd, True)
+        try:
+            die_with_parent(ppid)
+        except Exception as exc:
+            report.fail(LaunchExit.PARENT, str(exc))
+        try:
+            os.execv(bwrap, cmd)
+        except OSError as exc:
+            report.fail(LaunchExit.NAMESPACES, f"namespaces: cannot run {bwrap}: {exc}")
+
+    def run(self) -> NoReturn:
+        policy, a, report = self.policy, self.args, self.report
+        layers = policy.layers
+        ppid = os.getppid()
+        keep = {0, 1, 2, *policy.keep_fds}
+        if a.report_fd is not None:
+            keep.add(a.report_fd)
+        outer = "namespaces" in layers and a.inside is None
+        # The policy fd holds the agent's token: close it, unless bwrap's inner launcher is still
+        # to read it.
+        if outer and a.policy_fd is not None:
+            keep.add(a.policy_fd)
+        close_fds_except(keep)
+        if outer:
+            self.enter_namespaces(ppid)
+        applied = report.applied
+        if "namespaces" in layers:
+            applied["namespaces"] = report.step("namespaces", check_inside, a.inside or "")
+        # Build the Landlock rules and the seccomp filter while root can still open every path.
+        ruleset = (report.step("landlock", build_landlock, policy, "namespaces" in layers)
+                   if "landlock" in layers else None)
+        bpf = report.step("seccomp", seccomp.agent_filter) if "seccomp" in layers else None
+        if "rlimits" in layers:
+            applied["rlimits"] = report.step("rlimits", set_rlimits, policy.limits)
+        if "identity" in layers:
+            assert policy.uid is not None and policy.gid is not None and policy.home is not None
+            applied["identity"] = report.step("identity", become, policy.uid, policy.gid)
+            report.step("identity", check_home, policy.home, policy.uid)
+        try:
+            die_with_parent(ppid)
+        except Exception as exc:
+            report.fail(LaunchExit.PARENT, str(exc))
+        os.umask(0o077)
+        try:
+            os.chdir(policy.home or "/")
+            reach(a.argv[0], os.X_OK, "agent program")
+        except OSError as exc:
+            report.fail(LaunchExit.EXEC, f"exec: {exc}")
+        if "nnp" in layers:
+            applied["nnp"] = report.step("nnp", no_new_privs)
+        if ruleset is not None:
+            report.step("landlock", ruleset.restrict_self)
+            applied["landlock"] = ruleset.describe()
+        if bpf is not None:
+            report.step("seccomp", bpf.load)
+            applied["seccomp"] = {"arch": os.uname().machine, "rules": bpf.rules,
+                                  "other_abis": "killed"}
+            bpf.release()
+        if a.report_fd is not None:
+            os.set_inheritable(a.report_fd, False)  # closes at exec: the agent cannot forge it
+        report.send({"event": "exec", "tier": policy.tier, "layers": applied,
+                     "pid": os.getpid()})
+        try:
+            os.execve(a.argv[0], a.argv, policy.env)
+        except OSError as exc:
+            report.fail(LaunchExit.EXEC, f"exec {a.argv[0]}: {exc}")
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    report = Reporter(None)
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+    except ValueError as exc:
+        report.fail(LaunchExit.POLICY, f"usage: {exc}")
+    report.fd = args.report_fd
+    try:
+        policy = load_policy(args)
+    except (OSError, ValueError) as exc:
+        report.fail(LaunchExit.POLICY, f"policy: {exc}")
+    report.tier = policy.tier
+    Launcher(policy, args, report).run()
+
+
+if __name__ == "__main__":
+    main()
