@@ -1,0 +1,98 @@
+"""Per-request sampling parameters and the sampler that turns a row of logits into a token."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+
+class TokenConstraint(Protocol):
+    """Per-request token filter (e.g. JSON mode): it picks the token instead of the sampler."""
+
+    @property
+    def complete(self) -> bool:
+        """True once the output is whole: the sequence then stops ("stop")."""
+        ...
+
+    def pick(self, logits: torch.Tensor, params: SamplingParams,
+             generator: torch.Generator | None) -> int:
+        """The next token from this sequence's row of logits."""
+        ...
+
+    def advance(self, token: int) -> None:
+        """Record the token the sequence emitted."""
+        ...
+
+
+@dataclass
+class SamplingParams:
+    """How one request picks its tokens and when it stops."""
+
+    temperature: float = 0.0  # 0 is greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 keeps the whole vocabulary
+    max_tokens: int = 256
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    ignore_eos: bool = False  # benchmarks want fixed-length outputs
+    # Request state, not a setting: one constraint object per request.
+    constraint: TokenConstraint | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError("top_k must be >= 0")
+        if self.max_tokens < 1:
+            raise ValueError("max_tokens must be >= 1")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
+    """The request's own random stream: its draws do not depend on what else is batched."""
+    if params.greedy:
+        return None
+    seed = params.seed if params.seed is not None else random.SystemRandom().getrandbits(63)
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams],
+           generators: list[torch.Generator | None]) -> list[int]:
+    """One token per row of `logits` ([rows, vocab]), each row under its own params."""
+    logits = logits.float()
+    tokens = logits.argmax(dim=-1).tolist()
+    for i, (p, gen) in enumerate(zip(params, generators, strict=True)):
+        if p.constraint is not None:
+            tokens[i] = p.constraint.pick(logits[i], p, gen)
+        elif not p.greedy:
+            tokens[i] = _draw(logits[i], p, gen)
+    return tokens
+
+
+def _draw(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> int:
+    logits = logits / p.temperature
+    if 0 < p.top_k < logits.numel():
+        kth = torch.topk(logits, p.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    order = torch.argsort(probs, descending=True, stable=True)
+    sorted_probs = probs[order]
+    cdf = torch.cumsum(sorted_probs, dim=0)
+    if p.top_p < 1.0:
+        # Keep the smallest head whose mass reaches top_p; the first token always survives.
+        keep = (cdf - sorted_probs) < p.top_p
+        sorted_probs = sorted_probs * keep
+        cdf = torch.cumsum(sorted_probs, dim=0)
+    # Exactly one uniform draw per token, so a request's stream advances the same way whether it
+    # runs alone, batched, or is preempted and resumed.
+    u = torch.rand((), generator=gen, device=logits.device) * cdf[-1]
+    idx = int(torch.searchsorted(cdf, u.reshape(1), right=True).clamp_(max=cdf.numel() - 1))
+    return int(order[idx])
