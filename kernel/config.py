@@ -76,6 +76,8 @@ class Config:
     allowed_uids: tuple[int, ...] = ()
     # Denials are audited; beyond this many per second per principal they are only counted.
     audit_denials_per_s: float = 20.0
+    # Load every model at boot instead of at its first request.
+    preload: bool = False
     # Models by name; the first, or the one marked default, serves calls that name none.
     models: dict[str, ModelConfig] = field(
         default_factory=lambda: {"smollm2": ModelConfig("smollm2", "smollm2", default=True)})

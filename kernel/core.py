@@ -7,6 +7,7 @@ and answer later from an event (a message arrives, an agent exits, a timer fires
 
 from __future__ import annotations
 
+import collections
 import heapq
 import itertools
 import logging
@@ -27,6 +28,7 @@ from kernel.access.tokens import Capability, Rule, TokenAuthority
 from kernel.config import Config
 from kernel.db import Database
 from kernel.ipc import Mailboxes
+from kernel.llm.core import LLMCore
 from kernel.notify import Notifier
 from kernel.proc.table import ProcessTable
 from kernel.state import StateDir, write_private
@@ -67,6 +69,7 @@ class Call:
     name: str
     caller: Caller
     started: float
+    timeout_ms: int | None = None  # the caller's deadline for the whole call, if any
     capability: Capability | None = None  # set once the access check passed
     done: bool = False
     on_cancel: list[Callable[[], None]] = field(default_factory=list)
@@ -86,6 +89,7 @@ class Kernel:
         self._timer_seq = itertools.count()
         self._stop_requests = 0
         self.parked: set[Call] = set()
+        self._posted: collections.deque[Callable[[], None]] = collections.deque()
 
     # --- boot and shutdown -------------------------------------------------------------------
 
@@ -99,6 +103,7 @@ class Kernel:
         self.identities = Identities({os.geteuid(), 0, *self.config.allowed_uids})
         self.procs = ProcessTable(self)
         self.ipc = Mailboxes(self)
+        self.llm = LLMCore(self)
         self.procs.recover()
         self.db.commit()
 
@@ -113,6 +118,10 @@ class Kernel:
         self._wake_w = wake_w
         self.poller.register(self._wake_r, zmq.POLLIN)
         signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        # Other threads (model workers) hand work to the loop through `post`.
+        self._post_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.poller.register(self._post_fd, zmq.POLLIN)
+        self.llm.start()
         signal.signal(signal.SIGTERM, self._on_stop_signal)
         signal.signal(signal.SIGINT, self._on_stop_signal)
         self._write_admin_token()
@@ -167,8 +176,10 @@ class Kernel:
                 os.read(self._wake_r, 4096)
             except BlockingIOError:
                 pass
+        if self._post_fd in ready:
+            self._run_posted()
         for fd in ready:
-            if isinstance(fd, int) and fd != self._wake_r:
+            if isinstance(fd, int) and fd not in (self._wake_r, self._post_fd):
                 self.procs.on_exit_fd(fd)
         self._run_timers()
         self.flush()
@@ -183,6 +194,8 @@ class Kernel:
         return max(0, int(horizon * 1000))
 
     def _shutdown(self) -> None:
+        self.llm.stop()
+        self._run_posted()
         self.procs.terminate_all(0)
         self.procs.reap_blocking(timeout=5.0)
         for call in list(self.parked):
@@ -199,6 +212,28 @@ class Kernel:
         self.state.close()
         log.info("kernel stopped", extra={"syscalls": sum(self.counts.values())})
         self.notifier.close()
+
+    # --- work from other threads -------------------------------------------------------------
+
+    def post(self, fn: Callable[[], None]) -> None:
+        """Run `fn` on the loop thread soon; the only way other threads touch kernel state."""
+        self._posted.append(fn)
+        try:
+            os.eventfd_write(self._post_fd, 1)
+        except (BlockingIOError, OSError):
+            pass  # the counter is saturated or closed: the loop is awake or gone anyway
+
+    def _run_posted(self) -> None:
+        try:
+            os.eventfd_read(self._post_fd)
+        except (BlockingIOError, OSError):
+            pass
+        while self._posted:
+            fn = self._posted.popleft()
+            try:
+                fn()
+            except Exception:
+                log.exception("posted work failed")
 
     # --- timers ------------------------------------------------------------------------------
 
@@ -253,12 +288,12 @@ class Kernel:
         if caller is None:
             self._send_error(route, req.id, abi.ErrorCode.EPERM, f"{user} is not running")
             return
-        call = Call(route, req.id, req.call, caller, time.monotonic())
+        call = Call(route, req.id, req.call, caller, time.monotonic(), req.timeout_ms)
         self.db.begin_call()
         failed = True
         try:
             args = abi.decode_args(req.args, entry.args)
-            resource = entry.resource(args, caller) if entry.resource else None
+            resource = entry.resource(self, args, caller) if entry.resource else None
             call.capability = self.guard.check(req.token, req.call, resource, caller)
             result = entry.handler(self, call, args)
             if result is not PENDING:
@@ -316,6 +351,15 @@ class Kernel:
         for cancel in call.on_cancel:
             cancel()
         self._send_error(call.route, call.id, code, message)
+
+    def send_chunk(self, call: Call, data: Any) -> None:
+        """A piece of a streamed result; the final reply or error still follows."""
+        if not call.done:
+            self.outbox.append([call.route, abi.encode(abi.Chunk(call.id, msgspec.Raw(
+                abi.encode(data))))])
+
+    def find_parked(self, route: bytes, request_id: int) -> Call | None:
+        return next((c for c in self.parked if c.route == route and c.id == request_id), None)
 
     def _send_error(self, route: bytes, rid: int, code: abi.ErrorCode, message: str) -> None:
         self.errors[code.name] += 1

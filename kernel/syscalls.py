@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 class Syscall:
     handler: Callable[[Kernel, Call, Any], Any]
     args: type[abi.Args] = abi.NoArgs
-    resource: Callable[[Any, Caller], str | None] | None = None
+    resource: Callable[[Kernel, Any, Caller], str | None] | None = None
 
 
 def _agent_only(call: Call) -> int:
@@ -85,8 +85,28 @@ def ipc_recv(k: Kernel, call: Call, args: abi.RecvArgs) -> Any:
     return k.ipc.recv(call, args)
 
 
-def _proc(args: Any, caller: Caller) -> str:
+def llm_chat(k: Kernel, call: Call, args: abi.ChatArgs) -> Any:
+    return k.llm.chat(call, args)
+
+
+def llm_cancel(k: Kernel, call: Call, args: abi.CancelArgs) -> None:
+    k.llm.cancel(call, args)
+
+
+def llm_models(k: Kernel, call: Call, args: abi.NoArgs) -> list[abi.ModelInfo]:
+    return k.llm.models()
+
+
+def _proc(k: Kernel, args: Any, caller: Caller) -> str:
     return f"proc/{args.id}"
+
+
+def _ipc(k: Kernel, args: Any, caller: Caller) -> str:
+    return f"ipc/{args.to}"
+
+
+def _model(k: Kernel, args: Any, caller: Caller) -> str:
+    return f"llm/{args.model or k.config.default_model}"
 
 
 SYSCALLS: dict[str, Syscall] = {
@@ -99,8 +119,11 @@ SYSCALLS: dict[str, Syscall] = {
     "proc.kill": Syscall(proc_kill, abi.KillArgs, _proc),
     "proc.exit": Syscall(proc_exit, abi.ExitArgs),
     "proc.logs": Syscall(proc_logs, abi.LogsArgs, _proc),
-    "ipc.send": Syscall(ipc_send, abi.SendArgs, lambda a, c: f"ipc/{a.to}"),
+    "ipc.send": Syscall(ipc_send, abi.SendArgs, _ipc),
     "ipc.recv": Syscall(ipc_recv, abi.RecvArgs),
+    "llm.chat": Syscall(llm_chat, abi.ChatArgs, _model),
+    "llm.cancel": Syscall(llm_cancel, abi.CancelArgs),
+    "llm.models": Syscall(llm_models),
 }
 
 FAMILIES = {name.split(".")[0] for name in SYSCALLS}

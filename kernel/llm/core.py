@@ -1,0 +1,82 @@
+"""The LLM core, loop-thread side: `llm.*` syscalls in, one worker thread per model.
+
+The dispatch loop never runs a model. `llm.chat` parks its call and hands a `Generation` to the
+model's worker; the worker posts deltas and the final result back (`Kernel.post`), and the loop
+sends them. Cancelling the call (the agent asks, dies, or its deadline passes) tells the worker
+to drop the generation and free its memory.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from kernel.llm.worker import Generation, ModelWorker
+from sdk import abi
+
+if TYPE_CHECKING:
+    from kernel.core import Call, Kernel
+
+log = logging.getLogger("kernel.llm")
+
+
+class LLMCore:
+    def __init__(self, kernel: Kernel) -> None:
+        self.k = kernel
+        self.workers: dict[str, ModelWorker] = {
+            name: ModelWorker(model, kernel.post) for name, model in kernel.config.models.items()}
+        self._ids = itertools.count(1)
+
+    def start(self) -> None:
+        for worker in self.workers.values():
+            worker.start()
+            if self.k.config.preload:
+                worker.load_now()
+
+    def stop(self) -> None:
+        for worker in self.workers.values():
+            worker.stop()
+        for worker in self.workers.values():
+            worker.join(timeout=10)
+
+    def _fault(self, code: abi.ErrorCode, message: str) -> Exception:
+        from kernel.core import Fault
+
+        return Fault(code, message)
+
+    def models(self) -> list[abi.ModelInfo]:
+        default = self.k.config.default_model
+        return [abi.ModelInfo(name=name, backend="openai" if w.config.remote else "local",
+                              device=w.device, dtype=w.config.dtype, default=name == default)
+                for name, w in self.workers.items()]
+
+    def chat(self, call: Call, args: abi.ChatArgs) -> Any:
+        name = args.model or self.k.config.default_model
+        worker = self.workers.get(name or "")
+        if worker is None:
+            known = ", ".join(self.workers) or "none"
+            raise self._fault(abi.ErrorCode.ENOENT, f"no model {name!r} (served: {known})")
+        if worker.failed is not None:
+            raise self._fault(abi.ErrorCode.ENOENT, worker.failed)
+        if self.k.draining:
+            raise self._fault(abi.ErrorCode.EAGAIN, "the kernel is shutting down")
+        gen = Generation(id=next(self._ids), agent=call.caller.principal, args=args,
+                         arrival=time.monotonic())
+        post = self.k.post
+        if args.stream:
+            gen.on_delta = lambda text: post(lambda: self.k.send_chunk(call, abi.ChatDelta(text)))
+        gen.on_done = lambda result: post(lambda: self.k.reply(call, result))
+        gen.on_error = lambda code, message: post(lambda: self.k.fail(call, code, message))
+        call.on_cancel.append(lambda: worker.cancel(gen.id))
+        worker.submit(gen)
+        self.k.counts[f"llm.model.{name}"] += 1
+        return self.k.park(call, call.timeout_ms)
+
+    def cancel(self, call: Call, args: abi.CancelArgs) -> None:
+        target = self.k.find_parked(call.route, args.request)
+        if target is None or target.name != "llm.chat":
+            raise self._fault(abi.ErrorCode.ENOENT, f"no llm.chat call {args.request} in flight "
+                              "on this connection")
+        self.k.fail(target, abi.ErrorCode.ECANCELED, "cancelled by the caller")

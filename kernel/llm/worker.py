@@ -1,0 +1,195 @@
+"""A model's worker thread: its scheduler decides, its engine runs, results go back by post.
+
+The loop is `drain the inbox → schedule → context-switch (preempt) → one engine step →
+account → report`, one iteration per token. Nothing here touches kernel state directly: a
+generation's callbacks post to the kernel's loop thread. torch is imported here, lazily, so a
+kernel that serves no model request never loads it.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from kernel.config import ModelConfig
+from kernel.llm.chat import parse_reply
+from kernel.llm.sched import Budget, BudgetExceeded, Job, Limits
+from sdk import abi
+
+log = logging.getLogger("kernel.llm")
+
+
+@dataclass(eq=False)
+class Generation:
+    """One `llm.chat` in flight, as the worker sees it."""
+
+    id: int
+    agent: str
+    args: abi.ChatArgs
+    arrival: float
+    on_delta: Callable[[str], None] | None = None
+    on_done: Callable[[abi.ChatResult], None] = lambda result: None
+    on_error: Callable[[abi.ErrorCode, str], None] = lambda code, message: None
+    # Worker-side state.
+    job: Job | None = None
+    prompt_ids: list[int] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    started: float | None = None
+    first_token: float | None = None
+
+
+class ModelWorker(threading.Thread):
+    def __init__(self, config: ModelConfig, post: Callable[[Callable[[], None]], None]) -> None:
+        super().__init__(name=f"model-{config.name}", daemon=True)
+        self.config = config
+        self.post = post
+        self.inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self.failed: str | None = None  # why the model cannot serve, once known
+        self.device: str | None = None
+        self.gens: dict[int, Generation] = {}
+        self._loaded = threading.Event()
+        self._want_load = threading.Event()
+        self._stopping = False
+
+    # --- the loop thread's side --------------------------------------------------------------
+
+    def submit(self, gen: Generation) -> None:
+        self._want_load.set()
+        self.inbox.put(("submit", gen))
+
+    def cancel(self, gen_id: int) -> None:
+        self.inbox.put(("cancel", gen_id))
+
+    def load_now(self) -> None:
+        self._want_load.set()
+        self.inbox.put(("wake", None))
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._want_load.set()
+        self.inbox.put(("stop", None))
+
+    # --- the worker thread -------------------------------------------------------------------
+
+    def run(self) -> None:
+        self._want_load.wait()
+        if self._stopping:
+            return
+        try:
+            self.backend = self._load()
+        except Exception as exc:  # any load failure: every request gets the reason
+            self.failed = str(exc) or type(exc).__name__
+            log.error("model unavailable", extra={"model": self.config.name,
+                                                   "reason": self.failed})
+        self._loaded.set()
+        while not self._stopping:
+            self._drain(block=not self.gens or getattr(self, "backend", None) is None
+                        or self.backend.blocking)
+            if self._stopping:
+                break
+            if self.gens and self.failed is None:
+                try:
+                    self.backend.step(self)
+                except Exception:
+                    log.exception("model step failed", extra={"model": self.config.name})
+                    for gen in list(self.gens.values()):
+                        self._fail(gen, abi.ErrorCode.EIO, "model step failed (logged)")
+        for gen in list(self.gens.values()):
+            self._fail(gen, abi.ErrorCode.ECANCELED, "the kernel is shutting down")
+
+    def _load(self) -> Any:
+        if self.config.remote:
+            from kernel.llm.backends import RemoteBackend
+
+            return RemoteBackend(self.config)
+        from kernel.llm.backends import LocalBackend
+
+        backend = LocalBackend(self.config)
+        self.device = backend.device
+        return backend
+
+    def _drain(self, block: bool) -> None:
+        try:
+            item = self.inbox.get(timeout=0.5) if block else self.inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            kind, value = item
+            if kind == "stop":
+                self._stopping = True
+                return
+            if kind == "submit":
+                self._admit(value)
+            elif kind == "call":
+                value()  # an event a backend's helper thread handed to this thread
+            elif kind == "cancel":
+                gen = self.gens.pop(value, None)
+                if gen is not None and self.failed is None:
+                    self.backend.forget(self, gen)
+            try:
+                item = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _admit(self, gen: Generation) -> None:
+        if self.failed is not None:
+            gen.on_error(abi.ErrorCode.ENOENT, self.failed)
+            return
+        try:
+            self.backend.admit(self, gen)
+        except BudgetExceeded as exc:
+            gen.on_error(abi.ErrorCode.EQUOTA, str(exc))
+            return
+        except ValueError as exc:
+            gen.on_error(abi.ErrorCode.EINVAL, str(exc))
+            return
+        self.gens[gen.id] = gen
+
+    # --- reporting (called by backends) ------------------------------------------------------
+
+    def delta(self, gen: Generation, text: str) -> None:
+        if gen.first_token is None:
+            gen.first_token = time.monotonic()
+        if text:
+            gen.text.append(text)
+            if gen.on_delta is not None:
+                gen.on_delta(text)
+
+    def finish(self, gen: Generation, reason: str, *, text: str | None = None,
+               tool_calls: list[abi.ToolCall] | None = None, preemptions: int = 0) -> None:
+        self.gens.pop(gen.id, None)
+        now = time.monotonic()
+        full = "".join(gen.text) if text is None else text
+        message = abi.ChatMessage(role="assistant", content=full)
+        if tool_calls is None and gen.args.tools and gen.args.tool_choice != "none":
+            parsed = parse_reply(full, gen.args.tools)
+            tool_calls = parsed.tool_calls
+        if tool_calls:
+            message = abi.ChatMessage(role="assistant", content=None, tool_calls=tool_calls)
+            reason = "tool_calls"
+        started = gen.started or now
+        gen.on_done(abi.ChatResult(
+            model=self.config.name, message=message, finish_reason=reason,
+            usage=abi.Usage(len(gen.prompt_ids), gen.completion_tokens, gen.cached_tokens),
+            queued_ms=round((started - gen.arrival) * 1000, 3),
+            ttft_ms=round(((gen.first_token or now) - gen.arrival) * 1000, 3),
+            total_ms=round((now - gen.arrival) * 1000, 3), preemptions=preemptions))
+
+    def _fail(self, gen: Generation, code: abi.ErrorCode, message: str) -> None:
+        self.gens.pop(gen.id, None)
+        gen.on_error(code, message)
+
+
+def make_budget(config: ModelConfig) -> Budget | None:
+    if not (config.agent_max_concurrent or config.agent_max_tokens):
+        return None
+    return Budget(Limits(max_jobs=config.agent_max_concurrent or None,
+                         max_tokens=config.agent_max_tokens or None))
+

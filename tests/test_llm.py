@@ -1,0 +1,217 @@
+"""The LLM core through the whole path: SDK → kernel → scheduler → engine → SDK, on a tiny
+random model (and SmolLM2 when it is cached), plus a remote OpenAI-compatible backend."""
+
+from __future__ import annotations
+
+import asyncio
+import http.server
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import sdk
+from kernel.llm.chat import parse_reply
+from tests.conftest import KernelProcess, agent, wait_until
+from tests.tinymodel import tiny_model, tiny_tokenizer
+
+HELLO = [{"role": "user", "content": "hello there"}]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    tiny_model(seed=0).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def _boot(state: Path, *flags: str, env: dict[str, str] | None = None) -> KernelProcess:
+    k = KernelProcess(state, env)
+    k.extra_args = list(flags)
+    return k.start()
+
+
+@pytest.fixture(scope="module")
+def llm_kernel(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> Iterator[KernelProcess]:
+    k = _boot(tmp_path_factory.mktemp("llm") / "state", "--model", f"tiny={tiny_dir}",
+              "--preload")
+    yield k
+    assert k.stop() == 0
+
+
+def test_models_lists_the_served_model(llm_kernel: KernelProcess) -> None:
+    with llm_kernel.connect() as conn:
+        (info,) = conn.llm.models()
+    assert info.name == "tiny" and info.backend == "local" and info.default
+
+
+def test_greedy_chat_equals_plain_generate(llm_kernel: KernelProcess, tiny_dir: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    ids = tok.apply_chat_template(HELLO, add_generation_prompt=True, return_tensors="pt",
+                                  return_dict=True)["input_ids"]
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=16, do_sample=False)
+    expected = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    with llm_kernel.connect() as conn:
+        result = conn.llm.chat(HELLO, max_tokens=16)
+    assert result.message.content == expected
+    assert result.usage.prompt_tokens == ids.shape[1]
+    assert result.usage.completion_tokens == out.shape[1] - ids.shape[1]
+
+
+def test_stream_deltas_make_up_the_result(llm_kernel: KernelProcess) -> None:
+    with llm_kernel.connect() as conn:
+        stream = conn.llm.stream(HELLO, max_tokens=20, temperature=0.8, seed=7)
+        text = "".join(d.text for d in stream)
+        again = conn.llm.chat(HELLO, max_tokens=20, temperature=0.8, seed=7)
+    assert stream.result.message.content == text == again.message.content
+    assert stream.result.usage.cached_tokens > 0 or again.usage.cached_tokens > 0
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_json_mode_always_parses(llm_kernel: KernelProcess, seed: int) -> None:
+    with llm_kernel.connect() as conn:
+        result = conn.llm.chat(HELLO, max_tokens=12 + seed * 7, temperature=1.0, seed=seed,
+                               json=True)
+    assert isinstance(json.loads(result.message.content), dict)
+
+
+def test_cancelled_stream_frees_its_call(llm_kernel: KernelProcess) -> None:
+    async def main() -> None:
+        async with sdk.connect_async(state_dir=llm_kernel.state_dir) as conn:
+            stream = await conn.llm.stream(HELLO, max_tokens=2000)
+            async for _ in stream:
+                break  # leaving early sends llm.cancel
+            assert await conn.sys.null() is None
+
+    asyncio.run(main())
+    with llm_kernel.connect() as conn:
+        assert wait_until(lambda: conn.sys.stats().calls_parked == 0)
+        with pytest.raises(sdk.NotFound):
+            conn.llm.cancel(10**6)
+
+
+def test_unknown_model_is_enoent(llm_kernel: KernelProcess) -> None:
+    with llm_kernel.connect() as conn, pytest.raises(sdk.NotFound):
+        conn.llm.chat(HELLO, model="nope")
+
+
+def test_agents_need_a_capability_for_the_model(llm_kernel: KernelProcess) -> None:
+    with llm_kernel.connect() as conn:
+        denied = conn.proc.spawn(agent("chatter"), name="nocap")
+        allowed = [conn.proc.spawn(agent("chatter"), name=f"chat{i}",
+                                   caps=["llm.chat@llm/tiny"]) for i in range(4)]
+        assert conn.proc.wait(denied, timeout=60).result == "EPERM"
+        replies = [conn.proc.wait(a, timeout=120).result for a in allowed]
+        alone = conn.llm.chat(HELLO, max_tokens=16).message.content
+    assert replies == [alone] * 4  # batched with each other, same greedy tokens as alone
+
+
+def test_missing_model_names_the_pull_command(tmp_path: Path) -> None:
+    k = _boot(tmp_path / "state", env={"AGENTOS_MODEL_DIR": str(tmp_path / "empty")})
+    try:
+        with k.connect() as conn, pytest.raises(sdk.NotFound, match="agentos model pull"):
+            conn.llm.chat(HELLO)
+    finally:
+        assert k.stop() == 0
+
+
+def test_token_budget_is_equota(tmp_path: Path, tiny_dir: Path) -> None:
+    config = tmp_path / "kernel.toml"
+    config.write_text(f'[models.tiny]\nsource = "{tiny_dir}"\nagent_max_tokens = 40\n')
+    k = _boot(tmp_path / "state", "--config", str(config))
+    try:
+        with k.connect() as conn:
+            conn.llm.chat(HELLO, max_tokens=4)
+            with pytest.raises(sdk.QuotaExceeded):
+                for _ in range(5):
+                    conn.llm.chat(HELLO, max_tokens=4)
+    finally:
+        assert k.stop() == 0
+
+
+def test_tool_call_parsing_is_robust() -> None:
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {}}}]
+    ok = parse_reply('Sure! {"tool_calls": [{"name": "add", "arguments": {"a": 1}}]} done', tools)
+    assert ok.tool_calls and ok.tool_calls[0].function.name == "add"
+    assert json.loads(ok.tool_calls[0].function.arguments) == {"a": 1}
+    bare = parse_reply('{"name": "add", "arguments": "{\\"a\\": 2}"}', tools)
+    assert bare.tool_calls and json.loads(bare.tool_calls[0].function.arguments) == {"a": 2}
+    wrong = parse_reply('{"tool_calls": [{"name": "rm", "arguments": {}}]}', tools)
+    assert wrong.tool_calls is None and "unknown tool 'rm'" in (wrong.error or "")
+    broken = parse_reply('{"tool_calls": [{"name": "add", "arguments": {', tools)
+    assert broken.tool_calls is None and broken.content
+
+
+class _OpenAIStub(http.server.BaseHTTPRequestHandler):
+    """A tiny OpenAI-compatible server: streams the words of a fixed reply as SSE."""
+
+    reply = "hello from the remote model"
+    seen: list[dict] = []
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).seen.append(body)
+        if self.path != "/v1/chat/completions":
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        for i, word in enumerate(self.reply.split(" ")):
+            chunk = {"choices": [{"index": 0, "delta": {"content": (" " if i else "") + word}}]}
+            self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        done = {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 5, "completion_tokens": 5}}
+        self.wfile.write(f"data: {json.dumps(done)}\n\ndata: [DONE]\n\n".encode())
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_remote_openai_backend(tmp_path: Path) -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _OpenAIStub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    k = _boot(tmp_path / "state", "--model", f"far={url}")
+    try:
+        with k.connect() as conn:
+            result = conn.llm.chat(HELLO, max_tokens=9, temperature=0.5, seed=3)
+            stream = conn.llm.stream(HELLO)
+            pieces = [d.text for d in stream]
+        assert result.message.content == _OpenAIStub.reply == "".join(pieces)
+        assert result.usage.completion_tokens == 5 and len(pieces) == 5
+        sent = _OpenAIStub.seen[0]
+        assert sent["model"] == "far" and sent["max_tokens"] == 9 and sent["seed"] == 3
+        assert sent["stream"] is True
+    finally:
+        server.shutdown()
+        assert k.stop() == 0
+
+
+@pytest.mark.integration
+def test_smollm2_end_to_end(tmp_path: Path) -> None:
+    from kernel.llm.store import ModelNotFound, ModelStore
+
+    try:
+        ModelStore().path("smollm2")
+    except ModelNotFound:
+        pytest.skip("smollm2 is not cached (agentos model pull smollm2)")
+    k = _boot(tmp_path / "state", "--preload")
+    try:
+        with k.connect(timeout=120) as conn:
+            result = conn.llm.chat([{"role": "user", "content": "What is 2+2?"}], max_tokens=24)
+            as_json = conn.llm.chat([{"role": "user", "content": "Give the capital of France."}],
+                                    max_tokens=40, json=True)
+        assert "4" in result.message.content
+        assert isinstance(json.loads(as_json.message.content), dict)
+    finally:
+        assert k.stop() == 0
+
