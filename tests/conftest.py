@@ -32,8 +32,8 @@ class KernelProcess:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the kernel
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "kernel", "--state-dir", str(self.state_dir),
-             "--log-format", "text", *self.extra_args], stdout=self._log, stderr=self._log, env=self.env,
-            cwd=ROOT)
+             "--log-format", "text", *self.extra_args], stdout=self._log, stderr=self._log,
+            env=self.env, cwd=ROOT)
         if wait:
             self.wait_ready()
         return self
