@@ -3,9 +3,9 @@
 `JsonConstraint` sits in a sequence's sampler: it only lets through tokens whose text keeps the
 output a valid JSON-object prefix (`kernel.llm.jsonmode`) whose closing still fits in the tokens
 left; once the tokens left are just enough to close the value it forces the closing text.
-Greedy decoding takes the best allowed token; sampling draws from the model's distribution with disallowed tokens removed (rejection:
-a refused draw is zeroed and the rest renormalised, which is exactly sampling the masked
-distribution).
+Greedy decoding takes the best allowed token; sampling draws from the model's distribution with
+disallowed tokens removed (rejection: a refused draw is zeroed and the rest renormalised, which
+is exactly sampling the masked distribution).
 """
 
 from __future__ import annotations
