@@ -101,9 +101,17 @@ class StateDir:
         return key
 
     def agent_dir(self, agent_id: int) -> Path:
+        """`agents/<id>/`: kernel-owned; holds the agent's logs and its `home/`."""
         path = self.agents / str(agent_id)
         _private_dir(path)
+        _private_dir(path / "home")
         return path
+
+    def open_log(self, agent_id: int, stream: str, flags: int) -> int:
+        """An fd on an agent's captured stream. The logs sit beside the agent's home, never in
+        it, and O_NOFOLLOW refuses a symlink planted there to make the kernel read its key."""
+        path = self.agents / str(agent_id) / stream
+        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
 
     def close(self) -> None:
         if self._lock_fd is not None:

@@ -214,3 +214,15 @@ def test_raw_garbage_frames_get_einval(kernel: KernelProcess) -> None:
         assert isinstance(err, abi.Error) and err.code == abi.ErrorCode.EPERM
     finally:
         sock.close(linger=0)
+
+
+def test_a_symlinked_log_cannot_leak_kernel_files(kernel: KernelProcess,
+                                                   admin: sdk.Connection) -> None:
+    done = admin.proc.spawn(agent("exits"))
+    admin.proc.wait(done, timeout=30)
+    log = kernel.state_dir / "agents" / str(done) / "stdout"
+    log.unlink()
+    log.symlink_to(kernel.state_dir / "secret.key")
+    with pytest.raises(sdk.PermissionDenied):
+        admin.proc.logs(done)
+    assert (kernel.state_dir / "agents" / str(done) / "home").is_dir()

@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -172,7 +173,7 @@ class ProcessTable:
         granted = baseline_rules(agent_id) + rules
         token = self.k.authority.mint(f"agent:{agent_id}", granted)
         token_id = self.record_token(token)
-        home = self.k.state.agent_dir(agent_id)
+        home = self.k.state.agent_dir(agent_id) / "home"
         env = {k: os.environ[k] for k in _ENV_PASSTHROUGH if k in os.environ}
         env.update({
             "HOME": str(home),
@@ -184,7 +185,9 @@ class ProcessTable:
             layout.ENV_AGENT_NAME: name,
         })
         argv = [sys.executable, "-m", "sdk.runner", str(path), *args.argv]
-        with open(home / "stdout", "ab") as out, open(home / "stderr", "ab") as err:
+        append = os.O_WRONLY | os.O_CREAT | os.O_APPEND
+        with (open(self.k.state.open_log(agent_id, "stdout", append), "ab") as out,
+              open(self.k.state.open_log(agent_id, "stderr", append), "ab") as err):
             with self.k.identities.lock:
                 try:
                     popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
@@ -292,14 +295,21 @@ class ProcessTable:
 
     def logs(self, args: abi.LogsArgs) -> abi.LogChunk:
         self._row(args.id, with_result=False)
-        path = self.k.state.agents / str(args.id) / args.stream
         try:
-            with open(path, "rb") as f:
+            with open(self.k.state.open_log(args.id, args.stream, os.O_RDONLY), "rb") as f:
+                if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                    raise OSError("not a regular file")
                 f.seek(args.offset)
                 data = f.read(args.limit)
                 size = os.fstat(f.fileno()).st_size
         except FileNotFoundError:
             data, size = b"", 0
+        except OSError as exc:  # ELOOP from O_NOFOLLOW: something replaced the log
+            from kernel.core import Fault
+
+            self.k.audit.append("kernel", "log-tampered", agent=args.id, stream=args.stream,
+                                error=str(exc))
+            raise Fault(abi.ErrorCode.EPERM, f"log of agent {args.id} was tampered with") from None
         end = args.offset + len(data)
         return abi.LogChunk(data=data, offset=end, eof=args.id not in self.live and end >= size)
 
