@@ -1,13 +1,13 @@
-"""The demo agent: greets the kernel through every syscall family that exists so far.
+"""The demo agent: greets the kernel through each syscall family, then asks the model.
 
-    agentos run userland/agents/hello.py -- "your task here"
+    agentos run --cap llm.chat userland/agents/hello.py -- "your question"
 """
 
 from __future__ import annotations
 
 import time
 
-from sdk import Agent, PermissionDenied
+from sdk import Agent, PermissionDenied, SyscallError
 
 
 class Hello(Agent):
@@ -24,11 +24,25 @@ class Hello(Agent):
             send = "allowed?!"
         except PermissionDenied as exc:
             send = f"refused as it should be ({exc.code.name})"
-        print(f"hello from agent {me.id} ({me.name}), pid {me.pid}")
+        print(f"hello from agent {me.id} ({me.name}), pid {me.pid}", flush=True)
+        question = task or "In one sentence, what does an operating system do?"
+        try:
+            stream = self.llm.stream([{"role": "user", "content": question}], max_tokens=64)
+            print("model says: ", end="", flush=True)
+            for delta in stream:
+                print(delta.text, end="", flush=True)
+            print()
+            reply = stream.result
+            answer = {"text": reply.message.content, "tokens": reply.usage.completion_tokens,
+                      "ttft_ms": reply.ttft_ms, "total_ms": reply.total_ms}
+        except SyscallError as exc:
+            answer = {"error": str(exc)}
         return {
             "task": task or "(none)",
             "agent": me.id,
             "kernel": f"agentos {stats.version}, ABI {stats.abi}",
             "null_syscall_us": round(null_us, 1),
             "ipc_send_without_capability": send,
+            "question": question,
+            "answer": answer,
         }
