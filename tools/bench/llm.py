@@ -1,0 +1,270 @@
+"""LLM benchmark: closed-loop agents on SmolLM2-135M, three systems measured in one run.
+
+    .venv/bin/python tools/bench/llm.py [--agents 1,4,16,64] [--turns 2] [--max-tokens 32]
+
+(a) AIOS-style: one request at a time behind a FIFO lock, plain `generate`;
+(b) transformers' own continuous batching (`ContinuousBatchingManager`);
+(c) agentos end to end: agents are processes using the SDK through a booted kernel.
+Every agent holds a K-turn conversation (shared system prompt, its own growing history, greedy,
+same prompts for every system). Prints a table per N and a last RESULT line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from workload import SYSTEM, user_turn
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+
+@dataclass
+class Run:
+    system: str
+    makespan: float = 0.0
+    latencies: list[float] = field(default_factory=list)
+    ttfts: list[float] = field(default_factory=list)
+    tokens: int = 0
+    completion: dict[int, float] = field(default_factory=dict)  # agent -> seconds to finish
+    texts: dict[tuple[int, int], str] = field(default_factory=dict)
+
+    @property
+    def tok_s(self) -> float:
+        return self.tokens / self.makespan if self.makespan else 0.0
+
+
+def jain(values: list[float]) -> float:
+    return sum(values) ** 2 / (len(values) * sum(v * v for v in values)) if values else 1.0
+
+
+def pct(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100)[int(q) - 1] if len(values) > 1 else values[0]
+
+
+def prompt(tokenizer, history: list[dict]) -> list[int]:
+    ids = tokenizer.apply_chat_template(history, add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+def run_threads(n: int, turns: int, call) -> Run:
+    """N agent threads, each a closed loop of `turns` calls through `call(prompt_history)`."""
+    run, lock = Run(""), threading.Lock()
+    start = time.perf_counter()
+
+    def agent(i: int) -> None:
+        history = [{"role": "system", "content": SYSTEM}]
+        for t in range(turns):
+            history.append({"role": "user", "content": user_turn(i, t)})
+            t0 = time.perf_counter()
+            text, ntok, ttft = call(history)
+            with lock:
+                run.latencies.append(time.perf_counter() - t0)
+                run.ttfts.append(ttft - t0 if ttft else time.perf_counter() - t0)
+                run.tokens += ntok
+                run.texts[(i, t)] = text.strip()
+            history.append({"role": "assistant", "content": text})
+        run.completion[i] = time.perf_counter() - start
+
+    threads = [threading.Thread(target=agent, args=(i,)) for i in range(n)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    run.makespan = time.perf_counter() - start
+    return run
+
+
+def fifo(model, tokenizer, n: int, turns: int, max_tokens: int) -> Run:
+    import torch
+
+    lock = threading.Lock()
+
+    class FirstToken:
+        """generate() hands a streamer the prompt first, then each new token."""
+
+        def __init__(self) -> None:
+            self.puts, self.at = 0, 0.0
+
+        def put(self, value: object) -> None:
+            self.puts += 1
+            if self.puts == 2:
+                self.at = time.perf_counter()
+
+        def end(self) -> None:
+            pass
+
+    def call(history: list[dict]) -> tuple[str, int, float]:
+        ids = torch.tensor([prompt(tokenizer, history)])
+        first = FirstToken()
+        with lock, torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids),
+                                 max_new_tokens=max_tokens, do_sample=False, streamer=first)
+        new = out[0, ids.shape[1]:].tolist()
+        return tokenizer.decode(new, skip_special_tokens=True), len(new), first.at
+
+    run = run_threads(n, turns, call)
+    run.system = "(a) FIFO generate"
+    return run
+
+
+def hf_cb(model, tokenizer, n: int, turns: int, max_tokens: int) -> Run:
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=max_tokens, do_sample=False,
+                              eos_token_id=tokenizer.eos_token_id,
+                              pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    manager = model.init_continuous_batching(generation_config=config)
+    manager.start()
+    done: dict[str, object] = {}
+    events: dict[str, threading.Event] = {}
+    guard = threading.Lock()
+
+    def collect() -> None:
+        for out in manager:
+            if out.is_finished():
+                with guard:
+                    done[out.request_id] = out
+                    events.setdefault(out.request_id, threading.Event()).set()
+
+    threading.Thread(target=collect, daemon=True).start()
+    counter = iter(range(10**9))
+
+    def call(history: list[dict]) -> tuple[str, int, float]:
+        rid = f"r{next(counter)}"
+        with guard:
+            event = events.setdefault(rid, threading.Event())
+        manager.add_request(prompt(tokenizer, history), request_id=rid, max_new_tokens=max_tokens,
+                            record_timestamps=True)
+        event.wait()
+        out = done.pop(rid)
+        new = [t for t in out.generated_tokens if t != tokenizer.eos_token_id]
+        first = out.timestamps[0] if out.timestamps else 0.0  # perf_counter, like ours
+        return tokenizer.decode(new, skip_special_tokens=True), len(out.generated_tokens), first
+
+    try:
+        run = run_threads(n, turns, call)
+    finally:
+        manager.stop(block=True)
+    run.system = "(b) HF continuous batching"
+    return run
+
+
+def agentos(n: int, turns: int, max_tokens: int, state: Path) -> Run:
+    import sdk
+
+    run = Run("(c) agentos end to end")
+    with sdk.connect(state_dir=state, timeout=600) as conn:
+        ids = [conn.proc.spawn(str(ROOT / "tools/bench/llm_agent.py"), name=f"bench{i}",
+                               argv=[str(i), str(turns), str(max_tokens)], caps=["llm.chat"])
+               for i in range(n)]
+        deadline = time.time() + 120
+        while any(conn.proc.info(a).state == "starting" for a in ids) and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # let every agent reach its recv
+        start, wall0 = time.perf_counter(), time.time()
+        for i in range(n):
+            conn.ipc.send(f"bench{i}", "go")
+        infos = [conn.proc.wait(a) for a in ids]
+        run.makespan = time.perf_counter() - start
+    for i, info in enumerate(infos):
+        if info.exit_status != 0 or not isinstance(info.result, list):
+            raise RuntimeError(f"bench agent {i} failed (status {info.exit_status})")
+        for t, rec in enumerate(info.result):
+            run.latencies.append(rec["latency"])
+            run.ttfts.append(rec["ttft"])
+            run.tokens += rec["tokens"]
+            run.texts[(i, t)] = rec["text"].strip()
+        run.completion[i] = info.result[-1]["end"] - wall0
+    return run
+
+
+def boot_kernel(state: Path) -> subprocess.Popen[bytes]:
+    log = open(state.parent / "kernel.log", "ab")  # noqa: SIM115 - lives with the kernel
+    proc = subprocess.Popen([sys.executable, "-m", "kernel", "--state-dir", str(state),
+                             "--log-format", "text", "--preload"], stdout=log, stderr=log,
+                            cwd=ROOT)
+    import sdk
+
+    for _ in range(600):
+        try:
+            with sdk.connect(state_dir=state, timeout=1) as conn:
+                conn.sys.null()
+            return proc
+        except sdk.SyscallError:
+            time.sleep(0.1)
+    raise RuntimeError("kernel did not start")
+
+
+def show(n: int, runs: list[Run]) -> None:
+    print(f"\nagents={n}")
+    print(f"  {'system':<28} {'tok/s':>7} {'makespan':>9} {'p50 lat':>8} {'p99 lat':>8} "
+          f"{'p50 ttft':>8} {'p50 done':>8} {'jain':>5}")
+    for r in runs:
+        done = list(r.completion.values())
+        lat50, lat99, ttft50 = pct(r.latencies, 50), pct(r.latencies, 99), pct(r.ttfts, 50)
+        print(f"  {r.system:<28} {r.tok_s:7.1f} {r.makespan:8.1f}s {lat50:7.2f}s {lat99:7.2f}s "
+              f"{ttft50:7.2f}s {statistics.median(done):7.1f}s {jain(done):5.3f}")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--agents", default="1,4,16,64")
+    p.add_argument("--turns", type=int, default=2)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--skip", default="", help="comma list of systems to skip: fifo,hf")
+    args = p.parse_args()
+    counts = [int(x) for x in args.agents.split(",")]
+    skip = set(filter(None, args.skip.split(",")))
+
+    import torch
+
+    from kernel.llm.store import ModelStore
+
+    torch.set_num_threads(2)
+    model, tokenizer = ModelStore().load("smollm2")
+    state = Path(tempfile.mkdtemp(prefix="agentos-bench.")) / "state"
+    kernel = boot_kernel(state)
+    results: dict[int, dict[str, Run]] = {}
+    try:
+        for n in counts:
+            runs = {}
+            if "fifo" not in skip:
+                runs["fifo"] = fifo(model, tokenizer, n, args.turns, args.max_tokens)
+            if "hf" not in skip:
+                runs["hf"] = hf_cb(model, tokenizer, n, args.turns, args.max_tokens)
+            runs["agentos"] = agentos(n, args.turns, args.max_tokens, state)
+            results[n] = runs
+            show(n, list(runs.values()))
+            base = runs["agentos"].texts
+            for name, r in runs.items():
+                same = sum(r.texts.get(k) == v for k, v in base.items())
+                print(f"  greedy outputs identical to agentos: {name} {same}/{len(base)}")
+    finally:
+        kernel.send_signal(signal.SIGTERM)
+        kernel.wait(60)
+    n = max(results)
+    runs = results[n]
+    line = f"RESULT agents={n}"
+    if "fifo" in runs:
+        line += f" speedup_vs_fifo={runs['agentos'].tok_s / runs['fifo'].tok_s:.2f}"
+    if "hf" in runs:
+        line += f" ratio_vs_hf_cb={runs['agentos'].tok_s / runs['hf'].tok_s:.2f}"
+    line += f" jain={jain(list(runs['agentos'].completion.values())):.3f}"
+    print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())
