@@ -25,6 +25,10 @@ class ModelConfig:
     scheduler_options: dict[str, Any] = field(default_factory=dict)
     max_batch: int = 32
     prefill_chunk: int = 256
+    # KV memory the model's sequences may hold (running rows plus preemption snapshots), in
+    # MiB; 0: no limit beyond max_batch. Over it, the batch shrinks and switched-out sequences
+    # drop their KV (recomputed on resume) instead of keeping a snapshot.
+    kv_budget_mb: float = 0.0
     threads: int | None = None  # torch intra-op threads; None: all cores
     default: bool = False
     # Per-agent limits (0: none): concurrent requests and tokens (prompt + generated).

@@ -239,6 +239,7 @@ class Stats(msgspec.Struct, frozen=True):
     calls_parked: int  # syscalls waiting for an event (ipc.recv, proc.wait)
     syscalls: dict[str, int]
     errors: dict[str, int]
+    models: dict[str, dict[str, float]] = {}  # per model: queue, batch, KV and engine counters
 
 
 # --- codec -----------------------------------------------------------------------------------

@@ -215,3 +215,28 @@ def test_smollm2_end_to_end(tmp_path: Path) -> None:
     finally:
         assert k.stop() == 0
 
+
+
+def test_memory_pressure_preempts_by_recompute_and_keeps_outputs(tmp_path: Path,
+                                                                  tiny_dir: Path) -> None:
+    config = tmp_path / "kernel.toml"
+    config.write_text(f'[models.tiny]\nsource = "{tiny_dir}"\nkv_budget_mb = 0.1\n'
+                      'prefill_chunk = 16\n')
+    k = _boot(tmp_path / "state", "--config", str(config), "--preload")
+    questions = [[{"role": "user", "content": f"question {i} " + "padding " * 40}]
+                 for i in range(6)]
+
+    async def together() -> list[str]:
+        async with sdk.connect_async(state_dir=k.state_dir) as conn:
+            replies = await asyncio.gather(*(conn.llm.chat(q, max_tokens=60) for q in questions))
+        return [r.message.content for r in replies]
+
+    try:
+        batched = asyncio.run(together())
+        with k.connect() as conn:
+            stats = conn.sys.stats().models["tiny"]
+            alone = [conn.llm.chat(q, max_tokens=60).message.content for q in questions]
+        assert stats["memory_preemptions"] > 0 and stats["batch_capacity"] >= 1
+        assert batched == alone
+    finally:
+        assert k.stop() == 0

@@ -64,6 +64,9 @@ class LocalBackend:
                              prefill_chunk=config.prefill_chunk, device=self.device)
         self.sched = make_scheduler(config.scheduler, budget=make_budget(config),
                                     **config.scheduler_options)
+        self.kv_budget = int(config.kv_budget_mb * 2**20)
+        self.capacity = config.max_batch
+        self.memory_preemptions = 0
         log.info("model loaded", extra={"model": config.name, "device": self.device,
                                         "dtype": config.dtype, "scheduler": config.scheduler,
                                         "seconds": round(time.monotonic() - started, 3)})
@@ -89,16 +92,45 @@ class LocalBackend:
         except KeyError:
             pass  # already finished or stopped
 
+    def stats(self) -> dict[str, float]:
+        engine = self.engine.stats()
+        keys = ("running", "preempted", "queued", "kv_bytes", "kv_slot_bytes", "steps",
+                "prefill_tokens", "tokens_generated", "prefix_hit_rate", "preemptions")
+        return {**{k: engine[k] for k in keys}, "batch_capacity": self.capacity,
+                "memory_preemptions": self.memory_preemptions}
+
+    def _pressure(self) -> bool:
+        """Adjust the batch size to the KV budget; True while memory is short.
+
+        A context switch for time (a slice, a higher priority) keeps a KV snapshot: on a CPU
+        recomputing costs a whole prefill. A switch for memory drops the KV and recomputes on
+        resume, since a snapshot would keep the very memory that is short."""
+        if not self.kv_budget:
+            return False
+        stats = self.engine.stats()
+        held = stats["kv_slot_bytes"] + stats["kv_snapshot_bytes"]
+        running = len(self.sched.running())
+        if held > self.kv_budget:
+            self.capacity = max(1, min(self.capacity, running) - 1)
+            for job in self.sched.waiting():
+                self.engine.preempt(job.id, keep_kv=False)  # drop snapshots held by waiters
+            return True
+        if held < self.kv_budget * 0.8:
+            self.capacity = min(self.config.max_batch, self.capacity + 1)
+        return False
+
     def step(self, worker: ModelWorker) -> None:
+        short = self._pressure()
         now = time.monotonic()
-        plan = self.sched.schedule(now, self.config.max_batch)
+        plan = self.sched.schedule(now, self.capacity)
         for job in plan.stop:
             self.engine.cancel(job.id)
             gen = worker.gens.get(job.id)
             if gen is not None:
                 worker._fail(gen, abi.ErrorCode.EQUOTA, f"token budget of {job.agent} is spent")
         for job in plan.preempt:
-            self.engine.preempt(job.id, keep_kv=True)
+            self.engine.preempt(job.id, keep_kv=not short)
+            self.memory_preemptions += short
         if not plan.run:
             time.sleep(0.001)  # everything waits on a budget or a slot: do not spin hot
             return
@@ -138,6 +170,9 @@ class RemoteBackend:
         self.sched = make_scheduler("fifo", budget=make_budget(config))
         self.device = None
         self._cancel: dict[int, threading.Event] = {}
+
+    def stats(self) -> dict[str, float]:
+        return {"in_flight": len(self._cancel), "waiting": len(self.sched.waiting())}
 
     def admit(self, worker: ModelWorker, gen: Generation) -> None:
         gen.job = Job(gen.id, gen.agent, gen.arrival, 0, gen.args.max_tokens,

@@ -52,6 +52,10 @@ class LLMCore:
                               device=w.device, dtype=w.config.dtype, default=name == default)
                 for name, w in self.workers.items()]
 
+    def stats(self) -> dict[str, dict[str, float]]:
+        """What each worker last published (it publishes; the loop never reads the engine)."""
+        return {name: dict(w.published) for name, w in self.workers.items() if w.published}
+
     def chat(self, call: Call, args: abi.ChatArgs) -> Any:
         name = args.model or self.k.config.default_model
         worker = self.workers.get(name or "")

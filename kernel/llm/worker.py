@@ -54,6 +54,8 @@ class ModelWorker(threading.Thread):
         self.failed: str | None = None  # why the model cannot serve, once known
         self.device: str | None = None
         self.gens: dict[int, Generation] = {}
+        self.published: dict[str, float] = {}  # replaced whole, so readers never see a half
+        self._published_at = 0.0
         self._loaded = threading.Event()
         self._want_load = threading.Event()
         self._stopping = False
@@ -97,12 +99,19 @@ class ModelWorker(threading.Thread):
             if self.gens and self.failed is None:
                 try:
                     self.backend.step(self)
+                    self._publish()
                 except Exception:
                     log.exception("model step failed", extra={"model": self.config.name})
                     for gen in list(self.gens.values()):
                         self._fail(gen, abi.ErrorCode.EIO, "model step failed (logged)")
         for gen in list(self.gens.values()):
             self._fail(gen, abi.ErrorCode.ECANCELED, "the kernel is shutting down")
+
+    def _publish(self, every: float = 0.5) -> None:
+        now = time.monotonic()
+        if now - self._published_at >= every or not self.gens:
+            self._published_at = now
+            self.published = {"generations": len(self.gens), **self.backend.stats()}
 
     def _load(self) -> Any:
         if self.config.remote:
