@@ -269,6 +269,15 @@ def show(n: int, runs: list[Run]) -> None:
               f"{ttft50:7.2f}s {statistics.median(done):7.1f}s {jain(done):5.3f}")
 
 
+def report(n: int, runs: dict[str, Run]) -> None:
+    show(n, list(runs.values()))
+    base = runs["agentos"].texts
+    for name, r in runs.items():
+        if name != "agentos":
+            same = sum(r.texts.get(k) == v for k, v in base.items())
+            print(f"  greedy outputs identical to agentos: {name} {same}/{len(base)}")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--agents", default="1,4,16,64")
@@ -290,8 +299,6 @@ def main() -> int:
     state = Path(tempfile.mkdtemp(prefix="agentos-bench.")) / "state"
     kernel = boot_kernel(state)
     server = None
-    if args.vllm:
-        server, url = start_vllm(args.vllm, ModelStore().path("smollm2"), state.parent)
     results: dict[int, dict[str, Run]] = {}
     try:
         for n in counts:
@@ -301,17 +308,21 @@ def main() -> int:
             if "hf" not in skip:
                 runs["hf"] = hf_cb(model, tokenizer, n, args.turns, args.max_tokens)
             runs["agentos"] = agentos(n, args.turns, args.max_tokens, state)
-            if server is not None:
-                runs["vllm"] = vllm(url, n, args.turns, args.max_tokens)
             results[n] = runs
-            show(n, list(runs.values()))
-            base = runs["agentos"].texts
-            for name, r in runs.items():
-                same = sum(r.texts.get(k) == v for k, v in base.items())
-                print(f"  greedy outputs identical to agentos: {name} {same}/{len(base)}")
+            report(n, runs)
+        if args.vllm:
+            # Last, and alone: an idle vLLM server still takes CPU from the others.
+            kernel.send_signal(signal.SIGTERM)
+            kernel.wait(60)
+            del model
+            server, url = start_vllm(args.vllm, ModelStore().path("smollm2"), state.parent)
+            for n in counts:
+                results[n]["vllm"] = vllm(url, n, args.turns, args.max_tokens)
+                report(n, results[n])
     finally:
-        kernel.send_signal(signal.SIGTERM)
-        kernel.wait(60)
+        if kernel.poll() is None:
+            kernel.send_signal(signal.SIGTERM)
+            kernel.wait(60)
         if server is not None:
             server.send_signal(signal.SIGTERM)
             server.wait(60)
