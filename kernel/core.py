@@ -68,7 +68,6 @@ class Call:
     id: int
     name: str
     caller: Caller
-    started: float
     timeout_ms: int | None = None  # the caller's deadline for the whole call, if any
     capability: Capability | None = None  # set once the access check passed
     done: bool = False
@@ -114,10 +113,9 @@ class Kernel:
                                   self.config.max_message_bytes)
         self.poller = zmq.Poller()
         self.poller.register(self.router, zmq.POLLIN)
-        self._wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._wake_w = wake_w
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.poller.register(self._wake_r, zmq.POLLIN)
-        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         # Other threads (model workers) hand work to the loop through `post`.
         self._post_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.poller.register(self._post_fd, zmq.POLLIN)
@@ -202,6 +200,9 @@ class Kernel:
             self.fail(call, abi.ErrorCode.ECANCELED, "the kernel is shutting down")
         self.flush()
         signal.set_wakeup_fd(-1)
+        for fd in (self._wake_r, self._wake_w, self._post_fd):
+            os.close(fd)
+        self._post_fd = -1  # a straggling post() must not write into a reused fd number
         self.router.close(linger=0)
         self.ctx.term()
         try:
@@ -288,7 +289,7 @@ class Kernel:
         if caller is None:
             self._send_error(route, req.id, abi.ErrorCode.EPERM, f"{user} is not running")
             return
-        call = Call(route, req.id, req.call, caller, time.monotonic(), req.timeout_ms)
+        call = Call(route, req.id, req.call, caller, req.timeout_ms)
         self.db.begin_call()
         failed = True
         try:

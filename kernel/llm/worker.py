@@ -56,7 +56,6 @@ class ModelWorker(threading.Thread):
         self.gens: dict[int, Generation] = {}
         self.published: dict[str, float] = {}  # replaced whole, so readers never see a half
         self._published_at = 0.0
-        self._loaded = threading.Event()
         self._want_load = threading.Event()
         self._stopping = False
 
@@ -90,7 +89,6 @@ class ModelWorker(threading.Thread):
             self.failed = str(exc) or type(exc).__name__
             log.error("model unavailable", extra={"model": self.config.name,
                                                    "reason": self.failed})
-        self._loaded.set()
         while not self._stopping:
             self._drain(block=not self.gens or getattr(self, "backend", None) is None
                         or self.backend.blocking)
