@@ -295,6 +295,9 @@ def request_id_of(data: bytes) -> int:
         head = msgspec.msgpack.decode(data)
     except Exception:  # any garbage: there is no id to recover
         return 0
-    if isinstance(head, list) and len(head) > 1 and isinstance(head[1], int):
-        return head[1] if 0 <= head[1] < 2**63 else 0
+    if isinstance(head, list) and len(head) > 1:
+        rid = head[1]
+        # bool is an int subclass: echoing `False` back as an id makes the reply undecodable.
+        if isinstance(rid, int) and not isinstance(rid, bool) and 0 <= rid < 2**63:
+            return rid
     return 0

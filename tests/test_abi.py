@@ -56,6 +56,9 @@ def test_unknown_argument_fields_are_refused() -> None:
 def test_request_id_is_recovered_from_bad_requests() -> None:
     assert abi.request_id_of(abi.encode([1, 42, "BAD", "t"])) == 42
     assert abi.request_id_of(b"\xc1garbage") == 0
+    # A bool in the id position is not an id (found by the fuzzer: `[0, false]`).
+    assert abi.request_id_of(b"\x92\x00\xc2") == 0
+    assert type(abi.request_id_of(abi.encode([1, True]))) is int
 
 
 @settings(max_examples=3000, deadline=None)
