@@ -135,6 +135,8 @@ class Rings:
             return  # closed under us; cannot happen on the loop thread, but never crash
         for fault in faults:
             self._on_fault(ring, fault)
+        if payloads:
+            self.k.counts["ring.entries"] += len(payloads)
         for payload in payloads:
             try:
                 ok = self.k.execute(ring.route, ring.principal, payload)

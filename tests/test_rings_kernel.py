@@ -1,0 +1,130 @@
+"""The syscall rings inside the real kernel: the same results as ZeroMQ, hostile and killed
+agents, streaming, and rings that go with their agent."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import sdk
+from tests.conftest import KernelProcess, agent, wait_until
+from tests.test_llm import tiny_dir  # noqa: F401 - the module-scoped tiny model fixture
+
+
+@pytest.fixture(scope="module")
+def rk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KernelProcess]:
+    k = KernelProcess(tmp_path_factory.mktemp("rings") / "state").start()
+    yield k
+    assert k.stop() == 0
+
+
+def ring_maps(pid: int) -> list[str]:
+    """The kernel's mappings of ring segments (memfds never have a path of their own)."""
+    return [line for line in Path(f"/proc/{pid}/maps").read_text().splitlines()
+            if "memfd:agentos-" in line]
+
+
+def ring_fds(pid: int) -> list[str]:
+    out = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = fd.readlink()
+        except OSError:
+            continue
+        if "memfd:agentos-" in str(target):
+            out.append(str(target))
+    return out
+
+
+def run_agent(conn: sdk.Connection, name: str, *argv: str, caps: list[str] | None = None,
+              timeout: float = 60) -> sdk.AgentInfo:
+    agent_id = conn.proc.spawn(agent(name), name=f"{name}-{argv[0] if argv else 'x'}",
+                               argv=list(argv), caps=caps or [])
+    info = conn.proc.wait(agent_id, timeout=timeout)
+    assert info.exit_status == 0, conn.proc.logs(agent_id, stream="stderr").data.decode()
+    return info
+
+
+def test_ring_and_zeromq_paths_give_identical_results(rk: KernelProcess) -> None:
+    with rk.connect() as conn:
+        ring = run_agent(conn, "ringcheck", "ring", caps=["ipc.send@ipc/ringcheck-ring"]).result
+        zmq = run_agent(conn, "ringcheck", "zmq", caps=["ipc.send@ipc/ringcheck-zmq"]).result
+    assert ring["rings"] is True and zmq["rings"] is False
+    assert ring["results"] == zmq["results"]
+    got = ring["results"]
+    assert got["recv"] == ["ok", {"n": 1}] and got["recv_big"] == ["ok", True]
+    assert got["kill_denied"] == ["error", "EPERM"] and got["no_syscall"] == ["error", "ENOSYS"]
+    assert got["bad_args"] == ["error", "EINVAL"] and got["recv_empty"] == ["error", "ETIMEDOUT"]
+    # Every call but the oversized send took the ring, and so did the stats call that read the
+    # count afterwards; the ZeroMQ-only agent put nothing there.
+    assert ring["entries"] == len(got) and zmq["entries"] == 0
+
+
+def test_rings_are_closed_when_their_agent_is_reaped(rk: KernelProcess) -> None:
+    with rk.connect() as conn:
+        pid = conn.sys.stats().pid
+        assert wait_until(lambda: conn.sys.stats().agents_running == 0)
+        assert ring_maps(pid) == [] and ring_fds(pid) == []
+        agent_id = conn.proc.spawn(agent("idle"), name="ringidle", argv=["30"])
+        assert len(ring_maps(pid)) == 2  # its submission and completion segments
+        assert len(ring_fds(pid)) == 4  # each segment's fd, and the dup its mmap holds
+        conn.proc.kill(agent_id, grace=0)
+        conn.proc.wait(agent_id, timeout=10)
+        assert ring_maps(pid) == [] and ring_fds(pid) == []
+
+
+def test_hostile_ring_is_quarantined_while_a_good_agent_is_served(rk: KernelProcess) -> None:
+    with rk.connect() as conn:
+        before = conn.sys.stats().syscalls.get("ring.quarantined", 0)
+        hostile = conn.proc.spawn(agent("ringhostile"), name="hostile", argv=["6"])
+        good = conn.proc.spawn(agent("ringburst"), name="goodburst")
+        time.sleep(1.0)
+        # A well-behaved agent doing blocking calls beside it: every one succeeds.
+        info = run_agent(conn, "ringcheck", "ring", caps=["ipc.send@ipc/ringcheck-ring"])
+        assert info.result["rings"] and info.result["results"]["null"] == ["ok", None]
+        stats = conn.sys.stats()
+        assert stats.syscalls.get("ring.quarantined", 0) == before + 1
+        assert any(k.startswith("ring.") for k in stats.errors)
+        assert conn.proc.info(good).state == "running"  # the burst agent is unharmed
+        conn.proc.kill(good, grace=0)
+        assert conn.proc.wait(hostile, timeout=30).exit_status == 0  # it ran to its end
+        conn.proc.wait(good, timeout=10)
+        conn.sys.null()
+
+
+def test_agent_killed_mid_burst_leaves_the_kernel_serving(rk: KernelProcess) -> None:
+    with rk.connect() as conn:
+        pid = conn.sys.stats().pid
+        for round_ in range(3):
+            before = conn.sys.stats().syscalls.get("ring.entries", 0)
+            agent_id = conn.proc.spawn(agent("ringburst"), name=f"burst{round_}")
+            assert wait_until(
+                lambda b=before: conn.sys.stats().syscalls.get("ring.entries", 0) > b + 1000)
+            conn.proc.kill(agent_id, grace=0)  # SIGKILL, mid-burst
+            info = conn.proc.wait(agent_id, timeout=10)
+            assert info.exit_status == 128 + signal.SIGKILL
+        assert ring_maps(pid) == []
+        assert run_agent(conn, "ringcheck", "ring",
+                         caps=["ipc.send@ipc/ringcheck-ring"]).result["rings"]
+
+
+def test_streams_arrive_through_the_completion_ring(tmp_path: Path,
+                                                   tiny_dir: Path) -> None:  # noqa: F811
+    k = KernelProcess(tmp_path / "state")
+    k.extra_args = ["--model", f"tiny={tiny_dir}", "--preload"]
+    k.start()
+    try:
+        with k.connect() as conn:
+            before = conn.sys.stats().syscalls.get("ring.entries", 0)
+            result = run_agent(conn, "ringstream", caps=["llm.chat"]).result
+            after = conn.sys.stats().syscalls.get("ring.entries", 0)
+            assert wait_until(lambda: conn.sys.stats().calls_parked == 0)
+    finally:
+        assert k.stop() == 0
+    assert result["rings"] and result["deltas"] > 1
+    assert result["joined"] == result["result"] == result["again"]
+    assert after - before >= 4  # two streams, a cancel, a chat (and proc.exit)
