@@ -86,6 +86,8 @@ class Config:
     # bytes per slot (requests larger than a slot go over ZeroMQ), entries taken per agent per
     # loop round, and malformed entries tolerated before the ring is quarantined.
     rings: bool = True
+    # A tcp:// endpoint for remote agents, with CurveZMQ (kernel/remote.py); None: off.
+    listen: str | None = None
     ring_capacity: int = 256
     ring_slot_size: int = 2048
     ring_batch: int = 64

@@ -31,6 +31,7 @@ from kernel.ipc import Mailboxes
 from kernel.llm.core import LLMCore
 from kernel.notify import Notifier
 from kernel.proc.table import ProcessTable
+from kernel.remote import Remote
 from kernel.rings import Rings
 from kernel.state import StateDir, write_private
 from kernel.syscalls import SYSCALLS
@@ -105,6 +106,7 @@ class Kernel:
         self.ipc = Mailboxes(self)
         self.llm = LLMCore(self)
         self.rings = Rings(self)
+        self.remote = Remote(self)
         self.procs.recover()
         self.db.commit()
 
@@ -115,6 +117,8 @@ class Kernel:
                                   self.config.max_message_bytes)
         self.poller = zmq.Poller()
         self.poller.register(self.router, zmq.POLLIN)
+        if self.config.listen:
+            self.remote.open(self.config.listen)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.poller.register(self._wake_r, zmq.POLLIN)
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
@@ -172,6 +176,8 @@ class Kernel:
         if self.router in ready:
             self._drain_router()
         self.rings.on_ready(ready)
+        if self.remote.router is not None and self.remote.router in ready:
+            self.remote.drain(BATCH)
         if self._wake_r in ready:
             try:
                 os.read(self._wake_r, 4096)
@@ -206,6 +212,7 @@ class Kernel:
             self.fail(call, abi.ErrorCode.ECANCELED, "the kernel is shutting down")
         self.flush()
         self.rings.close_all()
+        self.remote.close()
         signal.set_wakeup_fd(-1)
         for fd in (self._wake_r, self._wake_w, self._post_fd):
             os.close(fd)
@@ -385,7 +392,7 @@ class Kernel:
         self.db.commit()
         outbox, self.outbox = self.outbox, []
         for frames in outbox:
-            if self.rings.deliver(frames[0], frames[1]):
+            if self.rings.deliver(frames[0], frames[1]) or self.remote.deliver(*frames):
                 continue
             try:
                 self.router.send_multipart(frames, zmq.NOBLOCK)

@@ -30,6 +30,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from sdk import abi, ringpath
 from sdk.errors import InvalidArgument, KernelUnavailable, SyscallError, from_code
+from sdk.remote import CurveKeys
 
 # How long a call waits for its reply beyond any wait the kernel performs on its behalf.
 DEFAULT_TIMEOUT = 30.0
@@ -91,7 +92,7 @@ class Connection:
     messages (others' are kept for them)."""
 
     def __init__(self, endpoint: str, token: str, *, timeout: float = DEFAULT_TIMEOUT,
-                 context: zmq.Context | None = None) -> None:
+                 context: zmq.Context | None = None, curve: CurveKeys | None = None) -> None:
         from sdk.families import Ipc, Llm, Proc, System
 
         _check_endpoint(endpoint)
@@ -100,6 +101,8 @@ class Connection:
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.linger = 0
         self._monitor = self._sock.get_monitor_socket(_LOST)
+        if curve is not None:
+            curve.apply(self._sock)
         self._sock.connect(endpoint)
         self._poller = zmq.Poller()
         self._poller.register(self._sock, zmq.POLLIN)
@@ -281,7 +284,8 @@ class AsyncConnection:
     """An asyncio connection: calls are coroutines and may run concurrently on one socket."""
 
     def __init__(self, endpoint: str, token: str, *, timeout: float = DEFAULT_TIMEOUT,
-                 context: zmq.asyncio.Context | None = None) -> None:
+                 context: zmq.asyncio.Context | None = None,
+                 curve: CurveKeys | None = None) -> None:
         from sdk.families import Ipc, Llm, Proc, System
 
         _check_endpoint(endpoint)
@@ -290,6 +294,8 @@ class AsyncConnection:
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.linger = 0
         self._monitor = self._sock.get_monitor_socket(_LOST)
+        if curve is not None:
+            curve.apply(self._sock)
         self._sock.connect(endpoint)
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Queue[abi.Reply | abi.Error | abi.Chunk]] = {}
