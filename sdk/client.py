@@ -280,6 +280,37 @@ class Stream:
         self.close()
 
 
+class _Inbox:
+    """One asyncio call's messages: a deque and at most one waiter (an asyncio.Queue and
+    wait_for cost more than the rest of a ring call together)."""
+
+    __slots__ = ("items", "waiter")
+
+    def __init__(self) -> None:
+        self.items: collections.deque[abi.Reply | abi.Error | abi.Chunk | None] = \
+            collections.deque()
+        self.waiter: asyncio.Future[None] | None = None
+
+    def put(self, msg: abi.Reply | abi.Error | abi.Chunk | None) -> None:
+        self.items.append(msg)
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def get(self, budget: float | None) -> abi.Reply | abi.Error | abi.Chunk | None:
+        """The next message; TimeoutError after `budget` seconds (None: no limit)."""
+        while not self.items:
+            self.waiter = asyncio.get_running_loop().create_future()
+            try:
+                if budget is None:
+                    await self.waiter
+                else:
+                    async with asyncio.timeout(budget):
+                        await self.waiter
+            finally:
+                self.waiter = None
+        return self.items.popleft()
+
+
 class AsyncConnection:
     """An asyncio connection: calls are coroutines and may run concurrently on one socket."""
 
@@ -298,7 +329,7 @@ class AsyncConnection:
             curve.apply(self._sock)
         self._sock.connect(endpoint)
         self._ids = itertools.count(1)
-        self._pending: dict[int, asyncio.Queue[abi.Reply | abi.Error | abi.Chunk]] = {}
+        self._pending: dict[int, _Inbox] = {}
         self._reader: asyncio.Task[None] | None = None
         self._lost: SyscallError | None = None
         self._ring = ringpath.claim(endpoint)
@@ -320,7 +351,7 @@ class AsyncConnection:
             self._reader = asyncio.create_task(self._read())
         req = _make_request(self._ids, name, self.token, args, server_wait_ms)
         data = abi.encode(req)
-        self._pending[req.id] = asyncio.Queue()
+        self._pending[req.id] = _Inbox()
         ring = self._ring
         if ring is not None and _by_ring(ring, name, args, data, self._ring_rids):
             if self._ring_loop is None:
@@ -357,12 +388,12 @@ class AsyncConnection:
                 continue
             queue = self._pending.get(msg.id)
             if queue is not None:
-                queue.put_nowait(msg)
+                queue.put(msg)
 
     async def _next(self, rid: int, name: str,
                     budget: float | None) -> abi.Reply | abi.Error | abi.Chunk:
         try:
-            msg = await asyncio.wait_for(self._pending[rid].get(), budget)
+            msg = await self._pending[rid].get(budget)
         except TimeoutError:
             raise KernelUnavailable(f"{name}: no reply from the kernel in time") from None
         if msg is None:
@@ -404,7 +435,7 @@ class AsyncConnection:
                 if event["event"] & _LOST:
                     self._lost = KernelUnavailable("connection to the kernel was lost")
                     for queue in self._pending.values():
-                        queue.put_nowait(None)  # type: ignore[arg-type]
+                        queue.put(None)
                     return
             if self._sock in ready:
                 try:
@@ -413,7 +444,7 @@ class AsyncConnection:
                     continue
                 queue = self._pending.get(msg.id)
                 if queue is not None:
-                    queue.put_nowait(msg)
+                    queue.put(msg)
 
     async def close(self) -> None:
         if self._ring is not None:

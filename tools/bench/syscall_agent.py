@@ -7,6 +7,7 @@ idles until START_AT (wall clock), so all agents of a run overlap, then loops fo
 
 import asyncio
 import os
+import resource
 import sys
 import time
 
@@ -30,6 +31,11 @@ def main() -> None:
         conn.proc.exit(result)
 
 
+def cpu_ns() -> int:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return int((usage.ru_utime + usage.ru_stime) * 1e9)
+
+
 def blocking(start_at: float, seconds: float) -> dict:
     with sdk.connect() as conn:
         for _ in range(200):
@@ -39,6 +45,7 @@ def blocking(start_at: float, seconds: float) -> dict:
         samples: list[int] = []
         clock = time.perf_counter_ns
         end = clock() + int(seconds * 1e9)
+        cpu = cpu_ns()
         n = 0
         while True:
             t0 = clock()
@@ -49,7 +56,8 @@ def blocking(start_at: float, seconds: float) -> dict:
                 samples.append(t1 - t0)
             if t1 >= end:
                 break
-        return {"calls": n, "ns": samples, "late": late, "rings": conn.uses_rings}
+        return {"calls": n, "ns": samples, "late": late, "rings": conn.uses_rings,
+                "cpu_ns": cpu_ns() - cpu}
 
 
 async def batched(batch: int, start_at: float, seconds: float) -> dict:
@@ -61,6 +69,7 @@ async def batched(batch: int, start_at: float, seconds: float) -> dict:
         samples: list[int] = []
         clock = time.perf_counter_ns
         end = clock() + int(seconds * 1e9)
+        cpu = cpu_ns()
         n = 0
         while True:
             t0 = clock()
@@ -71,7 +80,8 @@ async def batched(batch: int, start_at: float, seconds: float) -> dict:
                 samples.append(t1 - t0)
             if t1 >= end:
                 break
-        return {"calls": n, "ns": samples, "late": late, "rings": conn.uses_rings}
+        return {"calls": n, "ns": samples, "late": late, "rings": conn.uses_rings,
+                "cpu_ns": cpu_ns() - cpu}
 
 
 main()
