@@ -109,3 +109,21 @@ def test_agent_killed_mid_burst_leaves_the_kernel_serving(rk: KernelProcess) -> 
         assert ring_maps(pid) == []
         assert run_agent(conn, "ringcheck", "ring",
                          caps=["ipc.send@ipc/ringcheck-ring"]).result["rings"]
+
+
+def test_restarted_kernel_makes_fresh_rings(fresh_kernel: KernelProcess) -> None:
+    fresh_kernel.start()
+    with fresh_kernel.connect() as conn:
+        old = conn.proc.spawn(agent("idle"), name="old", argv=["60"])
+        old_pid = conn.proc.info(old).pid
+    fresh_kernel.stop(signal.SIGKILL)
+    fresh_kernel.start()  # crash-only recovery kills the agent and its rings go with it
+    with fresh_kernel.connect() as conn:
+        assert conn.proc.info(old).state == "lost"
+        assert wait_until(lambda: not Path(f"/proc/{old_pid}").exists()
+                          or "Z" in Path(f"/proc/{old_pid}/stat").read_text().split(")")[1][:3])
+        pid = conn.sys.stats().pid
+        assert ring_maps(pid) == []
+        info = run_agent(conn, "ringcheck", "ring", caps=["ipc.send@ipc/ringcheck-ring"])
+        assert info.result["rings"] and info.result["results"]["null"] == ["ok", None]
+        assert ring_maps(pid) == []
