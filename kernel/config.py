@@ -82,6 +82,16 @@ class Config:
     audit_denials_per_s: float = 20.0
     # Load every model at boot instead of at its first request.
     preload: bool = False
+    # Shared-memory syscall rings per spawned agent (kernel/rings.py): slots (a power of two),
+    # bytes per slot (requests larger than a slot go over ZeroMQ), entries taken per agent per
+    # loop round, and malformed entries tolerated before the ring is quarantined.
+    rings: bool = True
+    # A tcp:// endpoint for remote agents, with CurveZMQ (kernel/remote.py); None: off.
+    listen: str | None = None
+    ring_capacity: int = 256
+    ring_slot_size: int = 2048
+    ring_batch: int = 64
+    ring_max_faults: int = 8
     # Models by name; the first, or the one marked default, serves calls that name none.
     models: dict[str, ModelConfig] = field(
         default_factory=lambda: {"smollm2": ModelConfig("smollm2", "smollm2", default=True)})

@@ -31,6 +31,8 @@ from kernel.ipc import Mailboxes
 from kernel.llm.core import LLMCore
 from kernel.notify import Notifier
 from kernel.proc.table import ProcessTable
+from kernel.remote import Remote
+from kernel.rings import Rings
 from kernel.state import StateDir, write_private
 from kernel.syscalls import SYSCALLS
 from kernel.transport import Identities, ZapHandler, open_router
@@ -103,6 +105,8 @@ class Kernel:
         self.procs = ProcessTable(self)
         self.ipc = Mailboxes(self)
         self.llm = LLMCore(self)
+        self.rings = Rings(self)
+        self.remote = Remote(self)
         self.procs.recover()
         self.db.commit()
 
@@ -113,6 +117,8 @@ class Kernel:
                                   self.config.max_message_bytes)
         self.poller = zmq.Poller()
         self.poller.register(self.router, zmq.POLLIN)
+        if self.config.listen:
+            self.remote.open(self.config.listen)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.poller.register(self._wake_r, zmq.POLLIN)
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
@@ -169,6 +175,9 @@ class Kernel:
         ready = dict(self.poller.poll(timeout_ms))
         if self.router in ready:
             self._drain_router()
+        self.rings.on_ready(ready)
+        if self.remote.router is not None and self.remote.router in ready:
+            self.remote.drain(BATCH)
         if self._wake_r in ready:
             try:
                 os.read(self._wake_r, 4096)
@@ -189,6 +198,9 @@ class Kernel:
             horizon = min(horizon, self.notifier.watchdog_interval)
         if self._timers:
             horizon = min(horizon, self._timers[0][0] - time.monotonic())
+        ring_wait = self.rings.wait_hint()
+        if ring_wait is not None:
+            horizon = min(horizon, ring_wait)
         return max(0, int(horizon * 1000))
 
     def _shutdown(self) -> None:
@@ -199,6 +211,8 @@ class Kernel:
         for call in list(self.parked):
             self.fail(call, abi.ErrorCode.ECANCELED, "the kernel is shutting down")
         self.flush()
+        self.rings.close_all()
+        self.remote.close()
         signal.set_wakeup_fd(-1)
         for fd in (self._wake_r, self._wake_w, self._post_fd):
             os.close(fd)
@@ -274,21 +288,26 @@ class Kernel:
         if len(frames) != 2:
             self._send_error(route, 0, abi.ErrorCode.EINVAL, "expected exactly one frame")
             return
-        data = frames[1].bytes
+        self.execute(route, user, frames[1].bytes)
+
+    def execute(self, route: bytes, user: str, data: bytes) -> bool:
+        """The path of every syscall, whichever door it came through (the ROUTER or a ring):
+        decode, check access, run the handler in its savepoint; its reply joins the batch's
+        outbox. `user` is the attested principal. False if `data` is not a request."""
         try:
             req = abi.decode_request(data)
         except abi.AbiError as exc:
             self._send_error(route, abi.request_id_of(data), abi.ErrorCode.EINVAL, str(exc))
-            return
+            return False
         self.counts[req.call] += 1
         entry = SYSCALLS.get(req.call)
         if entry is None:
             self._send_error(route, req.id, abi.ErrorCode.ENOSYS, f"no syscall {req.call!r}")
-            return
+            return True
         caller = self._caller(user)
         if caller is None:
             self._send_error(route, req.id, abi.ErrorCode.EPERM, f"{user} is not running")
-            return
+            return True
         call = Call(route, req.id, req.call, caller, req.timeout_ms)
         self.db.begin_call()
         failed = True
@@ -311,6 +330,7 @@ class Kernel:
             self.fail(call, abi.ErrorCode.EIO, "internal kernel error (logged)")
         finally:
             self.db.end_call(ok=not failed)  # a kernel bug halfway leaves no writes behind
+        return True
 
     def _caller(self, user: str) -> Caller | None:
         kind, _, ident = user.partition(":")
@@ -372,8 +392,11 @@ class Kernel:
         self.db.commit()
         outbox, self.outbox = self.outbox, []
         for frames in outbox:
+            if self.rings.deliver(frames[0], frames[1]) or self.remote.deliver(*frames):
+                continue
             try:
                 self.router.send_multipart(frames, zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass  # the peer is gone or not reading; its reply is lost with it
+        self.rings.flush()
 

@@ -64,6 +64,7 @@ class FaultKind(enum.Enum):
     HEAD = "head"  # the CQ head is not within `capacity` entries behind the kernel's tail
     SEQ = "seq"  # a published slot whose seq word is not its position + 1
     LENGTH = "length"  # a slot claiming more payload than a slot holds
+    PAYLOAD = "payload"  # a well-framed entry whose bytes are not a valid request
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +174,11 @@ class SubmissionConsumer(_Ring):
             # After the copies: the agent may now reuse those slots.
             view.words[HEAD_WORD] = head
         return payloads, faults
+
+    def charge(self, detail: str) -> RingFault:
+        """Count a fault found past the framing (an entry that does not decode), against the
+        entry just drained."""
+        return self._fault(FaultKind.PAYLOAD, (self._head - 1) & COUNTER_MASK, detail)
 
 
 class CompletionProducer(_Ring):

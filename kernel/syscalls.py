@@ -109,6 +109,18 @@ def _model(k: Kernel, args: Any, caller: Caller) -> str:
     return f"llm/{args.model or k.config.default_model}"
 
 
+def remote_add_key(k: Kernel, call: Call, args: abi.KeyArgs) -> abi.RemoteGrant:
+    return k.remote.add_key(call, args)
+
+
+def remote_keys(k: Kernel, call: Call, args: abi.NoArgs) -> list[abi.RemoteKey]:
+    return k.remote.list_keys()
+
+
+def remote_rm_key(k: Kernel, call: Call, args: abi.KeyRef) -> None:
+    k.remote.rm_key(call, args)
+
+
 SYSCALLS: dict[str, Syscall] = {
     "sys.null": Syscall(sys_null),
     "sys.stats": Syscall(sys_stats),
@@ -124,6 +136,9 @@ SYSCALLS: dict[str, Syscall] = {
     "llm.chat": Syscall(llm_chat, abi.ChatArgs, _model),
     "llm.cancel": Syscall(llm_cancel, abi.CancelArgs),
     "llm.models": Syscall(llm_models),
+    "remote.add_key": Syscall(remote_add_key, abi.KeyArgs),
+    "remote.keys": Syscall(remote_keys),
+    "remote.rm_key": Syscall(remote_rm_key, abi.KeyRef),
 }
 
 FAMILIES = {name.split(".")[0] for name in SYSCALLS}

@@ -22,6 +22,7 @@ import threading
 from collections.abc import Callable
 
 import zmq
+from zmq.utils import z85
 
 log = logging.getLogger("kernel.transport")
 
@@ -122,4 +123,54 @@ def open_router(ctx: zmq.Context, socket_path: str, max_message_bytes: int) -> z
     sock.rcvhwm = 10000
     sock.bind(f"ipc://{socket_path}")
     os.chmod(socket_path, 0o600)
+    return sock
+
+
+# --- tcp:// with CURVE, for agents on other machines --------------------------------------
+#
+# A second ROUTER in a context of its own (each context has one ZAP endpoint, so the ipc
+# handler above stays as it is). CURVE authenticates both ends and encrypts; the ZAP handler
+# gets the client's long-term public key, which cannot be claimed without its secret key, and
+# maps it to a registered principal, as the ipc handler maps SO_PEERCRED.
+
+CURVE_DOMAIN = b"agentos-remote"
+
+
+class CurveZapHandler(ZapHandler):
+    """Answers ZAP for the tcp:// ROUTER: CURVE clients whose key is registered, nobody else."""
+
+    def __init__(self, ctx: zmq.Context, resolve_key: Callable[[str], str | None]) -> None:
+        super().__init__(ctx, lambda uid, pid: None)
+        self.name = "zap-curve"
+        self.resolve_key = resolve_key
+
+    def answer(self, frames: list[bytes]) -> list[bytes]:
+        if len(frames) < 7:
+            return [b"1.0", b"", b"400", b"malformed ZAP request", b"", b""]
+        version, request_id, domain, address, _routing, mechanism, key = frames[:7]
+        refused = [version, request_id, b"400", b"refused", b"", b""]
+        if domain != CURVE_DOMAIN or mechanism != b"CURVE" or len(key) != 32:
+            return refused
+        client = z85.encode(key).decode()
+        principal = self.resolve_key(client)
+        if principal is None:
+            log.warning("refused remote peer", extra={"address": address.decode(
+                errors="replace"), "key": client})
+            return refused
+        return [version, request_id, b"200", b"OK", principal.encode(), b""]
+
+
+def open_curve_router(ctx: zmq.Context, endpoint: str, secret_key: bytes,
+                      max_message_bytes: int) -> zmq.Socket:
+    """Bind the remote ROUTER as a CURVE server; its ZAP handler must already be listening."""
+    sock = ctx.socket(zmq.ROUTER)
+    sock.linger = 0
+    sock.curve_server = True
+    sock.curve_secretkey = secret_key
+    sock.zap_domain = CURVE_DOMAIN
+    sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
+    sock.maxmsgsize = max_message_bytes
+    sock.sndhwm = 10000
+    sock.rcvhwm = 10000
+    sock.bind(endpoint)
     return sock

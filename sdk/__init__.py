@@ -35,6 +35,7 @@ from sdk.errors import (
     TimedOut,
     TryAgain,
 )
+from sdk.remote import CurveKeys
 
 __all__ = [
     "ABI_VERSION",
@@ -47,6 +48,7 @@ __all__ = [
     "ChatMessage",
     "ChatResult",
     "Connection",
+    "CurveKeys",
     "ErrorCode",
     "InvalidArgument",
     "KernelFault",
@@ -89,16 +91,22 @@ def _resolve(endpoint: str | None, token: str | None,
     return endpoint, token
 
 
+def _env_curve(endpoint: str) -> CurveKeys | None:
+    return CurveKeys.from_env() if endpoint.startswith("tcp://") else None
+
+
 def connect(endpoint: str | None = None, token: str | None = None, *,
-            state_dir: str | os.PathLike[str] | None = None, timeout: float = 30.0) -> Connection:
-    """A blocking connection to the kernel."""
+            state_dir: str | os.PathLike[str] | None = None, timeout: float = 30.0,
+            curve: CurveKeys | None = None) -> Connection:
+    """A blocking connection to the kernel (`curve`: a remote kernel's tcp:// endpoint)."""
     endpoint, token = _resolve(endpoint, token, state_dir)
-    return Connection(endpoint, token, timeout=timeout)
+    return Connection(endpoint, token, timeout=timeout, curve=curve or _env_curve(endpoint))
 
 
 def connect_async(endpoint: str | None = None, token: str | None = None, *,
                   state_dir: str | os.PathLike[str] | None = None,
-                  timeout: float = 30.0) -> AsyncConnection:
+                  timeout: float = 30.0, curve: CurveKeys | None = None) -> AsyncConnection:
     """An asyncio connection to the kernel; use inside a running event loop."""
     endpoint, token = _resolve(endpoint, token, state_dir)
-    return AsyncConnection(endpoint, token, timeout=timeout)
+    return AsyncConnection(endpoint, token, timeout=timeout,
+                           curve=curve or _env_curve(endpoint))

@@ -242,6 +242,37 @@ class Stats(msgspec.Struct, frozen=True):
     models: dict[str, dict[str, float]] = {}  # per model: queue, batch, KV and engine counters
 
 
+# --- remote agents (CURVE keys on the kernel's tcp:// endpoint) ----------------------------
+
+Z85Key = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}$")]
+
+
+class KeyArgs(Args):
+    name: Name
+    key: Z85Key  # the client's CURVE public key
+    caps: Annotated[list[Annotated[str, msgspec.Meta(max_length=512)]],
+                    msgspec.Meta(max_length=64)] = []
+
+
+class KeyRef(Args):
+    name: Name
+
+
+class RemoteKey(msgspec.Struct, frozen=True):
+    name: str
+    key: str
+    principal: str
+
+
+class RemoteGrant(msgspec.Struct, frozen=True):
+    """What a remote client needs: where to connect, the server's key, and its token."""
+
+    principal: str
+    endpoint: str | None  # None: the kernel is not listening on tcp:// (boot --listen)
+    server_key: str
+    token: str
+
+
 # --- codec -----------------------------------------------------------------------------------
 
 # msgspec reports invalid UTF-8 in a str field as UnicodeDecodeError, not DecodeError.

@@ -1,5 +1,10 @@
 """The syscall transport: a ZeroMQ DEALER to the kernel, in blocking and asyncio forms.
 
+An agent the kernel gave shared-memory rings (`sdk.ringpath`) sends each request that fits a
+slot through its submission ring and gets the replies and stream chunks of those requests
+through its completion ring; larger requests, and processes without rings, use the DEALER.
+Callers never see which path a call took.
+
 Each call sends one `Request` and receives zero or more `Chunk`s and then one `Reply` or
 `Error` with the same id. A socket monitor watches the connection, so a kernel that dies
 mid-call fails the call at once (`KernelUnavailable`) instead of leaving it hanging; a call
@@ -23,8 +28,9 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
-from sdk import abi
+from sdk import abi, ringpath
 from sdk.errors import InvalidArgument, KernelUnavailable, SyscallError, from_code
+from sdk.remote import CurveKeys
 
 # How long a call waits for its reply beyond any wait the kernel performs on its behalf.
 DEFAULT_TIMEOUT = 30.0
@@ -64,6 +70,17 @@ def _decode(raw: msgspec.Raw, kind: Any) -> Any:
         raise InvalidArgument(str(exc)) from None
 
 
+def _by_ring(channel: ringpath.RingChannel | None, name: str, args: abi.Args | None,
+             data: bytes, ring_rids: set[int]) -> bool:
+    """Whether a request takes the ring: it fits a slot, and a cancel follows the call it
+    cancels (the kernel finds that call by the door it came through)."""
+    if channel is None or len(data) > channel.limit:
+        return False
+    if name == "llm.cancel" and isinstance(args, abi.CancelArgs):
+        return args.request in ring_rids
+    return True
+
+
 def _final(resp: abi.Reply | abi.Error, result_type: Any) -> Any:
     if isinstance(resp, abi.Error):
         raise from_code(resp.code, resp.message)
@@ -75,7 +92,7 @@ class Connection:
     messages (others' are kept for them)."""
 
     def __init__(self, endpoint: str, token: str, *, timeout: float = DEFAULT_TIMEOUT,
-                 context: zmq.Context | None = None) -> None:
+                 context: zmq.Context | None = None, curve: CurveKeys | None = None) -> None:
         from sdk.families import Ipc, Llm, Proc, System
 
         _check_endpoint(endpoint)
@@ -84,6 +101,8 @@ class Connection:
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.linger = 0
         self._monitor = self._sock.get_monitor_socket(_LOST)
+        if curve is not None:
+            curve.apply(self._sock)
         self._sock.connect(endpoint)
         self._poller = zmq.Poller()
         self._poller.register(self._sock, zmq.POLLIN)
@@ -92,15 +111,38 @@ class Connection:
         self._lock = threading.Lock()
         self._inbox: dict[int, collections.deque[abi.Reply | abi.Error | abi.Chunk]] = {}
         self._lost = False
+        self._ring = ringpath.claim(endpoint)
+        self._ring_rids: set[int] = set()  # calls in flight through the ring
+        if self._ring is not None:
+            self._ids = self._ring.ids
+            self._poller.register(self._ring.doorbell, zmq.POLLIN)
         self.sys, self.proc, self.ipc, self.llm = System(self), Proc(self), Ipc(self), Llm(self)
+
+    @property
+    def uses_rings(self) -> bool:
+        return self._ring is not None
 
     def _send(self, name: str, args: abi.Args | None, server_wait_ms: int | None) -> int:
         req = _make_request(self._ids, name, self.token, args, server_wait_ms)
+        data = abi.encode(req)
         with self._lock:
             if self._lost:
                 raise KernelUnavailable("connection to the kernel was lost")
             self._inbox[req.id] = collections.deque()
-            self._sock.send(abi.encode(req))
+            ring = self._ring
+            if ring is not None and _by_ring(ring, name, args, data, self._ring_rids):
+                # A full ring sends the rest over ZeroMQ, except a cancel, which must take
+                # the ring: the kernel drains it whatever we do, so room comes soon.
+                deadline = time.monotonic() + self.timeout
+                while not ring.push(data):
+                    if name != "llm.cancel" or time.monotonic() >= deadline:
+                        break
+                    time.sleep(0.0002)
+                else:
+                    ring.ring()
+                    self._ring_rids.add(req.id)
+                    return req.id
+            self._sock.send(data)
         return req.id
 
     def _next(self, rid: int, name: str, budget: float | None) -> abi.Reply | abi.Error | abi.Chunk:
@@ -117,7 +159,14 @@ class Connection:
                     raise KernelUnavailable(f"{name}: connection to the kernel was lost")
                 left_ms = _READ_SLICE_MS if deadline is None else min(
                     _READ_SLICE_MS, max(0, int((deadline - time.monotonic()) * 1000)))
+                if self._ring is not None:
+                    self._read_ring()
+                    if box:
+                        continue
                 ready = dict(self._poller.poll(left_ms))
+                if self._ring is not None and self._ring.doorbell in ready:
+                    self._ring.clear()
+                    self._read_ring()
                 if self._monitor in ready:
                     event = parse_monitor_message(self._monitor.recv_multipart())
                     if event["event"] & _LOST:
@@ -128,23 +177,32 @@ class Connection:
             if not box and deadline is not None and time.monotonic() >= deadline:
                 raise KernelUnavailable(f"{name}: no reply from the kernel in time")
 
+    def _read_ring(self) -> None:
+        assert self._ring is not None
+        for data in self._ring.completions():
+            self._file(data)
+
+    def _file(self, data: bytes) -> None:
+        try:
+            msg = abi.decode_response(data)
+        except abi.AbiError:
+            return  # a garbled frame cannot be ours to answer
+        box = self._inbox.get(msg.id)
+        if box is not None:
+            box.append(msg)
+        # Otherwise: a reply to a call that already gave up waiting. Drop it.
+
     def _read_available(self) -> None:
         while True:
             try:
                 data = self._sock.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            try:
-                msg = abi.decode_response(data)
-            except abi.AbiError:
-                continue  # a garbled frame cannot be ours to answer
-            box = self._inbox.get(msg.id)
-            if box is not None:
-                box.append(msg)
-            # Otherwise: a reply to a call that already gave up waiting. Drop it.
+            self._file(data)
 
     def _done(self, rid: int) -> None:
         self._inbox.pop(rid, None)
+        self._ring_rids.discard(rid)
 
     def call(self, name: str, args: abi.Args | None = None, result_type: Any = Any, *,
              server_wait_ms: int | None = None, wait_forever: bool = False,
@@ -169,6 +227,9 @@ class Connection:
         return Stream(self, rid, name, chunk_type, result_type, budget)
 
     def close(self) -> None:
+        if self._ring is not None:
+            ringpath.release(self._ring)
+            self._ring = None
         self._sock.disable_monitor()
         self._monitor.close(linger=0)
         self._sock.close(linger=0)
@@ -219,11 +280,43 @@ class Stream:
         self.close()
 
 
+class _Inbox:
+    """One asyncio call's messages: a deque and at most one waiter (an asyncio.Queue and
+    wait_for cost more than the rest of a ring call together)."""
+
+    __slots__ = ("items", "waiter")
+
+    def __init__(self) -> None:
+        self.items: collections.deque[abi.Reply | abi.Error | abi.Chunk | None] = \
+            collections.deque()
+        self.waiter: asyncio.Future[None] | None = None
+
+    def put(self, msg: abi.Reply | abi.Error | abi.Chunk | None) -> None:
+        self.items.append(msg)
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def get(self, budget: float | None) -> abi.Reply | abi.Error | abi.Chunk | None:
+        """The next message; TimeoutError after `budget` seconds (None: no limit)."""
+        while not self.items:
+            self.waiter = asyncio.get_running_loop().create_future()
+            try:
+                if budget is None:
+                    await self.waiter
+                else:
+                    async with asyncio.timeout(budget):
+                        await self.waiter
+            finally:
+                self.waiter = None
+        return self.items.popleft()
+
+
 class AsyncConnection:
     """An asyncio connection: calls are coroutines and may run concurrently on one socket."""
 
     def __init__(self, endpoint: str, token: str, *, timeout: float = DEFAULT_TIMEOUT,
-                 context: zmq.asyncio.Context | None = None) -> None:
+                 context: zmq.asyncio.Context | None = None,
+                 curve: CurveKeys | None = None) -> None:
         from sdk.families import Ipc, Llm, Proc, System
 
         _check_endpoint(endpoint)
@@ -232,12 +325,24 @@ class AsyncConnection:
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.linger = 0
         self._monitor = self._sock.get_monitor_socket(_LOST)
+        if curve is not None:
+            curve.apply(self._sock)
         self._sock.connect(endpoint)
         self._ids = itertools.count(1)
-        self._pending: dict[int, asyncio.Queue[abi.Reply | abi.Error | abi.Chunk]] = {}
+        self._pending: dict[int, _Inbox] = {}
         self._reader: asyncio.Task[None] | None = None
         self._lost: SyscallError | None = None
+        self._ring = ringpath.claim(endpoint)
+        self._ring_rids: set[int] = set()
+        self._ring_loop: asyncio.AbstractEventLoop | None = None
+        self._doorbell_due = False
+        if self._ring is not None:
+            self._ids = self._ring.ids
         self.sys, self.proc, self.ipc, self.llm = System(self), Proc(self), Ipc(self), Llm(self)
+
+    @property
+    def uses_rings(self) -> bool:
+        return self._ring is not None
 
     async def _send(self, name: str, args: abi.Args | None, server_wait_ms: int | None) -> int:
         if self._lost is not None:
@@ -245,14 +350,50 @@ class AsyncConnection:
         if self._reader is None:
             self._reader = asyncio.create_task(self._read())
         req = _make_request(self._ids, name, self.token, args, server_wait_ms)
-        self._pending[req.id] = asyncio.Queue()
-        await self._sock.send(abi.encode(req))
+        data = abi.encode(req)
+        self._pending[req.id] = _Inbox()
+        ring = self._ring
+        if ring is not None and _by_ring(ring, name, args, data, self._ring_rids):
+            if self._ring_loop is None:
+                self._ring_loop = asyncio.get_running_loop()
+                self._ring_loop.add_reader(ring.doorbell, self._read_ring)
+            pushed = ring.push(data)
+            while not pushed and name == "llm.cancel":
+                ring.ring()
+                await asyncio.sleep(0.0002)
+                pushed = ring.push(data)
+            if pushed:
+                self._ring_rids.add(req.id)
+                if not self._doorbell_due:
+                    # Calls made in the same turn of the event loop share one doorbell.
+                    self._doorbell_due = True
+                    self._ring_loop.call_soon(self._ring_doorbell)
+                return req.id
+        await self._sock.send(data)
         return req.id
+
+    def _ring_doorbell(self) -> None:
+        self._doorbell_due = False
+        if self._ring is not None:
+            self._ring.ring()
+
+    def _read_ring(self) -> None:
+        if self._ring is None:
+            return
+        self._ring.clear()
+        for data in self._ring.completions():
+            try:
+                msg = abi.decode_response(data)
+            except abi.AbiError:
+                continue
+            queue = self._pending.get(msg.id)
+            if queue is not None:
+                queue.put(msg)
 
     async def _next(self, rid: int, name: str,
                     budget: float | None) -> abi.Reply | abi.Error | abi.Chunk:
         try:
-            msg = await asyncio.wait_for(self._pending[rid].get(), budget)
+            msg = await self._pending[rid].get(budget)
         except TimeoutError:
             raise KernelUnavailable(f"{name}: no reply from the kernel in time") from None
         if msg is None:
@@ -273,6 +414,7 @@ class AsyncConnection:
                     return _final(msg, result_type)
         finally:
             self._pending.pop(rid, None)
+            self._ring_rids.discard(rid)
 
     async def stream(self, name: str, args: abi.Args | None, chunk_type: Any, result_type: Any, *,
                      server_wait_ms: int | None = None, wait_forever: bool = True,
@@ -293,7 +435,7 @@ class AsyncConnection:
                 if event["event"] & _LOST:
                     self._lost = KernelUnavailable("connection to the kernel was lost")
                     for queue in self._pending.values():
-                        queue.put_nowait(None)  # type: ignore[arg-type]
+                        queue.put(None)
                     return
             if self._sock in ready:
                 try:
@@ -302,9 +444,14 @@ class AsyncConnection:
                     continue
                 queue = self._pending.get(msg.id)
                 if queue is not None:
-                    queue.put_nowait(msg)
+                    queue.put(msg)
 
     async def close(self) -> None:
+        if self._ring is not None:
+            if self._ring_loop is not None:
+                self._ring_loop.remove_reader(self._ring.doorbell)
+            ringpath.release(self._ring)
+            self._ring = None
         if self._reader is not None:
             self._reader.cancel()
             try:
@@ -353,3 +500,4 @@ class AsyncStream:
             except SyscallError:
                 pass
         self._conn._pending.pop(self.request_id, None)
+        self._conn._ring_rids.discard(self.request_id)

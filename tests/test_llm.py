@@ -240,3 +240,16 @@ def test_memory_pressure_preempts_by_recompute_and_keeps_outputs(tmp_path: Path,
         assert batched == alone
     finally:
         assert k.stop() == 0
+
+
+def test_agent_streams_arrive_through_its_completion_ring(llm_kernel: KernelProcess) -> None:
+    with llm_kernel.connect() as conn:
+        before = conn.sys.stats().syscalls.get("ring.entries", 0)
+        agent_id = conn.proc.spawn(agent("ringstream"), caps=["llm.chat"])
+        info = conn.proc.wait(agent_id, timeout=60)
+        after = conn.sys.stats().syscalls.get("ring.entries", 0)
+        assert wait_until(lambda: conn.sys.stats().calls_parked == 0)
+    result = info.result
+    assert info.exit_status == 0 and result["rings"] and result["deltas"] > 1
+    assert result["joined"] == result["result"] == result["again"]
+    assert after - before >= 5  # two streams, the cancel, a chat, proc.exit

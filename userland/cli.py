@@ -219,6 +219,9 @@ def parser() -> argparse.ArgumentParser:
     from userland.model_cli import add_commands
 
     add_commands(sub)
+    from userland.agent_cli import add_commands as add_agent_commands
+
+    add_agent_commands(sub)
     return p
 
 

@@ -184,6 +184,10 @@ class ProcessTable:
             layout.ENV_AGENT_ID: str(agent_id),
             layout.ENV_AGENT_NAME: name,
         })
+        # rings: the agent's syscall rings, passed by fd (kernel/rings.py)
+        rings = self.k.rings.create(agent_id)
+        if rings is not None:
+            env[layout.ENV_RINGS] = rings[1]
         argv = [sys.executable, "-m", "sdk.runner", str(path), *args.argv]
         append = os.O_WRONLY | os.O_CREAT | os.O_APPEND
         with (open(self.k.state.open_log(agent_id, "stdout", append), "ab") as out,
@@ -192,8 +196,10 @@ class ProcessTable:
                 try:
                     popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
                                              stderr=err, env=env, cwd=home, close_fds=True,
-                                             start_new_session=True)
+                                             start_new_session=True,
+                                             pass_fds=rings[0] if rings else ())  # rings
                 except OSError as exc:
+                    self.k.rings.drop(agent_id)  # rings
                     self.k.db.write("UPDATE agents SET state='failed', ended_at=? WHERE id=?",
                                     (time.time(), agent_id))
                     raise Fault(abi.ErrorCode.EIO, f"cannot start agent: {exc}") from None
@@ -234,6 +240,7 @@ class ProcessTable:
         with self.k.identities.lock:
             self.k.identities.unregister(live.popen.pid)
         del self.live[live.agent_id]
+        self.k.rings.drop(live.agent_id)  # rings: closed, and gone with the agent
         state = "killed" if returncode < 0 else "exited"
         status = exit_status(returncode)
         self.k.db.write("UPDATE agents SET state=?, exit_status=?, ended_at=? WHERE id=?",

@@ -1,0 +1,196 @@
+"""Remote agents: the kernel's tcp:// endpoint with CurveZMQ, and the registry of client keys.
+
+Off unless the kernel is booted with `--listen tcp://HOST:PORT` (`listen` in the config). The
+server's key pair lives in `STATE/remote/server.key` (0600), made on first use; clients are
+registered by name and CURVE public key (`agentos agent add-key NAME KEY`), kept in
+`STATE/remote/clients.json`. A client's principal is `remote:<name>`, attested by its key at
+the handshake (ZAP) as a local caller's is by SO_PEERCRED; the token `add-key` mints for it is
+bound to that principal, so it is worthless to anyone without the client's secret key.
+Removing a key refuses new connections at once and the calls of open ones from the next call.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import zmq
+
+from kernel.state import write_private
+from kernel.transport import CurveZapHandler, open_curve_router
+from sdk import abi
+
+if TYPE_CHECKING:
+    from kernel.core import Call, Kernel
+
+log = logging.getLogger("kernel.remote")
+
+PREFIX = "remote:"
+
+
+class RemoteRoute(bytes):
+    """The reply route of a call that came in over tcp://: `tcp:` + the peer's routing id."""
+
+
+def server_keys(directory: Path) -> tuple[bytes, bytes]:
+    """The kernel's CURVE key pair (public, secret), made and stored on first use."""
+    path = directory / "server.key"
+    try:
+        public, secret = path.read_bytes().split()
+        return public, secret
+    except FileNotFoundError:
+        pass
+    directory.mkdir(mode=0o700, exist_ok=True)
+    public, secret = zmq.curve_keypair()
+    write_private(path, public + b"\n" + secret + b"\n")
+    return public, secret
+
+
+class KeyRegistry:
+    """Registered clients: name → z85 public key. Read by the ZAP thread, written by the loop
+    (a new dict each time, swapped in whole, so the reader never sees one half-changed)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        try:
+            self._keys: dict[str, str] = json.loads(path.read_text())
+        except FileNotFoundError:
+            self._keys = {}
+
+    def principal_of_key(self, key: str) -> str | None:
+        name = next((n for n, k in self._keys.items() if k == key), None)
+        return None if name is None else PREFIX + name
+
+    def registered(self, name: str) -> bool:
+        return name in self._keys
+
+    def items(self) -> list[tuple[str, str]]:
+        return sorted(self._keys.items())
+
+    def set(self, name: str, key: str | None) -> None:
+        with self._lock:
+            keys = dict(self._keys)
+            if key is None:
+                keys.pop(name, None)
+            else:
+                keys[name] = key
+            self.path.parent.mkdir(mode=0o700, exist_ok=True)
+            write_private(self.path, json.dumps(keys, indent=1).encode())
+            self._keys = keys
+
+
+class Remote:
+    """The registry always; the tcp:// door when the kernel listens."""
+
+    def __init__(self, kernel: Kernel) -> None:
+        self.k = kernel
+        self.dir = kernel.state.root / "remote"
+        self.keys = KeyRegistry(self.dir / "clients.json")
+        self.endpoint: str | None = None
+        self.router: zmq.Socket | None = None
+        self._ctx: zmq.Context | None = None
+
+    def open(self, endpoint: str) -> None:
+        if not endpoint.startswith("tcp://"):
+            raise ValueError(f"listen must be a tcp:// endpoint, not {endpoint!r}")
+        _public, secret = server_keys(self.dir)
+        self._ctx = zmq.Context()
+        zap = CurveZapHandler(self._ctx, self.keys.principal_of_key)
+        zap.start()
+        self.router = open_curve_router(self._ctx, endpoint, secret,
+                                        self.k.config.max_message_bytes)
+        self.endpoint = self.router.last_endpoint.decode()
+        self.k.poller.register(self.router, zmq.POLLIN)
+        log.info("listening for remote agents", extra={"endpoint": self.endpoint})
+
+    def close(self) -> None:
+        if self.router is not None and self._ctx is not None:
+            self.router.close(linger=0)
+            self._ctx.term()
+            self.router = None
+
+    # --- the door ----------------------------------------------------------------------------
+
+    def drain(self, batch: int) -> None:
+        assert self.router is not None
+        for _ in range(batch):
+            try:
+                frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                self._dispatch(frames)
+            except Exception:
+                log.exception("remote dispatch failed")
+
+    def _dispatch(self, frames: list[zmq.Frame]) -> None:
+        route = RemoteRoute(b"tcp:" + frames[0].bytes)
+        user = frames[-1].get("User-Id") if len(frames) > 1 else None
+        if not user or not user.startswith(PREFIX):
+            log.error("remote message without attested principal dropped")
+            return
+        if len(frames) != 2:
+            self.k._send_error(route, 0, abi.ErrorCode.EINVAL, "expected exactly one frame")
+            return
+        data = frames[1].bytes
+        if not self.keys.registered(user[len(PREFIX):]):
+            self.k._send_error(route, abi.request_id_of(data), abi.ErrorCode.EPERM,
+                               f"{user}: key no longer registered")
+            return
+        self.k.execute(route, user, data)
+
+    def deliver(self, route: bytes, frame: bytes) -> bool:
+        """Send a reply if `route` is a remote peer's; False for other routes."""
+        if type(route) is not RemoteRoute:
+            return False
+        if self.router is not None:
+            try:
+                self.router.send_multipart([route[4:], frame], zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass  # gone, or not reading its replies
+        return True
+
+    # --- the registry's syscalls -------------------------------------------------------------
+
+    def add_key(self, call: Call, args: abi.KeyArgs) -> abi.RemoteGrant:
+        from kernel.access.tokens import Rule, rules_cover
+        from kernel.core import Fault
+        from kernel.syscalls import known_op
+
+        if any(k == args.key for n, k in self.keys.items() if n != args.name):
+            raise Fault(abi.ErrorCode.EBUSY, "that key is registered under another name")
+        try:
+            rules = [Rule.parse(text) for text in args.caps]
+        except ValueError as exc:
+            raise Fault(abi.ErrorCode.EINVAL, f"bad capability: {exc}") from None
+        for rule in rules:
+            if not known_op(rule.op):
+                raise Fault(abi.ErrorCode.EINVAL, f"bad capability {rule}: no syscall {rule.op!r}")
+        assert call.capability is not None
+        if not all(rules_cover(held, rules) for held in call.capability.rule_sets):
+            raise Fault(abi.ErrorCode.EPERM, "cannot grant rights the caller does not hold: "
+                        + ", ".join(map(str, rules)))
+        principal = PREFIX + args.name
+        granted = [Rule("sys.*"), *rules]
+        token = self.k.authority.mint(principal, granted)
+        self.k.procs.record_token(token)
+        self.keys.set(args.name, args.key)
+        self.k.audit.append(call.caller.principal, "add-key", subject=principal, key=args.key,
+                            rules=[str(r) for r in granted])
+        public, _ = server_keys(self.dir)
+        return abi.RemoteGrant(principal, self.endpoint, public.decode(), token)
+
+    def list_keys(self) -> list[abi.RemoteKey]:
+        return [abi.RemoteKey(name, key, PREFIX + name) for name, key in self.keys.items()]
+
+    def rm_key(self, call: Call, args: abi.KeyRef) -> None:
+        from kernel.core import Fault
+
+        if not self.keys.registered(args.name):
+            raise Fault(abi.ErrorCode.ENOENT, f"no remote key named {args.name!r}")
+        self.keys.set(args.name, None)
+        self.k.audit.append(call.caller.principal, "rm-key", subject=PREFIX + args.name)

@@ -1,0 +1,225 @@
+"""Per-agent syscall rings in the kernel's loop: made at spawn, drained on doorbells, answered
+through the completion ring, quarantined when hostile, closed when their agent is reaped.
+
+A ring is a second door into the same dispatch path as the ROUTER (`Kernel.execute`): the same
+decoding, access check, savepoint and group commit, and replies leave only after the batch's
+commit. The principal of an entry is the agent whose ring it came from; only that agent (and
+the children it shares its fds with) holds the ring's fds, so the ring itself is the attested
+identity, as the peer credentials are on ipc://.
+
+Replies to ring calls carry a `RingRoute`, a bytes subclass that no ZeroMQ routing id can be,
+so no peer on the ROUTER can make the kernel write into someone's completion ring. A reply
+larger than a slot is cut into fragments (see `sdk.ringpath`); replies that do not fit the
+completion ring yet wait in a bounded per-ring backlog, retried every millisecond, since a
+ring call has no ZeroMQ route to fall back to.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import secrets
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import zmq
+
+from kernel.ring import RingError, RingFault, RingPair
+from sdk import abi
+from sdk.ringpath import encode_spec, fragments
+
+if TYPE_CHECKING:
+    from kernel.core import Kernel
+
+log = logging.getLogger("kernel.rings")
+
+# Completions held back per ring while its agent is not consuming; beyond it they are dropped,
+# as the ROUTER drops replies to a peer past its high-water mark.
+BACKLOG_BYTES = 16 << 20
+# How soon the loop retries pushing a backlog into a full completion ring.
+BACKLOG_RETRY_S = 0.001
+
+
+class RingRoute(bytes):
+    """The reply route of calls that came through a ring (never a ZeroMQ routing id)."""
+
+
+@dataclass(eq=False)
+class AgentRing:
+    agent_id: int
+    pair: RingPair
+    route: RingRoute
+    doorbell: int
+    backlog: collections.deque[bytes] = field(default_factory=collections.deque)
+    backlog_bytes: int = 0
+    closed: bool = False  # quarantined: no more entries are read
+
+    @property
+    def principal(self) -> str:
+        return f"agent:{self.agent_id}"
+
+
+class Rings:
+    """Every live agent's rings, keyed by agent, doorbell fd and reply route."""
+
+    def __init__(self, kernel: Kernel) -> None:
+        self.k = kernel
+        self._by_agent: dict[int, AgentRing] = {}
+        self._by_fd: dict[int, AgentRing] = {}
+        self._by_route: dict[bytes, AgentRing] = {}
+        self._again: set[AgentRing] = set()  # stopped at the per-round bound: drain next round
+        self._backlogged: set[AgentRing] = set()
+        self._touched: set[AgentRing] = set()  # got completions in this flush
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def create(self, agent_id: int) -> tuple[tuple[int, ...], str] | None:
+        """Make an agent's rings before it is spawned: the fds to pass and its spec for the
+        environment, or None when rings are off or cannot be made (it then uses ZeroMQ)."""
+        config = self.k.config
+        if not config.rings:
+            return None
+        self.drop(agent_id)  # a leftover of a spawn that failed before its agent existed
+        try:
+            pair = RingPair.create(config.ring_capacity, config.ring_slot_size,
+                                   max_faults=config.ring_max_faults)
+        except RingError as exc:
+            log.warning("no rings for agent", extra={"agent": agent_id, "error": str(exc)})
+            return None
+        ring = AgentRing(agent_id, pair, RingRoute(secrets.token_bytes(16)),
+                         pair.submission_doorbell)
+        self._by_agent[agent_id] = ring
+        self._by_fd[ring.doorbell] = ring
+        self._by_route[ring.route] = ring
+        self.k.poller.register(ring.doorbell, zmq.POLLIN)
+        return pair.fds(), encode_spec(pair.spec())
+
+    def drop(self, agent_id: int) -> None:
+        """The agent is gone (reaped, or never started): unmap and close its rings."""
+        ring = self._by_agent.pop(agent_id, None)
+        if ring is None:
+            return
+        self._forget(ring)
+        ring.pair.close()
+
+    def _forget(self, ring: AgentRing) -> None:
+        if self._by_fd.pop(ring.doorbell, None) is not None:
+            self.k.poller.unregister(ring.doorbell)
+        self._by_route.pop(ring.route, None)
+        self._again.discard(ring)
+        self._backlogged.discard(ring)
+        self._touched.discard(ring)
+
+    def close_all(self) -> None:
+        for agent_id in list(self._by_agent):
+            self.drop(agent_id)
+
+    # --- submissions -------------------------------------------------------------------------
+
+    def on_ready(self, ready: dict[object, int]) -> None:
+        """Drain the rings whose doorbells rang, and those left with entries last round."""
+        todo = [self._by_fd[fd] for fd in ready if isinstance(fd, int) and fd in self._by_fd]
+        for ring in todo:
+            ring.pair.acknowledge()
+        again, self._again = self._again, set()
+        for ring in (*todo, *(r for r in again if r not in todo)):
+            self._drain(ring)
+
+    def _drain(self, ring: AgentRing) -> None:
+        if ring.closed:
+            return
+        bound = self.k.config.ring_batch
+        try:
+            payloads, faults = ring.pair.drain(bound)
+        except RingError:
+            return  # closed under us; cannot happen on the loop thread, but never crash
+        for fault in faults:
+            self._on_fault(ring, fault)
+        if payloads:
+            self.k.counts["ring.entries"] += len(payloads)
+        for payload in payloads:
+            try:
+                ok = self.k.execute(ring.route, ring.principal, payload)
+            except Exception:  # the last line of defence, as for the ROUTER
+                log.exception("ring dispatch failed", extra={"agent": ring.agent_id})
+                continue
+            if not ok:
+                self._on_fault(ring, ring.pair.submissions.charge("undecodable request"),
+                               answered=True)
+        if ring.pair.quarantined:
+            self._quarantine(ring)
+        elif len(payloads) + len(faults) >= bound:
+            self._again.add(ring)
+
+    def _on_fault(self, ring: AgentRing, fault: RingFault, answered: bool = False) -> None:
+        log.warning("ring fault", extra={"agent": ring.agent_id, "kind": fault.kind.value,
+                                         "detail": fault.detail})
+        self.k.errors["ring." + fault.kind.value] += 1
+        if fault.data and not answered:
+            # The entry is lost, but its request id may still be readable: answer it, so the
+            # caller learns at once rather than at its deadline.
+            self.k._send_error(ring.route, abi.request_id_of(fault.data), abi.ErrorCode.EINVAL,
+                               f"malformed ring entry: {fault.detail}")
+
+    def _quarantine(self, ring: AgentRing) -> None:
+        if ring.closed:
+            return
+        ring.closed = True
+        if self._by_fd.pop(ring.doorbell, None) is not None:
+            self.k.poller.unregister(ring.doorbell)  # a doorbell flood now costs nothing
+        self._again.discard(ring)
+        last = ring.pair.submissions.last_fault or ring.pair.completions.last_fault
+        log.error("ring quarantined", extra={"agent": ring.agent_id,
+                                             "last": last.detail if last else ""})
+        self.k.counts["ring.quarantined"] += 1
+        self.k.audit.append("kernel", "ring-quarantine", agent=ring.agent_id,
+                            fault=last.kind.value if last else "")
+
+    def quarantined(self, agent_id: int) -> bool:
+        ring = self._by_agent.get(agent_id)
+        return ring is not None and ring.closed
+
+    # --- completions -------------------------------------------------------------------------
+
+    def deliver(self, route: bytes, frame: bytes) -> bool:
+        """Queue a reply if `route` is a ring's; False for ZeroMQ routes."""
+        if type(route) is not RingRoute:
+            return False
+        ring = self._by_route.get(route)
+        if ring is None:
+            return True  # its agent is gone; so is the reply
+        pieces = fragments(frame, ring.pair.geometry.payload_capacity)
+        size = sum(map(len, pieces))
+        if ring.backlog_bytes + size > BACKLOG_BYTES:
+            self.k.errors["ring.backlog_dropped"] += 1
+            return True
+        ring.backlog.extend(pieces)
+        ring.backlog_bytes += size
+        self._touched.add(ring)
+        return True
+
+    def flush(self) -> None:
+        """Publish queued completions, one tail store and one doorbell per ring."""
+        rings = self._touched | self._backlogged
+        self._touched = set()
+        for ring in rings:
+            backlog = ring.backlog
+            n = ring.pair.complete(backlog) if not ring.pair.completions.quarantined else 0
+            for _ in range(n):
+                ring.backlog_bytes -= len(backlog.popleft())
+            if ring.pair.completions.quarantined:
+                backlog.clear()
+                ring.backlog_bytes = 0
+                self._quarantine(ring)
+            if backlog:
+                self._backlogged.add(ring)
+            else:
+                self._backlogged.discard(ring)
+
+    def wait_hint(self) -> float | None:
+        """How long the loop may sleep as far as the rings are concerned (None: any time)."""
+        if self._again:
+            return 0.0
+        if self._backlogged:
+            return BACKLOG_RETRY_S
+        return None

@@ -1,0 +1,126 @@
+"""The SDK's ring path: claiming the rings the kernel gave this agent, and the completion framing.
+
+A spawned agent inherits its two rings and their doorbells as fds, described by a `RingSpec`
+in `$AGENTOS_RINGS`. One connection at a time in the process that received them uses them
+(two producers on one ring would corrupt it); others, and forked children, use ZeroMQ. The
+request ids of every connection that uses the rings come from one counter, so a late reply to
+an abandoned call can never be taken for a newer call's.
+
+Completions are msgpack `Reply`/`Error`/`Chunk` frames, one per slot. One larger than a slot
+is cut into fragments: entries starting with 0xC1 (a byte msgpack never uses, so no whole
+frame starts with it), then a flag (0: more follow, 1: last), then the next piece.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import msgspec
+
+from sdk import layout
+from sdk.ring import AgentRings, RingError, RingSpec
+
+FRAGMENT = 0xC1
+_MORE, _LAST = 0, 1
+
+
+def encode_spec(spec: RingSpec) -> str:
+    return msgspec.json.encode(spec).decode()
+
+
+def fragments(frame: bytes, limit: int) -> list[bytes]:
+    """`frame` as ring entries of at most `limit` bytes each."""
+    if len(frame) <= limit:
+        return [frame]
+    step = limit - 2
+    return [bytes((FRAGMENT, _LAST if i + step >= len(frame) else _MORE)) + frame[i:i + step]
+            for i in range(0, len(frame), step)]
+
+
+class RingChannel:
+    """This process's rings, as one connection uses them."""
+
+    def __init__(self, rings: AgentRings, ids: itertools.count[int]) -> None:
+        self.rings = rings
+        self.ids = ids
+        self.limit = rings.geometry.payload_capacity
+        assert rings.completion_doorbell is not None
+        self.doorbell = rings.completion_doorbell
+        self._parts: list[bytes] = []
+
+    def push(self, data: bytes) -> bool:
+        """Publish one request without ringing; False if it does not fit or the ring is full."""
+        return self.rings.submissions.push(data)
+
+    def ring(self) -> None:
+        self.rings.ring_doorbell()
+
+    def clear(self) -> None:
+        """Reset the completion doorbell; call before `completions`, so none is missed."""
+        try:
+            os.eventfd_read(self.doorbell)
+        except BlockingIOError:
+            pass
+
+    def completions(self) -> list[bytes]:
+        """Every whole frame published so far, fragments joined."""
+        out: list[bytes] = []
+        while True:
+            entries = self.rings.completions.pop_many(256)
+            if not entries:
+                return out
+            for entry in entries:
+                if entry[:1] != b"\xc1":
+                    self._parts.clear()
+                    out.append(entry)
+                    continue
+                self._parts.append(entry[2:])
+                if entry[1:2] == b"\x01":
+                    out.append(b"".join(self._parts))
+                    self._parts.clear()
+
+
+class _Claim:
+    """The rings this process inherited, and who uses them now."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.spec: RingSpec | None = None
+        self.endpoint: str | None = None
+        self.ids = itertools.count(1)
+        self.user: RingChannel | None = None
+        text = os.environ.pop(layout.ENV_RINGS, None)  # children we fork do not inherit it
+        if text:
+            try:
+                self.spec = msgspec.json.decode(text, type=RingSpec)
+            except msgspec.ValidationError:
+                return
+            self.endpoint = os.environ.get(layout.ENV_ENDPOINT)
+
+
+_claim: _Claim | None = None
+
+
+def claim(endpoint: str) -> RingChannel | None:
+    """The rings for a new connection to `endpoint`, or None: use ZeroMQ only."""
+    global _claim
+    if _claim is None:
+        _claim = _Claim()
+    c = _claim
+    if c.spec is None or c.user is not None or c.pid != os.getpid() or endpoint != c.endpoint:
+        return None
+    try:
+        rings = AgentRings.attach(c.spec)
+    except RingError:
+        c.spec = None  # not ours after all (fds closed by the agent): never try again
+        return None
+    c.user = RingChannel(rings, c.ids)
+    return c.user
+
+
+def release(channel: RingChannel) -> None:
+    """The connection is closing: unmap, and let a later connection claim the rings again."""
+    channel.rings.close()
+    if _claim is not None and _claim.user is channel:
+        _claim.user = None

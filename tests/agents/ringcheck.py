@@ -1,0 +1,44 @@
+"""Runs one fixed script of syscalls and returns every outcome, over its rings or, with argv
+`zmq`, over ZeroMQ only; also how many entries the kernel took from rings meanwhile."""
+
+import os
+import sys
+
+import msgspec
+
+import sdk
+from sdk import abi, layout
+
+if sys.argv[1:] == ["zmq"]:
+    os.environ.pop(layout.ENV_RINGS, None)  # before the first connection claims the rings
+
+BIG = "x" * 20000  # more than a ring slot holds: the request goes over ZeroMQ
+
+
+def outcome(fn, *args):
+    try:
+        value = fn(*args)
+    except sdk.SyscallError as exc:
+        return ["error", exc.code.name]
+    return ["ok", msgspec.to_builtins(value)]
+
+
+with sdk.connect() as conn:
+    me = int(os.environ[layout.ENV_AGENT_ID])
+    name = os.environ[layout.ENV_AGENT_NAME]
+    before = conn.sys.stats().syscalls.get("ring.entries", 0)
+    results = {
+        "null": outcome(conn.sys.null),
+        "info": outcome(lambda: (lambda i: [i.name == name, i.state])(conn.proc.info(me))),
+        "send": outcome(conn.ipc.send, name, {"n": 1}),
+        "recv": outcome(lambda: conn.ipc.recv(timeout=5).data),
+        "send_big": outcome(conn.ipc.send, name, BIG),
+        "recv_big": outcome(lambda: conn.ipc.recv(timeout=5).data == BIG),
+        "recv_empty": outcome(lambda: conn.ipc.recv(timeout=0.05)),
+        "kill_denied": outcome(conn.proc.kill, 1),
+        "info_denied": outcome(conn.proc.info, me + 1000),
+        "no_syscall": outcome(conn.call, "nope.nothing"),
+        "bad_args": outcome(conn.call, "proc.info", abi.SpawnArgs(path="/x")),
+    }
+    after = conn.sys.stats().syscalls.get("ring.entries", 0)
+    conn.proc.exit({"results": results, "rings": conn.uses_rings, "entries": after - before})

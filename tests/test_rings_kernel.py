@@ -1,0 +1,129 @@
+"""The syscall rings inside the real kernel: the same results as ZeroMQ, hostile and killed
+agents, and rings that go with their agent (streaming over a ring: tests/test_llm.py)."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import sdk
+from tests.conftest import KernelProcess, agent, wait_until
+
+
+@pytest.fixture(scope="module")
+def rk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KernelProcess]:
+    k = KernelProcess(tmp_path_factory.mktemp("rings") / "state").start()
+    yield k
+    assert k.stop() == 0
+
+
+def ring_maps(pid: int) -> list[str]:
+    """The kernel's mappings of ring segments (memfds never have a path of their own)."""
+    return [line for line in Path(f"/proc/{pid}/maps").read_text().splitlines()
+            if "memfd:agentos-" in line]
+
+
+def ring_fds(pid: int) -> list[str]:
+    out = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = fd.readlink()
+        except OSError:
+            continue
+        if "memfd:agentos-" in str(target):
+            out.append(str(target))
+    return out
+
+
+def run_agent(conn: sdk.Connection, name: str, *argv: str, caps: list[str] | None = None,
+              timeout: float = 60) -> sdk.AgentInfo:
+    agent_id = conn.proc.spawn(agent(name), name=f"{name}-{argv[0] if argv else 'x'}",
+                               argv=list(argv), caps=caps or [])
+    info = conn.proc.wait(agent_id, timeout=timeout)
+    assert info.exit_status == 0, conn.proc.logs(agent_id, stream="stderr").data.decode()
+    return info
+
+
+def test_ring_and_zeromq_paths_give_identical_results(rk: KernelProcess) -> None:
+    with rk.connect() as conn:
+        ring = run_agent(conn, "ringcheck", "ring", caps=["ipc.send@ipc/ringcheck-ring"]).result
+        zmq = run_agent(conn, "ringcheck", "zmq", caps=["ipc.send@ipc/ringcheck-zmq"]).result
+    assert ring["rings"] is True and zmq["rings"] is False
+    assert ring["results"] == zmq["results"]
+    got = ring["results"]
+    assert got["recv"] == ["ok", {"n": 1}] and got["recv_big"] == ["ok", True]
+    assert got["kill_denied"] == ["error", "EPERM"] and got["no_syscall"] == ["error", "ENOSYS"]
+    assert got["bad_args"] == ["error", "EINVAL"] and got["recv_empty"] == ["error", "ETIMEDOUT"]
+    # Every call but the oversized send took the ring, and so did the stats call that read the
+    # count afterwards; the ZeroMQ-only agent put nothing there.
+    assert ring["entries"] == len(got) and zmq["entries"] == 0
+
+
+def test_rings_are_closed_when_their_agent_is_reaped(rk: KernelProcess) -> None:
+    with rk.connect() as conn:
+        pid = conn.sys.stats().pid
+        assert wait_until(lambda: conn.sys.stats().agents_running == 0)
+        assert ring_maps(pid) == [] and ring_fds(pid) == []
+        agent_id = conn.proc.spawn(agent("idle"), name="ringidle", argv=["30"])
+        assert len(ring_maps(pid)) == 2  # its submission and completion segments
+        assert len(ring_fds(pid)) == 4  # each segment's fd, and the dup its mmap holds
+        conn.proc.kill(agent_id, grace=0)
+        conn.proc.wait(agent_id, timeout=10)
+        assert ring_maps(pid) == [] and ring_fds(pid) == []
+
+
+def test_hostile_ring_is_quarantined_while_a_good_agent_is_served(rk: KernelProcess) -> None:
+    with rk.connect() as conn:
+        before = conn.sys.stats().syscalls.get("ring.quarantined", 0)
+        hostile = conn.proc.spawn(agent("ringhostile"), name="hostile", argv=["3"])
+        good = conn.proc.spawn(agent("ringburst"), name="goodburst")
+        time.sleep(0.5)
+        # A well-behaved agent doing blocking calls beside it: every one succeeds.
+        info = run_agent(conn, "ringcheck", "ring", caps=["ipc.send@ipc/ringcheck-ring"])
+        assert info.result["rings"] and info.result["results"]["null"] == ["ok", None]
+        stats = conn.sys.stats()
+        assert stats.syscalls.get("ring.quarantined", 0) == before + 1
+        assert any(k.startswith("ring.") for k in stats.errors)
+        assert conn.proc.info(good).state == "running"  # the burst agent is unharmed
+        conn.proc.kill(good, grace=0)
+        assert conn.proc.wait(hostile, timeout=30).exit_status == 0  # it ran to its end
+        conn.proc.wait(good, timeout=10)
+        conn.sys.null()
+
+
+def test_agent_killed_mid_burst_leaves_the_kernel_serving(rk: KernelProcess) -> None:
+    with rk.connect() as conn:
+        pid = conn.sys.stats().pid
+        for round_ in range(3):
+            before = conn.sys.stats().syscalls.get("ring.entries", 0)
+            agent_id = conn.proc.spawn(agent("ringburst"), name=f"burst{round_}")
+            assert wait_until(
+                lambda b=before: conn.sys.stats().syscalls.get("ring.entries", 0) > b + 1000)
+            conn.proc.kill(agent_id, grace=0)  # SIGKILL, mid-burst
+            info = conn.proc.wait(agent_id, timeout=10)
+            assert info.exit_status == 128 + signal.SIGKILL
+        assert ring_maps(pid) == []
+        assert run_agent(conn, "ringcheck", "ring",
+                         caps=["ipc.send@ipc/ringcheck-ring"]).result["rings"]
+
+
+def test_restarted_kernel_makes_fresh_rings(fresh_kernel: KernelProcess) -> None:
+    fresh_kernel.start()
+    with fresh_kernel.connect() as conn:
+        old = conn.proc.spawn(agent("idle"), name="old", argv=["60"])
+        old_pid = conn.proc.info(old).pid
+    fresh_kernel.stop(signal.SIGKILL)
+    fresh_kernel.start()  # crash-only recovery kills the agent and its rings go with it
+    with fresh_kernel.connect() as conn:
+        assert conn.proc.info(old).state == "lost"
+        assert wait_until(lambda: not Path(f"/proc/{old_pid}").exists()
+                          or "Z" in Path(f"/proc/{old_pid}/stat").read_text().split(")")[1][:3])
+        pid = conn.sys.stats().pid
+        assert ring_maps(pid) == []
+        info = run_agent(conn, "ringcheck", "ring", caps=["ipc.send@ipc/ringcheck-ring"])
+        assert info.result["rings"] and info.result["results"]["null"] == ["ok", None]
+        assert ring_maps(pid) == []

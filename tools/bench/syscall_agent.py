@@ -1,0 +1,87 @@
+"""One agent of tools/bench/syscall.py: sys.null in a closed loop, then its timings as result.
+
+argv: PATH (ring|zmq) BATCH START_AT SECONDS. BATCH 1 times single blocking calls; BATCH > 1
+issues that many calls at once on an asyncio connection and times the whole batch. Each agent
+idles until START_AT (wall clock), so all agents of a run overlap, then loops for SECONDS.
+"""
+
+import asyncio
+import os
+import resource
+import sys
+import time
+
+import sdk
+from sdk import layout
+
+MAX_SAMPLES = 20000
+
+
+def main() -> None:
+    path, batch, start_at, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), \
+        float(sys.argv[4])
+    if path == "zmq":
+        os.environ.pop(layout.ENV_RINGS, None)  # before the first connection claims the rings
+    if batch == 1:
+        result = blocking(start_at, seconds)
+    else:
+        result = asyncio.run(batched(batch, start_at, seconds))
+    with sdk.connect() as conn:
+        result["path"] = path
+        conn.proc.exit(result)
+
+
+def cpu_ns() -> int:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return int((usage.ru_utime + usage.ru_stime) * 1e9)
+
+
+def blocking(start_at: float, seconds: float) -> dict:
+    with sdk.connect() as conn:
+        for _ in range(200):
+            conn.sys.null()
+        late = time.time() > start_at
+        time.sleep(max(0.0, start_at - time.time()))
+        samples: list[int] = []
+        clock = time.perf_counter_ns
+        end = clock() + int(seconds * 1e9)
+        cpu = cpu_ns()
+        n = 0
+        while True:
+            t0 = clock()
+            conn.sys.null()
+            t1 = clock()
+            n += 1
+            if len(samples) < MAX_SAMPLES:
+                samples.append(t1 - t0)
+            if t1 >= end:
+                break
+        return {"calls": n, "ns": samples, "late": late, "rings": conn.uses_rings,
+                "cpu_ns": cpu_ns() - cpu}
+
+
+async def batched(batch: int, start_at: float, seconds: float) -> dict:
+    async with sdk.connect_async() as conn:
+        for _ in range(20):
+            await asyncio.gather(*(conn.sys.null() for _ in range(batch)))
+        late = time.time() > start_at
+        await asyncio.sleep(max(0.0, start_at - time.time()))
+        samples: list[int] = []
+        clock = time.perf_counter_ns
+        end = clock() + int(seconds * 1e9)
+        cpu = cpu_ns()
+        n = 0
+        while True:
+            t0 = clock()
+            await asyncio.gather(*(conn.sys.null() for _ in range(batch)))
+            t1 = clock()
+            n += batch
+            if len(samples) < MAX_SAMPLES:
+                samples.append(t1 - t0)
+            if t1 >= end:
+                break
+        return {"calls": n, "ns": samples, "late": late, "rings": conn.uses_rings,
+                "cpu_ns": cpu_ns() - cpu}
+
+
+main()
