@@ -46,14 +46,14 @@ class KernelProcess:
         self.log_path = state_dir.parent / f"{state_dir.name}.log"
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
-        self.extra_args: list[str] = ["--sandbox", TEST_TIER]
+        self.extra_args: list[str] = []
 
     def start(self, wait: bool = True) -> KernelProcess:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the kernel
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "kernel", "--state-dir", str(self.state_dir),
-             "--log-format", "text", *self.extra_args], stdout=self._log, stderr=self._log,
-            env=self.env, cwd=ROOT)
+             "--log-format", "text", "--sandbox", TEST_TIER, *self.extra_args],
+            stdout=self._log, stderr=self._log, env=self.env, cwd=ROOT)
         if wait:
             self.wait_ready()
         return self

@@ -101,6 +101,8 @@ class ModelWorker(threading.Thread):
                         or self.backend.blocking)
             if self._stopping:
                 break
+            if not self.gens and self.published.get("generations"):
+                self._publish()  # the last ones were cancelled: say so, no step will
             if self.gens and self.failed is None:
                 try:
                     self.backend.step(self)

@@ -57,6 +57,30 @@ def process_start_time(pid: int) -> int | None:
     return int(fields[19]) if len(fields) > 19 else None
 
 
+def agent_pid(pid: int, uid: int | None) -> int:
+    """The host pid of the agent itself: in the strict tier `pid` is bwrap's, and the agent
+    (the first process of its uid) sits two levels down, under bwrap's init."""
+    if uid is None:
+        return pid
+    level = [pid]
+    for _ in range(3):
+        for p in level:
+            try:
+                if os.stat(f"/proc/{p}").st_uid == uid:
+                    return p
+            except OSError:
+                continue
+        nxt = []
+        for p in level:
+            try:
+                with open(f"/proc/{p}/task/{p}/children") as f:
+                    nxt += [int(c) for c in f.read().split()]
+            except OSError:
+                continue
+        level = nxt
+    return pid
+
+
 def baseline_rules(agent_id: int) -> list[Rule]:
     """What every agent holds about itself: ping the kernel, report its own exit, read its own
     process entry and its own mailbox."""
@@ -324,16 +348,17 @@ class ProcessTable:
             self._pumps[pump.fd] = (live, pump)
             self.k.poller.register(pump.fd, 1)
         layers = json.dumps({"ok": True, "tier": report.tier, "layers": report.layers})
+        pid = agent_pid(popen.pid, uid)
         self.k.db.write("UPDATE agents SET pid=?, pid_start=?, state='running', started_at=?, "
                         "token_id=?, uid=?, layers=?, ended_at=NULL, exit_status=NULL, "
                         "result=NULL WHERE id=?",
-                        (popen.pid, process_start_time(popen.pid), time.time(), token_id, uid,
-                         layers, agent_id))
+                        (pid, process_start_time(pid), time.time(), token_id, uid, layers,
+                         agent_id))
         self.k.audit.append(by, "spawn", agent=agent_id, name=spec.name, path=spec.path,
-                            pid=popen.pid, uid=uid, sandbox=report.summary(),
+                            pid=pid, uid=uid, sandbox=report.summary(),
                             rules=[str(r) for r in granted])
         log.info("spawned", extra={"agent": agent_id, "agent_name": spec.name,
-                                   "pid": popen.pid, "sandbox": report.summary()})
+                                   "pid": pid, "sandbox": report.summary()})
         return live
 
     def _failed_start(self, agent_id: int, by: str, error: str, report: Report | None) -> None:
@@ -411,6 +436,8 @@ class ProcessTable:
         os.close(live.pidfd)
         del self.live[live.agent_id]
         dropped = self._cleanup(live)
+        if "namespaces" in sandbox.TIERS[live.spec.tier] and 128 < returncode <= 128 + 64:
+            returncode = 128 - returncode  # bwrap exits 128+N when its child died of signal N
         state = "killed" if returncode < 0 else "exited"
         status = exit_status(returncode)
         delay = self._restart_delay(live, status)
