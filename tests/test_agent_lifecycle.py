@@ -216,3 +216,17 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tiny_model(seed=0).save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path
+
+
+@sandboxed
+def test_agents_cannot_start_weaker_or_larger_children(kernel: KernelProcess) -> None:
+    tries = [
+        {"path": agent("exits"), "sandbox": "none"},  # a weaker tier
+        {"path": agent("exits"), "limits": {"open_files": 100000}},  # more than it has
+        {"path": str(kernel.state_dir / "secret.key")},  # code it cannot read
+        {"path": agent("exits"), "limits": {"open_files": 32}},  # tighter: fine
+    ]
+    with kernel.connect() as conn:
+        a = conn.proc.spawn(agent("nested"), argv=[json.dumps(tries)], caps=["proc.spawn"])
+        said = conn.proc.wait(a, timeout=60).result
+    assert said[:3] == ["EPERM", "EPERM", "EPERM"] and said[3].startswith("spawned"), said

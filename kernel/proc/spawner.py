@@ -195,6 +195,8 @@ class Sandboxes:
         try:
             launch = sandbox.Launch(policy, argv)
         except ValueError as exc:
+            if socket_dir is not None:
+                self.unbind_endpoint(socket_dir)
             raise fault(abi.ErrorCode.EINVAL, f"cannot sandbox this agent: {exc}") from None
         return Prepared(launch, policy, endpoint, socket_dir, log_bytes)
 
