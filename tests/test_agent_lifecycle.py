@@ -6,8 +6,10 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 import signal
 import sqlite3
+import tempfile
 import time
 from pathlib import Path
 
@@ -230,3 +232,47 @@ def test_agents_cannot_start_weaker_or_larger_children(kernel: KernelProcess) ->
         a = conn.proc.spawn(agent("nested"), argv=[json.dumps(tries)], caps=["proc.spawn"])
         said = conn.proc.wait(a, timeout=60).result
     assert said[:3] == ["EPERM", "EPERM", "EPERM"] and said[3].startswith("spawned"), said
+
+
+@sandboxed
+def test_a_stray_agent_range_uid_is_refused_and_audited() -> None:
+    base = Path(tempfile.mkdtemp(prefix="agentos-stray-"))
+    base.chmod(0o711)  # the stray process must reach the endpoint to be judged by the kernel
+    kernel = KernelProcess(base / "state").start()
+    try:
+        _stray(kernel)
+    finally:
+        kernel.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _stray(kernel: KernelProcess) -> None:
+    with kernel.connect() as conn:
+        a = conn.proc.spawn(agent("blocker"), name="owner")
+        assert wait_until(lambda: conn.proc.logs(a).data == b"blocking\n")
+        gid = conn.proc.info(a).uid
+        endpoint = f"ipc://{kernel.state_dir}/run/agents/{a}/kernel.sock"
+        token = os.environ.get("AGENTOS_TOKEN", "x")
+        stray = 200000 + 65000  # in the agent range, belonging to no running agent
+        pid = os.fork()
+        if pid == 0:  # child: reach the endpoint by its group, as an unknown agent uid
+            code = 1
+            try:
+                os.setgroups([])
+                os.setgid(gid)
+                os.setuid(stray)
+                with sdk.Connection(endpoint, token, timeout=1.0) as c:
+                    c.sys.null()
+            except sdk.SyscallError:
+                code = 0
+            except OSError:
+                code = 2
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert conn.sys.null() is None
+        conn.proc.kill(a, grace=0)
+        conn.proc.wait(a, timeout=30)
+    assert wait_until(lambda: any(
+        e["event"] == "deny" and e["principal"] == f"uid:{stray}"
+        and e["detail"]["call"] == "connect" for e in audit_events(kernel)))
