@@ -32,6 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--listen", metavar="tcp://HOST:PORT",
                    help="also accept remote agents there, CurveZMQ-authenticated (keys: "
                         "agentos agent add-key)")
+    p.add_argument("--sandbox", choices=("none", "standard", "strict"),
+                   help="the agents' default sandbox tier (default strict); an agent whose tier "
+                        "this machine cannot apply is refused")
     p.add_argument("--daemon", action="store_true",
                    help="start in the background, wait until it answers, then exit 0; "
                         "logs go to STATE_DIR/kernel.log")
@@ -57,6 +60,8 @@ def daemonize(args: argparse.Namespace, state: Path) -> int:
         child_argv += ["--preload"]
     if args.listen:
         child_argv += ["--listen", args.listen]
+    if args.sandbox:
+        child_argv += ["--sandbox", args.sandbox]
     with open(state / "kernel.log", "ab") as logf:
         child = subprocess.Popen([sys.executable, "-m", "kernel", *child_argv],
                                  stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
@@ -99,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
             models = {m.name: m for m in flags}
         config = Config.load(args.config, state_dir=state, log_format=args.log_format,
                              log_level=args.log_level, models=models, preload=args.preload,
-                             listen=args.listen)
+                             listen=args.listen, sandbox=args.sandbox)
         if args.scheduler:
             for model in config.models.values():
                 model.scheduler = args.scheduler

@@ -95,6 +95,23 @@ class Config:
     # Models by name; the first, or the one marked default, serves calls that name none.
     models: dict[str, ModelConfig] = field(
         default_factory=lambda: {"smollm2": ModelConfig("smollm2", "smollm2", default=True)})
+    # Agent sandbox (kernel/proc/spawner.py): the tier an agent gets unless `run --sandbox`
+    # asks for another (none | standard | strict); a tier this machine cannot apply is refused.
+    sandbox: str = "strict"
+    # Per-agent uids/gids (kernel as root): base + agent id, modulo the count.
+    agent_uid_base: int = 200000
+    agent_uid_count: int = 65536
+    # Default rlimits for every agent (Limits field names: address_space, cpu_seconds,
+    # open_files, processes, file_size, tmp_bytes); `run --limit NAME=VALUE` overrides.
+    agent_limits: dict[str, int] = field(default_factory=dict)
+    # Captured stdout/stderr per agent and stream; beyond it output is dropped and counted.
+    log_bytes: int = 64 * 1024 * 1024
+    # Restart policies: backoff doubles from restart_backoff up to restart_backoff_max; after
+    # restart_max restarts in a row, each within restart_window of the last start, it stops.
+    restart_backoff: float = 0.5
+    restart_backoff_max: float = 30.0
+    restart_max: int = 5
+    restart_window: float = 60.0
 
     @property
     def default_model(self) -> str | None:
@@ -123,4 +140,24 @@ class Config:
             values["state_dir"] = Path(values["state_dir"]).expanduser().absolute()
         if "allowed_uids" in values:
             values["allowed_uids"] = tuple(values["allowed_uids"])
-        return cls(**values)
+        config = cls(**values)
+        config.check_sandbox()
+        return config
+
+    def check_sandbox(self) -> None:
+        """Refuse sandbox settings that would weaken isolation or cannot work."""
+        from kernel.proc.sandbox import TIERS, Limits
+
+        if self.sandbox not in TIERS:
+            raise ValueError(f"sandbox must be one of {', '.join(TIERS)}, not {self.sandbox!r}")
+        end = self.agent_uid_base + self.agent_uid_count
+        if self.agent_uid_base <= 0 or self.agent_uid_count <= 0 or end > 2**32 - 1:
+            raise ValueError(f"bad agent uid range {self.agent_uid_base}+{self.agent_uid_count}")
+        # An agent uid that may also connect as a user would be both.
+        if any(self.agent_uid_base <= uid < end for uid in self.allowed_uids):
+            raise ValueError("allowed_uids overlaps the agent uid range")
+        unknown = set(self.agent_limits) - set(Limits.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"agent_limits: unknown limits {', '.join(sorted(unknown))}")
+        if self.log_bytes < 0 or self.restart_max < 0 or self.restart_backoff <= 0:
+            raise ValueError("log_bytes and restart_max must be >= 0, restart_backoff > 0")

@@ -96,16 +96,23 @@ class Kernel:
 
     def boot(self) -> None:
         """Recover state and open the front door; after this the kernel answers syscalls."""
+        self.state.traversable = os.geteuid() == 0  # agents of their own uids pass through
         self.state.open()
         self.db = Database(self.state.db_path)
         self.audit = AuditLog(self.db)
         self.authority = TokenAuthority(self.state.secret_key())
         self.guard = Guard(self)
-        self.identities = Identities({os.geteuid(), 0, *self.config.allowed_uids})
+        self.identities = Identities({os.geteuid(), 0, *self.config.allowed_uids},
+                                     range(self.config.agent_uid_base,
+                                           self.config.agent_uid_base
+                                           + self.config.agent_uid_count))
         self.procs = ProcessTable(self)
+        self.identities.on_refused = self.procs.refused_peer
         self.ipc = Mailboxes(self)
         self.llm = LLMCore(self)
         self.rings = Rings(self)
+        self.procs.spawn_hooks.append(self.rings.on_spawn)
+        self.procs.reap_hooks.append(self.rings.drop)
         self.remote = Remote(self)
         self.procs.recover()
         self.db.commit()
@@ -131,7 +138,8 @@ class Kernel:
         self._write_admin_token()
         self.db.commit()
         log.info("kernel ready", extra={"state_dir": str(self.state.root), "pid": os.getpid(),
-                                        "socket": str(self.state.socket_path)})
+                                        "socket": str(self.state.socket_path),
+                                        "sandbox": self.procs.sandboxes.describe()})
         self.notifier.notify("READY=1", f"MAINPID={os.getpid()}",
                              "STATUS=answering syscalls")
 

@@ -58,6 +58,16 @@ SCHEMA = [
         hash      TEXT NOT NULL
     );
     """,
+    # version 2: the sandbox an agent runs in, its restart policy, its capped logs
+    """
+    ALTER TABLE agents ADD COLUMN sandbox TEXT;
+    ALTER TABLE agents ADD COLUMN layers TEXT;
+    ALTER TABLE agents ADD COLUMN uid INTEGER;
+    ALTER TABLE agents ADD COLUMN limits TEXT;
+    ALTER TABLE agents ADD COLUMN restart TEXT NOT NULL DEFAULT 'no';
+    ALTER TABLE agents ADD COLUMN restarts INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE agents ADD COLUMN log_dropped INTEGER NOT NULL DEFAULT 0
+    """,
 ]
 
 

@@ -25,11 +25,12 @@ from typing import TYPE_CHECKING
 import zmq
 
 from kernel.ring import RingError, RingFault, RingPair
-from sdk import abi
+from sdk import abi, layout
 from sdk.ringpath import encode_spec, fragments
 
 if TYPE_CHECKING:
     from kernel.core import Kernel
+    from kernel.proc.spawner import Extras
 
 log = logging.getLogger("kernel.rings")
 
@@ -93,6 +94,14 @@ class Rings:
         self._by_route[ring.route] = ring
         self.k.poller.register(ring.doorbell, zmq.POLLIN)
         return pair.fds(), encode_spec(pair.spec())
+
+    def on_spawn(self, agent_id: int, extras: Extras) -> None:
+        """The process table's spawn hook: the agent inherits its rings' fds and spec."""
+        made = self.create(agent_id)
+        if made is not None:
+            fds, spec = made
+            extras.fds.extend(fds)
+            extras.env[layout.ENV_RINGS] = spec
 
     def drop(self, agent_id: int) -> None:
         """The agent is gone (reaped, or never started): unmap and close its rings."""

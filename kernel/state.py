@@ -17,17 +17,17 @@ class StateError(Exception):
     """The state directory cannot be used safely; the message says why and what to do."""
 
 
-def _private_dir(path: Path) -> None:
-    """Create `path` (0700) or check an existing one is ours and tighten its mode."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+def _private_dir(path: Path, mode: int = 0o700) -> None:
+    """Create `path` (0700) or check an existing one is ours and set its mode."""
+    path.mkdir(mode=mode, parents=True, exist_ok=True)
     st = path.lstat()
     if not stat.S_ISDIR(st.st_mode):
         raise StateError(f"{path} is not a directory")
     if st.st_uid != os.geteuid():
         raise StateError(
             f"{path} belongs to uid {st.st_uid}, not to this kernel (uid {os.geteuid()})")
-    if stat.S_IMODE(st.st_mode) != 0o700:
-        os.chmod(path, 0o700)
+    if stat.S_IMODE(st.st_mode) != mode:
+        os.chmod(path, mode)
 
 
 def write_private(path: Path, data: bytes) -> None:
@@ -59,6 +59,9 @@ class StateDir:
         self.socket_path = layout.socket_path(root)
         self.admin_token_path = layout.admin_token_path(root)
         self._lock_fd: int | None = None
+        # 0711 instead of 0700 on the directories above the agents' homes and endpoints, so
+        # agents with uids of their own can pass through them (never list them) to reach those.
+        self.traversable = False
 
     def open(self) -> None:
         """Create the layout and take the lock; refuse a second kernel on the same directory."""
@@ -68,7 +71,7 @@ class StateDir:
                 "choose a shorter --state-dir")
         os.umask(0o077)
         for d in (self.root, self.run, self.agents):
-            _private_dir(d)
+            _private_dir(d, 0o711 if self.traversable else 0o700)
         fd = os.open(self.root / "kernel.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -100,11 +103,13 @@ class StateDir:
             os.close(fd)
         return key
 
-    def agent_dir(self, agent_id: int) -> Path:
-        """`agents/<id>/`: kernel-owned; holds the agent's logs and its `home/`."""
+    def agent_dir(self, agent_id: int, home: bool = True) -> Path:
+        """`agents/<id>/`: kernel-owned; holds the agent's logs and its `home/` (created here
+        for an agent of the kernel's uid; the sandbox gives others a home of their own uid)."""
         path = self.agents / str(agent_id)
-        _private_dir(path)
-        _private_dir(path / "home")
+        _private_dir(path, 0o711 if self.traversable else 0o700)
+        if home:
+            _private_dir(path / "home")
         return path
 
     def open_log(self, agent_id: int, stream: str, flags: int) -> int:

@@ -77,6 +77,14 @@ def proc_logs(k: Kernel, call: Call, args: abi.LogsArgs) -> abi.LogChunk:
     return k.procs.logs(args)
 
 
+def proc_suspend(k: Kernel, call: Call, args: abi.AgentRef) -> None:
+    k.procs.suspend(call.caller.principal, args.id)
+
+
+def proc_resume(k: Kernel, call: Call, args: abi.AgentRef) -> None:
+    k.procs.resume(call.caller.principal, args.id)
+
+
 def ipc_send(k: Kernel, call: Call, args: abi.SendArgs) -> None:
     k.ipc.send(call.caller, args)
 
@@ -139,6 +147,8 @@ SYSCALLS: dict[str, Syscall] = {
     "remote.add_key": Syscall(remote_add_key, abi.KeyArgs),
     "remote.keys": Syscall(remote_keys),
     "remote.rm_key": Syscall(remote_rm_key, abi.KeyRef),
+    "proc.suspend": Syscall(proc_suspend, abi.AgentRef, _proc),
+    "proc.resume": Syscall(proc_resume, abi.AgentRef, _proc),
 }
 
 FAMILIES = {name.split(".")[0] for name in SYSCALLS}

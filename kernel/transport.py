@@ -4,10 +4,14 @@ A ZAP handler runs before any peer's first message. On ipc:// libzmq hands it th
 SO_PEERCRED triple `uid:gid:pid`, which the connecting process cannot forge. The handler maps it
 to a principal, which libzmq then stamps on every frame of that connection as `User-Id`:
 
-- `agent:<id>` when the pid, or its nearest ancestor that the kernel spawned, is a running
-  agent. Until agents get their own uids (the sandbox issue) this pid binding is the attested
-  identity: the kernel is every agent's parent, so a dead agent's pid cannot be reused by anyone
-  before the kernel has reaped it and dropped it from the table.
+- `agent:<id>` when the uid is a sandboxed agent's own (kernel/proc/spawner.py gives every
+  agent of the standard and strict tiers a uid of its own): every process of that uid, however
+  it was forked, is that agent, and nothing else can be.
+- a uid in the agent range that belongs to no running agent is refused.
+- `agent:<id>` for an unsandboxed agent (tier none, the kernel's own uid) when the pid, or its
+  nearest ancestor that the kernel spawned, is that agent's: the kernel is every agent's
+  parent, so a dead agent's pid cannot be reused by anyone before the kernel has reaped it and
+  dropped it from the table. A double-forked orphan of such an agent is nobody's descendant.
 - `user:<uid>` for any other process whose uid is the kernel's own, root, or configured.
 - anything else is refused at the handshake.
 
@@ -45,10 +49,20 @@ def parent_pid(pid: int) -> int | None:
 class Identities:
     """The pid → agent map the ZAP handler consults; shared with the dispatch thread."""
 
-    def __init__(self, allowed_uids: set[int]) -> None:
+    def __init__(self, allowed_uids: set[int], agent_uids: range = range(0),
+                 on_refused: Callable[[int, int], None] | None = None) -> None:
         self.lock = threading.Lock()  # held across spawn + register, so no agent races its entry
         self._agents: dict[int, int] = {}
+        self._by_uid: dict[int, int] = {}
         self.allowed_uids = allowed_uids
+        self.agent_uids = agent_uids
+        self.on_refused = on_refused  # called on the ZAP thread: it must only hand work over
+
+    def register_uid(self, uid: int, agent_id: int) -> None:
+        self._by_uid[uid] = agent_id
+
+    def unregister_uid(self, uid: int) -> None:
+        self._by_uid.pop(uid, None)
 
     def register(self, pid: int, agent_id: int) -> None:
         self._agents[pid] = agent_id
@@ -57,7 +71,18 @@ class Identities:
         self._agents.pop(pid, None)
 
     def principal(self, uid: int, pid: int) -> str | None:
+        found = self._principal(uid, pid)
+        if found is None and self.on_refused is not None:
+            self.on_refused(uid, pid)
+        return found
+
+    def _principal(self, uid: int, pid: int) -> str | None:
         with self.lock:
+            agent = self._by_uid.get(uid)
+            if agent is not None:
+                return f"agent:{agent}"
+            if uid in self.agent_uids:
+                return None  # an agent's uid after the agent ended: its leftovers are nobody
             p: int | None = pid
             for _ in range(64):
                 if p is None or p <= 1:

@@ -104,6 +104,13 @@ class SpawnArgs(Args):
                     msgspec.Meta(max_length=256)] = []
     caps: Annotated[list[Annotated[str, msgspec.Meta(max_length=512)]],
                     msgspec.Meta(max_length=64)] = []
+    # The sandbox tier (None: the kernel's default), restart policy and rlimit overrides
+    # (names of kernel/proc/sandbox.py's Limits, plus log_bytes for the captured streams).
+    sandbox: Annotated[str, msgspec.Meta(pattern=r"^(none|standard|strict)$")] | None = None
+    restart: Annotated[str, msgspec.Meta(pattern=r"^(no|on-failure|always)$")] = "no"
+    limits: Annotated[dict[Annotated[str, msgspec.Meta(max_length=32)],
+                           Annotated[int, msgspec.Meta(ge=0, le=2**62)]],
+                      msgspec.Meta(max_length=16)] = {}
 
 
 class WaitArgs(Args):
@@ -215,6 +222,12 @@ class AgentInfo(msgspec.Struct, frozen=True, omit_defaults=True):
     ended_at: float | None = None
     exit_status: int | None = None
     result: Any = None
+    sandbox: str | None = None  # the tier it runs in
+    layers: str | None = None  # what the launcher applied, one line
+    uid: int | None = None  # its own uid, in the tiers that give it one
+    restart: str | None = None  # no | on-failure | always
+    restarts: int = 0
+    log_dropped: int = 0  # stdout+stderr bytes dropped over the log cap
 
 
 class LogChunk(msgspec.Struct, frozen=True):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from sdk import abi
@@ -17,10 +17,22 @@ class Proc:
         self._conn = conn
 
     def spawn(self, path: str, *, name: str | None = None, argv: Sequence[str] = (),
-              caps: Sequence[str] = ()) -> int:
-        """Start the agent program at `path`; `caps` are rules `OP[@RESOURCE]` for its token."""
-        args = abi.SpawnArgs(path=path, name=name, argv=list(argv), caps=list(caps))
+              caps: Sequence[str] = (), sandbox: str | None = None, restart: str = "no",
+              limits: Mapping[str, int] | None = None) -> int:
+        """Start the agent program at `path`; `caps` are rules `OP[@RESOURCE]` for its token.
+        `sandbox` is none | standard | strict (None: the kernel's default), `restart` is
+        no | on-failure | always, `limits` overrides rlimits (e.g. {"address_space": 1 << 30})
+        and the captured log size ("log_bytes")."""
+        args = abi.SpawnArgs(path=path, name=name, argv=list(argv), caps=list(caps),
+                             sandbox=sandbox, restart=restart, limits=dict(limits or {}))
         return self._conn.call("proc.spawn", args, int)
+
+    def suspend(self, agent_id: int) -> None:
+        """Stop every process of the agent (SIGSTOP) and hold its queued LLM requests."""
+        return self._conn.call("proc.suspend", abi.AgentRef(id=agent_id), type(None))
+
+    def resume(self, agent_id: int) -> None:
+        return self._conn.call("proc.resume", abi.AgentRef(id=agent_id), type(None))
 
     def ps(self) -> list[abi.AgentInfo]:
         return self._conn.call("proc.ps", None, list[abi.AgentInfo])

@@ -18,6 +18,26 @@ ROOT = Path(__file__).resolve().parent.parent
 AGENTS = Path(__file__).resolve().parent / "agents"
 
 
+def _best_tier() -> str:
+    """The strongest sandbox tier this machine applies (AGENTOS_TEST_SANDBOX overrides): test
+    kernels boot with it as their default, so the suite runs agents the way production does."""
+    from kernel.proc import sandbox
+
+    if os.environ.get("AGENTOS_TEST_SANDBOX"):
+        return os.environ["AGENTOS_TEST_SANDBOX"]
+    probe = sandbox.probe()
+    for tier in ("strict", "standard"):
+        try:
+            sandbox.plan(tier, probe)
+            return tier
+        except sandbox.SandboxUnavailable:
+            pass
+    return "none"
+
+
+TEST_TIER = _best_tier()
+
+
 class KernelProcess:
     """A kernel booted with `python -m kernel` in its own state dir."""
 
@@ -32,8 +52,8 @@ class KernelProcess:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the kernel
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "kernel", "--state-dir", str(self.state_dir),
-             "--log-format", "text", *self.extra_args], stdout=self._log, stderr=self._log,
-            env=self.env, cwd=ROOT)
+             "--log-format", "text", "--sandbox", TEST_TIER, *self.extra_args],
+            stdout=self._log, stderr=self._log, env=self.env, cwd=ROOT)
         if wait:
             self.wait_ready()
         return self

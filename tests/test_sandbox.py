@@ -352,9 +352,12 @@ def test_foreign_home_exits_with_identity_status(base: Path) -> None:
 
 
 @needs_root
-def test_missing_bwrap_exits_with_namespaces_status(base: Path) -> None:
+def test_missing_bwrap_exits_with_namespaces_status(base: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     uid = uid_for(2)
     policy = make_policy("strict", base, uid)
+    # No bwrap where the launch is prepared (nor where it runs): the launcher must refuse.
+    monkeypatch.setenv("PATH", "/nonexistent")
     run = run_agent(policy, [sys.executable, "-c", "pass"], env={"PATH": "/nonexistent"})
     assert run.returncode == LaunchExit.NAMESPACES and "bwrap" in run.report.error
 

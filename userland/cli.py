@@ -52,9 +52,12 @@ def cmd_boot(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from userland.proc_cli import spawn_options
+
     path = Path(args.path).expanduser().absolute()
     with _connect(args) as conn:
-        agent_id = conn.proc.spawn(str(path), name=args.name, argv=args.args, caps=args.cap)
+        agent_id = conn.proc.spawn(str(path), name=args.name, argv=args.args, caps=args.cap,
+                                   **spawn_options(args))
         if not args.wait:
             print(agent_id)
             return 0
@@ -67,16 +70,20 @@ def cmd_ps(args: argparse.Namespace) -> int:
     with _connect(args) as conn:
         agents = conn.proc.ps()
     if not args.all:
-        agents = [a for a in agents if a.state in ("starting", "running")]
+        agents = [a for a in agents if a.state in ("starting", "running", "suspended",
+                                                   "restarting")]
     if args.json:
         _json(agents)
         return 0
-    print(f"{'ID':>5}  {'NAME':<20} {'STATE':<8} {'PID':>7} {'STATUS':>6}  {'STARTED':<19}  PATH")
+    print(f"{'ID':>5}  {'NAME':<20} {'STATE':<8} {'PID':>7} {'STATUS':>6}  {'STARTED':<19}  "
+          f"{'SANDBOX':<8}  PATH")
     for a in agents:
         status = "-" if a.exit_status is None else str(a.exit_status)
         pid = "-" if a.pid is None else str(a.pid)
         print(f"{a.id:>5}  {a.name:<20} {a.state:<8} {pid:>7} {status:>6}  "
-              f"{_when(a.started_at):<19}  {a.path}")
+              f"{_when(a.started_at):<19}  {a.sandbox or '-':<8}  {a.path}")
+        if args.layers:
+            print(f"       {a.layers or '-'}")
     return 0
 
 
@@ -186,10 +193,15 @@ def parser() -> argparse.ArgumentParser:
                     help="grant a right, e.g. ipc.send@ipc/bob or 'proc.*' (repeatable)")
     sp.add_argument("--wait", action="store_true",
                     help="wait for it, print its result and exit with its status")
+    from userland.proc_cli import add_run_arguments
+
+    add_run_arguments(sp)
 
     sp = command("ps", cmd_ps, "list agents (running ones unless -a)")
     sp.add_argument("-a", "--all", action="store_true", help="include agents that have ended")
     sp.add_argument("--json", action="store_true")
+    sp.add_argument("-l", "--layers", action="store_true",
+                    help="show the sandbox layers applied to each agent")
 
     sp = command("info", cmd_info, "show one agent")
     sp.add_argument("id", type=int)
@@ -222,6 +234,9 @@ def parser() -> argparse.ArgumentParser:
     from userland.agent_cli import add_commands as add_agent_commands
 
     add_agent_commands(sub)
+    from userland import proc_cli
+
+    proc_cli.add_commands(sub)
     return p
 
 

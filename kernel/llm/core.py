@@ -78,6 +78,11 @@ class LLMCore:
         self.k.counts[f"llm.model.{name}"] += 1
         return self.k.park(call, call.timeout_ms)
 
+    def pause(self, principal: str, paused: bool) -> None:
+        """Suspend (or resume) an agent's LLM requests on every model."""
+        for worker in self.workers.values():
+            worker.pause(principal, paused)
+
     def cancel(self, call: Call, args: abi.CancelArgs) -> None:
         target = self.k.find_parked(call.route, args.request)
         if target is None or target.name != "llm.chat":

@@ -58,6 +58,7 @@ class ModelWorker(threading.Thread):
         self._published_at = 0.0
         self._want_load = threading.Event()
         self._stopping = False
+        self.paused: set[str] = set()  # shared with the backend's scheduler once loaded
 
     # --- the loop thread's side --------------------------------------------------------------
 
@@ -67,6 +68,11 @@ class ModelWorker(threading.Thread):
 
     def cancel(self, gen_id: int) -> None:
         self.inbox.put(("cancel", gen_id))
+
+    def pause(self, agent: str, paused: bool) -> None:
+        """Hold (or release) an agent's requests: its scheduler gives them no batch place."""
+        self.inbox.put(("call", lambda: (self.paused.add if paused else self.paused.discard)(
+            agent)))
 
     def load_now(self) -> None:
         self._want_load.set()
@@ -85,6 +91,7 @@ class ModelWorker(threading.Thread):
             return
         try:
             self.backend = self._load()
+            self.backend.sched.paused = self.paused
         except Exception as exc:  # any load failure: every request gets the reason
             self.failed = str(exc) or type(exc).__name__
             log.error("model unavailable", extra={"model": self.config.name,
@@ -94,6 +101,8 @@ class ModelWorker(threading.Thread):
                         or self.backend.blocking)
             if self._stopping:
                 break
+            if not self.gens and self.published.get("generations"):
+                self._publish()  # the last ones were cancelled: say so, no step will
             if self.gens and self.failed is None:
                 try:
                     self.backend.step(self)

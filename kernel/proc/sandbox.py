@@ -340,10 +340,20 @@ def launch_argv(policy: Policy, argv: Sequence[str], *, policy_fd: int | None = 
     if not argv or not os.path.isabs(argv[0]):
         raise ValueError("argv[0] must be an absolute path (the launcher does not search PATH)")
     cmd = [python, "-I", "-S", "-c", BOOT, str(PROJECT_ROOT)]
+    bwrap = shutil.which("bwrap") if "namespaces" in policy.layers else None
+    if bwrap is not None and policy_fd is not None:
+        # Straight into bwrap, saving the launcher's outer stage (a whole interpreter start):
+        # the caller's Popen closes the other fds, bwrap --die-with-parent ties the sandbox to
+        # the caller, and the inner launcher checks it is in fresh namespaces.
+        from kernel.proc.launch import bwrap_argv, namespace_ids
+
+        cmd += ["--inside", namespace_ids()]
     cmd += ["--policy-fd", str(policy_fd)] if policy_fd is not None else ["--policy",
                                                                           policy.to_json()]
     if report_fd is not None:
         cmd += ["--report-fd", str(report_fd)]
+    if bwrap is not None and policy_fd is not None:
+        return bwrap_argv(bwrap, policy, [*cmd, "--", *argv])
     return [*cmd, "--", *argv]
 
 

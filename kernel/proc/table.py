@@ -1,8 +1,12 @@
 """The process table: agents as OS processes the kernel spawns, watches, waits for and kills.
 
-Rows live in SQLite (they survive the kernel); the live part (Popen, pidfd) lives here. Each
-child is watched through a pidfd in the dispatch loop's poller, so an exit is noticed in the
-same iteration it happens, with no SIGCHLD handler.
+Rows live in SQLite (they survive the kernel); the live part (Popen, pidfd, log pipes) lives
+here. Each child is watched through a pidfd in the dispatch loop's poller, so an exit is noticed
+in the same iteration it happens, with no SIGCHLD handler. Every agent starts through the
+sandbox launcher (kernel/proc/spawner.py): in the standard and strict tiers it runs as a uid of
+its own, which is then its identity and the handle to signal all its processes at once.
+Restart policies (`no`, `on-failure`, `always`) bring an agent back under the same id with
+exponential backoff until a crash-loop cap; a new kernel reconciles the table the same way.
 """
 
 from __future__ import annotations
@@ -11,30 +15,35 @@ import json
 import logging
 import os
 import re
+import resource
 import signal
 import stat
 import subprocess
-import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-import sdk
 from kernel.access.tokens import Capability, Rule, rules_cover
-from sdk import abi, layout
+from kernel.proc import sandbox
+from kernel.proc.logs import LogPump
+from kernel.proc.sandbox import LAYER_EXIT, Report
+from kernel.proc.spawner import AgentSpec, Extras, Sandboxes, SpawnHook
+from sdk import abi
 
 if TYPE_CHECKING:
     from kernel.core import Call, Kernel
 
 log = logging.getLogger("kernel.proc")
 
-LIVE_STATES = ("starting", "running")
-# The project root, so an agent finds `sdk` even when agentos runs from a source checkout.
-_SDK_ROOT = str(Path(sdk.__file__).resolve().parent.parent)
-_ENV_PASSTHROUGH = ("PATH", "LANG", "LC_ALL", "TZ")
+LIVE_STATES = ("starting", "running", "suspended", "restarting")
+_SQL_LIVE = "state IN ('starting', 'running', 'suspended', 'restarting')"
+_INFO_COLUMNS = ("id, name, state, path, pid, started_at, ended_at, exit_status, {result}, "
+                 "sandbox, layers, uid, restart, restarts, log_dropped")
+_LAYER_STATUSES = {int(status) for status in LAYER_EXIT.values()}
 
 
 def process_start_time(pid: int) -> int | None:
@@ -46,6 +55,30 @@ def process_start_time(pid: int) -> int | None:
         return None
     fields = stat[stat.rfind(b")") + 2:].split()
     return int(fields[19]) if len(fields) > 19 else None
+
+
+def agent_pid(pid: int, uid: int | None) -> int:
+    """The host pid of the agent itself: in the strict tier `pid` is bwrap's, and the agent
+    (the first process of its uid) sits two levels down, under bwrap's init."""
+    if uid is None:
+        return pid
+    level = [pid]
+    for _ in range(3):
+        for p in level:
+            try:
+                if os.stat(f"/proc/{p}").st_uid == uid:
+                    return p
+            except OSError:
+                continue
+        nxt = []
+        for p in level:
+            try:
+                with open(f"/proc/{p}/task/{p}/children") as f:
+                    nxt += [int(c) for c in f.read().split()]
+            except OSError:
+                continue
+        level = nxt
+    return pid
 
 
 def baseline_rules(agent_id: int) -> list[Rule]:
@@ -60,13 +93,27 @@ def exit_status(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
+def _fault(code: abi.ErrorCode, message: str) -> Exception:
+    from kernel.core import Fault
+
+    return Fault(code, message)
+
+
 @dataclass(eq=False)
 class Live:
     agent_id: int
     name: str
     popen: subprocess.Popen[bytes]
     pidfd: int
-    exiting: bool = False
+    spec: AgentSpec
+    uid: int | None = None  # its own uid (standard and strict tiers)
+    home: str = ""
+    socket_dir: Path | None = None
+    pumps: list[LogPump] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+    exiting: bool = False  # it called proc.exit
+    stopping: bool = False  # killed on purpose: never restarted
+    suspended: bool = False
 
 
 class ProcessTable:
@@ -74,17 +121,32 @@ class ProcessTable:
         self.k = kernel
         self.live: dict[int, Live] = {}
         self._by_fd: dict[int, Live] = {}
+        self._pumps: dict[int, tuple[Live, LogPump]] = {}
         self._waiters: dict[int, list[Call]] = {}
+        self._pending: dict[int, AgentSpec] = {}  # waiting out a restart backoff
+        self._streak: dict[int, int] = {}  # restarts in a row, each soon after its start
+        self.sandboxes = Sandboxes(kernel)
+        # Other subsystems' per-agent resources (the syscall rings): a spawn hook adds fds and
+        # environment to an agent's start, a reap hook releases them when it ends.
+        self.spawn_hooks: list[SpawnHook] = []
+        self.reap_hooks: list[Callable[[int], None]] = []
+        # Each agent holds a pidfd, two pipes and an endpoint: lift the soft fd limit.
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
     # --- recovery ----------------------------------------------------------------------------
 
     def recover(self) -> None:
-        """Crash-only start: agents the table still calls live belonged to a dead kernel. They
-        are marked lost, and any still running (same pid, same start time) are killed."""
-        rows = self.k.db.read("SELECT id, pid, pid_start FROM agents WHERE state IN (?, ?)",
-                              LIVE_STATES)
+        """Crash-only start: agents the table still calls live belonged to a dead kernel. Any
+        still running are killed (every process of their uid; or same pid and start time);
+        then each is restarted if its policy says so, else marked lost."""
+        rows = self.k.db.read(f"SELECT id, pid, pid_start, uid, restart FROM agents "
+                              f"WHERE {_SQL_LIVE}")
         now = time.time()
-        for agent_id, pid, pid_start in rows:
+        for agent_id, pid, pid_start, uid, restart in rows:
+            if uid is not None and self.sandboxes.can_isolate:
+                sandbox.kill_uid(uid)
             if pid and pid_start and process_start_time(pid) == pid_start:
                 try:
                     os.killpg(pid, signal.SIGKILL)
@@ -93,12 +155,23 @@ class ProcessTable:
                 except PermissionError:
                     log.warning("cannot kill orphaned agent",
                                 extra={"agent": agent_id, "pid": pid})
+            self.k.audit.append("kernel", "lost", agent=agent_id, pid=pid, restart=restart)
+            if restart in ("always", "on-failure"):
+                self.k.db.write("UPDATE agents SET state='restarting' WHERE id=?", (agent_id,))
+                self._pending[agent_id] = self._spec(agent_id)
+                self.k.after(0, lambda a=agent_id: self._restart(a))
+                continue
             self.k.db.write("UPDATE agents SET state='lost', ended_at=? WHERE id=?",
                             (now, agent_id))
             self.k.db.write("DELETE FROM messages WHERE receiver=?", (agent_id,))
-            self.k.audit.append("kernel", "lost", agent=agent_id, pid=pid)
         if rows:
             log.warning("agents lost by the previous kernel", extra={"count": len(rows)})
+
+    def refused_peer(self, uid: int, pid: int) -> None:
+        """The ZAP handler refused a connection (called on its thread): audit it on the loop."""
+        if getattr(self.k, "_post_fd", -1) >= 0:
+            self.k.post(lambda: self.k.guard.deny(
+                f"uid:{uid}", "connect", None, f"pid {pid} is no running agent and no user"))
 
     # --- queries -----------------------------------------------------------------------------
 
@@ -114,110 +187,189 @@ class ProcessTable:
 
     def _row(self, agent_id: int, with_result: bool = True) -> abi.AgentInfo:
         rows = self.k.db.read(
-            "SELECT id, name, state, path, pid, started_at, ended_at, exit_status, result "
-            "FROM agents WHERE id=?", (agent_id,))
+            f"SELECT {_INFO_COLUMNS.format(result='result')} FROM agents WHERE id=?",
+            (agent_id,))
         if not rows:
-            from kernel.core import Fault
-
-            raise Fault(abi.ErrorCode.ENOENT, f"no agent {agent_id}")
+            raise _fault(abi.ErrorCode.ENOENT, f"no agent {agent_id}")
         return self._info(rows[0], with_result)
 
-    @staticmethod
-    def _info(row: Any, with_result: bool) -> abi.AgentInfo:
-        agent_id, name, state, path, pid, started, ended, status, result = row
+    def _info(self, row: Any, with_result: bool) -> abi.AgentInfo:
+        (agent_id, name, state, path, pid, started, ended, status, result, tier, layers, uid,
+         restart, restarts, dropped) = row
         value = msgspec.msgpack.decode(result) if (with_result and result is not None) else None
+        live = self.live.get(agent_id)
+        if live is not None:
+            dropped += sum(p.dropped for p in live.pumps)
+        summary = Report(**json.loads(layers)).summary() if layers else None
         return abi.AgentInfo(id=agent_id, name=name, state=state, path=path, pid=pid,
-                             started_at=started, ended_at=ended, exit_status=status, result=value)
+                             started_at=started, ended_at=ended, exit_status=status, result=value,
+                             sandbox=tier, layers=summary, uid=uid, restart=restart,
+                             restarts=restarts, log_dropped=dropped)
 
     def info(self, agent_id: int) -> abi.AgentInfo:
         return self._row(agent_id)
 
     def ps(self) -> list[abi.AgentInfo]:
         rows = self.k.db.read(
-            "SELECT id, name, state, path, pid, started_at, ended_at, exit_status, NULL "
-            "FROM agents ORDER BY id")
+            f"SELECT {_INFO_COLUMNS.format(result='NULL')} FROM agents ORDER BY id")
         return [self._info(r, False) for r in rows]
+
+    def _spec(self, agent_id: int) -> AgentSpec:
+        name, path, argv, caps, tier, limits, restart = self.k.db.read(
+            "SELECT name, path, argv, caps, sandbox, limits, restart FROM agents WHERE id=?",
+            (agent_id,))[0]
+        return AgentSpec(agent_id, name, path, json.loads(argv), json.loads(caps),
+                         tier or "none", json.loads(limits or "{}"), restart or "no")
 
     # --- spawn -------------------------------------------------------------------------------
 
     def spawn(self, caller_principal: str, cap: Capability, args: abi.SpawnArgs) -> int:
-        from kernel.core import Fault
         from kernel.syscalls import known_op
 
         if self.k.draining:
-            raise Fault(abi.ErrorCode.EAGAIN, "the kernel is shutting down")
+            raise _fault(abi.ErrorCode.EAGAIN, "the kernel is shutting down")
         path = Path(args.path)
         if not path.is_absolute():
-            raise Fault(abi.ErrorCode.EINVAL, f"path must be absolute: {args.path}")
+            raise _fault(abi.ErrorCode.EINVAL, f"path must be absolute: {args.path}")
+        parent = self._caller_live(caller_principal)
+        if parent is not None:
+            self._check_reachable(parent, args.path)
         if not path.is_file():
-            raise Fault(abi.ErrorCode.ENOENT, f"no such file: {args.path}")
+            raise _fault(abi.ErrorCode.ENOENT, f"no such file: {args.path}")
         name = args.name or re.sub(r"[^A-Za-z0-9_.-]", "-", path.stem)[:64].lstrip("-.") or "agent"
         if self.live_by_name(name) is not None:
-            raise Fault(abi.ErrorCode.EBUSY, f"an agent named {name!r} is already running")
+            raise _fault(abi.ErrorCode.EBUSY, f"an agent named {name!r} is already running")
         try:
             rules = [Rule.parse(text) for text in args.caps]
         except ValueError as exc:
-            raise Fault(abi.ErrorCode.EINVAL, f"bad capability: {exc}") from None
+            raise _fault(abi.ErrorCode.EINVAL, f"bad capability: {exc}") from None
         for rule in rules:
             if not known_op(rule.op):
-                raise Fault(abi.ErrorCode.EINVAL, f"bad capability {rule}: no syscall {rule.op!r}")
+                raise _fault(abi.ErrorCode.EINVAL,
+                             f"bad capability {rule}: no syscall {rule.op!r}")
         if not all(rules_cover(held, rules) for held in cap.rule_sets):
-            raise Fault(abi.ErrorCode.EPERM, "cannot grant rights the caller does not hold: "
-                        + ", ".join(map(str, rules)))
+            raise _fault(abi.ErrorCode.EPERM, "cannot grant rights the caller does not hold: "
+                         + ", ".join(map(str, rules)))
+        tier = self.sandboxes.tier(args.sandbox, parent.spec.tier if parent else None)
+        limits = self.sandboxes.limits(args.limits, parent.spec.limits if parent else None)
 
         cur = self.k.db.write(
-            "INSERT INTO agents (name, path, argv, caps, spawned_by, state) VALUES (?,?,?,?,?,?)",
+            "INSERT INTO agents (name, path, argv, caps, spawned_by, state, sandbox, limits, "
+            "restart) VALUES (?,?,?,?,?,?,?,?,?)",
             (name, str(path), json.dumps(args.argv), json.dumps(args.caps), caller_principal,
-             "starting"))
+             "starting", tier, json.dumps(limits), args.restart))
         agent_id = int(cur.lastrowid)
-        granted = baseline_rules(agent_id) + rules
+        spec = AgentSpec(agent_id, name, str(path), list(args.argv), list(args.caps), tier,
+                         limits, args.restart)
+        self._start(spec, caller_principal)
+        return agent_id
+
+    def _caller_live(self, principal: str) -> Live | None:
+        kind, _, ident = principal.partition(":")
+        return self.live.get(int(ident)) if kind == "agent" else None
+
+    def _check_reachable(self, parent: Live, path: str) -> None:
+        """An agent may start only code it can read itself (its own code's directory or its
+        home): the child's code directory becomes readable to the child."""
+        real = os.path.realpath(path)
+        roots = [os.path.dirname(os.path.realpath(parent.spec.path)), parent.home]
+        if not any(root and (real == root or real.startswith(root.rstrip("/") + "/"))
+                   for root in roots):
+            raise _fault(abi.ErrorCode.EPERM, f"{path} is outside what this agent can read")
+
+    def _start(self, spec: AgentSpec, by: str) -> Live:
+        """Mint the agent's token and start it in its sandbox; on refusal the row says
+        `failed` and a typed Fault says why."""
+        agent_id = spec.agent_id
+        granted = baseline_rules(agent_id) + [Rule.parse(text) for text in spec.caps]
         token = self.k.authority.mint(f"agent:{agent_id}", granted)
         token_id = self.record_token(token)
-        home = self.k.state.agent_dir(agent_id) / "home"
-        env = {k: os.environ[k] for k in _ENV_PASSTHROUGH if k in os.environ}
-        env.update({
-            "HOME": str(home),
-            "PYTHONPATH": _SDK_ROOT,
-            "PYTHONUNBUFFERED": "1",
-            layout.ENV_ENDPOINT: f"ipc://{self.k.state.socket_path}",
-            layout.ENV_TOKEN: token,
-            layout.ENV_AGENT_ID: str(agent_id),
-            layout.ENV_AGENT_NAME: name,
-        })
-        # rings: the agent's syscall rings, passed by fd (kernel/rings.py)
-        rings = self.k.rings.create(agent_id)
-        if rings is not None:
-            env[layout.ENV_RINGS] = rings[1]
-        argv = [sys.executable, "-m", "sdk.runner", str(path), *args.argv]
+        uid = None
+        if "identity" in sandbox.TIERS[spec.tier]:
+            uid = self.sandboxes.allocate_uid(
+                agent_id, {lv.uid for lv in self.live.values() if lv.uid is not None})
+        extras = Extras()
+        try:
+            for hook in self.spawn_hooks:
+                hook(agent_id, extras)
+            prepared = self.sandboxes.prepare(spec, token, uid, extras)
+        except Exception as exc:
+            self._failed_start(agent_id, by, str(exc), None)
+            raise
+        launch = prepared.launch
+        pumps: list[LogPump] = []
+        child_ends: list[int] = []
         append = os.O_WRONLY | os.O_CREAT | os.O_APPEND
-        with (open(self.k.state.open_log(agent_id, "stdout", append), "ab") as out,
-              open(self.k.state.open_log(agent_id, "stderr", append), "ab") as err):
+        try:
+            for stream in ("stdout", "stderr"):
+                read_end, write_end = os.pipe2(os.O_CLOEXEC)
+                child_ends.append(write_end)
+                log_fd = self.k.state.open_log(agent_id, stream, append)
+                pumps.append(LogPump(agent_id, stream, read_end, log_fd, prepared.log_bytes))
             with self.k.identities.lock:
-                try:
-                    popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
-                                             stderr=err, env=env, cwd=home, close_fds=True,
-                                             start_new_session=True,
-                                             pass_fds=rings[0] if rings else ())  # rings
-                except OSError as exc:
-                    self.k.rings.drop(agent_id)  # rings
-                    self.k.db.write("UPDATE agents SET state='failed', ended_at=? WHERE id=?",
-                                    (time.time(), agent_id))
-                    raise Fault(abi.ErrorCode.EIO, f"cannot start agent: {exc}") from None
-                self.k.identities.register(popen.pid, agent_id)
-        pidfd = os.pidfd_open(popen.pid)
-        live = Live(agent_id, name, popen, pidfd)
+                if uid is not None:
+                    self.k.identities.register_uid(uid, agent_id)
+                popen = subprocess.Popen(launch.argv, pass_fds=launch.pass_fds,
+                                         stdin=subprocess.DEVNULL, stdout=child_ends[0],
+                                         stderr=child_ends[1], env={}, cwd="/",
+                                         start_new_session=True)
+                if uid is None:
+                    self.k.identities.register(popen.pid, agent_id)
+        except OSError as exc:
+            with self.k.identities.lock:
+                if uid is not None:
+                    self.k.identities.unregister_uid(uid)
+            for pump in pumps:
+                pump.close()
+            launch.close()
+            self._release(agent_id, prepared.socket_dir)
+            self._failed_start(agent_id, by, f"cannot start agent: {exc}", None)
+            raise _fault(abi.ErrorCode.EIO, f"cannot start agent: {exc}") from None
+        finally:
+            for fd in child_ends:
+                os.close(fd)
+        report = launch.report(timeout=15)
+        launch.close()
+        live = Live(agent_id, spec.name, popen, os.pidfd_open(popen.pid), spec, uid,
+                    prepared.policy.home or "", prepared.socket_dir, pumps)
+        if not report.ok:
+            self._kill_now(live)
+            popen.wait()
+            os.close(live.pidfd)
+            self._cleanup(live)
+            code = (abi.ErrorCode.ENOSYS if report.status in _LAYER_STATUSES
+                    else abi.ErrorCode.EPERM)
+            self._failed_start(agent_id, by, report.error, report)
+            raise _fault(code, f"agent {agent_id} could not start: {report.error}")
         self.live[agent_id] = live
-        self._by_fd[pidfd] = live
-        self.k.poller.register(pidfd, 1)  # POLLIN: the process has exited
+        self._by_fd[live.pidfd] = live
+        self.k.poller.register(live.pidfd, 1)  # POLLIN: the process has exited
+        for pump in pumps:
+            self._pumps[pump.fd] = (live, pump)
+            self.k.poller.register(pump.fd, 1)
+        layers = json.dumps({"ok": True, "tier": report.tier, "layers": report.layers})
+        pid = agent_pid(popen.pid, uid)
         self.k.db.write("UPDATE agents SET pid=?, pid_start=?, state='running', started_at=?, "
-                        "token_id=? WHERE id=?",
-                        (popen.pid, process_start_time(popen.pid), time.time(), token_id,
+                        "token_id=?, uid=?, layers=?, ended_at=NULL, exit_status=NULL, "
+                        "result=NULL WHERE id=?",
+                        (pid, process_start_time(pid), time.time(), token_id, uid, layers,
                          agent_id))
-        self.k.audit.append(caller_principal, "spawn", agent=agent_id, name=name, path=str(path),
-                            pid=popen.pid, rules=[str(r) for r in granted])
-        log.info("spawned", extra={"agent": agent_id, "agent_name": name,
-                                   "pid": popen.pid})
-        return agent_id
+        self.k.audit.append(by, "spawn", agent=agent_id, name=spec.name, path=spec.path,
+                            pid=pid, uid=uid, sandbox=report.summary(),
+                            rules=[str(r) for r in granted])
+        log.info("spawned", extra={"agent": agent_id, "agent_name": spec.name,
+                                   "pid": pid, "sandbox": report.summary()})
+        return live
+
+    def _failed_start(self, agent_id: int, by: str, error: str, report: Report | None) -> None:
+        layers = None
+        if report is not None:
+            layers = json.dumps({"ok": False, "tier": report.tier, "layers": report.layers,
+                                 "status": report.status, "error": report.error})
+        self.k.db.write("UPDATE agents SET state='failed', ended_at=?, layers=? WHERE id=?",
+                        (time.time(), layers, agent_id))
+        self.k.audit.append(by, "spawn-failed", agent=agent_id, error=error)
+        log.warning("agent could not start", extra={"agent": agent_id, "error": error})
 
     def record_token(self, token: str) -> str:
         cap = self.k.authority.verify(token)
@@ -226,38 +378,137 @@ class ProcessTable:
                         (cap.token_id, cap.parent_id, cap.subject, cap.issued_at, cap.expires_at))
         return cap.token_id
 
-    # --- exit, wait, kill --------------------------------------------------------------------
+    # --- exit, restart, wait, kill -----------------------------------------------------------
 
     def on_exit_fd(self, fd: int) -> None:
+        """A watched fd is ready: an agent's pidfd (it exited) or one of its log pipes."""
         live = self._by_fd.get(fd)
         if live is not None:
             self._reaped(live, live.popen.wait())
+            return
+        entry = self._pumps.get(fd)
+        if entry is not None and not entry[1].pump():
+            self._close_pump(entry[1])
+
+    def _close_pump(self, pump: LogPump) -> None:
+        if not pump.closed:
+            self._pumps.pop(pump.fd, None)
+            self.k.poller.unregister(pump.fd)
+            pump.close()
+
+    def _release(self, agent_id: int, socket_dir: Path | None) -> None:
+        if socket_dir is not None:
+            self.sandboxes.unbind_endpoint(socket_dir)
+        for hook in self.reap_hooks:
+            try:
+                hook(agent_id)
+            except Exception:
+                log.exception("reap hook failed", extra={"agent": agent_id})
+
+    def _cleanup(self, live: Live) -> int:
+        """Whatever the agent held besides its row: every process of its uid, its identity,
+        its log pipes (drained first), its endpoint, other subsystems' resources. Returns the
+        bytes its logs dropped."""
+        with self.k.identities.lock:
+            if live.uid is not None:
+                self.k.identities.unregister_uid(live.uid)
+            else:
+                self.k.identities.unregister(live.popen.pid)
+        if live.uid is not None:
+            sandbox.kill_uid(live.uid)  # a double-forked child outlives nothing
+        dropped = 0
+        for pump in live.pumps:
+            if not pump.closed:
+                pump.pump(budget=1 << 24)
+            dropped += pump.dropped
+            if pump.capped:
+                self.k.audit.append("kernel", "log-capped", agent=live.agent_id,
+                                    stream=pump.stream, cap=pump.cap, dropped=pump.dropped)
+            self._close_pump(pump)
+        self._release(live.agent_id, live.socket_dir)
+        if live.suspended:
+            self.k.llm.pause(f"agent:{live.agent_id}", False)
+        return dropped
 
     def _reaped(self, live: Live, returncode: int) -> None:
         self._by_fd.pop(live.pidfd, None)
         self.k.poller.unregister(live.pidfd)
         os.close(live.pidfd)
-        with self.k.identities.lock:
-            self.k.identities.unregister(live.popen.pid)
         del self.live[live.agent_id]
-        self.k.rings.drop(live.agent_id)  # rings: closed, and gone with the agent
+        dropped = self._cleanup(live)
+        if "namespaces" in sandbox.TIERS[live.spec.tier] and 128 < returncode <= 128 + 64:
+            returncode = 128 - returncode  # bwrap exits 128+N when its child died of signal N
         state = "killed" if returncode < 0 else "exited"
         status = exit_status(returncode)
-        self.k.db.write("UPDATE agents SET state=?, exit_status=?, ended_at=? WHERE id=?",
-                        (state, status, time.time(), live.agent_id))
+        delay = self._restart_delay(live, status)
+        if delay == -1:
+            state = "failed"
+            self.k.audit.append("kernel", "crash-loop", agent=live.agent_id,
+                                restarts=self._streak.pop(live.agent_id, 0) - 1)
+        elif delay is not None:
+            state = "restarting"
+        elif (self.k.draining and not live.stopping and live.spec.restart != "no"
+              and not (live.spec.restart == "on-failure" and status == 0)):
+            state = "restarting"  # stopped by the shutdown: the next kernel restarts it
+        self.k.db.write("UPDATE agents SET state=?, exit_status=?, ended_at=?, "
+                        "log_dropped=log_dropped+? WHERE id=?",
+                        (state, status, time.time(), dropped, live.agent_id))
         self.k.audit.append("kernel", "exit", agent=live.agent_id, status=status, state=state)
         log.info("agent ended", extra={"agent": live.agent_id, "state": state, "status": status})
         self.k.cancel_calls_of(live.agent_id)
-        self.k.ipc.drop(live.agent_id)
-        waiters = self._waiters.pop(live.agent_id, [])
+        if delay is not None and delay >= 0:
+            self._pending[live.agent_id] = live.spec
+            self.k.after(delay, lambda: self._restart(live.agent_id))
+            return
+        self._streak.pop(live.agent_id, None)
+        self._ended(live.agent_id)
+
+    def _ended(self, agent_id: int) -> None:
+        """The agent is over for good: its mailbox goes, its waiters get its final row."""
+        self.k.ipc.drop(agent_id)
+        waiters = self._waiters.pop(agent_id, [])
         if waiters:
-            info = self._row(live.agent_id)
+            info = self._row(agent_id)
             for call in waiters:
                 self.k.reply(call, info)
 
+    def _restart_delay(self, live: Live, status: int) -> float | None:
+        """Seconds until the agent's restart, None for no restart, -1 for a crash loop."""
+        policy = live.spec.restart
+        if (policy == "no" or live.stopping or self.k.draining
+                or (policy == "on-failure" and status == 0)):
+            return None
+        cfg = self.k.config
+        streak = 0 if time.monotonic() - live.started >= cfg.restart_window else (
+            self._streak.get(live.agent_id, 0))
+        if streak >= cfg.restart_max:
+            self._streak[live.agent_id] = streak + 1
+            return -1
+        self._streak[live.agent_id] = streak + 1
+        return min(cfg.restart_backoff_max, cfg.restart_backoff * 2 ** streak)
+
+    def _restart(self, agent_id: int) -> None:
+        spec = self._pending.pop(agent_id, None)
+        if spec is None:
+            return  # killed while waiting
+        if self.k.draining:
+            self.k.db.write("UPDATE agents SET state='killed' WHERE id=?", (agent_id,))
+            self._ended(agent_id)
+            return
+        from kernel.core import Fault
+
+        self.k.db.write("UPDATE agents SET restarts=restarts+1 WHERE id=?", (agent_id,))
+        try:
+            self._start(spec, "kernel")
+        except Fault as exc:
+            log.warning("restart failed", extra={"agent": agent_id, "error": exc.message})
+            self._ended(agent_id)
+            return
+        self.k.audit.append("kernel", "restart", agent=agent_id)
+
     def wait(self, call: Call, args: abi.WaitArgs) -> Any:
         info = self._row(args.id)
-        if args.id not in self.live:
+        if args.id not in self.live and args.id not in self._pending:
             return info
         waiters = self._waiters.setdefault(args.id, [])
         waiters.append(call)
@@ -268,10 +519,15 @@ class ProcessTable:
         live = self.live.get(agent_id)
         if live is None:
             self._row(agent_id)  # ENOENT for an agent that never existed
-            from kernel.core import Fault
-
-            raise Fault(abi.ErrorCode.ENOENT, f"agent {agent_id} is not running")
+            if self._pending.pop(agent_id, None) is not None:
+                self.k.audit.append(caller_principal, "kill", agent=agent_id, grace=grace)
+                self.k.db.write("UPDATE agents SET state='killed' WHERE id=?", (agent_id,))
+                self._streak.pop(agent_id, None)
+                self._ended(agent_id)
+                return
+            raise _fault(abi.ErrorCode.ENOENT, f"agent {agent_id} is not running")
         self.k.audit.append(caller_principal, "kill", agent=agent_id, grace=grace)
+        live.stopping = True
         self._terminate(live, grace)
 
     def _terminate(self, live: Live, grace: float) -> None:
@@ -282,19 +538,64 @@ class ProcessTable:
     def _signal(self, live: Live, sig: int) -> None:
         if self.live.get(live.agent_id) is not live:
             return  # already reaped
+        if sig == signal.SIGKILL:
+            self._kill_now(live)
+            return
+        self._send(live, sig)
+        if live.suspended and sig == signal.SIGTERM:
+            self._send(live, signal.SIGCONT)  # a stopped process would never see the TERM
+
+    def _send(self, live: Live, sig: int) -> None:
+        if live.uid is not None:
+            # Every process of its uid, whatever session or pid namespace it moved to.
+            sandbox.kill_uid(live.uid, sig)
+            return
         try:
             os.killpg(live.popen.pid, sig)  # its whole process group: agents may fork
         except ProcessLookupError:
             pass
 
+    def _kill_now(self, live: Live) -> None:
+        self._send(live, signal.SIGKILL)
+        try:
+            os.kill(live.popen.pid, signal.SIGKILL)  # the strict tier's bwrap, a root process
+        except ProcessLookupError:
+            pass
+
+    def suspend(self, caller_principal: str, agent_id: int) -> None:
+        """SIGSTOP every process of the agent and hold its queued LLM requests."""
+        live = self._running(agent_id)
+        if live.suspended:
+            raise _fault(abi.ErrorCode.EBUSY, f"agent {agent_id} is already suspended")
+        self._send(live, signal.SIGSTOP)
+        live.suspended = True
+        self.k.llm.pause(f"agent:{agent_id}", True)
+        self.k.db.write("UPDATE agents SET state='suspended' WHERE id=?", (agent_id,))
+        self.k.audit.append(caller_principal, "suspend", agent=agent_id)
+
+    def resume(self, caller_principal: str, agent_id: int) -> None:
+        live = self._running(agent_id)
+        if not live.suspended:
+            raise _fault(abi.ErrorCode.EBUSY, f"agent {agent_id} is not suspended")
+        self._send(live, signal.SIGCONT)
+        live.suspended = False
+        self.k.llm.pause(f"agent:{agent_id}", False)
+        self.k.db.write("UPDATE agents SET state='running' WHERE id=?", (agent_id,))
+        self.k.audit.append(caller_principal, "resume", agent=agent_id)
+
+    def _running(self, agent_id: int) -> Live:
+        live = self.live.get(agent_id)
+        if live is None or live.exiting:
+            self._row(agent_id)
+            raise _fault(abi.ErrorCode.ENOENT, f"agent {agent_id} is not running")
+        return live
+
     def exit(self, agent_id: int, result: Any) -> None:
         """The agent declares itself done: record its result; it must exit within the grace."""
         blob = msgspec.msgpack.encode(result)
         if len(blob) > self.k.config.result_bytes:
-            from kernel.core import Fault
-
-            raise Fault(abi.ErrorCode.EINVAL, f"result is {len(blob)} bytes, over the "
-                        f"{self.k.config.result_bytes}-byte limit")
+            raise _fault(abi.ErrorCode.EINVAL, f"result is {len(blob)} bytes, over the "
+                         f"{self.k.config.result_bytes}-byte limit")
         self.k.db.write("UPDATE agents SET result=? WHERE id=?", (blob, agent_id))
         live = self.live[agent_id]
         live.exiting = True
@@ -312,17 +613,19 @@ class ProcessTable:
         except FileNotFoundError:
             data, size = b"", 0
         except OSError as exc:  # ELOOP from O_NOFOLLOW: something replaced the log
-            from kernel.core import Fault
-
             self.k.audit.append("kernel", "log-tampered", agent=args.id, stream=args.stream,
                                 error=str(exc))
-            raise Fault(abi.ErrorCode.EPERM, f"log of agent {args.id} was tampered with") from None
+            raise _fault(abi.ErrorCode.EPERM, f"log of agent {args.id} was tampered with") from None
         end = args.offset + len(data)
-        return abi.LogChunk(data=data, offset=end, eof=args.id not in self.live and end >= size)
+        ended = args.id not in self.live and args.id not in self._pending
+        return abi.LogChunk(data=data, offset=end, eof=ended and end >= size)
 
     # --- shutdown ----------------------------------------------------------------------------
 
     def terminate_all(self, grace: float) -> None:
+        """Stop every agent for shutdown. Agents with a restart policy stay `restarting` in the
+        table, so the next kernel brings them back (`recover`)."""
+        self._pending.clear()
         for live in list(self.live.values()):
             self._terminate(live, grace)
 

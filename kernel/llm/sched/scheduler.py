@@ -63,6 +63,8 @@ class Scheduler(ABC):
         self._waiting: dict[int, Job] = {}  # in the order they entered the queue
         self._running: dict[int, Job] = {}  # in the order they were admitted
         self._now = -math.inf
+        # Agents whose requests wait, running ones preempted, until resumed (proc.suspend).
+        self.paused: set[str] = set()
 
     def submit(self, job: Job, now: float) -> None:
         """Queue a new job; raises BudgetExceeded (nothing queued) if its agent is over budget."""
@@ -115,7 +117,10 @@ class Scheduler(ABC):
         if capacity < 0:
             raise ValueError("capacity must be >= 0")
         stop = self._stop_spent()
-        run, preempt = self._select(now, Slots(capacity, self.budget.caps() if self.budget else {}))
+        caps = self.budget.caps() if self.budget else {}
+        if self.paused:  # a paused agent gets no place in the batch, as if capped at zero
+            caps = {**caps, **dict.fromkeys(self.paused, 0)}
+        run, preempt = self._select(now, Slots(capacity, caps))
         for job in run:
             if job.id in self._waiting:
                 del self._waiting[job.id]

@@ -1,0 +1,63 @@
+"""An agent's captured stream: a pipe the kernel drains into a log file, up to a size cap.
+
+The agent writes into a pipe, never into the file: past the cap the kernel keeps reading (so
+the agent is not blocked forever) but drops and counts the bytes, so no agent can fill the
+disk. Each readiness event reads a bounded amount, so a flooding agent gets backpressure
+(its pipe fills and its writes block) instead of the dispatch loop's time.
+"""
+
+from __future__ import annotations
+
+import os
+
+READ_BUDGET = 256 * 1024  # bytes taken from one pipe per loop iteration
+CHUNK = 64 * 1024
+
+
+class LogPump:
+    def __init__(self, agent_id: int, stream: str, read_fd: int, log_fd: int, cap: int) -> None:
+        self.agent_id = agent_id
+        self.stream = stream
+        self.fd = read_fd
+        self.log_fd = log_fd
+        self.cap = cap
+        self.size = os.fstat(log_fd).st_size  # a restarted agent appends to the same log
+        self.dropped = 0
+        self.capped = False  # the cap was reached during this run (audited once)
+        os.set_blocking(read_fd, False)
+
+    @property
+    def closed(self) -> bool:
+        return self.fd < 0
+
+    def pump(self, budget: int = READ_BUDGET) -> bool:
+        """Move what the pipe holds, at most `budget` bytes; False once the writers are gone."""
+        while budget > 0:
+            try:
+                data = os.read(self.fd, min(CHUNK, budget))
+            except BlockingIOError:
+                return True
+            except OSError:
+                return False
+            if not data:
+                return False
+            budget -= len(data)
+            room = max(0, self.cap - self.size)
+            keep = data[:room]
+            if keep:
+                try:
+                    os.write(self.log_fd, keep)
+                    self.size += len(keep)
+                except OSError:
+                    keep = b""  # the disk is full or the log is gone: drop, never stall
+            if len(keep) < len(data):
+                self.dropped += len(data) - len(keep)
+                self.capped = True
+        return True
+
+    def close(self) -> None:
+        for name in ("fd", "log_fd"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)

@@ -1,0 +1,235 @@
+"""How the kernel starts an agent inside its sandbox: tier, uid, home, endpoint, env, limits.
+
+The process table decides *whether* to start an agent; this module turns an `AgentSpec` into a
+sandbox `Policy` and the launcher command (kernel/proc/sandbox.py, launch.py), and owns the
+per-agent endpoint: agents with a uid of their own reach the kernel only through
+`run/agents/<id>/kernel.sock` (root:agent-gid 0660 in a 0710 directory), an extra endpoint of
+the kernel's one ROUTER, so no agent can even connect to another agent's endpoint or the
+admin one. Agents of tier `none` run as the kernel's uid and use the main socket.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kernel.proc import sandbox
+from kernel.proc.sandbox import Limits, Policy, SandboxUnavailable
+from sdk import abi, layout
+
+if TYPE_CHECKING:
+    from kernel.core import Kernel
+
+log = logging.getLogger("kernel.proc")
+
+STRENGTH = {"none": 0, "standard": 1, "strict": 2}
+RESTART_POLICIES = ("no", "on-failure", "always")
+LOG_LIMIT = "log_bytes"  # a spawn limit that is not an rlimit: the captured streams' cap
+LIMIT_NAMES = frozenset({f.name for f in dataclasses.fields(Limits)} | {LOG_LIMIT})
+_ENV_PASSTHROUGH = ("LANG", "LC_ALL", "TZ")
+_PATH = "/usr/local/bin:/usr/bin:/bin"
+# The project root, so an agent finds `sdk` even when agentos runs from a source checkout.
+SDK_ROOT = str(Path(sandbox.PROJECT_ROOT))
+
+
+@dataclass
+class AgentSpec:
+    """Everything a start needs. It is kept in the agent's row, so a restart (or a new kernel
+    reconciling the table) starts the same agent again."""
+
+    agent_id: int
+    name: str
+    path: str
+    argv: list[str]
+    caps: list[str]
+    tier: str
+    limits: dict[str, int]  # overrides of the kernel's defaults, by LIMIT_NAMES
+    restart: str = "no"
+
+
+@dataclass
+class Extras:
+    """What other subsystems hand an agent at start (the syscall rings): fds the agent inherits
+    at the same numbers and environment entries. Spawn hooks fill it; reap hooks undo it."""
+
+    fds: list[int] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+
+
+SpawnHook = Callable[[int, Extras], None]
+
+
+@dataclass
+class Prepared:
+    """A start ready to exec: the launcher and what the process table must remember."""
+
+    launch: sandbox.Launch
+    policy: Policy
+    endpoint: str  # what the agent connects to
+    socket_dir: Path | None  # its own endpoint's directory, if it has one
+    log_bytes: int
+
+
+def fault(code: abi.ErrorCode, message: str) -> Exception:
+    from kernel.core import Fault
+
+    return Fault(code, message)
+
+
+class Sandboxes:
+    def __init__(self, kernel: Kernel) -> None:
+        self.k = kernel
+        self.probe = sandbox.probe()
+        self.agent_uids = range(kernel.config.agent_uid_base,
+                                kernel.config.agent_uid_base + kernel.config.agent_uid_count)
+
+    @property
+    def can_isolate(self) -> bool:
+        """Whether agents can get uids of their own (the kernel is root)."""
+        return "identity" not in self.probe.missing
+
+    def available(self) -> list[str]:
+        tiers = []
+        for tier in sandbox.TIERS:
+            try:
+                sandbox.plan(tier, self.probe)
+            except SandboxUnavailable:
+                continue
+            tiers.append(tier)
+        return tiers
+
+    # --- deciding ----------------------------------------------------------------------------
+
+    def tier(self, requested: str | None, caller_tier: str | None) -> str:
+        """The tier to start in: the request, else the kernel's default (never weaker than the
+        spawning agent's own); refused (ENOSYS) when this machine cannot apply it."""
+        tier = requested or self.k.config.sandbox
+        if requested is None and caller_tier is not None and (
+                STRENGTH[caller_tier] > STRENGTH[tier]):
+            tier = caller_tier
+        if caller_tier is not None and STRENGTH[tier] < STRENGTH[caller_tier]:
+            raise fault(abi.ErrorCode.EPERM, f"an agent in the {caller_tier} sandbox cannot "
+                        f"start one in the weaker {tier} tier")
+        try:
+            sandbox.plan(tier, self.probe)
+        except SandboxUnavailable as exc:
+            raise fault(abi.ErrorCode.ENOSYS, str(exc)) from None
+        return tier
+
+    def limits(self, requested: dict[str, int], caller: dict[str, int] | None) -> dict[str, int]:
+        """Validated overrides; a spawning agent cannot give its child more than it has."""
+        unknown = sorted(set(requested) - LIMIT_NAMES)
+        if unknown:
+            raise fault(abi.ErrorCode.EINVAL, f"unknown limits {', '.join(unknown)} (known: "
+                        f"{', '.join(sorted(LIMIT_NAMES))})")
+        if "tmp_bytes" in requested and requested["tmp_bytes"] <= 0:
+            raise fault(abi.ErrorCode.EINVAL, "tmp_bytes must be positive")
+        if caller is not None:
+            mine, theirs = self.effective(caller), self.effective(requested)
+            for name, cap in mine.items():
+                want = theirs.get(name)
+                if cap is not None and (want is None or want > cap):
+                    raise fault(abi.ErrorCode.EPERM, f"cannot give a child {name}={want}: the "
+                                f"caller's own limit is {cap}")
+        return dict(requested)
+
+    def effective(self, overrides: dict[str, int]) -> dict[str, int | None]:
+        """The limits an agent runs with: Limits' defaults, the config's, then its own."""
+        values: dict[str, int | None] = dataclasses.asdict(Limits())
+        values[LOG_LIMIT] = self.k.config.log_bytes
+        values.update(self.k.config.agent_limits)
+        values.update(overrides)
+        return values
+
+    def allocate_uid(self, agent_id: int, in_use: set[int]) -> int:
+        return sandbox.allocate_uid(agent_id, self.k.config.agent_uid_base,
+                                    self.k.config.agent_uid_count, in_use)
+
+    # --- preparing ---------------------------------------------------------------------------
+
+    def prepare(self, spec: AgentSpec, token: str, uid: int | None,
+                extras: Extras) -> Prepared:
+        """Home, endpoint, environment and policy for one start, and its launcher."""
+        values = self.effective(spec.limits)
+        log_bytes = int(values.pop(LOG_LIMIT) or 0)
+        limits = Limits(**values)  # type: ignore[arg-type]
+        agent_dir = self.k.state.agent_dir(spec.agent_id, home=uid is None)
+        home = agent_dir / "home"
+        socket_dir = None
+        if uid is None:
+            endpoint = f"ipc://{self.k.state.socket_path}"
+        else:
+            sandbox.prepare_home(home, uid, uid)
+            socket_dir = self.bind_endpoint(spec.agent_id, uid)
+            endpoint = f"ipc://{socket_dir / 'kernel.sock'}"
+        env = {k: os.environ[k] for k in _ENV_PASSTHROUGH if k in os.environ}
+        env.update({
+            "HOME": str(home),
+            "PATH": _PATH if uid is not None else os.environ.get("PATH", _PATH),
+            "PYTHONPATH": SDK_ROOT,
+            "PYTHONUNBUFFERED": "1",
+            layout.ENV_ENDPOINT: endpoint,
+            layout.ENV_TOKEN: token,
+            layout.ENV_AGENT_ID: str(spec.agent_id),
+            layout.ENV_AGENT_NAME: spec.name,
+        })
+        if uid is not None:
+            env["PYTHONDONTWRITEBYTECODE"] = "1"  # the code is read-only to the agent
+            if spec.tier == "standard":
+                env["TMPDIR"] = str(home)  # the host's /tmp is out of reach; strict has its own
+        env.update(extras.env)
+        code_dir = os.path.dirname(spec.path)
+        policy = Policy(
+            tier=spec.tier, uid=uid, gid=uid, home=str(home),
+            readable=sandbox.default_readable(code_dir) if uid is not None else (),
+            socket_dir=str(socket_dir) if socket_dir else None, limits=limits,
+            keep_fds=tuple(extras.fds), env=env)
+        argv = [sys.executable, "-m", "sdk.runner", spec.path, *spec.argv]
+        try:
+            launch = sandbox.Launch(policy, argv)
+        except ValueError as exc:
+            if socket_dir is not None:
+                self.unbind_endpoint(socket_dir)
+            raise fault(abi.ErrorCode.EINVAL, f"cannot sandbox this agent: {exc}") from None
+        return Prepared(launch, policy, endpoint, socket_dir, log_bytes)
+
+    # --- per-agent endpoints -----------------------------------------------------------------
+
+    def endpoints_dir(self) -> Path:
+        return self.k.state.run / "agents"
+
+    def bind_endpoint(self, agent_id: int, gid: int) -> Path:
+        parent = self.endpoints_dir()
+        parent.mkdir(mode=0o711, exist_ok=True)
+        os.chmod(parent, 0o711)
+        path = parent / str(agent_id)
+        sock = path / "kernel.sock"
+        if len(str(sock)) > layout.MAX_IPC_PATH:
+            raise fault(abi.ErrorCode.EINVAL, f"agent endpoint {sock} is longer than "
+                        f"{layout.MAX_IPC_PATH} bytes; boot the kernel with a shorter state dir")
+        sandbox.prepare_socket_dir(path, gid)
+        if sock.exists() or sock.is_symlink():
+            sock.unlink()  # a stale endpoint from a dead kernel
+        self.k.router.bind(f"ipc://{sock}")
+        os.chown(sock, os.geteuid(), gid, follow_symlinks=False)
+        os.chmod(sock, 0o660)
+        return path
+
+    def unbind_endpoint(self, socket_dir: Path) -> None:
+        sock = socket_dir / "kernel.sock"
+        try:
+            self.k.router.unbind(f"ipc://{sock}")
+        except Exception as exc:  # zmq.ZMQError: already gone; never fail a reap over it
+            log.warning("unbind failed", extra={"endpoint": str(sock), "error": str(exc)})
+        shutil.rmtree(socket_dir, ignore_errors=True)
+
+    def describe(self) -> dict[str, Any]:
+        return {"available": self.available(), "missing": self.probe.missing,
+                "default": self.k.config.sandbox, "landlock_abi": self.probe.landlock_abi}

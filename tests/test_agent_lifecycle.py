@@ -1,0 +1,278 @@
+"""Agents through the real kernel: sandbox tiers, uid identity, suspend/resume, log caps,
+restart policies, reconciliation after a kernel crash, cleanup within a second of death."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+import sdk
+from kernel.access.audit import AuditLog
+from kernel.db import Database
+from kernel.llm.sched import FairShare, Job
+from tests.conftest import TEST_TIER, KernelProcess, agent, wait_until
+
+sandboxed = pytest.mark.skipif(TEST_TIER == "none", reason="no sandbox tier on this machine "
+                               "(needs root; strict also needs bubblewrap)")
+
+
+def audit_events(k: KernelProcess) -> list[dict]:
+    return AuditLog(Database(k.state_dir / "kernel.db")).rows(limit=100000)
+
+
+def ticks(conn: sdk.Connection, agent_id: int) -> int:
+    lines = conn.proc.logs(agent_id, limit=1 << 20).data.split()
+    return len(lines)
+
+
+def test_ps_and_info_show_the_tier_and_layers(kernel: KernelProcess) -> None:
+    with kernel.connect() as conn:
+        a = conn.proc.spawn(agent("exits"), argv=["0"], name="tiers")
+        info = conn.proc.wait(a, timeout=30)
+    assert info.sandbox == TEST_TIER and info.layers.startswith(f"{TEST_TIER}:")
+    if TEST_TIER != "none":
+        assert info.uid is not None and f"uid {info.uid}" in info.layers
+    out = kernel.cli("ps", "-a", "-l")
+    assert out.returncode == 0 and TEST_TIER in out.stdout and info.layers in out.stdout
+
+
+def test_unavailable_tier_is_refused_not_weakened(fresh_kernel: KernelProcess) -> None:
+    # No bubblewrap on this kernel's PATH: strict cannot be applied, so it must be refused.
+    fresh_kernel.env["PATH"] = "/nonexistent"
+    fresh_kernel.extra_args = ["--sandbox", "strict"]
+    fresh_kernel.start()
+    with fresh_kernel.connect() as conn:
+        with pytest.raises(sdk.SyscallError) as info:
+            conn.proc.spawn(agent("exits"))
+        assert info.value.code.name == "ENOSYS"
+        assert "namespaces" in info.value.message and "weaker tier" in info.value.message
+        weaker = conn.proc.spawn(agent("exits"), sandbox="none")  # asked for explicitly
+        assert conn.proc.wait(weaker, timeout=30).exit_status == 0
+    out = fresh_kernel.cli("run", agent("exits"))
+    assert out.returncode == 1 and "ENOSYS" in out.stderr and "strict" in out.stderr
+
+
+@sandboxed
+def test_double_forked_child_is_still_its_agent(kernel: KernelProcess) -> None:
+    with kernel.connect() as conn:
+        a = conn.proc.spawn(agent("forker"), argv=[str(kernel.state_dir / "admin.token")])
+        assert conn.proc.wait(a, timeout=30).exit_status == 0
+        out = json.loads(conn.proc.logs(a).data.decode().strip().splitlines()[-1])
+    assert out.get("info") == a, out  # attested by uid: its token's audience matches
+    assert out["admin_token"] in ("PermissionError", "FileNotFoundError"), out
+
+
+@sandboxed
+def test_agents_see_only_their_own_endpoint(kernel: KernelProcess) -> None:
+    with kernel.connect() as conn:
+        a = conn.proc.spawn(agent("blocker"), name="ep")
+        assert wait_until(lambda: conn.proc.logs(a).data == b"blocking\n")
+        endpoint = kernel.state_dir / "run" / "agents" / str(a)
+        st = os.stat(endpoint)
+        assert st.st_mode & 0o777 == 0o710 and st.st_gid == conn.proc.info(a).uid
+        assert os.stat(endpoint / "kernel.sock").st_mode & 0o777 == 0o660
+        conn.proc.kill(a, grace=0)
+        conn.proc.wait(a, timeout=30)
+    assert wait_until(lambda: not endpoint.exists())  # unbound and removed at reap
+
+
+def test_suspend_stops_the_agent_and_resume_continues_it(kernel: KernelProcess) -> None:
+    with kernel.connect() as conn:
+        a = conn.proc.spawn(agent("ticker"), name="ticker")
+        assert wait_until(lambda: ticks(conn, a) >= 3)
+        assert kernel.cli("suspend", str(a)).returncode == 0
+        assert conn.proc.info(a).state == "suspended"
+        time.sleep(0.1)
+        frozen = ticks(conn, a)
+        time.sleep(0.4)
+        assert ticks(conn, a) == frozen
+        with pytest.raises(sdk.SyscallError) as info:
+            conn.proc.suspend(a)
+        assert info.value.code.name == "EBUSY"
+        assert kernel.cli("resume", str(a)).returncode == 0
+        assert wait_until(lambda: ticks(conn, a) > frozen + 3)
+        conn.proc.suspend(a)  # killing a suspended agent still ends it
+        conn.proc.kill(a, grace=2)
+        info_ = conn.proc.wait(a, timeout=30)
+    assert info_.state == "killed" and info_.exit_status == 128 + signal.SIGTERM
+    events = [e["event"] for e in audit_events(kernel) if e["detail"].get("agent") == a]
+    assert events.count("suspend") == 2 and "resume" in events
+
+
+def test_paused_agents_get_no_batch_place() -> None:
+    sched = FairShare()
+    for i, who in enumerate(["agent:1", "agent:2", "agent:1", "agent:2"]):
+        sched.submit(Job(i, who, float(i), 4, 8), float(i))
+    plan = sched.schedule(10.0, 4)
+    assert len(plan.run) == 4
+    sched.paused.add("agent:1")
+    plan = sched.schedule(11.0, 4)
+    assert {j.agent for j in plan.run} == {"agent:2"}
+    assert {j.agent for j in plan.preempt} == {"agent:1"}  # running ones leave the batch
+    assert {j.agent for j in sched.waiting()} == {"agent:1"}
+    sched.paused.discard("agent:1")
+    assert len(sched.schedule(12.0, 4).run) == 4
+
+
+def test_log_cap_on_a_chatty_agent(kernel: KernelProcess) -> None:
+    with kernel.connect() as conn:
+        a = conn.proc.spawn(agent("ticker"), name="chatty", limits={"log_bytes": 64})
+        assert wait_until(lambda: conn.proc.info(a).log_dropped > 0)
+        conn.proc.kill(a, grace=0)
+        info = conn.proc.wait(a, timeout=30)
+    assert (kernel.state_dir / "agents" / str(a) / "stdout").stat().st_size == 64
+    assert info.log_dropped > 0
+    capped = [e for e in audit_events(kernel) if e["event"] == "log-capped"
+              and e["detail"]["agent"] == a]
+    assert capped and capped[0]["detail"]["dropped"] == info.log_dropped
+
+
+def _restart_kernel(fresh_kernel: KernelProcess, tmp_path: Path) -> KernelProcess:
+    config = tmp_path / "agentos.toml"
+    config.write_text("[kernel]\nrestart_backoff = 0.05\nrestart_max = 3\n")
+    fresh_kernel.extra_args = ["--config", str(config)]
+    return fresh_kernel.start()
+
+
+def test_on_failure_restarts_with_backoff_until_the_crash_loop_cap(
+        fresh_kernel: KernelProcess, tmp_path: Path) -> None:
+    k = _restart_kernel(fresh_kernel, tmp_path)
+    with k.connect() as conn:
+        ok = conn.proc.spawn(agent("exits"), argv=["0"], restart="on-failure", name="fine")
+        bad = conn.proc.spawn(agent("exits"), argv=["3"], restart="on-failure", name="crashy")
+        assert conn.proc.wait(ok, timeout=30).restarts == 0
+        info = conn.proc.wait(bad, timeout=60)  # waits through the restarts
+    assert info.state == "failed" and info.exit_status == 3 and info.restarts == 3
+    events = [e for e in audit_events(k) if e["detail"].get("agent") == bad]
+    assert [e["event"] for e in events].count("restart") == 3
+    assert any(e["event"] == "crash-loop" for e in events)
+    gaps = [b["ts"] - a["ts"] for a, b in itertools.pairwise(events)
+            if a["event"] == "exit" and b["event"] == "spawn"]
+    assert len(gaps) == 3 and gaps[2] > gaps[0]  # the backoff doubles
+
+
+def test_always_restarts_and_survives_a_kernel_crash(fresh_kernel: KernelProcess,
+                                                      tmp_path: Path) -> None:
+    k = _restart_kernel(fresh_kernel, tmp_path)
+    with k.connect() as conn:
+        a = conn.proc.spawn(agent("ticker"), restart="always", name="svc")
+        lost = conn.proc.spawn(agent("ticker"), name="plain")
+        assert wait_until(lambda: ticks(conn, a) >= 2 and ticks(conn, lost) >= 2)
+        first_pid = conn.proc.info(a).pid
+    k.stop(signal.SIGKILL)
+    db = sqlite3.connect(k.state_dir / "kernel.db")
+    assert db.execute("SELECT restart FROM agents WHERE id=?", (a,)).fetchone() == ("always",)
+    db.close()
+    k.start()  # reconcile: the `always` agent comes back under its id, the other is lost
+    with k.connect() as conn:
+        assert wait_until(lambda: conn.proc.info(a).state == "running"
+                          and conn.proc.info(a).pid != first_pid)
+        assert conn.proc.info(a).restarts == 1
+        assert conn.proc.info(lost).state == "lost"
+        conn.proc.kill(a, grace=0)  # killed on purpose: not restarted
+        assert conn.proc.wait(a, timeout=30).state == "killed"
+        time.sleep(0.3)
+        assert conn.proc.info(a).state == "killed"
+
+
+def test_death_cancels_calls_and_frees_llm_requests_within_a_second(
+        tmp_path: Path, tiny_dir: Path) -> None:
+    k = KernelProcess(tmp_path / "state")
+    k.extra_args = ["--model", f"tiny={tiny_dir}", "--preload"]
+    k.start()
+    try:
+        with k.connect() as conn:
+            blocker = conn.proc.spawn(agent("blocker"), name="blocked")
+            talker = conn.proc.spawn(agent("longchat"), caps=["llm.chat"], name="talker")
+            assert wait_until(lambda: conn.proc.logs(talker).data == b"streaming\n", 60)
+            assert wait_until(lambda: conn.proc.logs(blocker).data == b"blocking\n")
+            assert wait_until(lambda: conn.sys.stats().calls_parked >= 2)
+            assert wait_until(lambda: conn.sys.stats().models["tiny"]["generations"] >= 1)
+            start = time.monotonic()
+            for a in (blocker, talker):
+                os.kill(conn.proc.info(a).pid, signal.SIGKILL)
+            assert wait_until(lambda: conn.sys.stats().calls_parked == 0, timeout=1.0)
+            assert wait_until(lambda: conn.sys.stats().models["tiny"]["generations"] == 0,
+                              timeout=1.0)
+            elapsed = time.monotonic() - start
+            assert elapsed < 1.0
+            assert conn.sys.null() is None
+    finally:
+        k.stop()
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.tinymodel import tiny_model, tiny_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    tiny_model(seed=0).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@sandboxed
+def test_agents_cannot_start_weaker_or_larger_children(kernel: KernelProcess) -> None:
+    tries = [
+        {"path": agent("exits"), "sandbox": "none"},  # a weaker tier
+        {"path": agent("exits"), "limits": {"open_files": 100000}},  # more than it has
+        {"path": str(kernel.state_dir / "secret.key")},  # code it cannot read
+        {"path": agent("exits"), "limits": {"open_files": 32}},  # tighter: fine
+    ]
+    with kernel.connect() as conn:
+        a = conn.proc.spawn(agent("nested"), argv=[json.dumps(tries)], caps=["proc.spawn"])
+        said = conn.proc.wait(a, timeout=60).result
+    assert said[:3] == ["EPERM", "EPERM", "EPERM"] and said[3].startswith("spawned"), said
+
+
+@sandboxed
+def test_a_stray_agent_range_uid_is_refused_and_audited() -> None:
+    base = Path(tempfile.mkdtemp(prefix="agentos-stray-"))
+    base.chmod(0o711)  # the stray process must reach the endpoint to be judged by the kernel
+    kernel = KernelProcess(base / "state").start()
+    try:
+        _stray(kernel)
+    finally:
+        kernel.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _stray(kernel: KernelProcess) -> None:
+    with kernel.connect() as conn:
+        a = conn.proc.spawn(agent("blocker"), name="owner")
+        assert wait_until(lambda: conn.proc.logs(a).data == b"blocking\n")
+        gid = conn.proc.info(a).uid
+        endpoint = f"ipc://{kernel.state_dir}/run/agents/{a}/kernel.sock"
+        token = os.environ.get("AGENTOS_TOKEN", "x")
+        stray = 200000 + 65000  # in the agent range, belonging to no running agent
+        pid = os.fork()
+        if pid == 0:  # child: reach the endpoint by its group, as an unknown agent uid
+            code = 1
+            try:
+                os.setgroups([])
+                os.setgid(gid)
+                os.setuid(stray)
+                with sdk.Connection(endpoint, token, timeout=1.0) as c:
+                    c.sys.null()
+            except sdk.SyscallError:
+                code = 0
+            except OSError:
+                code = 2
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert conn.sys.null() is None
+        conn.proc.kill(a, grace=0)
+        conn.proc.wait(a, timeout=30)
+    assert wait_until(lambda: any(
+        e["event"] == "deny" and e["principal"] == f"uid:{stray}"
+        and e["detail"]["call"] == "connect" for e in audit_events(kernel)))

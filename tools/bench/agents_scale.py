@@ -1,0 +1,213 @@
+"""Agent scale benchmark: spawn time per sandbox tier, memory per idle agent, how many idle
+sandboxed agents one kernel holds while still answering sys.null quickly.
+
+    .venv/bin/python tools/bench/agents_scale.py [--spawns 30] [--max 300] [--step 25]
+
+Boots a kernel in a fresh state dir. For each tier this machine applies (none, standard,
+strict) it spawns `--spawns` idle agents one after another, timing the `proc.spawn` call (the
+kernel prepares the home and endpoint, starts the launcher, which applies every layer and execs
+the agent) and the time until the agent's own first syscall. Then it keeps adding idle agents of
+the strongest tier in steps, measuring sys.null p99 from an admin connection after each step,
+until p99 reaches 5 ms or `--max` agents run. RSS is the agent's processes (its uid), summed;
+the strict tier's two bwrap processes are reported apart. Last line:
+`RESULT spawn_p50_ms=… rss_mb=… max_agents=…`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+import sdk  # noqa: E402
+from kernel.proc import sandbox  # noqa: E402
+
+IDLE = str(Path(__file__).resolve().parent / "idle_agent.py")
+P99_LIMIT_MS = 5.0
+
+
+def pct(values: list[float], q: int) -> float:
+    return statistics.quantiles(values, n=100)[q - 1] if len(values) > 1 else values[0]
+
+
+def rss_kb(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def processes() -> dict[int, tuple[int, int]]:
+    """pid -> (real uid, parent pid) of every process."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/status") as f:
+                    fields = dict(line.split(":", 1) for line in f if ":" in line)
+                found[int(entry)] = (int(fields["Uid"].split()[0]), int(fields["PPid"]))
+            except (OSError, KeyError, ValueError):
+                continue
+    return found
+
+
+def wait_ready(conn: sdk.Connection, agent_id: int, timeout: float = 30.0) -> float:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if conn.proc.logs(agent_id).data.startswith(b"ready"):
+            return time.monotonic()
+        time.sleep(0.002)
+    raise RuntimeError(f"agent {agent_id} not ready: {conn.proc.logs(agent_id, 'stderr').data}")
+
+
+def spawn_series(conn: sdk.Connection, tier: str, n: int) -> tuple[list[float], list[float],
+                                                                  list[int]]:
+    spawn_ms, ready_ms, ids = [], [], []
+    for _ in range(n):
+        start = time.monotonic()
+        agent_id = conn.proc.spawn(IDLE, sandbox=tier, name=f"{tier}-{len(ids)}")
+        spawn_ms.append((time.monotonic() - start) * 1000)
+        ready_ms.append((wait_ready(conn, agent_id) - start) * 1000)
+        ids.append(agent_id)
+    return spawn_ms, ready_ms, ids
+
+
+def agent_rss(conn: sdk.Connection, ids: list[int]) -> tuple[float, float]:
+    """(MB of the agents' own processes, MB of launcher processes around them) per agent."""
+    procs = processes()
+    own = around = 0
+    for agent_id in ids:
+        info = conn.proc.info(agent_id)
+        if info.uid is not None:
+            mine = [p for p, (uid, _) in procs.items() if uid == info.uid]
+            own += sum(rss_kb(p) for p in mine)
+            # bwrap's monitor and init (root) sit between the kernel and the agent.
+            chain, p = [], procs.get(mine[0], (0, 0))[1] if mine else 0
+            while p and p in procs and procs[p][0] == 0 and len(chain) < 2:
+                chain.append(p)
+                p = procs[p][1]
+            if info.sandbox == "strict":
+                around += sum(rss_kb(c) for c in chain)
+        else:
+            own += rss_kb(info.pid)
+    return own / len(ids) / 1024, around / len(ids) / 1024
+
+
+def kill_all(conn: sdk.Connection, ids: list[int]) -> None:
+    for agent_id in ids:
+        conn.proc.kill(agent_id, grace=0)
+    for agent_id in ids:
+        conn.proc.wait(agent_id, timeout=60)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--spawns", type=int, default=30, help="spawns timed per tier")
+    p.add_argument("--max", type=int, default=300, help="stop adding agents here")
+    p.add_argument("--step", type=int, default=25, help="agents added between measurements")
+    args = p.parse_args()
+
+    probe = sandbox.probe()
+    tiers = []
+    for tier in ("none", "standard", "strict"):
+        try:
+            sandbox.plan(tier, probe)
+            tiers.append(tier)
+        except sandbox.SandboxUnavailable as exc:
+            print(f"skipping tier {tier}: {exc}", file=sys.stderr)
+    best = tiers[-1]
+    base = Path(tempfile.mkdtemp(prefix="agentos-scale-"))
+    base.chmod(0o711)  # agents of their own uids pass through to their homes
+    state = base / "state"
+    log = open(base / "kernel.log", "wb")  # noqa: SIM115 - lives as long as the kernel
+    kernel = subprocess.Popen([sys.executable, "-m", "kernel", "--state-dir", str(state),
+                               "--log-level", "warning", "--sandbox", best],
+                              stdout=log, stderr=log, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with sdk.connect(state_dir=state, timeout=1.0) as c:
+                    c.sys.null()
+                break
+            except sdk.SyscallError:
+                if time.monotonic() > deadline or kernel.poll() is not None:
+                    raise RuntimeError("kernel did not start") from None
+                time.sleep(0.05)
+        results: dict[str, dict[str, float]] = {}
+        with sdk.connect(state_dir=state, timeout=60) as conn:
+            print(f"{'tier':<9} {'spawn p50':>10} {'spawn p99':>10} {'ready p50':>10} "
+                  f"{'ready p99':>10} {'RSS/agent':>10} {'+bwrap':>8}")
+            for tier in tiers:
+                spawn_ms, ready_ms, ids = spawn_series(conn, tier, args.spawns)
+                time.sleep(0.5)  # let the agents settle into their idle wait
+                rss, around = agent_rss(conn, ids)
+                kill_all(conn, ids)
+                results[tier] = {"p50": pct(spawn_ms, 50), "p99": pct(spawn_ms, 99),
+                                 "rss": rss}
+                print(f"{tier:<9} {pct(spawn_ms, 50):>8.1f}ms {pct(spawn_ms, 99):>8.1f}ms "
+                      f"{pct(ready_ms, 50):>8.1f}ms {pct(ready_ms, 99):>8.1f}ms "
+                      f"{rss:>8.1f}MB {around:>6.1f}MB", flush=True)
+
+            print(f"\nidle {best} agents   sys.null p50/p99 (admin connection)")
+            times = []
+            for _ in range(500):
+                t0 = time.perf_counter()
+                conn.sys.null()
+                times.append((time.perf_counter() - t0) * 1000)
+            print(f"{0:>5}          {pct(times, 50):.2f} / {pct(times, 99):.2f} ms", flush=True)
+            running: list[int] = []
+            held = 0
+            start = time.monotonic()
+            while len(running) < args.max:
+                for _ in range(min(args.step, args.max - len(running))):
+                    agent_id = conn.proc.spawn(IDLE, sandbox=best, name=f"idle-{len(running)}")
+                    running.append(agent_id)
+                for agent_id in running[-args.step:]:
+                    wait_ready(conn, agent_id)
+                time.sleep(0.2)
+                times = []
+                for _ in range(500):
+                    t0 = time.perf_counter()
+                    conn.sys.null()
+                    times.append((time.perf_counter() - t0) * 1000)
+                p50, p99 = pct(times, 50), pct(times, 99)
+                print(f"{len(running):>5}          {p50:.2f} / {p99:.2f} ms", flush=True)
+                if p99 >= P99_LIMIT_MS:
+                    break
+                held = len(running)
+            fill_s = time.monotonic() - start
+            free = shutil.disk_usage(state).free
+            kill_all(conn, running)
+            print(f"\nfilled to {len(running)} agents in {fill_s:.0f} s; {free >> 30} GiB free "
+                  "disk after")
+        spawn = results[best]
+        print(f"RESULT spawn_p50_ms={spawn['p50']:.1f} rss_mb={spawn['rss']:.1f} "
+              f"max_agents={held}")
+        return 0
+    finally:
+        kernel.send_signal(signal.SIGTERM)
+        try:
+            kernel.wait(30)
+        except subprocess.TimeoutExpired:
+            kernel.kill()
+        log.close()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
