@@ -22,8 +22,10 @@ from typing import Any
 import msgspec
 import zmq
 
+from kernel.access.approvals import Approvals
 from kernel.access.audit import AuditLog
 from kernel.access.guard import Guard
+from kernel.access.manager import AccessManager
 from kernel.access.tokens import Capability, Rule, TokenAuthority
 from kernel.config import Config
 from kernel.db import Database
@@ -72,6 +74,7 @@ class Call:
     capability: Capability | None = None  # set once the access check passed
     done: bool = False
     on_cancel: list[Callable[[], None]] = field(default_factory=list)
+    on_reply: list[Callable[[Any], None]] = field(default_factory=list)  # given the result
 
 
 class Kernel:
@@ -96,14 +99,17 @@ class Kernel:
         """Recover state and open the front door; after this the kernel answers syscalls."""
         self.state.open()
         self.db = Database(self.state.db_path)
-        self.audit = AuditLog(self.db)
+        self.audit = AuditLog(self.db, self.state.root / "audit.head")
         self.authority = TokenAuthority(self.state.secret_key())
         self.guard = Guard(self)
         self.identities = Identities({os.geteuid(), 0, *self.config.allowed_uids})
         self.procs = ProcessTable(self)
         self.ipc = Mailboxes(self)
         self.llm = LLMCore(self)
+        self.access = AccessManager(self)
+        self.approvals = Approvals(self)
         self.procs.recover()
+        self.access.recover()
         self.db.commit()
 
         self.ctx = zmq.Context()
@@ -342,6 +348,8 @@ class Kernel:
         frame = abi.encode(abi.Reply(call.id, msgspec.Raw(abi.encode(result))))
         call.done = True
         self.parked.discard(call)
+        for settle in call.on_reply:
+            settle(result)
         self.outbox.append([call.route, frame])
 
     def fail(self, call: Call, code: abi.ErrorCode, message: str) -> None:
@@ -370,6 +378,7 @@ class Kernel:
         """Commit the batch's writes, then send its replies: nothing is acknowledged before it
         is durable."""
         self.db.commit()
+        self.audit.anchor()
         outbox, self.outbox = self.outbox, []
         for frames in outbox:
             try:

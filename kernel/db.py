@@ -58,6 +58,21 @@ SCHEMA = [
         hash      TEXT NOT NULL
     );
     """,
+    # version 2: the access manager's budget counters and used one-shot nonces
+    """
+    CREATE INDEX tokens_parent ON tokens(parent);
+    CREATE INDEX tokens_subject ON tokens(subject);
+    CREATE TABLE budgets (
+        id       TEXT PRIMARY KEY,
+        token_id TEXT NOT NULL,
+        used     INTEGER NOT NULL
+    );
+    CREATE TABLE nonces (
+        nonce    TEXT PRIMARY KEY,
+        token_id TEXT NOT NULL,
+        used_at  REAL NOT NULL
+    );
+    """,
 ]
 
 

@@ -17,9 +17,10 @@ class Proc:
         self._conn = conn
 
     def spawn(self, path: str, *, name: str | None = None, argv: Sequence[str] = (),
-              caps: Sequence[str] = ()) -> int:
-        """Start the agent program at `path`; `caps` are rules `OP[@RESOURCE]` for its token."""
-        args = abi.SpawnArgs(path=path, name=name, argv=list(argv), caps=list(caps))
+              caps: Sequence[str] = (), group: str | None = None) -> int:
+        """Start the agent program at `path`; `caps` are rules `OP[@RESOURCE]` for its token,
+        `group` a privilege group whose template it also gets."""
+        args = abi.SpawnArgs(path=path, name=name, argv=list(argv), caps=list(caps), group=group)
         return self._conn.call("proc.spawn", args, int)
 
     def ps(self) -> list[abi.AgentInfo]:

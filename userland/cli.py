@@ -54,7 +54,8 @@ def cmd_boot(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     path = Path(args.path).expanduser().absolute()
     with _connect(args) as conn:
-        agent_id = conn.proc.spawn(str(path), name=args.name, argv=args.args, caps=args.cap)
+        agent_id = conn.proc.spawn(str(path), name=args.name, argv=args.args, caps=args.cap,
+                                   group=args.group)
         if not args.wait:
             print(agent_id)
             return 0
@@ -186,6 +187,9 @@ def parser() -> argparse.ArgumentParser:
                     help="grant a right, e.g. ipc.send@ipc/bob or 'proc.*' (repeatable)")
     sp.add_argument("--wait", action="store_true",
                     help="wait for it, print its result and exit with its status")
+    sp.add_argument("--group", metavar="NAME",
+                    help="grant a privilege group's rights and limits ([groups.NAME] in the "
+                         "kernel config)")
 
     sp = command("ps", cmd_ps, "list agents (running ones unless -a)")
     sp.add_argument("-a", "--all", action="store_true", help="include agents that have ended")
@@ -219,6 +223,10 @@ def parser() -> argparse.ArgumentParser:
     from userland.model_cli import add_commands
 
     add_commands(sub)
+
+    from userland import caps_cli
+
+    caps_cli.add_commands(sub)
     return p
 
 

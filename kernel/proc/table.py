@@ -171,8 +171,7 @@ class ProcessTable:
              "starting"))
         agent_id = int(cur.lastrowid)
         granted = baseline_rules(agent_id) + rules
-        token = self.k.authority.mint(f"agent:{agent_id}", granted)
-        token_id = self.record_token(token)
+        token, token_id = self.k.access.grant_agent(agent_id, granted, cap, args.group)
         home = self.k.state.agent_dir(agent_id) / "home"
         env = {k: os.environ[k] for k in _ENV_PASSTHROUGH if k in os.environ}
         env.update({
@@ -241,6 +240,7 @@ class ProcessTable:
         self.k.audit.append("kernel", "exit", agent=live.agent_id, status=status, state=state)
         log.info("agent ended", extra={"agent": live.agent_id, "state": state, "status": status})
         self.k.cancel_calls_of(live.agent_id)
+        self.k.access.agent_ended(live.agent_id)
         self.k.ipc.drop(live.agent_id)
         waiters = self._waiters.pop(live.agent_id, [])
         if waiters:
