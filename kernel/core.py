@@ -204,6 +204,7 @@ class Kernel:
         self.procs.reap_blocking(timeout=5.0)
         for call in list(self.parked):
             self.fail(call, abi.ErrorCode.ECANCELED, "the kernel is shutting down")
+        self.access.close()
         self.flush()
         signal.set_wakeup_fd(-1)
         for fd in (self._wake_r, self._wake_w, self._post_fd):

@@ -53,6 +53,7 @@ class Host:
         self.audit.anchor()
 
     def restart(self) -> None:
+        self.access.close()
         self.commit()
         self.db.close()
         self.open()
@@ -274,6 +275,19 @@ def test_budget_is_shared_with_children_and_survives_restart(host: Host) -> None
     assert host.use(root, "sys.null", "user:1") == abi.ErrorCode.EQUOTA
     info = host.access.info(host.authority.verify(child))
     assert info.budgets["calls"] == [3, 3]
+
+
+def test_budget_after_a_crash_never_exceeds_and_loses_at_most_one_step(host: Host) -> None:
+    token = host.access.mint("agent:1", caps=["sys.null"], budgets={"calls": 640})  # step 20
+    for _ in range(30):
+        assert host.use(token, "sys.null", "agent:1") is None
+    host.commit()
+    host.db.close()  # a crash: no close(), only what was committed survives
+    host.open()
+    left = 0
+    while host.use(token, "sys.null", "agent:1") is None:
+        left += 1
+    assert 640 - 30 - 20 <= left <= 640 - 30
 
 
 def _repack(token: str, mutate) -> str:

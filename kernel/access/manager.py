@@ -12,7 +12,10 @@ the HMAC chain and the stateless caveats were checked:
 - each `budget` caveat names a kernel counter; a call is admitted only if every counter it
   charges stays within its limit. A delegated child copies its parent's budget caveats, counter
   ids included, so parent and child draw on one counter and the child can never spend more than
-  the parent has left.
+  the parent has left. Counters are exact in memory; the database holds a high-water mark a
+  step ahead (1/32 of the limit, at most 4096), written when the count passes it, so a budgeted
+  call costs a write only once per step. A clean shutdown writes exact counts (`close`); after
+  a crash a counter resumes at its mark: it may lose up to one step, never exceed its limit.
 
 Delegation (`delegate`) mints a child for another principal. The child keeps every caveat of
 its parent except the audience, so it is never wider; rules it asks for must also be covered by
@@ -44,6 +47,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kernel.access")
 
+MARK_STEP_MAX = 4096  # budget counts the database may run ahead of the exact count
 MAX_DEPTH = 32  # a derivation chain longer than this is refused (tokens cap caveats anyway)
 _PRINCIPAL_RE = re.compile(r"(agent|user):[0-9]+")
 _TOOL_FAMILIES = ("tool.", "tools.")
@@ -64,6 +68,7 @@ class AccessManager:
             "SELECT id FROM tokens WHERE revoked_at IS NOT NULL")}
         self._used: dict[str, int] = {bid: used for bid, used in db.read(
             "SELECT id, used FROM budgets")}
+        self._marks = dict(self._used)  # what the database holds: >= the exact count
         self._nonces = {row[0] for row in db.read("SELECT nonce FROM nonces")}
 
     def recover(self) -> None:
@@ -150,14 +155,27 @@ class AccessManager:
             if self._used.get(bid, 0) + amount > limit:
                 raise fault(abi.ErrorCode.EQUOTA, f"{kind} budget exhausted "
                             f"({self._used.get(bid, 0)} of {limit} used)")
-        for bid in limits:
-            self._add(bid, cap.token_id, amount)
+        for bid, limit in limits.items():
+            self._add(bid, cap.token_id, amount, limit)
 
-    def _add(self, bid: str, token_id: str, amount: int) -> None:
+    def _add(self, bid: str, token_id: str, amount: int, limit: int) -> None:
         used = self._used.get(bid, 0) + amount
         self._used[bid] = used
+        if used > self._marks.get(bid, 0):
+            mark = min(limit, used + min(MARK_STEP_MAX, limit // 32))
+            self._write_mark(bid, token_id, mark)
+
+    def _write_mark(self, bid: str, token_id: str, mark: int) -> None:
+        self._marks[bid] = mark
         self.k.db.write("INSERT INTO budgets VALUES (?,?,?) ON CONFLICT(id) DO UPDATE SET "
-                        "used=excluded.used", (bid, token_id, used))
+                        "used=excluded.used", (bid, token_id, mark))
+
+    def close(self) -> None:
+        """Write exact budget counts (a clean shutdown gives nothing away)."""
+        for bid, used in self._used.items():
+            if self._marks.get(bid) != used:
+                self._marks[bid] = used
+                self.k.db.write("UPDATE budgets SET used=? WHERE id=?", (used, bid))
 
     def reserve_llm(self, call: Call, max_tokens: int) -> None:
         """Reserve `max_tokens` of the caller's `llm_tokens` budgets before a generation starts
@@ -171,9 +189,9 @@ class AccessManager:
         def settle(result: Any) -> None:
             usage = getattr(result, "usage", None)
             used = getattr(usage, "completion_tokens", max_tokens)
-            bids = {bid for kind, _, bid in cap.budgets if kind == "llm_tokens"}
-            for bid in bids:
-                self._add(bid, cap.token_id, min(used, max_tokens) - max_tokens)
+            limits = {bid: limit for kind, limit, bid in cap.budgets if kind == "llm_tokens"}
+            for bid, limit in limits.items():
+                self._add(bid, cap.token_id, min(used, max_tokens) - max_tokens, limit)
 
         call.on_reply.append(settle)
 

@@ -47,6 +47,7 @@ MAX_CAVEATS = 64
 MAX_RESOURCE_CHARS = 256
 MAX_PRINCIPAL_CHARS = 256
 VERIFY_CACHE_SIZE = 4096
+_PLAN_CACHE_SIZE = 256  # memoised request verdicts per capability
 KEY_BYTES = 32
 
 _DOMAIN = b"agentos-token-v1\0"
@@ -366,6 +367,9 @@ def decode_caveat(data: bytes) -> tuple[str, object]:
 # --------------------------------------------------------------------------- capabilities
 
 
+_Plan = tuple[tuple[tuple[str, object], ...], "str | None"]
+
+
 @dataclass(frozen=True)
 class Capability:
     """A parsed token: who it was issued to and the caveats every use must satisfy."""
@@ -377,23 +381,52 @@ class Capability:
     caveats: tuple[tuple[str, object], ...]
 
     def check(self, op: str, resource: str | None, principal: str, now: float) -> str | None:
-        """None if every caveat holds for this request, else the reason it is refused."""
+        """None if every caveat holds for this request, else the reason it is refused.
+
+        Only `exp` and `nbf` depend on the moment; the verdict of every other caveat is
+        memoised per (op, resource, principal), so a token used again for the same request
+        costs a dict lookup and its time checks.
+        """
+        key = (op, resource, principal)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plan(op, resource, principal)
+            if len(self._plans) < _PLAN_CACHE_SIZE:
+                self._plans[key] = plan
+        timed, reason = plan
+        for kind, value in timed:
+            if kind == "exp" and not now < value:  # type: ignore[operator]
+                return "expired"
+            if kind == "nbf" and not now >= value:  # type: ignore[operator]
+                return "not yet valid"
+        return reason
+
+    @cached_property
+    def _plans(self) -> dict[tuple[str, str | None, str], _Plan]:
+        return {}
+
+    def _plan(self, op: str, resource: str | None, principal: str) -> _Plan:
+        """The time caveats met before the first failing timeless caveat, and its reason."""
         # Refuse malformed requests outright so e.g. "ipc/bob/../alice" cannot ride on "ipc/bob".
         if not isinstance(op, str) or not _OP_RE.fullmatch(op):
-            return "malformed op"
+            return (), "malformed op"
         if resource is not None and (
             not isinstance(resource, str) or _resource_problem(resource, pattern=False)
         ):
-            return "malformed resource"
-        req = Request(op, resource, principal, now)
+            return (), "malformed resource"
+        req = Request(op, resource, principal, 0.0)
+        timed: list[tuple[str, object]] = []
         for kind, value in self.caveats:
+            if kind in ("exp", "nbf"):
+                timed.append((kind, value))
+                continue
             spec = CAVEAT_KINDS.get(kind)
             if spec is None:
-                return f"unknown caveat {kind[:32]!r}"
+                return tuple(timed), f"unknown caveat {kind[:32]!r}"
             reason = spec.check(value, req)
             if reason is not None:
-                return reason
-        return None
+                return tuple(timed), reason
+        return tuple(timed), None
 
     @property
     def audiences(self) -> tuple[str, ...]:
