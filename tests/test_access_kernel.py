@@ -238,3 +238,4 @@ def test_audit_cli_shows_and_verifies_and_detects_truncation(fresh_kernel: Kerne
     db.close()
     edited = fresh_kernel.cli("audit", "--verify", "--json")
     assert edited.returncode == 1 and '"broken_at": 1' in edited.stdout
+

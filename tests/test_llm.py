@@ -240,3 +240,21 @@ def test_memory_pressure_preempts_by_recompute_and_keeps_outputs(tmp_path: Path,
         assert batched == alone
     finally:
         assert k.stop() == 0
+
+
+def test_llm_token_budget_counts_generated_tokens(llm_kernel: KernelProcess) -> None:
+    """A token's `llm_tokens` budget (access manager): reserved at admission, settled to the
+    tokens generated, never exceeded."""
+    with llm_kernel.connect() as admin:
+        me = admin.caps.inspect().subject
+        grant = admin.caps.delegate(me, ["llm.chat"], budgets={"llm_tokens": 40})
+        generated = 0
+        with sdk.connect(token=grant.token, state_dir=llm_kernel.state_dir) as conn:
+            while True:
+                try:
+                    reply = conn.llm.chat(HELLO, max_tokens=12)
+                except sdk.QuotaExceeded:
+                    break
+                generated += reply.usage.completion_tokens
+                assert admin.caps.inspect(grant.token).budgets["llm_tokens"] == [generated, 40]
+        assert 40 - 12 < generated <= 40

@@ -17,9 +17,10 @@ parks `call` (the handler returns what `gate` returns, `PENDING`) and lists the 
 - the requester dies or the kernel stops: the call is cancelled and the request dropped.
 
 `proceed` must re-validate anything that may have changed while the call waited (the target may
-be gone). Nobody can approve or deny their own request: the principal that asked is refused
-with EPERM, whatever its rights. Requests, decisions and refusals are audited; a request's id is
-the sequence number of its audit record, so ids are never reused, even across restarts.
+be gone). Only users (people, through `agentos`) decide, never agents, and nobody can approve
+or deny their own request: the principal that asked is refused with EPERM, whatever its rights.
+Requests, decisions and refusals are audited; a request's id is the sequence number of its
+audit record, so ids are never reused, even across restarts.
 
 `guarded(call, resource, detail, proceed)` is the usual entry: it gates only when the caller's
 token carries a `requires_approval` caveat matching the call, and otherwise runs `proceed` now.
@@ -104,6 +105,10 @@ class Approvals:
         req = self.pending.get(request_id)
         if req is None:
             raise fault(abi.ErrorCode.ENOENT, f"no pending approval {request_id}")
+        if approver.agent_id is not None:
+            # Approval is a human's act: agents, whatever their rights, never decide.
+            raise fault(abi.ErrorCode.EPERM, f"only a user may {verdict} a request; "
+                        f"{approver.principal} is an agent")
         if approver.principal == req.call.caller.principal:
             self.k.audit.append(approver.principal, "approval-refused", request=request_id,
                                 reason="own request")
