@@ -85,6 +85,10 @@ class GroupConfig:
         if unknown:
             raise ValueError(f"[groups.{name}]: unknown keys: {', '.join(unknown)}")
         group = cls(name=name, **table)
+        if not (isinstance(group.caps, list) and isinstance(group.requires_approval, list)
+                and isinstance(group.budgets, dict)):
+            raise ValueError(f"[groups.{name}]: caps and requires_approval are lists of rules, "
+                             "budgets a table")
         for text in [*group.caps, *group.requires_approval]:
             if not known_op(Rule.parse(text).op):
                 raise ValueError(f"[groups.{name}]: no syscall for rule {text!r}")

@@ -22,6 +22,7 @@ from kernel.access.audit import AuditLog
 from kernel.access.export import check_export, export_token, verify_export
 from kernel.access.manager import AccessManager
 from kernel.access.tokens import TokenAuthority, TokenError
+from kernel.access.tokens import attenuate as kernel_attenuate
 from kernel.config import Config
 from kernel.core import Call, Caller, Fault
 from kernel.db import Database
@@ -275,6 +276,18 @@ def test_budget_is_shared_with_children_and_survives_restart(host: Host) -> None
     assert host.use(root, "sys.null", "user:1") == abi.ErrorCode.EQUOTA
     info = host.access.info(host.authority.verify(child))
     assert info.budgets["calls"] == [3, 3]
+
+
+def test_another_trees_counter_id_cannot_drain_its_budget(host: Host) -> None:
+    victim = host.access.mint("agent:1", caps=["sys.null"], budgets={"calls": 2})
+    [(_, _, counter)] = host.authority.verify(victim).budgets
+    mine = host.access.mint("agent:2", caps=["sys.null"])
+    forged = kernel_attenuate(mine, ("budget", ["calls", 100, counter]))
+    for _ in range(5):
+        assert host.use(forged, "sys.null", "agent:2") is None
+    assert host.use(victim, "sys.null", "agent:1") is None
+    assert host.use(victim, "sys.null", "agent:1") is None
+    assert host.use(victim, "sys.null", "agent:1") == abi.ErrorCode.EQUOTA
 
 
 def test_budget_after_a_crash_never_exceeds_and_loses_at_most_one_step(host: Host) -> None:

@@ -66,7 +66,7 @@ class AccessManager:
         self._chains: dict[str, tuple[str, ...]] = {}  # token id -> itself and its ancestors
         self._revoked = {row[0] for row in db.read(
             "SELECT id FROM tokens WHERE revoked_at IS NOT NULL")}
-        self._used: dict[str, int] = {bid: used for bid, used in db.read(
+        self._used: dict[str, int] = {counter: used for counter, used in db.read(
             "SELECT id, used FROM budgets")}
         self._marks = dict(self._used)  # what the database holds: >= the exact count
         self._nonces = {row[0] for row in db.read("SELECT nonce FROM nonces")}
@@ -136,46 +136,57 @@ class AccessManager:
 
     def charge(self, call: Call, kind: str, amount: int | Callable[[], int]) -> None:
         """Count `amount` against the caller's `kind` budgets, or fail with EQUOTA (charging
-        nothing). For other managers: `bytes` when they store data, `tools` per invocation,
-        `llm_tokens` per generated token. `amount` may be a function, evaluated only when the
-        token has such a budget."""
+        nothing). For other managers: `bytes` when they store data (ipc.send charges its
+        payload). `calls` and `tools` need no call: `admit` charges every syscall to `calls`
+        and every `tool.*`/`tools.*` syscall to `tools`; `llm_tokens` goes through
+        `reserve_llm`. `amount` may be a function, evaluated only when the token has such a
+        budget."""
         cap = call.capability
         if cap is None or not any(b[0] == kind for b in cap.budgets):
             return
         self._charge(cap, kind, amount() if callable(amount) else amount)
 
     def _charge(self, cap: Capability, kind: str, amount: int) -> None:
-        mine = [(limit, bid) for k, limit, bid in cap.budgets if k == kind]
-        # One counter may appear in several caveats (a child copies its parent's): charge it
-        # once, against the tightest limit.
-        limits: dict[str, int] = {}
-        for limit, bid in mine:
-            limits[bid] = min(limit, limits.get(bid, limit))
-        for bid, limit in limits.items():
-            if self._used.get(bid, 0) + amount > limit:
+        limits = self._limits(cap, kind)
+        for counter, limit in limits.items():
+            if self._used.get(counter, 0) + amount > limit:
                 raise fault(abi.ErrorCode.EQUOTA, f"{kind} budget exhausted "
-                            f"({self._used.get(bid, 0)} of {limit} used)")
-        for bid, limit in limits.items():
-            self._add(bid, cap.token_id, amount, limit)
+                            f"({self._used.get(counter, 0)} of {limit} used)")
+        for counter, limit in limits.items():
+            self._add(counter, cap.token_id, amount, limit)
 
-    def _add(self, bid: str, token_id: str, amount: int, limit: int) -> None:
-        used = self._used.get(bid, 0) + amount
-        self._used[bid] = used
-        if used > self._marks.get(bid, 0):
+    def _limits(self, cap: Capability, kind: str) -> dict[str, int]:
+        """Counter -> tightest limit of the token's `kind` budgets. One counter may appear in
+        several caveats (a child copies its parent's): it is charged once. Counters live in
+        the namespace of the token's derivation tree (its root's id), so writing another
+        tree's counter id into a caveat cannot drain that tree's budget."""
+        root = (self._chains.get(cap.token_id) or self._load_chain(cap.token_id)
+                or (cap.token_id,))[-1]
+        limits: dict[str, int] = {}
+        for k, limit, counter in cap.budgets:
+            if k == kind:
+                counter = f"{root}/{counter}"
+                limits[counter] = min(limit, limits.get(counter, limit))
+        return limits
+
+    def _add(self, counter: str, token_id: str, amount: int, limit: int) -> None:
+        used = self._used.get(counter, 0) + amount
+        self._used[counter] = used
+        if used > self._marks.get(counter, 0):
             mark = min(limit, used + min(MARK_STEP_MAX, limit // 32))
-            self._write_mark(bid, token_id, mark)
+            self._write_mark(counter, token_id, mark)
 
-    def _write_mark(self, bid: str, token_id: str, mark: int) -> None:
-        self._marks[bid] = mark
+    def _write_mark(self, counter: str, token_id: str, mark: int) -> None:
+        self._marks[counter] = mark
         self.k.db.write("INSERT INTO budgets VALUES (?,?,?) ON CONFLICT(id) DO UPDATE SET "
-                        "used=excluded.used", (bid, token_id, mark))
+                        "used=excluded.used", (counter, token_id, mark))
 
     def close(self) -> None:
         """Write exact budget counts (a clean shutdown gives nothing away)."""
-        for bid, used in self._used.items():
-            if self._marks.get(bid) != used:
-                self._marks[bid] = used
-                self.k.db.write("UPDATE budgets SET used=? WHERE id=?", (used, bid))
+        for counter, used in self._used.items():
+            if self._marks.get(counter) != used:
+                self._marks[counter] = used
+                self.k.db.write("UPDATE budgets SET used=? WHERE id=?", (used, counter))
 
     def reserve_llm(self, call: Call, max_tokens: int) -> None:
         """Reserve `max_tokens` of the caller's `llm_tokens` budgets before a generation starts
@@ -189,19 +200,19 @@ class AccessManager:
         def settle(result: Any) -> None:
             usage = getattr(result, "usage", None)
             used = getattr(usage, "completion_tokens", max_tokens)
-            limits = {bid: limit for kind, limit, bid in cap.budgets if kind == "llm_tokens"}
-            for bid, limit in limits.items():
-                self._add(bid, cap.token_id, min(used, max_tokens) - max_tokens, limit)
+            for counter, limit in self._limits(cap, "llm_tokens").items():
+                self._add(counter, cap.token_id, min(used, max_tokens) - max_tokens, limit)
 
         call.on_reply.append(settle)
 
     def usage(self, cap: Capability) -> dict[str, list[int]]:
         """kind -> [used, limit] of the tightest budget of each kind."""
         out: dict[str, list[int]] = {}
-        for kind, limit, bid in cap.budgets:
-            used = self._used.get(bid, 0)
-            if kind not in out or limit - used < out[kind][1] - out[kind][0]:
-                out[kind] = [used, limit]
+        for kind in {b[0] for b in cap.budgets}:
+            for counter, limit in self._limits(cap, kind).items():
+                used = self._used.get(counter, 0)
+                if kind not in out or limit - used < out[kind][1] - out[kind][0]:
+                    out[kind] = [used, limit]
         return out
 
     # --- minting and delegation ---------------------------------------------------------------
