@@ -49,7 +49,9 @@ log = logging.getLogger("kernel.access")
 
 MARK_STEP_MAX = 4096  # budget counts the database may run ahead of the exact count
 MAX_DEPTH = 32  # a derivation chain longer than this is refused (tokens cap caveats anyway)
-_PRINCIPAL_RE = re.compile(r"(agent|user):[0-9]+")
+# `agent:ID`, `user:UID`, or another front end's principal (`http:KEY-NAME`); agent names never
+# contain a colon.
+_PRINCIPAL_RE = re.compile(r"[a-z]+:[A-Za-z0-9_.@-]{1,200}")
 _TOOL_FAMILIES = ("tool.", "tools.")
 
 
