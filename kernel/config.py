@@ -64,6 +64,43 @@ def parse_model_flag(text: str) -> ModelConfig:
 
 
 @dataclass
+class GroupConfig:
+    """A privilege group (AIOS's term): `[groups.NAME]`, a named template of caveats that
+    `agentos run --group NAME` and `agentos token mint --group NAME` grant."""
+
+    name: str
+    caps: list[str] = field(default_factory=list)  # OP[@RESOURCE] rules
+    ttl: float | None = None  # seconds the token lives
+    budgets: dict[str, int] = field(default_factory=dict)  # calls | llm_tokens | tools | bytes
+    requires_approval: list[str] = field(default_factory=list)  # rules held for a human
+    once: bool = False  # one-shot: the token works for exactly one call
+
+    @classmethod
+    def parse(cls, name: str, table: dict[str, Any]) -> GroupConfig:
+        from kernel.access.tokens import BUDGET_KINDS, Rule
+        from kernel.syscalls import known_op
+
+        known = {f.name for f in dataclasses.fields(cls)} - {"name"}
+        unknown = sorted(set(table) - known)
+        if unknown:
+            raise ValueError(f"[groups.{name}]: unknown keys: {', '.join(unknown)}")
+        group = cls(name=name, **table)
+        if not (isinstance(group.caps, list) and isinstance(group.requires_approval, list)
+                and isinstance(group.budgets, dict)):
+            raise ValueError(f"[groups.{name}]: caps and requires_approval are lists of rules, "
+                             "budgets a table")
+        for text in [*group.caps, *group.requires_approval]:
+            if not known_op(Rule.parse(text).op):
+                raise ValueError(f"[groups.{name}]: no syscall for rule {text!r}")
+        for kind, limit in group.budgets.items():
+            if kind not in BUDGET_KINDS or not isinstance(limit, int) or limit < 0:
+                raise ValueError(f"[groups.{name}]: bad budget {kind} = {limit!r}")
+        if group.ttl is not None and not group.ttl > 0:
+            raise ValueError(f"[groups.{name}]: ttl must be positive")
+        return group
+
+
+@dataclass
 class Config:
     state_dir: Path = field(default_factory=layout.default_state_dir)
     log_format: str = "json"  # json | text
@@ -113,6 +150,11 @@ class Config:
     restart_max: int = 5
     restart_window: float = 60.0
 
+    # Privilege groups by name (`[groups.NAME]`).
+    groups: dict[str, GroupConfig] = field(default_factory=dict)
+    # How long an operation held for a human's approval waits before failing with ETIMEDOUT.
+    approval_timeout: float = 300.0
+
     @property
     def default_model(self) -> str | None:
         marked = [m.name for m in self.models.values() if m.default]
@@ -127,7 +169,7 @@ class Config:
             with open(path, "rb") as f:
                 document = tomllib.load(f)
             table = document.get("kernel", {})
-            known = {f.name for f in dataclasses.fields(cls)} - {"models"}
+            known = {f.name for f in dataclasses.fields(cls)} - {"models", "groups"}
             unknown = sorted(set(table) - known)
             if unknown:
                 raise ValueError(f"{path}: unknown [kernel] keys: {', '.join(unknown)}")
@@ -135,6 +177,9 @@ class Config:
             if "models" in document:
                 values["models"] = {name: ModelConfig.parse(name, t)
                                     for name, t in document["models"].items()}
+            if "groups" in document:
+                values["groups"] = {name: GroupConfig.parse(name, t)
+                                    for name, t in document["groups"].items()}
         values.update({k: v for k, v in overrides.items() if v is not None})
         if "state_dir" in values:
             values["state_dir"] = Path(values["state_dir"]).expanduser().absolute()

@@ -22,8 +22,10 @@ from typing import Any
 import msgspec
 import zmq
 
+from kernel.access.approvals import Approvals
 from kernel.access.audit import AuditLog
 from kernel.access.guard import Guard
+from kernel.access.manager import AccessManager
 from kernel.access.tokens import Capability, Rule, TokenAuthority
 from kernel.config import Config
 from kernel.db import Database
@@ -74,6 +76,7 @@ class Call:
     capability: Capability | None = None  # set once the access check passed
     done: bool = False
     on_cancel: list[Callable[[], None]] = field(default_factory=list)
+    on_reply: list[Callable[[Any], None]] = field(default_factory=list)  # given the result
 
 
 class Kernel:
@@ -99,7 +102,7 @@ class Kernel:
         self.state.traversable = os.geteuid() == 0  # agents of their own uids pass through
         self.state.open()
         self.db = Database(self.state.db_path)
-        self.audit = AuditLog(self.db)
+        self.audit = AuditLog(self.db, self.state.root / "audit.head")
         self.authority = TokenAuthority(self.state.secret_key())
         self.guard = Guard(self)
         self.identities = Identities({os.geteuid(), 0, *self.config.allowed_uids},
@@ -114,7 +117,10 @@ class Kernel:
         self.procs.spawn_hooks.append(self.rings.on_spawn)
         self.procs.reap_hooks.append(self.rings.drop)
         self.remote = Remote(self)
+        self.access = AccessManager(self)
+        self.approvals = Approvals(self)
         self.procs.recover()
+        self.access.recover()
         self.db.commit()
 
         self.ctx = zmq.Context()
@@ -218,6 +224,7 @@ class Kernel:
         self.procs.reap_blocking(timeout=5.0)
         for call in list(self.parked):
             self.fail(call, abi.ErrorCode.ECANCELED, "the kernel is shutting down")
+        self.access.close()
         self.flush()
         self.rings.close_all()
         self.remote.close()
@@ -370,6 +377,8 @@ class Kernel:
         frame = abi.encode(abi.Reply(call.id, msgspec.Raw(abi.encode(result))))
         call.done = True
         self.parked.discard(call)
+        for settle in call.on_reply:
+            settle(result)
         self.outbox.append([call.route, frame])
 
     def fail(self, call: Call, code: abi.ErrorCode, message: str) -> None:
@@ -398,6 +407,7 @@ class Kernel:
         """Commit the batch's writes, then send its replies: nothing is acknowledged before it
         is durable."""
         self.db.commit()
+        self.audit.anchor()
         outbox, self.outbox = self.outbox, []
         for frames in outbox:
             if self.rings.deliver(frames[0], frames[1]) or self.remote.deliver(*frames):

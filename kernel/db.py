@@ -68,6 +68,23 @@ SCHEMA = [
     ALTER TABLE agents ADD COLUMN restarts INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE agents ADD COLUMN log_dropped INTEGER NOT NULL DEFAULT 0
     """,
+    # version 3: the access manager's budget counters and used one-shot nonces; an agent's
+    # privilege group (re-granted when it restarts)
+    """
+    ALTER TABLE agents ADD COLUMN grp TEXT;
+    CREATE INDEX tokens_parent ON tokens(parent);
+    CREATE INDEX tokens_subject ON tokens(subject);
+    CREATE TABLE budgets (
+        id       TEXT PRIMARY KEY,
+        token_id TEXT NOT NULL,
+        used     INTEGER NOT NULL
+    );
+    CREATE TABLE nonces (
+        nonce    TEXT PRIMARY KEY,
+        token_id TEXT NOT NULL,
+        used_at  REAL NOT NULL
+    );
+    """,
 ]
 
 

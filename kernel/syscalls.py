@@ -13,6 +13,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import msgspec
+
+from kernel.access import syscalls as access
 from sdk import abi
 
 if TYPE_CHECKING:
@@ -50,6 +53,7 @@ def sys_stats(k: Kernel, call: Call, args: abi.NoArgs) -> abi.Stats:
 
 
 def proc_spawn(k: Kernel, call: Call, args: abi.SpawnArgs) -> int:
+    k.access.check_group(call.capability, args.group)
     return k.procs.spawn(call.caller.principal, call.capability, args)
 
 
@@ -85,8 +89,10 @@ def proc_resume(k: Kernel, call: Call, args: abi.AgentRef) -> None:
     k.procs.resume(call.caller.principal, args.id)
 
 
-def ipc_send(k: Kernel, call: Call, args: abi.SendArgs) -> None:
-    k.ipc.send(call.caller, args)
+def ipc_send(k: Kernel, call: Call, args: abi.SendArgs) -> Any:
+    k.access.charge(call, "bytes", lambda: len(msgspec.msgpack.encode(args.data)))
+    return k.approvals.guarded(call, _ipc(k, args, call.caller), {"to": args.to},
+                               lambda: k.ipc.send(call.caller, args))
 
 
 def ipc_recv(k: Kernel, call: Call, args: abi.RecvArgs) -> Any:
@@ -94,6 +100,7 @@ def ipc_recv(k: Kernel, call: Call, args: abi.RecvArgs) -> Any:
 
 
 def llm_chat(k: Kernel, call: Call, args: abi.ChatArgs) -> Any:
+    k.access.reserve_llm(call, args.max_tokens)
     return k.llm.chat(call, args)
 
 
@@ -149,6 +156,17 @@ SYSCALLS: dict[str, Syscall] = {
     "remote.rm_key": Syscall(remote_rm_key, abi.KeyRef),
     "proc.suspend": Syscall(proc_suspend, abi.AgentRef, _proc),
     "proc.resume": Syscall(proc_resume, abi.AgentRef, _proc),
+    "caps.delegate": Syscall(access.caps_delegate, abi.DelegateArgs),
+    "caps.revoke": Syscall(access.caps_revoke, abi.RevokeArgs),
+    "caps.inspect": Syscall(access.caps_inspect, abi.InspectArgs),
+    "caps.list": Syscall(access.caps_list, abi.ListTokensArgs),
+    "caps.rotate": Syscall(access.caps_rotate),
+    "caps.export": Syscall(access.caps_export, abi.ExportArgs),
+    "approvals.list": Syscall(access.approvals_list),
+    "approvals.approve": Syscall(access.approvals_approve, abi.ApprovalRef),
+    "approvals.deny": Syscall(access.approvals_deny, abi.ApprovalRef),
+    "audit.read": Syscall(access.audit_read, abi.AuditArgs),
+    "audit.verify": Syscall(access.audit_verify),
 }
 
 FAMILIES = {name.split(".")[0] for name in SYSCALLS}

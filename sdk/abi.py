@@ -111,6 +111,7 @@ class SpawnArgs(Args):
     limits: Annotated[dict[Annotated[str, msgspec.Meta(max_length=32)],
                            Annotated[int, msgspec.Meta(ge=0, le=2**62)]],
                       msgspec.Meta(max_length=16)] = {}
+    group: Name | None = None  # a privilege group ([groups.NAME]) whose template is granted too
 
 
 class WaitArgs(Args):
@@ -284,6 +285,98 @@ class RemoteGrant(msgspec.Struct, frozen=True):
     endpoint: str | None  # None: the kernel is not listening on tcp:// (boot --listen)
     server_key: str
     token: str
+# --- access manager: capabilities, approvals, audit ------------------------------------------
+
+TokenId = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{32}$")]
+RuleText = Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
+
+
+class DelegateArgs(Args):
+    """Mint a child of a token the caller holds (its own by default), narrower than it."""
+
+    to: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]  # agent name or principal
+    caps: Annotated[list[RuleText], msgspec.Meta(max_length=64)] = []  # default: the parent's
+    group: Name | None = None
+    ttl_s: Annotated[float, msgspec.Meta(gt=0, le=10 * 365 * 86400)] | None = None
+    budgets: dict[str, Annotated[int, msgspec.Meta(ge=0, le=2**53)]] = {}
+    once: bool = False
+    requires_approval: Annotated[list[RuleText], msgspec.Meta(max_length=64)] = []
+    token: Annotated[str, msgspec.Meta(max_length=MAX_TOKEN_CHARS)] | None = None
+
+
+class Grant(msgspec.Struct, frozen=True, omit_defaults=True):
+    token: str
+    id: str
+    audience: str
+    expires_at: float | None = None
+
+
+class RevokeArgs(Args):
+    id: TokenId
+
+
+class InspectArgs(Args):
+    token: Annotated[str, msgspec.Meta(max_length=MAX_TOKEN_CHARS)] | None = None  # default: own
+
+
+class TokenInfo(msgspec.Struct, frozen=True, omit_defaults=True):
+    id: str
+    subject: str
+    issued_at: float
+    parent: str | None = None
+    expires_at: float | None = None
+    revoked_at: float | None = None
+    caveats: list[str] = []  # human-readable, e.g. "allow proc.info@proc/3"
+    budgets: dict[str, list[int]] = {}  # kind -> [used, limit]
+
+
+class ListTokensArgs(Args):
+    subject: Annotated[str, msgspec.Meta(max_length=256)] | None = None
+    all: bool = False  # include revoked and expired tokens
+    limit: Annotated[int, msgspec.Meta(ge=1, le=10000)] = 1000
+
+
+class ExportArgs(Args):
+    ttl_s: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 300.0
+
+
+class Exported(msgspec.Struct, frozen=True):
+    token: str  # "aosx1.<claims>.<signature>", verifiable with the public key alone
+    public_key: str  # Ed25519, hex
+
+
+class ApprovalRef(Args):
+    id: Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]
+    reason: Annotated[str, msgspec.Meta(max_length=1024)] = ""
+
+
+class ApprovalInfo(msgspec.Struct, frozen=True):
+    id: int
+    principal: str  # who asked
+    action: str
+    detail: dict[str, Any]
+    requested_at: float
+    deadline: float
+
+
+class AuditArgs(Args):
+    since: Annotated[int, msgspec.Meta(ge=0)] = 0
+    limit: Annotated[int, msgspec.Meta(ge=1, le=10000)] = 1000
+
+
+class AuditRecord(msgspec.Struct, frozen=True):
+    seq: int
+    ts: float
+    principal: str
+    event: str
+    detail: dict[str, Any]
+
+
+class AuditReport(msgspec.Struct, frozen=True, omit_defaults=True):
+    rows: int
+    intact: bool
+    broken_at: int | None = None  # the seq of the first row whose chain is broken
+    anchored_seq: int = 0  # the newest seq recorded outside the database
 
 
 # --- codec -----------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ class Agent:
     def __init__(self, conn: Any) -> None:
         self.conn = conn
         self.sys, self.proc, self.ipc, self.llm = conn.sys, conn.proc, conn.ipc, conn.llm
+        self.caps = conn.caps
         self.id = int(os.environ.get(layout.ENV_AGENT_ID, "0")) or None
         self.name = os.environ.get(layout.ENV_AGENT_NAME, type(self).__name__)
 

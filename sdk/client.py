@@ -93,7 +93,7 @@ class Connection:
 
     def __init__(self, endpoint: str, token: str, *, timeout: float = DEFAULT_TIMEOUT,
                  context: zmq.Context | None = None, curve: CurveKeys | None = None) -> None:
-        from sdk.families import Ipc, Llm, Proc, System
+        from sdk.families import Approvals, Audit, Caps, Ipc, Llm, Proc, System
 
         _check_endpoint(endpoint)
         self.endpoint, self.token, self.timeout = endpoint, token, timeout
@@ -117,6 +117,7 @@ class Connection:
             self._ids = self._ring.ids
             self._poller.register(self._ring.doorbell, zmq.POLLIN)
         self.sys, self.proc, self.ipc, self.llm = System(self), Proc(self), Ipc(self), Llm(self)
+        self.caps, self.approvals, self.audit = Caps(self), Approvals(self), Audit(self)
 
     @property
     def uses_rings(self) -> bool:
@@ -317,7 +318,7 @@ class AsyncConnection:
     def __init__(self, endpoint: str, token: str, *, timeout: float = DEFAULT_TIMEOUT,
                  context: zmq.asyncio.Context | None = None,
                  curve: CurveKeys | None = None) -> None:
-        from sdk.families import Ipc, Llm, Proc, System
+        from sdk.families import Approvals, Audit, Caps, Ipc, Llm, Proc, System
 
         _check_endpoint(endpoint)
         self.endpoint, self.token, self.timeout = endpoint, token, timeout
@@ -339,6 +340,7 @@ class AsyncConnection:
         if self._ring is not None:
             self._ids = self._ring.ids
         self.sys, self.proc, self.ipc, self.llm = System(self), Proc(self), Ipc(self), Llm(self)
+        self.caps, self.approvals, self.audit = Caps(self), Approvals(self), Audit(self)
 
     @property
     def uses_rings(self) -> bool:

@@ -15,9 +15,12 @@ class Ipc:
     def send(self, to: str, data: Any) -> None:
         """Queue `data` (any msgpack value) in the mailbox of the running agent named `to`.
 
-        Needs a capability `ipc.send@ipc/<to>`. Returns once the message is durable.
+        Needs a capability `ipc.send@ipc/<to>`. Returns once the message is durable; if the
+        token requires approval for it, only once a human approved it (the kernel's approval
+        timeout bounds the wait).
         """
-        return self._conn.call("ipc.send", abi.SendArgs(to=to, data=data), type(None))
+        return self._conn.call("ipc.send", abi.SendArgs(to=to, data=data), type(None),
+                               wait_forever=True)
 
     def recv(self, timeout: float | None = None) -> abi.Message:
         """The oldest message in this agent's mailbox; waits up to `timeout` seconds (forever

@@ -18,13 +18,15 @@ class Proc:
 
     def spawn(self, path: str, *, name: str | None = None, argv: Sequence[str] = (),
               caps: Sequence[str] = (), sandbox: str | None = None, restart: str = "no",
-              limits: Mapping[str, int] | None = None) -> int:
+              limits: Mapping[str, int] | None = None, group: str | None = None) -> int:
         """Start the agent program at `path`; `caps` are rules `OP[@RESOURCE]` for its token.
         `sandbox` is none | standard | strict (None: the kernel's default), `restart` is
         no | on-failure | always, `limits` overrides rlimits (e.g. {"address_space": 1 << 30})
-        and the captured log size ("log_bytes")."""
+        and the captured log size ("log_bytes"), `group` is a privilege group whose template
+        it also gets."""
         args = abi.SpawnArgs(path=path, name=name, argv=list(argv), caps=list(caps),
-                             sandbox=sandbox, restart=restart, limits=dict(limits or {}))
+                             sandbox=sandbox, restart=restart, limits=dict(limits or {}),
+                             group=group)
         return self._conn.call("proc.spawn", args, int)
 
     def suspend(self, agent_id: int) -> None:

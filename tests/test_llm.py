@@ -253,3 +253,19 @@ def test_agent_streams_arrive_through_its_completion_ring(llm_kernel: KernelProc
     assert info.exit_status == 0 and result["rings"] and result["deltas"] > 1
     assert result["joined"] == result["result"] == result["again"]
     assert after - before >= 5  # two streams, the cancel, a chat, proc.exit
+def test_llm_token_budget_counts_generated_tokens(llm_kernel: KernelProcess) -> None:
+    """A token's `llm_tokens` budget (access manager): reserved at admission, settled to the
+    tokens generated, never exceeded."""
+    with llm_kernel.connect() as admin:
+        me = admin.caps.inspect().subject
+        grant = admin.caps.delegate(me, ["llm.chat"], budgets={"llm_tokens": 40})
+        generated = 0
+        with sdk.connect(token=grant.token, state_dir=llm_kernel.state_dir) as conn:
+            while True:
+                try:
+                    reply = conn.llm.chat(HELLO, max_tokens=12)
+                except sdk.QuotaExceeded:
+                    break
+                generated += reply.usage.completion_tokens
+                assert admin.caps.inspect(grant.token).budgets["llm_tokens"] == [generated, 40]
+        assert 40 - 12 < generated <= 40

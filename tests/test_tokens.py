@@ -378,10 +378,10 @@ def test_audience_mismatch_and_explicit_audience() -> None:
 
 def test_unknown_caveat_kind_is_preserved_and_fails_closed() -> None:
     auth = TokenAuthority(KEY)
-    token = attenuate(auth.mint("agent:1", [Rule("*")]), ("budget", {"usd": 5}))
+    token = attenuate(auth.mint("agent:1", [Rule("*")]), ("quota", {"usd": 5}))
     cap = auth.verify(token)
-    assert cap.caveats[-1] == ("budget", {"usd": 5})
-    assert cap.check("sys.null", None, "agent:1", NOW) == "unknown caveat 'budget'"
+    assert cap.caveats[-1] == ("quota", {"usd": 5})
+    assert cap.check("sys.null", None, "agent:1", NOW) == "unknown caveat 'quota'"
     # Re-encoding the parsed caveats reproduces the same bytes.
     assert unpack(attenuate(token))[2] == [encode_caveat(k, v) for k, v in cap.caveats]
 
@@ -575,7 +575,11 @@ CAVEATS = st.one_of(
     st.tuples(st.just("allow"), st.lists(RULES, max_size=3)),
     st.tuples(st.just("aud"), st.sampled_from(PRINCIPALS)),
     st.tuples(st.sampled_from(["exp", "nbf"]), st.sampled_from([NOW - 5, NOW, NOW + 5])),
-    st.tuples(st.just("budget"), st.integers(0, 5)),
+    st.tuples(st.just("quota"), st.integers(0, 5)),
+    st.tuples(st.just("budget"), st.tuples(st.sampled_from(["calls", "bytes"]),
+                                           st.integers(0, 5), st.just("0123456789abcdef"))),
+    st.tuples(st.just("once"), st.just("0123456789abcdef" * 2)),
+    st.tuples(st.just("requires_approval"), st.lists(RULES, max_size=2)),
 )
 
 

@@ -57,7 +57,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     path = Path(args.path).expanduser().absolute()
     with _connect(args) as conn:
         agent_id = conn.proc.spawn(str(path), name=args.name, argv=args.args, caps=args.cap,
-                                   **spawn_options(args))
+                                   group=args.group, **spawn_options(args))
         if not args.wait:
             print(agent_id)
             return 0
@@ -193,6 +193,9 @@ def parser() -> argparse.ArgumentParser:
                     help="grant a right, e.g. ipc.send@ipc/bob or 'proc.*' (repeatable)")
     sp.add_argument("--wait", action="store_true",
                     help="wait for it, print its result and exit with its status")
+    sp.add_argument("--group", metavar="NAME",
+                    help="grant a privilege group's rights and limits ([groups.NAME] in the "
+                         "kernel config)")
     from userland.proc_cli import add_run_arguments
 
     add_run_arguments(sp)
@@ -234,9 +237,10 @@ def parser() -> argparse.ArgumentParser:
     from userland.agent_cli import add_commands as add_agent_commands
 
     add_agent_commands(sub)
-    from userland import proc_cli
+    from userland import caps_cli, proc_cli
 
     proc_cli.add_commands(sub)
+    caps_cli.add_commands(sub)
     return p
 
 

@@ -1,5 +1,6 @@
-"""The access check every syscall passes: verify the token, then check its caveats against the
-call, its resource and the caller's attested principal. Denials are audited (rate-limited per
+"""The access check every syscall passes: verify the token, check its caveats against the
+call, its resource and the caller's attested principal, then its kernel-side state (revocation,
+one-shot, budgets: kernel/access/manager.py). Denials are audited (rate-limited per
 principal, so a flood of forged tokens cannot turn into a flood of fsyncs)."""
 
 from __future__ import annotations
@@ -36,6 +37,11 @@ class Guard:
         if reason is not None:
             self.deny(caller.principal, op, resource, reason, token_id=cap.token_id)
             raise Fault(ErrorCode.EPERM, f"{op}: {reason}")
+        try:
+            self.kernel.access.admit(cap, op)  # revocation, one-shot, budgets
+        except Fault as exc:
+            self.deny(caller.principal, op, resource, exc.message, token_id=cap.token_id)
+            raise
         return cap
 
     def deny(self, principal: str, op: str, resource: str | None, reason: str,

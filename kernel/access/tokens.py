@@ -10,6 +10,7 @@ import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from hmac import compare_digest
 from types import MappingProxyType
 from typing import Any
@@ -19,6 +20,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives import hmac as crypto_hmac
 
 __all__ = [
+    "BUDGET_KINDS",
     "CAVEAT_KINDS",
     "MAX_CAVEATS",
     "MAX_TOKEN_CHARS",
@@ -45,6 +47,7 @@ MAX_CAVEATS = 64
 MAX_RESOURCE_CHARS = 256
 MAX_PRINCIPAL_CHARS = 256
 VERIFY_CACHE_SIZE = 4096
+_PLAN_CACHE_SIZE = 256  # memoised request verdicts per capability
 KEY_BYTES = 32
 
 _DOMAIN = b"agentos-token-v1\0"
@@ -273,6 +276,38 @@ def _check_nbf(not_before: float, req: Request) -> str | None:
     return None if req.now >= not_before else "not yet valid"
 
 
+BUDGET_KINDS = ("calls", "llm_tokens", "tools", "bytes")
+MAX_BUDGET = 2**53
+_BID_RE = re.compile(r"[0-9a-f]{16}")
+
+
+def _parse_budget(value: Any) -> tuple[str, int, str]:
+    """`[kind, limit, counter id]`: the counter id names the kernel-side counter, so a child
+    that copies its parent's budget caveat draws on the same counter."""
+    if not isinstance(value, list | tuple) or len(value) != 3:
+        raise ValueError("budget must be [kind, limit, counter id]")
+    kind, limit, bid = value
+    if kind not in BUDGET_KINDS:
+        raise ValueError(f"budget kind must be one of {', '.join(BUDGET_KINDS)}")
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 0 <= limit <= MAX_BUDGET:
+        raise ValueError(f"budget limit must be an integer in 0..{MAX_BUDGET}")
+    if not isinstance(bid, str) or not _BID_RE.fullmatch(bid):
+        raise ValueError("budget counter id must be 16 hex digits")
+    return kind, limit, bid
+
+
+def _parse_nonce(value: Any) -> str:
+    if not isinstance(value, str) or not _TID_RE.fullmatch(value):
+        raise ValueError("one-shot nonce must be 32 hex digits")
+    return value
+
+
+def _kernel_counted(value: Any, req: Request) -> str | None:
+    # Budgets, one-shot nonces and approval requirements need kernel state; the access
+    # manager (kernel/access/manager.py) enforces them on every use.
+    return None
+
+
 # Read-only so no caller can widen checking at run time; new kinds are added here in source.
 CAVEAT_KINDS: Mapping[str, CaveatKind] = MappingProxyType(
     {
@@ -282,6 +317,11 @@ CAVEAT_KINDS: Mapping[str, CaveatKind] = MappingProxyType(
         ),
         "exp": CaveatKind(_parse_time, _check_exp),
         "nbf": CaveatKind(_parse_time, _check_nbf),
+        "budget": CaveatKind(_parse_budget, _kernel_counted, list),
+        "once": CaveatKind(_parse_nonce, _kernel_counted),
+        "requires_approval": CaveatKind(
+            _parse_allow, _kernel_counted, lambda rules: [[r.op, r.resource] for r in rules]
+        ),
     }
 )
 
@@ -327,6 +367,9 @@ def decode_caveat(data: bytes) -> tuple[str, object]:
 # --------------------------------------------------------------------------- capabilities
 
 
+_Plan = tuple[tuple[tuple[str, object], ...], "str | None"]
+
+
 @dataclass(frozen=True)
 class Capability:
     """A parsed token: who it was issued to and the caveats every use must satisfy."""
@@ -338,23 +381,52 @@ class Capability:
     caveats: tuple[tuple[str, object], ...]
 
     def check(self, op: str, resource: str | None, principal: str, now: float) -> str | None:
-        """None if every caveat holds for this request, else the reason it is refused."""
+        """None if every caveat holds for this request, else the reason it is refused.
+
+        Only `exp` and `nbf` depend on the moment; the verdict of every other caveat is
+        memoised per (op, resource, principal), so a token used again for the same request
+        costs a dict lookup and its time checks.
+        """
+        key = (op, resource, principal)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plan(op, resource, principal)
+            if len(self._plans) < _PLAN_CACHE_SIZE:
+                self._plans[key] = plan
+        timed, reason = plan
+        for kind, value in timed:
+            if kind == "exp" and not now < value:  # type: ignore[operator]
+                return "expired"
+            if kind == "nbf" and not now >= value:  # type: ignore[operator]
+                return "not yet valid"
+        return reason
+
+    @cached_property
+    def _plans(self) -> dict[tuple[str, str | None, str], _Plan]:
+        return {}
+
+    def _plan(self, op: str, resource: str | None, principal: str) -> _Plan:
+        """The time caveats met before the first failing timeless caveat, and its reason."""
         # Refuse malformed requests outright so e.g. "ipc/bob/../alice" cannot ride on "ipc/bob".
         if not isinstance(op, str) or not _OP_RE.fullmatch(op):
-            return "malformed op"
+            return (), "malformed op"
         if resource is not None and (
             not isinstance(resource, str) or _resource_problem(resource, pattern=False)
         ):
-            return "malformed resource"
-        req = Request(op, resource, principal, now)
+            return (), "malformed resource"
+        req = Request(op, resource, principal, 0.0)
+        timed: list[tuple[str, object]] = []
         for kind, value in self.caveats:
+            if kind in ("exp", "nbf"):
+                timed.append((kind, value))
+                continue
             spec = CAVEAT_KINDS.get(kind)
             if spec is None:
-                return f"unknown caveat {kind[:32]!r}"
+                return tuple(timed), f"unknown caveat {kind[:32]!r}"
             reason = spec.check(value, req)
             if reason is not None:
-                return reason
-        return None
+                return tuple(timed), reason
+        return tuple(timed), None
 
     @property
     def audiences(self) -> tuple[str, ...]:
@@ -373,6 +445,20 @@ class Capability:
     @property
     def rule_sets(self) -> tuple[tuple[Rule, ...], ...]:
         return tuple(v for k, v in self.caveats if k == "allow")
+
+    @cached_property
+    def budgets(self) -> tuple[tuple[str, int, str], ...]:
+        """(kind, limit, counter id) of every budget caveat."""
+        return tuple(v for k, v in self.caveats if k == "budget")  # type: ignore[misc]
+
+    @cached_property
+    def nonces(self) -> tuple[str, ...]:
+        return tuple(v for k, v in self.caveats if k == "once")  # type: ignore[misc]
+
+    @cached_property
+    def approval_rules(self) -> tuple[Rule, ...]:
+        """Requests matching any of these rules wait for a human's approval."""
+        return tuple(r for k, v in self.caveats if k == "requires_approval" for r in v)
 
 
 class _Identifier(msgspec.Struct, forbid_unknown_fields=True):
@@ -513,11 +599,12 @@ class TokenAuthority:
         expires_at: float | None = None,
         not_before: float | None = None,
         parent_id: str | None = None,
+        extra: Iterable[tuple[str, object]] = (),
     ) -> str:
         """Issue a token to ``subject``; audience defaults to subject.
 
-        Caveat order: aud, allow, exp (if given), nbf (if given). Raises ValueError on bad input
-        or when the token would exceed MAX_TOKEN_CHARS.
+        Caveat order: aud, allow, exp (if given), nbf (if given), then ``extra`` (kind, value)
+        caveats. Raises ValueError on bad input or when the token would exceed MAX_TOKEN_CHARS.
         """
         subject = _parse_principal(subject)
         grants = tuple(rules)
@@ -535,6 +622,7 @@ class TokenAuthority:
             caveats.append(("exp", expires_at))
         if not_before is not None:
             caveats.append(("nbf", not_before))
+        caveats.extend(extra)
         encoded = [encode_caveat(kind, value) for kind, value in caveats]
         identifier = msgspec.msgpack.encode(
             _Identifier(tid=secrets.token_hex(16), parent=parent_id, sub=subject, iat=time.time())

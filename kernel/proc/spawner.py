@@ -52,6 +52,7 @@ class AgentSpec:
     tier: str
     limits: dict[str, int]  # overrides of the kernel's defaults, by LIMIT_NAMES
     restart: str = "no"
+    group: str | None = None  # a privilege group whose template is granted at every start
 
 
 @dataclass

@@ -215,11 +215,11 @@ class ProcessTable:
         return [self._info(r, False) for r in rows]
 
     def _spec(self, agent_id: int) -> AgentSpec:
-        name, path, argv, caps, tier, limits, restart = self.k.db.read(
-            "SELECT name, path, argv, caps, sandbox, limits, restart FROM agents WHERE id=?",
-            (agent_id,))[0]
+        name, path, argv, caps, tier, limits, restart, group = self.k.db.read(
+            "SELECT name, path, argv, caps, sandbox, limits, restart, grp FROM agents "
+            "WHERE id=?", (agent_id,))[0]
         return AgentSpec(agent_id, name, path, json.loads(argv), json.loads(caps),
-                         tier or "none", json.loads(limits or "{}"), restart or "no")
+                         tier or "none", json.loads(limits or "{}"), restart or "no", group)
 
     # --- spawn -------------------------------------------------------------------------------
 
@@ -250,17 +250,19 @@ class ProcessTable:
         if not all(rules_cover(held, rules) for held in cap.rule_sets):
             raise _fault(abi.ErrorCode.EPERM, "cannot grant rights the caller does not hold: "
                          + ", ".join(map(str, rules)))
+        if args.group is not None:
+            self.k.access.check_group(cap, args.group)
         tier = self.sandboxes.tier(args.sandbox, parent.spec.tier if parent else None)
         limits = self.sandboxes.limits(args.limits, parent.spec.limits if parent else None)
 
         cur = self.k.db.write(
             "INSERT INTO agents (name, path, argv, caps, spawned_by, state, sandbox, limits, "
-            "restart) VALUES (?,?,?,?,?,?,?,?,?)",
+            "restart, grp) VALUES (?,?,?,?,?,?,?,?,?,?)",
             (name, str(path), json.dumps(args.argv), json.dumps(args.caps), caller_principal,
-             "starting", tier, json.dumps(limits), args.restart))
+             "starting", tier, json.dumps(limits), args.restart, args.group))
         agent_id = int(cur.lastrowid)
         spec = AgentSpec(agent_id, name, str(path), list(args.argv), list(args.caps), tier,
-                         limits, args.restart)
+                         limits, args.restart, args.group)
         self._start(spec, caller_principal)
         return agent_id
 
@@ -282,8 +284,7 @@ class ProcessTable:
         `failed` and a typed Fault says why."""
         agent_id = spec.agent_id
         granted = baseline_rules(agent_id) + [Rule.parse(text) for text in spec.caps]
-        token = self.k.authority.mint(f"agent:{agent_id}", granted)
-        token_id = self.record_token(token)
+        token, token_id = self.k.access.grant_agent(agent_id, granted, spec.group)
         uid = None
         if "identity" in sandbox.TIERS[spec.tier]:
             uid = self.sandboxes.allocate_uid(
@@ -456,6 +457,7 @@ class ProcessTable:
         self.k.audit.append("kernel", "exit", agent=live.agent_id, status=status, state=state)
         log.info("agent ended", extra={"agent": live.agent_id, "state": state, "status": status})
         self.k.cancel_calls_of(live.agent_id)
+        self.k.access.agent_ended(live.agent_id)  # a restart is granted a fresh token
         if delay is not None and delay >= 0:
             self._pending[live.agent_id] = live.spec
             self.k.after(delay, lambda: self._restart(live.agent_id))

@@ -1,0 +1,160 @@
+"""Approval of irreversible operations: the kernel holds such a call until a human decides.
+
+The interface for every manager (ipc today; memory/storage deletes and destructive tools next):
+
+    return kernel.approvals.gate(call, action, detail, proceed)
+
+parks `call` (the handler returns what `gate` returns, `PENDING`) and lists the request in
+`agentos approvals`. Then exactly one of:
+
+- `agentos approve ID`: `proceed()` runs on the loop thread, inside the approving syscall's
+  transaction (in a savepoint of its own), and its return value becomes the call's result; a
+  `Fault` it raises becomes the call's error. The requester's token is re-checked first: if it
+  was revoked meanwhile the call fails with EPERM and `proceed` never runs.
+- `agentos deny ID [--reason R]`: the call fails with EPERM.
+- nobody answers within `approval_timeout` seconds (kernel config): the call fails with
+  ETIMEDOUT.
+- the requester dies or the kernel stops: the call is cancelled and the request dropped.
+
+`proceed` must re-validate anything that may have changed while the call waited (the target may
+be gone). Only users (people, through `agentos`) decide, never agents, and nobody can approve
+or deny their own request: the principal that asked is refused with EPERM, whatever its rights.
+Requests, decisions and refusals are audited; a request's id is the sequence number of its
+audit record, so ids are never reused, even across restarts.
+
+`guarded(call, resource, detail, proceed)` is the usual entry: it gates only when the caller's
+token carries a `requires_approval` caveat matching the call, and otherwise runs `proceed` now.
+Managers whose operations are irreversible by nature (deleting memories or files, destructive
+tools) call `gate` directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from kernel.access.manager import fault
+from sdk import abi
+
+if TYPE_CHECKING:
+    from kernel.core import Call, Caller, Kernel
+
+log = logging.getLogger("kernel.access")
+
+
+@dataclass(eq=False)
+class Request:
+    id: int
+    call: Call
+    action: str
+    detail: dict[str, Any]
+    proceed: Callable[[], Any]
+    requested_at: float
+    deadline: float
+
+
+class Approvals:
+    def __init__(self, kernel: Kernel) -> None:
+        self.k = kernel
+        self.pending: dict[int, Request] = {}
+
+    def guarded(self, call: Call, resource: str | None, detail: dict[str, Any],
+                proceed: Callable[[], Any]) -> Any:
+        """Run `proceed` now, or hold it for approval if the caller's token says so."""
+        cap = call.capability
+        if cap is not None and any(rule.matches(call.name, resource)
+                                   for rule in cap.approval_rules):
+            return self.gate(call, call.name, {"resource": resource, **detail}, proceed)
+        return proceed()
+
+    def gate(self, call: Call, action: str, detail: dict[str, Any],
+             proceed: Callable[[], Any], timeout: float | None = None) -> object:
+        """Park `call` until a human approves (`proceed` runs), denies (EPERM) or the timeout
+        (default: the kernel's `approval_timeout`) passes (ETIMEDOUT)."""
+        timeout = self.k.config.approval_timeout if timeout is None else timeout
+        now = time.time()
+        request_id = self.k.audit.append(call.caller.principal, "approval-request",
+                                         action=action, detail=detail, timeout=timeout)
+        req = Request(request_id, call, action, detail, proceed, now, now + timeout)
+        self.pending[request_id] = req
+        call.on_cancel.append(lambda: self.pending.pop(request_id, None))
+        log.info("approval requested", extra={"request": request_id, "action": action,
+                                              "principal": call.caller.principal})
+        self.k.after(timeout, lambda: self._expire(req))
+        self.k.parked.add(call)
+        from kernel.core import PENDING
+
+        return PENDING
+
+    def _expire(self, req: Request) -> None:
+        if self.pending.pop(req.id, None) is not None:
+            self.k.audit.append("kernel", "approval-timeout", request=req.id, action=req.action)
+            waited = req.deadline - req.requested_at
+            self.k.fail(req.call, abi.ErrorCode.ETIMEDOUT,
+                        f"{req.action}: nobody approved it within {waited:g} s")
+
+    def list(self) -> list[abi.ApprovalInfo]:
+        return [abi.ApprovalInfo(id=r.id, principal=r.call.caller.principal, action=r.action,
+                                 detail=r.detail, requested_at=r.requested_at, deadline=r.deadline)
+                for r in sorted(self.pending.values(), key=lambda r: r.id)]
+
+    def _take(self, approver: Caller, request_id: int, verdict: str) -> Request:
+        req = self.pending.get(request_id)
+        if req is None:
+            raise fault(abi.ErrorCode.ENOENT, f"no pending approval {request_id}")
+        if approver.agent_id is not None:
+            # Approval is a human's act: agents, whatever their rights, never decide.
+            raise fault(abi.ErrorCode.EPERM, f"only a user may {verdict} a request; "
+                        f"{approver.principal} is an agent")
+        if approver.principal == req.call.caller.principal:
+            self.k.audit.append(approver.principal, "approval-refused", request=request_id,
+                                reason="own request")
+            raise fault(abi.ErrorCode.EPERM, f"{approver.principal} cannot {verdict} its own "
+                        "request")
+        del self.pending[request_id]
+        return req
+
+    def approve(self, approver: Caller, request_id: int) -> None:
+        req = self._take(approver, request_id, "approve")
+        self.k.audit.append(approver.principal, "approve", request=request_id, action=req.action,
+                            requester=req.call.caller.principal)
+        cap = req.call.capability
+        if cap is not None and self.k.access.is_revoked(cap.token_id):
+            self.k.fail(req.call, abi.ErrorCode.EPERM, f"{req.action}: token revoked while "
+                        "waiting for approval")
+            return
+        self._run(req)
+
+    def deny(self, approver: Caller, request_id: int, reason: str) -> None:
+        req = self._take(approver, request_id, "deny")
+        self.k.audit.append(approver.principal, "deny-approval", request=request_id,
+                            action=req.action, requester=req.call.caller.principal, reason=reason)
+        self.k.fail(req.call, abi.ErrorCode.EPERM,
+                    f"{req.action}: denied by {approver.principal}" + (f": {reason}" if reason
+                                                                        else ""))
+
+    def _run(self, req: Request) -> None:
+        """`proceed`, in a savepoint so a failure leaves none of its writes behind."""
+        from kernel.core import PENDING, Fault
+
+        db = self.k.db
+        db.write("SAVEPOINT approved")
+        try:
+            result = req.proceed()
+        except Fault as exc:
+            db.write("ROLLBACK TO approved")
+            db.write("RELEASE approved")
+            self.k.fail(req.call, exc.code, exc.message)
+            return
+        except Exception:
+            log.exception("approved operation failed", extra={"request": req.id})
+            db.write("ROLLBACK TO approved")
+            db.write("RELEASE approved")
+            self.k.fail(req.call, abi.ErrorCode.EIO, "internal kernel error (logged)")
+            return
+        db.write("RELEASE approved")
+        if result is not PENDING:
+            self.k.reply(req.call, result)

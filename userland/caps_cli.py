@@ -1,0 +1,213 @@
+"""`agentos token|caps|approvals|approve|deny|audit`: the access manager from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+import msgspec
+
+import sdk
+from sdk import layout
+
+EXIT_ERROR = 1
+
+
+def _connect(args: argparse.Namespace) -> sdk.Connection:
+    return sdk.connect(state_dir=layout.state_dir(args.state_dir))
+
+
+def _json(value: Any) -> None:
+    print(json.dumps(msgspec.to_builtins(value), default=repr))
+
+
+def _when(ts: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
+
+
+def _budgets(text: list[str]) -> dict[str, int]:
+    out = {}
+    for item in text:
+        kind, eq, limit = item.partition("=")
+        if not eq or not limit.isdigit():
+            raise SystemExit(f"agentos: bad --budget {item!r}: want KIND=N")
+        out[kind] = int(limit)
+    return out
+
+
+# --- subcommands ---------------------------------------------------------------------------
+
+
+def cmd_token_mint(args: argparse.Namespace) -> int:
+    with _connect(args) as conn:
+        to = args.subject or conn.caps.inspect().subject
+        grant = conn.caps.delegate(to, args.cap, group=args.group, ttl=args.ttl,
+                                   budgets=_budgets(args.budget), once=args.once,
+                                   requires_approval=args.requires_approval)
+    if args.json:
+        _json(grant)
+    else:
+        print(grant.token)
+    return 0
+
+
+def cmd_caps_revoke(args: argparse.Namespace) -> int:
+    with _connect(args) as conn:
+        count = conn.caps.revoke(args.id)
+    print(f"revoked {count} token(s)")
+    return 0
+
+
+def cmd_caps_list(args: argparse.Namespace) -> int:
+    with _connect(args) as conn:
+        tokens = conn.caps.list(subject=args.subject, all=args.all)
+    if args.json:
+        _json(tokens)
+        return 0
+    print(f"{'ID':<32}  {'SUBJECT':<14} {'PARENT':<8} {'ISSUED':<19}  {'EXPIRES':<19}  REVOKED")
+    for t in tokens:
+        parent = t.parent[:8] if t.parent else "-"
+        print(f"{t.id:<32}  {t.subject:<14} {parent:<8} {_when(t.issued_at):<19}  "
+              f"{_when(t.expires_at):<19}  {_when(t.revoked_at)}")
+    return 0
+
+
+def cmd_caps_inspect(args: argparse.Namespace) -> int:
+    with _connect(args) as conn:
+        info = conn.caps.inspect(args.token)
+    if args.json:
+        _json(info)
+        return 0
+    for key, value in msgspec.to_builtins(info).items():
+        if key == "caveats":
+            for caveat in value:
+                print(f"caveat: {caveat}")
+        else:
+            print(f"{key}: {value}")
+    return 0
+
+
+def cmd_caps_rotate(args: argparse.Namespace) -> int:
+    with _connect(args) as conn:
+        conn.caps.rotate()
+    print("token key rotated: every earlier token is invalid; a new admin token was written")
+    return 0
+
+
+def cmd_caps_export(args: argparse.Namespace) -> int:
+    with _connect(args) as conn:
+        exported = conn.caps.export(ttl=args.ttl)
+    if args.json:
+        _json(exported)
+    else:
+        print(exported.token)
+        print(f"public key: {exported.public_key}", file=sys.stderr)
+    return 0
+
+
+def cmd_approvals(args: argparse.Namespace) -> int:
+    with _connect(args) as conn:
+        pending = conn.approvals.list()
+    if args.json:
+        _json(pending)
+        return 0
+    print(f"{'ID':>6}  {'REQUESTER':<14} {'ACTION':<16} {'WAITING':>8} {'LEFT':>7}  DETAIL")
+    now = time.time()
+    for r in pending:
+        print(f"{r.id:>6}  {r.principal:<14} {r.action:<16} {now - r.requested_at:>7.0f}s "
+              f"{max(0, r.deadline - now):>6.0f}s  {json.dumps(r.detail, default=repr)}")
+    return 0
+
+
+def cmd_approve(args: argparse.Namespace) -> int:
+    with _connect(args) as conn:
+        conn.approvals.approve(args.id)
+    return 0
+
+
+def cmd_deny(args: argparse.Namespace) -> int:
+    with _connect(args) as conn:
+        conn.approvals.deny(args.id, args.reason)
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    with _connect(args) as conn:
+        if args.verify:
+            report = conn.audit.verify()
+            if args.json:
+                _json(report)
+            elif report.intact:
+                print(f"audit log intact: {report.rows} rows, anchored at {report.anchored_seq}")
+            else:
+                print(f"audit log TAMPERED: chain broken at seq {report.broken_at}")
+            return 0 if report.intact else EXIT_ERROR
+        rows = conn.audit.read(since=args.since, limit=args.limit)
+    if args.json:
+        _json(rows)
+        return 0
+    for r in rows:
+        detail = json.dumps(r.detail, sort_keys=True, default=repr)
+        print(f"{r.seq:>6}  {_when(r.ts)}  {r.principal:<12} {r.event:<16} {detail}")
+    return 0
+
+
+# --- parser --------------------------------------------------------------------------------
+
+
+def add_commands(sub: Any) -> None:
+    def command(parent: Any, name: str, fn: Any, help_text: str) -> argparse.ArgumentParser:
+        sp = parent.add_parser(name, help=help_text, description=help_text)
+        sp.set_defaults(fn=fn)
+        return sp
+
+    token = sub.add_parser("token", help="mint capability tokens")
+    tsub = token.add_subparsers(dest="token_command", required=True, metavar="COMMAND")
+    sp = command(tsub, "mint", cmd_token_mint,
+                 "mint a token (a child of yours) from a privilege group and/or rules; print it")
+    sp.add_argument("--group", help="a privilege group ([groups.NAME] in the kernel config)")
+    sp.add_argument("--cap", action="append", default=[], metavar="OP[@RESOURCE]")
+    sp.add_argument("--ttl", type=float, metavar="SECONDS", help="expire after this long")
+    sp.add_argument("--budget", action="append", default=[], metavar="KIND=N",
+                    help="calls, llm_tokens, tools or bytes (repeatable)")
+    sp.add_argument("--once", action="store_true", help="one-shot: valid for one call")
+    sp.add_argument("--requires-approval", action="append", default=[], metavar="OP[@RESOURCE]",
+                    help="hold matching calls until a human approves them")
+    sp.add_argument("--for", dest="subject", metavar="PRINCIPAL",
+                    help="its audience: agent:ID, user:UID or an agent's name (default: you)")
+    sp.add_argument("--json", action="store_true")
+
+    caps = sub.add_parser("caps", help="list, inspect, revoke and export capability tokens")
+    csub = caps.add_subparsers(dest="caps_command", required=True, metavar="COMMAND")
+    sp = command(csub, "revoke", cmd_caps_revoke, "revoke a token and every token derived from it")
+    sp.add_argument("id", help="the token id (32 hex digits)")
+    sp = command(csub, "list", cmd_caps_list, "list tokens (live ones unless --all)")
+    sp.add_argument("--subject", metavar="PRINCIPAL")
+    sp.add_argument("-a", "--all", action="store_true", help="include revoked and expired")
+    sp.add_argument("--json", action="store_true")
+    sp = command(csub, "inspect", cmd_caps_inspect, "show a token's caveats, budgets and state")
+    sp.add_argument("token", nargs="?", help="a token you hold (default: the admin token)")
+    sp.add_argument("--json", action="store_true")
+    command(csub, "rotate-key", cmd_caps_rotate,
+            "replace the token key: every token issued so far stops working")
+    sp = command(csub, "export", cmd_caps_export,
+                 "print an Ed25519-signed export of your token for remote verifiers")
+    sp.add_argument("--ttl", type=float, default=300.0, metavar="SECONDS")
+    sp.add_argument("--json", action="store_true")
+
+    sp = command(sub, "approvals", cmd_approvals, "list operations waiting for approval")
+    sp.add_argument("--json", action="store_true")
+    sp = command(sub, "approve", cmd_approve, "approve a held operation: it runs now")
+    sp.add_argument("id", type=int)
+    sp = command(sub, "deny", cmd_deny, "deny a held operation: it fails with EPERM")
+    sp.add_argument("id", type=int)
+    sp.add_argument("--reason", default="")
+    sp = command(sub, "audit", cmd_audit, "print the audit log, or --verify its hash chain")
+    sp.add_argument("--verify", action="store_true",
+                    help="check the chain and its anchor; exit 1 if tampered with")
+    sp.add_argument("--since", type=int, default=0, metavar="SEQ")
+    sp.add_argument("--limit", type=int, default=1000)
+    sp.add_argument("--json", action="store_true")
