@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from kernel.memory import calls as memory_calls
+from kernel.storage import calls as fs_calls
 from sdk import abi
 
 if TYPE_CHECKING:
@@ -124,6 +126,15 @@ SYSCALLS: dict[str, Syscall] = {
     "llm.chat": Syscall(llm_chat, abi.ChatArgs, _model),
     "llm.cancel": Syscall(llm_cancel, abi.CancelArgs),
     "llm.models": Syscall(llm_models),
+    "memory.add": Syscall(memory_calls.add, abi.MemoryAddArgs, memory_calls.resource),
+    "memory.get": Syscall(memory_calls.get, abi.MemoryRef, memory_calls.resource),
+    "memory.update": Syscall(memory_calls.update, abi.MemoryUpdateArgs, memory_calls.resource),
+    "memory.delete": Syscall(memory_calls.delete, abi.MemoryRef, memory_calls.resource),
+    "memory.list": Syscall(memory_calls.list_, abi.MemoryListArgs, memory_calls.resource),
+    "memory.search": Syscall(memory_calls.search, abi.MemorySearchArgs, memory_calls.resource),
+    **{op: Syscall(handler, args, fs_calls.RESOURCES[op])
+       for op, (handler, args) in fs_calls.OPS.items()},
+    "fs.search": Syscall(fs_calls.search, abi.FsSearchArgs, fs_calls.search_resource),
 }
 
 FAMILIES = {name.split(".")[0] for name in SYSCALLS}

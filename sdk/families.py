@@ -1,8 +1,10 @@
 """The syscall families a connection exposes as attributes (`conn.sys`, `conn.llm`, ...)."""
 
+from sdk.fs import Fs
 from sdk.ipc import Ipc
 from sdk.llm import Llm
+from sdk.memory import Memory
 from sdk.proc import Proc
 from sdk.system import System
 
-__all__ = ["Ipc", "Llm", "Proc", "System"]
+__all__ = ["Fs", "Ipc", "Llm", "Memory", "Proc", "System"]

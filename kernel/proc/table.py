@@ -48,11 +48,13 @@ def process_start_time(pid: int) -> int | None:
     return int(fields[19]) if len(fields) > 19 else None
 
 
-def baseline_rules(agent_id: int) -> list[Rule]:
+def baseline_rules(agent_id: int, name: str | None = None) -> list[Rule]:
     """What every agent holds about itself: ping the kernel, report its own exit, read its own
-    process entry and its own mailbox."""
+    process entry and its own mailbox; with its name, its own memory space and files (keyed by
+    name, so an agent restarted under the same name finds them again)."""
+    own = [Rule("memory.*", f"mem/agent/{name}"), Rule("fs.*", f"fs/agent/{name}")] if name else []
     return [Rule("sys.*"), Rule("proc.exit"), Rule("proc.info", f"proc/{agent_id}"),
-            Rule("ipc.recv")]
+            Rule("ipc.recv"), *own]
 
 
 def exit_status(returncode: int) -> int:
@@ -170,7 +172,7 @@ class ProcessTable:
             (name, str(path), json.dumps(args.argv), json.dumps(args.caps), caller_principal,
              "starting"))
         agent_id = int(cur.lastrowid)
-        granted = baseline_rules(agent_id) + rules
+        granted = baseline_rules(agent_id, name) + rules
         token = self.k.authority.mint(f"agent:{agent_id}", granted)
         token_id = self.record_token(token)
         home = self.k.state.agent_dir(agent_id) / "home"
