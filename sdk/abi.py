@@ -240,6 +240,7 @@ class Stats(msgspec.Struct, frozen=True):
     syscalls: dict[str, int]
     errors: dict[str, int]
     models: dict[str, dict[str, float]] = {}  # per model: queue, batch, KV and engine counters
+    memory: dict[str, float] = {}  # the memory manager's RAM tier and embedding counters
 
 
 # --- codec -----------------------------------------------------------------------------------
