@@ -399,6 +399,7 @@ class FsShareArgs(Args):
                       msgspec.Meta(min_length=1, max_length=16)] = msgspec.field(
                           default_factory=lambda: ["fs.read"])
     expires_in_s: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    owner: Name | None = None  # re-sharing another's file needs fs.share on it
 
 
 class FsSearchArgs(Args):

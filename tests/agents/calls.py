@@ -1,5 +1,8 @@
 """Runs the syscalls its task lists (JSON: [[name, args], ...]) and returns, per call, its
-result or its error code: one agent that can probe memory and fs syscalls as itself."""
+result or its error code: one agent that can probe memory and fs syscalls as itself.
+
+`ipc.send` with data "$last" sends the previous call's result; `ipc.recv` keeps what it got,
+and a later `"token": "$received"` presents that as the call's token."""
 
 import json
 
@@ -15,24 +18,32 @@ ARGS = {
     "fs.list": abi.FsPathArgs, "fs.stat": abi.FsPathArgs, "fs.delete": abi.FsPathArgs,
     "fs.mkdir": abi.FsPathArgs, "fs.versions": abi.FsPathArgs,
     "fs.rollback": abi.FsRollbackArgs, "fs.share": abi.FsShareArgs,
-    "fs.search": abi.FsSearchArgs,
+    "fs.search": abi.FsSearchArgs, "ipc.send": abi.SendArgs, "ipc.recv": abi.RecvArgs,
 }
 
 
 class Calls(Agent):
     def run(self, task: str) -> list:
-        out = []
+        out: list = []
+        received = last = None
         for name, args in json.loads(task):
             conn = self.conn
             if "token" in args:  # present a token someone shared instead of our own
-                conn = type(self.conn)(self.conn.endpoint, args.pop("token"))
-            if "data" in args:
+                token = args.pop("token")
+                conn = type(self.conn)(self.conn.endpoint,
+                                       received if token == "$received" else token)
+            if name == "ipc.send" and args.get("data") == "$last":
+                args["data"] = last
+            elif "data" in args:
                 args["data"] = args["data"].encode()
             try:
                 result = conn.call(name, msgspec.convert(args, ARGS[name]))
+                if name == "ipc.recv":
+                    received = result = msgspec.convert(result, abi.Message).data
                 if isinstance(result, bytes):
                     result = result.decode(errors="replace")
-                out.append({"ok": msgspec.to_builtins(result)})
+                last = msgspec.to_builtins(result)
+                out.append({"ok": last})
             except SyscallError as exc:
                 out.append({"err": exc.code.name, "msg": exc.message})
         return out
