@@ -28,9 +28,7 @@ class ReferenceLRUK:
 
     def access(self, key: int, size: int | None) -> None:
         self.clock += 1
-        if key not in self.sizes:
-            self.sizes[key] = size
-        elif size is not None:
+        if key not in self.sizes or size is not None:
             self.sizes[key] = size
         self.times.setdefault(key, []).append(self.clock)
 

@@ -143,7 +143,7 @@ def test_kernel_sigkill_keeps_acknowledged_files_and_memories(tmp_path: Path) ->
         k.start()
         stop = threading.Event()
 
-        def write(round_: int = round_) -> None:
+        def write(round_: int = round_, stop: threading.Event = stop) -> None:
             with k.connect(timeout=5) as c:
                 for i in range(10_000):
                     if stop.is_set():
