@@ -166,3 +166,28 @@ def test_worker_thread_embedding_and_backfill(tmp_path: Path) -> None:
             assert c.sys.stats().memory["embedded"] >= 2
     finally:
         k.stop()
+
+
+@pytest.mark.integration
+def test_minilm_finds_paraphrases(tmp_path: Path) -> None:
+    """The real all-MiniLM-L6-v2, on the worker thread: a query that shares no word with its
+    answer still finds it."""
+    from kernel.memory import model
+
+    if model.installed() is None:
+        pytest.skip("all-MiniLM-L6-v2 is not pulled (agentos mem pull)")
+    k = boot(tmp_path, "minilm")
+    try:
+        with k.connect(timeout=120) as c:
+            ns = "t/minilm"
+            ids = [c.memory.add(text, namespace=ns) for text in (
+                "The puppy is playing fetch in the garden",
+                "Quarterly revenue grew by eight percent",
+                "Remember to renew the car insurance next month")]
+            hits = c.memory.search("a young dog having fun outdoors", k=3, namespace=ns)
+            assert hits[0].id == ids[0] and hits[0].match == "vector"
+            assert hits[0].score > hits[1].score
+            money = c.memory.search("company earnings increased", k=1, namespace=ns)
+            assert money[0].id == ids[1]
+    finally:
+        k.stop()

@@ -219,6 +219,9 @@ def parser() -> argparse.ArgumentParser:
     from userland.model_cli import add_commands
 
     add_commands(sub)
+    from userland import memstore_cli
+
+    memstore_cli.add_commands(sub)
     return p
 
 
