@@ -179,3 +179,29 @@ def test_no_clean_path_escapes(text: str) -> None:
     resource = paths.resource("owner", cleaned) if len(cleaned) < 100 else None
     if resource:
         assert resource.isprintable() and " " not in resource
+
+
+@given(st.integers(0, 2**31), st.integers(1, 30), st.booleans())
+@settings(max_examples=10, deadline=None)
+def test_float16_shortlist_matches_exact(seed: int, k: int, filtered: bool) -> None:
+    """Large namespaces scan a float16 copy, then re-score exactly: same answer as float32."""
+    import kernel.memory.index as index_module
+
+    rng = np.random.default_rng(seed)
+    n, dim = 3000, 32
+    vectors = rng.standard_normal((n, dim)).astype(np.float32)
+    old = index_module.HALF_FROM
+    index_module.HALF_FROM = 1000
+    try:
+        index = VectorIndex(dim)
+        index.add(list(range(n)), vectors)
+        for memory_id in range(0, n, 7):
+            index.remove(memory_id)
+        alive = [i for i in range(n) if i % 7]
+        allowed = set(alive[::3]) if filtered else None
+        query = rng.standard_normal(dim).astype(np.float32)
+        pool = sorted(allowed) if filtered else alive
+        expected = sorted(pool, key=lambda i: -float(vectors[i] @ query))[:k]
+        assert [i for i, _ in index.search(query, k, allowed)] == expected
+    finally:
+        index_module.HALF_FROM = old

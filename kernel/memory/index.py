@@ -1,14 +1,20 @@
 """A namespace's vector index: exact inner-product search over a contiguous float32 matrix.
 
-Chosen by measurement (README, tools/bench/memory.py): exact search has recall 1.0 by
-construction and costs one BLAS matrix-vector product; HNSW (hnswlib) answers faster at 100k
-but costs ~0.8 ms of single-core build time per insert, must be rebuilt or persisted beside
-SQLite, and its recall depends on the data.
+Chosen by measurement (README, tools/bench/memory.py): brute force has recall 1.0 by
+construction and needs no build; HNSW (hnswlib, usearch) answers in well under a millisecond
+but costs about a millisecond of single-core build time per insert, must be rebuilt or
+persisted beside SQLite, and its recall depends on the data. Brute force is bound by memory
+bandwidth, so large namespaces scan a float16 shadow copy (half the bytes; torch, which the
+kernel has anyway, multiplies float16 quickly, numpy does not) for a shortlist that is then
+re-scored exactly in float32.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+HALF_FROM = 16384  # rows from which search scans the float16 copy first
+SHORTLIST = 8  # the float16 scan keeps k * SHORTLIST candidates (at least 64) for re-scoring
 
 
 class VectorIndex:
@@ -16,6 +22,7 @@ class VectorIndex:
         self.dim = dim
         self._vectors = np.zeros((0, dim), dtype=np.float32)
         self._ids = np.zeros(0, dtype=np.int64)
+        self._half: np.ndarray | None = None  # float16 copy of the rows, once count > HALF_FROM
         self._row: dict[int, int] = {}
         self.count = 0
 
@@ -39,6 +46,8 @@ class VectorIndex:
             ids = np.zeros(capacity, dtype=np.int64)
             ids[: self.count] = self._ids[: self.count]
             self._vectors, self._ids = vectors, ids
+            if self._half is not None:
+                self._half = self._vectors.astype(np.float16)
 
     def add(self, ids: list[int], vectors: np.ndarray) -> None:
         """Insert or replace vectors (rows of `vectors`, unit length) for `ids`."""
@@ -46,14 +55,21 @@ class VectorIndex:
         for row, memory_id in enumerate(ids):
             at = self._row.get(memory_id)
             if at is not None:
-                self._vectors[at] = vectors[row]
+                self._set(at, vectors[row])
         if fresh:
             self._grow(self.count + len(fresh))
             for memory_id, row in fresh:
-                self._vectors[self.count] = vectors[row]
+                self._set(self.count, vectors[row])
                 self._ids[self.count] = memory_id
                 self._row[memory_id] = self.count
                 self.count += 1
+        if self._half is None and self.count >= HALF_FROM:
+            self._half = self._vectors.astype(np.float16)
+
+    def _set(self, at: int, vector: np.ndarray) -> None:
+        self._vectors[at] = vector
+        if self._half is not None:
+            self._half[at] = vector
 
     def remove(self, memory_id: int) -> None:
         at = self._row.pop(memory_id, None)
@@ -62,7 +78,7 @@ class VectorIndex:
         last = self.count - 1
         if at != last:  # keep rows dense: move the last row into the hole
             moved = int(self._ids[last])
-            self._vectors[at] = self._vectors[last]
+            self._set(at, self._vectors[last])
             self._ids[at] = moved
             self._row[moved] = at
         self.count = last
@@ -73,15 +89,34 @@ class VectorIndex:
         `allowed` when it is given."""
         if self.count == 0 or k <= 0:
             return []
-        scores = self._vectors[: self.count] @ query.astype(np.float32, copy=False)
+        query = query.astype(np.float32, copy=False)
         ids = self._ids[: self.count]
+        mask = None
         if allowed is not None:
             mask = np.isin(ids, np.fromiter(allowed, dtype=np.int64, count=len(allowed)))
-            scores = np.where(mask, scores, -np.inf)
             k = min(k, int(mask.sum()))
             if k == 0:
                 return []
         k = min(k, self.count)
-        top = np.argpartition(-scores, k - 1)[:k] if k < self.count else np.arange(self.count)
+        if self._half is not None and self.count >= HALF_FROM:
+            rows = self._shortlist(query, max(64, k * SHORTLIST), mask)
+            scores = self._vectors[rows] @ query  # exact, so float16 rounding cannot reorder
+        else:
+            scores = self._vectors[: self.count] @ query
+            if mask is not None:
+                scores = np.where(mask, scores, -np.inf)
+            rows = np.arange(self.count)
+        top = np.argpartition(-scores, k - 1)[:k] if k < len(rows) else np.arange(len(rows))
         top = top[np.argsort(-scores[top], kind="stable")]
-        return [(int(ids[i]), float(scores[i])) for i in top]
+        return [(int(ids[rows[i]]), float(scores[i])) for i in top]
+
+    def _shortlist(self, query: np.ndarray, keep: int, mask: np.ndarray | None) -> np.ndarray:
+        """Rows of the `keep` best float16 scores (half the bytes of a float32 scan)."""
+        import torch
+
+        scores = torch.from_numpy(self._half[: self.count]) @ torch.from_numpy(
+            query.astype(np.float16))
+        if mask is not None:
+            scores = scores.masked_fill(~torch.from_numpy(mask), float("-inf"))
+        rows = torch.topk(scores, min(keep, self.count)).indices.numpy()
+        return rows if mask is None else rows[mask[rows]]
