@@ -114,6 +114,8 @@ def test_quota(mk: KernelProcess) -> None:
             c.memory.add("q" * 2000, namespace=ns)
         with pytest.raises(sdk.QuotaExceeded):
             c.memory.add("q" * 2000, namespace=ns)
+        with pytest.raises(sdk.QuotaExceeded):  # a sub-namespace shares its owner's quota
+            c.memory.add("q" * 2000, namespace=ns + "/sub")
         first = c.memory.list(namespace=ns, limit=1)[0].id
         c.memory.delete(first, namespace=ns)  # room again
         c.memory.add("q" * 2000, namespace=ns)

@@ -53,6 +53,12 @@ class Item:
     updated_at: float
 
 
+def owner_key(namespace: str) -> str:
+    """Whose quota and RAM tier a namespace counts against: its first two segments, so
+    `agent/bob/notes` is bob's (`agent/bob`) and sub-namespaces cannot multiply a quota."""
+    return "/".join(namespace.split("/")[:2])
+
+
 def _fault(code: abi.ErrorCode, message: str) -> Exception:
     from kernel.core import Fault
 
@@ -181,9 +187,10 @@ class MemoryManager:
     # --- the RAM tier -------------------------------------------------------------------------
 
     def _tier(self, namespace: str) -> LRUK:
-        tier = self.tiers.get(namespace)
+        key = owner_key(namespace)
+        tier = self.tiers.get(key)
         if tier is None:
-            tier = self.tiers[namespace] = LRUK(self.k.config.memory_lru_k)
+            tier = self.tiers[key] = LRUK(self.k.config.memory_lru_k)
         return tier
 
     def _admit(self, memory_id: int, item: Item, size: int) -> None:
@@ -195,7 +202,7 @@ class MemoryManager:
         self._balance(item.namespace, keep=memory_id)
 
     def _drop(self, namespace: str, memory_id: int) -> None:
-        tier = self.tiers.get(namespace)
+        tier = self.tiers.get(owner_key(namespace))
         if tier is not None and memory_id in tier:
             self.ram_bytes -= tier.remove(memory_id)
         self.resident.pop(memory_id, None)
@@ -204,7 +211,7 @@ class MemoryManager:
         """Past the threshold of the namespace's quota or the kernel-wide budget, evict LRU-K
         victims (the namespace's own first, then the globally oldest) back to the disk tier."""
         c = self.k.config
-        tier = self.tiers[namespace]
+        tier = self._tier(namespace)
         while tier.bytes > c.memory_ram_quota * c.memory_evict_threshold:
             if not self._evict_from(tier, keep):
                 break
@@ -246,21 +253,23 @@ class MemoryManager:
     # --- quotas -------------------------------------------------------------------------------
 
     def stored(self, namespace: str) -> int:
-        if namespace not in self._stored:
-            rows = self.k.db.read("SELECT COALESCE(SUM(size), 0) FROM memories WHERE namespace=?",
-                                  (namespace,))
-            self._stored[namespace] = rows[0][0]
-        return self._stored[namespace]
+        """Bytes stored under the namespace's owner (see `owner_key`)."""
+        key = owner_key(namespace)
+        if key not in self._stored:
+            rows = self.k.db.read("SELECT COALESCE(SUM(size), 0) FROM memories WHERE "
+                                  "namespace=? OR substr(namespace, 1, ?)=?",
+                                  (key, len(key) + 1, key + "/"))
+            self._stored[key] = rows[0][0]
+        return self._stored[key]
 
     def _charge(self, namespace: str, delta: int) -> None:
-        if namespace.startswith("."):  # the kernel's own (fs search index): fs quota covers it
-            self._stored[namespace] = self.stored(namespace) + delta
-            return
+        key = owner_key(namespace)
         quota = self.k.config.memory_quota
-        if delta > 0 and self.stored(namespace) + delta > quota:
-            raise _fault(abi.ErrorCode.EQUOTA, f"namespace {namespace!r} would hold "
-                         f"{self.stored(namespace) + delta} bytes, over its {quota}-byte quota")
-        self._stored[namespace] = self.stored(namespace) + delta
+        # The kernel's own namespaces (.fs/…, the fs search index) are covered by the fs quota.
+        if delta > 0 and not namespace.startswith(".") and self.stored(key) + delta > quota:
+            raise _fault(abi.ErrorCode.EQUOTA, f"{key!r} would hold {self.stored(key) + delta} "
+                         f"bytes, over its {quota}-byte quota")
+        self._stored[key] = self.stored(key) + delta
 
     def _size(self, content: str, metadata: dict[str, Any]) -> tuple[int, str]:
         try:
@@ -348,7 +357,7 @@ class MemoryManager:
             raise _fault(abi.ErrorCode.ENOENT, f"no memory {memory_id} in {namespace!r}")
         self._unindex_words(memory_id, rows[0][1])
         self.k.db.write("DELETE FROM memories WHERE id=?", (memory_id,))
-        self._stored[namespace] = self.stored(namespace) - rows[0][0]
+        self._charge(namespace, -rows[0][0])
         self._drop(namespace, memory_id)
         if namespace in self._indexes:
             self._indexes[namespace].remove(memory_id)
