@@ -132,8 +132,16 @@ SYSCALLS: dict[str, Syscall] = {
     "memory.delete": Syscall(memory_calls.delete, abi.MemoryRef, memory_calls.resource),
     "memory.list": Syscall(memory_calls.list_, abi.MemoryListArgs, memory_calls.resource),
     "memory.search": Syscall(memory_calls.search, abi.MemorySearchArgs, memory_calls.resource),
-    **{op: Syscall(handler, args, fs_calls.RESOURCES[op])
-       for op, (handler, args) in fs_calls.OPS.items()},
+    "fs.read": Syscall(fs_calls.read, abi.FsReadArgs, fs_calls.path_resource),
+    "fs.write": Syscall(fs_calls.write, abi.FsWriteArgs, fs_calls.path_resource),
+    "fs.append": Syscall(fs_calls.append, abi.FsWriteArgs, fs_calls.path_resource),
+    "fs.list": Syscall(fs_calls.list_, abi.FsPathArgs, fs_calls.tree_resource),
+    "fs.stat": Syscall(fs_calls.stat, abi.FsPathArgs, fs_calls.tree_resource),
+    "fs.delete": Syscall(fs_calls.delete, abi.FsPathArgs, fs_calls.path_resource),
+    "fs.mkdir": Syscall(fs_calls.mkdir, abi.FsPathArgs, fs_calls.path_resource),
+    "fs.versions": Syscall(fs_calls.versions, abi.FsPathArgs, fs_calls.path_resource),
+    "fs.rollback": Syscall(fs_calls.rollback, abi.FsRollbackArgs, fs_calls.path_resource),
+    "fs.share": Syscall(fs_calls.share, abi.FsShareArgs, fs_calls.tree_resource),
     "fs.search": Syscall(fs_calls.search, abi.FsSearchArgs, fs_calls.search_resource),
 }
 

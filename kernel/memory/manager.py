@@ -140,8 +140,7 @@ class MemoryManager:
                 then(vectors)
                 return
             if box == ["parked"]:
-                if call.done:
-                    return
+                # Run `then` even if the caller gave up: an added memory still gets its vector.
                 try:
                     self.k.reply(call, then(vectors))
                 except Fault as exc:

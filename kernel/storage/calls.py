@@ -24,16 +24,24 @@ def _where(k: Kernel, caller: Caller, args: Any, root_ok: bool) -> tuple[str, st
         raise Fault(exc.code, str(exc)) from None
 
 
-def _resource_for(op: str) -> Any:
-    def resource(k: Kernel, args: Any, caller: Caller) -> str:
-        from kernel.core import Fault
+def _resource(k: Kernel, args: Any, caller: Caller, root_ok: bool) -> str:
+    from kernel.core import Fault
 
-        owner, path = _where(k, caller, args, op in _ROOT_OK)
-        try:
-            return paths.resource(owner, path)
-        except paths.PathError as exc:
-            raise Fault(exc.code, str(exc)) from None
-    return resource
+    owner, path = _where(k, caller, args, root_ok)
+    try:
+        return paths.resource(owner, path)
+    except paths.PathError as exc:
+        raise Fault(exc.code, str(exc)) from None
+
+
+def path_resource(k: Kernel, args: Any, caller: Caller) -> str:
+    """`fs/agent/OWNER/PATH` for calls on one file or directory."""
+    return _resource(k, args, caller, root_ok=False)
+
+
+def tree_resource(k: Kernel, args: Any, caller: Caller) -> str:
+    """The same, for calls that may also name the namespace root ("")."""
+    return _resource(k, args, caller, root_ok=True)
 
 
 def _args(k: Kernel, call: Call, args: Any) -> tuple[str, str]:
@@ -88,18 +96,3 @@ def search(k: Kernel, call: Call, args: abi.FsSearchArgs) -> Any:
 
 def search_resource(k: Kernel, args: Any, caller: Caller) -> str:
     return paths.resource(owner_of(k, caller, args.owner), "")
-
-
-OPS: dict[str, tuple[Any, type[abi.Args]]] = {
-    "fs.read": (read, abi.FsReadArgs),
-    "fs.write": (write, abi.FsWriteArgs),
-    "fs.append": (append, abi.FsWriteArgs),
-    "fs.list": (list_, abi.FsPathArgs),
-    "fs.stat": (stat, abi.FsPathArgs),
-    "fs.delete": (delete, abi.FsPathArgs),
-    "fs.mkdir": (mkdir, abi.FsPathArgs),
-    "fs.versions": (versions, abi.FsPathArgs),
-    "fs.rollback": (rollback, abi.FsRollbackArgs),
-    "fs.share": (share, abi.FsShareArgs),
-}
-RESOURCES = {op: _resource_for(op) for op in OPS}
