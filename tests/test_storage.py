@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import sdk
 from tests.conftest import KernelProcess, agent, wait_until
@@ -191,3 +193,34 @@ def test_unreferenced_blobs_are_collected(fk: KernelProcess) -> None:
         assert blob.exists()
         c.fs.delete("tmp.bin", **o)
         assert wait_until(lambda: not blob.exists(), timeout=5)
+
+
+_json = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8)
+                     | st.binary(max_size=4), lambda inner: st.lists(inner, max_size=3)
+                     | st.dictionaries(st.text(max_size=4), inner, max_size=3), max_leaves=6)
+
+
+@given(path=st.text(max_size=24), data=st.binary(max_size=64), metadata=st.dictionaries(
+    st.text(max_size=6), _json, max_size=3), query=st.text(min_size=1, max_size=16))
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_random_paths_and_memories_never_fault(fk: KernelProcess, path: str, data: bytes,
+                                               metadata: dict, query: str) -> None:
+    """Whatever the names and values, every call ends in a result or a typed refusal."""
+    with fk.connect() as c:
+        o = {"owner": "fuzz"}
+        calls = [lambda: c.fs.write(path, data, **o), lambda: c.fs.append(path, data, **o),
+                 lambda: c.fs.read(path, **o), lambda: c.fs.stat(path, **o),
+                 lambda: c.fs.list(path, **o), lambda: c.fs.versions(path, **o),
+                 lambda: c.fs.rollback(path, 1, **o), lambda: c.fs.search(query, **o),
+                 lambda: c.fs.delete(path, **o),
+                 lambda: c.memory.add(query, metadata, namespace="fuzz/ns"),
+                 lambda: c.memory.search(query, filter={"k": query}, namespace="fuzz/ns"),
+                 lambda: c.memory.search(query, mode="keyword", namespace="fuzz/ns")]
+        for fn in calls:
+            try:
+                fn()
+            except sdk.KernelFault as exc:
+                raise AssertionError(f"kernel fault: {exc}") from None
+            except sdk.SyscallError:
+                pass
