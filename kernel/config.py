@@ -129,6 +129,21 @@ class Config:
     ring_slot_size: int = 2048
     ring_batch: int = 64
     ring_max_faults: int = 8
+    # Memory manager: embedder (auto: all-MiniLM-L6-v2 if pulled, else keyword search only),
+    # per-namespace hard quota of stored bytes (EQUOTA), RAM tier quota per namespace and
+    # kernel-wide, evicted with LRU-K once usage passes the threshold.
+    memory_embedder: str = "auto"  # auto | minilm | hash | none
+    memory_quota: int = 64 * 1024 * 1024
+    memory_item_bytes: int = 256 * 1024
+    memory_ram_quota: int = 16 * 1024 * 1024
+    memory_ram_budget: int = 256 * 1024 * 1024
+    memory_evict_threshold: float = 0.8
+    memory_lru_k: int = 2
+    # Storage manager: per-agent quota (bytes of every kept version), file size, retention.
+    fs_quota: int = 256 * 1024 * 1024
+    fs_file_bytes: int = 8 * 1024 * 1024
+    fs_versions_kept: int = 20
+    fs_versions_max_age_s: float = 0.0  # 0: versions beyond the newest expire only by count
     # Models by name; the first, or the one marked default, serves calls that name none.
     models: dict[str, ModelConfig] = field(
         default_factory=lambda: {"smollm2": ModelConfig("smollm2", "smollm2", default=True)})
@@ -154,6 +169,8 @@ class Config:
     groups: dict[str, GroupConfig] = field(default_factory=dict)
     # How long an operation held for a human's approval waits before failing with ETIMEDOUT.
     approval_timeout: float = 300.0
+    # Agents' irreversible operations (deleting files or memories) wait for a human's approval.
+    approve_irreversible: bool = True
 
     @property
     def default_model(self) -> str | None:

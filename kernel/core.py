@@ -31,11 +31,13 @@ from kernel.config import Config
 from kernel.db import Database
 from kernel.ipc import Mailboxes
 from kernel.llm.core import LLMCore
+from kernel.memory.manager import MemoryManager
 from kernel.notify import Notifier
 from kernel.proc.table import ProcessTable
 from kernel.remote import Remote
 from kernel.rings import Rings
 from kernel.state import StateDir, write_private
+from kernel.storage.manager import StorageManager
 from kernel.syscalls import SYSCALLS
 from kernel.transport import Identities, ZapHandler, open_router
 from sdk import abi
@@ -119,6 +121,8 @@ class Kernel:
         self.remote = Remote(self)
         self.access = AccessManager(self)
         self.approvals = Approvals(self)
+        self.memory = MemoryManager(self)
+        self.storage = StorageManager(self)
         self.procs.recover()
         self.access.recover()
         self.db.commit()
@@ -139,6 +143,8 @@ class Kernel:
         self._post_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.poller.register(self._post_fd, zmq.POLLIN)
         self.llm.start()
+        self.memory.start()
+        self.storage.start()
         signal.signal(signal.SIGTERM, self._on_stop_signal)
         signal.signal(signal.SIGINT, self._on_stop_signal)
         self._write_admin_token()
@@ -219,6 +225,7 @@ class Kernel:
 
     def _shutdown(self) -> None:
         self.llm.stop()
+        self.memory.stop()
         self._run_posted()
         self.procs.terminate_all(0)
         self.procs.reap_blocking(timeout=5.0)

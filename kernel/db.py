@@ -85,6 +85,43 @@ SCHEMA = [
         used_at  REAL NOT NULL
     );
     """,
+    # version 4: the memory manager (memories, their keyword index) and the storage manager
+    # (files and their versions; contents are content-addressed blobs under STATE/blobs)
+    """
+    CREATE TABLE memories (
+        id         INTEGER PRIMARY KEY AUTOINCREMENT,
+        namespace  TEXT NOT NULL,
+        content    TEXT NOT NULL,
+        metadata   TEXT NOT NULL,
+        size       INTEGER NOT NULL,
+        embedding  BLOB,
+        embedder   TEXT,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE INDEX memories_namespace ON memories(namespace, id);
+    CREATE VIRTUAL TABLE memories_fts USING fts5(content, content='memories', content_rowid='id');
+    CREATE TABLE fs_files (
+        owner      TEXT NOT NULL,
+        path       TEXT NOT NULL,
+        kind       TEXT NOT NULL,
+        head       INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL,
+        memory_id  INTEGER,
+        PRIMARY KEY (owner, path)
+    );
+    CREATE TABLE fs_versions (
+        owner      TEXT NOT NULL,
+        path       TEXT NOT NULL,
+        version    INTEGER NOT NULL,
+        blob       TEXT NOT NULL,
+        size       INTEGER NOT NULL,
+        created_at REAL NOT NULL,
+        op         TEXT NOT NULL,
+        PRIMARY KEY (owner, path, version)
+    );
+    CREATE INDEX fs_versions_blob ON fs_versions(blob);
+    """,
 ]
 
 

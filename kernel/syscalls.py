@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from kernel.access import syscalls as access
+from kernel.memory import calls as memory_calls
+from kernel.storage import calls as fs_calls
 from sdk import abi
 
 if TYPE_CHECKING:
@@ -49,7 +51,7 @@ def sys_stats(k: Kernel, call: Call, args: abi.NoArgs) -> abi.Stats:
                      uptime_s=round(time.time() - k.started_at, 3),
                      agents_running=k.procs.running_count(), calls_parked=len(k.parked),
                      syscalls=dict(k.counts), models=k.llm.stats(),
-                     errors=dict(k.errors))
+                     errors=dict(k.errors), memory=k.memory.stats())
 
 
 def proc_spawn(k: Kernel, call: Call, args: abi.SpawnArgs) -> int:
@@ -167,6 +169,23 @@ SYSCALLS: dict[str, Syscall] = {
     "approvals.deny": Syscall(access.approvals_deny, abi.ApprovalRef),
     "audit.read": Syscall(access.audit_read, abi.AuditArgs),
     "audit.verify": Syscall(access.audit_verify),
+    "memory.add": Syscall(memory_calls.add, abi.MemoryAddArgs, memory_calls.resource),
+    "memory.get": Syscall(memory_calls.get, abi.MemoryRef, memory_calls.resource),
+    "memory.update": Syscall(memory_calls.update, abi.MemoryUpdateArgs, memory_calls.resource),
+    "memory.delete": Syscall(memory_calls.delete, abi.MemoryRef, memory_calls.resource),
+    "memory.list": Syscall(memory_calls.list_, abi.MemoryListArgs, memory_calls.resource),
+    "memory.search": Syscall(memory_calls.search, abi.MemorySearchArgs, memory_calls.resource),
+    "fs.read": Syscall(fs_calls.read, abi.FsReadArgs, fs_calls.path_resource),
+    "fs.write": Syscall(fs_calls.write, abi.FsWriteArgs, fs_calls.path_resource),
+    "fs.append": Syscall(fs_calls.append, abi.FsWriteArgs, fs_calls.path_resource),
+    "fs.list": Syscall(fs_calls.list_, abi.FsPathArgs, fs_calls.tree_resource),
+    "fs.stat": Syscall(fs_calls.stat, abi.FsPathArgs, fs_calls.tree_resource),
+    "fs.delete": Syscall(fs_calls.delete, abi.FsPathArgs, fs_calls.path_resource),
+    "fs.mkdir": Syscall(fs_calls.mkdir, abi.FsPathArgs, fs_calls.path_resource),
+    "fs.versions": Syscall(fs_calls.versions, abi.FsPathArgs, fs_calls.path_resource),
+    "fs.rollback": Syscall(fs_calls.rollback, abi.FsRollbackArgs, fs_calls.path_resource),
+    "fs.share": Syscall(fs_calls.share, abi.FsShareArgs, fs_calls.tree_resource),
+    "fs.search": Syscall(fs_calls.search, abi.FsSearchArgs, fs_calls.search_resource),
 }
 
 FAMILIES = {name.split(".")[0] for name in SYSCALLS}

@@ -254,6 +254,7 @@ class Stats(msgspec.Struct, frozen=True):
     syscalls: dict[str, int]
     errors: dict[str, int]
     models: dict[str, dict[str, float]] = {}  # per model: queue, batch, KV and engine counters
+    memory: dict[str, float] = {}  # the memory manager's RAM tier and embedding counters
 
 
 # --- remote agents (CURVE keys on the kernel's tcp:// endpoint) ----------------------------
@@ -438,3 +439,133 @@ def request_id_of(data: bytes) -> int:
         if isinstance(rid, int) and not isinstance(rid, bool) and 0 <= rid < 2**63:
             return rid
     return 0
+
+
+# --- memory and fs (appended: the memory and storage managers) -------------------------------
+
+# A memory namespace: an agent's own is `agent/<name>` (the default), others are shared by
+# capability (`memory.search@mem/team`).
+Namespace = Annotated[str, msgspec.Meta(
+    min_length=1, max_length=128,
+    pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*){0,3}$")]
+MemoryId = Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]
+Scalar = str | int | float | bool | None
+Filter = Annotated[dict[Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_]{1,64}$")], Scalar],
+                   msgspec.Meta(max_length=16)]
+
+
+class MemoryAddArgs(Args):
+    content: Annotated[str, msgspec.Meta(min_length=1, max_length=1024 * 1024)]
+    metadata: dict[str, Any] = {}
+    namespace: Namespace | None = None
+
+
+class MemoryRef(Args):
+    id: MemoryId
+    namespace: Namespace | None = None
+
+
+class MemoryUpdateArgs(Args):
+    id: MemoryId
+    content: Annotated[str, msgspec.Meta(min_length=1, max_length=1024 * 1024)] | None = None
+    metadata: dict[str, Any] | None = None
+    namespace: Namespace | None = None
+
+
+class MemoryListArgs(Args):
+    namespace: Namespace | None = None
+    after: Annotated[int, msgspec.Meta(ge=0)] = 0  # ids greater than this, ascending
+    limit: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 100
+    filter: Filter = {}
+
+
+class MemorySearchArgs(Args):
+    query: Annotated[str, msgspec.Meta(min_length=1, max_length=8192)]
+    k: Annotated[int, msgspec.Meta(ge=1, le=100)] = 5
+    filter: Filter = {}  # metadata key == value, all must hold
+    namespace: Namespace | None = None
+    mode: Annotated[str, msgspec.Meta(pattern=r"^(auto|vector|keyword)$")] = "auto"
+
+
+class Memory(msgspec.Struct, frozen=True):
+    id: int
+    namespace: str
+    content: str
+    metadata: dict[str, Any]
+    created_at: float
+    updated_at: float
+
+
+class MemoryHit(msgspec.Struct, frozen=True):
+    id: int
+    namespace: str
+    content: str
+    metadata: dict[str, Any]
+    score: float
+    match: str  # vector | keyword
+
+
+FsPathText = Annotated[str, msgspec.Meta(max_length=1024)]  # checked by the kernel
+
+
+class FsPathArgs(Args):
+    path: FsPathText = ""  # "": the namespace root (fs.list, fs.stat)
+    owner: Name | None = None  # whose namespace: the caller's own by default
+
+
+class FsReadArgs(Args):
+    path: FsPathText
+    version: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    owner: Name | None = None
+
+
+class FsWriteArgs(Args):
+    path: FsPathText
+    data: Annotated[bytes, msgspec.Meta(max_length=MAX_MESSAGE_BYTES)]
+    owner: Name | None = None
+
+
+class FsRollbackArgs(Args):
+    path: FsPathText
+    version: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    time: float | None = None  # the version current at this Unix time
+    owner: Name | None = None
+
+
+class FsShareArgs(Args):
+    path: FsPathText
+    to: Name
+    rights: Annotated[list[Annotated[str, msgspec.Meta(pattern=r"^fs\.[a-z_]+$")]],
+                      msgspec.Meta(min_length=1, max_length=16)] = msgspec.field(
+                          default_factory=lambda: ["fs.read"])
+    expires_in_s: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    owner: Name | None = None  # re-sharing another's file needs fs.share on it
+
+
+class FsSearchArgs(Args):
+    query: Annotated[str, msgspec.Meta(min_length=1, max_length=8192)]
+    k: Annotated[int, msgspec.Meta(ge=1, le=100)] = 5
+    owner: Name | None = None
+
+
+class FsStat(msgspec.Struct, frozen=True, omit_defaults=True):
+    path: str
+    kind: str  # file | dir
+    size: int = 0
+    version: int = 0
+    modified_at: float = 0.0
+    sha256: str | None = None
+
+
+class FsVersion(msgspec.Struct, frozen=True):
+    version: int
+    size: int
+    sha256: str
+    created_at: float
+    op: str  # write | append | rollback
+
+
+class FsHit(msgspec.Struct, frozen=True):
+    path: str
+    score: float
+    snippet: str

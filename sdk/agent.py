@@ -10,13 +10,14 @@ from sdk import layout
 
 class Agent:
     """An agent program. `self.conn` is its kernel connection (blocking, or asyncio when `run`
-    is a coroutine function); `self.sys`, `self.proc`, `self.ipc` and `self.llm` are its syscall
-    families."""
+    is a coroutine function); `self.sys`, `self.proc`, `self.ipc`, `self.llm`, `self.memory` and
+    `self.fs` are its syscall families."""
 
     def __init__(self, conn: Any) -> None:
         self.conn = conn
         self.sys, self.proc, self.ipc, self.llm = conn.sys, conn.proc, conn.ipc, conn.llm
         self.caps = conn.caps
+        self.memory, self.fs = conn.memory, conn.fs
         self.id = int(os.environ.get(layout.ENV_AGENT_ID, "0")) or None
         self.name = os.environ.get(layout.ENV_AGENT_NAME, type(self).__name__)
 

@@ -93,7 +93,7 @@ class Connection:
 
     def __init__(self, endpoint: str, token: str, *, timeout: float = DEFAULT_TIMEOUT,
                  context: zmq.Context | None = None, curve: CurveKeys | None = None) -> None:
-        from sdk.families import Approvals, Audit, Caps, Ipc, Llm, Proc, System
+        from sdk.families import Approvals, Audit, Caps, Fs, Ipc, Llm, Memory, Proc, System
 
         _check_endpoint(endpoint)
         self.endpoint, self.token, self.timeout = endpoint, token, timeout
@@ -118,6 +118,7 @@ class Connection:
             self._poller.register(self._ring.doorbell, zmq.POLLIN)
         self.sys, self.proc, self.ipc, self.llm = System(self), Proc(self), Ipc(self), Llm(self)
         self.caps, self.approvals, self.audit = Caps(self), Approvals(self), Audit(self)
+        self.memory, self.fs = Memory(self), Fs(self)
 
     @property
     def uses_rings(self) -> bool:
@@ -318,7 +319,7 @@ class AsyncConnection:
     def __init__(self, endpoint: str, token: str, *, timeout: float = DEFAULT_TIMEOUT,
                  context: zmq.asyncio.Context | None = None,
                  curve: CurveKeys | None = None) -> None:
-        from sdk.families import Approvals, Audit, Caps, Ipc, Llm, Proc, System
+        from sdk.families import Approvals, Audit, Caps, Fs, Ipc, Llm, Memory, Proc, System
 
         _check_endpoint(endpoint)
         self.endpoint, self.token, self.timeout = endpoint, token, timeout
@@ -341,6 +342,7 @@ class AsyncConnection:
             self._ids = self._ring.ids
         self.sys, self.proc, self.ipc, self.llm = System(self), Proc(self), Ipc(self), Llm(self)
         self.caps, self.approvals, self.audit = Caps(self), Approvals(self), Audit(self)
+        self.memory, self.fs = Memory(self), Fs(self)
 
     @property
     def uses_rings(self) -> bool:

@@ -241,6 +241,9 @@ def parser() -> argparse.ArgumentParser:
 
     proc_cli.add_commands(sub)
     caps_cli.add_commands(sub)
+    from userland import memstore_cli
+
+    memstore_cli.add_commands(sub)
     return p
 
 

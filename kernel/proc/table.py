@@ -81,11 +81,13 @@ def agent_pid(pid: int, uid: int | None) -> int:
     return pid
 
 
-def baseline_rules(agent_id: int) -> list[Rule]:
+def baseline_rules(agent_id: int, name: str | None = None) -> list[Rule]:
     """What every agent holds about itself: ping the kernel, report its own exit, read its own
-    process entry and its own mailbox."""
+    process entry and its own mailbox; with its name, its own memory space and files (keyed by
+    name, so an agent restarted under the same name finds them again)."""
+    own = [Rule("memory.*", f"mem/agent/{name}"), Rule("fs.*", f"fs/agent/{name}")] if name else []
     return [Rule("sys.*"), Rule("proc.exit"), Rule("proc.info", f"proc/{agent_id}"),
-            Rule("ipc.recv")]
+            Rule("ipc.recv"), *own]
 
 
 def exit_status(returncode: int) -> int:
@@ -283,7 +285,7 @@ class ProcessTable:
         """Mint the agent's token and start it in its sandbox; on refusal the row says
         `failed` and a typed Fault says why."""
         agent_id = spec.agent_id
-        granted = baseline_rules(agent_id) + [Rule.parse(text) for text in spec.caps]
+        granted = baseline_rules(agent_id, spec.name) + [Rule.parse(text) for text in spec.caps]
         token, token_id = self.k.access.grant_agent(agent_id, granted, spec.group)
         uid = None
         if "identity" in sandbox.TIERS[spec.tier]:

@@ -1,0 +1,1 @@
+"""The memory manager: per-agent and shared memories, embeddings, vector index, RAM tier."""

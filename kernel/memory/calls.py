@@ -1,0 +1,52 @@
+"""The memory.* syscalls: handlers and the resource each acts on (`mem/<namespace>`)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from kernel.memory.manager import own_namespace
+from sdk import abi
+
+if TYPE_CHECKING:
+    from kernel.core import Call, Caller, Kernel
+
+
+def _ns(k: Kernel, call: Call, args: Any) -> str:
+    return args.namespace or own_namespace(k, call.caller)
+
+
+def resource(k: Kernel, args: Any, caller: Caller) -> str:
+    return f"mem/{args.namespace or own_namespace(k, caller)}"
+
+
+def add(k: Kernel, call: Call, args: abi.MemoryAddArgs) -> Any:
+    return k.memory.add(call, _ns(k, call, args), args.content, args.metadata)
+
+
+def get(k: Kernel, call: Call, args: abi.MemoryRef) -> abi.Memory:
+    return k.memory.get(_ns(k, call, args), args.id)
+
+
+def update(k: Kernel, call: Call, args: abi.MemoryUpdateArgs) -> Any:
+    return k.memory.update(call, _ns(k, call, args), args.id, args.content, args.metadata)
+
+
+def delete(k: Kernel, call: Call, args: abi.MemoryRef) -> Any:
+    from kernel.storage.manager import confirm_irreversible
+
+    namespace = _ns(k, call, args)
+    k.memory.get(namespace, args.id)  # ENOENT before asking for approval
+
+    def proceed() -> None:
+        k.memory.get(namespace, args.id)  # still there when a human approved it
+        k.memory.delete(namespace, args.id)
+
+    return confirm_irreversible(k, call, "delete", f"mem/{namespace}/{args.id}", proceed)
+
+
+def list_(k: Kernel, call: Call, args: abi.MemoryListArgs) -> list[abi.Memory]:
+    return k.memory.list(_ns(k, call, args), args.after, args.limit, args.filter)
+
+
+def search(k: Kernel, call: Call, args: abi.MemorySearchArgs) -> Any:
+    return k.memory.search(call, _ns(k, call, args), args.query, args.k, args.filter, args.mode)

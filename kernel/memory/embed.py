@@ -1,0 +1,101 @@
+"""Text embedders: all-MiniLM-L6-v2 (the real one) and a hashing embedder (tests, fallback).
+
+Both map a batch of texts to unit-length float32 rows, so cosine similarity is a dot product.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+import re
+import threading
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+log = logging.getLogger("kernel.memory")
+
+DIM = 384  # all-MiniLM-L6-v2's width; the hashing embedder matches it
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+def words(text: str) -> list[str]:
+    return _WORD.findall(text.casefold())
+
+
+class Embedder(Protocol):
+    name: str
+    dim: int
+    slow: bool  # True: run it on a worker thread, never on the dispatch loop
+
+    def embed(self, texts: list[str]) -> np.ndarray: ...
+
+
+class HashEmbedder:
+    """Deterministic bag of words and word bigrams hashed into DIM buckets: texts that share
+    words are near each other. No model; instant. `slow=True` makes the kernel treat it like a
+    model (worker thread), which tests use to exercise that path."""
+
+    name = "hash"
+    dim = DIM
+
+    def __init__(self, slow: bool = False) -> None:
+        self.slow = slow
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for row, text in enumerate(texts):
+            tokens = words(text)
+            for feature in tokens + [a + " " + b for a, b in itertools.pairwise(tokens)]:
+                digest = hashlib.blake2b(feature.encode(), digest_size=8).digest()
+                bucket = int.from_bytes(digest[:4], "little") % self.dim
+                out[row, bucket] += 1.0 if digest[4] & 1 else -1.0
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        return out / np.where(norms == 0, 1.0, norms)
+
+
+class MiniLMEmbedder:
+    """sentence-transformers/all-MiniLM-L6-v2 through transformers: mean pooling over the
+    attention mask, then L2 normalisation (what its modules.json prescribes)."""
+
+    name = "all-minilm-l6-v2"
+    dim = DIM
+    slow = True
+    max_tokens = 256  # sentence_bert_config.json: max_seq_length
+    batch = 64
+
+    def __init__(self, directory: Path, threads: int | None = None) -> None:
+        self.directory = directory
+        self.threads = threads
+        self._model = self._tokenizer = None
+        self._lock = threading.Lock()
+
+    def _load(self) -> None:
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        self._tokenizer = AutoTokenizer.from_pretrained(self.directory, local_files_only=True)
+        self._model = AutoModel.from_pretrained(self.directory, local_files_only=True).eval()
+        log.info("embedder loaded", extra={"embedder": self.name, "dir": str(self.directory)})
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        import torch
+
+        with self._lock:
+            if self._model is None:
+                self._load()
+            rows = []
+            with torch.inference_mode():
+                for start in range(0, len(texts), self.batch):
+                    batch = self._tokenizer(texts[start:start + self.batch], padding=True,
+                                            truncation=True, max_length=self.max_tokens,
+                                            return_tensors="pt")
+                    hidden = self._model(**batch).last_hidden_state
+                    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+                    rows.append(torch.nn.functional.normalize(pooled, dim=1).float().numpy())
+        return np.concatenate(rows) if rows else np.zeros((0, self.dim), np.float32)

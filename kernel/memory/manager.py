@@ -1,0 +1,463 @@
+"""The memory manager: per-namespace memories, durable in SQLite, cached in a RAM tier evicted
+with LRU-K, searched by embedding (exact vector index) with a keyword (FTS5) fallback.
+
+Every memory is written through to SQLite (the disk tier) in the caller's batch transaction, so
+evicting from RAM costs no write and a later access reloads the row transparently. Vectors of
+every memory stay resident in their namespace's index (search must see all of them); content
+and metadata are what the RAM tier holds and evicts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from kernel.memory import model
+from kernel.memory.embed import DIM, Embedder, HashEmbedder, MiniLMEmbedder, words
+from kernel.memory.index import VectorIndex
+from kernel.memory.lruk import LRUK
+from kernel.memory.worker import EmbedWorker
+from sdk import abi
+
+if TYPE_CHECKING:
+    from kernel.core import Call, Caller, Kernel
+
+log = logging.getLogger("kernel.memory")
+
+ITEM_OVERHEAD = 64  # bytes charged per memory besides its content and metadata
+
+
+def own_namespace(k: Kernel, caller: Caller) -> str:
+    """An agent's own namespace is keyed by its name, so a restarted agent finds its memories."""
+    if caller.agent_id is not None:
+        live = k.procs.live.get(caller.agent_id)
+        if live is not None:
+            return f"agent/{live.name}"
+    return f"user/{caller.principal.partition(':')[2] or 'unknown'}"
+
+
+@dataclass
+class Item:
+    """A memory resident in the RAM tier."""
+
+    namespace: str
+    content: str
+    metadata: dict[str, Any]
+    created_at: float
+    updated_at: float
+
+
+def owner_key(namespace: str) -> str:
+    """Whose quota and RAM tier a namespace counts against: its first two segments, so
+    `agent/bob/notes` is bob's (`agent/bob`) and sub-namespaces cannot multiply a quota."""
+    return "/".join(namespace.split("/")[:2])
+
+
+def _fault(code: abi.ErrorCode, message: str) -> Exception:
+    from kernel.core import Fault
+
+    return Fault(code, message)
+
+
+def make_embedder(name: str) -> Embedder | None:
+    if name == "hash":
+        return HashEmbedder()
+    if name == "hash-slow":  # the hashing embedder on the worker thread (tests of that path)
+        return HashEmbedder(slow=True)
+    if name in ("minilm", "auto"):
+        path = model.installed()
+        if path is not None:
+            return MiniLMEmbedder(path, threads=1)
+        if name == "minilm":
+            raise ValueError(f"memory_embedder=minilm but {model.NAME} is not pulled "
+                             "(agentos mem pull)")
+        log.warning("no embedding model pulled; memory search uses keywords only "
+                    "(agentos mem pull)")
+        return None
+    if name == "none":
+        return None
+    raise ValueError(f"unknown memory_embedder {name!r}: auto | minilm | hash | none")
+
+
+class MemoryManager:
+    def __init__(self, kernel: Kernel, embedder: Embedder | None = None) -> None:
+        self.k = kernel
+        c = kernel.config
+        self.embedder = embedder if embedder is not None else make_embedder(c.memory_embedder)
+        self.worker = (EmbedWorker(self.embedder, kernel.post)
+                       if self.embedder is not None and self.embedder.slow else None)
+        self.resident: dict[int, Item] = {}
+        self.tiers: dict[str, LRUK] = {}
+        self.ram_bytes = 0
+        self._stored: dict[str, int] = {}
+        self._indexes: dict[str, VectorIndex] = {}
+        self.counters = {"evictions": 0, "reloads": 0, "embedded": 0}
+
+    def start(self) -> None:
+        if self.worker is not None:
+            self.worker.start()
+        self._backfill()
+
+    def stop(self) -> None:
+        if self.worker is not None:
+            self.worker.stop()
+
+    def stats(self) -> dict[str, float]:
+        return {"resident": len(self.resident), "ram_bytes": self.ram_bytes,
+                "namespaces_indexed": len(self._indexes), **self.counters}
+
+    # --- embeddings ---------------------------------------------------------------------------
+
+    def _embed(self, texts: list[str], done: Callable[[np.ndarray | None], None]) -> bool:
+        """Embed `texts` and call `done` with the rows (None: no embedder, or it failed).
+        Returns True if `done` already ran (fast embedder or none); else it runs later on the
+        loop thread."""
+        if self.embedder is None or (self.worker is not None and self.worker.failed):
+            done(None)
+            return True
+        if self.worker is None:
+            done(self.embedder.embed(texts))
+            return True
+        self.worker.submit(texts, done)
+        return False
+
+    def _answer(self, call: Call | None, texts: list[str],
+                then: Callable[[np.ndarray | None], Any]) -> Any:
+        """Run `then(vectors)` once the texts are embedded and answer `call` with its result,
+        now or (parked) when the worker is done."""
+        from kernel.core import Fault
+
+        box: list[Any] = []
+
+        def done(vectors: np.ndarray | None) -> None:
+            if call is None:
+                then(vectors)
+                return
+            if box == ["parked"]:
+                # Run `then` even if the caller gave up: an added memory still gets its vector.
+                try:
+                    self.k.reply(call, then(vectors))
+                except Fault as exc:
+                    self.k.fail(call, exc.code, exc.message)
+                except Exception:
+                    log.exception("memory call failed", extra={"call": call.name})
+                    self.k.fail(call, abi.ErrorCode.EIO, "internal kernel error (logged)")
+            else:
+                box.append(then(vectors))
+
+        if self._embed(texts, done):
+            return box[0] if box else None
+        box.append("parked")
+        return None if call is None else self.k.park(call, call.timeout_ms)
+
+    def _store_vector(self, namespace: str, memory_id: int, vector: np.ndarray) -> None:
+        if not self._exists(namespace, memory_id):
+            return  # deleted while it was being embedded
+        self.k.db.write("UPDATE memories SET embedding=?, embedder=? WHERE id=?",
+                        (vector.astype(np.float32).tobytes(), self.embedder.name, memory_id))
+        index = self._indexes.get(namespace)
+        if index is not None:
+            index.add([memory_id], vector[None, :])
+        self.counters["embedded"] += 1
+
+    def _backfill(self) -> None:
+        """Memories a crash (or a missing model) left without a vector, or with another
+        embedder's, get one now, in batches."""
+        if self.embedder is None:
+            return
+        rows = self.k.db.read("SELECT id, namespace, content FROM memories "
+                              "WHERE embedder IS NULL OR embedder != ?", (self.embedder.name,))
+        for start in range(0, len(rows), 256):
+            batch = rows[start:start + 256]
+
+            def done(vectors: np.ndarray | None, batch: list[Any] = batch) -> None:
+                if vectors is not None:
+                    for (memory_id, namespace, _), vector in zip(batch, vectors, strict=True):
+                        self._store_vector(namespace, memory_id, vector)
+
+            self._embed([content for _, _, content in batch], done)
+
+    # --- the RAM tier -------------------------------------------------------------------------
+
+    def _tier(self, namespace: str) -> LRUK:
+        key = owner_key(namespace)
+        tier = self.tiers.get(key)
+        if tier is None:
+            tier = self.tiers[key] = LRUK(self.k.config.memory_lru_k)
+        return tier
+
+    def _admit(self, memory_id: int, item: Item, size: int) -> None:
+        tier = self._tier(item.namespace)
+        old = tier.size_of(memory_id) if memory_id in tier else 0
+        self.resident[memory_id] = item
+        tier.access(memory_id, size)
+        self.ram_bytes += size - old
+        self._balance(item.namespace, keep=memory_id)
+
+    def _drop(self, namespace: str, memory_id: int) -> None:
+        tier = self.tiers.get(owner_key(namespace))
+        if tier is not None and memory_id in tier:
+            self.ram_bytes -= tier.remove(memory_id)
+        self.resident.pop(memory_id, None)
+
+    def _balance(self, namespace: str, keep: int) -> None:
+        """Past the threshold of the namespace's quota or the kernel-wide budget, evict LRU-K
+        victims (the namespace's own first, then the globally oldest) back to the disk tier."""
+        c = self.k.config
+        tier = self._tier(namespace)
+        while tier.bytes > c.memory_ram_quota * c.memory_evict_threshold:
+            if not self._evict_from(tier, keep):
+                break
+        while self.ram_bytes > c.memory_ram_budget * c.memory_evict_threshold:
+            heads = [(head[:2], t) for t in self.tiers.values()
+                     if (head := t.peek_victim(keep)) is not None]
+            if not heads:
+                break
+            self._evict_from(min(heads, key=lambda h: h[0])[1], keep)
+
+    def _evict_from(self, tier: LRUK, keep: int) -> bool:
+        victim = tier.evict(keep)
+        if victim is None:
+            return False
+        memory_id, size = victim
+        self.resident.pop(memory_id, None)
+        self.ram_bytes -= size
+        self.counters["evictions"] += 1
+        if tier.remembered > 4 * len(tier) + 1024:
+            tier.forget_history(len(tier) + 1024)
+        return True
+
+    def _load(self, namespace: str, memory_id: int) -> Item | None:
+        """A memory through the RAM tier: resident, or reloaded from disk and admitted."""
+        item = self.resident.get(memory_id)
+        if item is not None and item.namespace == namespace:
+            self._tier(namespace).access(memory_id)
+            return item
+        rows = self.k.db.read("SELECT content, metadata, created_at, updated_at, size "
+                              "FROM memories WHERE id=? AND namespace=?", (memory_id, namespace))
+        if not rows:
+            return None
+        content, metadata, created, updated, size = rows[0]
+        item = Item(namespace, content, json.loads(metadata), created, updated)
+        self.counters["reloads"] += 1
+        self._admit(memory_id, item, size)
+        return item
+
+    # --- quotas -------------------------------------------------------------------------------
+
+    def stored(self, namespace: str) -> int:
+        """Bytes stored under the namespace's owner (see `owner_key`)."""
+        key = owner_key(namespace)
+        if key not in self._stored:
+            rows = self.k.db.read("SELECT COALESCE(SUM(size), 0) FROM memories WHERE "
+                                  "namespace=? OR substr(namespace, 1, ?)=?",
+                                  (key, len(key) + 1, key + "/"))
+            self._stored[key] = rows[0][0]
+        return self._stored[key]
+
+    def _charge(self, namespace: str, delta: int) -> None:
+        key = owner_key(namespace)
+        quota = self.k.config.memory_quota
+        # The kernel's own namespaces (.fs/…, the fs search index) are covered by the fs quota.
+        if delta > 0 and not namespace.startswith(".") and self.stored(key) + delta > quota:
+            raise _fault(abi.ErrorCode.EQUOTA, f"{key!r} would hold {self.stored(key) + delta} "
+                         f"bytes, over its {quota}-byte quota")
+        self._stored[key] = self.stored(key) + delta
+
+    def _size(self, content: str, metadata: dict[str, Any]) -> tuple[int, str]:
+        try:
+            meta = json.dumps(metadata, separators=(",", ":"), ensure_ascii=False,
+                              allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise _fault(abi.ErrorCode.EINVAL, f"metadata must be JSON: {exc}") from None
+        size = len(content.encode()) + len(meta.encode()) + ITEM_OVERHEAD
+        if size > self.k.config.memory_item_bytes:
+            raise _fault(abi.ErrorCode.EINVAL, f"memory is {size} bytes, over the "
+                         f"{self.k.config.memory_item_bytes}-byte limit")
+        return size, meta
+
+    # --- operations ---------------------------------------------------------------------------
+
+    def _exists(self, namespace: str, memory_id: int) -> bool:
+        return bool(self.k.db.read("SELECT 1 FROM memories WHERE id=? AND namespace=?",
+                                   (memory_id, namespace)))
+
+    def add(self, call: Call | None, namespace: str, content: str,
+            metadata: dict[str, Any]) -> Any:
+        size, meta = self._size(content, metadata)
+        self._charge(namespace, size)
+        now = time.time()
+        cur = self.k.db.write("INSERT INTO memories (namespace, content, metadata, size, "
+                              "created_at, updated_at) VALUES (?,?,?,?,?,?)",
+                              (namespace, content, meta, size, now, now))
+        memory_id = int(cur.lastrowid)
+        self.k.db.write("INSERT INTO memories_fts (rowid, content) VALUES (?,?)",
+                        (memory_id, content))
+        self._admit(memory_id, Item(namespace, content, json.loads(meta), now, now), size)
+
+        def then(vectors: np.ndarray | None) -> int:
+            if vectors is not None:
+                self._store_vector(namespace, memory_id, vectors[0])
+            return memory_id
+
+        result = self._answer(call, [content], then)
+        return memory_id if call is None else result
+
+    def get(self, namespace: str, memory_id: int) -> abi.Memory:
+        item = self._load(namespace, memory_id)
+        if item is None:
+            raise _fault(abi.ErrorCode.ENOENT, f"no memory {memory_id} in {namespace!r}")
+        return abi.Memory(memory_id, namespace, item.content, item.metadata, item.created_at,
+                          item.updated_at)
+
+    def update(self, call: Call | None, namespace: str, memory_id: int, content: str | None,
+               metadata: dict[str, Any] | None) -> Any:
+        item = self._load(namespace, memory_id)
+        if item is None:
+            raise _fault(abi.ErrorCode.ENOENT, f"no memory {memory_id} in {namespace!r}")
+        new_content = item.content if content is None else content
+        new_meta = item.metadata if metadata is None else metadata
+        size, meta = self._size(new_content, new_meta)
+        old = self.k.db.read("SELECT size FROM memories WHERE id=?", (memory_id,))[0][0]
+        self._charge(namespace, size - old)
+        now = time.time()
+        self.k.db.write("UPDATE memories SET content=?, metadata=?, size=?, updated_at=? "
+                        "WHERE id=?", (new_content, meta, size, now, memory_id))
+        if new_content != item.content:
+            self._unindex_words(memory_id, item.content)
+            self.k.db.write("INSERT INTO memories_fts (rowid, content) VALUES (?,?)",
+                            (memory_id, new_content))
+        self._admit(memory_id, Item(namespace, new_content, json.loads(meta), item.created_at,
+                                    now), size)
+        if content is None or content == item.content:
+            return None
+
+        def then(vectors: np.ndarray | None) -> None:
+            if vectors is not None:
+                self._store_vector(namespace, memory_id, vectors[0])
+            else:  # the old vector no longer describes the content
+                self.k.db.write("UPDATE memories SET embedding=NULL, embedder=NULL WHERE id=?",
+                                (memory_id,))
+                if namespace in self._indexes:
+                    self._indexes[namespace].remove(memory_id)
+
+        return self._answer(call, [new_content], then)
+
+    def delete(self, namespace: str, memory_id: int) -> None:
+        rows = self.k.db.read("SELECT size, content FROM memories WHERE id=? AND namespace=?",
+                              (memory_id, namespace))
+        if not rows:
+            raise _fault(abi.ErrorCode.ENOENT, f"no memory {memory_id} in {namespace!r}")
+        self._unindex_words(memory_id, rows[0][1])
+        self.k.db.write("DELETE FROM memories WHERE id=?", (memory_id,))
+        self._charge(namespace, -rows[0][0])
+        self._drop(namespace, memory_id)
+        if namespace in self._indexes:
+            self._indexes[namespace].remove(memory_id)
+
+    def _unindex_words(self, memory_id: int, content: str) -> None:
+        # An external-content FTS5 table forgets a row only when told its old text.
+        self.k.db.write("INSERT INTO memories_fts (memories_fts, rowid, content) "
+                        "VALUES ('delete', ?, ?)", (memory_id, content))
+
+    def list(self, namespace: str, after: int, limit: int,
+             filter: dict[str, Any]) -> list[abi.Memory]:
+        # A scan reads the disk tier directly: listing must not flush the RAM tier.
+        where, params = self._filter_sql(filter)
+        rows = self.k.db.read(
+            "SELECT id, content, metadata, created_at, updated_at FROM memories "
+            f"WHERE namespace=? AND id>? {where} ORDER BY id LIMIT ?",
+            (namespace, after, *params, limit))
+        return [abi.Memory(i, namespace, c, json.loads(m), cr, up) for i, c, m, cr, up in rows]
+
+    @staticmethod
+    def _filter_sql(filter: dict[str, Any]) -> tuple[str, list[Any]]:
+        clauses, params = [], []
+        for key, value in filter.items():  # keys are [A-Za-z0-9_] (checked by the ABI)
+            if value is None:
+                clauses.append(f"json_type(metadata, '$.{key}') = 'null'")
+            else:
+                clauses.append(f"json_extract(metadata, '$.{key}') = ?")
+                params.append(int(value) if isinstance(value, bool) else value)
+        return "".join(f" AND {c}" for c in clauses), params
+
+    def _index(self, namespace: str) -> VectorIndex:
+        index = self._indexes.get(namespace)
+        if index is None:
+            index = self._indexes[namespace] = VectorIndex(DIM)
+            rows = self.k.db.read("SELECT id, embedding FROM memories WHERE namespace=? AND "
+                                  "embedder=?", (namespace, self.embedder.name))
+            if rows:
+                index.add([r[0] for r in rows],
+                          np.frombuffer(b"".join(r[1] for r in rows), np.float32)
+                          .reshape(len(rows), DIM))
+        return index
+
+    def search(self, call: Call, namespace: str, query: str, k: int, filter: dict[str, Any],
+               mode: str = "auto",
+               shape: Callable[[list[abi.MemoryHit]], Any] | None = None) -> Any:
+        """The `k` best memories for `query`, passed through `shape` (the reply)."""
+        shape = shape or (lambda hits: hits)
+        if mode == "keyword" or self.embedder is None:
+            return shape(self._keyword(namespace, query, k, filter))
+        if mode == "vector" and self.worker is not None and self.worker.failed:
+            raise _fault(abi.ErrorCode.EAGAIN, "the embedder is not working; use mode=keyword")
+
+        def then(vectors: np.ndarray | None) -> Any:
+            if vectors is None:
+                return shape(self._keyword(namespace, query, k, filter))
+            return shape(self._vector(namespace, query, vectors[0], k, filter, mode))
+
+        return self._answer(call, [query], then)
+
+    def _allowed(self, namespace: str, filter: dict[str, Any]) -> set[int] | None:
+        if not filter:
+            return None
+        where, params = self._filter_sql(filter)
+        return {r[0] for r in self.k.db.read(
+            f"SELECT id FROM memories WHERE namespace=? {where}", (namespace, *params))}
+
+    def _vector(self, namespace: str, query: str, vector: np.ndarray, k: int,
+                filter: dict[str, Any], mode: str) -> list[abi.MemoryHit]:
+        hits = []
+        for memory_id, score in self._index(namespace).search(vector, k,
+                                                              self._allowed(namespace, filter)):
+            item = self._load(namespace, memory_id)
+            if item is not None:
+                hits.append(abi.MemoryHit(memory_id, namespace, item.content, item.metadata,
+                                          round(score, 6), "vector"))
+        if mode == "auto" and len(hits) < k:
+            # Memories not embedded yet (or by another model) are still found by their words.
+            unembedded = self.k.db.read("SELECT COUNT(*) FROM memories WHERE namespace=? AND "
+                                        "(embedder IS NULL OR embedder != ?)",
+                                        (namespace, self.embedder.name))[0][0]
+            if unembedded:
+                seen = {h.id for h in hits}
+                hits += [h for h in self._keyword(namespace, query, k, filter)
+                         if h.id not in seen][: k - len(hits)]
+        return hits
+
+    def _keyword(self, namespace: str, query: str, k: int,
+                 filter: dict[str, Any]) -> list[abi.MemoryHit]:
+        terms = sorted(set(words(query)))[:64]
+        if not terms:
+            return []
+        match = " OR ".join('"' + t.replace('"', '""') + '"' for t in terms)
+        where, params = self._filter_sql(filter)
+        rows = self.k.db.read(
+            "SELECT m.id, bm25(memories_fts) FROM memories_fts JOIN memories m "
+            f"ON m.id = memories_fts.rowid WHERE memories_fts MATCH ? AND m.namespace=? {where} "
+            "ORDER BY bm25(memories_fts) LIMIT ?", (match, namespace, *params, k))
+        hits = []
+        for memory_id, rank in rows:
+            item = self._load(namespace, memory_id)
+            if item is not None:  # bm25 is lower-is-better; report higher-is-better
+                hits.append(abi.MemoryHit(memory_id, namespace, item.content, item.metadata,
+                                          round(-rank, 6), "keyword"))
+        return hits

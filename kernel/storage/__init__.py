@@ -1,0 +1,1 @@
+"""The storage manager: per-agent versioned files in content-addressed blobs."""

@@ -1,0 +1,195 @@
+"""The memory manager through a real kernel: namespaces, isolation, capabilities, quotas, the
+RAM tier's eviction and transparent reload, the worker-thread embedding path, resuming chats."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import sdk
+from tests.conftest import KernelProcess, agent
+
+CONFIG = """
+[kernel]
+memory_embedder = "{embedder}"
+memory_quota = 20000
+memory_ram_quota = 4000
+"""
+
+
+def boot(tmp: Path, embedder: str) -> KernelProcess:
+    config = tmp / "kernel.toml"
+    config.write_text(CONFIG.format(embedder=embedder))
+    k = KernelProcess(tmp / "state")
+    k.extra_args = ["--config", str(config)]
+    return k.start()
+
+
+@pytest.fixture(scope="module")
+def mk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KernelProcess]:
+    k = boot(tmp_path_factory.mktemp("mem"), "hash")
+    yield k
+    k.stop()
+
+
+def run(k: KernelProcess, name: str, calls: list, caps: tuple[str, ...] = ()) -> list:
+    with k.connect() as admin:
+        agent_id = admin.proc.spawn(agent("calls"), name=name, argv=[json.dumps(calls)],
+                                    caps=list(caps))
+        info = admin.proc.wait(agent_id, timeout=60)
+        assert info.exit_status == 0, admin.proc.logs(agent_id, "stderr").data.decode()
+        return info.result
+
+
+def test_add_get_update_search_delete(mk: KernelProcess) -> None:
+    with mk.connect() as c:
+        ns = "test/crud"
+        cat = c.memory.add("the cat sat on the mat", {"topic": "pets", "n": 1}, namespace=ns)
+        tax = c.memory.add("file the quarterly tax report", {"topic": "work"}, namespace=ns)
+        assert c.memory.get(cat, namespace=ns).metadata == {"topic": "pets", "n": 1}
+        hits = c.memory.search("a cat on a mat", k=1, namespace=ns)
+        assert [h.id for h in hits] == [cat] and hits[0].match == "vector"
+        assert [h.id for h in c.memory.search("tax", namespace=ns, mode="keyword")] == [tax]
+        assert [h.id for h in c.memory.search("cat", namespace=ns,
+                                              filter={"topic": "work"})] == [tax]
+        c.memory.update(tax, "walk the dog in the park", namespace=ns)
+        assert c.memory.get(tax, namespace=ns).metadata == {"topic": "work"}
+        assert c.memory.search("dog park", k=1, namespace=ns)[0].id == tax
+        assert c.memory.search("tax", namespace=ns, mode="keyword") == []
+        assert [m.id for m in c.memory.list(namespace=ns)] == [cat, tax]
+        assert [m.id for m in c.memory.list(namespace=ns, after=cat)] == [tax]
+        c.memory.delete(cat, namespace=ns)
+        with pytest.raises(sdk.NotFound):
+            c.memory.get(cat, namespace=ns)
+        with pytest.raises(sdk.InvalidArgument):
+            c.memory.add("x", namespace="../etc")
+        with pytest.raises(sdk.InvalidArgument):
+            c.memory.add("x", {"bad": float("nan")}, namespace=ns)
+
+
+def test_agents_are_isolated(mk: KernelProcess) -> None:
+    [added, own] = run(mk, "iso-a", [["memory.add", {"content": "alice's secret plan"}],
+                                     ["memory.search", {"query": "secret plan"}]])
+    secret = added["ok"]
+    assert own["ok"][0]["namespace"] == "agent/iso-a"
+    probes = run(mk, "iso-b", [
+        ["memory.get", {"id": secret}],                               # guess the id
+        ["memory.get", {"id": secret, "namespace": "agent/iso-a"}],
+        ["memory.search", {"query": "secret plan"}],
+        ["memory.search", {"query": "secret plan", "namespace": "agent/iso-a"}],
+        ["memory.list", {"namespace": "agent/iso-a"}],
+        ["memory.update", {"id": secret, "content": "x", "namespace": "agent/iso-a"}],
+        ["memory.delete", {"id": secret, "namespace": "agent/iso-a"}],
+    ])
+    assert probes[0]["err"] == "ENOENT"  # indistinguishable from an id that does not exist
+    assert probes[2] == {"ok": []}
+    assert [p.get("err") for p in probes[1:]] == [
+        "EPERM", None, "EPERM", "EPERM", "EPERM", "EPERM"]
+    granted = run(mk, "iso-c", [["memory.search", {"query": "secret plan",
+                                                   "namespace": "agent/iso-a"}],
+                                ["memory.delete", {"id": secret, "namespace": "agent/iso-a"}]],
+                  caps=("memory.search@mem/agent/iso-a",))
+    assert granted[0]["ok"][0]["id"] == secret and granted[1]["err"] == "EPERM"
+
+
+def test_shared_namespace_by_capability(mk: KernelProcess) -> None:
+    cap = ("memory.*@mem/team/x",)
+    run(mk, "team-a", [["memory.add", {"content": "meeting moved to friday",
+                                       "namespace": "team/x"}]], caps=cap)
+    [hits] = run(mk, "team-b", [["memory.search", {"query": "when is the meeting",
+                                                   "namespace": "team/x"}]], caps=cap)
+    assert hits["ok"][0]["content"] == "meeting moved to friday"
+    [refused] = run(mk, "team-c", [["memory.search", {"query": "meeting",
+                                                      "namespace": "team/x"}]])
+    assert refused["err"] == "EPERM"
+
+
+def test_quota(mk: KernelProcess) -> None:
+    with mk.connect() as c:
+        ns = "test/quota"
+        for _ in range(9):
+            c.memory.add("q" * 2000, namespace=ns)
+        with pytest.raises(sdk.QuotaExceeded):
+            c.memory.add("q" * 2000, namespace=ns)
+        with pytest.raises(sdk.QuotaExceeded):  # a sub-namespace shares its owner's quota
+            c.memory.add("q" * 2000, namespace=ns + "/sub")
+        first = c.memory.list(namespace=ns, limit=1)[0].id
+        c.memory.delete(first, namespace=ns)  # room again
+        c.memory.add("q" * 2000, namespace=ns)
+
+
+def test_ram_tier_evicts_with_lruk_and_reloads(mk: KernelProcess) -> None:
+    with mk.connect() as c:
+        ns = "test/tier"
+        ids = [c.memory.add(f"memory number {i} " + "x" * 300, namespace=ns) for i in range(40)]
+        stats = c.sys.stats().memory
+        assert stats["evictions"] > 0
+        reloads = stats["reloads"]
+        for i, memory_id in enumerate(ids):  # every one still there, reloaded on demand
+            assert c.memory.get(memory_id, namespace=ns).content.startswith(f"memory number {i} ")
+        assert c.sys.stats().memory["reloads"] > reloads
+        assert [h.id for h in c.memory.search("memory number 3", k=40, namespace=ns,
+                                              mode="keyword")][:1] == [ids[3]]
+
+
+def test_restarted_agent_resumes_its_conversation(mk: KernelProcess) -> None:
+    with mk.connect() as admin:
+        for task in ("first", "second"):
+            assert admin.proc.wait(admin.proc.spawn(agent("convo"), name="talker", argv=[task]),
+                                   timeout=60).exit_status == 0
+        info = admin.proc.wait(admin.proc.spawn(agent("convo"), name="talker"), timeout=60)
+    assert info.result == [
+        {"role": "user", "content": "first"}, {"role": "assistant", "content": "noted: first"},
+        {"role": "user", "content": "second"}, {"role": "assistant", "content": "noted: second"}]
+
+
+def test_worker_thread_embedding_and_backfill(tmp_path: Path) -> None:
+    """A slow embedder runs on the worker thread (the call parks); memories stored while no
+    embedder was configured get their vectors at the next boot."""
+    config = tmp_path / "kernel.toml"
+    config.write_text('[kernel]\nmemory_embedder = "none"\n')
+    k = KernelProcess(tmp_path / "state")
+    k.extra_args = ["--config", str(config)]
+    k.start()
+    with k.connect() as c:
+        early = c.memory.add("the old lighthouse keeper", namespace="t/w")
+        assert c.memory.search("lighthouse", namespace="t/w")[0].match == "keyword"
+    k.stop()
+    config.write_text('[kernel]\nmemory_embedder = "hash-slow"\n')
+    k.start()
+    try:
+        with k.connect() as c:
+            late = c.memory.add("a new harbour pilot", namespace="t/w")
+            hits = c.memory.search("old lighthouse keeper", k=2, namespace="t/w", mode="vector")
+            assert hits[0].id == early and {h.id for h in hits} == {early, late}
+            assert c.sys.stats().memory["embedded"] >= 2
+    finally:
+        k.stop()
+
+
+@pytest.mark.integration
+def test_minilm_finds_paraphrases(tmp_path: Path) -> None:
+    """The real all-MiniLM-L6-v2, on the worker thread: a query that shares no word with its
+    answer still finds it."""
+    from kernel.memory import model
+
+    if model.installed() is None:
+        pytest.skip("all-MiniLM-L6-v2 is not pulled (agentos mem pull)")
+    k = boot(tmp_path, "minilm")
+    try:
+        with k.connect(timeout=120) as c:
+            ns = "t/minilm"
+            ids = [c.memory.add(text, namespace=ns) for text in (
+                "The puppy is playing fetch in the garden",
+                "Quarterly revenue grew by eight percent",
+                "Remember to renew the car insurance next month")]
+            hits = c.memory.search("a young dog having fun outdoors", k=3, namespace=ns)
+            assert hits[0].id == ids[0] and hits[0].match == "vector"
+            assert hits[0].score > hits[1].score
+            money = c.memory.search("company earnings increased", k=1, namespace=ns)
+            assert money[0].id == ids[1]
+    finally:
+        k.stop()
