@@ -85,6 +85,15 @@ class Config:
     # Models by name; the first, or the one marked default, serves calls that name none.
     models: dict[str, ModelConfig] = field(
         default_factory=lambda: {"smollm2": ModelConfig("smollm2", "smollm2", default=True)})
+    # Tools (kernel/tools): directories of extra tool modules besides userland/tools; the
+    # sandbox tier of tool processes (auto: standard where tools can get a uid of their own and
+    # reach the interpreter, else confined); destructive tools allowed to run (until approvals
+    # route them, the rest are refused); MCP servers mounted at boot, {name = [command, ...]}.
+    tool_dirs: list[str] = field(default_factory=list)
+    tool_sandbox: str = "auto"
+    tool_uid_base: int = 150000
+    tools_allow_destructive: list[str] = field(default_factory=list)
+    mcp_servers: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def default_model(self) -> str | None:

@@ -33,6 +33,7 @@ from kernel.notify import Notifier
 from kernel.proc.table import ProcessTable
 from kernel.state import StateDir, write_private
 from kernel.syscalls import SYSCALLS
+from kernel.tools.core import ToolManager
 from kernel.transport import Identities, ZapHandler, open_router
 from sdk import abi
 
@@ -103,6 +104,7 @@ class Kernel:
         self.procs = ProcessTable(self)
         self.ipc = Mailboxes(self)
         self.llm = LLMCore(self)
+        self.tools = ToolManager(self)
         self.procs.recover()
         self.db.commit()
 
@@ -120,6 +122,7 @@ class Kernel:
         self._post_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.poller.register(self._post_fd, zmq.POLLIN)
         self.llm.start()
+        self.tools.start()
         signal.signal(signal.SIGTERM, self._on_stop_signal)
         signal.signal(signal.SIGINT, self._on_stop_signal)
         self._write_admin_token()
@@ -193,6 +196,7 @@ class Kernel:
 
     def _shutdown(self) -> None:
         self.llm.stop()
+        self.tools.stop()
         self._run_posted()
         self.procs.terminate_all(0)
         self.procs.reap_blocking(timeout=5.0)

@@ -97,6 +97,26 @@ def llm_models(k: Kernel, call: Call, args: abi.NoArgs) -> list[abi.ModelInfo]:
     return k.llm.models()
 
 
+def tools_list(k: Kernel, call: Call, args: abi.NoArgs) -> list[abi.ToolSpec]:
+    return k.tools.list()
+
+
+def tools_call(k: Kernel, call: Call, args: abi.ToolCallArgs) -> Any:
+    return k.tools.call(call, args)
+
+
+def tools_mount(k: Kernel, call: Call, args: abi.MountArgs) -> Any:
+    return k.tools.mount(call, args)
+
+
+def tools_unmount(k: Kernel, call: Call, args: abi.ToolRef) -> None:
+    k.tools.unmount(call, args)
+
+
+def tools_mounts(k: Kernel, call: Call, args: abi.NoArgs) -> list[abi.MountInfo]:
+    return k.tools.mount_info()
+
+
 def _proc(k: Kernel, args: Any, caller: Caller) -> str:
     return f"proc/{args.id}"
 
@@ -107,6 +127,10 @@ def _ipc(k: Kernel, args: Any, caller: Caller) -> str:
 
 def _model(k: Kernel, args: Any, caller: Caller) -> str:
     return f"llm/{args.model or k.config.default_model}"
+
+
+def _tool(k: Kernel, args: Any, caller: Caller) -> str:
+    return f"tool/{args.name}"
 
 
 SYSCALLS: dict[str, Syscall] = {
@@ -124,6 +148,11 @@ SYSCALLS: dict[str, Syscall] = {
     "llm.chat": Syscall(llm_chat, abi.ChatArgs, _model),
     "llm.cancel": Syscall(llm_cancel, abi.CancelArgs),
     "llm.models": Syscall(llm_models),
+    "tools.list": Syscall(tools_list),
+    "tools.call": Syscall(tools_call, abi.ToolCallArgs, _tool),
+    "tools.mount": Syscall(tools_mount, abi.MountArgs, _tool),
+    "tools.unmount": Syscall(tools_unmount, abi.ToolRef, _tool),
+    "tools.mounts": Syscall(tools_mounts),
 }
 
 FAMILIES = {name.split(".")[0] for name in SYSCALLS}

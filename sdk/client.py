@@ -76,7 +76,7 @@ class Connection:
 
     def __init__(self, endpoint: str, token: str, *, timeout: float = DEFAULT_TIMEOUT,
                  context: zmq.Context | None = None) -> None:
-        from sdk.families import Ipc, Llm, Proc, System
+        from sdk.families import Ipc, Llm, Proc, System, Tools
 
         _check_endpoint(endpoint)
         self.endpoint, self.token, self.timeout = endpoint, token, timeout
@@ -93,6 +93,7 @@ class Connection:
         self._inbox: dict[int, collections.deque[abi.Reply | abi.Error | abi.Chunk]] = {}
         self._lost = False
         self.sys, self.proc, self.ipc, self.llm = System(self), Proc(self), Ipc(self), Llm(self)
+        self.tools = Tools(self)
 
     def _send(self, name: str, args: abi.Args | None, server_wait_ms: int | None) -> int:
         req = _make_request(self._ids, name, self.token, args, server_wait_ms)
@@ -224,7 +225,7 @@ class AsyncConnection:
 
     def __init__(self, endpoint: str, token: str, *, timeout: float = DEFAULT_TIMEOUT,
                  context: zmq.asyncio.Context | None = None) -> None:
-        from sdk.families import Ipc, Llm, Proc, System
+        from sdk.families import Ipc, Llm, Proc, System, Tools
 
         _check_endpoint(endpoint)
         self.endpoint, self.token, self.timeout = endpoint, token, timeout
@@ -238,6 +239,7 @@ class AsyncConnection:
         self._reader: asyncio.Task[None] | None = None
         self._lost: SyscallError | None = None
         self.sys, self.proc, self.ipc, self.llm = System(self), Proc(self), Ipc(self), Llm(self)
+        self.tools = Tools(self)
 
     async def _send(self, name: str, args: abi.Args | None, server_wait_ms: int | None) -> int:
         if self._lost is not None:

@@ -4,5 +4,6 @@ from sdk.ipc import Ipc
 from sdk.llm import Llm
 from sdk.proc import Proc
 from sdk.system import System
+from sdk.tools import Tools
 
-__all__ = ["Ipc", "Llm", "Proc", "System"]
+__all__ = ["Ipc", "Llm", "Proc", "System", "Tools"]
