@@ -31,7 +31,9 @@ class Tools:
         """Run tool `name` with `arguments` (or keyword arguments). A tool's own failure is a
         result with `error` set; the kernel's refusals raise (InvalidArgument for arguments
         that do not fit the schema, PermissionDenied, TimedOut, ...)."""
-        args = abi.ToolCallArgs(name=name, arguments={**(arguments or {}), **kwargs})
+        if kwargs or arguments is None:
+            arguments = {**(arguments or {}), **kwargs}
+        args = abi.ToolCallArgs(name=name, arguments=arguments)
         ms = _ms(timeout)
         return self._conn.call("tools.call", args, abi.ToolResult, server_wait_ms=ms,
                                wait_forever=ms is None)

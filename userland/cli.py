@@ -219,6 +219,10 @@ def parser() -> argparse.ArgumentParser:
     from userland.model_cli import add_commands
 
     add_commands(sub)
+
+    from userland.tool_cli import add_commands as add_tool_commands
+
+    add_tool_commands(sub)
     return p
 
 

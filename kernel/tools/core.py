@@ -355,7 +355,9 @@ class ToolManager:
         if "identity" in sandbox.TIERS[tier]:
             tier = "confined"  # a mount's server runs without a uid of its own (see README)
         command = resolve_command(command)
-        reads = sandbox.default_readable(os.path.dirname(command[0]))
+        # The program's directory, and any file its arguments name (a server script).
+        files = [a for a in command[1:] if os.path.isabs(a) and os.path.isfile(a)]
+        reads = sandbox.default_readable(os.path.dirname(command[0]), *files)
         policy = sandbox.Policy(tier=tier, home=str(home), readable=reads,
                                 env={"HOME": str(home), "PATH": "/usr/bin:/bin",
                                      "LANG": "C.UTF-8"},
