@@ -334,6 +334,9 @@ def test_mount_failures_are_reported(conn: sdk.Connection) -> None:
         conn.tools.mount("ghost", ["no-such-mcp-server"])
     with pytest.raises(sdk.KernelFault):
         conn.tools.mount("dud", ["/bin/true"], timeout=30)
+    (dud,) = [m for m in conn.tools.mounts() if m.name == "dud"]
+    assert dud.state == "failed" and dud.error
+    conn.tools.unmount("dud")
     assert "dud" not in [m.name for m in conn.tools.mounts()]
 
 

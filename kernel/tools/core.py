@@ -28,7 +28,7 @@ from kernel.tools.approval import approve
 from kernel.tools.locks import Request, ResourceLocks
 from kernel.tools.manifest import Manifest, ManifestError
 from kernel.tools.mcp import McpMount, resolve_command
-from kernel.tools.pool import Job, Outcome, ToolPool, tool_policy
+from kernel.tools.pool import RUNTIME, Job, Outcome, ToolPool, tool_policy
 from sdk import abi
 
 if TYPE_CHECKING:
@@ -82,6 +82,8 @@ class ToolManager:
         self.tools: dict[str, Tool] = {}
         self.mounts: dict[str, McpMount] = {}
         self.mount_state: dict[str, str] = {}
+        self.failed_mounts: dict[str, abi.MountInfo] = {}
+        self.inflight: set[Pending] = set()
         self.locks = ResourceLocks()
         # Where the search tool looks besides the caller's home: other managers (memory) add
         # functions from a caller to [{"kind": ..., "path": ...}] here.
@@ -152,6 +154,9 @@ class ToolManager:
                 log.error("mcp mount failed", extra={"mount": name, "reason": str(exc)})
 
     def stop(self) -> None:
+        for pending in list(self.inflight):
+            assert pending.job is not None
+            pending.job.cancel()  # workers kill their processes and return at once
         for tool in self.tools.values():
             if tool.pool is not None:
                 tool.pool.stop()
@@ -211,6 +216,8 @@ class ToolManager:
     def unmount(self, call: Call, args: abi.ToolRef) -> None:
         from kernel.core import Fault
 
+        if self.failed_mounts.pop(args.name, None) is not None:
+            return  # a mount that failed: forget it
         mount = self.mounts.pop(args.name, None)
         if mount is None:
             raise Fault(abi.ErrorCode.ENOENT, f"nothing is mounted as {args.name!r}")
@@ -220,14 +227,14 @@ class ToolManager:
             for pending in list(tool.waiting):
                 self.k.fail(pending.call, abi.ErrorCode.ECANCELED, f"{args.name} was unmounted")
         # The session closes on the mount's own thread; in-flight calls end with ECANCELED.
-        mount.stop()
+        mount.close()
         self.k.audit.append(call.caller.principal, "tool-unmount", mount=args.name)
 
     def mount_info(self) -> list[abi.MountInfo]:
         return [abi.MountInfo(name=name, command=m.command, state=self.mount_state[name],
                               tools=sorted(m.manifests) if self.mount_state[name] == "ready"
                               else [], error=m.error)
-                for name, m in self.mounts.items()]
+                for name, m in self.mounts.items()] + list(self.failed_mounts.values())
 
     # --- checks ------------------------------------------------------------------------------
 
@@ -304,6 +311,7 @@ class ToolManager:
         job = Job(pending.arguments, ctx, time.monotonic() + budget,
                   done=lambda outcome: self.k.post(lambda: self._finish(pending, outcome)))
         pending.job = job
+        self.inflight.add(pending)
         if tool.pool is not None:
             tool.pool.submit(job, tool.running)
         else:
@@ -314,6 +322,7 @@ class ToolManager:
         if pending.finished:
             return
         pending.finished = True
+        self.inflight.discard(pending)
         self._release(pending)
         call, m = pending.call, pending.tool.manifest
         if outcome.code is not None:
@@ -357,12 +366,13 @@ class ToolManager:
         command = resolve_command(command)
         # The program's directory, and any file its arguments name (a server script).
         files = [a for a in command[1:] if os.path.isabs(a) and os.path.isfile(a)]
-        reads = sandbox.default_readable(os.path.dirname(command[0]), *files)
+        reads = sandbox.default_readable(os.path.dirname(command[0]), str(RUNTIME), *files)
         policy = sandbox.Policy(tier=tier, home=str(home), readable=reads,
                                 env={"HOME": str(home), "PATH": "/usr/bin:/bin",
                                      "LANG": "C.UTF-8"},
                                 limits=sandbox.Limits(address_space=4 << 30, processes=None))
         mount = McpMount(name, command, policy, self.dir / f"mcp-{name}.log")
+        self.failed_mounts.pop(name, None)
         self.mounts[name] = mount
         self.mount_state[name] = "starting"
         mount.start(lambda error: self.k.post(lambda: self._mounted(mount, error, call)))
@@ -373,15 +383,21 @@ class ToolManager:
         if self.mounts.get(mount.name) is not mount:
             return  # unmounted while it started
         if error is not None or mount.error is not None:
-            self.mount_state[mount.name] = "failed"
             self.mounts.pop(mount.name, None)
+            self.mount_state.pop(mount.name, None)
+            self.failed_mounts[mount.name] = abi.MountInfo(
+                name=mount.name, command=mount.command, state="failed",
+                error=error or mount.error)
+            log.error("mcp mount failed", extra={"mount": mount.name,
+                                                 "reason": error or mount.error})
             if call is not None:
                 self.k.fail(call, abi.ErrorCode.EIO, f"mount {mount.name}: {error or mount.error}")
             return
         clashes = sorted(set(mount.manifests) & set(self.tools))
         if clashes:
-            mount.stop()
+            mount.close()
             self.mounts.pop(mount.name, None)
+            self.mount_state.pop(mount.name, None)
             if call is not None:
                 self.k.fail(call, abi.ErrorCode.EBUSY, f"tool names taken: {', '.join(clashes)}")
             return

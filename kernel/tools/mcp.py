@@ -22,7 +22,7 @@ from typing import Any
 
 from kernel.proc.sandbox import Policy, launch_argv
 from kernel.tools.manifest import Manifest, ManifestError
-from kernel.tools.pool import Job, Outcome
+from kernel.tools.pool import HOST_BOOT, RUNTIME, Job, Outcome
 
 log = logging.getLogger("kernel.tools")
 
@@ -79,9 +79,17 @@ class McpMount:
         # Cancelling the future cancels the coroutine, and the SDK tells the server.
         job.on_cancel = fut.cancel
 
+    def close(self) -> None:
+        """Ask the mount to end (its server is stopped on the mount's own thread)."""
+        if self._stop is not None and not self._loop.is_closed():
+            try:
+                self._loop.call_soon_threadsafe(self._stop.set)
+            except RuntimeError:
+                pass  # the loop closed meanwhile: the mount has ended anyway
+
     def stop(self) -> None:
-        if self._stop is not None and self._loop.is_running():
-            self._loop.call_soon_threadsafe(self._stop.set)
+        """End the mount and wait for it (kernel shutdown only: this blocks)."""
+        self.close()
         self._thread.join(timeout=10)
 
     # --- the mount's thread ------------------------------------------------------------------
@@ -110,7 +118,9 @@ class McpMount:
         from mcp.client.stdio import stdio_client
 
         self._stop = asyncio.Event()
-        argv = launch_argv(self.policy, self.command)
+        # The tool runtime drops what privileges the sandbox left, then execs the server.
+        argv = launch_argv(self.policy, [sys.executable, "-I", "-c", HOST_BOOT, str(RUNTIME),
+                                         "--exec", *self.command])
         params = StdioServerParameters(command=argv[0], args=argv[1:], env={})
         with open(self.log_path, "a") as errlog:
             async with stdio_client(params, errlog=errlog) as (read, write):

@@ -1,6 +1,7 @@
 """Tries to leave its sandbox; reports what each attempt got."""
 
 import os
+import resource
 import socket
 
 MANIFEST = {"name": "escape", "description": "tries to escape", "concurrency": 1,
@@ -11,7 +12,7 @@ MANIFEST = {"name": "escape", "description": "tries to escape", "concurrency": 1
 def attempt(fn):
     try:
         fn()
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         return f"blocked: {type(exc).__name__}"
     return "succeeded"
 
@@ -45,5 +46,9 @@ def run(args, ctx):
         "tcp": attempt(tcp),
         "udp": attempt(udp),
         "kill_parent": attempt(lambda: os.kill(os.getppid(), 0)),
+        "raise_rlimit": attempt(lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (
+            resource.getrlimit(resource.RLIMIT_NOFILE)[1] + 1,) * 2)),
+        "setuid": attempt(lambda: os.setuid(4242)),
+        "chown": attempt(lambda: os.chown(os.environ["HOME"], 4242, 4242)),
         "home": attempt(lambda: write(os.path.join(os.environ["HOME"], "ok"))),
     }

@@ -46,6 +46,44 @@ class CappedText(io.TextIOBase):
         return out + (f"\n[{self.dropped} more characters dropped]" if self.dropped else "")
 
 
+def drop_privileges() -> None:
+    """Give up every capability for good, when the sandbox left us root (the confined tier
+    keeps the kernel's uid): lock root out of regaining them at exec (securebits), empty the
+    bounding and ambient sets, then the process's own. Root's file access then follows plain
+    file permissions within Landlock's grant, and rlimits can no longer be raised."""
+    if os.geteuid() != 0:
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
+                           ctypes.c_ulong]
+    noroot = 0x1 | 0x2 | 0x4 | 0x8 | 0x20  # NOROOT, NO_SETUID_FIXUP, KEEP_CAPS: all locked
+    if libc.prctl(28, noroot, 0, 0, 0) != 0:  # PR_SET_SECUREBITS
+        raise OSError(ctypes.get_errno(), "PR_SET_SECUREBITS")
+    cap = 0
+    while libc.prctl(24, cap, 0, 0, 0) == 0:  # PR_CAPBSET_DROP, until past the last cap
+        cap += 1
+    libc.prctl(47, 4, 0, 0, 0)  # PR_CAP_AMBIENT_CLEAR_ALL
+
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    class Data(ctypes.Structure):
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                    ("inheritable", ctypes.c_uint32)]
+
+    header = Header(0x20080522, 0)
+    if libc.capset(ctypes.byref(header), (Data * 2)()) != 0:
+        raise OSError(ctypes.get_errno(), "capset")
+    # /proc may be out of Landlock's grant: ask the kernel directly.
+    now = (Data * 2)()
+    if libc.capget(ctypes.byref(header), now) != 0 or any(
+            d.effective or d.permitted or d.inheritable for d in now) or libc.prctl(
+            23, 0, 0, 0, 0) != 0:  # PR_CAPBSET_READ of the first capability
+        raise RuntimeError("capabilities are left after dropping them")
+
+
 def read_exact(fd: int, n: int) -> bytes | None:
     buf = bytearray()
     while len(buf) < n:
@@ -107,6 +145,11 @@ def serve(fd: int, module: Any) -> None:
 
 
 def main() -> None:
+    """`FD TOOL_FILE`: serve the tool on FD; `--exec PROGRAM ARGS...`: drop privileges and
+    become PROGRAM (an MCP server)."""
+    drop_privileges()
+    if sys.argv[1] == "--exec":
+        os.execv(sys.argv[2], sys.argv[2:])
     fd, path = int(sys.argv[1]), sys.argv[2]
     serve(fd, load(path))
 
