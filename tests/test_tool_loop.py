@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-import sdk
+from sdk.tools import run_tools
 from tests.conftest import KernelProcess, agent
 from tests.tinymodel import tiny_model, tiny_tokenizer
 
@@ -80,7 +80,7 @@ def test_scripted_model_loop_feeds_back_errors_and_results(tmp_path: Path) -> No
     threading.Thread(target=server.serve_forever, daemon=True).start()
     k = _boot(tmp_path / "state", "--model", f"script=http://127.0.0.1:{server.server_address[1]}/v1")
     try:
-        out = _loop(k, "6 What is 6 times 7?")
+        out = _loop(k, "6 48 What is 6 times 7?")
     finally:
         server.shutdown()
         assert k.stop() == 0
@@ -114,16 +114,20 @@ def tiny_kernel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KernelProc
 
 
 def test_tiny_model_loop_is_deterministic_and_never_crashes(tiny_kernel: KernelProcess) -> None:
-    first = _loop(tiny_kernel, "3 What is 6 times 7?")
-    second = _loop(tiny_kernel, "3 What is 6 times 7?")
-    assert first == second  # greedy: the same conversation, step for step
-    assert 1 <= first["steps"] <= 3
-    assert first["answer"] is not None or first["steps"] == 3
+    first = _loop(tiny_kernel, "2 12 What is 6 times 7?")  # from an agent process
+    with tiny_kernel.connect(timeout=60) as conn:
+        second = run_tools(conn, [{"role": "user", "content": "What is 6 times 7?"}],
+                                     ["calculator", "time"], max_steps=2, max_tokens=12)
+    # Greedy: the same conversation, step for step, whoever runs the loop.
+    assert (first["answer"], first["steps"], first["errors"]) == (
+        second.answer, second.steps, second.errors)
+    assert 1 <= first["steps"] <= 2
+    assert first["answer"] is not None or first["steps"] == 2
 
 
 def test_run_tools_refuses_unknown_kernel_tools(tiny_kernel: KernelProcess) -> None:
     with tiny_kernel.connect() as conn, pytest.raises(ValueError, match="no tool 'nope'"):
-        sdk.tools.run_tools(conn, [{"role": "user", "content": "hi"}], ["nope"])
+        run_tools(conn, [{"role": "user", "content": "hi"}], ["nope"])
 
 
 @pytest.mark.integration
@@ -136,7 +140,7 @@ def test_smollm2_uses_the_calculator(tmp_path: Path) -> None:
         pytest.skip("smollm2 is not cached (agentos model pull smollm2)")
     k = _boot(tmp_path / "state", "--preload")
     try:
-        out = _loop(k, "4 Use the calculator tool to compute 123 * 456.")
+        out = _loop(k, "4 64 Use the calculator tool to compute 123 * 456.")
     finally:
         assert k.stop() == 0
     assert 1 <= out["steps"] <= 4  # whatever a 135M model does, the loop ends cleanly

@@ -351,13 +351,12 @@ def test_pypi_time_server_from_the_config_and_the_cli(tmp_path: Path) -> None:
             assert result.value["timezone"] == "Europe/Paris" and result.error is None
         listed = k.cli("tool", "list")
         assert listed.returncode == 0 and "time.convert_time" in listed.stdout
-        mounted = k.cli("tool", "mount", "demo", "--", sys.executable, str(MCP_SERVER))
-        assert mounted.returncode == 0, mounted.stderr
-        assert "demo.add" in mounted.stdout.split()
-        called = k.cli("tool", "call", "demo.add", '{"a": 2, "b": 3}')
-        assert called.returncode == 0 and json.loads(called.stdout) == {"result": 5}
-        assert k.cli("tool", "unmount", "demo").returncode == 0
-        assert k.cli("tool", "unmount", "demo").returncode == 1
+        called = k.cli("tool", "call", "time.convert_time",
+                       '{"source_timezone": "UTC", "time": "12:00", "target_timezone": "UTC"}')
+        assert called.returncode == 0 and json.loads(called.stdout)["target"]["datetime"]
+        assert k.cli("tool", "unmount", "time").returncode == 0
+        gone = k.cli("tool", "unmount", "time")
+        assert gone.returncode == 1 and "ENOENT" in gone.stderr
     finally:
         assert k.stop() == 0
 
