@@ -173,7 +173,7 @@ class ToolManager:
                 for m in (t.manifest for t in self.tools.values())]
 
     def call(self, call: Call, args: abi.ToolCallArgs) -> Any:
-        from kernel.core import Fault
+        from kernel.core import PENDING, Fault
 
         tool = self.tools.get(args.name)
         if tool is None:
@@ -200,6 +200,8 @@ class ToolManager:
         else:
             proceed()
         self.k.counts[f"tools.tool.{m.name}"] += 1
+        if call.done:  # refused on the way in (e.g. its mount went away): nothing to park
+            return PENDING
         return self.k.park(call, call.timeout_ms)
 
     def mount(self, call: Call, args: abi.MountArgs) -> Any:
@@ -295,6 +297,10 @@ class ToolManager:
     def _admit(self, pending: Pending) -> None:
         """Its resources are held: run it now, or when the tool has a free slot."""
         tool = pending.tool
+        if tool.mount is not None and self.mounts.get(tool.mount.name) is not tool.mount:
+            self.k.fail(pending.call, abi.ErrorCode.ECANCELED,
+                        f"{tool.mount.name} was unmounted")  # while the call waited for a lock
+            return
         if tool.running < tool.manifest.concurrency:
             self._start(pending)
         else:
@@ -391,7 +397,9 @@ class ToolManager:
             log.error("mcp mount failed", extra={"mount": mount.name,
                                                  "reason": error or mount.error})
             if call is not None:
-                self.k.fail(call, abi.ErrorCode.EIO, f"mount {mount.name}: {error or mount.error}")
+                # The command's fault, not the kernel's: it did not start an MCP server.
+                self.k.fail(call, abi.ErrorCode.EINVAL, f"mount {mount.name}: the command did "
+                            f"not start an MCP server: {error or mount.error}")
             return
         clashes = sorted(set(mount.manifests) & set(self.tools))
         if clashes:

@@ -75,7 +75,14 @@ class McpMount:
         self._thread.start()
 
     def call(self, tool: str, job: Job, timeout_s: float) -> None:
-        fut = asyncio.run_coroutine_threadsafe(self._call(tool, job, timeout_s), self._loop)
+        coro = self._call(tool, job, timeout_s)
+        try:
+            fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        except RuntimeError:  # the loop has closed: the server ended on its own
+            coro.close()
+            job.done(Outcome(error=f"the MCP server of {self.name} has ended (see "
+                             f"{self.log_path})"))
+            return
         # Cancelling the future cancels the coroutine, and the SDK tells the server.
         job.on_cancel = fut.cancel
 

@@ -1,13 +1,15 @@
-"""Never answers: records its pid in its home, then sleeps."""
+"""Hangs: records its pid in its home, then sleeps (for ever, unless told how long)."""
 
 import os
 import time
 
-MANIFEST = {"name": "hang", "description": "hangs", "timeout_s": 3.0, "concurrency": 2,
-            "parameters": {"type": "object", "properties": {"tag": {"type": "string"}}}}
+MANIFEST = {"name": "hang", "description": "hangs", "timeout_s": 3.0, "concurrency": 1,
+            "parameters": {"type": "object", "properties": {
+                "tag": {"type": "string"}, "seconds": {"type": "number"}}}}
 
 
 def run(args, ctx):
     with open(os.path.join(os.environ["HOME"], f"pid-{args.get('tag', 'x')}"), "w") as f:
         f.write(str(os.getpid()))
-    time.sleep(1000)
+    time.sleep(args.get("seconds", 1000))
+    return "woke"

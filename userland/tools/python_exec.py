@@ -57,7 +57,7 @@ def run(args: dict[str, Any], ctx: dict[str, Any]) -> dict[str, Any]:
     cpu, memory = args.get("cpu_seconds", 5), args.get("memory_mb", 256)
     # Wall clock: generous over the CPU limit (a busy machine runs the snippet slower), but
     # within the call's own deadline so the result still gets back.
-    deadline = time.monotonic() + min(cpu * 5 + 2, ctx.get("deadline_s", 35) - 0.5)
+    deadline = time.monotonic() + min(cpu * 10 + 5, ctx.get("deadline_s", 35) - 0.5)
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
