@@ -171,6 +171,15 @@ class Config:
     approval_timeout: float = 300.0
     # Agents' irreversible operations (deleting files or memories) wait for a human's approval.
     approve_irreversible: bool = True
+    # Tools (kernel/tools): directories of extra tool modules besides userland/tools; the
+    # sandbox tier of tool processes (auto: standard where tools can get a uid of their own and
+    # reach the interpreter, else confined); destructive tools allowed to run (until approvals
+    # route them, the rest are refused); MCP servers mounted at boot, {name = [command, ...]}.
+    tool_dirs: list[str] = field(default_factory=list)
+    tool_sandbox: str = "auto"
+    tool_uid_base: int = 150000
+    tools_allow_destructive: list[str] = field(default_factory=list)
+    mcp_servers: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def default_model(self) -> str | None:

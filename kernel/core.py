@@ -39,6 +39,7 @@ from kernel.rings import Rings
 from kernel.state import StateDir, write_private
 from kernel.storage.manager import StorageManager
 from kernel.syscalls import SYSCALLS
+from kernel.tools.core import ToolManager
 from kernel.transport import Identities, ZapHandler, open_router
 from sdk import abi
 
@@ -123,6 +124,7 @@ class Kernel:
         self.approvals = Approvals(self)
         self.memory = MemoryManager(self)
         self.storage = StorageManager(self)
+        self.tools = ToolManager(self)
         self.procs.recover()
         self.access.recover()
         self.db.commit()
@@ -145,6 +147,7 @@ class Kernel:
         self.llm.start()
         self.memory.start()
         self.storage.start()
+        self.tools.start()
         signal.signal(signal.SIGTERM, self._on_stop_signal)
         signal.signal(signal.SIGINT, self._on_stop_signal)
         self._write_admin_token()
@@ -226,6 +229,7 @@ class Kernel:
     def _shutdown(self) -> None:
         self.llm.stop()
         self.memory.stop()
+        self.tools.stop()
         self._run_posted()
         self.procs.terminate_all(0)
         self.procs.reap_blocking(timeout=5.0)

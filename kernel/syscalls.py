@@ -114,6 +114,26 @@ def llm_models(k: Kernel, call: Call, args: abi.NoArgs) -> list[abi.ModelInfo]:
     return k.llm.models()
 
 
+def tools_list(k: Kernel, call: Call, args: abi.NoArgs) -> list[abi.ToolSpec]:
+    return k.tools.list()
+
+
+def tools_call(k: Kernel, call: Call, args: abi.ToolCallArgs) -> Any:
+    return k.tools.call(call, args)
+
+
+def tools_mount(k: Kernel, call: Call, args: abi.MountArgs) -> Any:
+    return k.tools.mount(call, args)
+
+
+def tools_unmount(k: Kernel, call: Call, args: abi.ToolRef) -> None:
+    k.tools.unmount(call, args)
+
+
+def tools_mounts(k: Kernel, call: Call, args: abi.NoArgs) -> list[abi.MountInfo]:
+    return k.tools.mount_info()
+
+
 def _proc(k: Kernel, args: Any, caller: Caller) -> str:
     return f"proc/{args.id}"
 
@@ -136,6 +156,8 @@ def remote_keys(k: Kernel, call: Call, args: abi.NoArgs) -> list[abi.RemoteKey]:
 
 def remote_rm_key(k: Kernel, call: Call, args: abi.KeyRef) -> None:
     k.remote.rm_key(call, args)
+def _tool(k: Kernel, args: Any, caller: Caller) -> str:
+    return f"tool/{args.name}"
 
 
 SYSCALLS: dict[str, Syscall] = {
@@ -186,6 +208,11 @@ SYSCALLS: dict[str, Syscall] = {
     "fs.rollback": Syscall(fs_calls.rollback, abi.FsRollbackArgs, fs_calls.path_resource),
     "fs.share": Syscall(fs_calls.share, abi.FsShareArgs, fs_calls.tree_resource),
     "fs.search": Syscall(fs_calls.search, abi.FsSearchArgs, fs_calls.search_resource),
+    "tools.list": Syscall(tools_list),
+    "tools.call": Syscall(tools_call, abi.ToolCallArgs, _tool),
+    "tools.mount": Syscall(tools_mount, abi.MountArgs, _tool),
+    "tools.unmount": Syscall(tools_unmount, abi.ToolRef, _tool),
+    "tools.mounts": Syscall(tools_mounts),
 }
 
 FAMILIES = {name.split(".")[0] for name in SYSCALLS}

@@ -18,6 +18,8 @@ from sdk.abi import (
     ModelInfo,
     Stats,
     ToolCall,
+    ToolResult,
+    ToolSpec,
 )
 from sdk.agent import Agent
 from sdk.client import AsyncConnection, Connection
@@ -64,6 +66,8 @@ __all__ = [
     "SyscallError",
     "TimedOut",
     "ToolCall",
+    "ToolResult",
+    "ToolSpec",
     "TryAgain",
     "connect",
     "connect_async",

@@ -380,6 +380,62 @@ class AuditReport(msgspec.Struct, frozen=True, omit_defaults=True):
     anchored_seq: int = 0  # the newest seq recorded outside the database
 
 
+# --- tools ------------------------------------------------------------------------------------
+
+ToolName = Annotated[str, msgspec.Meta(min_length=1, max_length=128,
+                                       pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+
+
+class ToolCallArgs(Args):
+    name: ToolName
+    arguments: Any = {}  # checked against the tool's JSON Schema (EINVAL names the problem)
+
+
+class ToolRef(Args):
+    name: ToolName
+
+
+class MountArgs(Args):
+    """Mount an MCP server (stdio): its tools appear as `<name>.<tool>`."""
+
+    name: Name
+    command: Annotated[list[Annotated[str, msgspec.Meta(max_length=4096)]],
+                       msgspec.Meta(min_length=1, max_length=64)]
+    network: bool = False  # run the server without the network filters
+
+
+class ToolSpec(msgspec.Struct, frozen=True, omit_defaults=True):
+    name: str
+    description: str
+    parameters: dict[str, Any]
+    side_effect: str  # read-only | writes | destructive | network
+    concurrency: int
+    timeout_s: float
+    source: str  # builtin | a tool file | mcp:<mount>
+    result: dict[str, Any] | None = None
+    resources: dict[str, str] = {}
+
+
+class ToolResult(msgspec.Struct, frozen=True, omit_defaults=True):
+    """A finished tool call. `error` set: the tool itself failed (it raised, crashed or
+    refused); the kernel's own refusals are syscall errors instead."""
+
+    name: str
+    value: Any = None
+    error: str | None = None
+    stdout: str = ""  # what the tool printed, capped
+    tool_ms: float = 0.0  # the tool's own time, measured inside the tool process
+    total_ms: float = 0.0  # from the kernel receiving the call to the result
+
+
+class MountInfo(msgspec.Struct, frozen=True, omit_defaults=True):
+    name: str
+    command: list[str]
+    state: str  # starting | ready | failed
+    tools: list[str] = []
+    error: str | None = None
+
+
 # --- codec -----------------------------------------------------------------------------------
 
 # msgspec reports invalid UTF-8 in a str field as UnicodeDecodeError, not DecodeError.

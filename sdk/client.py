@@ -93,7 +93,7 @@ class Connection:
 
     def __init__(self, endpoint: str, token: str, *, timeout: float = DEFAULT_TIMEOUT,
                  context: zmq.Context | None = None, curve: CurveKeys | None = None) -> None:
-        from sdk.families import Approvals, Audit, Caps, Fs, Ipc, Llm, Memory, Proc, System
+        from sdk.families import Approvals, Audit, Caps, Fs, Ipc, Llm, Memory, Proc, System, Tools
 
         _check_endpoint(endpoint)
         self.endpoint, self.token, self.timeout = endpoint, token, timeout
@@ -119,6 +119,7 @@ class Connection:
         self.sys, self.proc, self.ipc, self.llm = System(self), Proc(self), Ipc(self), Llm(self)
         self.caps, self.approvals, self.audit = Caps(self), Approvals(self), Audit(self)
         self.memory, self.fs = Memory(self), Fs(self)
+        self.tools = Tools(self)
 
     @property
     def uses_rings(self) -> bool:
@@ -319,7 +320,7 @@ class AsyncConnection:
     def __init__(self, endpoint: str, token: str, *, timeout: float = DEFAULT_TIMEOUT,
                  context: zmq.asyncio.Context | None = None,
                  curve: CurveKeys | None = None) -> None:
-        from sdk.families import Approvals, Audit, Caps, Fs, Ipc, Llm, Memory, Proc, System
+        from sdk.families import Approvals, Audit, Caps, Fs, Ipc, Llm, Memory, Proc, System, Tools
 
         _check_endpoint(endpoint)
         self.endpoint, self.token, self.timeout = endpoint, token, timeout
@@ -343,6 +344,7 @@ class AsyncConnection:
         self.sys, self.proc, self.ipc, self.llm = System(self), Proc(self), Ipc(self), Llm(self)
         self.caps, self.approvals, self.audit = Caps(self), Approvals(self), Audit(self)
         self.memory, self.fs = Memory(self), Fs(self)
+        self.tools = Tools(self)
 
     @property
     def uses_rings(self) -> bool:

@@ -7,5 +7,7 @@ from sdk.llm import Llm
 from sdk.memory import Memory
 from sdk.proc import Proc
 from sdk.system import System
+from sdk.tools import Tools
 
-__all__ = ["Approvals", "Audit", "Caps", "Fs", "Ipc", "Llm", "Memory", "Proc", "System"]
+__all__ = ["Approvals", "Audit", "Caps", "Fs", "Ipc", "Llm", "Memory", "Proc", "System",
+           "Tools"]

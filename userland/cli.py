@@ -244,6 +244,10 @@ def parser() -> argparse.ArgumentParser:
     from userland import memstore_cli
 
     memstore_cli.add_commands(sub)
+
+    from userland.tool_cli import add_commands as add_tool_commands
+
+    add_tool_commands(sub)
     return p
 
 

@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
+
 from sdk import abi
 
 
@@ -40,7 +42,8 @@ class RemoteModel:
         body: dict[str, Any] = {
             "model": self.model,
             "messages": [{k: v for k, v in (("role", m.role), ("content", m.content),
-                                              ("tool_call_id", m.tool_call_id), ("name", m.name))
+                                              ("tool_call_id", m.tool_call_id), ("name", m.name),
+                                              ("tool_calls", msgspec.to_builtins(m.tool_calls)))
                           if v is not None} for m in args.messages],
             "temperature": args.temperature, "top_p": args.top_p, "max_tokens": args.max_tokens,
             "stream": True, "stream_options": {"include_usage": True},

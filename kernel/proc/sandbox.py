@@ -30,6 +30,12 @@ TIERS: dict[str, tuple[str, ...]] = {
     "none": (),
     "standard": ("rlimits", "identity", "nnp", "landlock", "seccomp"),
     "strict": LAYERS,
+    # Tool processes (kernel/tools) under the kernel's own uid where agents cannot get one:
+    # the filesystem, syscall and rlimit layers without the uid change. `network` is for tools
+    # whose job is the network (HTTP fetch): Landlock's TCP rule and the socket filter would
+    # stop them, so they keep only rlimits and no_new_privs.
+    "confined": ("rlimits", "nnp", "landlock", "seccomp"),
+    "network": ("rlimits", "nnp"),
 }
 
 # Read-only for every agent: the system's shared libraries and programs.

@@ -1,0 +1,3 @@
+"""Not a tool the kernel will load: its manifest is not a literal."""
+
+MANIFEST = dict(name="broken")
