@@ -29,6 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="LLM scheduling policy for every model (default fair)")
     p.add_argument("--preload", action="store_true", default=None,
                    help="load the models at boot, not at their first request")
+    p.add_argument("--http", metavar="HOST:PORT",
+                   help="serve the OpenAI- and AIOS-compatible HTTP APIs and /metrics here "
+                        "(off by default; port 0 picks one, written to STATE_DIR/run/http)")
     p.add_argument("--daemon", action="store_true",
                    help="start in the background, wait until it answers, then exit 0; "
                         "logs go to STATE_DIR/kernel.log")
@@ -52,6 +55,8 @@ def daemonize(args: argparse.Namespace, state: Path) -> int:
         child_argv += ["--scheduler", args.scheduler]
     if args.preload:
         child_argv += ["--preload"]
+    if args.http:
+        child_argv += ["--http", args.http]
     with open(state / "kernel.log", "ab") as logf:
         child = subprocess.Popen([sys.executable, "-m", "kernel", *child_argv],
                                  stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
@@ -93,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
             flags[0].default = True
             models = {m.name: m for m in flags}
         config = Config.load(args.config, state_dir=state, log_format=args.log_format,
-                             log_level=args.log_level, models=models, preload=args.preload)
+                             log_level=args.log_level, models=models, preload=args.preload,
+                             http=args.http)
         if args.scheduler:
             for model in config.models.values():
                 model.scheduler = args.scheduler

@@ -82,6 +82,8 @@ class Config:
     audit_denials_per_s: float = 20.0
     # Load every model at boot instead of at its first request.
     preload: bool = False
+    # The HTTP front end (OpenAI/AIOS-compatible APIs, metrics): "HOST:PORT", or None for off.
+    http: str | None = None
     # Models by name; the first, or the one marked default, serves calls that name none.
     models: dict[str, ModelConfig] = field(
         default_factory=lambda: {"smollm2": ModelConfig("smollm2", "smollm2", default=True)})

@@ -25,13 +25,14 @@ import zmq
 from kernel.access.audit import AuditLog
 from kernel.access.guard import Guard
 from kernel.access.tokens import Capability, Rule, TokenAuthority
+from kernel.accounts import Accounts
 from kernel.config import Config
 from kernel.db import Database
 from kernel.ipc import Mailboxes
 from kernel.llm.core import LLMCore
 from kernel.notify import Notifier
 from kernel.proc.table import ProcessTable
-from kernel.state import StateDir, write_private
+from kernel.state import StateDir, StateError, write_private
 from kernel.syscalls import SYSCALLS
 from kernel.transport import Identities, ZapHandler, open_router
 from sdk import abi
@@ -72,6 +73,7 @@ class Call:
     capability: Capability | None = None  # set once the access check passed
     done: bool = False
     on_cancel: list[Callable[[], None]] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)  # for the latency histograms
 
 
 class Kernel:
@@ -89,6 +91,10 @@ class Kernel:
         self._stop_requests = 0
         self.parked: set[Call] = set()
         self._posted: collections.deque[Callable[[], None]] = collections.deque()
+        # Replies for routes that are not ROUTER peers (the HTTP front end's calls), by route.
+        self.sinks: dict[bytes, Callable[[bytes], None]] = {}
+        self.accounts = Accounts()
+        self.http: Any = None  # the HTTP front end's server thread, when --http is given
 
     # --- boot and shutdown -------------------------------------------------------------------
 
@@ -120,6 +126,7 @@ class Kernel:
         self._post_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.poller.register(self._post_fd, zmq.POLLIN)
         self.llm.start()
+        self._start_http()
         signal.signal(signal.SIGTERM, self._on_stop_signal)
         signal.signal(signal.SIGINT, self._on_stop_signal)
         self._write_admin_token()
@@ -135,6 +142,21 @@ class Kernel:
         self.procs.record_token(token)
         self.audit.append("kernel", "grant", subject=f"user:{uid}", rules=["*"], to="admin.token")
         write_private(self.state.admin_token_path, (token + "\n").encode())
+
+    def _start_http(self) -> None:
+        """The HTTP front end (`--http HOST:PORT`), off by default; its address goes to
+        `run/http` so clients of port 0 find it."""
+        if not self.config.http:
+            return
+        from kernel.http.server import HttpServer
+
+        try:
+            self.http = HttpServer(self, self.config.http)
+            self.http.start_serving()
+        except (OSError, ValueError) as exc:
+            raise StateError(str(exc)) from None
+        host = self.http.server.config.host
+        write_private(self.state.run / "http", f"{host}:{self.http.port()}\n".encode())
 
     def _on_stop_signal(self, signum: int, _frame: Any) -> None:
         self._stop_requests += 1
@@ -192,6 +214,8 @@ class Kernel:
         return max(0, int(horizon * 1000))
 
     def _shutdown(self) -> None:
+        if self.http is not None:
+            self.http.stop()
         self.llm.stop()
         self._run_posted()
         self.procs.terminate_all(0)
@@ -289,6 +313,12 @@ class Kernel:
         if caller is None:
             self._send_error(route, req.id, abi.ErrorCode.EPERM, f"{user} is not running")
             return
+        self.execute(route, req, caller)
+
+    def execute(self, route: bytes, req: abi.Request, caller: Caller) -> None:
+        """Check and run one decoded syscall of a known name for an authenticated caller. Every
+        door comes through here: the ROUTER above, and the HTTP front end (`kernel/http/`)."""
+        entry = SYSCALLS[req.call]
         call = Call(route, req.id, req.call, caller, req.timeout_ms)
         self.db.begin_call()
         failed = True
@@ -341,6 +371,7 @@ class Kernel:
             return
         frame = abi.encode(abi.Reply(call.id, msgspec.Raw(abi.encode(result))))
         call.done = True
+        self.accounts.done(call, result)
         self.parked.discard(call)
         self.outbox.append([call.route, frame])
 
@@ -348,6 +379,7 @@ class Kernel:
         if call.done:
             return
         call.done = True
+        self.accounts.failed(call, code)
         self.parked.discard(call)
         for cancel in call.on_cancel:
             cancel()
@@ -372,6 +404,10 @@ class Kernel:
         self.db.commit()
         outbox, self.outbox = self.outbox, []
         for frames in outbox:
+            sink = self.sinks.get(frames[0])
+            if sink is not None:
+                sink(frames[1])
+                continue
             try:
                 self.router.send_multipart(frames, zmq.NOBLOCK)
             except zmq.ZMQError:

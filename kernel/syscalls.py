@@ -46,7 +46,7 @@ def sys_stats(k: Kernel, call: Call, args: abi.NoArgs) -> abi.Stats:
                      uptime_s=round(time.time() - k.started_at, 3),
                      agents_running=k.procs.running_count(), calls_parked=len(k.parked),
                      syscalls=dict(k.counts), models=k.llm.stats(),
-                     errors=dict(k.errors))
+                     errors=dict(k.errors), **k.accounts.snapshot())
 
 
 def proc_spawn(k: Kernel, call: Call, args: abi.SpawnArgs) -> int:
@@ -97,6 +97,12 @@ def llm_models(k: Kernel, call: Call, args: abi.NoArgs) -> list[abi.ModelInfo]:
     return k.llm.models()
 
 
+def http_mint(k: Kernel, call: Call, args: abi.KeyArgs) -> str:
+    from kernel.http.keys import mint
+
+    return mint(k, call, args)
+
+
 def _proc(k: Kernel, args: Any, caller: Caller) -> str:
     return f"proc/{args.id}"
 
@@ -124,6 +130,7 @@ SYSCALLS: dict[str, Syscall] = {
     "llm.chat": Syscall(llm_chat, abi.ChatArgs, _model),
     "llm.cancel": Syscall(llm_cancel, abi.CancelArgs),
     "llm.models": Syscall(llm_models),
+    "http.mint": Syscall(http_mint, abi.KeyArgs),
 }
 
 FAMILIES = {name.split(".")[0] for name in SYSCALLS}

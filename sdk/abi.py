@@ -172,6 +172,15 @@ class ChatArgs(Args):
     stream: bool = False
 
 
+class KeyArgs(Args):
+    """`http.mint`: a bearer token for the HTTP front end, with these rules (`OP[@RESOURCE]`)."""
+
+    caps: Annotated[list[Annotated[str, msgspec.Meta(max_length=512)]],
+                    msgspec.Meta(min_length=1, max_length=64)]
+    name: Name | None = None  # the client's principal becomes http:<name>; default random
+    ttl_s: Annotated[float, msgspec.Meta(gt=0, le=10 * 365 * 86400)] | None = None
+
+
 class CancelArgs(Args):
     request: RequestId  # the id of the caller's own in-flight call, on the same connection
 
@@ -230,6 +239,18 @@ class Message(msgspec.Struct, frozen=True):
     sent_at: float
 
 
+# Upper bounds (seconds) of the syscall latency histogram buckets; a last bucket is +Inf.
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                   0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class Latency(msgspec.Struct, frozen=True):
+    """One syscall family's latency histogram: counts per LATENCY_BUCKETS bucket, +Inf last."""
+
+    buckets: list[int]
+    sum_s: float
+
+
 class Stats(msgspec.Struct, frozen=True):
     version: str
     abi: int
@@ -240,6 +261,10 @@ class Stats(msgspec.Struct, frozen=True):
     syscalls: dict[str, int]
     errors: dict[str, int]
     models: dict[str, dict[str, float]] = {}  # per model: queue, batch, KV and engine counters
+    latency: dict[str, Latency] = {}  # per syscall family
+    denials: dict[str, int] = {}  # access-check refusals (EPERM) per syscall family
+    callers: dict[str, dict[str, float]] = {}  # per principal: syscalls, errors, tokens used
+    llm_usage: dict[str, dict[str, float]] = {}  # per model: calls, tokens, tokens_per_s
 
 
 # --- codec -----------------------------------------------------------------------------------

@@ -219,6 +219,10 @@ def parser() -> argparse.ArgumentParser:
     from userland.model_cli import add_commands
 
     add_commands(sub)
+    from userland import token_cli, top
+
+    token_cli.add_commands(sub)
+    top.add_commands(sub)
     return p
 
 
