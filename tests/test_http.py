@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx2 as httpx  # what the openai client itself uses
 import openai
@@ -212,12 +213,17 @@ def test_aios_sdk_llm_chat_with_the_token_in_the_base_url(web: KernelProcess) ->
     from cerebrum.client import Cerebrum
     from cerebrum.llm.communication import LLMQuery
 
+    class Query(LLMQuery):  # the PyPI release's query plus `llms`, as AIOS's current SDK has
+        llms: list[dict[str, Any]] | None = None
+
     token = mint(web, "llm.chat", name="aios-writer")
     client = Cerebrum(base_url=f"{base_url(web)}/aios/{token}")
-    result = client._query_llm(agent_name="someone-else", query=LLMQuery(
-        messages=[{"role": "user", "content": "write a haiku"}], action_type="chat"))
+    result = client._query_llm(agent_name="someone-else", query=Query(
+        messages=[{"role": "user", "content": "write a haiku"}], action_type="chat",
+        llms=[{"name": "gpt-4o-mini"}, {"name": "tiny", "max_tokens": 8}]))
     response = result["response"]
     assert response["finished"] is True and isinstance(response["response_message"], str)
+    assert response["model"] == "tiny" and response["usage"]["completion_tokens"] <= 8
     assert set(result) >= {"start_times", "end_times", "waiting_times", "turnaround_times"}
     with web.connect() as conn:
         callers = conn.sys.stats().callers

@@ -38,6 +38,8 @@ class HttpServer(threading.Thread):
                                 access_log=False, lifespan="off", loop="asyncio",
                                 timeout_graceful_shutdown=2)
         self.server = uvicorn.Server(config)
+        # uvicorn's banner lines would repeat ours; its warnings and errors still come through.
+        logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
         self.error: BaseException | None = None
 
     def run(self) -> None:
