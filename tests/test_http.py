@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -205,6 +206,22 @@ def test_client_leaving_mid_stream_cancels_its_generation(web: KernelProcess, ke
     with web.connect() as conn:
         conn.llm.chat(HELLO, max_tokens=2)
         assert conn.sys.stats().models["tiny"]["generations"] == 0
+        before = conn.sys.stats().errors.get("ECANCELED", 0)
+    # Not streamed: the client hangs up while waiting for the whole answer.
+    host, port = base_url(web)[len("http://"):].split(":")
+    payload = json.dumps({**body, "stream": False}).encode()
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Type: application/json\r\nAuthorization: Bearer "
+                     + key.encode() + b"\r\nContent-Length: " + str(len(payload)).encode()
+                     + b"\r\n\r\n" + payload)
+        assert wait_until(lambda: _generations(web) > 0, timeout=10)
+    assert wait_until(cancelled, timeout=20), web.log()[-2000:]
+
+
+def _generations(k: KernelProcess) -> float:
+    with k.connect() as conn:
+        return conn.sys.stats().models.get("tiny", {}).get("generations", 0)
 
 
 def test_aios_sdk_llm_chat_with_the_token_in_the_base_url(web: KernelProcess) -> None:
@@ -302,3 +319,17 @@ def test_top_renders_under_tmux_and_q_quits(web: KernelProcess) -> None:
         assert wait_until(gone, timeout=10)
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+
+
+def test_keys_are_never_wider_than_their_minter(web: KernelProcess) -> None:
+    from tests.conftest import agent
+
+    with web.connect() as conn:
+        aid = conn.proc.spawn(agent("keymaker"), argv=["llm.chat@llm/tiny", "llm.*", "proc.spawn",
+                                                       "nope.op"],
+                              caps=["http.mint", "llm.chat@llm/tiny"])
+        info = conn.proc.wait(aid, timeout=30)
+    assert info.result == {"llm.chat@llm/tiny": "ok", "llm.*": "PermissionDenied",
+                           "proc.spawn": "PermissionDenied", "nope.op": "InvalidArgument"}
+    out = web.cli("token", "mint", "--cap", "nope.op")
+    assert out.returncode == 1 and "no syscall" in out.stderr

@@ -67,6 +67,12 @@ def bearer(request: Request) -> str | None:
     return value.strip() or None if scheme.lower() == "bearer" else None
 
 
+async def disconnected(request: Request) -> None:
+    """Returns when the client goes away (the body has been read, so nothing else arrives)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 async def json_body(request: Request) -> Any:
     raw = await request.body()
     try:
@@ -110,7 +116,8 @@ class Routes:
         cid = openai.completion_id()
         if not body.get("stream"):
             try:
-                result = await self.bridge.call(token, "llm.chat", args, abi.ChatResult)
+                result = await self.bridge.call(token, "llm.chat", args, abi.ChatResult,
+                                                gone=disconnected(request))
             except (Refused, Failed) as exc:
                 return openai_error(exc)
             return JSONResponse(openai.completion(cid, result))
@@ -187,7 +194,8 @@ class Routes:
                               "manager, which this kernel does not have yet")
             args = aios.llm_args(body.get("query_data"), self.k.config.models)
             started = time.time()
-            result = await self.bridge.call(token, "llm.chat", args, abi.ChatResult)
+            result = await self.bridge.call(token, "llm.chat", args, abi.ChatResult,
+                                            gone=disconnected(request))
         except (Refused, Failed) as exc:
             r = refusal(exc)
             return JSONResponse(aios.error_response(str(query_type), r.status, r.message),

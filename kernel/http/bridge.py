@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -93,9 +93,14 @@ class Bridge:
         return ex
 
     async def call(self, token: str | None, name: str, args: abi.Args | None,
-                   result_type: Any = Any, timeout_ms: int | None = None) -> Any:
-        """One syscall to its end: the decoded result, or `Refused`/`Failed` raised."""
+                   result_type: Any = Any, timeout_ms: int | None = None,
+                   gone: Awaitable[Any] | None = None) -> Any:
+        """One syscall to its end: the decoded result, or `Refused`/`Failed` raised. If `gone`
+        (the client's disconnect) completes first, the call is cancelled."""
         ex = self.open(token, name, args, timeout_ms)
+        watcher = asyncio.ensure_future(gone) if gone is not None else None
+        if watcher is not None:
+            watcher.add_done_callback(lambda _: self.close(ex))
         try:
             while True:
                 item = await ex.next()
@@ -103,6 +108,8 @@ class Bridge:
                     continue
                 return final(item, result_type)
         finally:
+            if watcher is not None:
+                watcher.cancel()
             self.close(ex)
 
     async def authenticate(self, token: str | None) -> str:
