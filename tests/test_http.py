@@ -291,6 +291,16 @@ def test_kernel_uses_another_kernel_as_a_remote_model(web: KernelProcess, key: s
             near = conn.llm.chat(HELLO, max_tokens=12)
         assert far.message.content == near.message.content == streamed
         assert far.usage.completion_tokens == near.usage.completion_tokens
+        # A turn that called a tool reaches B whole (the prompt would differ otherwise).
+        convo = [*HELLO, {"role": "assistant", "tool_calls": [
+            {"id": "c1", "function": {"name": "f", "arguments": '{"x": 1}'}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "42"}]
+        with a.connect() as conn:
+            far = conn.llm.chat(convo, model="far", max_tokens=8)
+        with web.connect() as conn:
+            near = conn.llm.chat(convo, max_tokens=8)
+        assert far.message.content == near.message.content
+        assert far.usage.prompt_tokens == near.usage.prompt_tokens
     finally:
         assert a.stop() == 0
 

@@ -17,6 +17,15 @@ from typing import Any
 from sdk import abi
 
 
+def _calls(calls: list[abi.ToolCall] | None) -> list[dict[str, Any]] | None:
+    """An assistant turn's tool calls as OpenAI sends them (dropping them loses the turn)."""
+    if not calls:
+        return None
+    return [{"id": c.id, "type": c.type, "function": {"name": c.function.name,
+                                                    "arguments": c.function.arguments}}
+            for c in calls]
+
+
 class RemoteError(Exception):
     """The server refused or broke the request; the message says how."""
 
@@ -40,7 +49,8 @@ class RemoteModel:
         body: dict[str, Any] = {
             "model": self.model,
             "messages": [{k: v for k, v in (("role", m.role), ("content", m.content),
-                                              ("tool_call_id", m.tool_call_id), ("name", m.name))
+                                              ("tool_call_id", m.tool_call_id), ("name", m.name),
+                                              ("tool_calls", _calls(m.tool_calls)))
                           if v is not None} for m in args.messages],
             "temperature": args.temperature, "top_p": args.top_p, "max_tokens": args.max_tokens,
             "stream": True, "stream_options": {"include_usage": True},
