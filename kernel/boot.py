@@ -35,6 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sandbox", choices=("none", "standard", "strict"),
                    help="the agents' default sandbox tier (default strict); an agent whose tier "
                         "this machine cannot apply is refused")
+    p.add_argument("--http", metavar="HOST:PORT",
+                   help="serve the OpenAI- and AIOS-compatible HTTP APIs and /metrics here "
+                        "(off by default; port 0 picks one, written to STATE_DIR/run/http)")
     p.add_argument("--daemon", action="store_true",
                    help="start in the background, wait until it answers, then exit 0; "
                         "logs go to STATE_DIR/kernel.log")
@@ -62,6 +65,8 @@ def daemonize(args: argparse.Namespace, state: Path) -> int:
         child_argv += ["--listen", args.listen]
     if args.sandbox:
         child_argv += ["--sandbox", args.sandbox]
+    if args.http:
+        child_argv += ["--http", args.http]
     with open(state / "kernel.log", "ab") as logf:
         child = subprocess.Popen([sys.executable, "-m", "kernel", *child_argv],
                                  stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
@@ -104,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
             models = {m.name: m for m in flags}
         config = Config.load(args.config, state_dir=state, log_format=args.log_format,
                              log_level=args.log_level, models=models, preload=args.preload,
-                             listen=args.listen, sandbox=args.sandbox)
+                             listen=args.listen, sandbox=args.sandbox, http=args.http)
         if args.scheduler:
             for model in config.models.values():
                 model.scheduler = args.scheduler

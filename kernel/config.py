@@ -144,6 +144,8 @@ class Config:
     fs_file_bytes: int = 8 * 1024 * 1024
     fs_versions_kept: int = 20
     fs_versions_max_age_s: float = 0.0  # 0: versions beyond the newest expire only by count
+    # The HTTP front end (OpenAI/AIOS-compatible APIs, metrics): "HOST:PORT", or None for off.
+    http: str | None = None
     # Models by name; the first, or the one marked default, serves calls that name none.
     models: dict[str, ModelConfig] = field(
         default_factory=lambda: {"smollm2": ModelConfig("smollm2", "smollm2", default=True)})

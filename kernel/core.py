@@ -27,6 +27,7 @@ from kernel.access.audit import AuditLog
 from kernel.access.guard import Guard
 from kernel.access.manager import AccessManager
 from kernel.access.tokens import Capability, Rule, TokenAuthority
+from kernel.accounts import Accounts
 from kernel.config import Config
 from kernel.db import Database
 from kernel.ipc import Mailboxes
@@ -36,7 +37,7 @@ from kernel.notify import Notifier
 from kernel.proc.table import ProcessTable
 from kernel.remote import Remote
 from kernel.rings import Rings
-from kernel.state import StateDir, write_private
+from kernel.state import StateDir, StateError, write_private
 from kernel.storage.manager import StorageManager
 from kernel.syscalls import SYSCALLS
 from kernel.tools.core import ToolManager
@@ -80,6 +81,7 @@ class Call:
     done: bool = False
     on_cancel: list[Callable[[], None]] = field(default_factory=list)
     on_reply: list[Callable[[Any], None]] = field(default_factory=list)  # given the result
+    started: float = field(default_factory=time.monotonic)  # for the latency histograms
 
 
 class Kernel:
@@ -97,6 +99,10 @@ class Kernel:
         self._stop_requests = 0
         self.parked: set[Call] = set()
         self._posted: collections.deque[Callable[[], None]] = collections.deque()
+        # Replies for routes that are not ROUTER peers (the HTTP front end's calls), by route.
+        self.sinks: dict[bytes, Callable[[bytes], None]] = {}
+        self.accounts = Accounts()
+        self.http: Any = None  # the HTTP front end's server thread, when --http is given
 
     # --- boot and shutdown -------------------------------------------------------------------
 
@@ -148,6 +154,7 @@ class Kernel:
         self.memory.start()
         self.storage.start()
         self.tools.start()
+        self._start_http()
         signal.signal(signal.SIGTERM, self._on_stop_signal)
         signal.signal(signal.SIGINT, self._on_stop_signal)
         self._write_admin_token()
@@ -164,6 +171,21 @@ class Kernel:
         self.procs.record_token(token)
         self.audit.append("kernel", "grant", subject=f"user:{uid}", rules=["*"], to="admin.token")
         write_private(self.state.admin_token_path, (token + "\n").encode())
+
+    def _start_http(self) -> None:
+        """The HTTP front end (`--http HOST:PORT`), off by default; its address goes to
+        `run/http` so clients of port 0 find it."""
+        if not self.config.http:
+            return
+        from kernel.http.server import HttpServer
+
+        try:
+            self.http = HttpServer(self, self.config.http)
+            self.http.start_serving()
+        except (OSError, ValueError) as exc:
+            raise StateError(str(exc)) from None
+        host = self.http.server.config.host
+        write_private(self.state.run / "http", f"{host}:{self.http.port()}\n".encode())
 
     def _on_stop_signal(self, signum: int, _frame: Any) -> None:
         self._stop_requests += 1
@@ -227,6 +249,8 @@ class Kernel:
         return max(0, int(horizon * 1000))
 
     def _shutdown(self) -> None:
+        if self.http is not None:
+            self.http.stop()
         self.llm.stop()
         self.memory.stop()
         self.tools.stop()
@@ -314,12 +338,12 @@ class Kernel:
         if len(frames) != 2:
             self._send_error(route, 0, abi.ErrorCode.EINVAL, "expected exactly one frame")
             return
-        self.execute(route, user, frames[1].bytes)
+        self.submit(route, user, frames[1].bytes)
 
-    def execute(self, route: bytes, user: str, data: bytes) -> bool:
-        """The path of every syscall, whichever door it came through (the ROUTER or a ring):
-        decode, check access, run the handler in its savepoint; its reply joins the batch's
-        outbox. `user` is the attested principal. False if `data` is not a request."""
+    def submit(self, route: bytes, user: str, data: bytes) -> bool:
+        """A request's bytes from an attested principal, whichever door they came through (the
+        ROUTER, a ring, the tcp:// endpoint): decode, then `execute`. False if `data` is not a
+        request."""
         try:
             req = abi.decode_request(data)
         except abi.AbiError as exc:
@@ -334,6 +358,14 @@ class Kernel:
         if caller is None:
             self._send_error(route, req.id, abi.ErrorCode.EPERM, f"{user} is not running")
             return True
+        self.execute(route, req, caller)
+        return True
+
+    def execute(self, route: bytes, req: abi.Request, caller: Caller) -> None:
+        """Check and run one decoded syscall of a known name for an authenticated caller, in
+        its savepoint; its reply joins the batch's outbox. Every door comes through here: the
+        ones above, and the HTTP front end (`kernel/http/`)."""
+        entry = SYSCALLS[req.call]
         call = Call(route, req.id, req.call, caller, req.timeout_ms)
         self.db.begin_call()
         failed = True
@@ -356,7 +388,6 @@ class Kernel:
             self.fail(call, abi.ErrorCode.EIO, "internal kernel error (logged)")
         finally:
             self.db.end_call(ok=not failed)  # a kernel bug halfway leaves no writes behind
-        return True
 
     def _caller(self, user: str) -> Caller | None:
         kind, _, ident = user.partition(":")
@@ -387,6 +418,7 @@ class Kernel:
             return
         frame = abi.encode(abi.Reply(call.id, msgspec.Raw(abi.encode(result))))
         call.done = True
+        self.accounts.done(call, result)
         self.parked.discard(call)
         for settle in call.on_reply:
             settle(result)
@@ -396,6 +428,7 @@ class Kernel:
         if call.done:
             return
         call.done = True
+        self.accounts.failed(call, code)
         self.parked.discard(call)
         for cancel in call.on_cancel:
             cancel()
@@ -421,6 +454,10 @@ class Kernel:
         self.audit.anchor()
         outbox, self.outbox = self.outbox, []
         for frames in outbox:
+            sink = self.sinks.get(frames[0])
+            if sink is not None:
+                sink(frames[1])
+                continue
             if self.rings.deliver(frames[0], frames[1]) or self.remote.deliver(*frames):
                 continue
             try:

@@ -141,7 +141,7 @@ class Remote:
             self.k._send_error(route, abi.request_id_of(data), abi.ErrorCode.EPERM,
                                f"{user}: key no longer registered")
             return
-        self.k.execute(route, user, data)
+        self.k.submit(route, user, data)
 
     def deliver(self, route: bytes, frame: bytes) -> bool:
         """Send a reply if `route` is a remote peer's; False for other routes."""

@@ -148,7 +148,7 @@ class Rings:
             self.k.counts["ring.entries"] += len(payloads)
         for payload in payloads:
             try:
-                ok = self.k.execute(ring.route, ring.principal, payload)
+                ok = self.k.submit(ring.route, ring.principal, payload)
             except Exception:  # the last line of defence, as for the ROUTER
                 log.exception("ring dispatch failed", extra={"agent": ring.agent_id})
                 continue

@@ -51,7 +51,8 @@ def sys_stats(k: Kernel, call: Call, args: abi.NoArgs) -> abi.Stats:
                      uptime_s=round(time.time() - k.started_at, 3),
                      agents_running=k.procs.running_count(), calls_parked=len(k.parked),
                      syscalls=dict(k.counts), models=k.llm.stats(),
-                     errors=dict(k.errors), memory=k.memory.stats())
+                     errors=dict(k.errors), memory=k.memory.stats(),
+                     **k.accounts.snapshot())
 
 
 def proc_spawn(k: Kernel, call: Call, args: abi.SpawnArgs) -> int:

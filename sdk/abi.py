@@ -244,6 +244,18 @@ class Message(msgspec.Struct, frozen=True):
     sent_at: float
 
 
+# Upper bounds (seconds) of the syscall latency histogram buckets; a last bucket is +Inf.
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                   0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class Latency(msgspec.Struct, frozen=True):
+    """One syscall family's latency histogram: counts per LATENCY_BUCKETS bucket, +Inf last."""
+
+    buckets: list[int]
+    sum_s: float
+
+
 class Stats(msgspec.Struct, frozen=True):
     version: str
     abi: int
@@ -255,6 +267,10 @@ class Stats(msgspec.Struct, frozen=True):
     errors: dict[str, int]
     models: dict[str, dict[str, float]] = {}  # per model: queue, batch, KV and engine counters
     memory: dict[str, float] = {}  # the memory manager's RAM tier and embedding counters
+    latency: dict[str, Latency] = {}  # per syscall family
+    denials: dict[str, int] = {}  # access-check refusals (EPERM) per syscall family
+    callers: dict[str, dict[str, float]] = {}  # per principal: syscalls, errors, tokens used
+    llm_usage: dict[str, dict[str, float]] = {}  # per model: calls, tokens, tokens_per_s
 
 
 # --- remote agents (CURVE keys on the kernel's tcp:// endpoint) ----------------------------

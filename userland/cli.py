@@ -248,6 +248,9 @@ def parser() -> argparse.ArgumentParser:
     from userland.tool_cli import add_commands as add_tool_commands
 
     add_tool_commands(sub)
+    from userland import top
+
+    top.add_commands(sub)
     return p
 
 

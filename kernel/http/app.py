@@ -1,0 +1,212 @@
+"""The HTTP routes: OpenAI-compatible `/v1/*`, AIOS-compatible `/query`, Prometheus `/metrics`.
+
+Every route authenticates with a capability token (`Authorization: Bearer <token>`, or for
+AIOS's SDK, which sends no headers, the base-URL prefix `/aios/<token>`) and does its work as
+syscalls through the `Bridge`, so the token's rules decide: `llm.chat@llm/smollm2` lets a
+client chat with that model and no other; `/metrics` needs `sys.stats`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from kernel.http import aios, openai
+from kernel.http.bridge import Bridge, Failed, Refused, final
+from kernel.http.metrics import render
+from sdk import abi
+
+if TYPE_CHECKING:
+    from kernel.core import Kernel
+
+log = logging.getLogger("kernel.http")
+
+# Syscall error codes as HTTP statuses.
+STATUS = {abi.ErrorCode.EPERM: 403, abi.ErrorCode.ENOENT: 404, abi.ErrorCode.EINVAL: 400,
+          abi.ErrorCode.EAGAIN: 503, abi.ErrorCode.EBUSY: 409, abi.ErrorCode.ENOSYS: 501,
+          abi.ErrorCode.EQUOTA: 429, abi.ErrorCode.ETIMEDOUT: 504,
+          abi.ErrorCode.ECANCELED: 499, abi.ErrorCode.EIO: 500}
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
+               403: "permission_error", 404: "not_found_error", 429: "rate_limit_error",
+               501: "not_implemented_error", 503: "service_unavailable"}
+
+
+def refusal(exc: Refused | Failed) -> Refused:
+    if isinstance(exc, Refused):
+        return exc
+    code = abi.ErrorCode(exc.code) if exc.code in abi.ErrorCode._value2member_map_ else None
+    status = STATUS.get(code, 500) if code is not None else 500
+    name = code.name if code is not None else str(exc.code)
+    return Refused(status, exc.message, "model_not_found" if status == 404 else name)
+
+
+def error_body(exc: Refused) -> dict[str, Any]:
+    """OpenAI's error object."""
+    return {"error": {"message": exc.message,
+                      "type": ERROR_TYPES.get(exc.status, "server_error"),
+                      "param": exc.param, "code": exc.code}}
+
+
+def openai_error(exc: Refused | Failed) -> JSONResponse:
+    r = refusal(exc)
+    headers = {"WWW-Authenticate": "Bearer"} if r.status == 401 else None
+    return JSONResponse(error_body(r), status_code=r.status, headers=headers)
+
+
+def bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, value = header.partition(" ")
+    return value.strip() or None if scheme.lower() == "bearer" else None
+
+
+async def disconnected(request: Request) -> None:
+    """Returns when the client goes away (the body has been read, so nothing else arrives)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def json_body(request: Request) -> Any:
+    raw = await request.body()
+    try:
+        return json.loads(raw)
+    except ValueError as exc:  # JSONDecodeError and bad UTF-8 alike
+        raise Refused(400, f"malformed JSON body: {exc}", "invalid_json") from None
+
+
+class Routes:
+    def __init__(self, kernel: Kernel) -> None:
+        self.k = kernel
+        self.bridge = Bridge(kernel)
+
+    def app(self) -> Starlette:
+        return Starlette(routes=[
+            Route("/v1/models", self.list_models, methods=["GET"]),
+            Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+            Route("/v1/embeddings", self.embeddings, methods=["POST"]),
+            Route("/query", self.query, methods=["POST"]),
+            Route("/aios/{token}/query", self.query, methods=["POST"]),
+            Route("/metrics", self.metrics, methods=["GET"]),
+        ])
+
+    # --- OpenAI ------------------------------------------------------------------------------
+
+    async def list_models(self, request: Request) -> Response:
+        try:
+            infos = await self.bridge.call(bearer(request), "llm.models", None,
+                                           list[abi.ModelInfo])
+        except (Refused, Failed) as exc:
+            return openai_error(exc)
+        return JSONResponse(openai.models(infos, self.k.started_at))
+
+    async def chat_completions(self, request: Request) -> Response:
+        token = bearer(request)
+        try:
+            body = await json_body(request)
+            args = openai.chat_args(body)
+        except Refused as exc:
+            return openai_error(exc)
+        cid = openai.completion_id()
+        if not body.get("stream"):
+            try:
+                result = await self.bridge.call(token, "llm.chat", args, abi.ChatResult,
+                                                gone=disconnected(request))
+            except (Refused, Failed) as exc:
+                return openai_error(exc)
+            return JSONResponse(openai.completion(cid, result))
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        ex = self.bridge.open(token, "llm.chat", args)
+        # Wait until the call is admitted, so a refusal is still a proper HTTP status.
+        first = await self.bridge.accepted(ex)
+        if first is not None:
+            self.bridge.close(ex)
+            try:
+                result = final(first, abi.ChatResult)
+            except (Refused, Failed) as exc:
+                return openai_error(exc)
+            return StreamingResponse(self._replay(cid, result, include_usage),
+                                     media_type="text/event-stream")
+        model = args.model or self.k.config.default_model or ""
+        return StreamingResponse(self._stream(ex, cid, model, include_usage),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+    async def _replay(self, cid: str, result: abi.ChatResult,
+                      include_usage: bool) -> AsyncIterator[bytes]:
+        yield openai.chunk(cid, result.model, {"role": "assistant", "content": ""})
+        for event in openai.final_chunks(cid, result, include_usage, content_sent=False):
+            yield event
+
+    async def _stream(self, ex: Any, cid: str, model: str,
+                      include_usage: bool) -> AsyncIterator[bytes]:
+        """Server-sent events; a client that disconnects cancels the generation (Starlette
+        cancels this generator, and `finally` closes the call's route)."""
+        try:
+            yield openai.chunk(cid, model, {"role": "assistant", "content": ""})
+            sent = False
+            async for item in self.bridge.events(ex, abi.ChatDelta, abi.ChatResult):
+                if isinstance(item, abi.ChatDelta):
+                    if item.text:
+                        sent = True
+                        yield openai.chunk(cid, model, {"content": item.text})
+                    continue
+                for event in openai.final_chunks(cid, item, include_usage, content_sent=sent):
+                    yield event
+        except (Refused, Failed) as exc:
+            yield b"data: " + json.dumps(error_body(refusal(exc))).encode() + b"\n\n"
+        finally:
+            self.bridge.close(ex)
+
+    async def embeddings(self, request: Request) -> Response:
+        token = bearer(request)
+        try:
+            # Authenticate before saying what is missing, so the door tells strangers nothing.
+            await self.bridge.authenticate(token)
+            await json_body(request)
+        except (Refused, Failed) as exc:
+            return openai_error(exc)
+        return openai_error(Refused(
+            501, "embeddings need the memory manager's MiniLM embedding syscall, which this "
+            "kernel does not have yet", "not_implemented"))
+
+    # --- AIOS --------------------------------------------------------------------------------
+
+    async def query(self, request: Request) -> Response:
+        token = request.path_params.get("token") or bearer(request)
+        query_type = "llm"
+        try:
+            body = await json_body(request)
+            if not isinstance(body, dict):
+                raise Refused(400, "the request body must be a JSON object")
+            query_type = body.get("query_type")
+            if query_type not in aios.QUERY_TYPES:
+                raise Refused(400, f"query_type must be one of {', '.join(aios.QUERY_TYPES)}")
+            if query_type != "llm":
+                await self.bridge.authenticate(token)
+                raise Refused(501, f"{query_type} queries need the kernel's {query_type} "
+                              "manager, which this kernel does not have yet")
+            args = aios.llm_args(body.get("query_data"), self.k.config.models)
+            started = time.time()
+            result = await self.bridge.call(token, "llm.chat", args, abi.ChatResult,
+                                            gone=disconnected(request))
+        except (Refused, Failed) as exc:
+            r = refusal(exc)
+            return JSONResponse(aios.error_response(str(query_type), r.status, r.message),
+                                status_code=r.status)
+        return JSONResponse(aios.llm_response(result, started))
+
+    # --- metrics -----------------------------------------------------------------------------
+
+    async def metrics(self, request: Request) -> Response:
+        try:
+            stats = await self.bridge.call(bearer(request), "sys.stats", None, abi.Stats)
+        except (Refused, Failed) as exc:
+            return openai_error(exc)
+        return Response(render(stats), media_type="text/plain; version=0.0.4; charset=utf-8")

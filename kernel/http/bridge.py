@@ -1,0 +1,225 @@
+"""HTTP requests into ordinary syscalls: the front end's thread hands each one to the loop.
+
+The loop thread is the only one that touches kernel state, so a request crosses with
+`Kernel.post` and enters `Kernel.execute`, the same path a ROUTER message takes after decoding:
+the same access check (`Guard`), scheduler, audit and accounting. Each HTTP call gets a route
+of its own that no ZeroMQ peer can hold (`\\0http` + 8 bytes; libzmq's own routing ids are 5
+bytes and peers may not choose ids that start with a zero byte), and the loop delivers that
+route's reply frames to a sink instead of the ROUTER, after the batch commits, like any reply.
+A route is a connection: a client that goes away fails its parked call (`ECANCELED`), which
+cancels the generation, just as when an agent dies.
+
+The HTTP caller's principal is `http:<name>`, the `http:` audience of its token: over HTTP the
+bearer token is the only credential, so only tokens minted for the HTTP door (an `http:`
+audience, `agentos token mint`) are accepted there, and tokens bound to an agent or a local
+user cannot be replayed over HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from kernel.access.tokens import TokenError
+from sdk import abi
+
+if TYPE_CHECKING:
+    from kernel.core import Kernel
+
+HTTP_AUDIENCE = "http:"
+_ACCEPTED = object()  # the call passed its checks and is parked (a generation in flight)
+
+
+class Refused(Exception):
+    """A request the front end answers with this HTTP status and message."""
+
+    def __init__(self, status: int, message: str, code: str | None = None,
+                 param: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.param = param
+
+
+@dataclass(eq=False)
+class Exchange:
+    """One syscall made over HTTP: its route and the frames the loop delivers for it."""
+
+    route: bytes
+    aloop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
+    finished: bool = False
+
+    def put(self, item: Any) -> None:
+        """From the loop thread: hand a frame (or a marker) to the HTTP thread."""
+        try:
+            self.aloop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:
+            pass  # the HTTP loop has closed (shutdown); nobody is waiting any more
+
+    async def next(self) -> Any:
+        """The next delivery: `_ACCEPTED`, a `Chunk`, a final `Reply`/`Error`, or a `Refused`."""
+        item = await self.queue.get()
+        if isinstance(item, bytes):
+            item = abi.decode_response(item)
+            if not isinstance(item, abi.Chunk):
+                self.finished = True
+        elif isinstance(item, Refused):
+            self.finished = True
+        return item
+
+
+class Bridge:
+    def __init__(self, kernel: Kernel) -> None:
+        self.k = kernel
+        self._routes = itertools.count(1)  # used on the HTTP thread only
+
+    # --- the HTTP thread's side --------------------------------------------------------------
+
+    def open(self, token: str | None, name: str, args: abi.Args | None,
+             timeout_ms: int | None = None) -> Exchange:
+        """Start syscall `name` for the bearer of `token`; read the outcome from the exchange."""
+        ex = Exchange(b"\0http" + next(self._routes).to_bytes(8, "big"),
+                      asyncio.get_running_loop())
+        raw = abi.encode(args if args is not None else abi.NoArgs())
+        self.k.post(lambda: self._start(ex, token, name, raw, timeout_ms))
+        return ex
+
+    async def call(self, token: str | None, name: str, args: abi.Args | None,
+                   result_type: Any = Any, timeout_ms: int | None = None,
+                   gone: Awaitable[Any] | None = None) -> Any:
+        """One syscall to its end: the decoded result, or `Refused`/`Failed` raised. If `gone`
+        (the client's disconnect) completes first, the call is cancelled."""
+        ex = self.open(token, name, args, timeout_ms)
+        watcher = asyncio.ensure_future(gone) if gone is not None else None
+        if watcher is not None:
+            watcher.add_done_callback(lambda _: self.close(ex))
+        try:
+            while True:
+                item = await ex.next()
+                if item is _ACCEPTED or isinstance(item, abi.Chunk):
+                    continue
+                return final(item, result_type)
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+            self.close(ex)
+
+    async def authenticate(self, token: str | None) -> str:
+        """The token's HTTP principal, or `Refused(401)`: for routes that make no syscall."""
+        ex = Exchange(b"", asyncio.get_running_loop())
+
+        def check() -> None:
+            try:
+                ex.put(("principal", self.principal(token)))
+            except Refused as exc:
+                ex.put(exc)
+
+        self.k.post(check)
+        item = await ex.queue.get()
+        if isinstance(item, Refused):
+            raise item
+        return item[1]
+
+    async def events(self, ex: Exchange, chunk_type: Any,
+                     result_type: Any) -> AsyncIterator[Any]:
+        """A streamed syscall's chunks (decoded), then its final result; raises as `call`."""
+        while True:
+            item = await ex.next()
+            if item is _ACCEPTED:
+                continue
+            if isinstance(item, abi.Chunk):
+                yield abi.decode_result(item.data, chunk_type)
+                continue
+            yield final(item, result_type)
+            return
+
+    async def accepted(self, ex: Exchange) -> Any:
+        """Wait until the call is parked (None) or has already ended (its final item)."""
+        item = await ex.next()
+        return None if item is _ACCEPTED else item
+
+    def close(self, ex: Exchange) -> None:
+        """The HTTP side is done with `ex`: forget its route, cancelling the call if it still
+        runs (the client went away)."""
+        self.k.post(lambda: self._close(ex.route))
+
+    # --- the loop thread's side --------------------------------------------------------------
+
+    def principal(self, token: str | None) -> str:
+        """The HTTP principal a token stands for, or `Refused(401)`; audited like any denial."""
+        if not token:
+            raise Refused(401, "missing bearer token: send 'Authorization: Bearer <token>' "
+                          "(mint one with `agentos token mint`)", "invalid_api_key")
+        try:
+            cap = self.k.authority.verify(token)
+        except TokenError as exc:
+            self.k.guard.deny("http:?", "http.auth", None, f"invalid token: {exc.reason}")
+            raise Refused(401, f"invalid token: {exc.reason}", "invalid_api_key") from None
+        audiences = [a for a in cap.audiences if a.startswith(HTTP_AUDIENCE)]
+        if len(audiences) != 1 or len(set(cap.audiences)) != 1:
+            self.k.guard.deny("http:?", "http.auth", None, "not an HTTP token",
+                              token_id=cap.token_id)
+            raise Refused(401, "this token is not valid at the HTTP door (its audience is "
+                          f"{', '.join(cap.audiences)}); mint one with `agentos token mint`",
+                          "invalid_api_key")
+        now = time.time()
+        if (cap.expires_at is not None and now >= cap.expires_at) or (
+                cap.not_before is not None and now < cap.not_before):
+            self.k.guard.deny(audiences[0], "http.auth", None, "expired",
+                              token_id=cap.token_id)
+            raise Refused(401, "token expired or not yet valid", "invalid_api_key")
+        return audiences[0]
+
+    def _start(self, ex: Exchange, token: str | None, name: str, raw: bytes,
+               timeout_ms: int | None) -> None:
+        from kernel.core import Caller
+
+        try:
+            principal = self.principal(token)
+        except Refused as exc:
+            ex.put(exc)
+            return
+        self.k.sinks[ex.route] = ex.put
+        req = abi.Request(v=abi.ABI_VERSION, id=1, call=name, token=token or "",
+                          args=msgspec.Raw(raw), timeout_ms=timeout_ms)
+        self.k.counts[name] += 1
+        self.k.execute(ex.route, req, Caller(principal, None))
+        if self.k.find_parked(ex.route, 1) is not None:
+            ex.put(_ACCEPTED)
+
+    def _close(self, route: bytes) -> None:
+        call = self.k.find_parked(route, 1)
+        if call is None:
+            self.k.sinks.pop(route, None)
+            return
+
+        def drop(frame: bytes) -> None:  # the cancellation's own error frame: nobody reads it
+            self.k.sinks.pop(route, None)
+
+        self.k.sinks[route] = drop
+        self.k.fail(call, abi.ErrorCode.ECANCELED, "the HTTP client went away")
+
+
+class Failed(Exception):
+    """A syscall that ended with an error code."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def final(item: Any, result_type: Any) -> Any:
+    if isinstance(item, Refused):
+        raise item
+    if isinstance(item, abi.Error):
+        raise Failed(item.code, item.message)
+    return abi.decode_result(item.result, result_type)

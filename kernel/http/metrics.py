@@ -1,0 +1,95 @@
+"""`GET /metrics`: a `sys.stats` snapshot in Prometheus's text format (prometheus-client)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+
+from sdk import abi
+
+
+class _Snapshot:
+    """A one-shot collector over one `Stats`: every scrape reads the kernel afresh."""
+
+    def __init__(self, stats: abi.Stats) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.stats
+        yield GaugeMetricFamily("agentos_uptime_seconds", "Seconds since the kernel booted",
+                                value=s.uptime_s)
+        yield GaugeMetricFamily("agentos_agents_running", "Agents running", value=s.agents_running)
+        yield GaugeMetricFamily("agentos_calls_parked", "Syscalls waiting for an event",
+                                value=s.calls_parked)
+        calls = CounterMetricFamily("agentos_syscalls", "Syscalls received", labels=["call"])
+        for name, n in sorted(s.syscalls.items()):
+            if not name.startswith("llm.model."):
+                calls.add_metric([name], n)
+        yield calls
+        errors = CounterMetricFamily("agentos_syscall_errors", "Syscalls answered with an error",
+                                     labels=["code"])
+        for code, n in sorted(s.errors.items()):
+            errors.add_metric([code], n)
+        yield errors
+        denials = CounterMetricFamily("agentos_denials", "Syscalls refused by the access check "
+                                      "(EPERM)", labels=["family"])
+        for family, n in sorted(s.denials.items()):
+            denials.add_metric([family], n)
+        yield denials
+        latency = HistogramMetricFamily("agentos_syscall_duration_seconds",
+                                        "Syscall latency, receipt to reply", labels=["family"])
+        for family, hist in sorted(s.latency.items()):
+            cumulative, buckets = 0, []
+            for bound, n in zip((*abi.LATENCY_BUCKETS, float("inf")), hist.buckets, strict=True):
+                cumulative += n
+                buckets.append((repr(bound) if bound != float("inf") else "+Inf", cumulative))
+            latency.add_metric([family], buckets, hist.sum_s)
+        yield latency
+        yield from self._llm()
+
+    def _llm(self) -> Iterator[Metric]:
+        s = self.stats
+        rate = GaugeMetricFamily("agentos_llm_tokens_per_second",
+                                 "Completion tokens per second over the last 10 s",
+                                 labels=["model"])
+        tokens = CounterMetricFamily("agentos_llm_tokens", "Tokens processed",
+                                     labels=["model", "kind"])
+        requests = CounterMetricFamily("agentos_llm_requests", "llm.chat calls completed",
+                                       labels=["model"])
+        for model, u in sorted(s.llm_usage.items()):
+            rate.add_metric([model], u.get("tokens_per_s", 0.0))
+            for kind in ("prompt", "completion", "cached"):
+                tokens.add_metric([model, kind], u.get(f"{kind}_tokens", 0))
+            requests.add_metric([model], u.get("calls", 0))
+        yield from (rate, tokens, requests)
+        queue = GaugeMetricFamily("agentos_llm_queue", "Generations by state", labels=[
+            "model", "state"])
+        preempt = CounterMetricFamily("agentos_llm_preemptions", "Generations switched out",
+                                      labels=["model", "reason"])
+        kv = GaugeMetricFamily("agentos_llm_kv_bytes", "KV cache bytes held", labels=["model"])
+        for model, m in sorted(s.models.items()):
+            for state, key in (("waiting", "queued"), ("waiting", "waiting"),
+                               ("running", "running"), ("running", "in_flight"),
+                               ("preempted", "preempted")):
+                if key in m:
+                    queue.add_metric([model, state], m[key])
+            if "preemptions" in m:
+                preempt.add_metric([model, "schedule"], m["preemptions"])
+            if "memory_preemptions" in m:
+                preempt.add_metric([model, "memory"], m["memory_preemptions"])
+            if "kv_bytes" in m:
+                kv.add_metric([model], m["kv_bytes"])
+        yield from (queue, preempt, kv)
+
+
+def render(stats: abi.Stats) -> bytes:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Snapshot(stats))
+    return generate_latest(registry)

@@ -1,0 +1,189 @@
+"""OpenAI's chat-completions wire format to and from the `llm.chat` ABI.
+
+Requests are validated here, at the edge: anything the kernel cannot honour is a 400 that names
+the field, never silently dropped (unlike AIOS's `/query`, which lost temperature and
+response_format). Omitted sampling fields take OpenAI's defaults (temperature 1, top_p 1).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from typing import Any
+
+import msgspec
+
+from kernel.http.bridge import Refused
+from sdk import abi
+
+_IGNORED = {"user", "store", "metadata", "logprobs", "top_logprobs", "frequency_penalty",
+            "presence_penalty", "logit_bias", "parallel_tool_calls", "service_tier",
+            "stream_options", "reasoning_effort", "modalities", "prediction"}
+
+
+def bad(message: str, param: str | None = None) -> Refused:
+    return Refused(400, message, "invalid_request", param)
+
+
+def _content(value: Any, where: str) -> str | None:
+    """Message content: a string, or a list of text parts (other parts are refused)."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        texts = []
+        for part in value:
+            if not isinstance(part, dict) or part.get("type") != "text":
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise bad(f"{where}: content part of type {kind!r} is not supported (text only)")
+            texts.append(str(part.get("text", "")))
+        return "".join(texts)
+    raise bad(f"{where}: content must be a string or a list of text parts")
+
+
+def _message(raw: Any, i: int) -> dict[str, Any]:
+    where = f"messages[{i}]"
+    if not isinstance(raw, dict):
+        raise bad(f"{where} must be an object")
+    role = raw.get("role")
+    if role == "developer":
+        role = "system"
+    if role not in ("system", "user", "assistant", "tool"):
+        raise bad(f"{where}.role must be system, developer, user, assistant or tool, "
+                  f"not {role!r}")
+    out: dict[str, Any] = {"role": role, "content": _content(raw.get("content"), where)}
+    for key in ("tool_call_id", "name"):
+        if raw.get(key) is not None:
+            out[key] = raw[key]
+    if raw.get("tool_calls"):
+        out["tool_calls"] = [{"id": c.get("id", ""), "type": "function",
+                              "function": {"name": c.get("function", {}).get("name", ""),
+                                           "arguments": c.get("function", {}).get(
+                                               "arguments", "{}")}}
+                             for c in raw["tool_calls"] if isinstance(c, dict)]
+    return out
+
+
+def chat_args(body: Any) -> abi.ChatArgs:
+    """The `llm.chat` arguments for an OpenAI chat-completions request body."""
+    if not isinstance(body, dict):
+        raise bad("the request body must be a JSON object")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad("'messages' must be a non-empty list", "messages")
+    if body.get("n", 1) != 1:
+        raise bad("only n=1 is supported", "n")
+    unknown = sorted(set(body) - _IGNORED - {
+        "model", "messages", "temperature", "top_p", "top_k", "max_tokens",
+        "max_completion_tokens", "stop", "seed", "response_format", "tools", "tool_choice",
+        "stream", "n", "priority"})
+    if unknown:
+        raise bad(f"unsupported fields: {', '.join(unknown)}", unknown[0])
+    args: dict[str, Any] = {"messages": [_message(m, i) for i, m in enumerate(messages)]}
+    model = body.get("model")
+    if model not in (None, "", "default"):
+        args["model"] = model
+    args["temperature"] = 1.0 if body.get("temperature") is None else body["temperature"]
+    for key in ("top_p", "top_k", "seed", "priority"):
+        if body.get(key) is not None:
+            args[key] = body[key]
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is not None:
+        args["max_tokens"] = max_tokens
+    stop = body.get("stop")
+    if stop is not None:
+        args["stop"] = [stop] if isinstance(stop, str) else stop
+    fmt = body.get("response_format")
+    if fmt is not None:
+        kind = fmt.get("type") if isinstance(fmt, dict) else None
+        if kind not in ("text", "json_object", "json_schema"):
+            raise bad("response_format.type must be text, json_object or json_schema",
+                      "response_format")
+        # json_schema is honoured as a JSON object; the schema itself is not enforced.
+        args["response_format"] = "text" if kind == "text" else "json"
+    tools = body.get("tools")
+    if tools:
+        if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+            raise bad("'tools' must be a list of objects", "tools")
+        choice = body.get("tool_choice", "auto")
+        if isinstance(choice, dict):
+            wanted = (choice.get("function") or {}).get("name")
+            tools = [t for t in tools if (t.get("function") or t).get("name") == wanted]
+            if not tools:
+                raise bad(f"tool_choice names {wanted!r}, which is not in 'tools'",
+                          "tool_choice")
+            choice = "required"
+        args["tools"], args["tool_choice"] = tools, choice
+    args["stream"] = bool(body.get("stream", False)) and not tools
+    try:
+        return msgspec.convert(args, abi.ChatArgs)
+    except msgspec.ValidationError as exc:
+        raise bad(f"invalid request: {exc}") from None
+
+
+def completion_id() -> str:
+    return f"chatcmpl-{secrets.token_hex(12)}"
+
+
+def _usage(usage: abi.Usage) -> dict[str, Any]:
+    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": usage.cached_tokens}}
+
+
+def _tool_calls(calls: list[abi.ToolCall]) -> list[dict[str, Any]]:
+    return [{"id": c.id, "type": "function",
+             "function": {"name": c.function.name, "arguments": c.function.arguments}}
+            for c in calls]
+
+
+def _finish(reason: str) -> str:
+    return reason if reason in ("stop", "length", "tool_calls") else "stop"
+
+
+def completion(cid: str, result: abi.ChatResult) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": result.message.content}
+    if result.message.tool_calls:
+        message["tool_calls"] = _tool_calls(result.message.tool_calls)
+    return {"id": cid, "object": "chat.completion", "created": int(time.time()),
+            "model": result.model, "system_fingerprint": "agentos",
+            "choices": [{"index": 0, "message": message, "logprobs": None,
+                         "finish_reason": _finish(result.finish_reason)}],
+            "usage": _usage(result.usage)}
+
+
+def chunk(cid: str, model: str, delta: dict[str, Any], finish: str | None = None,
+          usage: abi.Usage | None = None) -> bytes:
+    """One server-sent event of a streamed completion."""
+    body: dict[str, Any] = {
+        "id": cid, "object": "chat.completion.chunk", "created": int(time.time()),
+        "model": model, "system_fingerprint": "agentos",
+        "choices": [] if usage is not None else [
+            {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+    if usage is not None:
+        body["usage"] = _usage(usage)
+    return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+
+def final_chunks(cid: str, result: abi.ChatResult, include_usage: bool,
+                 content_sent: bool) -> list[bytes]:
+    """The events that end a stream: any content or tool calls not yet sent, the finish
+    reason, the usage if asked for, and `[DONE]`."""
+    events = []
+    if result.message.tool_calls:
+        events.append(chunk(cid, result.model, {"tool_calls": [
+            {"index": i, **call} for i, call in enumerate(_tool_calls(
+                result.message.tool_calls))]}))
+    elif not content_sent and result.message.content:
+        events.append(chunk(cid, result.model, {"content": result.message.content}))
+    events.append(chunk(cid, result.model, {}, _finish(result.finish_reason)))
+    if include_usage:
+        events.append(chunk(cid, result.model, {}, usage=result.usage))
+    events.append(b"data: [DONE]\n\n")
+    return events
+
+
+def models(infos: list[abi.ModelInfo], created: float) -> dict[str, Any]:
+    return {"object": "list", "data": [
+        {"id": m.name, "object": "model", "created": int(created), "owned_by": "agentos",
+         "backend": m.backend, "default": m.default} for m in infos]}

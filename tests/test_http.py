@@ -1,0 +1,345 @@
+"""The HTTP front doors against a booted kernel with a tiny model: the official `openai` client
+(sync and streaming), AIOS's `aios-agent-sdk` client, auth failures, malformed bodies, a client
+that leaves mid-stream, /metrics, kernel A using kernel B as a remote model, and `agentos top`
+under tmux."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx2 as httpx  # what the openai client itself uses
+import openai
+import pytest
+
+from kernel.access.tokens import attenuate
+from tests.conftest import ROOT, KernelProcess, wait_until
+from tests.tinymodel import tiny_model, tiny_tokenizer
+
+HELLO = [{"role": "user", "content": "hello there"}]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    tiny_model(seed=0).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def web(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> Iterator[KernelProcess]:
+    k = KernelProcess(tmp_path_factory.mktemp("web") / "state")
+    k.extra_args = ["--model", f"tiny={tiny_dir}", "--preload", "--http", "127.0.0.1:0"]
+    k.start()
+    yield k
+    assert k.stop() == 0
+
+
+def base_url(k: KernelProcess) -> str:
+    return f"http://{(k.state_dir / 'run' / 'http').read_text().strip()}"
+
+
+def mint(k: KernelProcess, *caps: str, name: str = "alice", ttl: float | None = None) -> str:
+    args = ["token", "mint", "--for", f"http:{name}", *(f"--cap={c}" for c in caps)]
+    if ttl is not None:
+        args += ["--ttl", str(ttl)]
+    out = k.cli(*args)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def key(web: KernelProcess) -> str:
+    return mint(web, "llm.*", "sys.stats")
+
+
+@pytest.fixture(scope="module")
+def client(web: KernelProcess, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=base_url(web) + "/v1", api_key=key, max_retries=0)
+
+
+def test_openai_client_chat_equals_the_sdk_path(web: KernelProcess,
+                                                 client: openai.OpenAI) -> None:
+    (model,) = client.models.list().data
+    assert model.id == "tiny"
+    reply = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=12,
+                                           temperature=0)
+    with web.connect() as conn:
+        direct = conn.llm.chat(HELLO, max_tokens=12)
+    assert reply.choices[0].message.content == direct.message.content
+    assert reply.choices[0].finish_reason == direct.finish_reason
+    assert reply.usage.completion_tokens == direct.usage.completion_tokens
+    with web.connect() as conn:
+        callers = conn.sys.stats().callers
+    assert callers["http:alice"]["completion_tokens"] >= direct.usage.completion_tokens
+
+
+def test_openai_client_streams_the_same_text(client: openai.OpenAI) -> None:
+    whole = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=16,
+                                           temperature=0.8, seed=3)
+    stream = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=16,
+                                            temperature=0.8, seed=3, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_json_mode_and_tool_calls(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=24,
+                                           response_format={"type": "json_object"})
+    assert isinstance(json.loads(reply.choices[0].message.content), dict)
+    tool = {"type": "function", "function": {"name": "lookup", "description": "look up",
+                                             "parameters": {"type": "object", "properties": {
+                                                 "q": {"type": "string"}}}}}
+    # A random model names no tool, but `required` runs in JSON mode: the reply parses.
+    reply = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=48,
+                                           tools=[tool], tool_choice="required", temperature=0)
+    message = reply.choices[0].message
+    assert message.tool_calls or isinstance(json.loads(message.content), dict)
+
+
+def test_tool_calls_in_openai_shape() -> None:
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+    from kernel.http import openai as wire
+    from sdk import abi
+
+    call = abi.ToolCall(id="call_1", function=abi.FunctionCall("lookup", '{"q": "x"}'))
+    result = abi.ChatResult(model="tiny", message=abi.ChatMessage(
+        role="assistant", tool_calls=[call]), finish_reason="tool_calls",
+        usage=abi.Usage(5, 7))
+    whole = ChatCompletion.model_validate(wire.completion("chatcmpl-1", result))
+    (got,) = whole.choices[0].message.tool_calls
+    assert (got.id, got.function.name, got.function.arguments) == (
+        "call_1", "lookup", '{"q": "x"}')
+    assert whole.choices[0].finish_reason == "tool_calls" and whole.usage.total_tokens == 12
+    events = wire.final_chunks("chatcmpl-1", result, include_usage=True, content_sent=False)
+    assert events[-1] == b"data: [DONE]\n\n"
+    chunks = [ChatCompletionChunk.model_validate_json(e[6:]) for e in events[:-1]]
+    assert chunks[0].choices[0].delta.tool_calls[0].function.name == "lookup"
+    assert chunks[1].choices[0].finish_reason == "tool_calls"
+    assert chunks[2].usage.completion_tokens == 7
+    args = wire.chat_args({"messages": HELLO, "tools": [{"type": "function", "function": {
+        "name": "a"}}, {"type": "function", "function": {"name": "b"}}],
+        "tool_choice": {"type": "function", "function": {"name": "b"}}, "stop": "END",
+        "response_format": {"type": "json_schema", "json_schema": {}}, "stream": True})
+    assert [t["function"]["name"] for t in args.tools] == ["b"]
+    assert args.tool_choice == "required" and args.stop == ["END"]
+    assert args.response_format == "json" and not args.stream  # tools: answered whole
+
+
+def test_auth_failures_are_401_and_403(web: KernelProcess, key: str) -> None:
+    url = base_url(web) + "/v1"
+    cases = {
+        key[:-3] + ("AAA" if not key.endswith("AAA") else "BBB"): openai.AuthenticationError,
+        (web.state_dir / "admin.token").read_text().strip(): openai.AuthenticationError,
+        mint(web, "llm.chat@llm/other", name="carol"): openai.PermissionDeniedError,
+        mint(web, "llm.chat", name="dave", ttl=0.001): openai.AuthenticationError,
+        # Attenuated offline by its holder: still an HTTP key, now only for another model.
+        attenuate(key, ("allow", [["llm.chat", "llm/other"]])): openai.PermissionDeniedError,
+    }
+    for token, error in cases.items():
+        c = openai.OpenAI(base_url=url, api_key=token, max_retries=0)
+        with pytest.raises(error) as info:
+            c.chat.completions.create(model="tiny", messages=HELLO, max_tokens=2)
+        body = info.value.body
+        assert body["message"] and body["type"] in ("authentication_error", "permission_error")
+    r = httpx.get(url + "/models")  # no token at all (the openai client insists on one)
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+    assert "Authorization: Bearer" in r.json()["error"]["message"]
+    with web.connect() as conn:
+        stats = conn.sys.stats()
+    assert stats.denials.get("llm", 0) >= 2
+
+
+def test_bad_bodies_are_400_with_a_clear_message(web: KernelProcess, key: str) -> None:
+    url = base_url(web) + "/v1/chat/completions"
+    auth = {"Authorization": f"Bearer {key}"}
+    r = httpx.post(url, content=b'{"model": "tiny", "messages": [', headers=auth)
+    assert r.status_code == 400
+    assert r.json()["error"]["message"].startswith("malformed JSON body")
+    for body, words in (({"model": "tiny"}, "'messages'"),
+                        ({"messages": HELLO, "max_tokens": -1}, "max_tokens"),
+                        ({"messages": HELLO, "n": 2}, "n=1"),
+                        ({"messages": [{"role": "wizard", "content": "x"}]}, "role"),
+                        ({"messages": HELLO, "frobnicate": 1}, "frobnicate")):
+        r = httpx.post(url, json=body, headers=auth)
+        assert r.status_code == 400, body
+        assert words in r.json()["error"]["message"]
+    r = httpx.post(url, json={"model": "nope", "messages": HELLO}, headers=auth)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    r = httpx.post(base_url(web) + "/v1/embeddings", json={"input": "x"}, headers=auth)
+    assert r.status_code == 501 and "embedding" in r.json()["error"]["message"]
+
+
+def test_client_leaving_mid_stream_cancels_its_generation(web: KernelProcess, key: str) -> None:
+    with web.connect() as conn:
+        before = conn.sys.stats().errors.get("ECANCELED", 0)
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "go on forever"}],
+            "max_tokens": 3000, "temperature": 0, "stream": True}
+    with httpx.stream("POST", base_url(web) + "/v1/chat/completions", json=body,
+                      headers={"Authorization": f"Bearer {key}"}, timeout=30) as r:
+        seen = 0
+        for line in r.iter_lines():
+            seen += '"content"' in line
+            if seen >= 3:
+                break
+
+    def cancelled() -> bool:
+        with web.connect() as conn:
+            return conn.sys.stats().errors.get("ECANCELED", 0) > before
+
+    assert wait_until(cancelled, timeout=20), web.log()[-2000:]
+    # Greedy, that prompt runs 271 tokens (~10 s here) before EOS; once cancelled, the worker
+    # holds no generation after the next call's last step.
+    with web.connect() as conn:
+        conn.llm.chat(HELLO, max_tokens=2)
+        assert conn.sys.stats().models["tiny"]["generations"] == 0
+        before = conn.sys.stats().errors.get("ECANCELED", 0)
+    # Not streamed: the client hangs up while waiting for the whole answer.
+    host, port = base_url(web)[len("http://"):].split(":")
+    payload = json.dumps({**body, "stream": False}).encode()
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Type: application/json\r\nAuthorization: Bearer "
+                     + key.encode() + b"\r\nContent-Length: " + str(len(payload)).encode()
+                     + b"\r\n\r\n" + payload)
+        assert wait_until(lambda: _generations(web) > 0, timeout=10)
+    assert wait_until(cancelled, timeout=20), web.log()[-2000:]
+
+
+def _generations(k: KernelProcess) -> float:
+    with k.connect() as conn:
+        return conn.sys.stats().models.get("tiny", {}).get("generations", 0)
+
+
+def test_aios_sdk_llm_chat_with_the_token_in_the_base_url(web: KernelProcess) -> None:
+    requests = pytest.importorskip("requests")
+    pytest.importorskip("cerebrum")
+    from cerebrum.client import Cerebrum
+    from cerebrum.llm.communication import LLMQuery
+
+    class Query(LLMQuery):  # the PyPI release's query plus `llms`, as AIOS's current SDK has
+        llms: list[dict[str, Any]] | None = None
+
+    token = mint(web, "llm.chat", name="aios-writer")
+    client = Cerebrum(base_url=f"{base_url(web)}/aios/{token}")
+    result = client._query_llm(agent_name="someone-else", query=Query(
+        messages=[{"role": "user", "content": "write a haiku"}], action_type="chat",
+        llms=[{"name": "gpt-4o-mini"}, {"name": "tiny", "max_tokens": 8}]))
+    response = result["response"]
+    assert response["finished"] is True and isinstance(response["response_message"], str)
+    assert response["model"] == "tiny" and response["usage"]["completion_tokens"] <= 8
+    assert set(result) >= {"start_times", "end_times", "waiting_times", "turnaround_times"}
+    with web.connect() as conn:
+        callers = conn.sys.stats().callers
+    assert "http:aios-writer" in callers and not any("someone-else" in p for p in callers)
+    # Memory, storage and tool queries need managers this kernel does not have yet.
+    with pytest.raises(requests.HTTPError) as info:
+        client._post("/query", {"query_type": "memory", "agent_name": "x",
+                                "query_data": {"messages": [], "operation_type": "add"}})
+    assert info.value.response.status_code == 501
+    assert "memory" in info.value.response.json()["detail"]
+    r = httpx.post(base_url(web) + "/query", json={"query_type": "llm", "agent_name": "x",
+                                                   "query_data": {"messages": HELLO}})
+    assert r.status_code == 401
+
+
+def test_metrics_in_prometheus_format(web: KernelProcess, key: str) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = httpx.get(base_url(web) + "/metrics", headers={"Authorization": f"Bearer {key}"})
+    assert r.status_code == 200
+    families = {f.name: f for f in text_string_to_metric_families(r.text)}
+    for name in ("agentos_syscalls", "agentos_syscall_duration_seconds", "agentos_llm_queue",
+                 "agentos_llm_tokens_per_second", "agentos_llm_preemptions",
+                 "agentos_denials"):
+        assert name in families, name
+    counts = {s.labels["call"]: s.value for s in families["agentos_syscalls"].samples
+              if s.name == "agentos_syscalls_total"}
+    assert counts["llm.chat"] >= 1
+    no_stats = mint(web, "llm.chat", name="eve")
+    r = httpx.get(base_url(web) + "/metrics", headers={"Authorization": f"Bearer {no_stats}"})
+    assert r.status_code == 403
+
+
+def test_kernel_uses_another_kernel_as_a_remote_model(web: KernelProcess, key: str,
+                                                      tmp_path: Path) -> None:
+    config = tmp_path / "a.toml"
+    config.write_text(f'[models.far]\nsource = "{base_url(web)}/v1"\nremote_model = "tiny"\n'
+                      'api_key_env = "FAR_KEY"\n')
+    a = KernelProcess(tmp_path / "a", env={"FAR_KEY": key})
+    a.extra_args = ["--config", str(config)]
+    a.start()
+    try:
+        with a.connect() as conn:
+            far = conn.llm.chat(HELLO, model="far", max_tokens=12)
+            streamed = "".join(d.text for d in conn.llm.stream(HELLO, model="far",
+                                                                 max_tokens=12))
+        with web.connect() as conn:
+            near = conn.llm.chat(HELLO, max_tokens=12)
+        assert far.message.content == near.message.content == streamed
+        assert far.usage.completion_tokens == near.usage.completion_tokens
+        # A turn that called a tool reaches B whole (the prompt would differ otherwise).
+        convo = [*HELLO, {"role": "assistant", "tool_calls": [
+            {"id": "c1", "function": {"name": "f", "arguments": '{"x": 1}'}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "42"}]
+        with a.connect() as conn:
+            far = conn.llm.chat(convo, model="far", max_tokens=8)
+        with web.connect() as conn:
+            near = conn.llm.chat(convo, max_tokens=8)
+        assert far.message.content == near.message.content
+        assert far.usage.prompt_tokens == near.usage.prompt_tokens
+    finally:
+        assert a.stop() == 0
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux")
+def test_top_renders_under_tmux_and_q_quits(web: KernelProcess) -> None:
+    session = f"agentos-top-{int(time.time() * 1000)}"
+    command = (f"{sys.executable} -m userland.cli --state-dir {web.state_dir} top "
+               "--interval 0.3")
+    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "140", "-y", "40",
+                    "-c", str(ROOT), command], check=True)
+    try:
+        def frame() -> str:
+            return subprocess.run(["tmux", "capture-pane", "-p", "-t", session],
+                                  capture_output=True, text=True).stdout
+
+        assert wait_until(lambda: "TOK/S" in frame() and "tiny" in frame(), timeout=15), frame()
+        screen = frame()
+        assert "agents" in screen and "http:alice" in screen
+        subprocess.run(["tmux", "send-keys", "-t", session, "q"], check=True)
+
+        def gone() -> bool:
+            return subprocess.run(["tmux", "has-session", "-t", session],
+                                  capture_output=True).returncode != 0
+
+        assert wait_until(gone, timeout=10)
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+
+
+def test_keys_are_never_wider_than_their_minter(web: KernelProcess) -> None:
+    from tests.conftest import agent
+
+    with web.connect() as conn:
+        aid = conn.proc.spawn(agent("keymaker"), argv=["llm.chat@llm/tiny", "llm.*", "proc.spawn",
+                                                       "nope.op"],
+                              caps=["caps.delegate", "llm.chat@llm/tiny"])
+        info = conn.proc.wait(aid, timeout=30)
+    assert info.result == {"llm.chat@llm/tiny": "ok", "llm.*": "PermissionDenied",
+                           "proc.spawn": "PermissionDenied", "nope.op": "InvalidArgument"}
+    out = web.cli("token", "mint", "--cap", "nope.op")
+    assert out.returncode == 1 and "no syscall" in out.stderr
