@@ -139,8 +139,15 @@ def test_search_sees_only_the_callers_files(tk: KernelProcess, conn: sdk.Connect
               "c = sdk.connect()\n"
               "r = c.tools.call('search', query='NEEDLE')\n"
               "c.proc.exit({'hits': r.value['hits']})\n")
-    path = tk.state_dir.parent / "searcher.py"
+    # Its own directory: an agent's code directory is mounted into its sandbox, and must not
+    # be the one that holds the kernel's state dir (the mount would hide the agent's home).
+    code = tk.state_dir.parent / "searcher"
+    code.mkdir(exist_ok=True)
+    tk.state_dir.parent.chmod(0o711)
+    code.chmod(0o755)
+    path = code / "searcher.py"
     path.write_text(script)
+    path.chmod(0o644)
     first = conn.proc.spawn(str(path), caps=["tools.call@tool/search"])
     assert conn.proc.wait(first, timeout=60).result["hits"] == [
         {"source": "files", "path": "notes.txt", "line": 2, "text": "the needle is here"}]
@@ -325,16 +332,25 @@ def test_mcp_server_mounted_and_called_from_an_agent(conn: sdk.Connection) -> No
     assert specs["demo.add"].parameters["required"] == ["a", "b"]
     assert specs["demo.add"].side_effect == "read-only"
     assert specs["demo.forget"].side_effect == "destructive"  # unannotated: MCP's default
-    out = run_agent(conn, [["demo.add", {"a": 20, "b": 22}], ["demo.add", {"a": "x"}],
-                           ["demo.whoami", {}], ["demo.forget", {}]],
-                    caps=["tools.call@tool/demo.add", "tools.call@tool/demo.whoami",
-                          "tools.call@tool/demo.forget"])
+    calls = [["demo.add", {"a": 20, "b": 22}], ["demo.add", {"a": "x"}], ["demo.whoami", {}],
+             ["demo.forget", {}]]
+    aid = conn.proc.spawn(agent("tooluser"), argv=[json.dumps(calls)],
+                          caps=["tools.call@tool/demo.add", "tools.call@tool/demo.whoami",
+                                "tools.call@tool/demo.forget"])
+    # demo.forget is destructive: held for a human, who says no.
+    assert wait_until(lambda: any(r.action == "tools.call demo.forget"
+                                  for r in conn.approvals.list()), timeout=60)
+    held = next(r for r in conn.approvals.list() if r.action == "tools.call demo.forget")
+    conn.approvals.deny(held.id, "not today")
+    info = conn.proc.wait(aid, timeout=60)
+    assert info.exit_status == 0, conn.proc.logs(aid, stream="stderr").data.decode()
+    out = info.result
     assert out[0] == {"value": {"result": 42}, "error": None}
     assert out[1]["code"] == "EINVAL"
     seen = json.loads(out[2]["value"])  # unstructured MCP content arrives as its text
     assert seen["etc_hostname"] == "blocked"  # the server runs under Landlock
     assert seen["home"].endswith("tools/mcp-demo")
-    assert out[3]["code"] == "EPERM"
+    assert out[3]["code"] == "EPERM" and "not today" in out[3]["message"]
     with pytest.raises(sdk.TimedOut):
         conn.tools.call("demo.nap", seconds=30, timeout=0.5)
     assert conn.tools.call("demo.add", a=1, b=1).value == {"result": 2}  # still serving

@@ -395,8 +395,8 @@ class ProcessTable:
 
     def _close_pump(self, pump: LogPump) -> None:
         if not pump.closed:
-            self._pumps.pop(pump.fd, None)
-            self.k.poller.unregister(pump.fd)
+            if self._pumps.pop(pump.fd, None) is not None:  # a failed start never polled it
+                self.k.poller.unregister(pump.fd)
             pump.close()
 
     def _release(self, agent_id: int, socket_dir: Path | None) -> None:

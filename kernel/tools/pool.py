@@ -71,11 +71,14 @@ class Job:
 class ToolProcess:
     """One sandboxed tool process and the kernel's end of its socket."""
 
-    def __init__(self, policy: Policy, tool_file: str, log_path: Path) -> None:
+    def __init__(self, policy: Policy, tool_file: str, log_path: Path,
+                 read_files: bool = False) -> None:
         self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         policy.keep_fds = (theirs.fileno(),)
-        argv = [sys.executable, "-I", "-c", HOST_BOOT, str(RUNTIME), str(theirs.fileno()),
-                tool_file]
+        # A tool that reads callers' files keeps the one capability that reads past their
+        # owners' permissions (agents have uids of their own); Landlock still bounds where.
+        argv = [sys.executable, "-I", "-c", HOST_BOOT, str(RUNTIME),
+                *(["--read-files"] if read_files else []), str(theirs.fileno()), tool_file]
         err = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             with Launch(policy, argv) as launch:
@@ -195,7 +198,8 @@ class ToolPool:
                 proc.kill()
             try:
                 proc = ToolProcess(self.make_policy(), self.tool_file,
-                                   self.log_dir / f"{self.manifest.name}.{slot}.log")
+                                   self.log_dir / f"{self.manifest.name}.{slot}.log",
+                                   read_files=self.manifest.reads_caller_files)
             except OSError as exc:
                 self.processes.pop(slot, None)
                 log.error("tool process did not start", extra={"tool": self.manifest.name,

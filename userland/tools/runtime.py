@@ -46,11 +46,16 @@ class CappedText(io.TextIOBase):
         return out + (f"\n[{self.dropped} more characters dropped]" if self.dropped else "")
 
 
-def drop_privileges() -> None:
+CAP_DAC_READ_SEARCH = 2
+
+
+def drop_privileges(read_files: bool = False) -> None:
     """Give up every capability for good, when the sandbox left us root (the confined tier
     keeps the kernel's uid): lock root out of regaining them at exec (securebits), empty the
     bounding and ambient sets, then the process's own. Root's file access then follows plain
-    file permissions within Landlock's grant, and rlimits can no longer be raised."""
+    file permissions within Landlock's grant, and rlimits can no longer be raised.
+    `read_files` keeps CAP_DAC_READ_SEARCH alone, for a tool that reads the calling agent's
+    files (each agent has a uid of its own); Landlock still decides where it may read."""
     if os.geteuid() != 0:
         return
     import ctypes
@@ -62,8 +67,8 @@ def drop_privileges() -> None:
     if libc.prctl(28, noroot, 0, 0, 0) != 0:  # PR_SET_SECUREBITS
         raise OSError(ctypes.get_errno(), "PR_SET_SECUREBITS")
     cap = 0
-    while libc.prctl(24, cap, 0, 0, 0) == 0:  # PR_CAPBSET_DROP, until past the last cap
-        cap += 1
+    while (cap == CAP_DAC_READ_SEARCH and read_files) or libc.prctl(24, cap, 0, 0, 0) == 0:
+        cap += 1  # PR_CAPBSET_DROP, until past the last cap
     libc.prctl(47, 4, 0, 0, 0)  # PR_CAP_AMBIENT_CLEAR_ALL
 
     class Header(ctypes.Structure):
@@ -74,12 +79,16 @@ def drop_privileges() -> None:
                     ("inheritable", ctypes.c_uint32)]
 
     header = Header(0x20080522, 0)
-    if libc.capset(ctypes.byref(header), (Data * 2)()) != 0:
+    kept = (1 << CAP_DAC_READ_SEARCH) if read_files else 0
+    want = (Data * 2)()
+    want[0].effective = want[0].permitted = kept
+    if libc.capset(ctypes.byref(header), want) != 0:
         raise OSError(ctypes.get_errno(), "capset")
     # /proc may be out of Landlock's grant: ask the kernel directly.
     now = (Data * 2)()
     if libc.capget(ctypes.byref(header), now) != 0 or any(
-            d.effective or d.permitted or d.inheritable for d in now) or libc.prctl(
+            (d.effective | d.permitted) & ~(kept if i == 0 else 0) or d.inheritable
+            for i, d in enumerate(now)) or libc.prctl(
             23, 0, 0, 0, 0) != 0:  # PR_CAPBSET_READ of the first capability
         raise RuntimeError("capabilities are left after dropping them")
 
@@ -147,7 +156,10 @@ def serve(fd: int, module: Any) -> None:
 def main() -> None:
     """`FD TOOL_FILE`: serve the tool on FD; `--exec PROGRAM ARGS...`: drop privileges and
     become PROGRAM (an MCP server)."""
-    drop_privileges()
+    read_files = sys.argv[1] == "--read-files"
+    if read_files:
+        del sys.argv[1]
+    drop_privileges(read_files)
     if sys.argv[1] == "--exec":
         os.execv(sys.argv[2], sys.argv[2:])
     fd, path = int(sys.argv[1]), sys.argv[2]
