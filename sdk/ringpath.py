@@ -1,10 +1,12 @@
 """The SDK's ring path: claiming the rings the kernel gave this agent, and the completion framing.
 
 A spawned agent inherits its two rings and their doorbells as fds, described by a `RingSpec`
-in `$AGENTOS_RINGS`. One connection at a time in the process that received them uses them
-(two producers on one ring would corrupt it); others, and forked children, use ZeroMQ. The
-request ids of every connection that uses the rings come from one counter, so a late reply to
-an abandoned call can never be taken for a newer call's.
+in `$AGENTOS_RINGS`. The process that imports the SDK takes them: it removes the variable
+from its environment and makes the fds close-on-exec, so programs it runs never see them.
+One connection at a time in that process uses them (two producers on one ring would corrupt
+it); others, and forked children, use ZeroMQ. The request ids of every connection that uses
+the rings come from one counter, so a late reply to an abandoned call can never be taken for
+a newer call's.
 
 Completions are msgpack `Reply`/`Error`/`Chunk` frames, one per slot. One larger than a slot
 is cut into fragments: entries starting with 0xC1 (a byte msgpack never uses, so no whole
@@ -85,30 +87,42 @@ class _Claim:
     """The rings this process inherited, and who uses them now."""
 
     def __init__(self) -> None:
-        self.pid = os.getpid()
         self.spec: RingSpec | None = None
         self.endpoint: str | None = None
         self.ids = itertools.count(1)
         self.user: RingChannel | None = None
-        text = os.environ.pop(layout.ENV_RINGS, None)  # children we fork do not inherit it
-        if text:
-            try:
-                self.spec = msgspec.json.decode(text, type=RingSpec)
-            except msgspec.ValidationError:
-                return
-            self.endpoint = os.environ.get(layout.ENV_ENDPOINT)
+        text = os.environ.pop(layout.ENV_RINGS, None)
+        if not text:
+            return
+        try:
+            self.spec = msgspec.json.decode(text, type=RingSpec)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return
+        self.endpoint = os.environ.get(layout.ENV_ENDPOINT)
+        for fd in (self.spec.submission, self.spec.completion, self.spec.submission_doorbell,
+                   self.spec.completion_doorbell):
+            if isinstance(fd, int):
+                try:
+                    os.set_inheritable(fd, False)
+                except OSError:
+                    pass  # not open: attach will fail and the process use ZeroMQ
 
 
-_claim: _Claim | None = None
+_claim = _Claim()
+
+
+def disable() -> None:
+    """Use ZeroMQ only from now on in this process (for tests and benchmarks that compare)."""
+    _claim.spec = None
+
+
+os.register_at_fork(after_in_child=disable)  # a forked child must not be a second producer
 
 
 def claim(endpoint: str) -> RingChannel | None:
     """The rings for a new connection to `endpoint`, or None: use ZeroMQ only."""
-    global _claim
-    if _claim is None:
-        _claim = _Claim()
     c = _claim
-    if c.spec is None or c.user is not None or c.pid != os.getpid() or endpoint != c.endpoint:
+    if c.spec is None or c.user is not None or endpoint != c.endpoint:
         return None
     try:
         rings = AgentRings.attach(c.spec)
@@ -122,5 +136,5 @@ def claim(endpoint: str) -> RingChannel | None:
 def release(channel: RingChannel) -> None:
     """The connection is closing: unmap, and let a later connection claim the rings again."""
     channel.rings.close()
-    if _claim is not None and _claim.user is channel:
+    if _claim.user is channel:
         _claim.user = None

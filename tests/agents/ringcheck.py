@@ -2,15 +2,16 @@
 `zmq`, over ZeroMQ only; also how many entries the kernel took from rings meanwhile."""
 
 import os
+import subprocess
 import sys
 
 import msgspec
 
 import sdk
-from sdk import abi, layout
+from sdk import abi, layout, ringpath
 
 if sys.argv[1:] == ["zmq"]:
-    os.environ.pop(layout.ENV_RINGS, None)  # before the first connection claims the rings
+    ringpath.disable()
 
 BIG = "x" * 20000  # more than a ring slot holds: the request goes over ZeroMQ
 
@@ -39,6 +40,10 @@ with sdk.connect() as conn:
         "info_denied": outcome(conn.proc.info, me + 1000),
         "no_syscall": outcome(conn.call, "nope.nothing"),
         "bad_args": outcome(conn.call, "proc.info", abi.SpawnArgs(path="/x")),
+        # Programs the agent runs inherit neither the ring spec nor (close-on-exec) the fds.
+        "child_env": subprocess.run(
+            [sys.executable, "-c", f"import os; print(os.environ.get({layout.ENV_RINGS!r}))"],
+            capture_output=True, text=True).stdout.strip(),
     }
     after = conn.sys.stats().syscalls.get("ring.entries", 0)
     conn.proc.exit({"results": results, "rings": conn.uses_rings, "entries": after - before})

@@ -9,15 +9,18 @@ import struct
 import sys
 import time
 
-import msgspec
+from sdk.ring import HEADER_BYTES
 
-from sdk import layout
-from sdk.ring import HEADER_BYTES, RingSpec
-
-spec = msgspec.json.decode(os.environ[layout.ENV_RINGS], type=RingSpec)
-size = HEADER_BYTES + spec.capacity * spec.slot_size
-sq = mmap.mmap(spec.submission, size)
-cq = mmap.mmap(spec.completion, size)
+# The SDK took the spec out of the environment; a hostile agent finds its fds regardless.
+fds = {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in map(int, os.listdir("/proc/self/fd"))
+       if os.path.exists(f"/proc/self/fd/{fd}")}
+sq_fd = next(fd for fd, target in fds.items() if "memfd:agentos-sq" in target)
+cq_fd = next(fd for fd, target in fds.items() if "memfd:agentos-cq" in target)
+doorbells = [fd for fd, target in fds.items() if "eventfd" in target]
+size = os.fstat(sq_fd).st_size
+capacity, slot_size = int(sys.argv[2]), int(sys.argv[3])  # the kernel's defaults
+sq = mmap.mmap(sq_fd, size)
+cq = mmap.mmap(cq_fd, size)
 rng = random.Random(0)
 deadline = time.monotonic() + float(sys.argv[1])
 rounds = 0
@@ -34,12 +37,13 @@ while time.monotonic() < deadline:
     elif what == 3:
         # A slot that looks published but holds garbage, and a tail that covers it.
         head = struct.unpack_from("I", sq, 64)[0]
-        slot = HEADER_BYTES + (head & (spec.capacity - 1)) * spec.slot_size
+        slot = HEADER_BYTES + (head & (capacity - 1)) * slot_size
         struct.pack_into("II", sq, slot, (head + 1) & 0xFFFFFFFF, 40)
         sq[slot + 8:slot + 48] = rng.randbytes(40)
         struct.pack_into("I", sq, 0, (head + 1) & 0xFFFFFFFF)
     else:
         cq[0:HEADER_BYTES] = rng.randbytes(HEADER_BYTES)
     for _ in range(50):
-        os.eventfd_write(spec.submission_doorbell, 1)
+        for fd in doorbells:
+            os.eventfd_write(fd, 1)
     rounds += 1

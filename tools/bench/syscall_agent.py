@@ -6,13 +6,12 @@ idles until START_AT (wall clock), so all agents of a run overlap, then loops fo
 """
 
 import asyncio
-import os
 import resource
 import sys
 import time
 
 import sdk
-from sdk import layout
+from sdk import ringpath
 
 MAX_SAMPLES = 20000
 
@@ -21,7 +20,7 @@ def main() -> None:
     path, batch, start_at, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), \
         float(sys.argv[4])
     if path == "zmq":
-        os.environ.pop(layout.ENV_RINGS, None)  # before the first connection claims the rings
+        ringpath.disable()
     if batch == 1:
         result = blocking(start_at, seconds)
     else:
