@@ -276,3 +276,17 @@ def _stray(kernel: KernelProcess) -> None:
     assert wait_until(lambda: any(
         e["event"] == "deny" and e["principal"] == f"uid:{stray}"
         and e["detail"]["call"] == "connect" for e in audit_events(kernel)))
+
+
+def test_cli_run_takes_restart_and_limits(kernel: KernelProcess) -> None:
+    out = kernel.cli("run", "--restart", "on-failure", "--limit", "open_files=32",
+                     "--limit", "log_bytes=1K", "--name", "clirun", agent("exits"), "--", "0")
+    assert out.returncode == 0, out.stderr
+    agent_id = int(out.stdout)
+    with kernel.connect() as conn:
+        info = conn.proc.wait(agent_id, timeout=30)
+    assert info.restart == "on-failure" and info.exit_status == 0 and info.restarts == 0
+    bad = kernel.cli("run", "--limit", "open_files", agent("exits"))
+    assert bad.returncode == 2 and "NAME=VALUE" in bad.stderr
+    unknown = kernel.cli("run", "--limit", "cores=2", agent("exits"))
+    assert unknown.returncode == 1 and "EINVAL" in unknown.stderr
