@@ -216,7 +216,7 @@ class ModelInfo(msgspec.Struct, frozen=True, omit_defaults=True):
 class AgentInfo(msgspec.Struct, frozen=True, omit_defaults=True):
     id: int
     name: str
-    state: str  # running | exited | killed | lost
+    state: str  # starting | running | suspended | restarting | exited | killed | failed | lost
     path: str
     pid: int | None = None
     started_at: float | None = None

@@ -414,8 +414,10 @@ def read_report(fd: int, timeout: float = 10.0) -> Report:
         left = deadline - time.monotonic()
         if left <= 0:
             return Report(False, error=f"no report from the launcher within {timeout:g}s")
-        ready, _, _ = select.select([fd], [], [], left)
-        if not ready:
+        # poll, not select: a kernel holding many agents has fds above FD_SETSIZE (1024).
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        if not poller.poll(left * 1000):
             continue
         chunk = os.read(fd, 65536)
         if not chunk:

@@ -331,7 +331,10 @@ class ProcessTable:
         finally:
             for fd in child_ends:
                 os.close(fd)
-        report = launch.report(timeout=15)
+        try:
+            report = launch.report(timeout=15)
+        except Exception as exc:  # never leave a started process untracked
+            report = Report(False, spec.tier, error=f"reading the launcher's report: {exc}")
         launch.close()
         live = Live(agent_id, spec.name, popen, os.pidfd_open(popen.pid), spec, uid,
                     prepared.policy.home or "", prepared.socket_dir, pumps)
