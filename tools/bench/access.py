@@ -72,7 +72,6 @@ import sys
 from kernel import boot
 if sys.argv[1] == "off":
     from kernel.access import guard
-    from kernel.access.tokens import TokenAuthority
     cap = None
     def check(self, token, op, resource, caller):
         global cap
