@@ -182,7 +182,7 @@ def test_no_clean_path_escapes(text: str) -> None:
 
 
 @given(st.integers(0, 2**31), st.integers(1, 30), st.booleans())
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=5, deadline=None)
 def test_float16_shortlist_matches_exact(seed: int, k: int, filtered: bool) -> None:
     """Large namespaces scan a float16 copy, then re-score exactly: same answer as float32."""
     import kernel.memory.index as index_module

@@ -224,3 +224,22 @@ def test_random_paths_and_memories_never_fault(fk: KernelProcess, path: str, dat
                 raise AssertionError(f"kernel fault: {exc}") from None
             except sdk.SyscallError:
                 pass
+
+
+def test_cli(fk: KernelProcess, tmp_path: Path) -> None:
+    src = tmp_path / "in.txt"
+    src.write_text("first draft")
+    assert fk.cli("fs", "put", "-o", "cli", "doc.txt", str(src)).returncode == 0
+    src.write_text("second draft")
+    fk.cli("fs", "put", "-o", "cli", "doc.txt", str(src))
+    assert fk.cli("fs", "cat", "-o", "cli", "doc.txt").stdout == "second draft"
+    assert fk.cli("fs", "rollback", "-o", "cli", "doc.txt", "1").returncode == 0
+    assert fk.cli("fs", "cat", "-o", "cli", "doc.txt").stdout == "first draft"
+    assert len(fk.cli("fs", "versions", "-o", "cli", "doc.txt").stdout.splitlines()) == 3
+    assert "doc.txt" in fk.cli("fs", "ls", "-o", "cli").stdout
+    bad = fk.cli("fs", "cat", "-o", "cli", "../x")
+    assert bad.returncode == 1 and "EPERM" in bad.stderr
+    memory_id = fk.cli("mem", "add", "-n", "cli/ns", "buy oat milk", "--metadata",
+                       '{"list": "shopping"}').stdout.strip()
+    hit = json.loads(fk.cli("mem", "search", "-n", "cli/ns", "oat milk").stdout.splitlines()[0])
+    assert hit["id"] == int(memory_id) and hit["metadata"] == {"list": "shopping"}

@@ -76,7 +76,7 @@ class MiniLMEmbedder:
         import torch
         from transformers import AutoModel, AutoTokenizer
 
-        if self.threads:
+        if self.threads:  # process-wide: only for a process that runs nothing else (benchmarks)
             torch.set_num_threads(self.threads)
         self._tokenizer = AutoTokenizer.from_pretrained(self.directory, local_files_only=True)
         self._model = AutoModel.from_pretrained(self.directory, local_files_only=True).eval()

@@ -68,7 +68,7 @@ class VectorIndex:
             start = self.count
             self._grow(start + len(fresh))
             end = start + len(fresh)
-            self._vectors[start:end] = vectors[fresh]
+            self._vectors[start:end] = vectors if len(fresh) == len(ids) else vectors[fresh]
             if self._half is not None:
                 self._half[start:end] = _to_half(self._vectors[start:end])
             self._ids[start:end] = [ids[row] for row in fresh]

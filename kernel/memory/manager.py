@@ -73,7 +73,8 @@ def make_embedder(name: str) -> Embedder | None:
     if name in ("minilm", "auto"):
         path = model.installed()
         if path is not None:
-            return MiniLMEmbedder(path, threads=1)
+            # No thread count: torch's is process-wide and the LLM engine's to set.
+            return MiniLMEmbedder(path)
         if name == "minilm":
             raise ValueError(f"memory_embedder=minilm but {model.NAME} is not pulled "
                              "(agentos mem pull)")
