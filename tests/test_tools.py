@@ -302,7 +302,8 @@ def test_tools_need_a_path_grant_outside_the_callers_home(conn: sdk.Connection) 
                            ["reader", {"path": "/etc/passwd", "seconds": 0}],
                            ["reader", {"path": "../../1/home/x", "seconds": 0}]],
                     caps=["tools.call@tool/reader"])
-    assert out[0]["error"] is None
+    assert out[0]["error"] is None  # in its own home, and the tool got the checked path:
+    assert out[0]["value"]["path"].endswith("/home/notes") and out[0]["value"]["path"][0] == "/"
     assert out[1]["code"] == "EPERM" and "file/etc/passwd" in out[1]["message"]
     assert out[2]["code"] == "EPERM"
 
