@@ -300,7 +300,7 @@ def test_call_many_returns_every_result_in_order(conn: sdk.Connection) -> None:
 def test_tools_need_a_path_grant_outside_the_callers_home(conn: sdk.Connection) -> None:
     out = run_agent(conn, [["reader", {"path": "notes", "seconds": 0}],
                            ["reader", {"path": "/etc/passwd", "seconds": 0}],
-                           ["reader", {"path": "../../1/home/x", "seconds": 0}]],
+                           ["reader", {"path": "../../0/home/x", "seconds": 0}]],
                     caps=["tools.call@tool/reader"])
     assert out[0]["error"] is None  # in its own home, and the tool got the checked path:
     assert out[0]["value"]["path"].endswith("/home/notes") and out[0]["value"]["path"][0] == "/"
