@@ -22,13 +22,15 @@ class Agent:
         self.id = int(os.environ.get(layout.ENV_AGENT_ID, "0")) or None
         self.name = os.environ.get(layout.ENV_AGENT_NAME, type(self).__name__)
 
-    def run_tools(self, messages: Any, tools: Any, max_steps: int = 8, **chat: Any) -> Any:
+    def run_tools(self, messages: Any, tools: Any, max_steps: int = 8, *,
+                  require_first: bool = False, **chat: Any) -> Any:
         """The tool-calling loop (blocking connections): `llm.chat` with `tools` (kernel tool
         names or OpenAI schemas), run the calls it makes, feed back the results, until the
         model answers or `max_steps` model calls; returns a `sdk.tools.RunResult`."""
         from sdk.tools import run_tools
 
-        return run_tools(self.conn, messages, tools, max_steps=max_steps, **chat)
+        return run_tools(self.conn, messages, tools, max_steps=max_steps,
+                         require_first=require_first, **chat)
 
     def run(self, task: str) -> Any:
         raise NotImplementedError(f"{type(self).__name__}.run(task) is not implemented")

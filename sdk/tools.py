@@ -140,17 +140,21 @@ def _content(result: abi.ToolResult | SyscallError) -> tuple[str, str | None]:
 
 
 def run_tools(conn: Any, messages: Iterable[abi.ChatMessage | Mapping[str, Any]],
-              tools: Sequence[Any], *, max_steps: int = 8, **chat: Any) -> RunResult:
+              tools: Sequence[Any], *, max_steps: int = 8, require_first: bool = False,
+              **chat: Any) -> RunResult:
     """Ask the model; run the tool calls it makes through the kernel; give it the results;
     repeat until it answers in text or `max_steps` model calls were made. A malformed call
     (unknown tool, arguments that are not JSON or do not fit the schema, a refused call) is
-    answered with an error message the model can correct, never raised."""
+    answered with an error message the model can correct, never raised. `require_first`
+    makes the first reply a tool call (`tool_choice="required"`: JSON mode), which small
+    models that rarely call tools on their own need."""
     history = [_message(m) for m in messages]
     schemas = _schemas(conn, tools)
     names = {s["function"]["name"] for s in schemas}
     result = RunResult(None, history, 0)
     while result.steps < max_steps:
-        reply = conn.llm.chat(history, tools=schemas, **chat)
+        choice = {"tool_choice": "required"} if require_first and result.steps == 0 else {}
+        reply = conn.llm.chat(history, tools=schemas, **{**chat, **choice})
         result.steps += 1
         message = reply.message
         calls = message.tool_calls or []
@@ -160,7 +164,8 @@ def run_tools(conn: Any, messages: Iterable[abi.ChatMessage | Mapping[str, Any]]
             if _ATTEMPT.search(text) and result.steps < max_steps:
                 # It tried to call a tool and the call did not parse: say so, let it retry.
                 error = ('error: that tool call could not be parsed. Reply with only '
-                         '{"tool_calls": [{"name": "<tool>", "arguments": {...}}]} or answer.')
+                         '{"tool_calls": [{"name": "<tool>", "arguments": {...}}]}, where '
+                         f'<tool> is one of {", ".join(sorted(names))}, or answer in text.')
                 result.errors.append(error)
                 history.append({"role": "user", "content": error})
                 continue

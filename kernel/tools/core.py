@@ -186,9 +186,9 @@ class ToolManager:
             raise Fault(abi.ErrorCode.EAGAIN, "the kernel is shutting down")
         if tool.pool is not None and self.sandbox_error is not None:
             raise Fault(abi.ErrorCode.EIO, f"tools cannot run: {self.sandbox_error}")
-        resources = self._authorise(call, m, args.arguments)
-        pending = Pending(call, tool, dict(args.arguments), self._ctx(call.caller, m),
-                          time.monotonic())
+        arguments = dict(args.arguments)
+        resources = self._authorise(call, m, arguments)
+        pending = Pending(call, tool, arguments, self._ctx(call.caller, m), time.monotonic())
 
         def proceed() -> None:
             call.on_cancel.append(lambda: self._cancel(pending))
@@ -243,7 +243,8 @@ class ToolManager:
     def _authorise(self, call: Call, m: Manifest, arguments: dict[str, Any]) -> list[str]:
         """The resources the call names, each covered by the caller's capability: `file/<path>`
         (the caller's own home needs no grant) and `net/<host>`. Network tools are refused
-        unless a host is named and granted."""
+        unless a host is named and granted. Path arguments are rewritten to the absolute path
+        that was checked, so the tool uses exactly what was authorised."""
         from kernel.core import Fault
 
         home = self._home(call.caller)
@@ -254,6 +255,7 @@ class ToolManager:
                 continue
             if kind == "path":
                 path = os.path.normpath(os.path.join(str(home) if home else "/", value))
+                arguments[arg] = path
                 resource = "file" + path
                 if home is not None and (path == str(home) or path.startswith(f"{home}/")):
                     resources.append(resource)

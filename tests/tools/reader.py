@@ -12,4 +12,4 @@ MANIFEST = {"name": "reader", "description": "reads a path", "side_effect": "rea
 def run(args, ctx):
     start = time.time()
     time.sleep(args["seconds"])
-    return {"start": start, "end": time.time()}
+    return {"start": start, "end": time.time(), "path": args["path"]}
