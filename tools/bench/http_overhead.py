@@ -47,7 +47,6 @@ def main() -> int:
     import openai
 
     import sdk
-    from sdk import abi
 
     state = Path(tempfile.mkdtemp(prefix="agentos-http.")) / "state"
     log = open(state.parent / "kernel.log", "ab")  # noqa: SIM115 - lives with the kernel
@@ -64,7 +63,7 @@ def main() -> int:
             except sdk.SyscallError:
                 time.sleep(0.1)
         with sdk.connect(state_dir=state, timeout=600) as conn:
-            key = conn.call("http.mint", abi.KeyArgs(caps=["llm.*"], name="bench"), str)
+            key = conn.caps.delegate("http:bench", ["llm.*"]).token
             url = f"http://{(state / 'run' / 'http').read_text().strip()}/v1"
             client = openai.OpenAI(base_url=url, api_key=key, max_retries=0)
             raw = http.client.HTTPConnection(*url[len("http://"):-len("/v1")].split(":"))
