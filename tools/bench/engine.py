@@ -41,16 +41,12 @@ class Timer:
         self.tokens: dict[str, int] = defaultdict(int)
         inner = runner.forward
 
-        def forward(*args):
-            if len(args) == 4:  # ragged: lo, decode columns, decode tokens, chunks
-                decode, sizes = len(args[2]), [len(c.tokens) for c in args[3]]
-            else:  # padded, before the ragged pass: lo, starts, chunks
-                sizes = [len(c) for c in args[2]]
-                decode, sizes = (len(sizes), []) if max(sizes) == 1 else (0, sizes)
+        def forward(lo, decode_cols, decode_tokens, chunks):
+            decode, sizes = len(decode_tokens), [len(c.tokens) for c in chunks]
             kind = "decode" if not sizes else "prefill" if not decode else "mixed"
             sizes = [1] * decode + sizes
             t0 = time.perf_counter()
-            out = inner(*args)
+            out = inner(lo, decode_cols, decode_tokens, chunks)
             self.seconds[kind] += time.perf_counter() - t0
             self.calls[kind] += 1
             self.tokens[kind] += sum(sizes)
@@ -145,8 +141,9 @@ def main() -> int:
     model, tokenizer = ModelStore().load("smollm2", dtype=args.dtype)
     print(f"dtype={args.dtype} threads={args.threads} max_batch={args.max_batch} "
           f"turns={args.turns} max_tokens={args.max_tokens}")
-    print(f"{'agents':>6} {'tok/s':>7} {'tok/cpu-s':>9} {'makespan':>8} {'ttft50':>7} {'lat50':>6} {'steps':>5} "
-          f"{'fwds':>5} {'prefill':>7} {'hit':>5}  time split (s / passes / tokens)")
+    print(f"{'agents':>6} {'tok/s':>7} {'tok/cpu-s':>9} {'makespan':>8} {'ttft50':>7} "
+          f"{'lat50':>6} {'steps':>5} {'fwds':>5} {'prefill':>7} {'hit':>5}  "
+          "time split (s / passes / tokens)")
     baseline: dict | None = None
     for n in (int(x) for x in args.agents.split(",")):
         engine = Engine(model, tokenizer, max_batch=args.max_batch,
@@ -159,9 +156,9 @@ def main() -> int:
         else:
             r = run(engine, tokenizer, n, args.turns, args.max_tokens, args.max_batch)
         split = "  ".join(f"{k} {s:.1f}/{c}/{t}" for k, (s, c, t) in r["split"].items())
-        print(f"{n:>6} {r['tok_s']:7.1f} {r['tok_cpu_s']:9.1f} {r['makespan']:7.1f}s {r['ttft']:6.2f}s "
-              f"{r['lat']:5.2f}s {r['steps']:>5} {r['forwards']:>5} {r['prefill']:>7} "
-              f"{r['hit']:5.2f}  {split}  other {r['other']:.1f}")
+        print(f"{n:>6} {r['tok_s']:7.1f} {r['tok_cpu_s']:9.1f} {r['makespan']:7.1f}s "
+              f"{r['ttft']:6.2f}s {r['lat']:5.2f}s {r['steps']:>5} {r['forwards']:>5} "
+              f"{r['prefill']:>7} {r['hit']:5.2f}  {split}  other {r['other']:.1f}")
         if args.profile:
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
         if baseline is None:
