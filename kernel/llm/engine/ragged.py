@@ -44,6 +44,7 @@ class Ragged:
     chunks: list[Chunk]
     device: torch.device
     kv: torch.Tensor | None = field(init=False, default=None)
+    calls: int = field(init=False, default=0)  # layers that ran `attention` in this pass
     decode_mask: torch.Tensor | None = field(init=False, default=None)
     chunk_masks: list[torch.Tensor] = field(init=False, default_factory=list)
 
@@ -118,6 +119,7 @@ def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
     transformers' attention functions do; `key`, `value` and `attention_mask` are unused."""
     slot_kv = ragged.kv
     assert slot_kv is not None
+    ragged.calls += 1
     layer = module.layer_idx
     heads, dim = query.shape[1], query.shape[3]
     kv_heads = slot_kv.shape[3]

@@ -25,6 +25,7 @@ class ModelRunner:
     def __init__(self, model: PreTrainedModel, slots: SlotCache) -> None:
         self.model = model
         self.slots = slots
+        self.layers = model.config.get_text_config(decoder=True).num_hidden_layers
         # transformers renamed past_key_values to cache; accept models from either side.
         params = inspect.signature(model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
@@ -46,6 +47,11 @@ class ModelRunner:
             out = self.model(input_ids=ids, position_ids=positions, attention_mask=self._mask,
                              use_cache=True, logits_to_keep=keep, ragged=r,
                              **{self._cache_arg: self.slots})
+        if r.calls != self.layers:
+            # A model whose attention bypasses transformers' interface would have attended
+            # across the packed rows: refuse rather than return its logits.
+            raise RuntimeError(f"the model ran the ragged attention in {r.calls} of "
+                               f"{self.layers} layers; its attention is not supported")
         return out.logits[0]
 
 
