@@ -467,3 +467,97 @@ def test_bfloat16_and_eager_attention() -> None:
     got = run_all(e, {i: (prompt(10 + i, 510 + i), GREEDY, i) for i in range(3)})
     assert all(len(r.tokens) == GREEDY.max_tokens for r in got.values())
     assert e.slots.dtype == torch.bfloat16
+
+
+def test_a_step_is_one_forward_pass_over_decoders_and_prefills() -> None:
+    """Decoders, a new prompt and a chunked prefill in progress share one ragged pass, and each
+    still gets the tokens it would get alone; the model's own attention is left as it was."""
+    requests = {0: (prompt(6, 600), GREEDY, 0), 1: (prompt(9, 601), GREEDY, 0),
+                2: (prompt(70, 602), GREEDY, 2), 3: (prompt(20, 603), GREEDY, 3)}
+    e = engine(prefill_chunk=32)
+    forwards = []
+    got = run_all(e, requests, on_step=lambda e, step, live: forwards.append(
+        e.stats()["forwards"]))
+    assert forwards == list(range(1, len(forwards) + 1))  # exactly one pass per step
+    for i, (p, params, _) in requests.items():
+        assert got[i].tokens == alone(p, params, prefill_chunk=32).tokens, i
+    assert MODEL.config._attn_implementation == "sdpa"
+
+
+def test_ragged_pass_logits_match_each_row_alone() -> None:
+    """The runner's packed pass against plain forwards of each sequence on its own."""
+    e = engine()
+    rows = {0: prompt(12, 610), 1: prompt(30, 611), 2: prompt(5, 612)}
+    for i, p in rows.items():
+        e.add(i, p, GREEDY)
+    e.step([0, 1, 2])  # prefilled: each now decodes one token per step
+    tail = prompt(9, 613)
+    e.add(3, tail, GREEDY)
+    decoders = sorted(rows, key=e.slots.row)
+    e.slots.add(3)
+    from kernel.llm.engine.ragged import Chunk
+
+    seqs = [e._seqs[i] for i in decoders]
+    with torch.no_grad():
+        logits = e.runner.forward(0, [s.computed for s in seqs],
+                                  [s.tokens[s.computed] for s in seqs],
+                                  [Chunk(e.slots.row(3), 0, tail)])
+        for s, row in zip(seqs, logits, strict=False):
+            ref = MODEL(torch.tensor([s.tokens])).logits[0, -1]
+            torch.testing.assert_close(row, ref, atol=2e-4, rtol=0)
+        ref = MODEL(torch.tensor([tail])).logits[0, -1]
+        torch.testing.assert_close(logits[-1], ref, atol=2e-4, rtol=0)
+
+
+def test_shared_prefixes_with_divergent_continuations() -> None:
+    """Requests share a system prompt and then diverge at different depths (a tree of
+    prefixes), joining at different steps: every one equals its run alone and reuse counts
+    only what was really cached."""
+    system = prompt(50, 620)
+    branch = prompt(30, 621)
+    requests = {0: (system + branch + prompt(8, 622), GREEDY, 0),
+                1: (system + branch + prompt(8, 623), GREEDY, 0),
+                2: (system + prompt(12, 624), GREEDY, 0),
+                3: (system + branch[:10] + prompt(20, 625), GREEDY, 3),
+                4: (system[:20], GREEDY, 5)}
+    e = engine(prefix_cache_tokens=4096, prefill_chunk=32)
+    got = run_all(e, requests)
+    for i, (p, params, _) in requests.items():
+        assert got[i].tokens == alone(p, params).tokens, i
+    assert e.stats()["prefix_tokens_reused"] >= 50 + 50 + 60 + 19
+
+
+def test_preempt_mid_chunked_prefill_while_others_decode() -> None:
+    for keep_kv in (True, False):
+        target = prompt(150, 630)
+        others = {i: prompt(6 + i, 631 + i) for i in (1, 2)}
+        e = engine(prefill_chunk=32)
+        e.add(0, target, GREEDY)
+        for i, p in others.items():
+            e.add(i, p, GREEDY)
+        got: dict[int, list[int]] = {0: [], 1: [], 2: []}
+        for step in range(80):
+            run = [i for i in got if i in e._seqs]
+            if step in (2, 3):  # two chunks in: switched out for two steps
+                run = [i for i in run if i != 0]
+                if step == 2:
+                    e.preempt(0, keep_kv=keep_kv)
+            if not run:
+                break
+            for i, o in e.step(run).items():
+                got[i] += o.new_tokens
+        assert got[0] == alone(target).tokens
+        for i, p in others.items():
+            assert got[i] == alone(p).tokens
+
+
+def test_prefills_beyond_the_token_cap_run_in_more_passes(monkeypatch) -> None:
+    import kernel.llm.engine.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "MAX_FORWARD_TOKENS", 40)
+    requests = {i: (prompt(30, 640 + i), GREEDY, 0) for i in range(3)}
+    e = engine()
+    got = run_all(e, requests)
+    assert e.stats()["forwards"] == e.stats()["steps"] + 2  # the first step took three passes
+    for i, (p, params, _) in requests.items():
+        assert got[i].tokens == alone(p, params).tokens

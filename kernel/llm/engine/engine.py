@@ -8,6 +8,7 @@ import torch
 from transformers import PreTrainedModel
 
 from kernel.llm.engine.prefix import PrefixCache
+from kernel.llm.engine.ragged import Chunk
 from kernel.llm.engine.runner import ModelRunner
 from kernel.llm.engine.sampling import SamplingParams, sample
 from kernel.llm.engine.sequence import Sequence, Status, StepOutput
@@ -16,10 +17,8 @@ from kernel.llm.engine.slots import SlotCache
 # Two sequences prefilling in the same step whose next pending tokens agree on this many share
 # the work: the second waits for the first's prefill pass and then copies its KV.
 SHARED_HEAD = 16
-# A prefill forward pass costs about as much fixed time as ~40 tokens of compute (measured on
-# the 135M model, 2 cores), so rows are padded into one pass when that wastes fewer tokens.
-PAD_SLACK = 32
-# Upper bound on tokens (rows x padded length) in one prefill forward, to bound activations.
+# Upper bound on the tokens of one forward pass, to bound activations: a step whose prefill
+# chunks add up to more runs them in several passes.
 MAX_FORWARD_TOKENS = 8192
 
 
@@ -48,8 +47,7 @@ class Engine:
         self.slots = SlotCache(config.num_hidden_layers, kv_heads, head_dim, self.model.dtype,
                                self.device)
         self.prefix = PrefixCache(prefix_cache_tokens)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.runner = ModelRunner(self.model, self.slots, pad)
+        self.runner = ModelRunner(self.model, self.slots)
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
@@ -94,20 +92,16 @@ class Engine:
                     self._extend(s)
             decoders = [s for s in seqs if s.pending == 1]
             leaders, followers = _share([s for s in seqs if s.pending > 1])
-            ready: list[tuple[Sequence, torch.Tensor]] = []
-            if decoders:
-                (lo,) = self.slots.arrange([[s.id for s in decoders]])
-                logits = self._forward(lo, decoders, [1] * len(decoders))
-                ready += zip(decoders, logits, strict=True)
-            # Two rounds: the followers copy what the leaders computed, then split again; a
-            # third round would trade more forward passes for the same work.
-            for final in (False, True):
-                ready += self._prefill(decoders, leaders)
-                for s in followers:
-                    self._extend(s)
-                if final:
-                    break
-                leaders, followers = _share(followers)
+            # One pass feeds the decoders and the leaders; the followers then copy what the
+            # leaders computed and split again, and the new leaders get a second pass. A third
+            # round would trade more passes for the same work: the rest wait a step.
+            ready = self._run(decoders, leaders)
+            for s in followers:
+                self._extend(s)
+            leaders, followers = _share(followers)
+            ready += self._run([], leaders)
+            for s in followers:
+                self._extend(s)
             if ready:
                 tokens = sample(torch.stack([row for _, row in ready]),
                                 [s.params for s, _ in ready], [s.generator for s, _ in ready])
@@ -223,35 +217,36 @@ class Engine:
         s.reused += cached - s.computed
         s.computed = cached
 
-    def _prefill(self, decoders: list[Sequence], seqs: list[Sequence]
-                 ) -> list[tuple[Sequence, torch.Tensor]]:
-        """Feed each sequence its next chunk of pending tokens; publish the new KV."""
-        ready = []
-        sizes = {s.id: min(s.pending, self.prefill_chunk) for s in seqs}
-        for group in _group(sorted(seqs, key=lambda s: -sizes[s.id]), sizes):
-            _, lo = self.slots.arrange([[s.id for s in decoders], [s.id for s in group]])
-            logits = self._forward(lo, group, [sizes[s.id] for s in group])
-            self._counts["prefill_tokens"] += sum(sizes[s.id] for s in group)
-            for s, row in zip(group, logits, strict=True):
+    def _run(self, decoders: list[Sequence], prefills: list[Sequence]
+             ) -> list[tuple[Sequence, torch.Tensor]]:
+        """Feed each decoder its pending token and each prefilling sequence its next chunk, in
+        as few passes as MAX_FORWARD_TOKENS allows (one, normally); publish the new prefill KV.
+        Returns the sequences with no pending tokens left, with their last logits."""
+        ready: list[tuple[Sequence, torch.Tensor]] = []
+        if not decoders and not prefills:
+            return ready
+        (lo,) = self.slots.arrange([[s.id for s in decoders]])
+        decoders = sorted(decoders, key=lambda s: self.slots.row(s.id))
+        for group in _batches(decoders, prefills, self.prefill_chunk):
+            chunks = [Chunk(self.slots.row(s.id), s.computed,
+                            s.tokens[s.computed:s.computed + min(s.pending, self.prefill_chunk)])
+                      for s in group]
+            logits = self.runner.forward(lo, [s.computed for s in decoders],
+                                         [s.tokens[s.computed] for s in decoders], chunks)
+            self._counts["forwards"] += 1
+            for s in decoders:
+                s.computed += 1
+                self.slots.set_length(s.id, s.computed)
+            ready += zip(decoders, logits[:len(decoders)], strict=True)
+            for s, chunk, row in zip(group, chunks, logits[len(decoders):], strict=True):
+                s.computed += len(chunk.tokens)
+                self.slots.set_length(s.id, s.computed)
+                self._counts["prefill_tokens"] += len(chunk.tokens)
                 if s.pending == 0:
                     ready.append((s, row))
                 self._publish(s)
+            decoders = []  # fed in the first pass
         return ready
-
-    def _forward(self, lo: int, seqs: list[Sequence], sizes: list[int]) -> torch.Tensor:
-        """Run `seqs` (just arranged into rows lo..) on `sizes` pending tokens each; the logits
-        come back in the order of `seqs`."""
-        order = sorted(range(len(seqs)), key=lambda g: self.slots.row(seqs[g].id))
-        seqs, sizes = [seqs[g] for g in order], [sizes[g] for g in order]
-        chunks = [s.tokens[s.computed:s.computed + n] for s, n in zip(seqs, sizes, strict=True)]
-        logits = self.runner.forward(lo, [s.computed for s in seqs], chunks)
-        for s, n in zip(seqs, sizes, strict=True):
-            s.computed += n
-            self.slots.set_length(s.id, s.computed)
-        self._counts["forwards"] += 1
-        back = torch.empty_like(logits)
-        back[order] = logits
-        return back
 
     def _emit(self, s: Sequence, token: int, out: StepOutput) -> None:
         """Append a sampled token; report it and any text; finish the sequence if it is done."""
@@ -298,19 +293,20 @@ def _share(seqs: list[Sequence]) -> tuple[list[Sequence], list[Sequence]]:
     return leaders, followers
 
 
-def _group(seqs: list[Sequence], sizes: dict[int, int]) -> list[list[Sequence]]:
-    """Split prefills (longest first) into forward passes that waste little on padding."""
-    groups: list[list[Sequence]] = []
-    for s in seqs:
-        if groups:
-            group = groups[-1]
-            width = sizes[group[0].id]
-            if (width - sizes[s.id] <= PAD_SLACK
-                    and (len(group) + 1) * width <= MAX_FORWARD_TOKENS):
-                group.append(s)
-                continue
-        groups.append([s])
-    return groups
+def _batches(decoders: list[Sequence], prefills: list[Sequence], chunk: int
+             ) -> list[list[Sequence]]:
+    """Split the prefills into passes of at most MAX_FORWARD_TOKENS tokens, the decoders'
+    counting in the first; there is always at least one pass, possibly without prefills."""
+    passes: list[list[Sequence]] = [[]]
+    used = len(decoders)
+    for s in prefills:
+        n = min(s.pending, chunk)
+        if passes[-1] and used + n > MAX_FORWARD_TOKENS:
+            passes.append([])
+            used = 0
+        passes[-1].append(s)
+        used += n
+    return passes
 
 
 def _check_full_attention(config: Any) -> None:

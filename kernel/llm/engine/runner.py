@@ -1,68 +1,67 @@
-"""One forward pass of a transformers causal LM over a contiguous range of slot rows."""
+"""One ragged forward pass of a transformers causal LM over the slot store's rows."""
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel
 
+from kernel.llm.engine.ragged import ATTENTION, Chunk, Ragged
 from kernel.llm.engine.slots import SlotCache
-
-# Attention implementations whose masks the runner knows how to build: a boolean mask for SDPA,
-# an additive one for eager. Others (flash, flex, paged) would silently ignore a 4D mask.
-_MASKED = {"sdpa", "eager"}
 
 
 class ModelRunner:
-    """Feeds each row its chunk of tokens and returns the logits after each chunk's last token.
+    """Feeds decode rows one token each and prefill chunks their tokens, all in one pass, and
+    returns the logits after each decode token and after each chunk's last token.
 
-    Rows are fed as one [rows, q] batch. Chunks shorter than q are padded on the left, so every
-    row's last real token sits at the last position and only that position reaches the LM head
-    (`logits_to_keep=1`). Padding positions write their throwaway KV to columns past the row's
-    real tokens, where no real query looks and the next real token will overwrite them.
+    The tokens are packed into one [1, T] sequence with their own positions, so the linear
+    layers see T tokens and no padding; ragged.attention keeps each token to its own row.
     """
 
-    def __init__(self, model: PreTrainedModel, slots: SlotCache, pad_id: int) -> None:
-        impl = model.config._attn_implementation
-        if impl not in _MASKED:
-            raise ValueError(f"attention implementation {impl!r} is not supported; "
-                             f"load the model with attn_implementation='sdpa' or 'eager'")
+    def __init__(self, model: PreTrainedModel, slots: SlotCache) -> None:
         self.model = model
         self.slots = slots
-        self.pad_id = pad_id
-        self._additive = impl == "eager"
+        self.layers = model.config.get_text_config(decoder=True).num_hidden_layers
         # transformers renamed past_key_values to cache; accept models from either side.
         params = inspect.signature(model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        # Any 4D mask: transformers hands a prepared mask to attention untouched, and the
+        # ragged attention builds its own, so no per-pass [T, columns] mask is made.
+        self._mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=slots.device)
 
-    def forward(self, lo: int, starts: list[int], chunks: list[list[int]]) -> torch.Tensor:
-        """Row lo+g receives chunks[g] at columns starts[g]..; returns logits [rows, vocab]."""
+    def forward(self, lo: int, decode_cols: list[int], decode_tokens: list[int],
+                chunks: list[Chunk]) -> torch.Tensor:
+        """Rows lo.. take decode_tokens[i] at column decode_cols[i]; each chunk's tokens go to
+        its row from its start. Returns logits [len(decode_tokens) + len(chunks), vocab]."""
         device = self.slots.device
-        rows, q = len(chunks), max(len(c) for c in chunks)
-        if q == 1:
-            ids = torch.tensor(chunks, device=device)
-            cols = torch.tensor(starts, device=device)[:, None]
-        else:
-            ids = torch.full((rows, q), self.pad_id, dtype=torch.long)
-            cols = torch.empty((rows, q), dtype=torch.long)
-            for g, (start, chunk) in enumerate(zip(starts, chunks, strict=True)):
-                n = len(chunk)
-                ids[g, q - n:] = torch.tensor(chunk)
-                cols[g, q - n:] = torch.arange(start, start + n)
-                cols[g, :q - n] = torch.arange(start + n, start + q)
-            ids, cols = ids.to(device), cols.to(device)
-        kv_len = max(starts) + q
-        self.slots.reserve(kv_len)
-        # Query j of row g sees columns 0..cols[g, j]: its own past and itself.
-        mask = torch.arange(kv_len, device=device)[None, None, :] <= cols[:, :, None]
-        mask = mask[:, None]
-        if self._additive:
-            dtype = self.slots.dtype
-            mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(
-                ~mask, torch.finfo(dtype).min)
-        start = starts[0] if rows == 1 else None
-        with self.slots.bound(lo, cols, kv_len, start):
-            out = self.model(input_ids=ids, position_ids=cols, attention_mask=mask,
-                             use_cache=True, logits_to_keep=1, **{self._cache_arg: self.slots})
-        return out.logits[:, -1]
+        r = Ragged(lo, decode_cols, decode_tokens, chunks, device)
+        self.slots.reserve(r.columns)
+        ids = torch.tensor([r.token_ids()], device=device)
+        positions = torch.tensor([r.positions()], device=device)
+        keep = torch.tensor(r.last_tokens(), device=device)
+        with self.slots.bound(r), _implementation(self.model.config, ATTENTION):
+            out = self.model(input_ids=ids, position_ids=positions, attention_mask=self._mask,
+                             use_cache=True, logits_to_keep=keep, ragged=r,
+                             **{self._cache_arg: self.slots})
+        if r.calls != self.layers:
+            # A model whose attention bypasses transformers' interface would have attended
+            # across the packed rows: refuse rather than return its logits.
+            raise RuntimeError(f"the model ran the ragged attention in {r.calls} of "
+                               f"{self.layers} layers; its attention is not supported")
+        return out.logits[0]
+
+
+@contextmanager
+def _implementation(config: Any, name: str) -> Iterator[None]:
+    """Route the model's attention to `name` for one pass; the model is left as it was, so
+    plain `generate` on it still runs its own attention."""
+    before = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = before

@@ -4,25 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from kernel.llm.engine import ragged
+from kernel.llm.engine.ragged import Ragged
+
 # Column capacity grows in steps of this many tokens, so sequences growing one token per step
 # reallocate rarely.
 _COLUMN_STEP = 128
-
-
-@dataclass
-class _Binding:
-    """Where the forward pass in progress writes: rows lo..hi-1, columns `cols` ([rows, q])."""
-
-    lo: int
-    hi: int
-    cols: torch.Tensor
-    kv_len: int
-    start: int | None  # first column when one row writes a contiguous run, else None
 
 
 class SlotLayer(DynamicLayer):
@@ -40,7 +31,7 @@ class SlotLayer(DynamicLayer):
 
     def get_seq_length(self) -> int:
         binding = self._store.binding
-        return 0 if binding is None else binding.kv_len
+        return 0 if binding is None else binding.columns
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length(), 0
@@ -76,7 +67,7 @@ class SlotCache(Cache):
         self._owner: list[int] = []  # row -> sequence id
         self._row: dict[int, int] = {}  # sequence id -> row
         self._length: list[int] = []  # row -> tokens of KV held
-        self.binding: _Binding | None = None
+        self.binding: Ragged | None = None
 
     # -- bookkeeping ------------------------------------------------------------------------
 
@@ -184,35 +175,25 @@ class SlotCache(Cache):
     # -- the forward pass -------------------------------------------------------------------
 
     @contextmanager
-    def bound(self, lo: int, cols: torch.Tensor, kv_len: int, start: int | None = None
-              ) -> Iterator[None]:
-        """Route the model's cache writes to rows lo.. and columns `cols` for one forward.
-
-        `start` says the writes are one row's contiguous columns from there: a plain slice copy.
-        """
-        self.binding = _Binding(lo, lo + cols.shape[0], cols, kv_len, start)
+    def bound(self, r: Ragged) -> Iterator[None]:
+        """Route the model's cache writes for one ragged pass to the rows and columns it
+        names; its attention reads the same tensor."""
+        r.kv = self._buf
+        self.binding = r
         try:
             yield
         finally:
             self.binding = None
+            r.kv = None
 
     def write(self, layer: int, keys: torch.Tensor, values: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store one layer's new keys/values ([rows, kv_heads, q, dim]); return its full KV."""
-        b = self.binding
-        if b is None:
+        """Store one layer's new keys/values ([1, kv_heads, T, dim]); the ragged attention
+        reads them from the store, so they are handed back unchanged."""
+        if self.binding is None:
             raise RuntimeError("SlotCache used outside an engine forward pass")
-        k_all = self._buf[layer, 0, b.lo:b.hi]
-        v_all = self._buf[layer, 1, b.lo:b.hi]
-        if b.start is not None:
-            end = b.start + keys.shape[2]
-            k_all[0, :, b.start:end] = keys[0]
-            v_all[0, :, b.start:end] = values[0]
-        else:
-            rows = torch.arange(b.hi - b.lo, device=self.device)[:, None]
-            k_all[rows, :, b.cols] = keys.transpose(1, 2)
-            v_all[rows, :, b.cols] = values.transpose(1, 2)
-        return k_all[:, :, :b.kv_len], v_all[:, :, :b.kv_len]
+        ragged.write(self.binding, layer, keys, values)
+        return keys, values
 
     # -- storage ----------------------------------------------------------------------------
 

@@ -1,0 +1,175 @@
+"""Engine micro-benchmark: the llm.py agent workload driven straight into the engine.
+
+    .venv/bin/python tools/bench/engine.py [--agents 16,64] [--turns 2] [--max-tokens 32]
+                                           [--max-batch 64] [--dtype float32] [--profile]
+
+No kernel, no processes, no scheduler policy: N closed-loop agents (shared system prompt, own
+growing history, greedy) whose calls join the batch first come first served, up to
+`--max-batch`, one `engine.step` per iteration. Prints aggregate tok/s (also per CPU-second of
+the process: on a shared machine, with --threads 1, the steadier figure), p50 time to first token
+and call latency, and where the step time went (forward passes by kind, sampling, the rest).
+For iterating on the engine; the end-to-end comparison with other systems is llm.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from workload import SYSTEM, user_turn
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+
+def prompt(tokenizer, history: list[dict]) -> list[int]:
+    ids = tokenizer.apply_chat_template(history, add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+class Timer:
+    """Wraps the runner's forward to add up seconds by kind of pass (decode, prefill, mixed)."""
+
+    def __init__(self, runner) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+        self.tokens: dict[str, int] = defaultdict(int)
+        inner = runner.forward
+
+        def forward(lo, decode_cols, decode_tokens, chunks):
+            decode, sizes = len(decode_tokens), [len(c.tokens) for c in chunks]
+            kind = "decode" if not sizes else "prefill" if not decode else "mixed"
+            sizes = [1] * decode + sizes
+            t0 = time.perf_counter()
+            out = inner(lo, decode_cols, decode_tokens, chunks)
+            self.seconds[kind] += time.perf_counter() - t0
+            self.calls[kind] += 1
+            self.tokens[kind] += sum(sizes)
+            return out
+
+        runner.forward = forward
+
+
+def run(engine, tokenizer, n: int, turns: int, max_tokens: int, max_batch: int) -> dict:
+    from kernel.llm.engine import SamplingParams
+
+    histories = [[{"role": "system", "content": SYSTEM}] for _ in range(n)]
+    turn = [0] * n
+    texts: dict[tuple[int, int], str] = {}
+    waiting: list[int] = []  # request ids, first come first served
+    running: list[int] = []
+    owner: dict[int, int] = {}
+    arrival: dict[int, float] = {}
+    first: dict[int, float] = {}
+    reply: dict[int, list[int]] = {}
+    ttfts, latencies, tokens = [], [], 0
+    ids = iter(range(10**9))
+
+    def submit(agent: int, now: float) -> None:
+        histories[agent].append({"role": "user", "content": user_turn(agent, turn[agent])})
+        rid = next(ids)
+        owner[rid], arrival[rid], reply[rid] = agent, now, []
+        engine.add(rid, prompt(tokenizer, histories[agent]),
+                   SamplingParams(temperature=0.0, max_tokens=max_tokens))
+        waiting.append(rid)
+
+    timer = Timer(engine.runner)
+    step_time = 0.0
+    start, cpu = time.perf_counter(), time.process_time()
+    for agent in range(n):
+        submit(agent, start)
+    while waiting or running:
+        while waiting and len(running) < max_batch:
+            running.append(waiting.pop(0))
+        t0 = time.perf_counter()
+        outputs = engine.step(list(running))
+        now = time.perf_counter()
+        step_time += now - t0
+        for rid, out in outputs.items():
+            if out.new_tokens:
+                first.setdefault(rid, now)
+                reply[rid] += out.new_tokens
+                tokens += len(out.new_tokens)
+            if out.finished:
+                running.remove(rid)
+                agent = owner[rid]
+                ttfts.append(first[rid] - arrival[rid])
+                latencies.append(now - arrival[rid])
+                text = tokenizer.decode(reply[rid], skip_special_tokens=True)
+                texts[(agent, turn[agent])] = text.strip()
+                histories[agent].append({"role": "assistant", "content": text})
+                turn[agent] += 1
+                if turn[agent] < turns:
+                    submit(agent, now)
+    makespan = time.perf_counter() - start
+    cpu = time.process_time() - cpu
+    stats = engine.stats()
+    forward = sum(timer.seconds.values())
+    return {"n": n, "tok_s": tokens / makespan, "makespan": makespan, "cpu": cpu,
+            "tok_cpu_s": tokens / cpu,
+            "ttft": statistics.median(ttfts), "lat": statistics.median(latencies),
+            "steps": stats["steps"], "forwards": stats["forwards"],
+            "prefill": stats["prefill_tokens"], "hit": stats["prefix_hit_rate"],
+            "split": {k: (timer.seconds[k], timer.calls[k], timer.tokens[k])
+                      for k in sorted(timer.seconds)},
+            "other": step_time - forward, "texts": texts}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--agents", default="16,64")
+    p.add_argument("--turns", type=int, default=2)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--max-batch", type=int, default=64)
+    p.add_argument("--prefill-chunk", type=int, default=256)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--profile", action="store_true", help="print torch's op profile of a run")
+    args = p.parse_args()
+
+    import torch
+
+    from kernel.llm.engine import Engine
+    from kernel.llm.store import ModelStore
+
+    torch.set_num_threads(args.threads)
+    model, tokenizer = ModelStore().load("smollm2", dtype=args.dtype)
+    print(f"dtype={args.dtype} threads={args.threads} max_batch={args.max_batch} "
+          f"turns={args.turns} max_tokens={args.max_tokens}")
+    print(f"{'agents':>6} {'tok/s':>7} {'tok/cpu-s':>9} {'makespan':>8} {'ttft50':>7} "
+          f"{'lat50':>6} {'steps':>5} {'fwds':>5} {'prefill':>7} {'hit':>5}  "
+          "time split (s / passes / tokens)")
+    baseline: dict | None = None
+    for n in (int(x) for x in args.agents.split(",")):
+        engine = Engine(model, tokenizer, max_batch=args.max_batch,
+                        prefill_chunk=args.prefill_chunk)
+        if args.profile:
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                r = run(engine, tokenizer, n, args.turns, args.max_tokens, args.max_batch)
+        else:
+            r = run(engine, tokenizer, n, args.turns, args.max_tokens, args.max_batch)
+        split = "  ".join(f"{k} {s:.1f}/{c}/{t}" for k, (s, c, t) in r["split"].items())
+        print(f"{n:>6} {r['tok_s']:7.1f} {r['tok_cpu_s']:9.1f} {r['makespan']:7.1f}s "
+              f"{r['ttft']:6.2f}s {r['lat']:5.2f}s {r['steps']:>5} {r['forwards']:>5} "
+              f"{r['prefill']:>7} {r['hit']:5.2f}  {split}  other {r['other']:.1f}")
+        if args.profile:
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+        if baseline is None:
+            baseline = r
+        else:
+            same = sum(r["texts"].get(k) == v for k, v in baseline["texts"].items())
+            print(f"       greedy texts equal to the {baseline['n']}-agent run's, same agents: "
+                  f"{same}/{len(baseline['texts'])}")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())
