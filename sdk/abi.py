@@ -577,6 +577,19 @@ class MemoryHit(msgspec.Struct, frozen=True):
     match: str  # vector | keyword
 
 
+class EmbedArgs(Args):
+    """Texts to embed with the memory manager's embedder (`/v1/embeddings`)."""
+
+    input: Annotated[list[Annotated[str, msgspec.Meta(max_length=64 * 1024)]],
+                     msgspec.Meta(min_length=1, max_length=2048)]
+
+
+class EmbedResult(msgspec.Struct, frozen=True):
+    model: str  # the embedder's name (all-minilm-l6-v2, or hash in tests)
+    vectors: list[list[float]]  # unit length, one per input, in order
+    words: int  # whitespace-separated words embedded (a stand-in for tokens)
+
+
 FsPathText = Annotated[str, msgspec.Meta(max_length=1024)]  # checked by the kernel
 
 
