@@ -337,6 +337,24 @@ def test_top_renders_under_tmux_and_q_quits(web: KernelProcess) -> None:
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
 
 
+def test_top_shows_sandbox_tiers_and_memory_figures(web: KernelProcess) -> None:
+    from tests.conftest import TEST_TIER, agent
+
+    with web.connect() as conn:
+        aid = conn.proc.spawn(agent("idle"), name="idler")
+        conn.memory.add("a memory for top to count", namespace="user/top-test")
+        try:
+            assert wait_until(lambda: any(a.id == aid and a.state == "running"
+                                          for a in conn.proc.ps()))
+            out = web.cli("top", "--once", "--interval", "0.1")
+        finally:
+            conn.proc.kill(aid)
+    assert out.returncode == 0, out.stderr
+    row = next(line for line in out.stdout.splitlines() if "idler" in line)
+    assert TEST_TIER in row
+    assert "memory resident" in out.stdout and "embedded" in out.stdout
+
+
 def test_keys_are_never_wider_than_their_minter(web: KernelProcess) -> None:
     from tests.conftest import agent
 
