@@ -109,6 +109,18 @@ def test_removing_a_key_revokes_its_tokens(tk: KernelProcess) -> None:
             conn.sys.null()
 
 
+def test_a_remote_client_has_its_own_memory_namespace(tk: KernelProcess) -> None:
+    """`remote/<name>`, never the local user's `user/<name>` of the same name."""
+    public, secret = keygen()
+    grant = add_key(tk, "desk", public, "memory.*@mem/remote/desk")
+    keys = CurveKeys(grant["server_key"], public, secret)
+    with sdk.connect(grant["endpoint"], grant["token"], curve=keys, timeout=10) as conn:
+        mid = conn.memory.add("from the desk")
+        assert conn.memory.get(mid).namespace == "remote/desk"
+        with pytest.raises(sdk.PermissionDenied):
+            conn.memory.add("x", namespace="user/desk")
+
+
 def test_no_tcp_endpoint_unless_configured(tmp_path: Path) -> None:
     k = KernelProcess(tmp_path / "state").start()
     try:

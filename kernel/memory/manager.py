@@ -39,10 +39,13 @@ def own_namespace(k: Kernel, caller: Caller) -> str:
         live = k.procs.live.get(caller.agent_id)
         if live is not None:
             return f"agent/{live.name}"
+    # Users, HTTP keys and remote clients each have their own (`user/`, `http/`, `remote/`),
+    # so an HTTP key named like a local user never shares its memories.
     kind, _, name = caller.principal.partition(":")
-    if kind == "http":  # an HTTP key's bearer: never a local user's or an agent's namespace
-        return f"http/{name}"
-    return f"user/{name or 'unknown'}"
+    if kind in ("user", "http", "remote") and name:
+        return f"{kind}/{name}"
+    raise _fault(abi.ErrorCode.EINVAL, f"{caller.principal} has no memory namespace of its "
+                 "own; name one")
 
 
 @dataclass
