@@ -433,9 +433,19 @@ def test_aios_sdk_memory_storage_and_tool_queries(web: KernelProcess) -> None:
     out = query("tool", ToolQuery(tool_calls=[
         {"name": "calculator", "parameters": {"expression": "6 * 7"}}]))
     assert out["response_message"] == {"value": 42}
+    out = query("tool", {"tool_calls": [  # arguments as a JSON string, as models write them
+        {"name": "calculator", "parameters": '{"expression": "1 + 1"}'},
+        {"name": "calculator", "parameters": {"expression": "1 / 0"}}]})
+    assert out["response_message"][0] == {"value": 2}
+    assert out["response_message"][1].startswith("error:")
     for data, status in (({"tool_calls": [{"name": "python", "parameters": {}}]}, 403),
                          ({"tool_calls": []}, 400),
-                         ({"operation_type": "frobnicate", "params": {}}, 400)):
+                         ({"operation_type": "frobnicate", "params": {}}, 400),
+                         ({"operation_type": "rollback",
+                           "params": {"file_path": "notes/plan.txt", "n": "x"}}, 400),
+                         ({"operation_type": "write", "params": {"file_path": 5}}, 400),
+                         ({"operation_type": "rollback",
+                           "params": {"file_path": "notes/plan.txt", "n": 99}}, 404)):
         with pytest.raises(requests.HTTPError) as info:
             client._post("/query", {"query_type": "tool" if "tool_calls" in data else "storage",
                                     "query_data": data})

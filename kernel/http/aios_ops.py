@@ -9,6 +9,7 @@ own space is memory namespace `http/<name>` and file owner `http:<name>`.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -86,7 +87,10 @@ async def memory(data: Any, call: Call) -> dict[str, Any]:
 # --- storage --------------------------------------------------------------------------------
 
 def _path(p: dict[str, Any]) -> str:
-    return str(_need(p, "file_path", "dir_path", "path"))
+    path = _need(p, "file_path", "dir_path", "path")
+    if not isinstance(path, str):
+        raise Refused(400, "query_data.params.file_path must be a string")
+    return path
 
 
 async def storage(data: Any, call: Call) -> dict[str, Any]:
@@ -132,7 +136,9 @@ async def _rollback(p: dict[str, Any], call: Call) -> str:
     """AIOS's `n` counts versions back from the current one; agentos's names a version."""
     path, version, at = _path(p), p.get("version"), p.get("time")
     if version is None and at is None:
-        n = int(p.get("n", 1))
+        n = p.get("n", 1)
+        if not isinstance(n, int) or isinstance(n, bool):
+            raise Refused(400, "query_data.params.n must be an integer")
         versions = await call("fs.versions", _convert({"path": path}, abi.FsPathArgs),
                               list[abi.FsVersion])
         current = max((v.version for v in versions), default=0)
@@ -152,8 +158,13 @@ async def tool(data: Any, call: Call) -> dict[str, Any]:
         raise Refused(400, "query_data.tool_calls must be a non-empty list of {name, parameters}")
     results = []
     for c in calls:
-        args = _convert({"name": c.get("name"), "arguments": c.get("parameters") or {}},
-                        abi.ToolCallArgs)
+        params = c.get("parameters") or {}
+        if isinstance(params, str):  # models often give arguments as a JSON string
+            try:
+                params = json.loads(params)
+            except ValueError:
+                raise Refused(400, f"tool {c.get('name')!r}: parameters are not JSON") from None
+        args = _convert({"name": c.get("name"), "arguments": params}, abi.ToolCallArgs)
         results.append(await call("tools.call", args, abi.ToolResult))
     values = [r.value if r.error is None else f"error: {r.error}" for r in results]
     return {"response_message": values[0] if len(values) == 1 else values,
