@@ -270,11 +270,13 @@ def test_metrics_in_prometheus_format(web: KernelProcess, key: str) -> None:
     families = {f.name: f for f in text_string_to_metric_families(r.text)}
     for name in ("agentos_syscalls", "agentos_syscall_duration_seconds", "agentos_llm_queue",
                  "agentos_llm_tokens_per_second", "agentos_llm_preemptions",
-                 "agentos_denials"):
+                 "agentos_denials", "agentos_memory"):
         assert name in families, name
     counts = {s.labels["call"]: s.value for s in families["agentos_syscalls"].samples
               if s.name == "agentos_syscalls_total"}
     assert counts["llm.chat"] >= 1
+    figures = {s.labels["figure"] for s in families["agentos_memory"].samples}
+    assert {"resident", "ram_bytes", "embedded"} <= figures
     no_stats = mint(web, "llm.chat", name="eve")
     r = httpx.get(base_url(web) + "/metrics", headers={"Authorization": f"Bearer {no_stats}"})
     assert r.status_code == 403
