@@ -427,6 +427,16 @@ def test_aios_sdk_memory_storage_and_tool_queries(web: KernelProcess) -> None:
     assert "now version 3" in storage("rollback", file_path="notes/plan.txt", n=1)
     assert storage("read", file_path="notes/plan.txt") == "first draft about llamas"
     assert storage("retrieve", query_text="llamas", n=2)[0]["path"] == "notes/plan.txt"
+    from kernel.access.tokens import parse_unverified
+    from tests.conftest import agent
+
+    with web.connect() as conn:  # sharing a folder with a running agent: a token for it
+        aid = conn.proc.spawn(agent("idle"), name="reader")
+        try:
+            cap = parse_unverified(storage("share", file_path="notes", to="reader"))
+        finally:
+            conn.proc.kill(aid)
+    assert cap.audiences == (f"agent:{aid}",) and "fs/agent/http:mia/notes" in str(cap.rule_sets)
     with pytest.raises(requests.HTTPError) as info:  # outside its own namespace
         client._post("/query", {"query_type": "storage", "query_data": {
             "operation_type": "read", "params": {"file_path": "../x"}}})
