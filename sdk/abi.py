@@ -178,6 +178,7 @@ class ChatArgs(Args):
     tool_choice: Annotated[str, msgspec.Meta(pattern=r"^(auto|none|required)$")] = "auto"
     priority: Annotated[int, msgspec.Meta(ge=-100, le=100)] = 0
     stream: bool = False
+    ignore_eos: bool = False  # generate max_tokens whatever the model says (vLLM's extension)
 
 
 class CancelArgs(Args):

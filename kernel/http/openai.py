@@ -76,7 +76,7 @@ def chat_args(body: Any) -> abi.ChatArgs:
     unknown = sorted(set(body) - _IGNORED - {
         "model", "messages", "temperature", "top_p", "top_k", "max_tokens",
         "max_completion_tokens", "stop", "seed", "response_format", "tools", "tool_choice",
-        "stream", "n", "priority"})
+        "stream", "n", "priority", "ignore_eos"})
     if unknown:
         raise bad(f"unsupported fields: {', '.join(unknown)}", unknown[0])
     args: dict[str, Any] = {"messages": [_message(m, i) for i, m in enumerate(messages)]}
@@ -84,7 +84,7 @@ def chat_args(body: Any) -> abi.ChatArgs:
     if model not in (None, "", "default"):
         args["model"] = model
     args["temperature"] = 1.0 if body.get("temperature") is None else body["temperature"]
-    for key in ("top_p", "top_k", "seed", "priority"):
+    for key in ("top_p", "top_k", "seed", "priority", "ignore_eos"):
         if body.get(key) is not None:
             args[key] = body[key]
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
