@@ -193,4 +193,11 @@ class Remote:
         if not self.keys.registered(args.name):
             raise Fault(abi.ErrorCode.ENOENT, f"no remote key named {args.name!r}")
         self.keys.set(args.name, None)
-        self.k.audit.append(call.caller.principal, "rm-key", subject=PREFIX + args.name)
+        # Revoke what was minted for the name too, so registering it again (even with the
+        # same key) does not bring an old token back to life.
+        principal = PREFIX + args.name
+        revoked = 0
+        for (token_id,) in self.k.db.read(
+                "SELECT id FROM tokens WHERE subject=? AND revoked_at IS NULL", (principal,)):
+            revoked += self.k.access.revoke(token_id, call.caller.principal, "rm-key")
+        self.k.audit.append(call.caller.principal, "rm-key", subject=principal, revoked=revoked)

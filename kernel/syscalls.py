@@ -198,6 +198,7 @@ SYSCALLS: dict[str, Syscall] = {
     "memory.delete": Syscall(memory_calls.delete, abi.MemoryRef, memory_calls.resource),
     "memory.list": Syscall(memory_calls.list_, abi.MemoryListArgs, memory_calls.resource),
     "memory.search": Syscall(memory_calls.search, abi.MemorySearchArgs, memory_calls.resource),
+    "memory.embed": Syscall(memory_calls.embed, abi.EmbedArgs),
     "fs.read": Syscall(fs_calls.read, abi.FsReadArgs, fs_calls.path_resource),
     "fs.write": Syscall(fs_calls.write, abi.FsWriteArgs, fs_calls.path_resource),
     "fs.append": Syscall(fs_calls.append, abi.FsWriteArgs, fs_calls.path_resource),

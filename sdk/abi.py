@@ -178,6 +178,7 @@ class ChatArgs(Args):
     tool_choice: Annotated[str, msgspec.Meta(pattern=r"^(auto|none|required)$")] = "auto"
     priority: Annotated[int, msgspec.Meta(ge=-100, le=100)] = 0
     stream: bool = False
+    ignore_eos: bool = False  # generate max_tokens whatever the model says (vLLM's extension)
 
 
 class CancelArgs(Args):
@@ -575,6 +576,19 @@ class MemoryHit(msgspec.Struct, frozen=True):
     metadata: dict[str, Any]
     score: float
     match: str  # vector | keyword
+
+
+class EmbedArgs(Args):
+    """Texts to embed with the memory manager's embedder (`/v1/embeddings`)."""
+
+    input: Annotated[list[Annotated[str, msgspec.Meta(max_length=64 * 1024)]],
+                     msgspec.Meta(min_length=1, max_length=2048)]
+
+
+class EmbedResult(msgspec.Struct, frozen=True):
+    model: str  # the embedder's name (all-minilm-l6-v2, or hash in tests)
+    vectors: list[list[float]]  # unit length, one per input, in order
+    words: int  # whitespace-separated words embedded (a stand-in for tokens)
 
 
 FsPathText = Annotated[str, msgspec.Meta(max_length=1024)]  # checked by the kernel

@@ -54,6 +54,11 @@ class Memory:
                                     namespace=namespace, mode=mode)
         return self._conn.call("memory.search", args, list[abi.MemoryHit])
 
+    def embed(self, texts: list[str]) -> abi.EmbedResult:
+        """The memory manager's embeddings of `texts` (unit vectors, 384 wide with MiniLM)."""
+        return self._conn.call("memory.embed", abi.EmbedArgs(input=list(texts)),
+                               abi.EmbedResult)
+
 
 class Conversation:
     """A chat whose messages live in the memory manager (blocking connections): constructing

@@ -95,6 +95,32 @@ def test_unknown_and_removed_keys_are_refused(tk: KernelProcess) -> None:
     assert tk.cli("agent", "rm-key", "phone").returncode == 1  # ENOENT
 
 
+def test_removing_a_key_revokes_its_tokens(tk: KernelProcess) -> None:
+    """A name registered again (even with the same key) gets a new token; the old one is dead."""
+    public, secret = keygen()
+    old = add_key(tk, "tablet", public)
+    assert tk.cli("agent", "rm-key", "tablet").returncode == 0
+    new = add_key(tk, "tablet", public)
+    keys = CurveKeys(new["server_key"], public, secret)
+    with sdk.connect(new["endpoint"], new["token"], curve=keys, timeout=10) as conn:
+        assert conn.sys.null() is None
+    with sdk.connect(old["endpoint"], old["token"], curve=keys, timeout=10) as conn:
+        with pytest.raises(sdk.PermissionDenied):
+            conn.sys.null()
+
+
+def test_a_remote_client_has_its_own_memory_namespace(tk: KernelProcess) -> None:
+    """`remote/<name>`, never the local user's `user/<name>` of the same name."""
+    public, secret = keygen()
+    grant = add_key(tk, "desk", public, "memory.*@mem/remote/desk")
+    keys = CurveKeys(grant["server_key"], public, secret)
+    with sdk.connect(grant["endpoint"], grant["token"], curve=keys, timeout=10) as conn:
+        mid = conn.memory.add("from the desk")
+        assert conn.memory.get(mid).namespace == "remote/desk"
+        with pytest.raises(sdk.PermissionDenied):
+            conn.memory.add("x", namespace="user/desk")
+
+
 def test_no_tcp_endpoint_unless_configured(tmp_path: Path) -> None:
     k = KernelProcess(tmp_path / "state").start()
     try:

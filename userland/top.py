@@ -84,7 +84,7 @@ def render(now: Sample, before: Sample | None) -> Group:
         calls = (f"{(caller.get('syscalls', 0) - prev.get('syscalls', 0)) / dt:.1f}"
                  if dt else "-")
         tokens = int(caller.get("prompt_tokens", 0) + caller.get("completion_tokens", 0))
-        agents.add_row(str(a.id), a.name, a.state, "-", str(a.pid or "-"), cpu,
+        agents.add_row(str(a.id), a.name, a.state, a.sandbox or "-", str(a.pid or "-"), cpu,
                        _mb(proc[1]) if proc else "-", calls, str(tokens))
 
     llm = Table(title="LLM", title_justify="left", expand=True)
@@ -108,8 +108,18 @@ def render(now: Sample, before: Sample | None) -> Group:
             callers.add_row(principal, f"{row['syscalls']:.0f}", f"{row['errors']:.0f}",
                             f"{row['denials']:.0f}",
                             f"{row['prompt_tokens'] + row['completion_tokens']:.0f}")
-    foot = Text("memory / storage: no memory or storage manager on this kernel", style="dim")
-    return Group(head, agents, llm, callers, foot)
+    return Group(head, agents, llm, callers, _memory_line(s.memory))
+
+
+def _memory_line(m: dict[str, float]) -> Text:
+    """The memory manager's RAM tier and embedding counters (`Stats.memory`)."""
+    if not m:
+        return Text("memory: no memory manager figures", style="dim")
+    return Text.assemble(
+        ("memory ", "bold"), f"resident {m.get('resident', 0):.0f} ({_mb(m.get('ram_bytes', 0))})"
+        f"  indexed namespaces {m.get('namespaces_indexed', 0):.0f}"
+        f"  embedded {m.get('embedded', 0):.0f}  evictions {m.get('evictions', 0):.0f}"
+        f"  reloads {m.get('reloads', 0):.0f}")
 
 
 def _key_pressed(timeout: float) -> str | None:

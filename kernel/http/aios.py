@@ -40,8 +40,9 @@ def llm_args(data: Any, served: Iterable[str]) -> abi.ChatArgs:
         raise Refused(400, "query_data.messages must be a non-empty list")
     action = data.get("action_type", "chat")
     if action in ("operate_file", "call_tool"):
-        raise Refused(501, f"action_type {action!r} needs the kernel's storage and tool "
-                      "managers, which this kernel does not have yet")
+        raise Refused(501, f"action_type {action!r} (the kernel letting an LLM drive files "
+                      "or tools) is not supported; send the operations themselves as "
+                      "query_type 'storage' or 'tool'")
     if action not in ("chat", "tool_use", "chat_with_json_output",
                       "chat_with_tool_call_output"):
         raise Refused(400, f"unknown action_type {action!r}")

@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from kernel.http import aios, openai
+from kernel.http import aios, aios_ops, openai
 from kernel.http.bridge import Bridge, Failed, Refused, final
 from kernel.http.metrics import render
 from sdk import abi
@@ -167,14 +167,13 @@ class Routes:
     async def embeddings(self, request: Request) -> Response:
         token = bearer(request)
         try:
-            # Authenticate before saying what is missing, so the door tells strangers nothing.
-            await self.bridge.authenticate(token)
-            await json_body(request)
+            await self.bridge.authenticate(token)  # strangers learn nothing about the body
+            args, encoding, dimensions = openai.embedding_args(await json_body(request))
+            result = await self.bridge.call(token, "memory.embed", args, abi.EmbedResult,
+                                            gone=disconnected(request))
+            return JSONResponse(openai.embeddings(result, encoding, dimensions))
         except (Refused, Failed) as exc:
             return openai_error(exc)
-        return openai_error(Refused(
-            501, "embeddings need the memory manager's MiniLM embedding syscall, which this "
-            "kernel does not have yet", "not_implemented"))
 
     # --- AIOS --------------------------------------------------------------------------------
 
@@ -189,9 +188,7 @@ class Routes:
             if query_type not in aios.QUERY_TYPES:
                 raise Refused(400, f"query_type must be one of {', '.join(aios.QUERY_TYPES)}")
             if query_type != "llm":
-                await self.bridge.authenticate(token)
-                raise Refused(501, f"{query_type} queries need the kernel's {query_type} "
-                              "manager, which this kernel does not have yet")
+                return await self._query_op(request, token, query_type, body.get("query_data"))
             args = aios.llm_args(body.get("query_data"), self.k.config.models)
             started = time.time()
             result = await self.bridge.call(token, "llm.chat", args, abi.ChatResult,
@@ -201,6 +198,20 @@ class Routes:
             return JSONResponse(aios.error_response(str(query_type), r.status, r.message),
                                 status_code=r.status)
         return JSONResponse(aios.llm_response(result, started))
+
+    async def _query_op(self, request: Request, token: str | None, query_type: str,
+                        data: Any) -> Response:
+        """A memory, storage or tool query: its syscalls, one after another, as the token's
+        principal. Refusals raise to `query`, which shapes them."""
+        await self.bridge.authenticate(token)  # a stranger learns nothing about the body
+
+        async def call(name: str, args: abi.Args | None, result_type: Any) -> Any:
+            return await self.bridge.call(token, name, args, result_type,
+                                          gone=disconnected(request))
+
+        started = time.time()
+        fields = await aios_ops.OPERATIONS[query_type](data, call)
+        return JSONResponse(aios_ops.response(query_type, fields, started))
 
     # --- metrics -----------------------------------------------------------------------------
 

@@ -87,6 +87,13 @@ class _Snapshot:
             if "kv_bytes" in m:
                 kv.add_metric([model], m["kv_bytes"])
         yield from (queue, preempt, kv)
+        # The memory manager's RAM tier (gauges) and its counters since boot.
+        memory = GaugeMetricFamily("agentos_memory", "Memory manager: resident memories, RAM "
+                                   "bytes, indexed namespaces, embedded/evicted/reloaded so far",
+                                   labels=["figure"])
+        for figure, value in sorted(s.memory.items()):
+            memory.add_metric([figure], value)
+        yield memory
 
 
 def render(stats: abi.Stats) -> bytes:

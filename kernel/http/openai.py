@@ -76,7 +76,7 @@ def chat_args(body: Any) -> abi.ChatArgs:
     unknown = sorted(set(body) - _IGNORED - {
         "model", "messages", "temperature", "top_p", "top_k", "max_tokens",
         "max_completion_tokens", "stop", "seed", "response_format", "tools", "tool_choice",
-        "stream", "n", "priority"})
+        "stream", "n", "priority", "ignore_eos"})
     if unknown:
         raise bad(f"unsupported fields: {', '.join(unknown)}", unknown[0])
     args: dict[str, Any] = {"messages": [_message(m, i) for i, m in enumerate(messages)]}
@@ -84,7 +84,7 @@ def chat_args(body: Any) -> abi.ChatArgs:
     if model not in (None, "", "default"):
         args["model"] = model
     args["temperature"] = 1.0 if body.get("temperature") is None else body["temperature"]
-    for key in ("top_p", "top_k", "seed", "priority"):
+    for key in ("top_p", "top_k", "seed", "priority", "ignore_eos"):
         if body.get(key) is not None:
             args[key] = body[key]
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
@@ -187,3 +187,46 @@ def models(infos: list[abi.ModelInfo], created: float) -> dict[str, Any]:
     return {"object": "list", "data": [
         {"id": m.name, "object": "model", "created": int(created), "owned_by": "agentos",
          "backend": m.backend, "default": m.default} for m in infos]}
+
+
+def embedding_args(body: Any) -> tuple[abi.EmbedArgs, str, int | None]:
+    """`/v1/embeddings`: the texts, the encoding ("float" or "base64", which the `openai`
+    client asks for by default) and the requested width, if any."""
+    if not isinstance(body, dict):
+        raise bad("the request body must be a JSON object")
+    unknown = set(body) - {"input", "model", "encoding_format", "dimensions", "user"}
+    if unknown:
+        raise bad(f"unsupported field {sorted(unknown)[0]!r}", sorted(unknown)[0])
+    texts = body.get("input")
+    texts = [texts] if isinstance(texts, str) else texts
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+        raise bad("'input' must be a string or a non-empty list of strings (token ids are not "
+                  "supported)", "input")
+    encoding = body.get("encoding_format") or "float"
+    if encoding not in ("float", "base64"):
+        raise bad("'encoding_format' must be 'float' or 'base64'", "encoding_format")
+    dimensions = body.get("dimensions")
+    if dimensions is not None and not isinstance(dimensions, int):
+        raise bad("'dimensions' must be an integer", "dimensions")
+    try:
+        return msgspec.convert({"input": texts}, abi.EmbedArgs), encoding, dimensions
+    except msgspec.ValidationError as exc:
+        raise bad(f"invalid 'input': {exc}", "input") from None
+
+
+def embeddings(result: abi.EmbedResult, encoding: str, dimensions: int | None) -> dict[str, Any]:
+    import base64
+
+    import numpy as np
+
+    width = len(result.vectors[0]) if result.vectors else 0
+    if dimensions is not None and dimensions != width:
+        raise bad(f"'dimensions' must be {width} ({result.model}'s width)", "dimensions")
+    data = []
+    for i, vector in enumerate(result.vectors):
+        value: Any = vector
+        if encoding == "base64":  # little-endian float32, as OpenAI sends it
+            value = base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
+        data.append({"object": "embedding", "index": i, "embedding": value})
+    return {"object": "list", "data": data, "model": result.model,
+            "usage": {"prompt_tokens": result.words, "total_tokens": result.words}}

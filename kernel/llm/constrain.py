@@ -110,7 +110,8 @@ def _filtered_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
 
 def sampling_params(args: abi.ChatArgs, tokenizer: Any) -> SamplingParams:
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                            max_tokens=args.max_tokens, stop=list(args.stop), seed=args.seed)
+                            max_tokens=args.max_tokens, stop=list(args.stop), seed=args.seed,
+                            ignore_eos=args.ignore_eos)
     json_mode = args.response_format == "json" or (args.tools and args.tool_choice == "required")
     if json_mode:
         if args.max_tokens < 2:

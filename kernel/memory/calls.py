@@ -50,3 +50,8 @@ def list_(k: Kernel, call: Call, args: abi.MemoryListArgs) -> list[abi.Memory]:
 
 def search(k: Kernel, call: Call, args: abi.MemorySearchArgs) -> Any:
     return k.memory.search(call, _ns(k, call, args), args.query, args.k, args.filter, args.mode)
+
+
+
+def embed(k: Kernel, call: Call, args: abi.EmbedArgs) -> Any:
+    return k.memory.embed(call, list(args.input))

@@ -39,7 +39,13 @@ def own_namespace(k: Kernel, caller: Caller) -> str:
         live = k.procs.live.get(caller.agent_id)
         if live is not None:
             return f"agent/{live.name}"
-    return f"user/{caller.principal.partition(':')[2] or 'unknown'}"
+    # Users, HTTP keys and remote clients each have their own (`user/`, `http/`, `remote/`),
+    # so an HTTP key named like a local user never shares its memories.
+    kind, _, name = caller.principal.partition(":")
+    if kind in ("user", "http", "remote") and name:
+        return f"{kind}/{name}"
+    raise _fault(abi.ErrorCode.EINVAL, f"{caller.principal} has no memory namespace of its "
+                 "own; name one")
 
 
 @dataclass
@@ -156,6 +162,19 @@ class MemoryManager:
             return box[0] if box else None
         box.append("parked")
         return None if call is None else self.k.park(call, call.timeout_ms)
+
+    def embed(self, call: Call, texts: list[str]) -> Any:
+        """`memory.embed`: the embedder's vectors for `texts` (the call parks on the worker)."""
+        embedder = self.embedder
+
+        def then(vectors: np.ndarray | None) -> abi.EmbedResult:
+            if vectors is None or embedder is None:
+                raise _fault(abi.ErrorCode.ENOSYS, "this kernel has no embedding model "
+                             "(agentos mem pull, or memory_embedder in the config)")
+            return abi.EmbedResult(embedder.name, vectors.tolist(),
+                                   sum(len(t.split()) for t in texts))
+
+        return self._answer(call, texts, then)
 
     def _store_vector(self, namespace: str, memory_id: int, vector: np.ndarray) -> None:
         if not self._exists(namespace, memory_id):

@@ -44,6 +44,10 @@ def owner_of(k: Kernel, caller: Caller, owner: str | None) -> str:
         return owner
     if caller.agent_id is not None and caller.agent_id in k.procs.live:
         return k.procs.live[caller.agent_id].name
+    if caller.principal.startswith("http:"):
+        # An HTTP key's bearer has files of its own; agent names cannot hold ':', so this
+        # owner is nobody else's (`fs/agent/http:NAME/...` in its rules).
+        return caller.principal
     raise _fault(abi.ErrorCode.EINVAL, f"{caller.principal} has no file namespace of its own; "
                  "name an owner")
 
