@@ -50,6 +50,16 @@ def test_exit_statuses(admin: sdk.Connection) -> None:
     assert admin.proc.wait(plain, timeout=30).exit_status == 3
 
 
+def test_an_agent_finished_off_after_proc_exit_exited_cleanly(admin: sdk.Connection) -> None:
+    """It declared itself done; the kernel's SIGKILL after the grace is cleanup, not failure."""
+    info = admin.proc.wait(admin.proc.spawn(agent("lingers")), timeout=60)
+    assert (info.state, info.exit_status, info.result) == ("exited", 0, {"done": True})
+    rows, since = [], 0
+    while batch := admin.audit.read(since=since):
+        rows, since = rows + batch, batch[-1].seq
+    assert any(r.event == "finished-off" and r.detail.get("agent") == info.id for r in rows)
+
+
 def test_async_agent(admin: sdk.Connection) -> None:
     info = admin.proc.wait(admin.proc.spawn(agent("aio"), name="aio"), timeout=30)
     assert info.exit_status == 0, admin.proc.logs(info.id, "stderr").data

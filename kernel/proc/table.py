@@ -114,6 +114,7 @@ class Live:
     pumps: list[LogPump] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
     exiting: bool = False  # it called proc.exit
+    finished_off: bool = False  # SIGKILLed by the kernel after proc.exit's grace ran out
     stopping: bool = False  # killed on purpose: never restarted
     suspended: bool = False
 
@@ -444,6 +445,10 @@ class ProcessTable:
         dropped = self._cleanup(live)
         if "namespaces" in sandbox.TIERS[live.spec.tier] and 128 < returncode <= 128 + 64:
             returncode = 128 - returncode  # bwrap exits 128+N when its child died of signal N
+        if live.finished_off and returncode == -signal.SIGKILL:
+            self.k.audit.append("kernel", "finished-off", agent=live.agent_id,
+                                grace=self.k.config.kill_grace)
+            returncode = 0
         state = "killed" if returncode < 0 else "exited"
         status = exit_status(returncode)
         delay = self._restart_delay(live, status)
@@ -606,7 +611,15 @@ class ProcessTable:
         self.k.db.write("UPDATE agents SET result=? WHERE id=?", (blob, agent_id))
         live = self.live[agent_id]
         live.exiting = True
-        self.k.after(self.k.config.kill_grace, lambda: self._signal(live, signal.SIGKILL))
+        self.k.after(self.k.config.kill_grace, lambda: self._finish_off(live))
+
+    def _finish_off(self, live: Live) -> None:
+        """An agent that reported its result but is still exiting after the grace (a slow
+        interpreter shutdown on a loaded machine): the kernel ends it. It declared itself
+        done, so this kill is cleanup, not its failure: `_reaped` records status 0."""
+        if self.live.get(live.agent_id) is live:
+            live.finished_off = True
+            self._signal(live, signal.SIGKILL)
 
     def logs(self, args: abi.LogsArgs) -> abi.LogChunk:
         self._row(args.id, with_result=False)
