@@ -204,7 +204,8 @@ def agentos_http(n: int, turns: int, max_tokens: int, state: Path) -> Run:
         keys = [conn.caps.delegate(f"http:hbench{i}", ["llm.chat"]).token
                 for i in range(n)]
         ids = [conn.proc.spawn(str(ROOT / "tools/bench/llm_http_agent.py"), name=f"hbench{i}",
-                               argv=[str(i), str(turns), str(max_tokens)], caps=[])
+                               argv=[str(i), str(turns), str(max_tokens)], caps=[],
+                               sandbox="none")  # stand-ins for outside programs: they use TCP
                for i in range(n)]
         deadline = time.time() + 120
         while any(conn.proc.info(a).state == "starting" for a in ids) and time.time() < deadline:
