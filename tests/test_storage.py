@@ -224,6 +224,8 @@ def test_random_paths_and_memories_never_fault(fk: KernelProcess, path: str, dat
                 raise AssertionError(f"kernel fault: {exc}") from None
             except sdk.SyscallError:
                 pass
+            except OverflowError:
+                pass  # an int msgpack cannot carry: refused by the SDK, never sent
 
 
 def test_cli(fk: KernelProcess, tmp_path: Path) -> None:
