@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kernelproc import boot_kernel
 from workload import SYSTEM, user_turn
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -277,23 +278,6 @@ def vllm(url: str, n: int, turns: int, max_tokens: int) -> Run:
     return run
 
 
-def boot_kernel(state: Path, *flags: str) -> subprocess.Popen[bytes]:
-    log = open(state.parent / "kernel.log", "ab")  # noqa: SIM115 - lives with the kernel
-    proc = subprocess.Popen([sys.executable, "-m", "kernel", "--state-dir", str(state),
-                             "--log-format", "text", "--preload", *flags], stdout=log,
-                            stderr=log, cwd=ROOT)
-    import sdk
-
-    for _ in range(600):
-        try:
-            with sdk.connect(state_dir=state, timeout=1) as conn:
-                conn.sys.null()
-            return proc
-        except sdk.SyscallError:
-            time.sleep(0.1)
-    raise RuntimeError("kernel did not start")
-
-
 def show(n: int, runs: list[Run]) -> None:
     print(f"\nagents={n}")
     print(f"  {'system':<28} {'tok/s':>7} {'makespan':>9} {'p50 lat':>8} {'p99 lat':>8} "
@@ -337,7 +321,7 @@ def main() -> int:
     torch.set_num_threads(2)
     model, tokenizer = ModelStore().load("smollm2")
     state = Path(tempfile.mkdtemp(prefix="agentos-bench.")) / "state"
-    kernel = boot_kernel(state, *(["--http", "127.0.0.1:0"] if args.http else []))
+    kernel = boot_kernel(state, "--preload", *(["--http", "127.0.0.1:0"] if args.http else []))
     server = None
     results: dict[int, dict[str, Run]] = {}
     try:

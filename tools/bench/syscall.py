@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,24 +25,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from kernelproc import boot_kernel  # noqa: E402
+
 import sdk  # noqa: E402
 
 AGENT = Path(__file__).resolve().parent / "syscall_agent.py"
-
-
-def boot_kernel(state: Path) -> subprocess.Popen[bytes]:
-    log = open(state.parent / "kernel.log", "ab")  # noqa: SIM115 - lives with the kernel
-    proc = subprocess.Popen([sys.executable, "-m", "kernel", "--state-dir", str(state),
-                             "--log-format", "text", "--log-level", "warning"], stdout=log,
-                            stderr=log, cwd=ROOT)
-    for _ in range(600):
-        try:
-            with sdk.connect(state_dir=state, timeout=1) as conn:
-                conn.sys.null()
-            return proc
-        except sdk.SyscallError:
-            time.sleep(0.1)
-    raise RuntimeError("kernel did not start")
 
 
 def pct(values: list[float], q: float) -> float:
@@ -94,7 +80,7 @@ def main() -> int:
     args = p.parse_args()
     counts = [int(x) for x in args.agents.split(",")]
     state = Path(tempfile.mkdtemp(prefix="agentos-bench.")) / "state"
-    kernel = boot_kernel(state)
+    kernel = boot_kernel(state, "--log-level", "warning")
     rows = []
     try:
         with sdk.connect(state_dir=state, timeout=60) as conn:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -20,6 +19,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+
+from kernelproc import boot_kernel  # noqa: E402
 
 import sdk  # noqa: E402
 
@@ -30,20 +31,6 @@ CAPS = ["tools.call@tool/calculator"]
 def pct(values: list[float], q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, int(q * len(values)))]
-
-
-def boot(state: Path) -> subprocess.Popen[bytes]:
-    log = open(state.parent / "kernel.log", "ab")  # noqa: SIM115 - lives with the kernel
-    proc = subprocess.Popen([sys.executable, "-m", "kernel", "--state-dir", str(state),
-                             "--log-format", "text"], stdout=log, stderr=log, cwd=ROOT)
-    for _ in range(300):
-        try:
-            with sdk.connect(state_dir=state, timeout=1) as conn:
-                conn.sys.null()
-            return proc
-        except sdk.SyscallError:
-            time.sleep(0.1)
-    raise RuntimeError("kernel did not start")
 
 
 def agents(conn: sdk.Connection, n: int, calls: int) -> tuple[list[dict], float]:
@@ -72,7 +59,7 @@ def main() -> int:
     p.add_argument("--per-agent", type=int, default=100, help="calls per agent for throughput")
     args = p.parse_args()
     state = Path(tempfile.mkdtemp(prefix="agentos-toolbench.")) / "state"
-    kernel = boot(state)
+    kernel = boot_kernel(state, attempts=300)
     try:
         with sdk.connect(state_dir=state, timeout=600) as conn:
             null = []
