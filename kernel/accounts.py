@@ -6,9 +6,9 @@ copies through `sys.stats`, so nothing outside the loop ever reads these counter
 
 from __future__ import annotations
 
-import bisect
 import collections
 import time
+from bisect import bisect_left
 from typing import TYPE_CHECKING, Any
 
 from sdk import abi
@@ -23,33 +23,39 @@ RATE_WINDOW_S = 10.0  # tokens/s per model is measured over this window
 class Accounts:
     def __init__(self) -> None:
         self.latency: dict[str, list[int]] = {}  # family -> bucket counts (+Inf last)
-        self.latency_sum: collections.Counter[str] = collections.Counter()
+        self.latency_sum: dict[str, float] = {}
         self.denials: collections.Counter[str] = collections.Counter()  # by family
-        self.callers: collections.OrderedDict[str, dict[str, float]] = collections.OrderedDict()
+        self.callers: dict[str, dict[str, float]] = {}
+        self._families: dict[str, str] = {}  # syscall name -> family
         self.models: dict[str, dict[str, float]] = {}
         self._recent: dict[str, collections.deque[tuple[float, int]]] = {}
 
     def _caller(self, principal: str) -> dict[str, float]:
         row = self.callers.get(principal)
         if row is None:
+            if len(self.callers) >= MAX_CALLERS:  # forget the least recently active
+                del self.callers[min(self.callers, key=lambda p: self.callers[p]["last_call"])]
             row = self.callers[principal] = {"syscalls": 0, "errors": 0, "denials": 0,
                                              "prompt_tokens": 0, "completion_tokens": 0}
-            if len(self.callers) > MAX_CALLERS:
-                self.callers.popitem(last=False)
-        else:
-            self.callers.move_to_end(principal)
         row["last_call"] = time.time()
         return row
 
     def _finish(self, call: Call) -> dict[str, float]:
-        family = call.name.partition(".")[0]
+        family = self._families.get(call.name)
+        if family is None:
+            family = self._families[call.name] = call.name.partition(".")[0]
         counts = self.latency.get(family)
         if counts is None:
             counts = self.latency[family] = [0] * (len(abi.LATENCY_BUCKETS) + 1)
+            self.latency_sum[family] = 0.0
         seconds = time.monotonic() - call.started
-        counts[bisect.bisect_left(abi.LATENCY_BUCKETS, seconds)] += 1
+        counts[bisect_left(abi.LATENCY_BUCKETS, seconds)] += 1
         self.latency_sum[family] += seconds
-        row = self._caller(call.caller.principal)
+        row = self.callers.get(call.caller.principal)
+        if row is None:
+            row = self._caller(call.caller.principal)
+        else:
+            row["last_call"] = time.time()
         row["syscalls"] += 1
         return row
 

@@ -131,6 +131,14 @@ class Config:
     ring_slot_size: int = 2048
     ring_batch: int = 64
     ring_max_faults: int = 8
+    # After ring traffic the loop polls the busy rings a while without sleeping (io_uring's
+    # SQPOLL idle time, adapted between 1/16 of this and this to the agents' pace): their
+    # agents skip the doorbell and a call costs no wakeup. 0: off. Not while a model
+    # generates (a spinning loop would hold the GIL from its worker).
+    ring_poll_us: int = 2000
+    # The longest an agent is advised to spin for its completions before sleeping on the
+    # doorbell; advised only while the agents with ring traffic leave a CPU free each.
+    ring_spin_us: int = 2000
     # Memory manager: embedder (auto: all-MiniLM-L6-v2 if pulled, else keyword search only),
     # per-namespace hard quota of stored bytes (EQUOTA), RAM tier quota per namespace and
     # kernel-wide, evicted with LRU-K once usage passes the threshold.
@@ -158,7 +166,7 @@ class Config:
     agent_uid_base: int = 200000
     agent_uid_count: int = 65536
     # Default rlimits for every agent (Limits field names: address_space, cpu_seconds,
-    # open_files, processes, file_size, tmp_bytes); `run --limit NAME=VALUE` overrides.
+    # open_files, processes, file_size, tmp_bytes, nice); `run --limit NAME=VALUE` overrides.
     agent_limits: dict[str, int] = field(default_factory=dict)
     # Captured stdout/stderr per agent and stream; beyond it output is dropped and counted.
     log_bytes: int = 64 * 1024 * 1024
@@ -234,5 +242,9 @@ class Config:
         unknown = set(self.agent_limits) - set(Limits.__dataclass_fields__)
         if unknown:
             raise ValueError(f"agent_limits: unknown limits {', '.join(sorted(unknown))}")
+        if not 0 <= self.agent_limits.get("nice", 0) <= 19:
+            raise ValueError("agent_limits: nice must be 0..19")
+        if self.ring_poll_us < 0 or self.ring_spin_us < 0:
+            raise ValueError("ring_poll_us and ring_spin_us must be >= 0")
         if self.log_bytes < 0 or self.restart_max < 0 or self.restart_backoff <= 0:
             raise ValueError("log_bytes and restart_max must be >= 0, restart_backoff > 0")

@@ -48,6 +48,7 @@ log = logging.getLogger("kernel")
 
 VERSION = "0.1.0"
 BATCH = 256  # messages taken from the ROUTER per loop iteration
+POLL_DOORS_S = 50e-6  # while spinning on rings, how often the other doors are looked at
 
 
 class Fault(Exception):
@@ -62,13 +63,13 @@ class Fault(Exception):
 PENDING = object()  # a handler's return value meaning "the reply comes later"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Caller:
     principal: str  # "agent:<id>" or "user:<uid>"
     agent_id: int | None
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Call:
     """One syscall in flight: where its reply goes and whether it has been answered."""
 
@@ -102,6 +103,7 @@ class Kernel:
         # Replies for routes that are not ROUTER peers (the HTTP front end's calls), by route.
         self.sinks: dict[bytes, Callable[[bytes], None]] = {}
         self.accounts = Accounts()
+        self._callers: dict[str, Caller] = {}  # principal -> Caller (immutable, so shared)
         self.http: Any = None  # the HTTP front end's server thread, when --http is given
 
     # --- boot and shutdown -------------------------------------------------------------------
@@ -217,7 +219,7 @@ class Kernel:
 
     def step(self, timeout_ms: int | None) -> None:
         """One loop iteration; the unit the watchdog vouches for."""
-        ready = dict(self.poller.poll(timeout_ms))
+        ready = self._wait(timeout_ms)
         if self.router in ready:
             self._drain_router()
         self.rings.on_ready(ready)
@@ -236,6 +238,37 @@ class Kernel:
         self._run_timers()
         self.flush()
         self.notifier.watchdog()
+
+    def _wait(self, timeout_ms: int | None) -> dict[Any, int]:
+        """What is ready, waiting at most `timeout_ms`. While rings are being polled, the wait
+        spins on their tails (yielding the CPU each turn) and looks at the other doors every
+        `POLL_DOORS_S`; when the polling window ends it clears the rings' flags and sleeps."""
+        rings = self.rings
+        if not rings.polling or timeout_ms == 0:
+            return dict(self.poller.poll(timeout_ms))
+        if self.llm.generating:
+            rings.stop_polling()
+            return dict(self.poller.poll(0))
+        now = time.monotonic()
+        end = now + (timeout_ms / 1000 if timeout_ms is not None else 3600.0)
+        spin_end = min(end, rings.poll_until)
+        doors_at = now
+        while now < spin_end:
+            if rings.pending():
+                return {}
+            if now >= doors_at:
+                ready = dict(self.poller.poll(0))
+                if ready:
+                    return ready
+                doors_at = now + POLL_DOORS_S
+            os.sched_yield()  # on an oversubscribed CPU, let the agents run
+            now = time.monotonic()
+        if spin_end == end:
+            return {}  # the caller's timeout (a timer is due); still polling
+        if rings.stop_polling():
+            return {}  # entries arrived as the window closed
+        left = None if timeout_ms is None else max(0, int((end - time.monotonic()) * 1000))
+        return dict(self.poller.poll(left))
 
     def _poll_timeout(self) -> int:
         horizon = 1.0
@@ -390,11 +423,16 @@ class Kernel:
             self.db.end_call(ok=not failed)  # a kernel bug halfway leaves no writes behind
 
     def _caller(self, user: str) -> Caller | None:
-        kind, _, ident = user.partition(":")
-        if kind == "agent":
-            agent_id = int(ident)
-            return Caller(user, agent_id) if self.procs.is_live(agent_id) else None
-        return Caller(user, None)
+        caller = self._callers.get(user)
+        if caller is None:
+            kind, _, ident = user.partition(":")
+            caller = Caller(user, int(ident) if kind == "agent" else None)
+            if len(self._callers) >= 4096:
+                self._callers.clear()
+            self._callers[user] = caller
+        if caller.agent_id is not None and not self.procs.is_live(caller.agent_id):
+            return None
+        return caller
 
     # --- parked calls ------------------------------------------------------------------------
 
@@ -416,7 +454,7 @@ class Kernel:
     def reply(self, call: Call, result: Any) -> None:
         if call.done:
             return
-        frame = abi.encode(abi.Reply(call.id, msgspec.Raw(abi.encode(result))))
+        frame = abi.encode_reply(call.id, result)
         call.done = True
         self.accounts.done(call, result)
         self.parked.discard(call)

@@ -6,8 +6,10 @@ of research/security.md §5:
 - The geometry lives in these objects only. The only values read from shared memory are the
   agent-owned counter (the SQ tail, the CQ head) and SQ slot contents.
 - The SQ tail is read once per drain; `(tail - head) mod 2**32 > capacity` is a fault.
-- Each slot is copied out once (`bytes(mem[a:b])`) and only the private copy is parsed, so an
-  agent rewriting the slot meanwhile cannot make the kernel see two different entries.
+- Each part of a slot is read once: its seq and length words into locals, then (the length
+  checked against the geometry) exactly that many payload bytes into a private copy, and only
+  the copy is parsed, so an agent rewriting the slot meanwhile cannot make the kernel see two
+  different entries (no double fetch) and the kernel copies no more than the entry's bytes.
 - A bad entry costs one slot: slots have a fixed size, so skipping it leaves the framing of
   every later entry intact and the consumer resynchronises at the next position. A bad tail
   consumes nothing (there is no trustworthy window), and the next drain reads it afresh. A
@@ -21,7 +23,9 @@ Doorbells are eventfds: the kernel polls the submission doorbell's fd beside its
 calls `acknowledge()` then `drain()`. One doorbell covers any number of entries (an agent
 publishes a batch, then rings once, like io_uring_enter). Under load the loop may also drain
 rings that saw recent traffic on every iteration without waiting for their doorbells; a doorbell
-rung meanwhile is redundant but harmless. Semaphores were measured as the alternative and lost:
+rung meanwhile is redundant but harmless. While it polls a ring it sets the ring's POLLING flag,
+so the agent skips the doorbell (`sdk.ring`); it rings the agent's completion doorbell only
+when the agent's flag says it is not looking. Semaphores were measured as the alternative and lost:
 they have no fd, so the loop could only wait on them through a thread per agent.
 """
 
@@ -38,10 +42,12 @@ from dataclasses import dataclass
 import posix_ipc
 
 from sdk.ring import (
+    ADVICE_WORD,
     COUNTER_MASK,
+    FLAGS_WORD,
     HEAD_WORD,
     HEADER_BYTES,
-    SLOT_HEADER,
+    POLLING,
     SLOT_HEADER_BYTES,
     TAIL_WORD,
     Buffer,
@@ -49,6 +55,7 @@ from sdk.ring import (
     RingError,
     RingSpec,
     RingView,
+    fence,
     format_ring,
     write_slot,
 )
@@ -128,6 +135,17 @@ class SubmissionConsumer(_Ring):
         # A slot whose seq was wrong on the last look, given one more drain to become visible.
         self._suspect: int | None = None
 
+    def pending(self) -> bool:
+        """A peek: whether the agent's tail has moved past the head (drain decides what it
+        means). False once quarantined or closed."""
+        view = self._view
+        return view is not None and not self.quarantined and view.words[TAIL_WORD] != self._head
+
+    def set_polling(self, polling: bool) -> None:
+        """Tell the agent whether the kernel is polling this ring (then it need not ring)."""
+        if self._view is not None:
+            self._view.words[FLAGS_WORD] = POLLING if polling else 0
+
     def drain(self, max_n: int = 64) -> tuple[list[bytes], list[RingFault]]:
         """Take up to `max_n` entries: the valid payloads in order, and a fault for each entry
         skipped. Nothing once quarantined. Raises only RingError, and only when closed."""
@@ -145,10 +163,13 @@ class SubmissionConsumer(_Ring):
         payloads: list[bytes] = []
         faults: list[RingFault] = []
         limit = geo.payload_capacity
+        words = view.words
         for _ in range(min(available, max_n)):
             offset = HEADER_BYTES + (head & geo.mask) * geo.slot_size
-            slot = bytes(mem[offset:offset + geo.slot_size])  # the one read of this slot
-            seq, length = SLOT_HEADER.unpack_from(slot)
+            # The one read of each part of the slot: seq and length into locals, then the
+            # payload bytes (the length checked first) into a private copy.
+            seq, length = words[offset >> 2], words[(offset >> 2) + 1]
+            start = offset + SLOT_HEADER_BYTES
             if seq != (head + 1) & COUNTER_MASK:
                 if self._suspect != head:
                     # Tail visible before the slot is possible on weakly ordered CPUs when the
@@ -158,13 +179,13 @@ class SubmissionConsumer(_Ring):
                 never_written = seq == (head + 1 - geo.capacity) & COUNTER_MASK
                 faults.append(self._fault(
                     FaultKind.SEQ, head, f"seq {seq} in slot of entry {head}",
-                    b"" if never_written else slot[SLOT_HEADER_BYTES:][:length]))
+                    b"" if never_written else bytes(mem[start:start + min(length, limit)])))
             elif length > limit:
                 faults.append(self._fault(FaultKind.LENGTH, head,
                                           f"length {length} > {limit} in entry {head}",
-                                          slot[SLOT_HEADER_BYTES:]))
+                                          bytes(mem[start:start + limit])))
             else:
-                payloads.append(slot[SLOT_HEADER_BYTES:SLOT_HEADER_BYTES + length])
+                payloads.append(bytes(mem[start:start + length]))
             self._suspect = None
             head = (head + 1) & COUNTER_MASK
             if self.quarantined:
@@ -188,6 +209,18 @@ class CompletionProducer(_Ring):
                  max_faults: int = DEFAULT_MAX_FAULTS, start: int = 0) -> None:
         super().__init__(buf, capacity, slot_size, max_faults)
         self._tail = start & COUNTER_MASK
+
+    def advise(self, spin_us: int) -> None:
+        """Tell the agent how long to spin for completions before sleeping (0: don't)."""
+        view = self._view
+        if view is not None:
+            view.words[ADVICE_WORD] = spin_us
+
+    def consumer_polling(self) -> bool:
+        """Whether the agent says it is looking at the ring (no doorbell needed). An untrusted
+        word: a lying agent only loses its own wakeups."""
+        view = self._view
+        return view is not None and view.words[FLAGS_WORD] == POLLING
 
     def push(self, payload: bytes) -> bool:
         """Publish one completion; False when the agent is not consuming (ring full), the
@@ -357,7 +390,9 @@ class RingPair:
         published (the rest go over ZeroMQ)."""
         n = self.completions.push_many(payloads)
         if n:
-            self.notify()
+            fence()  # the tail store before the flags load (see sdk.ring)
+            if not self.completions.consumer_polling():
+                self.notify()
         return n
 
     @property

@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import secrets
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import zmq
 
-from kernel.ring import RingError, RingFault, RingPair
+from kernel.ring import RingError, RingFault, RingPair, fence
 from sdk import abi, layout
 from sdk.ringpath import encode_spec, fragments
 
@@ -54,6 +56,11 @@ class AgentRing:
     backlog: collections.deque[bytes] = field(default_factory=collections.deque)
     backlog_bytes: int = 0
     closed: bool = False  # quarantined: no more entries are read
+    advice: int = -1  # the spin advice last written into its completion ring
+    limit: int = 0  # payload bytes per slot
+
+    def __post_init__(self) -> None:
+        self.limit = self.pair.geometry.payload_capacity
 
     @property
     def principal(self) -> str:
@@ -71,6 +78,13 @@ class Rings:
         self._again: set[AgentRing] = set()  # stopped at the per-round bound: drain next round
         self._backlogged: set[AgentRing] = set()
         self._touched: set[AgentRing] = set()  # got completions in this flush
+        # Polling (SQPOLL): rings with traffic in the current window, flagged POLLING so their
+        # agents do not ring; the loop looks at their tails until `poll_until`.
+        self._polled: set[AgentRing] = set()
+        self.poll_until = 0.0
+        self._window = kernel.config.ring_poll_us / 8e6  # adapted in `_poll`
+        self._slept_at = 0.0  # when polling last stopped (0: since counted)
+        self._cpus = len(os.sched_getaffinity(0))
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -118,6 +132,7 @@ class Rings:
         self._again.discard(ring)
         self._backlogged.discard(ring)
         self._touched.discard(ring)
+        self._polled.discard(ring)
 
     def close_all(self) -> None:
         for agent_id in list(self._by_agent):
@@ -130,9 +145,59 @@ class Rings:
         todo = [self._by_fd[fd] for fd in ready if isinstance(fd, int) and fd in self._by_fd]
         for ring in todo:
             ring.pair.acknowledge()
+        if todo:
+            self.k.counts["ring.doorbells"] += len(todo)
         again, self._again = self._again, set()
-        for ring in (*todo, *(r for r in again if r not in todo)):
+        todo.extend(r for r in again if r not in todo)
+        if self._polled:
+            found = [r for r in self._polled if r not in todo and r.pair.submissions.pending()]
+            if found:
+                self.k.counts["ring.polled"] += len(found)
+                todo.extend(found)
+        for ring in todo:
             self._drain(ring)
+
+    # --- polling without doorbells -------------------------------------------------------------
+
+    @property
+    def polling(self) -> bool:
+        return bool(self._polled)
+
+    def pending(self) -> bool:
+        """Whether a polled ring has new entries (a few loads; the loop's spin test)."""
+        return any(r.pair.submissions.pending() for r in self._polled)
+
+    def _poll(self, ring: AgentRing) -> None:
+        limit = self.k.config.ring_poll_us / 1e6
+        if limit <= 0 or self.k.llm.generating:
+            return
+        now = time.monotonic()
+        if ring not in self._polled:
+            if not self._polled and self._slept_at:
+                # Adapt the window, as NAPI adapts its busy-poll budget: traffic that came
+                # back soon after the loop went to sleep would have been caught by a longer
+                # window (double it); a long quiet says the window is only burning CPU.
+                gap = now - self._slept_at
+                window = self._window * 2 if gap < self._window else (
+                    self._window / 2 if gap > 8 * self._window else self._window)
+                self._window = min(limit, max(limit / 16, window))
+                self._slept_at = 0.0
+            self._polled.add(ring)
+            ring.pair.submissions.set_polling(True)
+        self.poll_until = now + min(limit, self._window)
+
+    def stop_polling(self) -> bool:
+        """Leave polling: flags cleared, then one more look (after a fence, so an agent that
+        saw the flag still set has its entries found here). True if some were found; they are
+        drained next round."""
+        self._slept_at = time.monotonic()
+        polled, self._polled = self._polled, set()
+        for ring in polled:
+            ring.pair.submissions.set_polling(False)
+        fence()
+        found = [r for r in polled if r.pair.submissions.pending()]
+        self._again.update(found)
+        return bool(found)
 
     def _drain(self, ring: AgentRing) -> None:
         if ring.closed:
@@ -146,6 +211,7 @@ class Rings:
             self._on_fault(ring, fault)
         if payloads:
             self.k.counts["ring.entries"] += len(payloads)
+            self._poll(ring)
         for payload in payloads:
             try:
                 ok = self.k.submit(ring.route, ring.principal, payload)
@@ -174,6 +240,7 @@ class Rings:
         if ring.closed:
             return
         ring.closed = True
+        self._polled.discard(ring)
         if self._by_fd.pop(ring.doorbell, None) is not None:
             self.k.poller.unregister(ring.doorbell)  # a doorbell flood now costs nothing
         self._again.discard(ring)
@@ -197,12 +264,16 @@ class Rings:
         ring = self._by_route.get(route)
         if ring is None:
             return True  # its agent is gone; so is the reply
-        pieces = fragments(frame, ring.pair.geometry.payload_capacity)
-        size = sum(map(len, pieces))
+        size = len(frame)
         if ring.backlog_bytes + size > BACKLOG_BYTES:
             self.k.errors["ring.backlog_dropped"] += 1
             return True
-        ring.backlog.extend(pieces)
+        if size <= ring.limit:
+            ring.backlog.append(frame)
+        else:
+            pieces = fragments(frame, ring.limit)
+            size = sum(map(len, pieces))
+            ring.backlog.extend(pieces)
         ring.backlog_bytes += size
         self._touched.add(ring)
         return True
@@ -211,7 +282,13 @@ class Rings:
         """Publish queued completions, one tail store and one doorbell per ring."""
         rings = self._touched | self._backlogged
         self._touched = set()
+        # Spinning agents help only while each has a CPU of its own beside the kernel's; past
+        # that they take the CPU from the kernel they are waiting for.
+        advice = self.k.config.ring_spin_us if len(self._polled) < self._cpus else 0
         for ring in rings:
+            if ring.advice != advice:
+                ring.advice = advice
+                ring.pair.completions.advise(advice)
             backlog = ring.backlog
             n = ring.pair.complete(backlog) if not ring.pair.completions.quarantined else 0
             for _ in range(n):

@@ -466,6 +466,13 @@ def encode(obj: Any) -> bytes:
     return _encoder.encode(obj)
 
 
+def encode_reply(request_id: int, result: Any) -> bytes:
+    """`encode(Reply(request_id, Raw(encode(result))))` in one pass: a Reply is the array
+    ["ok", id, result], so encoding that tuple gives the same bytes without encoding the
+    result twice (tests/test_abi.py holds the two equal)."""
+    return _encoder.encode(("ok", request_id, result))
+
+
 def decode_request(data: bytes) -> Request:
     """Decode and validate one request frame; any malformation raises AbiError."""
     if len(data) > MAX_MESSAGE_BYTES:
@@ -479,9 +486,15 @@ def decode_request(data: bytes) -> Request:
     return req
 
 
+_arg_decoders: dict[Any, msgspec.msgpack.Decoder] = {}
+
+
 def decode_args(raw: msgspec.Raw, kind: type[Args]) -> Args:
+    decoder = _arg_decoders.get(kind)
+    if decoder is None:  # one per type: building a decoder costs more than most decodes
+        decoder = _arg_decoders[kind] = msgspec.msgpack.Decoder(kind)
     try:
-        return msgspec.msgpack.decode(raw, type=kind)
+        return decoder.decode(raw)
     except _DECODE_ERRORS as exc:
         raise AbiError(f"bad arguments: {exc}") from None
 

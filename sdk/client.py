@@ -21,7 +21,7 @@ import os
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import zmq
@@ -31,6 +31,9 @@ from zmq.utils.monitor import parse_monitor_message
 from sdk import abi, ringpath
 from sdk.errors import InvalidArgument, KernelUnavailable, SyscallError, from_code
 from sdk.remote import CurveKeys
+
+if TYPE_CHECKING:
+    from sdk.batch import Batch
 
 # How long a call waits for its reply beyond any wait the kernel performs on its behalf.
 DEFAULT_TIMEOUT = 30.0
@@ -148,6 +151,38 @@ class Connection:
             self._sock.send(data)
         return req.id
 
+    def _send_many(self, calls: list[tuple[str, abi.Args | None, int | None]]) -> list[int]:
+        """Send requests together: each that fits a slot goes into the submission ring and the
+        kernel is rung once for all of them (io_uring_enter's batching); the rest, and all of
+        them without rings, over ZeroMQ."""
+        reqs = [_make_request(self._ids, name, self.token, args, wait)
+                for name, args, wait in calls]
+        with self._lock:
+            if self._lost:
+                raise KernelUnavailable("connection to the kernel was lost")
+            ring, pushed = self._ring, False
+            for (name, args, _), req in zip(calls, reqs, strict=True):
+                data = abi.encode(req)
+                self._inbox[req.id] = collections.deque()
+                if ring is not None and _by_ring(ring, name, args, data, self._ring_rids) \
+                        and ring.push(data):
+                    self._ring_rids.add(req.id)
+                    pushed = True
+                else:
+                    self._sock.send(data)
+            if pushed:
+                ring.ring()
+        return [req.id for req in reqs]
+
+    def batch(self) -> Batch:
+        """Syscalls issued together and answered together: `with conn.batch() as b:` then
+        `x = b.memory.get(...)`, ..., and after the block `x.result()`. One doorbell for the
+        whole batch; results are independent (one call's error is raised by its own
+        `result()`), and the kernel may run them in any order."""
+        from sdk.batch import Batch
+
+        return Batch(self)
+
     def _next(self, rid: int, name: str, budget: float | None) -> abi.Reply | abi.Error | abi.Chunk:
         """The next message for call `rid`, waiting at most `budget` seconds (None: forever)."""
         deadline = None if budget is None else time.monotonic() + budget
@@ -163,6 +198,9 @@ class Connection:
                 left_ms = _READ_SLICE_MS if deadline is None else min(
                     _READ_SLICE_MS, max(0, int((deadline - time.monotonic()) * 1000)))
                 if self._ring is not None:
+                    if rid in self._ring_rids and self._ring.spin():
+                        self._read_ring()
+                        continue
                     self._read_ring()
                     if box:
                         continue

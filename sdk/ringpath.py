@@ -27,6 +27,21 @@ FRAGMENT = 0xC1
 _MORE, _LAST = 0, 1
 
 
+def _spin_seconds() -> float:
+    try:
+        return max(0.0, float(os.environ.get("AGENTOS_RING_SPIN_US", "100"))) / 1e6
+    except ValueError:
+        return 1e-4
+
+
+# How long a blocking call waits for its completion by looking at the ring before it sleeps on
+# the doorbell (AGENTOS_RING_SPIN_US, default 100 µs; 0 always sleeps). Waking a sleeping
+# process costs tens of microseconds on a VM, more than most syscalls take in the kernel.
+SPIN_S = _spin_seconds()
+# ... and up to this long while the kernel is polling the agent's rings (awake, working on them).
+BUSY_SPIN_S = 20 * SPIN_S
+
+
 def encode_spec(spec: RingSpec) -> str:
     return msgspec.json.encode(spec).decode()
 
@@ -56,7 +71,12 @@ class RingChannel:
         return self.rings.submissions.push(data)
 
     def ring(self) -> None:
+        """Wake the kernel for what was pushed, unless it is polling this ring."""
         self.rings.ring_doorbell()
+
+    def spin(self) -> bool:
+        """Busy-look for completions before sleeping (see `AgentRings.spin`)."""
+        return self.rings.spin(SPIN_S, BUSY_SPIN_S)
 
     def clear(self) -> None:
         """Reset the completion doorbell; call before `completions`, so none is missed."""

@@ -83,3 +83,13 @@ def test_any_value_decodes_as_args_or_raises_abi_error(value: object, kind: type
         abi.decode_args(raw, kind)
     except abi.AbiError:
         pass
+
+
+@given(st.one_of(st.none(), st.integers(-(2**63), 2**64 - 1), st.text(), st.binary(),
+                 st.lists(st.integers(0, 9)), st.dictionaries(st.text(), st.booleans())))
+def test_one_pass_reply_encoding_is_the_reply_struct(result: object) -> None:
+    """The kernel encodes replies in one pass; the bytes must be exactly a `Reply`'s."""
+    assert abi.encode_reply(7, result) == abi.encode(abi.Reply(7, msgspec.Raw(abi.encode(result))))
+    memory = abi.Memory(id=1, namespace="n", content="c", metadata={"k": result},
+                        created_at=0.0, updated_at=0.0)
+    assert abi.encode_reply(8, memory) == abi.encode(abi.Reply(8, msgspec.Raw(abi.encode(memory))))

@@ -19,6 +19,7 @@ import sdk
 from kernel.access.audit import AuditLog
 from kernel.db import Database
 from kernel.llm.sched import FairShare, Job
+from sdk import abi
 from tests.conftest import TEST_TIER, KernelProcess, agent, wait_until
 
 sandboxed = pytest.mark.skipif(TEST_TIER == "none", reason="no sandbox tier on this machine "
@@ -232,11 +233,42 @@ def test_agents_cannot_start_weaker_or_larger_children(kernel: KernelProcess) ->
         {"path": agent("exits"), "limits": {"open_files": 100000}},  # more than it has
         {"path": str(kernel.state_dir / "secret.key")},  # code it cannot read
         {"path": agent("exits"), "limits": {"open_files": 32}},  # tighter: fine
+        {"path": agent("exits"), "limits": {"nice": 5}, "name": "n5"},  # ahead of nice 7
+        {"path": agent("exits"), "limits": {"nice": 9}, "name": "n9"},  # behind it: fine
     ]
     with kernel.connect() as conn:
-        a = conn.proc.spawn(agent("nested"), argv=[json.dumps(tries)], caps=["proc.spawn"])
+        a = conn.proc.spawn(agent("nested"), argv=[json.dumps(tries)], caps=["proc.spawn"],
+                            limits={"nice": 7})
         said = conn.proc.wait(a, timeout=60).result
     assert said[:3] == ["EPERM", "EPERM", "EPERM"] and said[3].startswith("spawned"), said
+    assert said[4] == "EPERM" and said[5].startswith("spawned"), said
+
+
+def nice_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+
+
+@sandboxed
+def test_agents_run_behind_the_kernel_on_the_cpu(kernel: KernelProcess) -> None:
+    """Agents get nice 5 by default (the kernel serving everyone keeps the CPU when it is
+    contended), `--limit nice=N` within 0..19 moves one further back, never ahead."""
+    with kernel.connect() as conn:
+        default = conn.proc.spawn(agent("idle"), name="nice-default")
+        later = conn.proc.spawn(agent("idle"), name="nice-12", limits={"nice": 12})
+        for bad in (-1, 20):
+            with pytest.raises(sdk.SyscallError) as err:
+                conn.proc.spawn(agent("idle"), limits={"nice": bad})
+            assert err.value.code == abi.ErrorCode.EINVAL
+        try:
+            assert wait_until(lambda: conn.proc.info(later).state == "running")
+            assert wait_until(lambda: all(
+                nice_of(conn.proc.info(a).pid) != os.getpriority(os.PRIO_PROCESS, 0)
+                for a in (default, later)))
+            assert nice_of(conn.proc.info(default).pid) == 5
+            assert nice_of(conn.proc.info(later).pid) == 12
+        finally:
+            conn.proc.kill(default)
+            conn.proc.kill(later)
 
 
 @sandboxed

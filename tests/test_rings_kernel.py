@@ -58,10 +58,13 @@ def test_ring_and_zeromq_paths_give_identical_results(rk: KernelProcess) -> None
     assert got["recv"] == ["ok", {"n": 1}] and got["recv_big"] == ["ok", True]
     assert got["kill_denied"] == ["error", "EPERM"] and got["no_syscall"] == ["error", "ENOSYS"]
     assert got["bad_args"] == ["error", "EINVAL"] and got["recv_empty"] == ["error", "ETIMEDOUT"]
-    assert got["child_env"] == "None"
-    # Every call but the oversized send took the ring, and so did the stats call that read the
-    # count afterwards; the ZeroMQ-only agent put nothing there.
-    assert ring["entries"] == len(got) - 1 and zmq["entries"] == 0
+    assert got["batch"] == [["ok", None], ["ok", True], ["error", "EPERM"], ["error", "ENOSYS"],
+                            ["ok", None], ["ok", True]]
+    assert got["child_env"] == "None" and got["batch_overflow"] == 300
+    # Every call but the two oversized sends took the ring, and so did the stats call that read
+    # the count afterwards; the ZeroMQ-only agent put nothing there. (One call per key but
+    # child_env and the batches, plus the first batch's six.)
+    assert ring["entries"] == (len(got) - 3) - 1 + 1 + (6 - 1) and zmq["entries"] == 0
 
 
 def test_rings_are_closed_when_their_agent_is_reaped(rk: KernelProcess) -> None:
@@ -128,3 +131,26 @@ def test_restarted_kernel_makes_fresh_rings(fresh_kernel: KernelProcess) -> None
         info = run_agent(conn, "ringcheck", "ring", caps=["ipc.send@ipc/ringcheck-ring"])
         assert info.result["rings"] and info.result["results"]["null"] == ["ok", None]
         assert ring_maps(pid) == []
+
+
+def test_kernel_polls_busy_rings_instead_of_waiting_for_doorbells(rk: KernelProcess) -> None:
+    """Back-to-back calls find the loop polling the agent's ring (SQPOLL): the agent skips the
+    doorbell, so far fewer doorbell rounds than entries."""
+    with rk.connect() as conn:
+        got = run_agent(conn, "ringpoll", "400").result
+    assert got["rings"] is True
+    assert got["ring.entries"] >= 400 + 1  # the calls and the closing sys.stats
+    assert got["ring.polled"] > 0
+    assert got["ring.doorbells"] < got["ring.entries"] / 2, got
+
+
+def test_polling_off_still_serves_rings(fresh_kernel: KernelProcess, tmp_path: Path) -> None:
+    config = tmp_path / "kernel.toml"
+    config.write_text("[kernel]\nring_poll_us = 0\n")
+    fresh_kernel.extra_args = ["--config", str(config)]
+    fresh_kernel.start()
+    with fresh_kernel.connect() as conn:
+        got = run_agent(conn, "ringpoll", "100").result
+    assert got["rings"] is True and got["ring.polled"] == 0
+    assert got["ring.doorbells"] >= 100
+    assert fresh_kernel.stop() == 0

@@ -163,6 +163,11 @@ def set_rlimits(limits: Limits) -> dict[str, int]:
         hard = value + 1 if which == resource.RLIMIT_CPU else value
         resource.setrlimit(which, (value, hard))
         applied[name] = value
+    if limits.nice is not None:
+        # Absolute, and only ever down in priority from the launcher's own (0..19 checked by
+        # the spawner); the agent can raise it further but never lower it back unprivileged.
+        os.setpriority(os.PRIO_PROCESS, 0, max(limits.nice, os.getpriority(os.PRIO_PROCESS, 0)))
+        applied["nice"] = os.getpriority(os.PRIO_PROCESS, 0)
     return applied
 
 

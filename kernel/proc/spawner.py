@@ -132,14 +132,25 @@ class Sandboxes:
                         f"{', '.join(sorted(LIMIT_NAMES))})")
         if "tmp_bytes" in requested and requested["tmp_bytes"] <= 0:
             raise fault(abi.ErrorCode.EINVAL, "tmp_bytes must be positive")
+        if "nice" in requested and not 0 <= requested["nice"] <= 19:
+            raise fault(abi.ErrorCode.EINVAL, "nice must be 0..19 (an agent never runs ahead "
+                        "of the kernel)")
+        out = dict(requested)
         if caller is not None:
             mine, theirs = self.effective(caller), self.effective(requested)
             for name, cap in mine.items():
                 want = theirs.get(name)
+                if name == "nice":  # a larger value is less CPU: the child may only go nicer
+                    if cap is not None and (want is None or want < cap):
+                        if "nice" in requested:
+                            raise fault(abi.ErrorCode.EPERM, f"cannot give a child nice={want}"
+                                        f": the caller's own is {cap}")
+                        out["nice"] = cap  # not asked for: it inherits the caller's
+                    continue
                 if cap is not None and (want is None or want > cap):
                     raise fault(abi.ErrorCode.EPERM, f"cannot give a child {name}={want}: the "
                                 f"caller's own limit is {cap}")
-        return dict(requested)
+        return out
 
     def effective(self, overrides: dict[str, int]) -> dict[str, int | None]:
         """The limits an agent runs with: Limits' defaults, the config's, then its own."""

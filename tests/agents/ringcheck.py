@@ -45,5 +45,16 @@ with sdk.connect() as conn:
             [sys.executable, "-c", f"import os; print(os.environ.get({layout.ENV_RINGS!r}))"],
             capture_output=True, text=True).stdout.strip(),
     }
+    # A batch: one doorbell for all its entries; one call's error stays with that call.
+    with conn.batch() as b:
+        batched = [b.sys.null(), b.proc.info(me), b.proc.kill(1), b.call("nope.nothing"),
+                   b.ipc.send(name, BIG), b.ipc.recv(timeout=5)]
+    results["batch"] = [outcome(p.result) for p in batched[:5]] + [
+        outcome(lambda: batched[5].result().data == BIG)]
+    results["batch"][1] = outcome(lambda: batched[1].result().name == name)
     after = conn.sys.stats().syscalls.get("ring.entries", 0)
+    # More calls than the ring has slots: the rest go over ZeroMQ, all answered.
+    with conn.batch() as b:
+        many = [b.sys.null() for _ in range(300)]
+    results["batch_overflow"] = sum(p.result() is None for p in many)
     conn.proc.exit({"results": results, "rings": conn.uses_rings, "entries": after - before})

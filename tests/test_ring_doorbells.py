@@ -1,0 +1,146 @@
+"""Doorbells skipped while the other side polls (the POLLING flag), the kernel's spin advice,
+and the sleep protocol that keeps a skipped doorbell from ever being a lost wakeup."""
+
+from __future__ import annotations
+
+import os
+import random
+import select
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from kernel.ring import RingPair
+from sdk.ring import AgentRings, fence
+
+
+@pytest.fixture
+def rings() -> Iterator[tuple[RingPair, AgentRings]]:
+    pair = RingPair.create(capacity=8, slot_size=64)
+    agent = AgentRings.attach(pair.spec())  # same process: the fds are valid here too
+    yield pair, agent
+    agent.close()
+    pair.close()
+
+
+def doorbell_count(fd: int) -> int:
+    try:
+        return os.eventfd_read(fd)
+    except BlockingIOError:
+        return 0
+
+
+def test_agent_skips_the_doorbell_only_while_the_kernel_polls(rings) -> None:
+    pair, agent = rings
+    assert agent.submit([b"a"]) == 1 and pair.acknowledge() == 1
+    pair.submissions.set_polling(True)
+    assert agent.submissions.push(b"b") and agent.ring_doorbell() is False
+    assert pair.acknowledge() == 0 and pair.submissions.pending()
+    assert pair.drain()[0] == [b"a", b"b"] and not pair.submissions.pending()
+    pair.submissions.set_polling(False)
+    assert agent.submissions.push(b"c") and agent.ring_doorbell() is True
+    assert pair.acknowledge() == 1
+
+
+def test_kernel_skips_the_completion_doorbell_only_while_the_agent_looks(rings) -> None:
+    pair, agent = rings
+    fd = agent.completion_doorbell
+    agent.completions.set_polling(True)
+    assert pair.complete([b"x"]) == 1 and doorbell_count(fd) == 0
+    agent.completions.set_polling(False)
+    assert pair.complete([b"y"]) == 1 and doorbell_count(fd) == 1
+    assert agent.completions.pop_many(8) == [b"x", b"y"]
+
+
+def test_a_lying_flag_costs_only_the_liar(rings) -> None:
+    """The kernel reads the agent's flag word only to decide whether to ring: garbage there
+    means 'ring me' (only exactly POLLING means 'don't')."""
+    pair, agent = rings
+    agent._maps[1][68:72] = b"\xff\xff\xff\xff"
+    assert pair.complete([b"x"]) == 1 and doorbell_count(agent.completion_doorbell) == 1
+
+
+def test_spin_follows_the_kernels_advice(rings) -> None:
+    pair, agent = rings
+    started = time.monotonic()
+    assert agent.spin(5.0, 5.0) is False  # advice 0 (a fresh ring): no spinning at all
+    assert time.monotonic() - started < 1.0
+
+    pair.completions.advise(2_000_000)  # up to 2 s
+    publisher = threading.Timer(0.02, lambda: pair.complete([b"late"]))
+    publisher.start()
+    started = time.monotonic()
+    assert agent.spin(5.0) is True  # found by looking, before any doorbell wait
+    assert time.monotonic() - started < 1.5
+    publisher.join()
+    assert agent.completions.pop_many(8) == [b"late"]
+    # The flag is down again: the next completion rings.
+    doorbell_count(agent.completion_doorbell)
+    assert pair.complete([b"next"]) == 1 and doorbell_count(agent.completion_doorbell) == 1
+
+
+def _sleep_until(pending, set_polling, fd: int, spin_s: float) -> bool:
+    """One side's wait, as the kernel and the SDK do it: look a while with the flag up, then
+    flag down, fence, look again, and only then sleep on the doorbell. False if the sleep ran
+    into its timeout: a wakeup was lost (the other side always answers within it)."""
+    if spin_s:
+        set_polling(True)
+        end = time.perf_counter() + spin_s
+        while not pending() and time.perf_counter() < end:
+            pass
+        set_polling(False)
+    fence()
+    while not pending():
+        poll = select.poll()
+        poll.register(fd, select.POLLIN)
+        if not poll.poll(500):
+            return False
+        doorbell_count(fd)
+    return True
+
+
+def test_no_wakeup_is_lost_between_two_processes() -> None:
+    """Ping-pong across a fork: the agent pushes, the kernel side answers, each side waiting
+    with a random spin then the sleep protocol. A lost doorbell stalls a side into its
+    timeout, which ends the run on both sides."""
+    rounds = 2000
+    pair = RingPair.create(capacity=4, slot_size=64)
+    agent = AgentRings.attach(pair.spec())
+    pid = os.fork()
+    if pid == 0:  # the kernel's side
+        code = 0
+        try:
+            rng = random.Random(1)
+            sq = pair.submissions
+            for _ in range(rounds):
+                if not _sleep_until(sq.pending, sq.set_polling, pair.submission_doorbell,
+                                    rng.choice((0, 0, 5e-6, 5e-5))):
+                    code = 3
+                    break
+                payloads, faults = pair.drain(4)
+                if faults or len(payloads) != 1:
+                    code = 4
+                    break
+                pair.complete(payloads)
+        except BaseException:
+            code = 5
+        os._exit(code)
+    lost = 0
+    try:
+        rng = random.Random(2)
+        cq = agent.completions
+        for i in range(rounds):
+            assert agent.submit([i.to_bytes(4, "little")]) == 1
+            if not _sleep_until(cq.pending, cq.set_polling, agent.completion_doorbell,
+                                rng.choice((0, 0, 5e-6, 5e-5))):
+                lost += 1
+                break
+            assert cq.pop_many(4) == [i.to_bytes(4, "little")]
+    finally:
+        _, status = os.waitpid(pid, 0)
+        agent.close()
+        pair.close()
+    assert lost == 0
+    assert os.waitstatus_to_exitcode(status) == 0
