@@ -36,6 +36,7 @@ from kernel.memory.manager import MemoryManager
 from kernel.notify import Notifier
 from kernel.proc.table import ProcessTable
 from kernel.remote import Remote
+from kernel.ringdoor import RingDoor
 from kernel.rings import Rings
 from kernel.state import StateDir, StateError, write_private
 from kernel.storage.manager import StorageManager
@@ -125,6 +126,7 @@ class Kernel:
         self.ipc = Mailboxes(self)
         self.llm = LLMCore(self)
         self.rings = Rings(self)
+        self.ringdoor = RingDoor(self)
         self.procs.spawn_hooks.append(self.rings.on_spawn)
         self.procs.reap_hooks.append(self.rings.drop)
         self.remote = Remote(self)
@@ -146,6 +148,8 @@ class Kernel:
         self.poller.register(self.router, zmq.POLLIN)
         if self.config.listen:
             self.remote.open(self.config.listen)
+        if self.config.rings:
+            self.ringdoor.open()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.poller.register(self._wake_r, zmq.POLLIN)
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
@@ -223,6 +227,8 @@ class Kernel:
         if self.router in ready:
             self._drain_router()
         self.rings.on_ready(ready)
+        if self.ringdoor.listener is not None:
+            self.ringdoor.on_ready(ready)
         if self.remote.router is not None and self.remote.router in ready:
             self.remote.drain(BATCH)
         if self._wake_r in ready:
@@ -294,6 +300,7 @@ class Kernel:
             self.fail(call, abi.ErrorCode.ECANCELED, "the kernel is shutting down")
         self.access.close()
         self.flush()
+        self.ringdoor.close()
         self.rings.close_all()
         self.remote.close()
         signal.set_wakeup_fd(-1)

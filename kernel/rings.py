@@ -49,7 +49,8 @@ class RingRoute(bytes):
 
 @dataclass(eq=False)
 class AgentRing:
-    agent_id: int
+    principal: str  # whose entries these are: "agent:<id>", or "user:<uid>" (kernel/ringdoor.py)
+    agent_id: int | None
     pair: RingPair
     route: RingRoute
     doorbell: int
@@ -61,10 +62,6 @@ class AgentRing:
 
     def __post_init__(self) -> None:
         self.limit = self.pair.geometry.payload_capacity
-
-    @property
-    def principal(self) -> str:
-        return f"agent:{self.agent_id}"
 
 
 class Rings:
@@ -91,23 +88,38 @@ class Rings:
     def create(self, agent_id: int) -> tuple[tuple[int, ...], str] | None:
         """Make an agent's rings before it is spawned: the fds to pass and its spec for the
         environment, or None when rings are off or cannot be made (it then uses ZeroMQ)."""
-        config = self.k.config
-        if not config.rings:
+        if not self.k.config.rings:
             return None
         self.drop(agent_id)  # a leftover of a spawn that failed before its agent existed
+        ring = self.make(f"agent:{agent_id}", agent_id)
+        if ring is None:
+            return None
+        self._by_agent[agent_id] = ring
+        return ring.pair.fds(), encode_spec(ring.pair.spec())
+
+    def make(self, principal: str, agent_id: int | None = None) -> AgentRing | None:
+        """A new pair of rings whose entries are `principal`'s, drained from now on; None
+        when they cannot be made. `close` undoes it."""
+        config = self.k.config
         try:
             pair = RingPair.create(config.ring_capacity, config.ring_slot_size,
                                    max_faults=config.ring_max_faults)
         except RingError as exc:
-            log.warning("no rings for agent", extra={"agent": agent_id, "error": str(exc)})
+            log.warning("no rings", extra={"principal": principal, "error": str(exc)})
             return None
-        ring = AgentRing(agent_id, pair, RingRoute(secrets.token_bytes(16)),
+        ring = AgentRing(principal, agent_id, pair, RingRoute(secrets.token_bytes(16)),
                          pair.submission_doorbell)
-        self._by_agent[agent_id] = ring
         self._by_fd[ring.doorbell] = ring
         self._by_route[ring.route] = ring
         self.k.poller.register(ring.doorbell, zmq.POLLIN)
-        return pair.fds(), encode_spec(pair.spec())
+        return ring
+
+    def close(self, ring: AgentRing) -> None:
+        """Stop draining `ring`, unmap it and close its fds; replies still due are dropped."""
+        if ring.agent_id is not None and self._by_agent.get(ring.agent_id) is ring:
+            del self._by_agent[ring.agent_id]
+        self._forget(ring)
+        ring.pair.close()
 
     def on_spawn(self, agent_id: int, extras: Extras) -> None:
         """The process table's spawn hook: the agent inherits its rings' fds and spec."""
@@ -119,11 +131,9 @@ class Rings:
 
     def drop(self, agent_id: int) -> None:
         """The agent is gone (reaped, or never started): unmap and close its rings."""
-        ring = self._by_agent.pop(agent_id, None)
-        if ring is None:
-            return
-        self._forget(ring)
-        ring.pair.close()
+        ring = self._by_agent.get(agent_id)
+        if ring is not None:
+            self.close(ring)
 
     def _forget(self, ring: AgentRing) -> None:
         if self._by_fd.pop(ring.doorbell, None) is not None:
@@ -135,8 +145,8 @@ class Rings:
         self._polled.discard(ring)
 
     def close_all(self) -> None:
-        for agent_id in list(self._by_agent):
-            self.drop(agent_id)
+        for ring in list(self._by_route.values()):
+            self.close(ring)
 
     # --- submissions -------------------------------------------------------------------------
 
@@ -216,7 +226,7 @@ class Rings:
             try:
                 ok = self.k.submit(ring.route, ring.principal, payload)
             except Exception:  # the last line of defence, as for the ROUTER
-                log.exception("ring dispatch failed", extra={"agent": ring.agent_id})
+                log.exception("ring dispatch failed", extra={"principal": ring.principal})
                 continue
             if not ok:
                 self._on_fault(ring, ring.pair.submissions.charge("undecodable request"),
@@ -227,7 +237,7 @@ class Rings:
             self._again.add(ring)
 
     def _on_fault(self, ring: AgentRing, fault: RingFault, answered: bool = False) -> None:
-        log.warning("ring fault", extra={"agent": ring.agent_id, "kind": fault.kind.value,
+        log.warning("ring fault", extra={"principal": ring.principal, "kind": fault.kind.value,
                                          "detail": fault.detail})
         self.k.errors["ring." + fault.kind.value] += 1
         if fault.data and not answered:
@@ -245,10 +255,10 @@ class Rings:
             self.k.poller.unregister(ring.doorbell)  # a doorbell flood now costs nothing
         self._again.discard(ring)
         last = ring.pair.submissions.last_fault or ring.pair.completions.last_fault
-        log.error("ring quarantined", extra={"agent": ring.agent_id,
+        log.error("ring quarantined", extra={"principal": ring.principal,
                                              "last": last.detail if last else ""})
         self.k.counts["ring.quarantined"] += 1
-        self.k.audit.append("kernel", "ring-quarantine", agent=ring.agent_id,
+        self.k.audit.append("kernel", "ring-quarantine", subject=ring.principal,
                             fault=last.kind.value if last else "")
 
     def quarantined(self, agent_id: int) -> bool:
@@ -283,8 +293,10 @@ class Rings:
         rings = self._touched | self._backlogged
         self._touched = set()
         # Spinning agents help only while each has a CPU of its own beside the kernel's; past
-        # that they take the CPU from the kernel they are waiting for.
-        advice = self.k.config.ring_spin_us if len(self._polled) < self._cpus else 0
+        # that they take the CPU from the kernel they are waiting for (or, while a model
+        # generates, from the model).
+        advice = self.k.config.ring_spin_us if (
+            len(self._polled) < self._cpus and not self.k.llm.generating) else 0
         for ring in rings:
             if ring.advice != advice:
                 ring.advice = advice

@@ -44,6 +44,10 @@ def sys_null(k: Kernel, call: Call, args: abi.NoArgs) -> None:
     return None
 
 
+def sys_rings(k: Kernel, call: Call, args: abi.NoArgs) -> abi.RingTicket:
+    return k.ringdoor.issue(call)
+
+
 def sys_stats(k: Kernel, call: Call, args: abi.NoArgs) -> abi.Stats:
     from kernel.core import VERSION
 
@@ -164,6 +168,7 @@ def _tool(k: Kernel, args: Any, caller: Caller) -> str:
 SYSCALLS: dict[str, Syscall] = {
     "sys.null": Syscall(sys_null),
     "sys.stats": Syscall(sys_stats),
+    "sys.rings": Syscall(sys_rings),
     "proc.spawn": Syscall(proc_spawn, abi.SpawnArgs),
     "proc.ps": Syscall(proc_ps),
     "proc.info": Syscall(proc_info, abi.AgentRef, _proc),

@@ -101,10 +101,14 @@ def _env_curve(endpoint: str) -> CurveKeys | None:
 
 def connect(endpoint: str | None = None, token: str | None = None, *,
             state_dir: str | os.PathLike[str] | None = None, timeout: float = 30.0,
-            curve: CurveKeys | None = None) -> Connection:
-    """A blocking connection to the kernel (`curve`: a remote kernel's tcp:// endpoint)."""
+            curve: CurveKeys | None = None, rings: bool = False) -> Connection:
+    """A blocking connection to the kernel (`curve`: a remote kernel's tcp:// endpoint).
+    Agents the kernel spawned use their shared-memory rings whatever `rings` says; another
+    local process gets rings of its own with `rings=True` (worth it for many calls; a
+    one-shot command would only pay for setting them up)."""
     endpoint, token = _resolve(endpoint, token, state_dir)
-    return Connection(endpoint, token, timeout=timeout, curve=curve or _env_curve(endpoint))
+    return Connection(endpoint, token, timeout=timeout, curve=curve or _env_curve(endpoint),
+                      rings=rings)
 
 
 def connect_async(endpoint: str | None = None, token: str | None = None, *,

@@ -257,6 +257,13 @@ class Latency(msgspec.Struct, frozen=True):
     sum_s: float
 
 
+class RingTicket(msgspec.Struct, frozen=True):
+    """`sys.rings`: present `ticket` on the Unix socket at `path` to receive the rings' fds."""
+
+    ticket: str
+    path: str
+
+
 class Stats(msgspec.Struct, frozen=True):
     version: str
     abi: int

@@ -95,7 +95,8 @@ class Connection:
     messages (others' are kept for them)."""
 
     def __init__(self, endpoint: str, token: str, *, timeout: float = DEFAULT_TIMEOUT,
-                 context: zmq.Context | None = None, curve: CurveKeys | None = None) -> None:
+                 context: zmq.Context | None = None, curve: CurveKeys | None = None,
+                 rings: bool = False) -> None:
         from sdk.families import Approvals, Audit, Caps, Fs, Ipc, Llm, Memory, Proc, System, Tools
 
         _check_endpoint(endpoint)
@@ -123,6 +124,20 @@ class Connection:
         self.caps, self.approvals, self.audit = Caps(self), Approvals(self), Audit(self)
         self.memory, self.fs = Memory(self), Fs(self)
         self.tools = Tools(self)
+        if rings and self._ring is None and endpoint.startswith("ipc://"):
+            self._ask_for_rings()
+
+    def _ask_for_rings(self) -> None:
+        """Rings for a process that connected on its own (`sys.rings`, kernel/ringdoor.py);
+        ZeroMQ stays the path when the kernel or this machine cannot give them."""
+        try:
+            ticket = self.call("sys.rings", None, abi.RingTicket)
+            channel = ringpath.attach_ticket(ticket.path, ticket.ticket, self._ids,
+                                             timeout=self.timeout)
+        except (SyscallError, ringpath.RingError, OSError, ValueError):
+            return
+        self._ring = channel
+        self._poller.register(channel.doorbell, zmq.POLLIN)
 
     @property
     def uses_rings(self) -> bool:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import socket
 
 import msgspec
 
@@ -58,13 +59,28 @@ def fragments(frame: bytes, limit: int) -> list[bytes]:
 class RingChannel:
     """This process's rings, as one connection uses them."""
 
-    def __init__(self, rings: AgentRings, ids: itertools.count[int]) -> None:
+    def __init__(self, rings: AgentRings, ids: itertools.count[int],
+                 owned: tuple[int, ...] = (), lifeline: socket.socket | None = None) -> None:
         self.rings = rings
         self.ids = ids
         self.limit = rings.geometry.payload_capacity
         assert rings.completion_doorbell is not None
         self.doorbell = rings.completion_doorbell
         self._parts: list[bytes] = []
+        self._owned = owned  # fds this channel received and closes (rings by ticket)
+        self._lifeline = lifeline  # its end closes the rings in the kernel
+
+    def close(self) -> None:
+        self.rings.close()
+        for fd in self._owned:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._owned = ()
+        if self._lifeline is not None:
+            self._lifeline.close()
+            self._lifeline = None
 
     def push(self, data: bytes) -> bool:
         """Publish one request without ringing; False if it does not fit or the ring is full."""
@@ -155,6 +171,38 @@ def claim(endpoint: str) -> RingChannel | None:
 
 def release(channel: RingChannel) -> None:
     """The connection is closing: unmap, and let a later connection claim the rings again."""
-    channel.rings.close()
+    channel.close()
     if _claim.user is channel:
         _claim.user = None
+
+
+class _Geometry(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    capacity: int
+    slot_size: int
+
+
+def attach_ticket(path: str, ticket: str, ids: itertools.count[int],
+                  timeout: float = 5.0) -> RingChannel:
+    """Claim the rings a `sys.rings` ticket names (kernel/ringdoor.py): present it on the
+    kernel's Unix socket, receive the four fds, map them. The socket stays open as the rings'
+    lifeline. Raises RingError (or OSError) when that fails; the caller then uses ZeroMQ."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    fds: list[int] = []
+    try:
+        sock.settimeout(timeout)
+        sock.connect(path)
+        sock.sendall(ticket.encode("ascii") + b"\n")
+        head, fds, _, _ = socket.recv_fds(sock, 1024, 4)
+        if len(fds) != 4 or not head:
+            raise RingError("the kernel refused the ring ticket")
+        for fd in fds:
+            os.set_inheritable(fd, False)
+        geometry = msgspec.json.decode(head, type=_Geometry)
+        spec = RingSpec(geometry.capacity, geometry.slot_size, *fds)
+        rings = AgentRings.attach(spec)
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        sock.close()
+        raise
+    return RingChannel(rings, ids, owned=tuple(fds), lifeline=sock)

@@ -4,6 +4,9 @@ agents, and rings that go with their agent (streaming over a ring: tests/test_ll
 from __future__ import annotations
 
 import signal
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -61,6 +64,7 @@ def test_ring_and_zeromq_paths_give_identical_results(rk: KernelProcess) -> None
     assert got["batch"] == [["ok", None], ["ok", True], ["error", "EPERM"], ["error", "ENOSYS"],
                             ["ok", None], ["ok", True]]
     assert got["child_env"] == "None" and got["batch_overflow"] == 300
+    assert got["rings_by_ticket"] == ["error", "EPERM"]
     # Every call but the two oversized sends took the ring, and so did the stats call that read
     # the count afterwards; the ZeroMQ-only agent put nothing there. (One call per key but
     # child_env and the batches, plus the first batch's six.)
@@ -154,3 +158,68 @@ def test_polling_off_still_serves_rings(fresh_kernel: KernelProcess, tmp_path: P
     assert got["rings"] is True and got["ring.polled"] == 0
     assert got["ring.doorbells"] >= 100
     assert fresh_kernel.stop() == 0
+
+
+def kernel_memfds(k: KernelProcess) -> int:
+    assert k.proc is not None
+    return len(ring_fds(k.proc.pid))
+
+
+def test_a_process_that_connects_on_its_own_gets_rings_by_ticket(rk: KernelProcess) -> None:
+    base = kernel_memfds(rk)
+    with sdk.connect(state_dir=rk.state_dir, rings=True) as conn:
+        assert conn.uses_rings
+        assert kernel_memfds(rk) > base  # its two segments (each fd and the mmap's dup)
+        before = conn.sys.stats().syscalls
+        assert conn.sys.null() is None
+        with pytest.raises(sdk.SyscallError) as err:
+            conn.proc.info(10**9)
+        assert err.value.code.name == "ENOENT"
+        with conn.batch() as b:
+            many = [b.sys.null() for _ in range(100)]
+        assert all(p.result() is None for p in many)
+        after = conn.sys.stats().syscalls
+        assert after["ring.entries"] - before.get("ring.entries", 0) == 1 + 1 + 100 + 1
+        assert after["ring.user_attached"] >= 1
+    # Closing the connection closes its lifeline: the kernel lets go of the rings.
+    assert wait_until(lambda: kernel_memfds(rk) == base)
+
+
+def test_rings_of_a_killed_process_are_closed(rk: KernelProcess) -> None:
+    base = kernel_memfds(rk)
+    code = ("import sys, time, sdk\n"
+            f"conn = sdk.connect(state_dir={str(rk.state_dir)!r}, rings=True)\n"
+            "conn.sys.null(); print(conn.uses_rings, flush=True); time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "True"
+        assert kernel_memfds(rk) > base  # its two segments (each fd and the mmap's dup)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert wait_until(lambda: kernel_memfds(rk) == base)
+
+
+def test_ring_tickets_are_one_time_and_checked(rk: KernelProcess) -> None:
+    from sdk import abi, ringpath
+
+    path = str(rk.state_dir / "run" / "rings.sock")
+    with rk.connect() as conn:
+        bad_before = conn.sys.stats().errors.get("ring.bad_ticket", 0)
+        # A made-up ticket: the kernel hangs up without sending anything.
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as raw:
+            raw.settimeout(5)
+            raw.connect(path)
+            raw.sendall(b"0" * 32 + b"\n")
+            msg, fds, _, _ = socket.recv_fds(raw, 1024, 4)
+        assert msg == b"" and fds == []
+        ticket = conn.call("sys.rings", None, abi.RingTicket)
+        assert ticket.path == path
+        channel = ringpath.attach_ticket(ticket.path, ticket.ticket, iter(range(1, 10**9)))
+        try:
+            with pytest.raises(ringpath.RingError):  # spent
+                ringpath.attach_ticket(ticket.path, ticket.ticket, iter(range(1, 10**9)))
+        finally:
+            channel.close()
+        assert conn.sys.stats().errors.get("ring.bad_ticket", 0) == bad_before + 2

@@ -39,6 +39,7 @@ with sdk.connect() as conn:
         "kill_denied": outcome(conn.proc.kill, 1),
         "info_denied": outcome(conn.proc.info, me + 1000),
         "no_syscall": outcome(conn.call, "nope.nothing"),
+        "rings_by_ticket": outcome(conn.call, "sys.rings"),  # users' processes only
         "bad_args": outcome(conn.call, "proc.info", abi.SpawnArgs(path="/x")),
         # Programs the agent runs inherit neither the ring spec nor (close-on-exec) the fds.
         "child_env": subprocess.run(
