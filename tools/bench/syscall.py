@@ -2,8 +2,9 @@
 
 Boots a kernel in a temporary state dir and, for 1 and 16 agent processes (spawned by the
 kernel, so each has its rings), runs `sys.null` in a closed loop for a few seconds per cell:
-unbatched (one blocking call at a time: latency) and batched (BATCH calls at once on an
-asyncio connection, one doorbell per batch on the ring path: throughput). The ZeroMQ-only
+unbatched (one blocking call at a time: latency) and batched (BATCH calls submitted together
+with `conn.batch()`, one doorbell per batch on the ring path, or with `--mode async` as
+asyncio.gather on an AsyncConnection: throughput). The ZeroMQ-only
 cells use the same kernel and agents, which just leave their rings unclaimed. Besides wall
 latencies it reports CPU time per call, in the kernel and in the agents (from /proc and
 getrusage): on a machine shared with other work, the wall figures measure the scheduler as
@@ -44,9 +45,10 @@ def cpu_ns(pid: int) -> int:
 
 
 def cell(conn: sdk.Connection, kernel_pid: int, path: str, agents: int, batch: int,
-         seconds: float) -> dict:
+         seconds: float, mode: str) -> dict:
     start_at = time.time() + 1.5 + 0.35 * agents  # time for every agent to start and warm up
-    ids = [conn.proc.spawn(str(AGENT), argv=[path, str(batch), str(start_at), str(seconds)],
+    ids = [conn.proc.spawn(str(AGENT), argv=[path, str(batch), str(start_at), str(seconds),
+                                             mode],
                            name=f"bench-{path}-{batch}-{i}") for i in range(agents)]
     time.sleep(max(0.0, start_at - time.time()))
     kernel_cpu = cpu_ns(kernel_pid)
@@ -77,6 +79,8 @@ def main() -> int:
     p.add_argument("--agents", default="1,16")
     p.add_argument("--batch", type=int, default=64, help="calls per batch in batched cells")
     p.add_argument("--seconds", type=float, default=2.0, help="measured time per cell")
+    p.add_argument("--mode", choices=("batch", "async"), default="batch",
+                   help="how batched cells issue their calls")
     args = p.parse_args()
     counts = [int(x) for x in args.agents.split(",")]
     state = Path(tempfile.mkdtemp(prefix="agentos-bench.")) / "state"
@@ -88,14 +92,15 @@ def main() -> int:
             for agents in counts:
                 for batch in (1, args.batch):
                     for path in ("ring", "zmq"):
-                        rows.append(cell(conn, kernel_pid, path, agents, batch, args.seconds))
+                        rows.append(cell(conn, kernel_pid, path, agents, batch, args.seconds,
+                                         args.mode))
                         print(f"  {path:<4} agents={agents:<3} batch={batch:<3} done", flush=True,
                               file=sys.stderr)
     finally:
         kernel.terminate()
         kernel.wait(30)
     print(f"\nsys.null round trips, {args.seconds:.0f} s per cell; a batched round is {args.batch} "
-          "calls in flight at once")
+          f"calls in flight at once ({args.mode})")
     print(f"  {'path':<5} {'agents':>6} {'batch':>5} {'p50 round':>10} {'p99 round':>10} "
           f"{'per call':>9} {'syscalls/s':>11} {'kernel CPU':>10} {'agent CPU':>9}")
     for r in rows:
