@@ -80,7 +80,8 @@ class Rings:
         self._polled: set[AgentRing] = set()
         self.poll_until = 0.0
         self._window = kernel.config.ring_poll_us / 8e6  # adapted in `_poll`
-        self._slept_at = 0.0  # when polling last stopped (0: since counted)
+        self._slept = False  # polling stopped since the window last adapted
+        self._last_traffic = 0.0  # when a polled ring last had entries
         self._cpus = len(os.sched_getaffinity(0))
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -183,24 +184,25 @@ class Rings:
             return
         now = time.monotonic()
         if ring not in self._polled:
-            if not self._polled and self._slept_at:
+            if not self._polled and self._slept:
                 # Adapt the window, as NAPI adapts its busy-poll budget: traffic that came
-                # back soon after the loop went to sleep would have been caught by a longer
-                # window (double it); a long quiet says the window is only burning CPU.
-                gap = now - self._slept_at
-                window = self._window * 2 if gap < self._window else (
-                    self._window / 2 if gap > 8 * self._window else self._window)
+                # back within `limit` of the last would have been caught by a window that
+                # long (grow to cover it, with a margin); a longer quiet says the window only
+                # burns CPU (halve it).
+                quiet = now - self._last_traffic
+                window = max(self._window, 1.5 * quiet) if quiet < limit else self._window / 2
                 self._window = min(limit, max(limit / 16, window))
-                self._slept_at = 0.0
+                self._slept = False
             self._polled.add(ring)
             ring.pair.submissions.set_polling(True)
+        self._last_traffic = now
         self.poll_until = now + min(limit, self._window)
 
     def stop_polling(self) -> bool:
         """Leave polling: flags cleared, then one more look (after a fence, so an agent that
         saw the flag still set has its entries found here). True if some were found; they are
         drained next round."""
-        self._slept_at = time.monotonic()
+        self._slept = True
         polled, self._polled = self._polled, set()
         for ring in polled:
             ring.pair.submissions.set_polling(False)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from sdk import abi
+from sdk.client import _budget, _final
 from sdk.errors import InvalidArgument
 
 if TYPE_CHECKING:
@@ -33,8 +34,6 @@ class Pending:
         return self._msg is not None
 
     def result(self) -> Any:
-        from sdk.client import _final
-
         if self._msg is None:
             raise InvalidArgument(f"{self.name}: its batch has not been submitted")
         return _final(self._msg, self.result_type)
@@ -71,8 +70,6 @@ class Batch:
         """Send every call added so far, wait for all their replies, and return them (in the
         order they were added). A lost kernel raises; a call's own error waits in its
         `Pending`."""
-        from sdk.client import _budget
-
         calls, waits, pending = self._calls, self._waits, self._pending
         self._calls, self._waits, self._pending = [], [], []
         if not calls:

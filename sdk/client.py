@@ -51,9 +51,12 @@ def _check_endpoint(endpoint: str) -> None:
             raise KernelUnavailable(f"no kernel listening at {path}")
 
 
+_NO_ARGS = msgspec.Raw(abi.encode(abi.NoArgs()))
+
+
 def _make_request(ids: itertools.count, name: str, token: str, args: abi.Args | None,
                   server_wait_ms: int | None) -> abi.Request:
-    raw = msgspec.Raw(abi.encode(args if args is not None else abi.NoArgs()))
+    raw = _NO_ARGS if args is None else msgspec.Raw(abi.encode(args))
     return abi.Request(v=abi.ABI_VERSION, id=next(ids), call=name, token=token, args=raw,
                        timeout_ms=server_wait_ms)
 
