@@ -21,6 +21,7 @@ import pytest
 
 from kernel.proc import launch, sandbox
 from kernel.proc.sandbox import Launch, LaunchExit, Limits, Policy, Probe, Report
+from tests.conftest import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 HOSTILE = Path(__file__).resolve().parent / "hostile"
@@ -203,6 +204,21 @@ def test_policy_validation_refuses(change: dict[str, Any]) -> None:
 def test_policy_from_json_refuses_unknown_fields() -> None:
     with pytest.raises(ValueError, match="unknown policy fields"):
         Policy.from_json('{"tier": "none", "capabilities": []}')
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a process as another uid")
+def test_allocate_uid_skips_uids_that_own_processes_on_the_host() -> None:
+    """Another kernel's agent (or anyone) running as a uid of the range keeps it taken: a
+    reap kills every process of an agent's uid, so two agents must never share one."""
+    uid = UID_BASE + 90
+    other = subprocess.Popen(["sleep", "30"], user=uid, group=uid)
+    try:
+        assert wait_until(lambda: uid in sandbox.host_uids())
+        assert sandbox.allocate_uid(0, base=uid, size=2) == uid
+        assert sandbox.allocate_uid(0, base=uid, size=2, skip_busy=True) == uid + 1
+    finally:
+        other.kill()
+        other.wait()
 
 
 def test_allocate_uid_is_deterministic_and_skips_taken_uids() -> None:

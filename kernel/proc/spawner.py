@@ -162,7 +162,7 @@ class Sandboxes:
 
     def allocate_uid(self, agent_id: int, in_use: set[int]) -> int:
         return sandbox.allocate_uid(agent_id, self.k.config.agent_uid_base,
-                                    self.k.config.agent_uid_count, in_use)
+                                    self.k.config.agent_uid_count, in_use, skip_busy=True)
 
     # --- preparing ---------------------------------------------------------------------------
 

@@ -59,7 +59,8 @@ def cell(conn: sdk.Connection, kernel_pid: int, path: str, agents: int, batch: i
         info = conn.proc.wait(agent_id, timeout=120)
         if info.exit_status != 0 or not isinstance(info.result, dict):
             out = conn.proc.logs(agent_id, stream="stderr").data.decode(errors="replace")
-            raise RuntimeError(f"bench agent {agent_id} failed:\n{out}")
+            raise RuntimeError(f"bench agent {agent_id} failed ({info.state}, status "
+                               f"{info.exit_status}):\n{out}")
         results.append(info.result)
     assert all(r["rings"] == (path == "ring") for r in results), "agent took the wrong path"
     per_call_us = [ns / batch / 1000 for r in results for ns in r["ns"]]
@@ -84,7 +85,7 @@ def main() -> int:
     args = p.parse_args()
     counts = [int(x) for x in args.agents.split(",")]
     state = Path(tempfile.mkdtemp(prefix="agentos-bench.")) / "state"
-    kernel = boot_kernel(state, "--log-level", "warning")
+    kernel = boot_kernel(state, "--log-level", "info")
     rows = []
     try:
         with sdk.connect(state_dir=state, timeout=60) as conn:

@@ -40,82 +40,80 @@ def cpu_ns() -> int:
     return int((usage.ru_utime + usage.ru_stime) * 1e9)
 
 
+class Rounds:
+    """The timing of one cell: rounds of `per_round` calls until `seconds` have passed."""
+
+    def __init__(self, start_at: float, seconds: float, per_round: int) -> None:
+        self.late = time.time() > start_at  # the agent missed the common start
+        self.start_at, self.seconds, self.per_round = start_at, seconds, per_round
+        self.samples: list[int] = []
+        self.calls = 0
+
+    def start(self) -> None:
+        """Call after sleeping until `start_at`."""
+        self.end = time.perf_counter_ns() + int(self.seconds * 1e9)
+        self.cpu = cpu_ns()
+
+    def done(self, t0: int) -> bool:
+        """Record a round begun at `t0`; True once the time is up."""
+        t1 = time.perf_counter_ns()
+        self.calls += self.per_round
+        if len(self.samples) < MAX_SAMPLES:
+            self.samples.append(t1 - t0)
+        return t1 >= self.end
+
+    def result(self, rings: bool) -> dict:
+        return {"calls": self.calls, "ns": self.samples, "late": self.late, "rings": rings,
+                "cpu_ns": cpu_ns() - self.cpu}
+
+
 def blocking(start_at: float, seconds: float) -> dict:
     with sdk.connect() as conn:
         for _ in range(200):
             conn.sys.null()
-        late = time.time() > start_at
+        rounds = Rounds(start_at, seconds, 1)
         time.sleep(max(0.0, start_at - time.time()))
-        samples: list[int] = []
-        clock = time.perf_counter_ns
-        end = clock() + int(seconds * 1e9)
-        cpu = cpu_ns()
-        n = 0
+        rounds.start()
         while True:
-            t0 = clock()
+            t0 = time.perf_counter_ns()
             conn.sys.null()
-            t1 = clock()
-            n += 1
-            if len(samples) < MAX_SAMPLES:
-                samples.append(t1 - t0)
-            if t1 >= end:
-                break
-        return {"calls": n, "ns": samples, "late": late, "rings": conn.uses_rings,
-                "cpu_ns": cpu_ns() - cpu}
+            if rounds.done(t0):
+                return rounds.result(conn.uses_rings)
 
 
 def batched_sync(batch: int, start_at: float, seconds: float) -> dict:
+    def one_round() -> None:
+        b = conn.batch()
+        for _ in range(batch):
+            b.sys.null()
+        for pending in b.submit():
+            pending.result()  # raises if the call failed
+
     with sdk.connect() as conn:
         for _ in range(20):
-            with conn.batch() as b:
-                for _ in range(batch):
-                    b.sys.null()
-        late = time.time() > start_at
+            one_round()
+        rounds = Rounds(start_at, seconds, batch)
         time.sleep(max(0.0, start_at - time.time()))
-        samples: list[int] = []
-        clock = time.perf_counter_ns
-        end = clock() + int(seconds * 1e9)
-        cpu = cpu_ns()
-        n = 0
+        rounds.start()
         while True:
-            t0 = clock()
-            b = conn.batch()
-            for _ in range(batch):
-                b.sys.null()
-            for pending in b.submit():
-                pending.result()  # raises if the call failed
-            t1 = clock()
-            n += batch
-            if len(samples) < MAX_SAMPLES:
-                samples.append(t1 - t0)
-            if t1 >= end:
-                break
-        return {"calls": n, "ns": samples, "late": late, "rings": conn.uses_rings,
-                "cpu_ns": cpu_ns() - cpu}
+            t0 = time.perf_counter_ns()
+            one_round()
+            if rounds.done(t0):
+                return rounds.result(conn.uses_rings)
 
 
 async def batched(batch: int, start_at: float, seconds: float) -> dict:
     async with sdk.connect_async() as conn:
         for _ in range(20):
             await asyncio.gather(*(conn.sys.null() for _ in range(batch)))
-        late = time.time() > start_at
+        rounds = Rounds(start_at, seconds, batch)
         await asyncio.sleep(max(0.0, start_at - time.time()))
-        samples: list[int] = []
-        clock = time.perf_counter_ns
-        end = clock() + int(seconds * 1e9)
-        cpu = cpu_ns()
-        n = 0
+        rounds.start()
         while True:
-            t0 = clock()
+            t0 = time.perf_counter_ns()
             await asyncio.gather(*(conn.sys.null() for _ in range(batch)))
-            t1 = clock()
-            n += batch
-            if len(samples) < MAX_SAMPLES:
-                samples.append(t1 - t0)
-            if t1 >= end:
-                break
-        return {"calls": n, "ns": samples, "late": late, "rings": conn.uses_rings,
-                "cpu_ns": cpu_ns() - cpu}
+            if rounds.done(t0):
+                return rounds.result(conn.uses_rings)
 
 
 main()
