@@ -236,3 +236,21 @@ def test_a_symlinked_log_cannot_leak_kernel_files(kernel: KernelProcess,
     with pytest.raises(sdk.PermissionDenied):
         admin.proc.logs(done)
     assert (kernel.state_dir / "agents" / str(done) / "home").is_dir()
+
+
+def test_accounts_forget_the_least_recently_active_caller() -> None:
+    """Per-caller rows are bounded: past MAX_CALLERS the one idle longest goes."""
+    from kernel import accounts
+    from kernel.core import Call, Caller
+
+    book = accounts.Accounts()
+    for n in range(accounts.MAX_CALLERS):
+        book.done(Call(b"r", n, "sys.null", Caller(f"user:{n}", None)), None)
+    time.sleep(0.002)  # a later clock reading than any creation above
+    book.done(Call(b"r", 0, "sys.null", Caller("user:0", None)), None)  # 0 is active again
+    book.done(Call(b"r", 0, "sys.null", Caller("user:new", None)), None)
+    assert len(book.callers) == accounts.MAX_CALLERS
+    assert "user:new" in book.callers and "user:0" in book.callers
+    assert "user:1" not in book.callers  # the least recently active
+    assert book.callers["user:0"]["syscalls"] == 2
+    assert sum(book.latency["sys"]) == accounts.MAX_CALLERS + 2
