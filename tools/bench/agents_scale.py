@@ -173,7 +173,13 @@ def main() -> int:
             print(f"{'tier':<9} {'spawn p50':>10} {'spawn p99':>10} {'ready p50':>10} "
                   f"{'ready p99':>10} {'RSS/agent':>10} {'+bwrap':>8}")
             for tier in tiers:
-                spawn_ms, ready_ms, ids = spawn_series(conn, tier, args.spawns)
+                try:
+                    spawn_ms, ready_ms, ids = spawn_series(conn, tier, args.spawns)
+                except sdk.PermissionDenied as exc:  # e.g. an interpreter agent uids can't reach
+                    print(f"{tier:<9} cannot start agents here: {exc}", flush=True)
+                    for agent_id in [a.id for a in conn.proc.ps() if a.state == "running"]:
+                        conn.proc.kill(agent_id, grace=0)
+                    continue
                 time.sleep(0.5)  # let the agents settle into their idle wait
                 rss, around = agent_rss(conn, ids)
                 kill_all(conn, ids)
