@@ -1,0 +1,198 @@
+"""Every namespace's vector index, owned by one thread: it loads indexes from SQLite on a
+connection of its own, applies the loop's changes in the order the loop made them, and answers
+searches through `Kernel.post`, so the dispatch loop never scans or loads an index.
+
+Consistency rule. The loop sends every change of a memory's vector (`put`, `remove`) and every
+search through one FIFO queue, and this thread alone touches the indexes, so a search sees the
+index exactly as the loop's changes made it up to the moment the search was sent: never a torn
+row, and every change the loop made before (in particular every acknowledged `memory.add`,
+whose vector is put before its reply) is visible. The first use of a namespace loads it from
+the database, which this connection sees only as committed; changes the loop made before that
+may be uncommitted, so changes to namespaces not loaded yet are kept (tagged with the commit
+count `Database.commits` at the time) until they are known to be committed, and the load
+replays those it cannot be sure its snapshot holds. Replaying is safe because every change is
+absolute (a vector, or none) and the replayed ones are a suffix of the namespace's history.
+Filters are evaluated here against committed metadata; the loop re-checks each hit against its
+own view (live, in the namespace, still matching) before answering, so a search that races a
+delete or an update never returns a memory that is gone or no longer matches.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kernel.memory.embed import DIM
+from kernel.memory.index import VectorIndex
+
+log = logging.getLogger("kernel.memory")
+
+LOAD_CHUNK = 8192  # rows read from SQLite per index.add while loading
+
+
+def filter_sql(filter: dict[str, Any]) -> tuple[str, list[Any]]:
+    """`AND …` clauses (and their parameters) for a metadata filter: key == value, all hold."""
+    clauses, params = [], []
+    for key, value in filter.items():  # keys are [A-Za-z0-9_] (checked by the ABI)
+        if value is None:
+            clauses.append(f"json_type(metadata, '$.{key}') = 'null'")
+        else:
+            clauses.append(f"json_extract(metadata, '$.{key}') = ?")
+            params.append(int(value) if isinstance(value, bool) else value)
+    return "".join(f" AND {c}" for c in clauses), params
+
+
+@dataclass
+class Found:
+    """A search's answer: (id, score) best first, and, when asked, how many memories of the
+    namespace have no vector of this embedder (keyword search can still find those)."""
+
+    hits: list[tuple[int, float]]
+    unembedded: int = 0
+
+
+Change = tuple[int, int, np.ndarray | None]  # (commit count when made, memory id, vector)
+
+
+class IndexThread:
+    def __init__(self, db_path: Path, embedder: str, commits: Callable[[], int],
+                 post: Callable[[Callable[[], None]], None]) -> None:
+        self._path = db_path
+        self._embedder = embedder
+        self._commits = commits
+        self._post = post
+        self._queue: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+        self._indexes: dict[str, VectorIndex] = {}
+        self._pending: dict[str, list[Change]] = {}  # changes to namespaces not loaded yet
+        self._pending_count = 0
+        self._sweep_at = 1024
+        self._thread = threading.Thread(target=self._run, name="memory-index", daemon=True)
+        self.loads = 0
+        self.load_seconds = 0.0  # of the last load
+        self.searches = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+
+    def stats(self) -> dict[str, float]:
+        return {"namespaces_indexed": len(self._indexes), "index_loads": self.loads,
+                "index_load_ms": round(self.load_seconds * 1000, 1),
+                "vector_searches": self.searches}
+
+    # --- called on the loop thread ------------------------------------------------------------
+
+    def put(self, namespace: str, memory_id: int, vector: np.ndarray) -> None:
+        self._queue.put(("change", namespace, (self._commits(), memory_id, vector)))
+
+    def remove(self, namespace: str, memory_id: int) -> None:
+        self._queue.put(("change", namespace, (self._commits(), memory_id, None)))
+
+    def search(self, namespace: str, vector: np.ndarray, k: int, filter: dict[str, Any],
+               count_unembedded: bool, done: Callable[[Found | None], None]) -> None:
+        """Find the `k` best; `done` runs on the loop thread with the answer (None: failed)."""
+        self._queue.put(("search", namespace, vector, k, filter, count_unembedded, done))
+
+    # --- the thread ---------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA busy_timeout=5000")
+        db.execute("PRAGMA query_only=ON")
+        try:
+            while (op := self._queue.get()) is not None:
+                if op[0] == "change":
+                    self._change(op[1], op[2])
+                    continue
+                _, namespace, vector, k, filter, count_unembedded, done = op
+                try:
+                    found: Found | None = self._search(db, namespace, vector, k, filter,
+                                                       count_unembedded)
+                except Exception:
+                    log.exception("vector search failed", extra={"namespace": namespace})
+                    found = None
+                self._post(lambda done=done, found=found: done(found))
+        finally:
+            db.close()
+
+    def _change(self, namespace: str, change: Change) -> None:
+        index = self._indexes.get(namespace)
+        if index is not None:
+            self._apply(index, change)
+            return
+        self._pending.setdefault(namespace, []).append(change)
+        self._pending_count += 1
+        if self._pending_count >= self._sweep_at:
+            self._sweep()
+
+    def _sweep(self) -> None:
+        """Forget pending changes that are committed: a later load reads them from SQLite."""
+        committed = self._commits()
+        for namespace in list(self._pending):
+            kept = [c for c in self._pending[namespace] if c[0] >= committed]
+            if kept:
+                self._pending[namespace] = kept
+            else:
+                del self._pending[namespace]
+        self._pending_count = sum(map(len, self._pending.values()))
+        self._sweep_at = max(1024, 2 * self._pending_count)
+
+    @staticmethod
+    def _apply(index: VectorIndex, change: Change) -> None:
+        _, memory_id, vector = change
+        if vector is None:
+            index.remove(memory_id)
+        else:
+            index.add([memory_id], vector[None, :])
+
+    def _load(self, db: sqlite3.Connection, namespace: str) -> VectorIndex:
+        started = time.perf_counter()
+        committed = self._commits()  # the snapshot below holds at least this many commits
+        index = VectorIndex(DIM)
+        cursor = db.execute("SELECT id, embedding FROM memories WHERE namespace=? AND "
+                            "embedder=? AND length(embedding)=?",
+                            (namespace, self._embedder, DIM * 4))
+        while rows := cursor.fetchmany(LOAD_CHUNK):
+            index.add([r[0] for r in rows], np.frombuffer(b"".join(r[1] for r in rows),
+                                                          np.float32).reshape(len(rows), DIM))
+        pending = self._pending.pop(namespace, [])
+        self._pending_count -= len(pending)
+        for change in pending:
+            if change[0] >= committed:  # maybe not in the snapshot: replay it
+                self._apply(index, change)
+        self._indexes[namespace] = index
+        self.loads += 1
+        self.load_seconds = time.perf_counter() - started
+        log.info("memory index loaded", extra={"namespace": namespace, "vectors": len(index),
+                                               "seconds": round(self.load_seconds, 3)})
+        return index
+
+    def _search(self, db: sqlite3.Connection, namespace: str, vector: np.ndarray, k: int,
+                filter: dict[str, Any], count_unembedded: bool) -> Found:
+        index = self._indexes.get(namespace)
+        if index is None:
+            index = self._load(db, namespace)
+        allowed = None
+        if filter:
+            where, params = filter_sql(filter)
+            allowed = {r[0] for r in db.execute(
+                f"SELECT id FROM memories WHERE namespace=? {where}", (namespace, *params))}
+        found = Found(index.search(vector, k, allowed))
+        self.searches += 1
+        if count_unembedded and len(found.hits) < k:
+            found.unembedded = db.execute(
+                "SELECT COUNT(*) FROM memories WHERE namespace=? AND (embedder IS NULL OR "
+                "embedder != ?)", (namespace, self._embedder)).fetchone()[0]
+        return found
