@@ -188,3 +188,39 @@ def test_searches_racing_changes_return_live_matching_memories(big: KernelProces
             alive = memory_id not in deleted and memory_id not in dropped
             assert (memory_id in {h.id for h in hits}) == alive
         assert c.sys.stats().memory["index_loads"] == 1
+
+
+def test_a_load_does_not_hold_up_other_namespaces(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between a load's chunks the thread serves searches of loaded namespaces; the loading
+    namespace's own changes wait and still apply in order."""
+    import kernel.memory.indexes as indexes
+
+    monkeypatch.setattr(indexes, "LOAD_CHUNK", 50)
+    db = Database(tmp_path / "kernel.db")
+    rng = np.random.default_rng(2)
+    vectors = unit(rng.standard_normal((3001, DIM)))
+    for vector in vectors[:3000]:
+        insert(db, "big", vector)
+    small = insert(db, "small", vectors[3000])
+    db.commit()
+    posted: list[Callable[[], None]] = []
+    thread = IndexThread(db.path, "hash", lambda: db.commits, posted.append)
+    thread.start()
+    try:
+        order: list[str] = []
+        thread.search("small", vectors[3000], 1, {}, False, lambda f: order.append("small"))
+        wait_for(posted)
+        thread.search("big", vectors[0], 1, {}, False, lambda f: order.append("big"))
+        thread.search("small", vectors[3000], 1, {}, False, lambda f: order.append("small"))
+        late = insert(db, "big", vectors[3000])  # arrives while "big" loads
+        thread.put("big", late, vectors[3000])
+        answers: list[Found | None] = []
+        thread.search("big", vectors[3000], 1, {}, False, answers.append)
+        for _ in range(3):
+            wait_for(posted)
+        assert order == ["small", "small", "big"]
+        assert answers[0] is not None and answers[0].hits[0][0] == late != small
+    finally:
+        thread.stop()
+        db.close()

@@ -15,6 +15,11 @@ absolute (a vector, or none) and the replayed ones are a suffix of the namespace
 Filters are evaluated here against committed metadata; the loop re-checks each hit against its
 own view (live, in the namespace, still matching) before answering, so a search that races a
 delete or an update never returns a memory that is gone or no longer matches.
+
+A load reads in chunks on a second connection (one snapshot) and serves the queue between
+chunks, so other namespaces' searches do not wait behind it; the loading namespace's work, and
+searches that would start another load, wait in a backlog, in order. Work taken early is only
+ever another namespace's, so each namespace still sees its changes and searches in order.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import queue
 import sqlite3
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +77,9 @@ class IndexThread:
         self._commits = commits
         self._post = post
         self._queue: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+        self._backlog: deque[tuple[Any, ...] | None] = deque()  # set aside during a load
+        self._db: sqlite3.Connection  # for searches: opened by the thread
+        self._load_db: sqlite3.Connection  # for loads (a snapshot each)
         self._indexes: dict[str, VectorIndex] = {}
         self._pending: dict[str, list[Change]] = {}  # changes to namespaces not loaded yet
         self._pending_count = 0
@@ -107,25 +116,48 @@ class IndexThread:
 
     # --- the thread ---------------------------------------------------------------------------
 
-    def _run(self) -> None:
+    def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA busy_timeout=5000")
         db.execute("PRAGMA query_only=ON")
+        return db
+
+    def _run(self) -> None:
+        # Searches read the latest commit; a load holds one snapshot open for its duration.
+        self._db, self._load_db = self._connect(), self._connect()
         try:
-            while (op := self._queue.get()) is not None:
-                if op[0] == "change":
-                    self._change(op[1], op[2])
-                    continue
-                _, namespace, vector, k, filter, count_unembedded, done = op
-                try:
-                    found: Found | None = self._search(db, namespace, vector, k, filter,
-                                                       count_unembedded)
-                except Exception:
-                    log.exception("vector search failed", extra={"namespace": namespace})
-                    found = None
-                self._post(lambda done=done, found=found: done(found))
+            while (op := self._backlog.popleft() if self._backlog else self._queue.get()):
+                self._do(op)
         finally:
-            db.close()
+            self._db.close()
+            self._load_db.close()
+
+    def _do(self, op: tuple[Any, ...]) -> None:
+        if op[0] == "change":
+            self._change(op[1], op[2])
+            return
+        _, namespace, vector, k, filter, count_unembedded, done = op
+        try:
+            found: Found | None = self._search(namespace, vector, k, filter, count_unembedded)
+        except Exception:
+            log.exception("vector search failed", extra={"namespace": namespace})
+            found = None
+        self._post(lambda: done(found))
+
+    def _serve_others(self, loading: str) -> None:
+        """Between a load's chunks: do what is queued for other loaded namespaces now."""
+        while True:
+            try:
+                op = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if op is None or op[1] == loading or (op[0] == "search"
+                                                  and op[1] not in self._indexes):
+                self._backlog.append(op)
+                if op is None:
+                    return
+            else:
+                self._do(op)
 
     def _change(self, namespace: str, change: Change) -> None:
         index = self._indexes.get(namespace)
@@ -157,16 +189,17 @@ class IndexThread:
         else:
             index.add([memory_id], vector[None, :])
 
-    def _load(self, db: sqlite3.Connection, namespace: str) -> VectorIndex:
+    def _load(self, namespace: str) -> VectorIndex:
         started = time.perf_counter()
         committed = self._commits()  # the snapshot below holds at least this many commits
         index = VectorIndex(DIM)
-        cursor = db.execute("SELECT id, embedding FROM memories WHERE namespace=? AND "
+        cursor = self._load_db.execute("SELECT id, embedding FROM memories WHERE namespace=? AND "
                             "embedder=? AND length(embedding)=?",
                             (namespace, self._embedder, DIM * 4))
         while rows := cursor.fetchmany(LOAD_CHUNK):
             index.add([r[0] for r in rows], np.frombuffer(b"".join(r[1] for r in rows),
                                                           np.float32).reshape(len(rows), DIM))
+            self._serve_others(namespace)
         pending = self._pending.pop(namespace, [])
         self._pending_count -= len(pending)
         for change in pending:
@@ -179,20 +212,20 @@ class IndexThread:
                                                "seconds": round(self.load_seconds, 3)})
         return index
 
-    def _search(self, db: sqlite3.Connection, namespace: str, vector: np.ndarray, k: int,
-                filter: dict[str, Any], count_unembedded: bool) -> Found:
+    def _search(self, namespace: str, vector: np.ndarray, k: int, filter: dict[str, Any],
+                count_unembedded: bool) -> Found:
         index = self._indexes.get(namespace)
         if index is None:
-            index = self._load(db, namespace)
+            index = self._load(namespace)
         allowed = None
         if filter:
             where, params = filter_sql(filter)
-            allowed = {r[0] for r in db.execute(
+            allowed = {r[0] for r in self._db.execute(
                 f"SELECT id FROM memories WHERE namespace=? {where}", (namespace, *params))}
         found = Found(index.search(vector, k, allowed))
         self.searches += 1
         if count_unembedded and len(found.hits) < k:
-            found.unembedded = db.execute(
+            found.unembedded = self._db.execute(
                 "SELECT COUNT(*) FROM memories WHERE namespace=? AND (embedder IS NULL OR "
                 "embedder != ?)", (namespace, self._embedder)).fetchone()[0]
         return found
