@@ -60,13 +60,14 @@ def test_index_thread_replays_changes_its_snapshot_may_lack(tmp_path: Path) -> N
         thread.put("n", new, b)
         db.write("DELETE FROM memories WHERE id=?", (old,))  # uncommitted: snapshot has it
         thread.remove("n", old)
-        early = insert(db, "m", c)
-        thread.put("m", early, c)
-        db.commit()  # committed before "m" loads: the snapshot holds it, no replay needed
         answers: list[Found | None] = []
         thread.search("n", a, 5, {}, False, answers.append)
         wait_for(posted)
         assert answers[-1] is not None and [i for i, _ in answers[-1].hits] == [new]
+        db.commit()
+        early = insert(db, "m", c)
+        thread.put("m", early, c)
+        db.commit()  # committed before "m" loads: the snapshot holds it, no replay needed
         later = insert(db, "n", d)
         thread.put("n", later, d)
         thread.search("n", d, 1, {}, False, answers.append)
