@@ -61,7 +61,7 @@ def test_index_thread_replays_changes_its_snapshot_may_lack(tmp_path: Path) -> N
         db.write("DELETE FROM memories WHERE id=?", (old,))  # uncommitted: snapshot has it
         thread.remove("n", old)
         answers: list[Found | None] = []
-        thread.search("n", a, 5, {}, False, answers.append)
+        thread.search("n", a, "", 5, {}, False, answers.append)
         wait_for(posted)
         assert answers[-1] is not None and [i for i, _ in answers[-1].hits] == [new]
         db.commit()
@@ -70,10 +70,10 @@ def test_index_thread_replays_changes_its_snapshot_may_lack(tmp_path: Path) -> N
         db.commit()  # committed before "m" loads: the snapshot holds it, no replay needed
         later = insert(db, "n", d)
         thread.put("n", later, d)
-        thread.search("n", d, 1, {}, False, answers.append)
+        thread.search("n", d, "", 1, {}, False, answers.append)
         wait_for(posted)
         assert answers[-1] is not None and answers[-1].hits[0][0] == later
-        thread.search("m", c, 5, {}, True, answers.append)
+        thread.search("m", c, "", 5, {}, True, answers.append)
         wait_for(posted)
         assert answers[-1] is not None and [i for i, _ in answers[-1].hits] == [early]
         assert thread.stats()["namespaces_indexed"] == 2
@@ -210,14 +210,14 @@ def test_a_load_does_not_hold_up_other_namespaces(tmp_path: Path,
     thread.start()
     try:
         order: list[str] = []
-        thread.search("small", vectors[3000], 1, {}, False, lambda f: order.append("small"))
+        thread.search("small", vectors[3000], "", 1, {}, False, lambda f: order.append("small"))
         wait_for(posted)
-        thread.search("big", vectors[0], 1, {}, False, lambda f: order.append("big"))
-        thread.search("small", vectors[3000], 1, {}, False, lambda f: order.append("small"))
+        thread.search("big", vectors[0], "", 1, {}, False, lambda f: order.append("big"))
+        thread.search("small", vectors[3000], "", 1, {}, False, lambda f: order.append("small"))
         late = insert(db, "big", vectors[3000])  # arrives while "big" loads
         thread.put("big", late, vectors[3000])
         answers: list[Found | None] = []
-        thread.search("big", vectors[3000], 1, {}, False, answers.append)
+        thread.search("big", vectors[3000], "", 1, {}, False, answers.append)
         for _ in range(3):
             wait_for(posted)
         assert order == ["small", "small", "big"]

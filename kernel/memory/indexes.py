@@ -1,6 +1,7 @@
-"""Every namespace's vector index, owned by one thread: it loads indexes from SQLite on a
-connection of its own, applies the loop's changes in the order the loop made them, and answers
-searches through `Kernel.post`, so the dispatch loop never scans or loads an index.
+"""Memory search off the dispatch loop: one thread owns every namespace's vector index, loads
+it from SQLite on a connection of its own, applies the loop's changes in the order the loop made
+them, scans vectors and ranks keywords (FTS5), and answers through `Kernel.post`; the loop only
+reads the hits' rows.
 
 Consistency rule. The loop sends every change of a memory's vector (`put`, `remove`) and every
 search through one FIFO queue, and this thread alone touches the indexes, so a search sees the
@@ -37,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from kernel.memory.embed import DIM
+from kernel.memory.embed import DIM, words
 from kernel.memory.index import VectorIndex
 
 log = logging.getLogger("kernel.memory")
@@ -59,18 +60,24 @@ def filter_sql(filter: dict[str, Any]) -> tuple[str, list[Any]]:
 
 @dataclass
 class Found:
-    """A search's answer: (id, score) best first, and, when asked, how many memories of the
-    namespace have no vector of this embedder (keyword search can still find those)."""
+    """A search's answer, each (id, score) best first: by vector, and by words (a keyword
+    search, or the top-up of a vector search that found too few)."""
 
     hits: list[tuple[int, float]]
-    unembedded: int = 0
+    words: list[tuple[int, float]]
+
+
+def keyword_terms(query: str) -> str | None:
+    """An FTS5 query matching any of the query's words (None: it has none)."""
+    terms = sorted(set(words(query)))[:64]
+    return " OR ".join('"' + t.replace('"', '""') + '"' for t in terms) if terms else None
 
 
 Change = tuple[int, int, np.ndarray | None]  # (commit count when made, memory id, vector)
 
 
 class IndexThread:
-    def __init__(self, db_path: Path, embedder: str, commits: Callable[[], int],
+    def __init__(self, db_path: Path, embedder: str | None, commits: Callable[[], int],
                  post: Callable[[Callable[[], None]], None]) -> None:
         self._path = db_path
         self._embedder = embedder
@@ -109,10 +116,12 @@ class IndexThread:
     def remove(self, namespace: str, memory_id: int) -> None:
         self._queue.put(("change", namespace, (self._commits(), memory_id, None)))
 
-    def search(self, namespace: str, vector: np.ndarray, k: int, filter: dict[str, Any],
-               count_unembedded: bool, done: Callable[[Found | None], None]) -> None:
-        """Find the `k` best; `done` runs on the loop thread with the answer (None: failed)."""
-        self._queue.put(("search", namespace, vector, k, filter, count_unembedded, done))
+    def search(self, namespace: str, vector: np.ndarray | None, query: str, k: int,
+               filter: dict[str, Any], auto: bool, done: Callable[[Found | None], None]) -> None:
+        """Find the `k` best by `vector`, or by the words of `query` when it is None (`auto`:
+        also by words if the vectors found fewer than k, and some memories have none); `done`
+        runs on the loop thread with the answer (None: failed)."""
+        self._queue.put(("search", namespace, vector, query, k, filter, auto, done))
 
     # --- the thread ---------------------------------------------------------------------------
 
@@ -136,9 +145,9 @@ class IndexThread:
         if op[0] == "change":
             self._change(op[1], op[2])
             return
-        _, namespace, vector, k, filter, count_unembedded, done = op
+        _, namespace, vector, query, k, filter, auto, done = op
         try:
-            found: Found | None = self._search(namespace, vector, k, filter, count_unembedded)
+            found: Found | None = self._search(namespace, vector, query, k, filter, auto)
         except Exception:
             log.exception("vector search failed", extra={"namespace": namespace})
             found = None
@@ -151,7 +160,7 @@ class IndexThread:
                 op = self._queue.get_nowait()
             except queue.Empty:
                 return
-            if op is None or op[1] == loading or (op[0] == "search"
+            if op is None or op[1] == loading or (op[0] == "search" and op[2] is not None
                                                   and op[1] not in self._indexes):
                 self._backlog.append(op)
                 if op is None:
@@ -212,20 +221,29 @@ class IndexThread:
                                                "seconds": round(self.load_seconds, 3)})
         return index
 
-    def _search(self, namespace: str, vector: np.ndarray, k: int, filter: dict[str, Any],
-                count_unembedded: bool) -> Found:
-        index = self._indexes.get(namespace)
-        if index is None:
-            index = self._load(namespace)
-        allowed = None
-        if filter:
-            where, params = filter_sql(filter)
+    def _search(self, namespace: str, vector: np.ndarray | None, query: str, k: int,
+                filter: dict[str, Any], auto: bool) -> Found:
+        where, params = filter_sql(filter)
+        found = Found([], [])
+        if vector is not None:
+            index = self._indexes.get(namespace)
+            if index is None:
+                index = self._load(namespace)
             allowed = {r[0] for r in self._db.execute(
-                f"SELECT id FROM memories WHERE namespace=? {where}", (namespace, *params))}
-        found = Found(index.search(vector, k, allowed))
-        self.searches += 1
-        if count_unembedded and len(found.hits) < k:
-            found.unembedded = self._db.execute(
-                "SELECT COUNT(*) FROM memories WHERE namespace=? AND (embedder IS NULL OR "
-                "embedder != ?)", (namespace, self._embedder)).fetchone()[0]
+                f"SELECT id FROM memories WHERE namespace=? {where}",
+                (namespace, *params))} if filter else None
+            found.hits = index.search(vector, k, allowed)
+            self.searches += 1
+            if not auto or len(found.hits) >= k or not self._db.execute(
+                    "SELECT 1 FROM memories WHERE namespace=? AND (embedder IS NULL OR "
+                    "embedder != ?) LIMIT 1", (namespace, self._embedder)).fetchone():
+                return found
+        # Memories not embedded yet (or by another model) are still found by their words.
+        match = keyword_terms(query)
+        if match is not None:
+            rows = self._db.execute(
+                "SELECT m.id, bm25(memories_fts) FROM memories_fts JOIN memories m ON m.id = "
+                f"memories_fts.rowid WHERE memories_fts MATCH ? AND m.namespace=? {where} "
+                "ORDER BY bm25(memories_fts) LIMIT ?", (match, namespace, *params, k))
+            found.words = [(i, -rank) for i, rank in rows]  # bm25: lower is better
         return found

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from kernel.memory import model
-from kernel.memory.embed import Embedder, HashEmbedder, MiniLMEmbedder, words
+from kernel.memory.embed import Embedder, HashEmbedder, MiniLMEmbedder
 from kernel.memory.indexes import Found, IndexThread, filter_sql
 from kernel.memory.lruk import LRUK
 from kernel.memory.worker import EmbedWorker
@@ -100,9 +100,8 @@ class MemoryManager:
         self.embedder = embedder if embedder is not None else make_embedder(c.memory_embedder)
         self.worker = (EmbedWorker(self.embedder, kernel.post)
                        if self.embedder is not None and self.embedder.slow else None)
-        self.indexes = (IndexThread(kernel.state.db_path, self.embedder.name,
-                                    lambda: kernel.db.commits, kernel.post)
-                        if self.embedder is not None else None)
+        self.indexes = IndexThread(kernel.state.db_path, getattr(self.embedder, "name", None),
+                                   lambda: kernel.db.commits, kernel.post)
         self.resident: dict[int, Item] = {}
         self.tiers: dict[str, LRUK] = {}
         self.ram_bytes = 0
@@ -112,20 +111,17 @@ class MemoryManager:
     def start(self) -> None:
         if self.worker is not None:
             self.worker.start()
-        if self.indexes is not None:
-            self.indexes.start()
+        self.indexes.start()
         self._backfill()
 
     def stop(self) -> None:
         if self.worker is not None:
             self.worker.stop()
-        if self.indexes is not None:
-            self.indexes.stop()
+        self.indexes.stop()
 
     def stats(self) -> dict[str, float]:
-        indexes = self.indexes.stats() if self.indexes is not None else {}
-        return {"resident": len(self.resident), "ram_bytes": self.ram_bytes, **indexes,
-                **self.counters}
+        return {"resident": len(self.resident), "ram_bytes": self.ram_bytes,
+                **self.indexes.stats(), **self.counters}
 
     # --- embeddings ---------------------------------------------------------------------------
 
@@ -190,8 +186,7 @@ class MemoryManager:
         vector = vector.astype(np.float32)
         self.k.db.write("UPDATE memories SET embedding=?, embedder=? WHERE id=?",
                         (vector.tobytes(), self.embedder.name, memory_id))
-        if self.indexes is not None:
-            self.indexes.put(namespace, memory_id, vector)
+        self.indexes.put(namespace, memory_id, vector)
         self.counters["embedded"] += 1
 
     def _backfill(self) -> None:
@@ -372,8 +367,7 @@ class MemoryManager:
             else:  # the old vector no longer describes the content
                 self.k.db.write("UPDATE memories SET embedding=NULL, embedder=NULL WHERE id=?",
                                 (memory_id,))
-                if self.indexes is not None:
-                    self.indexes.remove(namespace, memory_id)
+                self.indexes.remove(namespace, memory_id)
 
         return self._answer(call, [new_content], then)
 
@@ -386,8 +380,7 @@ class MemoryManager:
         self.k.db.write("DELETE FROM memories WHERE id=?", (memory_id,))
         self._charge(namespace, -rows[0][0])
         self._drop(namespace, memory_id)
-        if self.indexes is not None:
-            self.indexes.remove(namespace, memory_id)
+        self.indexes.remove(namespace, memory_id)
 
     def _unindex_words(self, memory_id: int, content: str) -> None:
         # An external-content FTS5 table forgets a row only when told its old text.
@@ -407,27 +400,26 @@ class MemoryManager:
     def search(self, call: Call, namespace: str, query: str, k: int, filter: dict[str, Any],
                mode: str = "auto",
                shape: Callable[[list[abi.MemoryHit]], Any] | None = None) -> Any:
-        """The `k` best memories for `query`, passed through `shape` (the reply). A vector
-        search parks the call: the query is embedded (on the embedder's thread if it is slow),
-        then scanned on the index thread, then the hits are read here and the call answered."""
+        """The `k` best memories for `query`, passed through `shape` (the reply). The call
+        parks: the query is embedded (on the embedder's thread if it is slow), the index thread
+        scans the vectors or ranks the words, then the hits are read here and the call
+        answered."""
         shape = shape or (lambda hits: hits)
-        if mode == "keyword" or self.embedder is None or self.indexes is None:
-            return shape(self._keyword(namespace, query, k, filter))
         if mode == "vector" and self.worker is not None and self.worker.failed:
             raise _fault(abi.ErrorCode.EAGAIN, "the embedder is not working; use mode=keyword")
-        indexes = self.indexes
         parked = self.k.park(call, call.timeout_ms)
 
         def embedded(vectors: np.ndarray | None) -> None:
-            if vectors is None:
-                self._settle(call, lambda: shape(self._keyword(namespace, query, k, filter)))
-                return
             # Twice k: hits deleted while the search ran are dropped, the next ones stand in.
-            indexes.search(namespace, vectors[0], 2 * k, filter, mode == "auto",
-                           lambda found: self._settle(call, lambda: shape(
-                               self._vector(namespace, query, k, filter, mode, found))))
+            self.indexes.search(namespace, None if vectors is None else vectors[0], query,
+                                2 * k, filter, mode == "auto",
+                                lambda found: self._settle(call, lambda: shape(
+                                    self._hits(namespace, k, filter, found))))
 
-        self._embed([query], embedded)
+        if mode == "keyword" or self.embedder is None:
+            embedded(None)
+        else:
+            self._embed([query], embedded)
         return parked
 
     def _settle(self, call: Call, answer: Callable[[], Any]) -> None:
@@ -444,49 +436,31 @@ class MemoryManager:
             log.exception("memory call failed", extra={"call": call.name})
             self.k.fail(call, abi.ErrorCode.EIO, "internal kernel error (logged)")
 
-    def _vector(self, namespace: str, query: str, k: int, filter: dict[str, Any], mode: str,
-                found: Found | None) -> list[abi.MemoryHit]:
+    def _hits(self, namespace: str, k: int, filter: dict[str, Any],
+              found: Found | None) -> list[abi.MemoryHit]:
+        """The index thread's answer, as memories that exist and match now: it read committed
+        rows, and a delete or update may have happened since."""
         if found is None:
-            raise _fault(abi.ErrorCode.EIO, "vector search failed (logged)")
-        ids = [memory_id for memory_id, _ in found.hits]
-        if filter and ids:  # the index thread filtered on committed metadata; this is now
+            raise _fault(abi.ErrorCode.EIO, "search failed (logged)")
+        ranked = [(i, s, "vector") for i, s in found.hits] + [(i, s, "keyword")
+                                                              for i, s in found.words]
+        if filter and ranked:
             where, params = filter_sql(filter)
-            marks = ",".join("?" * len(ids))
+            ids = sorted({i for i, _, _ in ranked})
             matching = {r[0] for r in self.k.db.read(
-                f"SELECT id FROM memories WHERE namespace=? AND id IN ({marks}) {where}",
-                (namespace, *ids, *params))}
-            ids = [memory_id for memory_id in ids if memory_id in matching]
-        scores = dict(found.hits)
-        hits = []
-        for memory_id in ids:
+                f"SELECT id FROM memories WHERE namespace=? AND id IN ({','.join('?' * len(ids))})"
+                f" {where}", (namespace, *ids, *params))}
+            ranked = [hit for hit in ranked if hit[0] in matching]
+        hits: list[abi.MemoryHit] = []
+        seen: set[int] = set()
+        for memory_id, score, match in ranked:  # vector hits first, then words top them up
+            if memory_id in seen:
+                continue
             item = self._load(namespace, memory_id)  # None: deleted while the search ran
             if item is not None:
+                seen.add(memory_id)
                 hits.append(abi.MemoryHit(memory_id, namespace, item.content, item.metadata,
-                                          round(scores[memory_id], 6), "vector"))
+                                          round(score, 6), match))
                 if len(hits) == k:
                     break
-        if mode == "auto" and len(hits) < k and found.unembedded:
-            # Memories not embedded yet (or by another model) are still found by their words.
-            seen = {h.id for h in hits}
-            hits += [h for h in self._keyword(namespace, query, k, filter)
-                     if h.id not in seen][: k - len(hits)]
-        return hits
-
-    def _keyword(self, namespace: str, query: str, k: int,
-                 filter: dict[str, Any]) -> list[abi.MemoryHit]:
-        terms = sorted(set(words(query)))[:64]
-        if not terms:
-            return []
-        match = " OR ".join('"' + t.replace('"', '""') + '"' for t in terms)
-        where, params = filter_sql(filter)
-        rows = self.k.db.read(
-            "SELECT m.id, bm25(memories_fts) FROM memories_fts JOIN memories m "
-            f"ON m.id = memories_fts.rowid WHERE memories_fts MATCH ? AND m.namespace=? {where} "
-            "ORDER BY bm25(memories_fts) LIMIT ?", (match, namespace, *params, k))
-        hits = []
-        for memory_id, rank in rows:
-            item = self._load(namespace, memory_id)
-            if item is not None:  # bm25 is lower-is-better; report higher-is-better
-                hits.append(abi.MemoryHit(memory_id, namespace, item.content, item.metadata,
-                                          round(-rank, 6), "keyword"))
         return hits
