@@ -225,3 +225,35 @@ def test_a_load_does_not_hold_up_other_namespaces(tmp_path: Path,
     finally:
         thread.stop()
         db.close()
+
+
+def test_filtered_search_matches_brute_force(tmp_path: Path) -> None:
+    """A filter is checked on growing shortlists (or, when too selective, on the whole
+    namespace); either way the answer is the exact best of the allowed memories."""
+    db = Database(tmp_path / "kernel.db")
+    rng = np.random.default_rng(3)
+    vectors = unit(rng.standard_normal((20_000, DIM)))
+    ids = []
+    for i, vector in enumerate(vectors):
+        cur = db.write("INSERT INTO memories (namespace, content, metadata, size, embedding, "
+                       "embedder, created_at, updated_at) VALUES ('f','x',?,1,?,'hash',0,0)",
+                       (f'{{"g": {i % 4}, "rare": {int(i % 5000 == 7)}}}', vector.tobytes()))
+        ids.append(int(cur.lastrowid))
+    db.commit()
+    posted: list[Callable[[], None]] = []
+    thread = IndexThread(db.path, "hash", lambda: db.commits, posted.append)
+    thread.start()
+    try:
+        for filter, keep in (({"g": 1}, lambda i: i % 4 == 1),        # shortlists suffice
+                             ({"rare": 1}, lambda i: i % 5000 == 7)):  # 4 rows: a full pass
+            query = unit(rng.standard_normal((1, DIM)))[0]
+            answers: list[Found | None] = []
+            thread.search("f", query, "", 6, filter, False, answers.append)
+            wait_for(posted)
+            pool = [i for i in range(len(vectors)) if keep(i)]
+            expected = sorted(pool, key=lambda i: -float(vectors[i] @ query))[:6]
+            assert answers[0] is not None
+            assert [i for i, _ in answers[0].hits] == [ids[i] for i in expected]
+    finally:
+        thread.stop()
+        db.close()

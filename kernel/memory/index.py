@@ -137,6 +137,18 @@ class VectorIndex:
             return self._best(rows, scores[rows], k)
         return self._best(np.arange(self.count), scores, k)
 
+    def ranked(self, query: np.ndarray, n: int) -> list[int]:
+        """About the `n` best ids (by the int8 scores for a large index), in no order."""
+        n = min(n, self.count)
+        if n == 0:
+            return []
+        if self._codes is not None:
+            rows = self._shortlist(query.astype(np.float32, copy=False), n, None)
+        else:
+            scores = self._vectors[: self.count] @ query
+            rows = np.argpartition(-scores, n - 1)[:n] if n < self.count else np.arange(n)
+        return self._ids[rows].tolist()
+
     def _best(self, rows: np.ndarray, scores: np.ndarray, k: int) -> list[tuple[int, float]]:
         """The `k` best of `rows` by `scores` (aligned), best first, as (id, score)."""
         k = min(k, len(rows))

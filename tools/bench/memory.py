@@ -17,6 +17,9 @@ in one namespace, through a booted kernel; the vector index's recall@10 against 
     isotropic random vectors, and a float32 exact scan for reference. Recall counts a hit
     whose exact score ties the 10th best as found (the hashing embedder makes many ties).
 (c) With the model pulled: MiniLM embedding throughput and a memory.search end to end with it.
+(d) Where a search's time goes at the largest scale, piece by piece, in-process: embedding the
+    query, the index scan, a metadata filter's SQL pass, the thread hand-off, reading the hits'
+    rows, encoding the reply.
 Last line: `RESULT search_p50_ms=… recall10=…` (kernel search p50 at the largest scale, and
 the kernel index's recall@10).
 """
@@ -279,6 +282,82 @@ def minilm_end_to_end(minilm: MiniLMEmbedder) -> dict[str, float]:
             "search_p99": pct(lat, 99)}
 
 
+def p50_ms(fn: Callable[[], object], n: int) -> float:
+    fn()
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return pct(times, 50) * 1000
+
+
+def breakdown(scale: int) -> list[tuple[str, float]]:
+    import queue
+    import threading
+
+    from kernel.db import Database
+    from kernel.memory.indexes import IndexThread
+    from sdk import abi
+
+    embedder = HashEmbedder()
+    corpus = texts(scale)
+    vectors = embedder.embed(corpus)
+    rows: list[tuple[str, float]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        db = Database(Path(tmp) / "kernel.db")
+        db.conn.executemany(
+            "INSERT INTO memories (namespace, content, metadata, size, embedding, embedder, "
+            "created_at, updated_at) VALUES ('ns',?,?,1,?,'hash',0,0)",
+            ((c, json.dumps({"topic": c.split()[0]}), v.tobytes())
+             for c, v in zip(corpus, vectors, strict=True)))
+        db.commit()
+        query = "travel note: plan trip flight hotel budget"
+        rows.append(("embed the query (hashing embedder)",
+                     p50_ms(lambda: embedder.embed([query]), 200)))
+        q = embedder.embed([query])[0]
+        load = p50_ms(lambda: kernel_index(np.frombuffer(b"".join(r[0] for r in db.read(
+            "SELECT embedding FROM memories WHERE namespace='ns'")), np.float32)
+            .reshape(scale, 384)), 3)
+        rows.append(("load the index from SQLite (first search)", load))
+        index, _ = kernel_index(vectors)
+        rows.append((f"scan ({index_kind(scale)}), k=10", p50_ms(lambda: index.search(q, 20), 200)))
+        sql = "SELECT id FROM memories WHERE namespace='ns' AND json_extract(metadata, '$.topic')=?"
+        rows.append(("filter {topic: travel}, 1/16: SQL pass over all",
+                     p50_ms(lambda: db.read(sql, ("travel",)), 10)))
+        threaded = IndexThread(db.path, "hash", lambda: db.commits, lambda fn: fn())
+        threaded.start()
+
+        def filtered() -> None:
+            done = threading.Event()
+            threaded.search("ns", q, "", 20, {"topic": "travel"}, False, lambda _: done.set())
+            done.wait()
+
+        rows.append(("  the same filtered search (shortlist checks)", p50_ms(filtered, 50)))
+        threaded.stop()
+        there: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        back: queue.SimpleQueue[int] = queue.SimpleQueue()
+
+        def serve() -> None:
+            while (item := there.get()) is not None:
+                back.put(item)
+
+        thread = threading.Thread(target=serve)
+        thread.start()
+        rows.append(("hand-off to a thread and back", p50_ms(lambda: (there.put(1), back.get()),
+                                                             1000)))
+        there.put(None)
+        thread.join()
+        ids = [i + 1 for i, _ in index.search(q, 10)]
+        rows.append(("read the 10 hits' rows", p50_ms(lambda: [db.read(
+            "SELECT content, metadata, created_at, updated_at, size FROM memories WHERE id=? "
+            "AND namespace='ns'", (i,)) for i in ids], 200)))
+        hits = [abi.MemoryHit(i, "ns", corpus[i - 1], {"topic": "x"}, 0.5, "vector") for i in ids]
+        rows.append(("encode the reply", p50_ms(lambda: abi.encode(hits), 200)))
+        db.close()
+    return rows
+
+
 def loadavg() -> str:
     return " ".join(f"{v:.2f}" for v in os.getloadavg())
 
@@ -289,7 +368,7 @@ def main() -> int:
     p.add_argument("--ops", type=int, default=300, help="timed calls of each kind per scale")
     p.add_argument("--hnsw", type=int, default=0, metavar="N",
                    help="also measure hnswlib (pip install hnswlib) at scales up to N")
-    p.add_argument("--parts", default="abc", help="which parts to run (default abc)")
+    p.add_argument("--parts", default="abcd", help="which parts to run (default abcd)")
     p.add_argument("--json", type=Path, help="write the raw numbers here")
     args = p.parse_args()
     scales = [int(s) for s in args.scales.split(",")]
@@ -326,8 +405,14 @@ def main() -> int:
               f"memory.add p50 {m['add_p50'] * 1000:.1f} ms, memory.search p50 "
               f"{m['search_p50'] * 1000:.1f} ms / p99 {m['search_p99'] * 1000:.1f} ms "
               "(100 memories, query embedded per call)")
+    parts = breakdown(max(scales)) if "d" in args.parts else []
+    if parts:
+        print(f"\n(d) where a search's time goes at {max(scales)} memories (p50, in-process)")
+        for name, value in parts:
+            print(f"  {name:<50} {value:9.3f} ms")
     if args.json:
-        args.json.write_text(json.dumps({"e2e": e2e, "index": rows, "minilm": m}, default=str))
+        args.json.write_text(json.dumps({"e2e": e2e, "index": rows, "minilm": m,
+                                         "breakdown": parts}, default=str))
     largest = max(scales)
     recall = next((r["recall"] for r in rows if r["scale"] == largest
                    and not r.get("hard") and not r["index"].startswith("hnsw")), float("nan"))
