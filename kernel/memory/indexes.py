@@ -144,7 +144,10 @@ class IndexThread:
 
     def _do(self, op: tuple[Any, ...]) -> None:
         if op[0] == "change":
-            self._change(op[1], op[2])
+            try:
+                self._change(op[1], op[2])
+            except Exception:  # the thread must outlive a bad change: searches wait on it
+                log.exception("memory index change failed", extra={"namespace": op[1]})
             return
         _, namespace, vector, query, k, filter, auto, done = op
         try:
