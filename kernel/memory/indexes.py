@@ -77,6 +77,10 @@ def keyword_terms(query: str) -> str | None:
 Change = tuple[int, int, np.ndarray | None]  # (commit count when made, memory id, vector)
 
 
+class Stopping(Exception):
+    """The kernel is stopping: a load in progress gives up (its call is cancelled anyway)."""
+
+
 class IndexThread:
     def __init__(self, db_path: Path, embedder: str | None, commits: Callable[[], int],
                  post: Callable[[Callable[[], None]], None]) -> None:
@@ -86,6 +90,7 @@ class IndexThread:
         self._post = post
         self._queue: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
         self._backlog: deque[tuple[Any, ...] | None] = deque()  # set aside during a load
+        self._stopping = False
         self._db: sqlite3.Connection  # for searches: opened by the thread
         self._load_db: sqlite3.Connection  # for loads (a snapshot each)
         self._indexes: dict[str, VectorIndex] = {}
@@ -152,6 +157,8 @@ class IndexThread:
         _, namespace, vector, query, k, filter, auto, done = op
         try:
             found: Found | None = self._search(namespace, vector, query, k, filter, auto)
+        except Stopping:
+            return
         except Exception:
             log.exception("vector search failed", extra={"namespace": namespace})
             found = None
@@ -168,6 +175,7 @@ class IndexThread:
                                                   and op[1] not in self._indexes):
                 self._backlog.append(op)
                 if op is None:
+                    self._stopping = True
                     return
             else:
                 self._do(op)
@@ -213,6 +221,8 @@ class IndexThread:
             index.add([r[0] for r in rows], np.frombuffer(b"".join(r[1] for r in rows),
                                                           np.float32).reshape(len(rows), DIM))
             self._serve_others(namespace)
+            if self._stopping:
+                raise Stopping
         pending = self._pending.pop(namespace, [])
         self._pending_count -= len(pending)
         for change in pending:
