@@ -1,5 +1,5 @@
-"""A namespace's vector index: exact inner-product search over a contiguous float32 matrix,
-with an int8 first pass for large namespaces.
+"""A namespace's vector index: inner-product search over a contiguous float32 matrix, exact
+for small namespaces, an int8 first pass re-scored exactly in float32 for large ones.
 
 Chosen by measurement (README, tools/bench/memory.py): a scan is bound by memory bandwidth, so
 large namespaces keep an int8 copy of every row (one scale per row; a quarter of the bytes) and
