@@ -48,6 +48,11 @@ class VectorIndex:
     def __contains__(self, memory_id: int) -> bool:
         return memory_id in self._row
 
+    @property
+    def quantized(self) -> bool:
+        """Whether search scans the int8 copy (through torch)."""
+        return self._codes is not None
+
     def _grow(self, need: int) -> None:
         capacity = max(64, len(self._ids))
         while capacity < need:
