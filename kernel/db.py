@@ -134,6 +134,7 @@ class Database:
         self.conn.execute("PRAGMA busy_timeout=5000")
         self.conn.execute("PRAGMA foreign_keys=ON")
         self._in_call = self._savepoint = False
+        self.commits = 0  # batches committed: other threads tell from it what is durable
         self._migrate()
 
     def _migrate(self) -> None:
@@ -174,6 +175,7 @@ class Database:
     def commit(self) -> None:
         if self.conn.in_transaction:
             self.conn.execute("COMMIT")
+            self.commits += 1
 
     def close(self) -> None:
         self.commit()

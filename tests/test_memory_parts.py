@@ -183,15 +183,15 @@ def test_no_clean_path_escapes(text: str) -> None:
 
 @given(st.integers(0, 2**31), st.integers(1, 30), st.booleans())
 @settings(max_examples=5, deadline=None)
-def test_float16_shortlist_matches_exact(seed: int, k: int, filtered: bool) -> None:
-    """Large namespaces scan a float16 copy, then re-score exactly: same answer as float32."""
+def test_int8_shortlist_matches_exact(seed: int, k: int, filtered: bool) -> None:
+    """Large namespaces scan an int8 copy, then re-score exactly: same answer as float32."""
     import kernel.memory.index as index_module
 
     rng = np.random.default_rng(seed)
-    n, dim = 3000, 32
+    n, dim = 3000, 64
     vectors = rng.standard_normal((n, dim)).astype(np.float32)
-    old = index_module.HALF_FROM
-    index_module.HALF_FROM = 1000
+    old = index_module.QUANT_FROM
+    index_module.QUANT_FROM = 1000
     try:
         index = VectorIndex(dim)
         index.add(list(range(n)), vectors)
@@ -204,4 +204,4 @@ def test_float16_shortlist_matches_exact(seed: int, k: int, filtered: bool) -> N
         expected = sorted(pool, key=lambda i: -float(vectors[i] @ query))[:k]
         assert [i for i, _ in index.search(query, k, allowed)] == expected
     finally:
-        index_module.HALF_FROM = old
+        index_module.QUANT_FROM = old

@@ -1,5 +1,6 @@
 """The memory manager: per-namespace memories, durable in SQLite, cached in a RAM tier evicted
-with LRU-K, searched by embedding (exact vector index) with a keyword (FTS5) fallback.
+with LRU-K, searched by embedding (a vector index per namespace, on its own thread) with a
+keyword (FTS5) fallback.
 
 Every memory is written through to SQLite (the disk tier) in the caller's batch transaction, so
 evicting from RAM costs no write and a later access reloads the row transparently. Vectors of
@@ -19,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from kernel.memory import model
-from kernel.memory.embed import DIM, Embedder, HashEmbedder, MiniLMEmbedder, words
-from kernel.memory.index import VectorIndex
+from kernel.memory.embed import Embedder, HashEmbedder, MiniLMEmbedder
+from kernel.memory.indexes import Found, IndexThread, filter_sql
 from kernel.memory.lruk import LRUK
 from kernel.memory.worker import EmbedWorker
 from sdk import abi
@@ -99,25 +100,28 @@ class MemoryManager:
         self.embedder = embedder if embedder is not None else make_embedder(c.memory_embedder)
         self.worker = (EmbedWorker(self.embedder, kernel.post)
                        if self.embedder is not None and self.embedder.slow else None)
+        self.indexes = IndexThread(kernel.state.db_path, getattr(self.embedder, "name", None),
+                                   lambda: kernel.db.commits, kernel.post)
         self.resident: dict[int, Item] = {}
         self.tiers: dict[str, LRUK] = {}
         self.ram_bytes = 0
         self._stored: dict[str, int] = {}
-        self._indexes: dict[str, VectorIndex] = {}
         self.counters = {"evictions": 0, "reloads": 0, "embedded": 0}
 
     def start(self) -> None:
         if self.worker is not None:
             self.worker.start()
+        self.indexes.start()
         self._backfill()
 
     def stop(self) -> None:
         if self.worker is not None:
             self.worker.stop()
+        self.indexes.stop()
 
     def stats(self) -> dict[str, float]:
         return {"resident": len(self.resident), "ram_bytes": self.ram_bytes,
-                "namespaces_indexed": len(self._indexes), **self.counters}
+                **self.indexes.stats(), **self.counters}
 
     # --- embeddings ---------------------------------------------------------------------------
 
@@ -179,11 +183,10 @@ class MemoryManager:
     def _store_vector(self, namespace: str, memory_id: int, vector: np.ndarray) -> None:
         if not self._exists(namespace, memory_id):
             return  # deleted while it was being embedded
+        vector = vector.astype(np.float32)
         self.k.db.write("UPDATE memories SET embedding=?, embedder=? WHERE id=?",
-                        (vector.astype(np.float32).tobytes(), self.embedder.name, memory_id))
-        index = self._indexes.get(namespace)
-        if index is not None:
-            index.add([memory_id], vector[None, :])
+                        (vector.tobytes(), self.embedder.name, memory_id))
+        self.indexes.put(namespace, memory_id, vector)
         self.counters["embedded"] += 1
 
     def _backfill(self) -> None:
@@ -364,8 +367,7 @@ class MemoryManager:
             else:  # the old vector no longer describes the content
                 self.k.db.write("UPDATE memories SET embedding=NULL, embedder=NULL WHERE id=?",
                                 (memory_id,))
-                if namespace in self._indexes:
-                    self._indexes[namespace].remove(memory_id)
+                self.indexes.remove(namespace, memory_id)
 
         return self._answer(call, [new_content], then)
 
@@ -378,8 +380,7 @@ class MemoryManager:
         self.k.db.write("DELETE FROM memories WHERE id=?", (memory_id,))
         self._charge(namespace, -rows[0][0])
         self._drop(namespace, memory_id)
-        if namespace in self._indexes:
-            self._indexes[namespace].remove(memory_id)
+        self.indexes.remove(namespace, memory_id)
 
     def _unindex_words(self, memory_id: int, content: str) -> None:
         # An external-content FTS5 table forgets a row only when told its old text.
@@ -389,95 +390,77 @@ class MemoryManager:
     def list(self, namespace: str, after: int, limit: int,
              filter: dict[str, Any]) -> list[abi.Memory]:
         # A scan reads the disk tier directly: listing must not flush the RAM tier.
-        where, params = self._filter_sql(filter)
+        where, params = filter_sql(filter)
         rows = self.k.db.read(
             "SELECT id, content, metadata, created_at, updated_at FROM memories "
             f"WHERE namespace=? AND id>? {where} ORDER BY id LIMIT ?",
             (namespace, after, *params, limit))
         return [abi.Memory(i, namespace, c, json.loads(m), cr, up) for i, c, m, cr, up in rows]
 
-    @staticmethod
-    def _filter_sql(filter: dict[str, Any]) -> tuple[str, list[Any]]:
-        clauses, params = [], []
-        for key, value in filter.items():  # keys are [A-Za-z0-9_] (checked by the ABI)
-            if value is None:
-                clauses.append(f"json_type(metadata, '$.{key}') = 'null'")
-            else:
-                clauses.append(f"json_extract(metadata, '$.{key}') = ?")
-                params.append(int(value) if isinstance(value, bool) else value)
-        return "".join(f" AND {c}" for c in clauses), params
-
-    def _index(self, namespace: str) -> VectorIndex:
-        index = self._indexes.get(namespace)
-        if index is None:
-            index = self._indexes[namespace] = VectorIndex(DIM)
-            rows = self.k.db.read("SELECT id, embedding FROM memories WHERE namespace=? AND "
-                                  "embedder=?", (namespace, self.embedder.name))
-            if rows:
-                index.add([r[0] for r in rows],
-                          np.frombuffer(b"".join(r[1] for r in rows), np.float32)
-                          .reshape(len(rows), DIM))
-        return index
-
     def search(self, call: Call, namespace: str, query: str, k: int, filter: dict[str, Any],
                mode: str = "auto",
                shape: Callable[[list[abi.MemoryHit]], Any] | None = None) -> Any:
-        """The `k` best memories for `query`, passed through `shape` (the reply)."""
+        """The `k` best memories for `query`, passed through `shape` (the reply). The call
+        parks: the query is embedded (on the embedder's thread if it is slow), the index thread
+        scans the vectors or ranks the words, then the hits are read here and the call
+        answered."""
         shape = shape or (lambda hits: hits)
-        if mode == "keyword" or self.embedder is None:
-            return shape(self._keyword(namespace, query, k, filter))
         if mode == "vector" and self.worker is not None and self.worker.failed:
             raise _fault(abi.ErrorCode.EAGAIN, "the embedder is not working; use mode=keyword")
+        parked = self.k.park(call, call.timeout_ms)
 
-        def then(vectors: np.ndarray | None) -> Any:
-            if vectors is None:
-                return shape(self._keyword(namespace, query, k, filter))
-            return shape(self._vector(namespace, query, vectors[0], k, filter, mode))
+        def embedded(vectors: np.ndarray | None) -> None:
+            # Twice k: hits deleted while the search ran are dropped, the next ones stand in.
+            self.indexes.search(namespace, None if vectors is None else vectors[0], query,
+                                2 * k, filter, mode == "auto",
+                                lambda found: self._settle(call, lambda: shape(
+                                    self._hits(namespace, k, filter, found))))
 
-        return self._answer(call, [query], then)
+        if mode == "keyword" or self.embedder is None:
+            embedded(None)
+        else:
+            self._embed([query], embedded)
+        return parked
 
-    def _allowed(self, namespace: str, filter: dict[str, Any]) -> set[int] | None:
-        if not filter:
-            return None
-        where, params = self._filter_sql(filter)
-        return {r[0] for r in self.k.db.read(
-            f"SELECT id FROM memories WHERE namespace=? {where}", (namespace, *params))}
+    def _settle(self, call: Call, answer: Callable[[], Any]) -> None:
+        """Answer a parked call with `answer()`, or with the error it raises."""
+        from kernel.core import Fault
 
-    def _vector(self, namespace: str, query: str, vector: np.ndarray, k: int,
-                filter: dict[str, Any], mode: str) -> list[abi.MemoryHit]:
-        hits = []
-        for memory_id, score in self._index(namespace).search(vector, k,
-                                                              self._allowed(namespace, filter)):
-            item = self._load(namespace, memory_id)
+        if call.done:  # timed out or cancelled meanwhile
+            return
+        try:
+            self.k.reply(call, answer())
+        except Fault as exc:
+            self.k.fail(call, exc.code, exc.message)
+        except Exception:
+            log.exception("memory call failed", extra={"call": call.name})
+            self.k.fail(call, abi.ErrorCode.EIO, "internal kernel error (logged)")
+
+    def _hits(self, namespace: str, k: int, filter: dict[str, Any],
+              found: Found | None) -> list[abi.MemoryHit]:
+        """The index thread's answer, as memories that exist and match now: it read committed
+        rows, and a delete or update may have happened since."""
+        if found is None:
+            raise _fault(abi.ErrorCode.EIO, "search failed (logged)")
+        ranked = [(i, s, "vector") for i, s in found.hits] + [(i, s, "keyword")
+                                                              for i, s in found.words]
+        if filter and ranked:
+            where, params = filter_sql(filter)
+            ids = sorted({i for i, _, _ in ranked})
+            matching = {r[0] for r in self.k.db.read(
+                f"SELECT id FROM memories WHERE namespace=? AND id IN ({','.join('?' * len(ids))})"
+                f" {where}", (namespace, *ids, *params))}
+            ranked = [hit for hit in ranked if hit[0] in matching]
+        hits: list[abi.MemoryHit] = []
+        seen: set[int] = set()
+        for memory_id, score, match in ranked:  # vector hits first, then words top them up
+            if memory_id in seen:
+                continue
+            item = self._load(namespace, memory_id)  # None: deleted while the search ran
             if item is not None:
+                seen.add(memory_id)
                 hits.append(abi.MemoryHit(memory_id, namespace, item.content, item.metadata,
-                                          round(score, 6), "vector"))
-        if mode == "auto" and len(hits) < k:
-            # Memories not embedded yet (or by another model) are still found by their words.
-            unembedded = self.k.db.read("SELECT COUNT(*) FROM memories WHERE namespace=? AND "
-                                        "(embedder IS NULL OR embedder != ?)",
-                                        (namespace, self.embedder.name))[0][0]
-            if unembedded:
-                seen = {h.id for h in hits}
-                hits += [h for h in self._keyword(namespace, query, k, filter)
-                         if h.id not in seen][: k - len(hits)]
-        return hits
-
-    def _keyword(self, namespace: str, query: str, k: int,
-                 filter: dict[str, Any]) -> list[abi.MemoryHit]:
-        terms = sorted(set(words(query)))[:64]
-        if not terms:
-            return []
-        match = " OR ".join('"' + t.replace('"', '""') + '"' for t in terms)
-        where, params = self._filter_sql(filter)
-        rows = self.k.db.read(
-            "SELECT m.id, bm25(memories_fts) FROM memories_fts JOIN memories m "
-            f"ON m.id = memories_fts.rowid WHERE memories_fts MATCH ? AND m.namespace=? {where} "
-            "ORDER BY bm25(memories_fts) LIMIT ?", (match, namespace, *params, k))
-        hits = []
-        for memory_id, rank in rows:
-            item = self._load(namespace, memory_id)
-            if item is not None:  # bm25 is lower-is-better; report higher-is-better
-                hits.append(abi.MemoryHit(memory_id, namespace, item.content, item.metadata,
-                                          round(-rank, 6), "keyword"))
+                                          round(score, 6), match))
+                if len(hits) == k:
+                    break
         return hits
