@@ -133,8 +133,8 @@ class Config:
     ring_max_faults: int = 8
     # After ring traffic the loop polls the busy rings a while without sleeping (io_uring's
     # SQPOLL idle time, adapted between 1/16 of this and this to the agents' pace): their
-    # agents skip the doorbell and a call costs no wakeup. 0: off. Not while a model
-    # generates (a spinning loop would hold the GIL from its worker).
+    # agents skip the doorbell and a call costs no wakeup. 0: off. Not while another thread
+    # of the kernel works on a call (a model, a search: a spinning loop would hold its GIL).
     ring_poll_us: int = 2000
     # The longest an agent is advised to spin for its completions before sleeping on the
     # doorbell; advised only while the agents with ring traffic leave a CPU free each.

@@ -105,6 +105,7 @@ class Kernel:
         self.sinks: dict[bytes, Callable[[bytes], None]] = {}
         self.accounts = Accounts()
         self._callers: dict[str, Caller] = {}  # principal -> Caller (immutable, so shared)
+        self.offloaded = 0  # calls in the hands of another thread (see `offload`)
         self.http: Any = None  # the HTTP front end's server thread, when --http is given
 
     # --- boot and shutdown -------------------------------------------------------------------
@@ -252,7 +253,7 @@ class Kernel:
         rings = self.rings
         if not rings.polling or timeout_ms == 0:
             return dict(self.poller.poll(timeout_ms))
-        if self.llm.generating:
+        if self.offloaded:
             rings.stop_polling()
             return dict(self.poller.poll(0))
         now = time.monotonic()
@@ -450,6 +451,17 @@ class Kernel:
             self.after(timeout_ms / 1000,
                        lambda: self.fail(call, abi.ErrorCode.ETIMEDOUT, f"{call.name}: timed out"))
         return PENDING
+
+    def offload(self, call: Call) -> None:
+        """`call` is being worked on by another thread of this process (a model, the embedder,
+        the index, a tool's pool) until it is answered. While any is, the loop never spins on
+        rings: a spinning loop would hold the GIL that thread needs."""
+        self.offloaded += 1
+        call.on_reply.append(self._unload)
+        call.on_cancel.append(self._unload)
+
+    def _unload(self, *_: Any) -> None:
+        self.offloaded -= 1
 
     def cancel_calls_of(self, agent_id: int) -> None:
         """A dead agent's parked calls: cancelled, and their waits released."""

@@ -180,7 +180,7 @@ class Rings:
 
     def _poll(self, ring: AgentRing) -> None:
         limit = self.k.config.ring_poll_us / 1e6
-        if limit <= 0 or self.k.llm.generating:
+        if limit <= 0 or self.k.offloaded:
             return
         now = time.monotonic()
         if ring not in self._polled:
@@ -295,10 +295,10 @@ class Rings:
         rings = self._touched | self._backlogged
         self._touched = set()
         # Spinning agents help only while each has a CPU of its own beside the kernel's; past
-        # that they take the CPU from the kernel they are waiting for (or, while a model
-        # generates, from the model).
+        # that they take the CPU from the kernel they are waiting for (or, while another
+        # thread works on a call, from that work: a model generating, a search).
         advice = self.k.config.ring_spin_us if (
-            len(self._polled) < self._cpus and not self.k.llm.generating) else 0
+            len(self._polled) < self._cpus and not self.k.offloaded) else 0
         for ring in rings:
             if ring.advice != advice:
                 ring.advice = advice

@@ -28,15 +28,6 @@ class LLMCore:
         self.workers: dict[str, ModelWorker] = {
             name: ModelWorker(model, kernel.post) for name, model in kernel.config.models.items()}
         self._ids = itertools.count(1)
-        self.active = 0  # llm.chat calls in flight
-
-    @property
-    def generating(self) -> bool:
-        """Whether a model worker may be running (the loop then never spins: see rings)."""
-        return self.active > 0
-
-    def _finished(self, *_: Any) -> None:
-        self.active -= 1
 
     def start(self) -> None:
         for worker in self.workers.values():
@@ -83,9 +74,7 @@ class LLMCore:
         gen.on_done = lambda result: post(lambda: self.k.reply(call, result))
         gen.on_error = lambda code, message: post(lambda: self.k.fail(call, code, message))
         call.on_cancel.append(lambda: worker.cancel(gen.id))
-        self.active += 1
-        call.on_reply.append(self._finished)
-        call.on_cancel.append(self._finished)
+        self.k.offload(call)
         worker.submit(gen)
         self.k.counts[f"llm.model.{name}"] += 1
         return self.k.park(call, call.timeout_ms)

@@ -165,7 +165,10 @@ class MemoryManager:
         if self._embed(texts, done):
             return box[0] if box else None
         box.append("parked")
-        return None if call is None else self.k.park(call, call.timeout_ms)
+        if call is None:
+            return None
+        self.k.offload(call)
+        return self.k.park(call, call.timeout_ms)
 
     def embed(self, call: Call, texts: list[str]) -> Any:
         """`memory.embed`: the embedder's vectors for `texts` (the call parks on the worker)."""
@@ -407,6 +410,7 @@ class MemoryManager:
         shape = shape or (lambda hits: hits)
         if mode == "vector" and self.worker is not None and self.worker.failed:
             raise _fault(abi.ErrorCode.EAGAIN, "the embedder is not working; use mode=keyword")
+        self.k.offload(call)
         parked = self.k.park(call, call.timeout_ms)
 
         def embedded(vectors: np.ndarray | None) -> None:

@@ -203,6 +203,7 @@ class ToolManager:
         self.k.counts[f"tools.tool.{m.name}"] += 1
         if call.done:  # refused on the way in (e.g. its mount went away): nothing to park
             return PENDING
+        self.k.offload(call)
         return self.k.park(call, call.timeout_ms)
 
     def mount(self, call: Call, args: abi.MountArgs) -> Any:
