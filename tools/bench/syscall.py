@@ -85,7 +85,7 @@ def main() -> int:
     args = p.parse_args()
     counts = [int(x) for x in args.agents.split(",")]
     state = Path(tempfile.mkdtemp(prefix="agentos-bench.")) / "state"
-    kernel = boot_kernel(state, "--log-level", "info")
+    kernel = boot_kernel(state, "--log-level", "warning")
     rows = []
     try:
         with sdk.connect(state_dir=state, timeout=60) as conn:
