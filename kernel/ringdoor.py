@@ -133,6 +133,10 @@ class RingDoor:
             except OSError as exc:  # EMFILE and friends: refuse this one, keep serving
                 log.warning("rings.sock accept failed", extra={"error": str(exc)})
                 return
+            if len(self._conns) >= 2 * MAX_USER_RINGS:  # idle connections cost the kernel fds
+                conn.close()
+                self.k.errors["ring.door_full"] += 1
+                continue
             conn.setblocking(False)
             self._conns[conn.fileno()] = (conn, None)
             self.k.poller.register(conn.fileno(), zmq.POLLIN)
