@@ -122,7 +122,12 @@ class RingDoor:
         if listener is not None and listener.fileno() in ready:
             self._accept(listener)
         for fd in [fd for fd in ready if isinstance(fd, int) and fd in self._conns]:
-            self._on_conn(fd)
+            try:
+                self._on_conn(fd)
+            except Exception:  # never the loop's end: this one connection goes
+                log.exception("rings.sock connection failed")
+                if fd in self._conns:
+                    self._hang_up(fd)
 
     def _accept(self, listener: socket.socket) -> None:
         for _ in range(64):

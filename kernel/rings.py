@@ -166,7 +166,10 @@ class Rings:
                 self.k.counts["ring.polled"] += len(found)
                 todo.extend(found)
         for ring in todo:
-            self._drain(ring)
+            try:
+                self._drain(ring)
+            except Exception:  # a kernel bug one ring's entries trip stays that ring's
+                self._failed(ring, "drain")
 
     # --- polling without doorbells -------------------------------------------------------------
 
@@ -300,21 +303,38 @@ class Rings:
         advice = self.k.config.ring_spin_us if (
             len(self._polled) < self._cpus and not self.k.offloaded) else 0
         for ring in rings:
-            if ring.advice != advice:
-                ring.advice = advice
-                ring.pair.completions.advise(advice)
-            backlog = ring.backlog
-            n = ring.pair.complete(backlog) if not ring.pair.completions.quarantined else 0
-            for _ in range(n):
-                ring.backlog_bytes -= len(backlog.popleft())
-            if ring.pair.completions.quarantined:
-                backlog.clear()
-                ring.backlog_bytes = 0
-                self._quarantine(ring)
-            if backlog:
-                self._backlogged.add(ring)
-            else:
-                self._backlogged.discard(ring)
+            try:
+                self._complete(ring, advice)
+            except Exception:
+                self._failed(ring, "complete")
+
+    def _complete(self, ring: AgentRing, advice: int) -> None:
+        if ring.advice != advice:
+            ring.advice = advice
+            ring.pair.completions.advise(advice)
+        backlog = ring.backlog
+        n = ring.pair.complete(backlog) if not ring.pair.completions.quarantined else 0
+        for _ in range(n):
+            ring.backlog_bytes -= len(backlog.popleft())
+        if ring.pair.completions.quarantined:
+            backlog.clear()
+            ring.backlog_bytes = 0
+            self._quarantine(ring)
+        if backlog:
+            self._backlogged.add(ring)
+        else:
+            self._backlogged.discard(ring)
+
+    def _failed(self, ring: AgentRing, stage: str) -> None:
+        """The last line of defence, as for the ROUTER: log the bug and close the ring (its
+        owner's later calls over it time out; the kernel and every other ring go on)."""
+        log.exception("ring %s failed; closing the ring", stage,
+                      extra={"principal": ring.principal})
+        self.k.errors["ring.internal"] += 1
+        try:
+            self.close(ring)
+        except Exception:
+            log.exception("closing a failed ring failed")
 
     def wait_hint(self) -> float | None:
         """How long the loop may sleep as far as the rings are concerned (None: any time)."""

@@ -144,3 +144,38 @@ def test_no_wakeup_is_lost_between_two_processes() -> None:
         pair.close()
     assert lost == 0
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_a_kernel_bug_on_one_ring_closes_that_ring_not_the_kernel(tmp_path, monkeypatch) -> None:
+    """The loop's last line of defence for rings: an exception while serving one ring's
+    entries (here: an injected one) is logged and closes that ring; the loop goes on."""
+    import signal
+
+    import msgspec
+
+    from kernel.config import Config
+    from kernel.core import Kernel
+    from sdk.ring import RingSpec
+
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    k = Kernel(Config(state_dir=tmp_path / "state", models={}, memory_embedder="none"))
+    k.boot()
+    try:
+        monkeypatch.setattr(k.procs, "is_live", lambda agent_id: True)
+        made = k.rings.create(7)
+        assert made is not None
+        agent = AgentRings.attach(msgspec.json.decode(made[1], type=RingSpec))
+
+        def broken(*_: object) -> bool:
+            raise RuntimeError("injected")
+
+        monkeypatch.setattr(k.rings._by_agent[7].pair, "drain", broken)
+        assert agent.submit([b"anything"]) == 1
+        k.step(0)  # must not raise
+        assert k.errors["ring.internal"] == 1 and k.rings._by_agent == {}
+        k.step(0)
+        agent.close()
+    finally:
+        k._shutdown()
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
