@@ -31,7 +31,8 @@ def tk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KernelProcess]:
 
 
 def add_key(k: KernelProcess, name: str, public: str, *caps: str) -> dict:
-    out = k.cli("agent", "add-key", name, public, *(f"--cap={c}" for c in caps), "--json")
+    # "--": a Z85 key may begin with "-" (one in 85), which argparse would take for an option.
+    out = k.cli("agent", "add-key", *(f"--cap={c}" for c in caps), "--json", "--", name, public)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
 

@@ -69,7 +69,8 @@ def add_commands(sub: Any) -> None:
     sp = command("add-key", cmd_add_key, "register a client's public key as remote:NAME; print "
                  "the endpoint, the server's key and a token for it")
     sp.add_argument("name")
-    sp.add_argument("key", help="the client's CURVE public key (z85, 40 characters)")
+    sp.add_argument("key", help="the client's CURVE public key (z85, 40 characters; one that "
+                    "begins with '-' goes after '--': add-key NAME -- KEY)")
     sp.add_argument("--cap", action="append", default=[], metavar="OP[@RESOURCE]",
                     help="grant a right besides sys.* (repeatable)")
     sp.add_argument("--json", action="store_true")
