@@ -41,15 +41,13 @@ class Pending:
 
 class Batch:
     def __init__(self, conn: Connection) -> None:
-        from sdk.families import Approvals, Audit, Caps, Fs, Ipc, Llm, Memory, Proc, System, Tools
+        from sdk.families import attach
 
         self._conn = conn
         self._calls: list[tuple[str, abi.Args | None, int | None]] = []
         self._waits: list[tuple[bool, float | None]] = []
         self._pending: list[Pending] = []
-        self.sys, self.proc, self.ipc, self.llm = System(self), Proc(self), Ipc(self), Llm(self)
-        self.caps, self.approvals, self.audit = Caps(self), Approvals(self), Audit(self)
-        self.memory, self.fs, self.tools = Memory(self), Fs(self), Tools(self)
+        attach(self)
 
     def __len__(self) -> int:
         return len(self._pending)

@@ -100,7 +100,7 @@ class Connection:
     def __init__(self, endpoint: str, token: str, *, timeout: float = DEFAULT_TIMEOUT,
                  context: zmq.Context | None = None, curve: CurveKeys | None = None,
                  rings: bool = False) -> None:
-        from sdk.families import Approvals, Audit, Caps, Fs, Ipc, Llm, Memory, Proc, System, Tools
+        from sdk.families import attach
 
         _check_endpoint(endpoint)
         self.endpoint, self.token, self.timeout = endpoint, token, timeout
@@ -123,10 +123,7 @@ class Connection:
         if self._ring is not None:
             self._ids = self._ring.ids
             self._poller.register(self._ring.doorbell, zmq.POLLIN)
-        self.sys, self.proc, self.ipc, self.llm = System(self), Proc(self), Ipc(self), Llm(self)
-        self.caps, self.approvals, self.audit = Caps(self), Approvals(self), Audit(self)
-        self.memory, self.fs = Memory(self), Fs(self)
-        self.tools = Tools(self)
+        attach(self)
         if rings and self._ring is None and endpoint.startswith("ipc://"):
             self._ask_for_rings()
 
@@ -147,27 +144,7 @@ class Connection:
         return self._ring is not None
 
     def _send(self, name: str, args: abi.Args | None, server_wait_ms: int | None) -> int:
-        req = _make_request(self._ids, name, self.token, args, server_wait_ms)
-        data = abi.encode(req)
-        with self._lock:
-            if self._lost:
-                raise KernelUnavailable("connection to the kernel was lost")
-            self._inbox[req.id] = collections.deque()
-            ring = self._ring
-            if ring is not None and _by_ring(ring, name, args, data, self._ring_rids):
-                # A full ring sends the rest over ZeroMQ, except a cancel, which must take
-                # the ring: the kernel drains it whatever we do, so room comes soon.
-                deadline = time.monotonic() + self.timeout
-                while not ring.push(data):
-                    if name != "llm.cancel" or time.monotonic() >= deadline:
-                        break
-                    time.sleep(0.0002)
-                else:
-                    ring.ring()
-                    self._ring_rids.add(req.id)
-                    return req.id
-            self._sock.send(data)
-        return req.id
+        return self._send_many([(name, args, server_wait_ms)])[0]
 
     def _send_many(self, calls: list[tuple[str, abi.Args | None, int | None]]) -> list[int]:
         """Send requests together: each that fits a slot goes into the submission ring and the
@@ -178,19 +155,33 @@ class Connection:
         with self._lock:
             if self._lost:
                 raise KernelUnavailable("connection to the kernel was lost")
-            ring, pushed = self._ring, False
+            pushed = False
             for (name, args, _), req in zip(calls, reqs, strict=True):
-                data = abi.encode(req)
                 self._inbox[req.id] = collections.deque()
-                if ring is not None and _by_ring(ring, name, args, data, self._ring_rids) \
-                        and ring.push(data):
-                    self._ring_rids.add(req.id)
-                    pushed = True
-                else:
-                    self._sock.send(data)
+                pushed |= self._post(name, args, req.id, abi.encode(req))
             if pushed:
-                ring.ring()
+                assert self._ring is not None
+                self._ring.ring()
         return [req.id for req in reqs]
+
+    def _post(self, name: str, args: abi.Args | None, rid: int, data: bytes) -> bool:
+        """Route one encoded request (the lock held): into the submission ring if it takes it,
+        else over ZeroMQ. True if it went into the ring (ring the doorbell after)."""
+        ring = self._ring
+        if ring is not None and _by_ring(ring, name, args, data, self._ring_rids):
+            # A full ring sends the rest over ZeroMQ, except a cancel, which must take the ring:
+            # the kernel drains it whatever we do (rung, so room comes soon).
+            deadline = time.monotonic() + self.timeout
+            while not ring.push(data):
+                if name != "llm.cancel" or time.monotonic() >= deadline:
+                    break
+                ring.ring()
+                time.sleep(0.0002)
+            else:
+                self._ring_rids.add(rid)
+                return True
+        self._sock.send(data)
+        return False
 
     def batch(self) -> Batch:
         """Syscalls issued together and answered together: `with conn.batch() as b:` then
@@ -376,7 +367,7 @@ class AsyncConnection:
     def __init__(self, endpoint: str, token: str, *, timeout: float = DEFAULT_TIMEOUT,
                  context: zmq.asyncio.Context | None = None,
                  curve: CurveKeys | None = None) -> None:
-        from sdk.families import Approvals, Audit, Caps, Fs, Ipc, Llm, Memory, Proc, System, Tools
+        from sdk.families import attach
 
         _check_endpoint(endpoint)
         self.endpoint, self.token, self.timeout = endpoint, token, timeout
@@ -397,10 +388,7 @@ class AsyncConnection:
         self._doorbell_due = False
         if self._ring is not None:
             self._ids = self._ring.ids
-        self.sys, self.proc, self.ipc, self.llm = System(self), Proc(self), Ipc(self), Llm(self)
-        self.caps, self.approvals, self.audit = Caps(self), Approvals(self), Audit(self)
-        self.memory, self.fs = Memory(self), Fs(self)
-        self.tools = Tools(self)
+        attach(self)
 
     @property
     def uses_rings(self) -> bool:
