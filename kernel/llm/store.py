@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kernel.state import fsync_dir
+
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -291,7 +293,7 @@ class ModelStore:
             # Renamed away first so the model vanishes at once, never half-deleted.
             doomed = Path(tempfile.mkdtemp(prefix=f".rm-{name}-", dir=self.root))
             os.rename(directory, doomed / "model")
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
             shutil.rmtree(doomed, ignore_errors=True)
 
     # --- internals --------------------------------------------------------------------------
@@ -336,7 +338,7 @@ class ModelStore:
             old = Path(tempfile.mkdtemp(prefix=f".rm-{final.name}-", dir=self.root))
             os.rename(final, old / "model")
         os.rename(built, final)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -420,7 +422,7 @@ def _seal(name: str, origin: dict[str, Any], manifest: dict[str, Any], built: Pa
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
-    _fsync_dir(built)
+    fsync_dir(built)
 
 
 # --- conversion ------------------------------------------------------------------------------
@@ -586,13 +588,6 @@ def _tree_size(root: Path) -> int:
                 total += os.stat(os.path.join(dirpath, filename)).st_size
     return total
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # --- progress ------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ import hashlib
 import os
 from pathlib import Path
 
+from kernel.state import fsync_dir
+
 _OPEN_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -32,7 +34,7 @@ class BlobStore:
         folder = final.parent
         if not folder.exists():
             folder.mkdir(mode=0o700, exist_ok=True)
-            self._fsync_dir(self.root)
+            fsync_dir(self.root)
         tmp = folder / f".tmp-{os.getpid()}-{digest}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
                      0o600)
@@ -44,7 +46,7 @@ class BlobStore:
         finally:
             os.close(fd)
         os.rename(tmp, final)
-        self._fsync_dir(folder)
+        fsync_dir(folder)
         return digest
 
     def get(self, digest: str) -> bytes:
@@ -71,10 +73,3 @@ class BlobStore:
         for tmp in self.root.glob("??/.tmp-*"):
             tmp.unlink(missing_ok=True)
 
-    @staticmethod
-    def _fsync_dir(path: Path) -> None:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
