@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -121,6 +122,38 @@ def admin(kernel: KernelProcess) -> Iterator[sdk.Connection]:
 
 def agent(name: str) -> str:
     return str(AGENTS / f"{name}.py")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random model and tokenizer saved for `--model tiny=PATH` (a few MB)."""
+    from tests.tinymodel import tiny_model, tiny_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    tiny_model(seed=0).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def require_smollm2() -> None:
+    """Skip the calling test unless the real model is cached."""
+    from kernel.llm.store import ModelNotFound, ModelStore
+
+    try:
+        ModelStore().path("smollm2")
+    except ModelNotFound:
+        pytest.skip("smollm2 is not cached (agentos model pull smollm2)")
+
+
+def run_calls(k: KernelProcess, name: str, calls: list, caps: tuple[str, ...] = ()) -> list:
+    """Spawn tests/agents/calls.py to make `calls` ([name, args] pairs) with `caps`; its
+    outcomes."""
+    with k.connect() as admin:
+        agent_id = admin.proc.spawn(agent("calls"), name=name, argv=[json.dumps(calls)],
+                                    caps=list(caps))
+        info = admin.proc.wait(agent_id, timeout=60)
+        assert info.exit_status == 0, admin.proc.logs(agent_id, "stderr").data.decode()
+        return info.result
 
 
 def wait_until(predicate: Callable[[], object], timeout: float = 10.0,

@@ -216,15 +216,6 @@ def test_death_cancels_calls_and_frees_llm_requests_within_a_second(
     assert all(reaped[a] - killed_at < 1.0 for a in (blocker, talker)), reaped
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tests.tinymodel import tiny_model, tiny_tokenizer
-
-    path = tmp_path_factory.mktemp("tiny") / "model"
-    tiny_model(seed=0).save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
-
 
 @sandboxed
 def test_agents_cannot_start_weaker_or_larger_children(kernel: KernelProcess) -> None:

@@ -21,17 +21,9 @@ import pytest
 
 from kernel.access.tokens import attenuate
 from tests.conftest import ROOT, KernelProcess, wait_until
-from tests.tinymodel import tiny_model, tiny_tokenizer
 
 HELLO = [{"role": "user", "content": "hello there"}]
 
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("tiny") / "model"
-    tiny_model(seed=0).save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")

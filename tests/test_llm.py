@@ -14,18 +14,10 @@ import pytest
 
 import sdk
 from kernel.llm.chat import parse_reply
-from tests.conftest import KernelProcess, agent, wait_until
-from tests.tinymodel import tiny_model, tiny_tokenizer
+from tests.conftest import KernelProcess, agent, require_smollm2, wait_until
 
 HELLO = [{"role": "user", "content": "hello there"}]
 
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("tiny") / "model"
-    tiny_model(seed=0).save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
 
 
 def _boot(state: Path, *flags: str, env: dict[str, str] | None = None) -> KernelProcess:
@@ -198,12 +190,7 @@ def test_remote_openai_backend(tmp_path: Path) -> None:
 
 @pytest.mark.integration
 def test_smollm2_end_to_end(tmp_path: Path) -> None:
-    from kernel.llm.store import ModelNotFound, ModelStore
-
-    try:
-        ModelStore().path("smollm2")
-    except ModelNotFound:
-        pytest.skip("smollm2 is not cached (agentos model pull smollm2)")
+    require_smollm2()
     k = _boot(tmp_path / "state", "--preload")
     try:
         with k.connect(timeout=120) as conn:

@@ -3,14 +3,13 @@ RAM tier's eviction and transparent reload, the worker-thread embedding path, re
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 import sdk
-from tests.conftest import KernelProcess, agent
+from tests.conftest import KernelProcess, agent, run_calls
 
 CONFIG = """
 [kernel]
@@ -33,15 +32,6 @@ def mk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KernelProcess]:
     k = boot(tmp_path_factory.mktemp("mem"), "hash")
     yield k
     k.stop()
-
-
-def run(k: KernelProcess, name: str, calls: list, caps: tuple[str, ...] = ()) -> list:
-    with k.connect() as admin:
-        agent_id = admin.proc.spawn(agent("calls"), name=name, argv=[json.dumps(calls)],
-                                    caps=list(caps))
-        info = admin.proc.wait(agent_id, timeout=60)
-        assert info.exit_status == 0, admin.proc.logs(agent_id, "stderr").data.decode()
-        return info.result
 
 
 def test_add_get_update_search_delete(mk: KernelProcess) -> None:
@@ -71,11 +61,11 @@ def test_add_get_update_search_delete(mk: KernelProcess) -> None:
 
 
 def test_agents_are_isolated(mk: KernelProcess) -> None:
-    [added, own] = run(mk, "iso-a", [["memory.add", {"content": "alice's secret plan"}],
-                                     ["memory.search", {"query": "secret plan"}]])
+    [added, own] = run_calls(mk, "iso-a", [["memory.add", {"content": "alice's secret plan"}],
+                                           ["memory.search", {"query": "secret plan"}]])
     secret = added["ok"]
     assert own["ok"][0]["namespace"] == "agent/iso-a"
-    probes = run(mk, "iso-b", [
+    probes = run_calls(mk, "iso-b", [
         ["memory.get", {"id": secret}],                               # guess the id
         ["memory.get", {"id": secret, "namespace": "agent/iso-a"}],
         ["memory.search", {"query": "secret plan"}],
@@ -88,22 +78,22 @@ def test_agents_are_isolated(mk: KernelProcess) -> None:
     assert probes[2] == {"ok": []}
     assert [p.get("err") for p in probes[1:]] == [
         "EPERM", None, "EPERM", "EPERM", "EPERM", "EPERM"]
-    granted = run(mk, "iso-c", [["memory.search", {"query": "secret plan",
-                                                   "namespace": "agent/iso-a"}],
-                                ["memory.delete", {"id": secret, "namespace": "agent/iso-a"}]],
-                  caps=("memory.search@mem/agent/iso-a",))
+    granted = run_calls(mk, "iso-c", [
+        ["memory.search", {"query": "secret plan", "namespace": "agent/iso-a"}],
+        ["memory.delete", {"id": secret, "namespace": "agent/iso-a"}]],
+        caps=("memory.search@mem/agent/iso-a",))
     assert granted[0]["ok"][0]["id"] == secret and granted[1]["err"] == "EPERM"
 
 
 def test_shared_namespace_by_capability(mk: KernelProcess) -> None:
     cap = ("memory.*@mem/team/x",)
-    run(mk, "team-a", [["memory.add", {"content": "meeting moved to friday",
-                                       "namespace": "team/x"}]], caps=cap)
-    [hits] = run(mk, "team-b", [["memory.search", {"query": "when is the meeting",
-                                                   "namespace": "team/x"}]], caps=cap)
+    run_calls(mk, "team-a", [["memory.add", {"content": "meeting moved to friday",
+                                             "namespace": "team/x"}]], caps=cap)
+    [hits] = run_calls(mk, "team-b", [["memory.search", {"query": "when is the meeting",
+                                                         "namespace": "team/x"}]], caps=cap)
     assert hits["ok"][0]["content"] == "meeting moved to friday"
-    [refused] = run(mk, "team-c", [["memory.search", {"query": "meeting",
-                                                      "namespace": "team/x"}]])
+    [refused] = run_calls(mk, "team-c", [["memory.search", {"query": "meeting",
+                                                            "namespace": "team/x"}]])
     assert refused["err"] == "EPERM"
 
 

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import sdk
-from tests.conftest import KernelProcess, agent, wait_until
+from tests.conftest import KernelProcess, agent, run_calls, wait_until
 
 CONFIG = """
 [kernel]
@@ -32,15 +32,6 @@ def fk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KernelProcess]:
     k.extra_args = ["--config", str(tmp / "kernel.toml")]
     yield k.start()
     k.stop()
-
-
-def run(k: KernelProcess, name: str, calls: list, caps: tuple[str, ...] = ()) -> list:
-    with k.connect() as admin:
-        agent_id = admin.proc.spawn(agent("calls"), name=name, argv=[json.dumps(calls)],
-                                    caps=list(caps))
-        info = admin.proc.wait(agent_id, timeout=60)
-        assert info.exit_status == 0, admin.proc.logs(agent_id, "stderr").data.decode()
-        return info.result
 
 
 def test_versions_and_rollback_round_trip(fk: KernelProcess) -> None:
@@ -116,9 +107,9 @@ def test_quota(fk: KernelProcess) -> None:
 
 
 def test_isolation_and_path_escapes(fk: KernelProcess) -> None:
-    [wrote] = run(fk, "fs-a", [["fs.write", {"path": "secret.txt", "data": "alice only"}]])
+    [wrote] = run_calls(fk, "fs-a", [["fs.write", {"path": "secret.txt", "data": "alice only"}]])
     assert wrote["ok"]["version"] == 1
-    probes = run(fk, "fs-b", [
+    probes = run_calls(fk, "fs-b", [
         ["fs.read", {"path": "secret.txt"}],                      # not in its own namespace
         ["fs.read", {"path": "secret.txt", "owner": "fs-a"}],
         ["fs.list", {"owner": "fs-a"}],
@@ -158,7 +149,7 @@ def test_share_mints_a_narrowed_delegated_capability(fk: KernelProcess) -> None:
                           "token": t}],
             ["fs.read", {"path": "shared/report.txt", "owner": "sharer"}],  # its own token
         ])])
-        sharer = run(fk, "sharer", [
+        sharer = run_calls(fk, "sharer", [
             ["fs.share", {"path": "theirs.txt", "to": "bob-fs", "owner": "other"}],
             ["fs.share", {"path": "shared", "to": "nobody-here"}],
             ["fs.share", {"path": "shared", "to": "bob-fs", "rights": ["fs.read", "fs.list"]}],
@@ -173,8 +164,8 @@ def test_share_mints_a_narrowed_delegated_capability(fk: KernelProcess) -> None:
     assert [e["path"] for e in uses[1]["ok"]] == ["shared/report.txt"]
     assert [u.get("err") for u in uses[2:]] == ["EPERM", "EPERM", "EPERM"]
     # Another agent presenting bob's token is refused: the token is bound to its audience.
-    [stolen] = run(fk, "mallory", [["fs.read", {"path": "shared/report.txt", "owner": "sharer",
-                                                "token": token}]])
+    [stolen] = run_calls(fk, "mallory", [["fs.read", {"path": "shared/report.txt",
+                                                      "owner": "sharer", "token": token}]])
     assert stolen["err"] == "EPERM"
     db = sqlite3.connect(fk.state_dir / "kernel.db")
     try:

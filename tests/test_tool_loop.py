@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 
 from sdk.tools import run_tools
-from tests.conftest import KernelProcess, agent
-from tests.tinymodel import tiny_model, tiny_tokenizer
+from tests.conftest import KernelProcess, agent, require_smollm2
 
 LOOP_CAPS = ["llm.chat", "tools.list", "tools.call@tool/calculator", "tools.call@tool/time"]
 
@@ -104,11 +103,10 @@ def test_scripted_model_loop_feeds_back_errors_and_results(tmp_path: Path) -> No
 
 
 @pytest.fixture(scope="module")
-def tiny_kernel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KernelProcess]:
-    path = tmp_path_factory.mktemp("tiny") / "model"
-    tiny_model(seed=0).save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    k = _boot(tmp_path_factory.mktemp("loop") / "state", "--model", f"tiny={path}", "--preload")
+def tiny_kernel(tmp_path_factory: pytest.TempPathFactory,
+                tiny_dir: Path) -> Iterator[KernelProcess]:
+    k = _boot(tmp_path_factory.mktemp("loop") / "state", "--model", f"tiny={tiny_dir}",
+              "--preload")
     yield k
     assert k.stop() == 0
 
@@ -132,12 +130,7 @@ def test_run_tools_refuses_unknown_kernel_tools(tiny_kernel: KernelProcess) -> N
 
 @pytest.mark.integration
 def test_smollm2_uses_the_calculator(tmp_path: Path) -> None:
-    from kernel.llm.store import ModelNotFound, ModelStore
-
-    try:
-        ModelStore().path("smollm2")
-    except ModelNotFound:
-        pytest.skip("smollm2 is not cached (agentos model pull smollm2)")
+    require_smollm2()
     k = _boot(tmp_path / "state", "--preload")
     try:
         out = _loop(k, "4 64 Use the calculator tool to compute 123 * 456.")
