@@ -25,6 +25,8 @@ from types import SimpleNamespace
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from kernelproc import wait_answering  # noqa: E402
+
 import sdk  # noqa: E402
 from kernel.access.manager import AccessManager  # noqa: E402
 from kernel.access.tokens import Rule, TokenAuthority, attenuate  # noqa: E402
@@ -85,15 +87,7 @@ sys.exit(boot.main(["--state-dir", sys.argv[2], "--log-level", "warning"]))
 def start_kernel(state: Path, mode: str) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen([sys.executable, "-c", SERVE, mode, str(state)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            with sdk.connect(state_dir=state, timeout=1.0) as conn:
-                conn.sys.null()
-            return proc
-        except sdk.SyscallError:
-            time.sleep(0.05)
-    raise RuntimeError("kernel did not start")
+    return wait_answering(state, proc, 30)
 
 
 def round_trips(state: Path, calls: int, token: str | None = None) -> list[float]:

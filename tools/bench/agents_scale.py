@@ -29,6 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from kernelproc import boot_kernel  # noqa: E402
+
 import sdk  # noqa: E402
 from kernel.proc import sandbox  # noqa: E402
 
@@ -153,21 +155,8 @@ def main() -> int:
     base = Path(tempfile.mkdtemp(prefix="agentos-scale-"))
     base.chmod(0o711)  # agents of their own uids pass through to their homes
     state = base / "state"
-    log = open(base / "kernel.log", "wb")  # noqa: SIM115 - lives as long as the kernel
-    kernel = subprocess.Popen([sys.executable, "-m", "kernel", "--state-dir", str(state),
-                               "--log-level", "warning", "--sandbox", best],
-                              stdout=log, stderr=log, cwd=ROOT)
+    kernel = boot_kernel(state, "--log-level", "warning", "--sandbox", best, attempts=300)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with sdk.connect(state_dir=state, timeout=1.0) as c:
-                    c.sys.null()
-                break
-            except sdk.SyscallError:
-                if time.monotonic() > deadline or kernel.poll() is not None:
-                    raise RuntimeError("kernel did not start") from None
-                time.sleep(0.05)
         results: dict[str, dict[str, float]] = {}
         with sdk.connect(state_dir=state, timeout=60) as conn:
             print(f"{'tier':<9} {'spawn p50':>10} {'spawn p99':>10} {'ready p50':>10} "
@@ -218,7 +207,6 @@ def main() -> int:
               f"max_agents={held}")
         return 0
     except Exception:
-        log.flush()
         tail = (base / "kernel.log").read_text(errors="replace").splitlines()[-40:]
         print("kernel log (last lines):", *tail, sep="\n", file=sys.stderr)
         raise
@@ -228,7 +216,6 @@ def main() -> int:
             kernel.wait(30)
         except subprocess.TimeoutExpired:
             kernel.kill()
-        log.close()
         shutil.rmtree(base, ignore_errors=True)
 
 

@@ -17,7 +17,6 @@ import argparse
 import http.client
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,6 +24,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+
+from kernelproc import boot_kernel  # noqa: E402
 
 HELLO = [{"role": "user", "content": "hi"}]
 
@@ -49,19 +50,9 @@ def main() -> int:
     import sdk
 
     state = Path(tempfile.mkdtemp(prefix="agentos-http.")) / "state"
-    log = open(state.parent / "kernel.log", "ab")  # noqa: SIM115 - lives with the kernel
-    kernel = subprocess.Popen([sys.executable, "-m", "kernel", "--state-dir", str(state),
-                               "--log-format", "text", "--preload", "--model", args.model,
-                               "--http", "127.0.0.1:0"], stdout=log, stderr=log, cwd=ROOT)
+    kernel = boot_kernel(state, "--preload", "--model", args.model, "--http", "127.0.0.1:0")
     name = args.model.partition("=")[0]
     try:
-        for _ in range(600):
-            try:
-                with sdk.connect(state_dir=state, timeout=1) as conn:
-                    conn.sys.null()
-                break
-            except sdk.SyscallError:
-                time.sleep(0.1)
         with sdk.connect(state_dir=state, timeout=600) as conn:
             key = conn.caps.delegate("http:bench", ["llm.*"]).token
             url = f"http://{(state / 'run' / 'http').read_text().strip()}/v1"
