@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from functools import partial
 from typing import Any
 
 import msgspec
@@ -11,6 +12,7 @@ import msgspec
 import sdk
 from sdk import abi, layout
 from sdk.remote import ENV_CURVE, keygen
+from userland.subcommand import subcommand
 
 
 def _connect(args: argparse.Namespace) -> sdk.Connection:
@@ -61,10 +63,7 @@ def add_commands(sub: Any) -> None:
     p = sub.add_parser("agent", help=text, description=text)
     asub = p.add_subparsers(dest="agent_command", required=True, metavar="COMMAND")
 
-    def command(name: str, fn: object, help_text: str) -> argparse.ArgumentParser:
-        sp = asub.add_parser(name, help=help_text, description=help_text)
-        sp.set_defaults(fn=fn)
-        return sp
+    command = partial(subcommand, asub)
 
     sp = command("add-key", cmd_add_key, "register a client's public key as remote:NAME; print "
                  "the endpoint, the server's key and a token for it")

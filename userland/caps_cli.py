@@ -12,6 +12,7 @@ import msgspec
 
 import sdk
 from sdk import layout
+from userland.subcommand import subcommand
 
 EXIT_ERROR = 1
 
@@ -159,15 +160,10 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: Any) -> None:
-    def command(parent: Any, name: str, fn: Any, help_text: str) -> argparse.ArgumentParser:
-        sp = parent.add_parser(name, help=help_text, description=help_text)
-        sp.set_defaults(fn=fn)
-        return sp
-
     token = sub.add_parser("token", help="mint capability tokens")
     tsub = token.add_subparsers(dest="token_command", required=True, metavar="COMMAND")
-    sp = command(tsub, "mint", cmd_token_mint,
-                 "mint a token (a child of yours) from a privilege group and/or rules; print it")
+    sp = subcommand(tsub, "mint", cmd_token_mint,
+                    "mint a token (a child of yours) from a privilege group and/or rules; print it")
     sp.add_argument("--group", help="a privilege group ([groups.NAME] in the kernel config)")
     sp.add_argument("--cap", action="append", default=[], metavar="OP[@RESOURCE]")
     sp.add_argument("--ttl", type=float, metavar="SECONDS", help="expire after this long")
@@ -182,30 +178,31 @@ def add_commands(sub: Any) -> None:
 
     caps = sub.add_parser("caps", help="list, inspect, revoke and export capability tokens")
     csub = caps.add_subparsers(dest="caps_command", required=True, metavar="COMMAND")
-    sp = command(csub, "revoke", cmd_caps_revoke, "revoke a token and every token derived from it")
+    sp = subcommand(csub, "revoke", cmd_caps_revoke,
+                    "revoke a token and every token derived from it")
     sp.add_argument("id", help="the token id (32 hex digits)")
-    sp = command(csub, "list", cmd_caps_list, "list tokens (live ones unless --all)")
+    sp = subcommand(csub, "list", cmd_caps_list, "list tokens (live ones unless --all)")
     sp.add_argument("--subject", metavar="PRINCIPAL")
     sp.add_argument("-a", "--all", action="store_true", help="include revoked and expired")
     sp.add_argument("--json", action="store_true")
-    sp = command(csub, "inspect", cmd_caps_inspect, "show a token's caveats, budgets and state")
+    sp = subcommand(csub, "inspect", cmd_caps_inspect, "show a token's caveats, budgets and state")
     sp.add_argument("token", nargs="?", help="a token you hold (default: the admin token)")
     sp.add_argument("--json", action="store_true")
-    command(csub, "rotate-key", cmd_caps_rotate,
-            "replace the token key: every token issued so far stops working")
-    sp = command(csub, "export", cmd_caps_export,
-                 "print an Ed25519-signed export of your token for remote verifiers")
+    subcommand(csub, "rotate-key", cmd_caps_rotate,
+               "replace the token key: every token issued so far stops working")
+    sp = subcommand(csub, "export", cmd_caps_export,
+                    "print an Ed25519-signed export of your token for remote verifiers")
     sp.add_argument("--ttl", type=float, default=300.0, metavar="SECONDS")
     sp.add_argument("--json", action="store_true")
 
-    sp = command(sub, "approvals", cmd_approvals, "list operations waiting for approval")
+    sp = subcommand(sub, "approvals", cmd_approvals, "list operations waiting for approval")
     sp.add_argument("--json", action="store_true")
-    sp = command(sub, "approve", cmd_approve, "approve a held operation: it runs now")
+    sp = subcommand(sub, "approve", cmd_approve, "approve a held operation: it runs now")
     sp.add_argument("id", type=int)
-    sp = command(sub, "deny", cmd_deny, "deny a held operation: it fails with EPERM")
+    sp = subcommand(sub, "deny", cmd_deny, "deny a held operation: it fails with EPERM")
     sp.add_argument("id", type=int)
     sp.add_argument("--reason", default="")
-    sp = command(sub, "audit", cmd_audit, "print the audit log, or --verify its hash chain")
+    sp = subcommand(sub, "audit", cmd_audit, "print the audit log, or --verify its hash chain")
     sp.add_argument("--verify", action="store_true",
                     help="check the chain and its anchor; exit 1 if tampered with")
     sp.add_argument("--since", type=int, default=0, metavar="SEQ")

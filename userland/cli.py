@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import msgspec
 
 import sdk
 from sdk import layout
+from userland.subcommand import subcommand
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -176,10 +178,7 @@ def parser() -> argparse.ArgumentParser:
                         f"{layout.default_state_dir()})")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, fn: Any, help_text: str) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=help_text, description=help_text)
-        sp.set_defaults(fn=fn)
-        return sp
+    command = partial(subcommand, sub)
 
     from kernel.boot import add_arguments
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from functools import partial
 
 from kernel.llm.store import DTYPES, ENV_MODEL_DIR, ModelStore, StoreError, check_name
+from userland.subcommand import subcommand
 
 EXIT_ERROR = 1
 
@@ -112,10 +114,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     common.add_argument("--cache-dir", metavar="DIR", default=argparse.SUPPRESS, help=cache_help)
     msub = p.add_subparsers(dest="model_command", required=True, metavar="COMMAND")
 
-    def command(name: str, fn: object, help_text: str) -> argparse.ArgumentParser:
-        sp = msub.add_parser(name, help=help_text, description=help_text, parents=[common])
-        sp.set_defaults(fn=fn)
-        return sp
+    command = partial(subcommand, msub, parents=[common])
 
     sp = command("pull", cmd_pull, "fetch a model, convert it to safetensors, store it; "
                  "print its directory")

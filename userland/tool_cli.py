@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from functools import partial
 
 import msgspec
 
 import sdk
 from sdk import layout
+from userland.subcommand import subcommand
 
 
 def _connect(args: argparse.Namespace) -> sdk.Connection:
@@ -79,10 +81,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("tool", help=text, description=text)
     tsub = p.add_subparsers(dest="tool_command", required=True, metavar="COMMAND")
 
-    def command(name: str, fn: object, help_text: str) -> argparse.ArgumentParser:
-        sp = tsub.add_parser(name, help=help_text, description=help_text)
-        sp.set_defaults(fn=fn)
-        return sp
+    command = partial(subcommand, tsub)
 
     sp = command("list", cmd_list, "list the tools (built-in, from tool_dirs, and mounted)")
     sp.add_argument("--json", action="store_true")

@@ -1,0 +1,15 @@
+"""The one way the `agentos` CLI modules declare a subcommand."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def subcommand(parent: Any, name: str, fn: Any, help_text: str,
+               **kwargs: Any) -> argparse.ArgumentParser:
+    """Add `name` to `parent` (an `add_subparsers()` result), running `fn`; its help line is
+    also its description."""
+    sp = parent.add_parser(name, help=help_text, description=help_text, **kwargs)
+    sp.set_defaults(fn=fn)
+    return sp
