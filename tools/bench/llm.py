@@ -26,6 +26,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from kernelproc import boot_kernel
 from workload import SYSTEM, user_turn
@@ -165,33 +166,41 @@ def hf_cb(model, tokenizer, n: int, turns: int, max_tokens: int) -> Run:
     return run
 
 
-def agentos(n: int, turns: int, max_tokens: int, state: Path) -> Run:
-    import sdk
-
-    run = Run("(c) agentos end to end")
-    with sdk.connect(state_dir=state, timeout=600) as conn:
-        ids = [conn.proc.spawn(str(ROOT / "tools/bench/llm_agent.py"), name=f"bench{i}",
-                               argv=[str(i), str(turns), str(max_tokens)], caps=["llm.chat"])
-               for i in range(n)]
-        deadline = time.time() + 120
-        while any(conn.proc.info(a).state == "starting" for a in ids) and time.time() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.5)  # let every agent reach its recv
-        start, wall0 = time.perf_counter(), time.time()
-        for i in range(n):
-            conn.ipc.send(f"bench{i}", "go")
-        infos = [conn.proc.wait(a) for a in ids]
-        run.makespan = time.perf_counter() - start
+def release_and_collect(conn: Any, run: Run, ids: list[int], go: dict[str, Any],
+                        settle_s: float, what: str) -> Run:
+    """Wait for the spawned bench agents to start, send each its go message (by name)
+    together, and record what they report into `run`."""
+    deadline = time.time() + 120
+    while any(conn.proc.info(a).state == "starting" for a in ids) and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(settle_s)  # let every agent reach its recv
+    start, wall0 = time.perf_counter(), time.time()
+    for name, message in go.items():
+        conn.ipc.send(name, message)
+    infos = [conn.proc.wait(a) for a in ids]
+    run.makespan = time.perf_counter() - start
     for i, info in enumerate(infos):
         if info.exit_status != 0 or not isinstance(info.result, list):
-            raise RuntimeError(f"bench agent {i} failed (status {info.exit_status})")
+            raise RuntimeError(f"{what} {i} failed (status {info.exit_status})")
         for t, rec in enumerate(info.result):
             run.latencies.append(rec["latency"])
-            run.ttfts.append(rec["ttft"])
+            if rec.get("ttft") is not None:  # HTTP agents cannot see their TTFT
+                run.ttfts.append(rec["ttft"])
             run.tokens += rec["tokens"]
             run.texts[(i, t)] = rec["text"].strip()
         run.completion[i] = info.result[-1]["end"] - wall0
     return run
+
+
+def agentos(n: int, turns: int, max_tokens: int, state: Path) -> Run:
+    import sdk
+
+    with sdk.connect(state_dir=state, timeout=600) as conn:
+        ids = [conn.proc.spawn(str(ROOT / "tools/bench/llm_agent.py"), name=f"bench{i}",
+                               argv=[str(i), str(turns), str(max_tokens)], caps=["llm.chat"])
+               for i in range(n)]
+        return release_and_collect(conn, Run("(c) agentos end to end"), ids,
+                                   {f"bench{i}": "go" for i in range(n)}, 0.5, "bench agent")
 
 
 def agentos_http(n: int, turns: int, max_tokens: int, state: Path) -> Run:
@@ -200,7 +209,6 @@ def agentos_http(n: int, turns: int, max_tokens: int, state: Path) -> Run:
     import sdk
 
     url = f"http://{(state / 'run' / 'http').read_text().strip()}/v1"
-    run = Run("(e) agentos via OpenAI API")
     with sdk.connect(state_dir=state, timeout=600) as conn:
         keys = [conn.caps.delegate(f"http:hbench{i}", ["llm.chat"]).token
                 for i in range(n)]
@@ -208,24 +216,10 @@ def agentos_http(n: int, turns: int, max_tokens: int, state: Path) -> Run:
                                argv=[str(i), str(turns), str(max_tokens)], caps=[],
                                sandbox="none")  # stand-ins for outside programs: they use TCP
                for i in range(n)]
-        deadline = time.time() + 120
-        while any(conn.proc.info(a).state == "starting" for a in ids) and time.time() < deadline:
-            time.sleep(0.05)
-        time.sleep(1.0)  # let every agent import openai and reach its recv
-        start, wall0 = time.perf_counter(), time.time()
-        for i in range(n):
-            conn.ipc.send(f"hbench{i}", {"url": url, "key": keys[i]})
-        infos = [conn.proc.wait(a) for a in ids]
-        run.makespan = time.perf_counter() - start
-    for i, info in enumerate(infos):
-        if info.exit_status != 0 or not isinstance(info.result, list):
-            raise RuntimeError(f"http bench agent {i} failed (status {info.exit_status})")
-        for t, rec in enumerate(info.result):
-            run.latencies.append(rec["latency"])
-            run.tokens += rec["tokens"]
-            run.texts[(i, t)] = rec["text"].strip()
-        run.completion[i] = info.result[-1]["end"] - wall0
-    return run
+        # 1 s to settle: every agent imports openai before its recv.
+        return release_and_collect(conn, Run("(e) agentos via OpenAI API"), ids,
+                                   {f"hbench{i}": {"url": url, "key": keys[i]}
+                                    for i in range(n)}, 1.0, "http bench agent")
 
 
 def start_vllm(venv: Path, model_dir: Path, log_dir: Path) -> tuple[subprocess.Popen, str]:
