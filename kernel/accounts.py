@@ -51,11 +51,7 @@ class Accounts:
         seconds = time.monotonic() - call.started
         counts[bisect_left(abi.LATENCY_BUCKETS, seconds)] += 1
         self.latency_sum[family] += seconds
-        row = self.callers.get(call.caller.principal)
-        if row is None:
-            row = self._caller(call.caller.principal)
-        else:
-            row["last_call"] = time.time()
+        row = self._caller(call.caller.principal)
         row["syscalls"] += 1
         return row
 
