@@ -253,9 +253,8 @@ class Kernel:
         rings = self.rings
         if not rings.polling or timeout_ms == 0:
             return dict(self.poller.poll(timeout_ms))
-        if self.offloaded:
-            rings.stop_polling()
-            return dict(self.poller.poll(0))
+        if self.offloaded:  # no spinning now (see `offload`): wait as without polling
+            return {} if rings.stop_polling() else dict(self.poller.poll(timeout_ms))
         now = time.monotonic()
         end = now + (timeout_ms / 1000 if timeout_ms is not None else 3600.0)
         spin_end = min(end, rings.poll_until)
