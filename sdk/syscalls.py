@@ -127,3 +127,17 @@ def known_op(pattern: str) -> bool:
     family, _, op = pattern.partition(".")
     return family in FAMILIES if op == "*" else pattern in SIGNATURES
 
+
+class Family:
+    """Base of the SDK's syscall families (`conn.fs`, `conn.llm`, ...): each call goes out by
+    its declared name and its result is decoded with its declared type."""
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn  # a Connection, an AsyncConnection or a Batch: anything with `call`
+
+    def _call(self, name: str, args: abi.Args | None = None, **wait: Any) -> Any:
+        return self._conn.call(name, args, SIGNATURES[name].result, **wait)
+
+    def _stream(self, name: str, args: abi.Args, **wait: Any) -> Any:
+        s = SIGNATURES[name]
+        return self._conn.stream(name, args, s.chunk, s.result, **wait)
