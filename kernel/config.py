@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from sdk import layout
+from sdk.syscalls import known_op
 
 
 @dataclass
@@ -80,7 +81,6 @@ class GroupConfig:
     @classmethod
     def parse(cls, name: str, table: dict[str, Any]) -> GroupConfig:
         from kernel.access.tokens import BUDGET_KINDS, Rule
-        from kernel.syscalls import known_op
 
         known = {f.name for f in dataclasses.fields(cls)} - {"name"}
         unknown = sorted(set(table) - known)

@@ -22,6 +22,7 @@ import zmq
 from kernel.state import write_private
 from kernel.transport import CurveZapHandler, open_curve_router
 from sdk import abi
+from sdk.syscalls import known_op
 
 if TYPE_CHECKING:
     from kernel.core import Call, Kernel
@@ -159,7 +160,6 @@ class Remote:
     def add_key(self, call: Call, args: abi.KeyArgs) -> abi.RemoteGrant:
         from kernel.access.tokens import Rule, rules_cover
         from kernel.core import Fault
-        from kernel.syscalls import known_op
 
         if any(k == args.key for n, k in self.keys.items() if n != args.name):
             raise Fault(abi.ErrorCode.EBUSY, "that key is registered under another name")

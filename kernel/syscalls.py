@@ -1,8 +1,11 @@
-"""The syscall table: every syscall, its handler, its argument type and the resource it touches.
+"""The kernel's half of the syscall table: each declared syscall's handler and resource.
 
-The right a syscall needs is its own name (`proc.kill`), matched against the token's rules;
-`resource` names what it acts on (`proc/7`, `ipc/bob`) for rules with a resource prefix.
-Arguments arrive decoded and validated; handlers trust them.
+`sdk/syscalls.py` declares every syscall once (name, argument struct, result type), for the
+kernel and the SDK alike; here each name gets the handler that runs it and, where a rule may
+narrow it to one, the function naming the resource it acts on (`proc/7`, `ipc/bob`). The right
+a syscall needs is its own name (`proc.kill`), matched against the token's rules. A declared
+syscall without a handler, or a handler for an undeclared one, stops the kernel at import.
+Arguments arrive decoded (with the declared struct) and validated; handlers trust them.
 """
 
 from __future__ import annotations
@@ -19,16 +22,23 @@ from kernel.access import syscalls as access
 from kernel.memory import calls as memory_calls
 from kernel.storage import calls as fs_calls
 from sdk import abi
+from sdk.syscalls import SIGNATURES, Signature
 
 if TYPE_CHECKING:
     from kernel.core import Call, Caller, Kernel
 
+Handler = Callable[["Kernel", "Call", Any], Any]
+Resource = Callable[["Kernel", Any, "Caller"], "str | None"]
+
 
 @dataclass(frozen=True)
 class Syscall:
-    handler: Callable[[Kernel, Call, Any], Any]
-    args: type[abi.Args] = abi.NoArgs
-    resource: Callable[[Kernel, Any, Caller], str | None] | None = None
+    """One declared syscall bound to the kernel's code for it."""
+
+    handler: Handler
+    args: type[abi.Args]
+    resource: Resource | None
+    signature: Signature
 
 
 def _agent_only(call: Call) -> int:
@@ -161,73 +171,88 @@ def remote_keys(k: Kernel, call: Call, args: abi.NoArgs) -> list[abi.RemoteKey]:
 
 def remote_rm_key(k: Kernel, call: Call, args: abi.KeyRef) -> None:
     k.remote.rm_key(call, args)
+
+
 def _tool(k: Kernel, args: Any, caller: Caller) -> str:
     return f"tool/{args.name}"
 
 
-SYSCALLS: dict[str, Syscall] = {
-    "sys.null": Syscall(sys_null),
-    "sys.stats": Syscall(sys_stats),
-    "sys.rings": Syscall(sys_rings),
-    "proc.spawn": Syscall(proc_spawn, abi.SpawnArgs),
-    "proc.ps": Syscall(proc_ps),
-    "proc.info": Syscall(proc_info, abi.AgentRef, _proc),
-    "proc.wait": Syscall(proc_wait, abi.WaitArgs, _proc),
-    "proc.kill": Syscall(proc_kill, abi.KillArgs, _proc),
-    "proc.exit": Syscall(proc_exit, abi.ExitArgs),
-    "proc.logs": Syscall(proc_logs, abi.LogsArgs, _proc),
-    "ipc.send": Syscall(ipc_send, abi.SendArgs, _ipc),
-    "ipc.recv": Syscall(ipc_recv, abi.RecvArgs),
-    "llm.chat": Syscall(llm_chat, abi.ChatArgs, _model),
-    "llm.cancel": Syscall(llm_cancel, abi.CancelArgs),
-    "llm.models": Syscall(llm_models),
-    "remote.add_key": Syscall(remote_add_key, abi.KeyArgs),
-    "remote.keys": Syscall(remote_keys),
-    "remote.rm_key": Syscall(remote_rm_key, abi.KeyRef),
-    "proc.suspend": Syscall(proc_suspend, abi.AgentRef, _proc),
-    "proc.resume": Syscall(proc_resume, abi.AgentRef, _proc),
-    "caps.delegate": Syscall(access.caps_delegate, abi.DelegateArgs),
-    "caps.revoke": Syscall(access.caps_revoke, abi.RevokeArgs),
-    "caps.inspect": Syscall(access.caps_inspect, abi.InspectArgs),
-    "caps.list": Syscall(access.caps_list, abi.ListTokensArgs),
-    "caps.rotate": Syscall(access.caps_rotate),
-    "caps.export": Syscall(access.caps_export, abi.ExportArgs),
-    "approvals.list": Syscall(access.approvals_list),
-    "approvals.approve": Syscall(access.approvals_approve, abi.ApprovalRef),
-    "approvals.deny": Syscall(access.approvals_deny, abi.ApprovalRef),
-    "audit.read": Syscall(access.audit_read, abi.AuditArgs),
-    "audit.verify": Syscall(access.audit_verify),
-    "memory.add": Syscall(memory_calls.add, abi.MemoryAddArgs, memory_calls.resource),
-    "memory.get": Syscall(memory_calls.get, abi.MemoryRef, memory_calls.resource),
-    "memory.update": Syscall(memory_calls.update, abi.MemoryUpdateArgs, memory_calls.resource),
-    "memory.delete": Syscall(memory_calls.delete, abi.MemoryRef, memory_calls.resource),
-    "memory.list": Syscall(memory_calls.list_, abi.MemoryListArgs, memory_calls.resource),
-    "memory.search": Syscall(memory_calls.search, abi.MemorySearchArgs, memory_calls.resource),
-    "memory.embed": Syscall(memory_calls.embed, abi.EmbedArgs),
-    "fs.read": Syscall(fs_calls.read, abi.FsReadArgs, fs_calls.path_resource),
-    "fs.write": Syscall(fs_calls.write, abi.FsWriteArgs, fs_calls.path_resource),
-    "fs.append": Syscall(fs_calls.append, abi.FsWriteArgs, fs_calls.path_resource),
-    "fs.list": Syscall(fs_calls.list_, abi.FsPathArgs, fs_calls.tree_resource),
-    "fs.stat": Syscall(fs_calls.stat, abi.FsPathArgs, fs_calls.tree_resource),
-    "fs.delete": Syscall(fs_calls.delete, abi.FsPathArgs, fs_calls.path_resource),
-    "fs.mkdir": Syscall(fs_calls.mkdir, abi.FsPathArgs, fs_calls.path_resource),
-    "fs.versions": Syscall(fs_calls.versions, abi.FsPathArgs, fs_calls.path_resource),
-    "fs.rollback": Syscall(fs_calls.rollback, abi.FsRollbackArgs, fs_calls.path_resource),
-    "fs.share": Syscall(fs_calls.share, abi.FsShareArgs, fs_calls.tree_resource),
-    "fs.search": Syscall(fs_calls.search, abi.FsSearchArgs, fs_calls.search_resource),
-    "tools.list": Syscall(tools_list),
-    "tools.call": Syscall(tools_call, abi.ToolCallArgs, _tool),
-    "tools.mount": Syscall(tools_mount, abi.MountArgs, _tool),
-    "tools.unmount": Syscall(tools_unmount, abi.ToolRef, _tool),
-    "tools.mounts": Syscall(tools_mounts),
+@dataclass(frozen=True)
+class Impl:
+    """The kernel's code for one syscall: what runs it, and what it acts on (None: no rule
+    may narrow it to a resource)."""
+
+    handler: Handler
+    resource: Resource | None = None
+
+
+# In the order and grouping of sdk/syscalls.py's declaration.
+IMPLS: dict[str, Impl] = {
+    "sys.null": Impl(sys_null),
+    "sys.stats": Impl(sys_stats),
+    "sys.rings": Impl(sys_rings),
+    "proc.spawn": Impl(proc_spawn),
+    "proc.ps": Impl(proc_ps),
+    "proc.info": Impl(proc_info, _proc),
+    "proc.wait": Impl(proc_wait, _proc),
+    "proc.kill": Impl(proc_kill, _proc),
+    "proc.exit": Impl(proc_exit),
+    "proc.logs": Impl(proc_logs, _proc),
+    "proc.suspend": Impl(proc_suspend, _proc),
+    "proc.resume": Impl(proc_resume, _proc),
+    "ipc.send": Impl(ipc_send, _ipc),
+    "ipc.recv": Impl(ipc_recv),
+    "llm.chat": Impl(llm_chat, _model),
+    "llm.cancel": Impl(llm_cancel),
+    "llm.models": Impl(llm_models),
+    "caps.delegate": Impl(access.caps_delegate),
+    "caps.revoke": Impl(access.caps_revoke),
+    "caps.inspect": Impl(access.caps_inspect),
+    "caps.list": Impl(access.caps_list),
+    "caps.rotate": Impl(access.caps_rotate),
+    "caps.export": Impl(access.caps_export),
+    "approvals.list": Impl(access.approvals_list),
+    "approvals.approve": Impl(access.approvals_approve),
+    "approvals.deny": Impl(access.approvals_deny),
+    "audit.read": Impl(access.audit_read),
+    "audit.verify": Impl(access.audit_verify),
+    "memory.add": Impl(memory_calls.add, memory_calls.resource),
+    "memory.get": Impl(memory_calls.get, memory_calls.resource),
+    "memory.update": Impl(memory_calls.update, memory_calls.resource),
+    "memory.delete": Impl(memory_calls.delete, memory_calls.resource),
+    "memory.list": Impl(memory_calls.list_, memory_calls.resource),
+    "memory.search": Impl(memory_calls.search, memory_calls.resource),
+    "memory.embed": Impl(memory_calls.embed),
+    "fs.read": Impl(fs_calls.read, fs_calls.path_resource),
+    "fs.write": Impl(fs_calls.write, fs_calls.path_resource),
+    "fs.append": Impl(fs_calls.append, fs_calls.path_resource),
+    "fs.list": Impl(fs_calls.list_, fs_calls.tree_resource),
+    "fs.stat": Impl(fs_calls.stat, fs_calls.tree_resource),
+    "fs.delete": Impl(fs_calls.delete, fs_calls.path_resource),
+    "fs.mkdir": Impl(fs_calls.mkdir, fs_calls.path_resource),
+    "fs.versions": Impl(fs_calls.versions, fs_calls.path_resource),
+    "fs.rollback": Impl(fs_calls.rollback, fs_calls.path_resource),
+    "fs.share": Impl(fs_calls.share, fs_calls.tree_resource),
+    "fs.search": Impl(fs_calls.search, fs_calls.search_resource),
+    "tools.list": Impl(tools_list),
+    "tools.call": Impl(tools_call, _tool),
+    "tools.mount": Impl(tools_mount, _tool),
+    "tools.unmount": Impl(tools_unmount, _tool),
+    "tools.mounts": Impl(tools_mounts),
+    "remote.add_key": Impl(remote_add_key),
+    "remote.keys": Impl(remote_keys),
+    "remote.rm_key": Impl(remote_rm_key),
 }
 
-FAMILIES = {name.split(".")[0] for name in SYSCALLS}
+
+def bind(impls: dict[str, Impl]) -> dict[str, Syscall]:
+    """Join each declared syscall to its code; the two lists must name the same syscalls."""
+    missing, undeclared = SIGNATURES.keys() - impls.keys(), impls.keys() - SIGNATURES.keys()
+    if missing or undeclared:
+        raise RuntimeError(f"the kernel's syscall table disagrees with sdk/syscalls.py: no "
+                           f"handler for {sorted(missing)}, no declaration of {sorted(undeclared)}")
+    return {name: Syscall(impls[name].handler, s.args, impls[name].resource, s)
+            for name, s in SIGNATURES.items()}
 
 
-def known_op(pattern: str) -> bool:
-    """Whether a rule's op pattern names something that exists: `*`, `fam.*` or a syscall."""
-    if pattern == "*":
-        return True
-    family, _, op = pattern.partition(".")
-    return family in FAMILIES if op == "*" else pattern in SYSCALLS
+SYSCALLS: dict[str, Syscall] = bind(IMPLS)

@@ -14,6 +14,7 @@ import msgspec
 
 from sdk import abi
 from sdk.errors import InvalidArgument
+from sdk.syscalls import Family
 
 _PREFIX = "aos1."
 
@@ -64,10 +65,7 @@ def attenuate(token: str, *, caps: Sequence[str] = (), ttl: float | None = None,
     return _PREFIX + _b64(msgspec.msgpack.encode((key_id, ident, caveats, sig)))
 
 
-class Caps:
-    def __init__(self, conn: Any) -> None:
-        self._conn = conn
-
+class Caps(Family):
     def delegate(self, to: str, caps: Sequence[str] = (), *, group: str | None = None,
                  ttl: float | None = None, budgets: Mapping[str, int] | None = None,
                  once: bool = False, requires_approval: Sequence[str] = (),
@@ -79,52 +77,43 @@ class Caps:
         args = abi.DelegateArgs(to=to, caps=list(caps), group=group, ttl_s=ttl,
                                 budgets=dict(budgets or {}), once=once,
                                 requires_approval=list(requires_approval), token=token)
-        return self._conn.call("caps.delegate", args, abi.Grant)
+        return self._call("caps.delegate", args)
 
     def revoke(self, token_id: str) -> int:
         """Revoke a token and everything derived from it; returns how many were revoked."""
-        return self._conn.call("caps.revoke", abi.RevokeArgs(id=token_id), int)
+        return self._call("caps.revoke", abi.RevokeArgs(id=token_id))
 
     def inspect(self, token: str | None = None) -> abi.TokenInfo:
         """This connection's token (or `token`, which must be the caller's): caveats, budgets
         spent, revocation."""
-        return self._conn.call("caps.inspect", abi.InspectArgs(token=token), abi.TokenInfo)
+        return self._call("caps.inspect", abi.InspectArgs(token=token))
 
     def list(self, subject: str | None = None, all: bool = False) -> list[abi.TokenInfo]:
-        return self._conn.call("caps.list", abi.ListTokensArgs(subject=subject, all=all),
-                               list[abi.TokenInfo])
+        return self._call("caps.list", abi.ListTokensArgs(subject=subject, all=all))
 
     def rotate(self) -> None:
         """Replace the kernel's token key: every token signed so far stops working."""
-        return self._conn.call("caps.rotate", None, type(None))
+        return self._call("caps.rotate")
 
     def export(self, ttl: float = 300.0) -> abi.Exported:
         """An Ed25519-signed snapshot of this token for verifiers without the kernel's key."""
-        return self._conn.call("caps.export", abi.ExportArgs(ttl_s=ttl), abi.Exported)
+        return self._call("caps.export", abi.ExportArgs(ttl_s=ttl))
 
 
-class Approvals:
-    def __init__(self, conn: Any) -> None:
-        self._conn = conn
-
+class Approvals(Family):
     def list(self) -> list[abi.ApprovalInfo]:
-        return self._conn.call("approvals.list", None, list[abi.ApprovalInfo])
+        return self._call("approvals.list")
 
     def approve(self, request_id: int) -> None:
-        return self._conn.call("approvals.approve", abi.ApprovalRef(id=request_id), type(None))
+        return self._call("approvals.approve", abi.ApprovalRef(id=request_id))
 
     def deny(self, request_id: int, reason: str = "") -> None:
-        return self._conn.call("approvals.deny", abi.ApprovalRef(id=request_id, reason=reason),
-                               type(None))
+        return self._call("approvals.deny", abi.ApprovalRef(id=request_id, reason=reason))
 
 
-class Audit:
-    def __init__(self, conn: Any) -> None:
-        self._conn = conn
-
+class Audit(Family):
     def read(self, since: int = 0, limit: int = 1000) -> list[abi.AuditRecord]:
-        return self._conn.call("audit.read", abi.AuditArgs(since=since, limit=limit),
-                               list[abi.AuditRecord])
+        return self._call("audit.read", abi.AuditArgs(since=since, limit=limit))
 
     def verify(self) -> abi.AuditReport:
-        return self._conn.call("audit.verify", None, abi.AuditReport)
+        return self._call("audit.verify")

@@ -31,6 +31,7 @@ from zmq.utils.monitor import parse_monitor_message
 from sdk import abi, ringpath
 from sdk.errors import InvalidArgument, KernelUnavailable, SyscallError, from_code
 from sdk.remote import CurveKeys
+from sdk.syscalls import SIGNATURES
 
 if TYPE_CHECKING:
     from sdk.batch import Batch
@@ -131,7 +132,7 @@ class Connection:
         """Rings for a process that connected on its own (`sys.rings`, kernel/ringdoor.py);
         ZeroMQ stays the path when the kernel or this machine cannot give them."""
         try:
-            ticket = self.call("sys.rings", None, abi.RingTicket)
+            ticket = self.call("sys.rings", None, SIGNATURES["sys.rings"].result)
             channel = ringpath.attach_ticket(ticket.path, ticket.ticket, self._ids,
                                              timeout=self.timeout)
         except (SyscallError, ringpath.RingError, OSError, ValueError):
@@ -318,7 +319,7 @@ class Stream:
         if not self.finished:
             self.finished = True
             try:
-                self._conn.call("llm.cancel", abi.CancelArgs(request=self.request_id), type(None))
+                self._conn.llm.cancel(self.request_id)
             except SyscallError:
                 pass  # it finished meanwhile, or the kernel is gone: nothing left to cancel
         self._conn._done(self.request_id)
@@ -545,8 +546,7 @@ class AsyncStream:
         if not self.finished:
             self.finished = True
             try:
-                await self._conn.call("llm.cancel", abi.CancelArgs(request=self.request_id),
-                                      type(None))
+                await self._conn.llm.cancel(self.request_id)
             except SyscallError:
                 pass
         self._conn._pending.pop(self.request_id, None)

@@ -9,6 +9,7 @@ import msgspec
 
 from sdk import abi
 from sdk.proc import _ms
+from sdk.syscalls import Family
 
 
 def _messages(messages: Iterable[abi.ChatMessage | Mapping[str, Any]]) -> list[abi.ChatMessage]:
@@ -16,10 +17,7 @@ def _messages(messages: Iterable[abi.ChatMessage | Mapping[str, Any]]) -> list[a
             for m in messages]
 
 
-class Llm:
-    def __init__(self, conn: Any) -> None:
-        self._conn = conn
-
+class Llm(Family):
     def _args(self, messages: Iterable[abi.ChatMessage | Mapping[str, Any]], stream: bool, *,
               model: str | None, temperature: float, top_p: float, top_k: int, max_tokens: int,
               stop: Sequence[str], seed: int | None, json: bool,
@@ -46,8 +44,7 @@ class Llm:
                           top_k=top_k, max_tokens=max_tokens, stop=stop, seed=seed, json=json,
                           tools=tools, tool_choice=tool_choice, priority=priority)
         ms = _ms(timeout)
-        return self._conn.call("llm.chat", args, abi.ChatResult, server_wait_ms=ms,
-                               wait_forever=ms is None)
+        return self._call("llm.chat", args, server_wait_ms=ms, wait_forever=ms is None)
 
     def stream(self, messages: Iterable[abi.ChatMessage | Mapping[str, Any]], *,
                model: str | None = None, temperature: float = 0.0, top_p: float = 1.0,
@@ -61,12 +58,11 @@ class Llm:
                           top_k=top_k, max_tokens=max_tokens, stop=stop, seed=seed, json=json,
                           tools=None, tool_choice="none", priority=priority)
         ms = _ms(timeout)
-        return self._conn.stream("llm.chat", args, abi.ChatDelta, abi.ChatResult,
-                                 server_wait_ms=ms, wait_forever=ms is None)
+        return self._stream("llm.chat", args, server_wait_ms=ms, wait_forever=ms is None)
 
     def cancel(self, request_id: int) -> None:
         """Cancel this connection's in-flight call `request_id` (it ends with ECANCELED)."""
-        return self._conn.call("llm.cancel", abi.CancelArgs(request=request_id), type(None))
+        return self._call("llm.cancel", abi.CancelArgs(request=request_id))
 
     def models(self) -> list[abi.ModelInfo]:
-        return self._conn.call("llm.models", None, list[abi.ModelInfo])
+        return self._call("llm.models")

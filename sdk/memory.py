@@ -8,42 +8,38 @@ from collections.abc import Mapping
 from typing import Any
 
 from sdk import abi
+from sdk.syscalls import Family
 
 
-class Memory:
-    def __init__(self, conn: Any) -> None:
-        self._conn = conn
-
+class Memory(Family):
     def add(self, content: str, metadata: Mapping[str, Any] | None = None, *,
             namespace: str | None = None) -> int:
         """Store a memory; returns its id once it is durable (and embedded). `namespace`
         defaults to the agent's own (`agent/<name>`); others need `memory.add@mem/<ns>`."""
         args = abi.MemoryAddArgs(content=content, metadata=dict(metadata or {}),
                                  namespace=namespace)
-        return self._conn.call("memory.add", args, int)
+        return self._call("memory.add", args)
 
     def get(self, memory_id: int, *, namespace: str | None = None) -> abi.Memory:
-        return self._conn.call("memory.get", abi.MemoryRef(id=memory_id, namespace=namespace),
-                               abi.Memory)
+        return self._call("memory.get", abi.MemoryRef(id=memory_id, namespace=namespace))
 
     def update(self, memory_id: int, content: str | None = None,
                metadata: Mapping[str, Any] | None = None, *,
                namespace: str | None = None) -> None:
         args = abi.MemoryUpdateArgs(id=memory_id, content=content, namespace=namespace,
                                     metadata=None if metadata is None else dict(metadata))
-        return self._conn.call("memory.update", args, type(None))
+        return self._call("memory.update", args)
 
     def delete(self, memory_id: int, *, namespace: str | None = None) -> None:
         """Delete a memory for good (an irreversible operation)."""
-        return self._conn.call("memory.delete", abi.MemoryRef(id=memory_id, namespace=namespace),
-                               type(None))
+        return self._call("memory.delete", abi.MemoryRef(id=memory_id, namespace=namespace))
 
     def list(self, *, namespace: str | None = None, after: int = 0, limit: int = 100,
              filter: Mapping[str, Any] | None = None) -> list[abi.Memory]:
         """Memories with ids above `after`, oldest first (page with the last id)."""
         args = abi.MemoryListArgs(namespace=namespace, after=after, limit=limit,
                                   filter=dict(filter or {}))
-        return self._conn.call("memory.list", args, list[abi.Memory])
+        return self._call("memory.list", args)
 
     def search(self, query: str, k: int = 5, *, filter: Mapping[str, Any] | None = None,
                namespace: str | None = None, mode: str = "auto") -> list[abi.MemoryHit]:
@@ -52,12 +48,11 @@ class Memory:
         memories whose metadata has each key equal to its value."""
         args = abi.MemorySearchArgs(query=query, k=k, filter=dict(filter or {}),
                                     namespace=namespace, mode=mode)
-        return self._conn.call("memory.search", args, list[abi.MemoryHit])
+        return self._call("memory.search", args)
 
     def embed(self, texts: list[str]) -> abi.EmbedResult:
         """The memory manager's embeddings of `texts` (unit vectors, 384 wide with MiniLM)."""
-        return self._conn.call("memory.embed", abi.EmbedArgs(input=list(texts)),
-                               abi.EmbedResult)
+        return self._call("memory.embed", abi.EmbedArgs(input=list(texts)))
 
 
 class Conversation:

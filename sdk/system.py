@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from sdk import abi
+from sdk.syscalls import Family
 
 
-class System:
-    def __init__(self, conn: Any) -> None:
-        self._conn = conn
-
+class System(Family):
     def null(self) -> None:
         """The cheapest round trip through the kernel: transport, token check, dispatch."""
-        return self._conn.call("sys.null", None, type(None))
+        return self._call("sys.null")
 
     def stats(self) -> abi.Stats:
-        return self._conn.call("sys.stats", None, abi.Stats)
+        return self._call("sys.stats")

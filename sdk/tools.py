@@ -13,18 +13,16 @@ from sdk import abi
 from sdk.client import _final
 from sdk.errors import SyscallError
 from sdk.proc import _ms
+from sdk.syscalls import SIGNATURES, Family
 
 RESULT_CHARS = 4000  # how much of a tool's result goes back into the conversation
 # A reply that names tool calls but did not parse as one: the model tried and got it wrong.
 _ATTEMPT = re.compile(r'"tool_calls"|"name"\s*:|"arguments"\s*:')
 
 
-class Tools:
-    def __init__(self, conn: Any) -> None:
-        self._conn = conn
-
+class Tools(Family):
     def list(self) -> list[abi.ToolSpec]:
-        return self._conn.call("tools.list", None, list[abi.ToolSpec])
+        return self._call("tools.list")
 
     def call(self, name: str, arguments: Mapping[str, Any] | None = None, *,
              timeout: float | None = None, **kwargs: Any) -> abi.ToolResult:
@@ -35,8 +33,7 @@ class Tools:
             arguments = {**(arguments or {}), **kwargs}
         args = abi.ToolCallArgs(name=name, arguments=arguments)
         ms = _ms(timeout)
-        return self._conn.call("tools.call", args, abi.ToolResult, server_wait_ms=ms,
-                               wait_forever=ms is None)
+        return self._call("tools.call", args, server_wait_ms=ms, wait_forever=ms is None)
 
     def call_many(self, calls: Iterable[tuple[str, Any]], *, timeout: float | None = None
                   ) -> Any:
@@ -54,7 +51,7 @@ class Tools:
                 while isinstance(msg := conn._next(rid, "tools.call", None if ms is None
                                                    else ms / 1000 + conn.timeout), abi.Chunk):
                     pass
-                out.append(_final(msg, abi.ToolResult))
+                out.append(_final(msg, SIGNATURES["tools.call"].result))
             except SyscallError as exc:
                 out.append(exc)
             finally:
@@ -66,8 +63,8 @@ class Tools:
         import asyncio
 
         results = await asyncio.gather(
-            *(self._conn.call("tools.call", r, abi.ToolResult, server_wait_ms=ms,
-                              wait_forever=ms is None) for r in requests),
+            *(self._call("tools.call", r, server_wait_ms=ms, wait_forever=ms is None)
+              for r in requests),
             return_exceptions=True)
         for r in results:
             if isinstance(r, BaseException) and not isinstance(r, SyscallError):
@@ -78,13 +75,13 @@ class Tools:
               timeout: float = 60.0) -> list[str]:
         """Mount the MCP server that `command` starts (stdio) as `name`; its tools' names."""
         args = abi.MountArgs(name=name, command=list(command), network=network)
-        return self._conn.call("tools.mount", args, list[str], server_wait_ms=_ms(timeout))
+        return self._call("tools.mount", args, server_wait_ms=_ms(timeout))
 
     def unmount(self, name: str) -> None:
-        return self._conn.call("tools.unmount", abi.ToolRef(name=name), type(None))
+        return self._call("tools.unmount", abi.ToolRef(name=name))
 
     def mounts(self) -> list[abi.MountInfo]:
-        return self._conn.call("tools.mounts", None, list[abi.MountInfo])
+        return self._call("tools.mounts")
 
 
 # --- the tool-calling loop ----------------------------------------------------------------------

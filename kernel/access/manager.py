@@ -40,6 +40,7 @@ from kernel.access.tokens import (
 )
 from kernel.state import write_private
 from sdk import abi
+from sdk.syscalls import known_op
 
 if TYPE_CHECKING:
     from kernel.config import GroupConfig
@@ -237,7 +238,6 @@ class AccessManager:
 
     @staticmethod
     def _rules(texts: Iterable[str]) -> list[Rule]:
-        from kernel.syscalls import known_op
 
         try:
             rules = [Rule.parse(text) for text in texts]

@@ -33,6 +33,7 @@ from kernel.proc.logs import LogPump
 from kernel.proc.sandbox import LAYER_EXIT, Report
 from kernel.proc.spawner import AgentSpec, Extras, Sandboxes, SpawnHook
 from sdk import abi
+from sdk.syscalls import known_op
 
 if TYPE_CHECKING:
     from kernel.core import Call, Kernel
@@ -227,7 +228,6 @@ class ProcessTable:
     # --- spawn -------------------------------------------------------------------------------
 
     def spawn(self, caller_principal: str, cap: Capability, args: abi.SpawnArgs) -> int:
-        from kernel.syscalls import known_op
 
         if self.k.draining:
             raise _fault(abi.ErrorCode.EAGAIN, "the kernel is shutting down")
