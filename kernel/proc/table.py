@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from kernel.access import names
 from kernel.access.tokens import Capability, Rule, rules_cover
 from kernel.proc import sandbox
 from kernel.proc.logs import LogPump
@@ -84,8 +85,8 @@ def agent_pid(pid: int, uid: int | None) -> int:
 def baseline_rules(agent_id: int, name: str | None = None) -> list[Rule]:
     """What every agent holds about itself: ping the kernel, report its own exit, read its own
     process entry and its own mailbox; with its name, its own memory space and files (keyed by
-    name, so an agent restarted under the same name finds them again)."""
-    own = [Rule("memory.*", f"mem/agent/{name}"), Rule("fs.*", f"fs/agent/{name}")] if name else []
+    name, so the agent finds them again; names are owned: kernel/access/names.py)."""
+    own = names.rights(name) if name else []
     return [Rule("sys.*"), Rule("proc.exit"), Rule("proc.info", f"proc/{agent_id}"),
             Rule("ipc.recv"), *own]
 
@@ -129,6 +130,7 @@ class ProcessTable:
         self._pending: dict[int, AgentSpec] = {}  # waiting out a restart backoff
         self._streak: dict[int, int] = {}  # restarts in a row, each soon after its start
         self.sandboxes = Sandboxes(kernel)
+        self.names = names.Names(kernel)
         # Other subsystems' per-agent resources (the syscall rings): a spawn hook adds fds and
         # environment to an agent's start, a reap hook releases them when it ends.
         self.spawn_hooks: list[SpawnHook] = []
@@ -184,6 +186,11 @@ class ProcessTable:
 
     def live_by_name(self, name: str) -> Live | None:
         return next((lv for lv in self.live.values() if lv.name == name), None)
+
+    def _name_busy(self, name: str) -> bool:
+        """Running, or waiting out a restart backoff under that name."""
+        return (self.live_by_name(name) is not None
+                or any(spec.name == name for spec in self._pending.values()))
 
     def running_count(self) -> int:
         return len(self.live)
@@ -241,8 +248,9 @@ class ProcessTable:
             raise _fault(abi.ErrorCode.ENOENT, f"no such file: {args.path}")
         name = args.name or re.sub(r"[^A-Za-z0-9_.-]", "-", Path(args.path).stem)[:64].lstrip(
             "-.") or "agent"
-        if self.live_by_name(name) is not None:
+        if self._name_busy(name):
             raise _fault(abi.ErrorCode.EBUSY, f"an agent named {name!r} is already running")
+        self.names.check(caller_principal, cap, name)
         try:
             rules = [Rule.parse(text) for text in args.caps]
         except ValueError as exc:
@@ -265,6 +273,7 @@ class ProcessTable:
             (name, str(path), json.dumps(args.argv), json.dumps(args.caps), caller_principal,
              "starting", tier, json.dumps(limits), args.restart, args.group))
         agent_id = int(cur.lastrowid)
+        self.names.claim(name, caller_principal, agent_id)
         spec = AgentSpec(agent_id, name, str(path), list(args.argv), list(args.caps), tier,
                          limits, args.restart, args.group, caller_principal)
         self._start(spec, caller_principal)
