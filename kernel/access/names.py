@@ -65,12 +65,12 @@ class Names:
         wanted = rights(name)
         if all(rules_cover(held, wanted) for held in cap.rule_sets):
             return
+        # The audit says whose it is; the caller learns only that it is not its own.
         whose = f"belongs to {owner}" if owner else "has files or memories"
-        reason = (f"the agent name {name!r} {whose}; choose another name, or hold "
-                  + " and ".join(map(str, wanted)) + " to run it")
-        self.k.guard.deny(principal, "proc.spawn", f"name/{name}", reason,
+        self.k.guard.deny(principal, "proc.spawn", f"name/{name}", f"the name {whose}",
                           token_id=cap.token_id)  # audited, rate-limited per principal
-        raise _fault(abi.ErrorCode.EPERM, reason)
+        raise _fault(abi.ErrorCode.EPERM, f"the agent name {name!r} is taken; choose another, "
+                     "or hold " + " and ".join(map(str, wanted)) + " to run it")
 
     def claim(self, name: str, principal: str, agent_id: int) -> None:
         self.k.db.write("INSERT INTO names (name, owner, agent_id, claimed_at) VALUES (?,?,?,?) "
