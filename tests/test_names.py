@@ -49,7 +49,7 @@ def test_a_past_agents_name_cannot_be_squatted(kernel: KernelProcess) -> None:
         assert conn.proc.wait(victim, timeout=60).result == KEPT
         said = parent(conn, [
             keeper("overwrite", "the-victim"),  # by name
-            {**keeper("overwrite", None), "copy_as": "sub/victim.py"},  # named after its file
+            {**keeper("overwrite", None), "copy_as": "sub/the-victim.py"},  # named after its file
         ], name="squatter")
         assert said == ["EPERM", "EPERM"], said
         # Nobody runs as `the-victim`: a message to it finds no receiver instead of an impostor.
