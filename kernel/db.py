@@ -122,6 +122,18 @@ SCHEMA = [
     );
     CREATE INDEX fs_versions_blob ON fs_versions(blob);
     """,
+    # version 5: agent names are owned (kernel/access/names.py): the principal that last started
+    # an agent under each name, taken over from the agents already in the table
+    """
+    CREATE TABLE names (
+        name       TEXT PRIMARY KEY,
+        owner      TEXT NOT NULL,
+        agent_id   INTEGER NOT NULL,
+        claimed_at REAL NOT NULL
+    );
+    INSERT INTO names (name, owner, agent_id, claimed_at)
+        SELECT name, spawned_by, MAX(id), COALESCE(started_at, 0) FROM agents GROUP BY name;
+    """,
 ]
 
 

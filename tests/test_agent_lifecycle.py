@@ -219,11 +219,12 @@ def test_death_cancels_calls_and_frees_llm_requests_within_a_second(
 
 @sandboxed
 def test_agents_cannot_start_weaker_or_larger_children(kernel: KernelProcess) -> None:
+    # Fresh names: the admin's own `exits` is not the nested agent's to reuse (names.py).
     tries = [
-        {"path": agent("exits"), "sandbox": "none"},  # a weaker tier
-        {"path": agent("exits"), "limits": {"open_files": 100000}},  # more than it has
+        {"path": agent("exits"), "sandbox": "none", "name": "weak"},  # a weaker tier
+        {"path": agent("exits"), "limits": {"open_files": 100000}, "name": "large"},  # more
         {"path": str(kernel.state_dir / "secret.key")},  # code it cannot read
-        {"path": agent("exits"), "limits": {"open_files": 32}},  # tighter: fine
+        {"path": agent("exits"), "limits": {"open_files": 32}, "name": "tight"},  # fine
         {"path": agent("exits"), "limits": {"nice": 5}, "name": "n5"},  # ahead of nice 7
         {"path": agent("exits"), "limits": {"nice": 9}, "name": "n9"},  # behind it: fine
     ]

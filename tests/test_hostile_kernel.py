@@ -182,3 +182,32 @@ def test_resource_attacks_are_contained(hk: KernelProcess, tier: str) -> None:
     assert capped and capped[0]["detail"]["dropped"] == loud.log_dropped
     ended = {e["detail"]["agent"] for e in events if e["event"] == "exit"}
     assert set(attacks.values()) <= ended
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_restart_does_not_follow_a_swapped_code_directory(hk: KernelProcess, tier: str) -> None:
+    """Issue 15: a parent starts `HOME/sub/x.py` with `--restart on-failure` and, between
+    runs, swaps `sub` for a symlink to `/proc/self/cwd`. Every start resolves and checks the
+    code's path again: the restart is refused with a clear error, nothing runs after the
+    swap, and the neighbour keeps working."""
+    child_name = f"swapped-{tier}"
+    with hk.connect() as conn:
+        good = steady(conn, tier, f"calm-{tier}")
+        parent = conn.proc.spawn(str(HOSTILE / "swapper.py"), sandbox=tier,
+                                 argv=[json.dumps({"code": str(HOSTILE / "swapped.py"),
+                                                   "name": child_name})],
+                                 caps=["proc.spawn"], name=f"swapper-{tier}")
+        assert wait_until(lambda: conn.proc.logs(parent).data.startswith(b"child "), 30)
+        child = int(conn.proc.logs(parent).data.split()[1])
+        assert wait_until(lambda: conn.proc.logs(child).data == b"ready\n", 30)
+        conn.ipc.send(f"swapper-{tier}", "swap now")
+        assert conn.proc.wait(parent, timeout=60).result == "swapped"
+        conn.ipc.send(child_name, "fail now")  # its first run ends; the policy restarts it
+        info = conn.proc.wait(child, timeout=60)
+        assert_steady_ok(conn, good)
+        stdout = conn.proc.logs(child).data
+    assert info.state == "failed" and info.restarts == 1, info
+    assert stdout == b"ready\n", stdout  # no run after the swap
+    refused = [e for e in audit(hk) if e["event"] == "spawn-failed"
+               and e["detail"]["agent"] == child]
+    assert refused and "reached through a symlink" in refused[0]["detail"]["error"], refused

@@ -101,10 +101,11 @@ class Ruleset:
             raise _fail("create_ruleset")
         self.fd = int(fd)
 
-    def allow(self, path: str, access: int) -> None:
-        """Grant `access` beneath `path` (a file gets only the rights files can have)."""
+    def allow(self, path: str, access: int, fd: int | None = None) -> None:
+        """Grant `access` beneath `path` (a file gets only the rights files can have); with
+        `fd`, beneath what that O_PATH fd names (the caller opened and checked it)."""
         try:
-            pfd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+            pfd = os.open(path, os.O_PATH | os.O_CLOEXEC) if fd is None else fd
         except OSError as exc:
             raise LandlockError(exc.errno, f"landlock: cannot open {path}: {exc.strerror}") \
                 from None
@@ -116,7 +117,8 @@ class Ruleset:
                              ctypes.c_uint32(0)) != 0:
                 raise _fail(f"add_rule {path}")
         finally:
-            os.close(pfd)
+            if fd is None:
+                os.close(pfd)
 
     def allow_all(self, paths: Iterable[str], access: int) -> None:
         for path in paths:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
-from kernel.proc import landlock, seccomp
+from kernel.proc import landlock, resolve, seccomp
 from kernel.proc.sandbox import (
     BOOT,
     LAYER_EXIT,
@@ -112,9 +112,12 @@ class Reporter:
         os._exit(int(status))
 
     def step(self, layer: str, fn: Callable[..., T], *args: Any) -> T:
-        """Run one layer's step; any failure is fatal, with that layer's exit status."""
+        """Run one layer's step; any failure is fatal, with that layer's exit status (a path
+        the launcher refuses to grant is the policy's fault, not the layer's)."""
         try:
             return fn(*args)
+        except Refused as exc:
+            self.fail(LaunchExit.POLICY, f"policy: {exc}")
         except Exception as exc:
             self.fail(LAYER_EXIT[layer], f"{layer}: {exc}")
 
@@ -237,13 +240,38 @@ def check_home(home: str, uid: int) -> None:
     reach(home, os.R_OK | os.W_OK | os.X_OK, "home")
 
 
+class Refused(Exception):
+    """A path the launcher will not grant: reached through a symlink someone other than root
+    could have planted, or no longer the file the kernel resolved and checked."""
+
+
+def open_granted(path: str, pins: dict[str, list[int]]) -> int:
+    """An O_PATH fd on `path` that is safe to grant (kernel/proc/resolve.py): no untrusted
+    symlink on the way, and, if the kernel pinned the path, the very file it checked."""
+    try:
+        fd = resolve.open_path(path)
+    except OSError as exc:
+        raise Refused(f"{path}: {exc.strerror or exc}") from None
+    want = pins.get(path)
+    if want is not None and resolve.identity(fd) != want:
+        os.close(fd)
+        raise Refused(f"{path} is not what the kernel checked: it was replaced since")
+    return fd
+
+
 def build_landlock(policy: Policy, private_tmp: bool) -> landlock.Ruleset:
     ruleset = landlock.Ruleset(landlock.abi_version())
-    ruleset.allow_all(policy.readable, landlock.READ_ONLY)
-    ruleset.allow_all([p for p in (policy.home, *policy.writable) if p], landlock.READ_WRITE)
-    ruleset.allow_all([d for d in DEVICES if os.path.exists(d)], landlock.DEVICE)
+    grants = [(p, landlock.READ_ONLY) for p in policy.readable]
+    grants += [(p, landlock.READ_WRITE) for p in (policy.home, *policy.writable) if p]
+    grants += [(d, landlock.DEVICE) for d in DEVICES if os.path.exists(d)]
     if private_tmp:
-        ruleset.allow("/tmp", landlock.READ_WRITE)
+        grants.append(("/tmp", landlock.READ_WRITE))
+    for path, access in grants:
+        fd = open_granted(path, policy.pins)
+        try:
+            ruleset.allow(path, access, fd)
+        finally:
+            os.close(fd)
     return ruleset
 
 

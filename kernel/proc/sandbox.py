@@ -113,6 +113,9 @@ class Policy:
     limits: Limits = field(default_factory=Limits)
     keep_fds: tuple[int, ...] = ()  # inherited by the agent at the same numbers
     env: dict[str, str] = field(default_factory=dict)  # the agent's whole environment
+    # path -> [device, inode] the kernel resolved and checked: the launcher grants a pinned
+    # path only if it opens that very file (kernel/proc/resolve.py).
+    pins: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def layers(self) -> tuple[str, ...]:
@@ -140,6 +143,10 @@ class Policy:
             if (not isinstance(key, str) or not isinstance(value, str) or not key
                     or "=" in key or "\0" in key + value):
                 raise ValueError(f"bad environment entry {key!r}")
+        for path, ident in self.pins.items():
+            if (not _is_clean_path(path) or not isinstance(ident, list) or len(ident) != 2
+                    or not all(_is_int(n) and n >= 0 for n in ident)):
+                raise ValueError(f"bad pin {path!r}: {ident!r}")
         for name, value in dataclasses.asdict(self.limits).items():
             if value is not None and (not _is_int(value) or value < 0):
                 raise ValueError(f"limit {name} must be a non-negative int, got {value!r}")
@@ -165,8 +172,9 @@ class Policy:
                 if not isinstance(data[name], list):
                     raise ValueError(f"{name} must be a list")
                 data[name] = tuple(data[name])
-        if not isinstance(data.get("env", {}), dict):
-            raise ValueError("env must be an object")
+        for name in ("env", "pins"):
+            if not isinstance(data.get(name, {}), dict):
+                raise ValueError(f"{name} must be an object")
         try:
             policy = cls(**data, limits=Limits(**limits))
         except TypeError as exc:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kernel.proc import sandbox
+from kernel.proc import resolve, sandbox
 from kernel.proc.sandbox import Limits, Policy, SandboxUnavailable
 from sdk import abi, layout
 
@@ -53,6 +53,7 @@ class AgentSpec:
     limits: dict[str, int]  # overrides of the kernel's defaults, by LIMIT_NAMES
     restart: str = "no"
     group: str | None = None  # a privilege group whose template is granted at every start
+    spawned_by: str = ""  # the principal that started it: what its code must be within reach of
 
 
 @dataclass
@@ -197,12 +198,20 @@ class Sandboxes:
             if spec.tier == "standard":
                 env["TMPDIR"] = str(home)  # the host's /tmp is out of reach; strict has its own
         env.update(extras.env)
+        # spec.path is the code's real path, checked at this start (ProcessTable._check_code).
         code_dir = os.path.dirname(spec.path)
+        readable = sandbox.default_readable(code_dir) if uid is not None else ()
+        try:
+            pins = self.pins(spec.tier, (str(home), *readable))
+        except OSError as exc:
+            if socket_dir is not None:
+                self.unbind_endpoint(socket_dir)
+            raise fault(abi.ErrorCode.EPERM, f"cannot sandbox this agent: {exc.strerror}") \
+                from None
         policy = Policy(
-            tier=spec.tier, uid=uid, gid=uid, home=str(home),
-            readable=sandbox.default_readable(code_dir) if uid is not None else (),
+            tier=spec.tier, uid=uid, gid=uid, home=str(home), readable=readable,
             socket_dir=str(socket_dir) if socket_dir else None, limits=limits,
-            keep_fds=tuple(extras.fds), env=env)
+            keep_fds=tuple(extras.fds), env=env, pins=pins)
         argv = [sys.executable, "-m", "sdk.runner", spec.path, *spec.argv]
         try:
             launch = sandbox.Launch(policy, argv)
@@ -211,6 +220,16 @@ class Sandboxes:
                 self.unbind_endpoint(socket_dir)
             raise fault(abi.ErrorCode.EINVAL, f"cannot sandbox this agent: {exc}") from None
         return Prepared(launch, policy, endpoint, socket_dir, log_bytes)
+
+    @staticmethod
+    def pins(tier: str, paths: tuple[str, ...]) -> dict[str, list[int]]:
+        """What each path Landlock will grant is now, reached as the launcher will reach it
+        (no symlink an agent could have planted): the launcher grants only these files, so
+        a path swapped after this check (for a symlink to `/`, say) is refused, whoever
+        resolves it, the launcher or bubblewrap."""
+        if "landlock" not in sandbox.TIERS[tier]:
+            return {}
+        return {path: resolve.pin(path) for path in paths}
 
     # --- per-agent endpoints -----------------------------------------------------------------
 

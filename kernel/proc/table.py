@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from kernel.access import names
 from kernel.access.tokens import Capability, Rule, rules_cover
 from kernel.proc import sandbox
 from kernel.proc.logs import LogPump
@@ -85,8 +86,8 @@ def agent_pid(pid: int, uid: int | None) -> int:
 def baseline_rules(agent_id: int, name: str | None = None) -> list[Rule]:
     """What every agent holds about itself: ping the kernel, report its own exit, read its own
     process entry and its own mailbox; with its name, its own memory space and files (keyed by
-    name, so an agent restarted under the same name finds them again)."""
-    own = [Rule("memory.*", f"mem/agent/{name}"), Rule("fs.*", f"fs/agent/{name}")] if name else []
+    name, so the agent finds them again; names are owned: kernel/access/names.py)."""
+    own = names.rights(name) if name else []
     return [Rule("sys.*"), Rule("proc.exit"), Rule("proc.info", f"proc/{agent_id}"),
             Rule("ipc.recv"), *own]
 
@@ -130,6 +131,7 @@ class ProcessTable:
         self._pending: dict[int, AgentSpec] = {}  # waiting out a restart backoff
         self._streak: dict[int, int] = {}  # restarts in a row, each soon after its start
         self.sandboxes = Sandboxes(kernel)
+        self.names = names.Names(kernel)
         # Other subsystems' per-agent resources (the syscall rings): a spawn hook adds fds and
         # environment to an agent's start, a reap hook releases them when it ends.
         self.spawn_hooks: list[SpawnHook] = []
@@ -186,6 +188,11 @@ class ProcessTable:
     def live_by_name(self, name: str) -> Live | None:
         return next((lv for lv in self.live.values() if lv.name == name), None)
 
+    def _name_busy(self, name: str) -> bool:
+        """Running, or waiting out a restart backoff under that name."""
+        return (self.live_by_name(name) is not None
+                or any(spec.name == name for spec in self._pending.values()))
+
     def running_count(self) -> int:
         return len(self.live)
 
@@ -219,11 +226,11 @@ class ProcessTable:
         return [self._info(r, False) for r in rows]
 
     def _spec(self, agent_id: int) -> AgentSpec:
-        name, path, argv, caps, tier, limits, restart, group = self.k.db.read(
-            "SELECT name, path, argv, caps, sandbox, limits, restart, grp FROM agents "
-            "WHERE id=?", (agent_id,))[0]
+        name, path, argv, caps, tier, limits, restart, group, by = self.k.db.read(
+            "SELECT name, path, argv, caps, sandbox, limits, restart, grp, spawned_by "
+            "FROM agents WHERE id=?", (agent_id,))[0]
         return AgentSpec(agent_id, name, path, json.loads(argv), json.loads(caps),
-                         tier or "none", json.loads(limits or "{}"), restart or "no", group)
+                         tier or "none", json.loads(limits or "{}"), restart or "no", group, by)
 
     # --- spawn -------------------------------------------------------------------------------
 
@@ -231,17 +238,19 @@ class ProcessTable:
 
         if self.k.draining:
             raise _fault(abi.ErrorCode.EAGAIN, "the kernel is shutting down")
-        path = Path(args.path)
-        if not path.is_absolute():
+        if not os.path.isabs(args.path):
             raise _fault(abi.ErrorCode.EINVAL, f"path must be absolute: {args.path}")
+        # The agent is its code's real path from here on: every start checks that it still is.
+        path = Path(os.path.realpath(args.path))
         parent = self._caller_live(caller_principal)
-        if parent is not None:
-            self._check_reachable(parent, args.path)
+        self._check_code(caller_principal, str(path))
         if not path.is_file():
             raise _fault(abi.ErrorCode.ENOENT, f"no such file: {args.path}")
-        name = args.name or re.sub(r"[^A-Za-z0-9_.-]", "-", path.stem)[:64].lstrip("-.") or "agent"
-        if self.live_by_name(name) is not None:
+        name = args.name or re.sub(r"[^A-Za-z0-9_.-]", "-", Path(args.path).stem)[:64].lstrip(
+            "-.") or "agent"
+        if self._name_busy(name):
             raise _fault(abi.ErrorCode.EBUSY, f"an agent named {name!r} is already running")
+        self.names.check(caller_principal, cap, name)
         try:
             rules = [Rule.parse(text) for text in args.caps]
         except ValueError as exc:
@@ -264,8 +273,9 @@ class ProcessTable:
             (name, str(path), json.dumps(args.argv), json.dumps(args.caps), caller_principal,
              "starting", tier, json.dumps(limits), args.restart, args.group))
         agent_id = int(cur.lastrowid)
+        self.names.claim(name, caller_principal, agent_id)
         spec = AgentSpec(agent_id, name, str(path), list(args.argv), list(args.caps), tier,
-                         limits, args.restart, args.group)
+                         limits, args.restart, args.group, caller_principal)
         self._start(spec, caller_principal)
         return agent_id
 
@@ -273,19 +283,38 @@ class ProcessTable:
         kind, _, ident = principal.partition(":")
         return self.live.get(int(ident)) if kind == "agent" else None
 
-    def _check_reachable(self, parent: Live, path: str) -> None:
-        """An agent may start only code it can read itself (its own code's directory or its
-        home): the child's code directory becomes readable to the child."""
-        real = os.path.realpath(path)
-        roots = [os.path.dirname(os.path.realpath(parent.spec.path)), parent.home]
-        if not any(root and (real == root or real.startswith(root.rstrip("/") + "/"))
+    def _check_code(self, spawner: str, path: str) -> None:
+        """Run at every start, the first and each restart: `path` (the code's real path when
+        the agent was spawned) must still be its real path, so no directory on it was swapped
+        for a symlink since; and an agent may start only code it can read itself (its own
+        code's directory or its home), because the child's code directory becomes readable
+        to the child. A restart checks against the spawner's places even after it ended."""
+        if os.path.realpath(path) != path:
+            raise _fault(abi.ErrorCode.EPERM, f"{path} is now reached through a symlink: the "
+                         "agent's code moved since it was spawned")
+        kind, _, ident = spawner.partition(":")
+        if kind != "agent":
+            return  # users and the kernel's other doors may start any code
+        rows = self.k.db.read("SELECT path FROM agents WHERE id=?", (int(ident),))
+        # The spawner's own path was stored resolved and is not resolved again: a symlink
+        # swapped into it since must not widen what its children may reach.
+        roots = [os.path.dirname(rows[0][0]) if rows else "",
+                 str(self.k.state.agents / ident / "home")]
+        if not any(root and (path == root or path.startswith(root.rstrip("/") + "/"))
                    for root in roots):
-            raise _fault(abi.ErrorCode.EPERM, f"{path} is outside what this agent can read")
+            raise _fault(abi.ErrorCode.EPERM, f"{path} is outside what {spawner} can read")
 
     def _start(self, spec: AgentSpec, by: str) -> Live:
         """Mint the agent's token and start it in its sandbox; on refusal the row says
         `failed` and a typed Fault says why."""
         agent_id = spec.agent_id
+        from kernel.core import Fault
+
+        try:
+            self._check_code(spec.spawned_by, spec.path)
+        except Fault as exc:
+            self._failed_start(agent_id, by, exc.message, None)
+            raise
         granted = baseline_rules(agent_id, spec.name) + [Rule.parse(text) for text in spec.caps]
         token, token_id = self.k.access.grant_agent(agent_id, granted, spec.group)
         uid = None
