@@ -137,7 +137,7 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def require_smollm2() -> None:
     """Skip the calling test unless the real model is cached."""
-    from kernel.llm.store import ModelNotFound, ModelStore
+    from sdk.models import ModelNotFound, ModelStore
 
     try:
         ModelStore().path("smollm2")

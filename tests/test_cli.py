@@ -84,3 +84,35 @@ def test_state_dir_from_environment(kernel: KernelProcess) -> None:
 def test_run_refuses_bad_capabilities(kernel: KernelProcess) -> None:
     out = kernel.cli("run", "--cap", "bogus", agent("exits"))
     assert out.returncode == 1 and "EINVAL" in out.stderr
+
+
+def test_boot_is_the_kernel_itself_with_every_flag(tmp_path: Path) -> None:
+    """`agentos boot` execs `python -m kernel` (same pid, as systemd's Type=notify needs) and
+    hands it every flag; the kernel's own parser answers `--help` and bad flags."""
+    state = tmp_path / "s"
+    cli = [sys.executable, "-m", "userland.cli"]
+    helped = subprocess.run([*cli, "boot", "--help"], capture_output=True, text=True, cwd=ROOT,
+                            timeout=60)
+    assert helped.returncode == 0
+    for flag in ("--config", "--log-format", "--log-level", "--model", "--scheduler",
+                 "--preload", "--listen", "--sandbox", "--http", "--daemon", "--state-dir"):
+        assert flag in helped.stdout
+    bad = subprocess.run([*cli, "boot", "--scheduler", "nope"], capture_output=True, text=True,
+                         cwd=ROOT, timeout=60)
+    assert bad.returncode == 2 and "invalid choice: 'nope'" in bad.stderr
+
+    booted = subprocess.Popen([*cli, "--state-dir", str(state), "boot", "--sandbox", "none",
+                               "--log-format", "text", "--http", "127.0.0.1:0"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
+    k = KernelProcess(state)
+    k.proc = booted  # type: ignore[assignment]
+    try:
+        k.wait_ready(timeout=60)
+        with k.connect() as conn:
+            assert conn.sys.stats().pid == booted.pid
+        assert (state / "run" / "http").is_file()  # --http reached the kernel
+    finally:
+        booted.terminate()
+        assert booted.wait(30) == 0
+    log = booted.stderr.read().decode()
+    assert "kernel stopped" in log and not log.startswith("{")  # --log-format text, not json

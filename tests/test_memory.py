@@ -164,9 +164,9 @@ def test_worker_thread_embedding_and_backfill(tmp_path: Path) -> None:
 def test_minilm_finds_paraphrases(tmp_path: Path) -> None:
     """The real all-MiniLM-L6-v2, on the worker thread: a query that shares no word with its
     answer still finds it."""
-    from kernel.memory import model
+    from sdk import models
 
-    if model.installed() is None:
+    if models.installed_embedder() is None:
         pytest.skip("all-MiniLM-L6-v2 is not pulled (agentos mem pull)")
     k = boot(tmp_path, "minilm")
     try:

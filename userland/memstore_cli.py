@@ -11,7 +11,7 @@ from typing import Any
 import msgspec
 
 import sdk
-from sdk import layout
+from sdk import layout, models
 
 
 def _connect(args: argparse.Namespace) -> sdk.Connection:
@@ -24,11 +24,9 @@ def _print(value: Any) -> int:
 
 
 def cmd_mem_pull(args: argparse.Namespace) -> int:
-    from kernel.memory import model
-
     try:
-        print(model.pull(force=args.force))
-    except (RuntimeError, OSError) as exc:
+        print(models.pull_embedder(force=args.force))
+    except (models.StoreError, OSError) as exc:
         print(f"agentos: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 from functools import partial
 
-from kernel.llm.store import DTYPES, ENV_MODEL_DIR, ModelStore, StoreError, check_name
+from sdk.models import DTYPES, ENV_MODEL_DIR, ModelStore, StoreError, check_name
 from userland.subcommand import subcommand
 
 EXIT_ERROR = 1
@@ -47,18 +48,20 @@ def _source(source: dict[str, object]) -> str:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    store = _store(args)
+    # Converting needs torch and transformers, so the kernel's store does it in a process of
+    # its own; it prints the directory (and any warning) and exits as this command should.
+    argv = [sys.executable, "-m", "kernel.llm.store", "pull", args.name, "--dtype", args.dtype]
+    if args.source is not None:
+        argv += ["--from", args.source]
+    if args.cache_dir is not None:
+        argv += ["--cache-dir", args.cache_dir]
+    argv += ["--force"] * args.force + ["--quiet"] * args.quiet
+    pull = subprocess.Popen(argv)
     try:
-        path = store.pull(args.name, source=args.source, dtype=args.dtype, force=args.force,
-                          progress=not args.quiet)
-        info = store.info(args.name)
-    except (StoreError, OSError) as exc:
-        return _error(exc)
-    if info.chat_template is None:
-        print(f"agentos: warning: {args.name} has no chat template; chat requests to it will "
-              "fail", file=sys.stderr)
-    print(path)
-    return 0
+        return pull.wait()
+    except KeyboardInterrupt:
+        pull.wait()  # it had the same SIGINT: let it remove its staging directory first
+        raise
 
 
 def cmd_list(args: argparse.Namespace) -> int:

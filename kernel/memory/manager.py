@@ -19,12 +19,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from kernel.memory import model
 from kernel.memory.embed import Embedder, HashEmbedder, MiniLMEmbedder
 from kernel.memory.indexes import Found, IndexThread, filter_sql
 from kernel.memory.lruk import LRUK
 from kernel.memory.worker import EmbedWorker
-from sdk import abi
+from sdk import abi, models
 
 if TYPE_CHECKING:
     from kernel.core import Call, Caller, Kernel
@@ -78,12 +77,12 @@ def make_embedder(name: str) -> Embedder | None:
     if name == "hash-slow":  # the hashing embedder on the worker thread (tests of that path)
         return HashEmbedder(slow=True)
     if name in ("minilm", "auto"):
-        path = model.installed()
+        path = models.installed_embedder()
         if path is not None:
             # No thread count: torch's is process-wide and the LLM engine's to set.
             return MiniLMEmbedder(path)
         if name == "minilm":
-            raise ValueError(f"memory_embedder=minilm but {model.NAME} is not pulled "
+            raise ValueError(f"memory_embedder=minilm but {models.EMBEDDER} is not pulled "
                              "(agentos mem pull)")
         log.warning("no embedding model pulled; memory search uses keywords only "
                     "(agentos mem pull)")

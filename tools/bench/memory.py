@@ -43,9 +43,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from kernel.memory import model  # noqa: E402
 from kernel.memory.embed import HashEmbedder, MiniLMEmbedder  # noqa: E402
 from kernel.memory.index import QUANT_FROM, VectorIndex  # noqa: E402
+from sdk import models  # noqa: E402
 from tests.conftest import KernelProcess  # noqa: E402
 
 TOPICS = ["travel", "cooking", "finance", "health", "music", "code", "garden", "sports",
@@ -372,7 +372,7 @@ def main() -> int:
     p.add_argument("--json", type=Path, help="write the raw numbers here")
     args = p.parse_args()
     scales = [int(s) for s in args.scales.split(",")]
-    path = model.installed()
+    path = models.installed_embedder()
     minilm = MiniLMEmbedder(path, threads=1) if path else None
 
     print(f"load average at start {loadavg()}")
