@@ -33,9 +33,17 @@ class ModelConfig:
     kv_budget_mb: float = 0.0
     threads: int | None = None  # torch intra-op threads; None: all cores
     default: bool = False
-    # Per-agent limits (0: none): concurrent requests and tokens (prompt + generated).
-    agent_max_concurrent: int = 0
+    # Per-agent limits (0: none): llm.chat calls in flight on this model (EAGAIN beyond it,
+    # refused before anything is queued), and tokens served over the agent's life (prompt +
+    # generated, EQUOTA). A call holds at most the model's context, so 8 calls bound what one
+    # agent has in flight to 8 contexts; lifetime token quotas are policy (also per token:
+    # `llm_tokens` budgets), so none by default.
+    agent_max_concurrent: int = 8
     agent_max_tokens: int = 0
+    # The longest prompt accepted, in UTF-8 bytes of its text (EINVAL, measured before it is
+    # queued or tokenized); 0: 16 bytes per token of the model's context (read from its
+    # config.json; 32768 tokens when unknown: remote and .gguf models).
+    max_prompt_bytes: int = 0
     # Remote (OpenAI-compatible) sources only.
     remote_model: str | None = None
     api_key_env: str | None = None
