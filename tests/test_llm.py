@@ -309,7 +309,7 @@ def test_concurrent_calls_per_agent_are_capped_before_queueing(tmp_path: Path,
     config.write_text(f'[models.tiny]\nsource = "{tiny_dir}"\nagent_max_concurrent = 2\n')
     k = _boot(tmp_path / "state", "--config", str(config), "--preload")
     # Generations that cannot end early: all of a burst's are in flight together.
-    long = abi.ChatArgs(messages=[abi.ChatMessage("user", "hello there")], max_tokens=64,
+    long = abi.ChatArgs(messages=[abi.ChatMessage("user", "hello there")], max_tokens=16,
                         ignore_eos=True)
 
     async def burst(n: int) -> list[str]:
@@ -328,7 +328,7 @@ def test_concurrent_calls_per_agent_are_capped_before_queueing(tmp_path: Path,
         with k.connect() as conn:  # streams cancelled early release their places too
             for _ in range(3):
                 stream = conn.stream("llm.chat", abi.ChatArgs(
-                    messages=long.messages, max_tokens=64, ignore_eos=True, stream=True),
+                    messages=long.messages, max_tokens=16, ignore_eos=True, stream=True),
                     abi.ChatDelta, abi.ChatResult)
                 next(iter(stream))
                 stream.close()
@@ -353,3 +353,24 @@ def test_prompt_bytes_counts_every_text_and_stops_past_the_limit() -> None:
     assert prompt_bytes(args, 10**6) == 6 + 2 + 1 + 2 + 1 + 6 + tools
     huge = abi.ChatArgs(messages=[abi.ChatMessage("user", "é" * 1000)] * 50)
     assert 100 < prompt_bytes(huge, 100) <= 100 + 2000  # stopped at the first message over
+
+
+def test_a_template_that_refuses_the_messages_is_einval(tmp_path: Path, tiny_dir: Path) -> None:
+    """Chat templates raise on conversations they do not accept (roles out of order...); that
+    used to be an exception on the worker thread, which ended it and hung every later call."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    template = model / "chat_template.jinja"
+    template.write_text("{% for m in messages %}{% if m['role'] == m['content'] %}"
+                        "{{ raise_exception('roles are not content') }}{% endif %}{% endfor %}"
+                        + template.read_text())
+    k = _boot(tmp_path / "state", "--model", f"tiny={model}", "--preload")
+    try:
+        with k.connect() as conn:
+            with pytest.raises(sdk.InvalidArgument, match="roles are not content"):
+                conn.llm.chat([{"role": "user", "content": "user"}])
+            assert conn.llm.chat(HELLO, max_tokens=4).usage.completion_tokens >= 1
+    finally:
+        assert k.stop() == 0
