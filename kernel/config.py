@@ -164,6 +164,15 @@ class Config:
     fs_versions_max_age_s: float = 0.0  # 0: versions beyond the newest expire only by count
     # The HTTP front end (OpenAI/AIOS-compatible APIs, metrics): "HOST:PORT", or None for off.
     http: str | None = None
+    # Its limits (kernel/http/limits.py): connections open in total and per peer (an IPv4
+    # address or IPv6 /64; beyond: 503, closed), seconds to send a request's headers and then
+    # its body (beyond: 408, closed), bytes of headers and of a body (431, 413).
+    http_max_connections: int = 256
+    http_max_per_peer: int = 128
+    http_header_timeout: float = 5.0
+    http_body_timeout: float = 30.0
+    http_header_bytes: int = 64 * 1024
+    http_body_bytes: int = 4 * 1024 * 1024
     # Models by name; the first, or the one marked default, serves calls that name none.
     models: dict[str, ModelConfig] = field(
         default_factory=lambda: {"smollm2": ModelConfig("smollm2", "smollm2", default=True)})

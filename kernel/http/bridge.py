@@ -36,6 +36,14 @@ HTTP_AUDIENCE = "http:"
 _ACCEPTED = object()  # the call passed its checks and is parked (a generation in flight)
 
 
+@dataclass(frozen=True)
+class Key:
+    """An authenticated HTTP caller: the principal its token stands for, and the token."""
+
+    principal: str
+    token: str
+
+
 class Refused(Exception):
     """A request the front end answers with this HTTP status and message."""
 
@@ -83,21 +91,22 @@ class Bridge:
 
     # --- the HTTP thread's side --------------------------------------------------------------
 
-    def open(self, token: str | None, name: str, args: abi.Args | None,
+    def open(self, key: Key, name: str, args: abi.Args | None,
              timeout_ms: int | None = None) -> Exchange:
-        """Start syscall `name` for the bearer of `token`; read the outcome from the exchange."""
+        """Start syscall `name` for `key` (from `authenticate`); read the outcome from the
+        exchange."""
         ex = Exchange(b"\0http" + next(self._routes).to_bytes(8, "big"),
                       asyncio.get_running_loop())
         raw = abi.encode(args if args is not None else abi.NoArgs())
-        self.k.post(lambda: self._start(ex, token, name, raw, timeout_ms))
+        self.k.post(lambda: self._start(ex, key, name, raw, timeout_ms))
         return ex
 
-    async def call(self, token: str | None, name: str, args: abi.Args | None,
+    async def call(self, key: Key, name: str, args: abi.Args | None,
                    result_type: Any = Any, timeout_ms: int | None = None,
                    gone: Awaitable[Any] | None = None) -> Any:
         """One syscall to its end: the decoded result, or `Refused`/`Failed` raised. If `gone`
         (the client's disconnect) completes first, the call is cancelled."""
-        ex = self.open(token, name, args, timeout_ms)
+        ex = self.open(key, name, args, timeout_ms)
         watcher = asyncio.ensure_future(gone) if gone is not None else None
         if watcher is not None:
             watcher.add_done_callback(lambda _: self.close(ex))
@@ -112,13 +121,14 @@ class Bridge:
                 watcher.cancel()
             self.close(ex)
 
-    async def authenticate(self, token: str | None) -> str:
-        """The token's HTTP principal, or `Refused(401)`: for routes that make no syscall."""
+    async def authenticate(self, token: str | None) -> Key:
+        """The caller that `token` stands for, or `Refused(401)`. Every request passes here
+        before its body is read (app.Authenticated); its syscalls then go out as this key."""
         ex = Exchange(b"", asyncio.get_running_loop())
 
         def check() -> None:
             try:
-                ex.put(("principal", self.principal(token)))
+                ex.put(Key(self.principal(token), token or ""))
             except Refused as exc:
                 ex.put(exc)
 
@@ -126,7 +136,7 @@ class Bridge:
         item = await ex.queue.get()
         if isinstance(item, Refused):
             raise item
-        return item[1]
+        return item
 
     async def events(self, ex: Exchange, chunk_type: Any,
                      result_type: Any) -> AsyncIterator[Any]:
@@ -178,20 +188,17 @@ class Bridge:
             raise Refused(401, "token expired or not yet valid", "invalid_api_key")
         return audiences[0]
 
-    def _start(self, ex: Exchange, token: str | None, name: str, raw: bytes,
+    def _start(self, ex: Exchange, key: Key, name: str, raw: bytes,
                timeout_ms: int | None) -> None:
         from kernel.core import Caller
 
-        try:
-            principal = self.principal(token)
-        except Refused as exc:
-            ex.put(exc)
-            return
+        # The key was authenticated once, at the door; the access check still verifies the
+        # token against this call (a cache hit), so one that expired since is refused.
         self.k.sinks[ex.route] = ex.put
-        req = abi.Request(v=abi.ABI_VERSION, id=1, call=name, token=token or "",
+        req = abi.Request(v=abi.ABI_VERSION, id=1, call=name, token=key.token,
                           args=msgspec.Raw(raw), timeout_ms=timeout_ms)
         self.k.counts[name] += 1
-        self.k.execute(ex.route, req, Caller(principal, None))
+        self.k.execute(ex.route, req, Caller(key.principal, None))
         if self.k.find_parked(ex.route, 1) is not None:
             ex.put(_ACCEPTED)
 
