@@ -88,7 +88,7 @@ class Authenticated:
         aios_path = path.startswith("/aios/")
         token = path.split("/")[2] if aios_path else bearer(Headers(scope=scope))
         try:
-            key = await self.bridge.authenticate(token)
+            key = self.bridge.authenticate(token)
         except Refused as exc:
             response: Response
             if aios_path or path == "/query":

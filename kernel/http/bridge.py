@@ -121,23 +121,6 @@ class Bridge:
                 watcher.cancel()
             self.close(ex)
 
-    async def authenticate(self, token: str | None) -> Key:
-        """The caller that `token` stands for, or `Refused(401)`. Every request passes here
-        before its body is read (app.Authenticated); its syscalls then go out as this key."""
-        ex = Exchange(b"", asyncio.get_running_loop())
-
-        def check() -> None:
-            try:
-                ex.put(Key(self.principal(token), token or ""))
-            except Refused as exc:
-                ex.put(exc)
-
-        self.k.post(check)
-        item = await ex.queue.get()
-        if isinstance(item, Refused):
-            raise item
-        return item
-
     async def events(self, ex: Exchange, chunk_type: Any,
                      result_type: Any) -> AsyncIterator[Any]:
         """A streamed syscall's chunks (decoded), then its final result; raises as `call`."""
@@ -161,32 +144,40 @@ class Bridge:
         runs (the client went away)."""
         self.k.post(lambda: self._close(ex.route))
 
-    # --- the loop thread's side --------------------------------------------------------------
+    def authenticate(self, token: str | None) -> Key:
+        """The caller that `token` stands for, or `Refused(401)`. Every request passes here
+        before its body is read (app.Authenticated), and its syscalls then go out as this key.
 
-    def principal(self, token: str | None) -> str:
-        """The HTTP principal a token stands for, or `Refused(401)`; audited like any denial."""
+        This runs on the HTTP thread: checking a token is a function of the token and the
+        kernel's key alone (`TokenAuthority.verify`, whose cache two threads may share), so a
+        flood of forged keys costs the loop only their denials, posted to it to be audited
+        (rate-limited there, like any denial)."""
         if not token:
             raise Refused(401, "missing bearer token: send 'Authorization: Bearer <token>' "
                           "(mint one with `agentos token mint`)", "invalid_api_key")
         try:
             cap = self.k.authority.verify(token)
         except TokenError as exc:
-            self.k.guard.deny("http:?", "http.auth", None, f"invalid token: {exc.reason}")
+            self._deny("http:?", f"invalid token: {exc.reason}", None)
             raise Refused(401, f"invalid token: {exc.reason}", "invalid_api_key") from None
         audiences = [a for a in cap.audiences if a.startswith(HTTP_AUDIENCE)]
         if len(audiences) != 1 or len(set(cap.audiences)) != 1:
-            self.k.guard.deny("http:?", "http.auth", None, "not an HTTP token",
-                              token_id=cap.token_id)
+            self._deny("http:?", "not an HTTP token", cap.token_id)
             raise Refused(401, "this token is not valid at the HTTP door (its audience is "
                           f"{', '.join(cap.audiences)}); mint one with `agentos token mint`",
                           "invalid_api_key")
         now = time.time()
         if (cap.expires_at is not None and now >= cap.expires_at) or (
                 cap.not_before is not None and now < cap.not_before):
-            self.k.guard.deny(audiences[0], "http.auth", None, "expired",
-                              token_id=cap.token_id)
+            self._deny(audiences[0], "expired", cap.token_id)
             raise Refused(401, "token expired or not yet valid", "invalid_api_key")
-        return audiences[0]
+        return Key(audiences[0], token)
+
+    def _deny(self, principal: str, reason: str, token_id: str | None) -> None:
+        self.k.post(lambda: self.k.guard.deny(principal, "http.auth", None, reason,
+                                              token_id=token_id))
+
+    # --- the loop thread's side --------------------------------------------------------------
 
     def _start(self, ex: Exchange, key: Key, name: str, raw: bytes,
                timeout_ms: int | None) -> None:
