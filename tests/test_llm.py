@@ -184,6 +184,10 @@ def test_remote_openai_backend(tmp_path: Path) -> None:
         sent = _OpenAIStub.seen[0]
         assert sent["model"] == "far" and sent["max_tokens"] == 9 and sent["seed"] == 3
         assert sent["stream"] is True
+        # A remote model's context is unknown: 16 bytes per token of an assumed 32768 tokens.
+        with k.connect() as conn, pytest.raises(sdk.InvalidArgument, match="max_prompt_bytes"):
+            conn.llm.chat([{"role": "user", "content": "x" * 1000000}])
+        assert len(_OpenAIStub.seen) == 2  # never sent on
     finally:
         server.shutdown()
         assert k.stop() == 0
