@@ -1,9 +1,12 @@
 """The LLM core, loop-thread side: `llm.*` syscalls in, one worker thread per model.
 
-The dispatch loop never runs a model. `llm.chat` parks its call and hands a `Generation` to the
-model's worker; the worker posts deltas and the final result back (`Kernel.post`), and the loop
-sends them. Cancelling the call (the agent asks, dies, or its deadline passes) tells the worker
-to drop the generation and free its memory.
+The dispatch loop never runs a model. `llm.chat` admits a call first (a prompt under the model's
+`max_prompt_bytes`, fewer than `agent_max_concurrent` of the caller's calls in flight: checks
+that cost no tokenizing, before anything is queued), then parks it and hands a `Generation` to
+the model's worker (through its prompter thread, kernel/llm/prompt.py); the worker posts deltas
+and the final result back (`Kernel.post`), and the loop sends them. Cancelling the call (the
+agent asks, dies, or its deadline passes) tells the worker to drop the generation and free its
+memory.
 """
 
 from __future__ import annotations
