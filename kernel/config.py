@@ -34,9 +34,17 @@ class ModelConfig:
     kv_budget_mb: float = 0.0
     threads: int | None = None  # torch intra-op threads; None: all cores
     default: bool = False
-    # Per-agent limits (0: none): concurrent requests and tokens (prompt + generated).
-    agent_max_concurrent: int = 0
+    # Per-agent limits (0: none): llm.chat calls in flight on this model (EAGAIN beyond it,
+    # refused before anything is queued), and tokens served over the agent's life (prompt +
+    # generated, EQUOTA). A call holds at most the model's context, so 8 calls bound what one
+    # agent has in flight to 8 contexts; lifetime token quotas are policy (also per token:
+    # `llm_tokens` budgets), so none by default.
+    agent_max_concurrent: int = 8
     agent_max_tokens: int = 0
+    # The longest prompt accepted, in UTF-8 bytes of its text (EINVAL, measured before it is
+    # queued or tokenized); 0: 16 bytes per token of the model's context (read from its
+    # config.json; 32768 tokens when unknown: remote and .gguf models).
+    max_prompt_bytes: int = 0
     # Remote (OpenAI-compatible) sources only.
     remote_model: str | None = None
     api_key_env: str | None = None
@@ -156,6 +164,15 @@ class Config:
     fs_versions_max_age_s: float = 0.0  # 0: versions beyond the newest expire only by count
     # The HTTP front end (OpenAI/AIOS-compatible APIs, metrics): "HOST:PORT", or None for off.
     http: str | None = None
+    # Its limits (kernel/http/limits.py): connections open in total and per peer (an IPv4
+    # address or IPv6 /64; beyond: 503, closed), seconds to send a request's headers and then
+    # its body (beyond: 408, closed), bytes of headers and of a body (431, 413).
+    http_max_connections: int = 256
+    http_max_per_peer: int = 128
+    http_header_timeout: float = 5.0
+    http_body_timeout: float = 30.0
+    http_header_bytes: int = 64 * 1024
+    http_body_bytes: int = 4 * 1024 * 1024
     # Models by name; the first, or the one marked default, serves calls that name none.
     models: dict[str, ModelConfig] = field(
         default_factory=lambda: {"smollm2": ModelConfig("smollm2", "smollm2", default=True)})

@@ -175,6 +175,11 @@ def test_bad_bodies_are_400_with_a_clear_message(web: KernelProcess, key: str) -
         assert words in r.json()["error"]["message"]
     r = httpx.post(url, json={"model": "nope", "messages": HELLO}, headers=auth)
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    # Over the model's prompt cap (16 bytes per token of its 4096-token context): refused
+    # before it is tokenized, as from any door.
+    r = httpx.post(url, json={"messages": [{"role": "user", "content": "x" * 70000}]},
+                   headers=auth)
+    assert r.status_code == 400 and "prompt too long" in r.json()["error"]["message"]
     r = httpx.post(base_url(web) + "/v1/embeddings", json={"input": [1, 2]}, headers=auth)
     assert r.status_code == 400 and "token ids" in r.json()["error"]["message"]
     r = httpx.post(base_url(web) + "/v1/embeddings", json={"input": "x"}, headers=auth)

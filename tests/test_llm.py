@@ -7,6 +7,7 @@ import asyncio
 import http.server
 import json
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -183,6 +184,10 @@ def test_remote_openai_backend(tmp_path: Path) -> None:
         sent = _OpenAIStub.seen[0]
         assert sent["model"] == "far" and sent["max_tokens"] == 9 and sent["seed"] == 3
         assert sent["stream"] is True
+        # A remote model's context is unknown: 16 bytes per token of an assumed 32768 tokens.
+        with k.connect() as conn, pytest.raises(sdk.InvalidArgument, match="max_prompt_bytes"):
+            conn.llm.chat([{"role": "user", "content": "x" * 1000000}])
+        assert len(_OpenAIStub.seen) == 2  # never sent on
     finally:
         server.shutdown()
         assert k.stop() == 0
@@ -256,3 +261,120 @@ def test_llm_token_budget_counts_generated_tokens(llm_kernel: KernelProcess) -> 
                 generated += reply.usage.completion_tokens
                 assert admin.caps.inspect(grant.token).budgets["llm_tokens"] == [generated, 40]
         assert 40 - 12 < generated <= 40
+
+
+def _peak_rss_mb(k: KernelProcess) -> float:
+    assert k.proc is not None
+    with open(f"/proc/{k.proc.pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+
+
+def test_huge_prompts_are_refused_fast_and_never_hold_a_neighbour(tmp_path: Path,
+                                                                   tiny_dir: Path) -> None:
+    """Issue 15: hostile agents send prompts of MBs (refused by bytes at admission) and prompts
+    just under the byte cap but far over the context (tokenized off the worker, refused by
+    tokens) while a neighbour keeps chatting. Before the fix the worker tokenized each whole
+    prompt itself: the neighbour waited ~10 s and the kernel grew by ~0.7 GB."""
+    k = _boot(tmp_path / "state", "--model", f"tiny={tiny_dir}", "--preload")
+    short = [{"role": "user", "content": "Say hi"}]
+    try:
+        with k.connect(timeout=120) as conn:
+            conn.llm.chat(short, max_tokens=4)
+            before = _peak_rss_mb(k)
+            hostile = [conn.proc.spawn(agent("bigprompt"), name=f"big{i}", argv=[task],
+                                       caps=["llm.chat"])
+                       for i, task in enumerate(["2 3000000", "2 3000000", "8 60000"])]
+            waits = []
+            while len(waits) < 20 or any(a.id in hostile and a.state in ("starting", "running")
+                                         for a in conn.proc.ps()):
+                started = time.monotonic()
+                conn.llm.chat(short, max_tokens=4)
+                waits.append(time.monotonic() - started)
+                assert len(waits) < 2000
+            results = [conn.proc.wait(a, timeout=60) for a in hostile]
+        grown = _peak_rss_mb(k) - before
+    finally:
+        assert k.stop() == 0
+    for info in results:
+        assert info.exit_status == 0 and info.result, info
+        for code, seconds in info.result:
+            assert code == "EINVAL" and seconds < 5, info.result
+    # Measured here: the neighbour's longest wait 0.1-0.3 s (old code: 9-10 s), peak RSS
+    # +20 MB (old code: +700 MB). Generous bounds for a loaded machine.
+    assert max(waits) < 3, sorted(waits)[-5:]
+    assert grown < 250, grown
+
+
+def test_concurrent_calls_per_agent_are_capped_before_queueing(tmp_path: Path,
+                                                               tiny_dir: Path) -> None:
+    from sdk import abi
+
+    config = tmp_path / "kernel.toml"
+    config.write_text(f'[models.tiny]\nsource = "{tiny_dir}"\nagent_max_concurrent = 2\n')
+    k = _boot(tmp_path / "state", "--config", str(config), "--preload")
+    # Generations that cannot end early: all of a burst's are in flight together.
+    long = abi.ChatArgs(messages=[abi.ChatMessage("user", "hello there")], max_tokens=16,
+                        ignore_eos=True)
+
+    async def burst(n: int) -> list[str]:
+        async with sdk.connect_async(state_dir=k.state_dir) as conn:
+            async def one() -> str:
+                try:
+                    await conn.call("llm.chat", long, abi.ChatResult, wait_forever=True)
+                    return "ok"
+                except sdk.SyscallError as exc:
+                    return exc.code.name
+            return sorted(await asyncio.gather(*(one() for _ in range(n))))
+
+    try:
+        assert asyncio.run(burst(5)) == ["EAGAIN"] * 3 + ["ok"] * 2
+        assert asyncio.run(burst(2)) == ["ok"] * 2  # the count went back down
+        with k.connect() as conn:  # streams cancelled early release their places too
+            for _ in range(3):
+                stream = conn.stream("llm.chat", abi.ChatArgs(
+                    messages=long.messages, max_tokens=16, ignore_eos=True, stream=True),
+                    abi.ChatDelta, abi.ChatResult)
+                next(iter(stream))
+                stream.close()
+        assert asyncio.run(burst(2)) == ["ok"] * 2
+    finally:
+        assert k.stop() == 0
+
+
+def test_prompt_bytes_counts_every_text_and_stops_past_the_limit() -> None:
+    import msgspec
+
+    from kernel.llm.prompt import prompt_bytes
+    from sdk import abi
+
+    args = msgspec.convert({"messages": [
+        {"role": "user", "content": "héllo", "name": "ab"},
+        {"role": "assistant", "tool_calls": [{"id": "c", "function": {"name": "f",
+                                                                      "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c", "content": "東京"}],
+        "tools": [{"type": "function", "function": {"name": "f"}}]}, abi.ChatArgs)
+    tools = len(msgspec.json.encode(args.tools))
+    assert prompt_bytes(args, 10**6) == 6 + 2 + 1 + 2 + 1 + 6 + tools
+    huge = abi.ChatArgs(messages=[abi.ChatMessage("user", "é" * 1000)] * 50)
+    assert 100 < prompt_bytes(huge, 100) <= 100 + 2000  # stopped at the first message over
+
+
+def test_a_template_that_refuses_the_messages_is_einval(tmp_path: Path, tiny_dir: Path) -> None:
+    """Chat templates raise on conversations they do not accept (roles out of order...); that
+    used to be an exception on the worker thread, which ended it and hung every later call."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    template = model / "chat_template.jinja"
+    template.write_text("{% for m in messages %}{% if m['role'] == m['content'] %}"
+                        "{{ raise_exception('roles are not content') }}{% endif %}{% endfor %}"
+                        + template.read_text())
+    k = _boot(tmp_path / "state", "--model", f"tiny={model}", "--preload")
+    try:
+        with k.connect() as conn:
+            with pytest.raises(sdk.InvalidArgument, match="roles are not content"):
+                conn.llm.chat([{"role": "user", "content": "user"}])
+            assert conn.llm.chat(HELLO, max_tokens=4).usage.completion_tokens >= 1
+    finally:
+        assert k.stop() == 0

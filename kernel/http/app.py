@@ -1,9 +1,10 @@
 """The HTTP routes: OpenAI-compatible `/v1/*`, AIOS-compatible `/query`, Prometheus `/metrics`.
 
-Every route authenticates with a capability token (`Authorization: Bearer <token>`, or for
-AIOS's SDK, which sends no headers, the base-URL prefix `/aios/<token>`) and does its work as
-syscalls through the `Bridge`, so the token's rules decide: `llm.chat@llm/smollm2` lets a
-client chat with that model and no other; `/metrics` needs `sys.stats`.
+Every request authenticates with a capability token (`Authorization: Bearer <token>`, or for
+AIOS's SDK, which sends no headers, the base-URL prefix `/aios/<token>`) before any route reads
+its body (`Authenticated`), and does its work as syscalls through the `Bridge`, so the token's
+rules decide: `llm.chat@llm/smollm2` lets a client chat with that model and no other;
+`/metrics` needs `sys.stats`.
 """
 
 from __future__ import annotations
@@ -15,12 +16,16 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.datastructures import Headers
+from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from kernel.http import aios, aios_ops, openai
-from kernel.http.bridge import Bridge, Failed, Refused, final
+from kernel.http.bridge import Bridge, Failed, Key, Refused, final
+from kernel.http.limits import Doorkeeper
 from kernel.http.metrics import render
 from sdk import abi
 
@@ -61,10 +66,47 @@ def openai_error(exc: Refused | Failed) -> JSONResponse:
     return JSONResponse(error_body(r), status_code=r.status, headers=headers)
 
 
-def bearer(request: Request) -> str | None:
-    header = request.headers.get("authorization", "")
-    scheme, _, value = header.partition(" ")
+def bearer(headers: Headers) -> str | None:
+    scheme, _, value = headers.get("authorization", "").partition(" ")
     return value.strip() or None if scheme.lower() == "bearer" else None
+
+
+class Authenticated:
+    """ASGI middleware: the request's key is checked before anything reads its body, once, so
+    a forged or expired key is a 401 whatever the body and a stranger learns nothing of how its
+    body would have been judged. Routes find the caller in `request.state.key`."""
+
+    def __init__(self, app: ASGIApp, bridge: Bridge) -> None:
+        self.app = app
+        self.bridge = bridge
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        aios_path = path.startswith("/aios/")
+        token = path.split("/")[2] if aios_path else bearer(Headers(scope=scope))
+        try:
+            key = self.bridge.authenticate(token)
+        except Refused as exc:
+            response: Response
+            if aios_path or path == "/query":
+                response = JSONResponse(aios.error_response("llm", exc.status, exc.message),
+                                        status_code=exc.status)
+            else:
+                response = openai_error(exc)
+            await response(scope, receive, send)
+            return
+        scope.setdefault("state", {})["key"] = key
+        try:
+            await self.app(scope, receive, send)
+        except ClientDisconnect:
+            pass  # gone while its body was read (or closed by a limit): nobody to answer
+
+
+def key_of(request: Request) -> Key:
+    return request.state.key
 
 
 async def disconnected(request: Request) -> None:
@@ -82,9 +124,10 @@ async def json_body(request: Request) -> Any:
 
 
 class Routes:
-    def __init__(self, kernel: Kernel) -> None:
+    def __init__(self, kernel: Kernel, keeper: Doorkeeper) -> None:
         self.k = kernel
         self.bridge = Bridge(kernel)
+        self.keeper = keeper
 
     def app(self) -> Starlette:
         return Starlette(routes=[
@@ -94,20 +137,20 @@ class Routes:
             Route("/query", self.query, methods=["POST"]),
             Route("/aios/{token}/query", self.query, methods=["POST"]),
             Route("/metrics", self.metrics, methods=["GET"]),
-        ])
+        ], middleware=[Middleware(Authenticated, bridge=self.bridge)])
 
     # --- OpenAI ------------------------------------------------------------------------------
 
     async def list_models(self, request: Request) -> Response:
         try:
-            infos = await self.bridge.call(bearer(request), "llm.models", None,
+            infos = await self.bridge.call(key_of(request), "llm.models", None,
                                            list[abi.ModelInfo])
         except (Refused, Failed) as exc:
             return openai_error(exc)
         return JSONResponse(openai.models(infos, self.k.started_at))
 
     async def chat_completions(self, request: Request) -> Response:
-        token = bearer(request)
+        key = key_of(request)
         try:
             body = await json_body(request)
             args = openai.chat_args(body)
@@ -116,13 +159,13 @@ class Routes:
         cid = openai.completion_id()
         if not body.get("stream"):
             try:
-                result = await self.bridge.call(token, "llm.chat", args, abi.ChatResult,
+                result = await self.bridge.call(key, "llm.chat", args, abi.ChatResult,
                                                 gone=disconnected(request))
             except (Refused, Failed) as exc:
                 return openai_error(exc)
             return JSONResponse(openai.completion(cid, result))
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        ex = self.bridge.open(token, "llm.chat", args)
+        ex = self.bridge.open(key, "llm.chat", args)
         # Wait until the call is admitted, so a refusal is still a proper HTTP status.
         first = await self.bridge.accepted(ex)
         if first is not None:
@@ -165,11 +208,10 @@ class Routes:
             self.bridge.close(ex)
 
     async def embeddings(self, request: Request) -> Response:
-        token = bearer(request)
         try:
-            await self.bridge.authenticate(token)  # strangers learn nothing about the body
             args, encoding, dimensions = openai.embedding_args(await json_body(request))
-            result = await self.bridge.call(token, "memory.embed", args, abi.EmbedResult,
+            result = await self.bridge.call(key_of(request), "memory.embed", args,
+                                            abi.EmbedResult,
                                             gone=disconnected(request))
             return JSONResponse(openai.embeddings(result, encoding, dimensions))
         except (Refused, Failed) as exc:
@@ -178,7 +220,7 @@ class Routes:
     # --- AIOS --------------------------------------------------------------------------------
 
     async def query(self, request: Request) -> Response:
-        token = request.path_params.get("token") or bearer(request)
+        key = key_of(request)
         query_type = "llm"
         try:
             body = await json_body(request)
@@ -188,10 +230,10 @@ class Routes:
             if query_type not in aios.QUERY_TYPES:
                 raise Refused(400, f"query_type must be one of {', '.join(aios.QUERY_TYPES)}")
             if query_type != "llm":
-                return await self._query_op(request, token, query_type, body.get("query_data"))
+                return await self._query_op(request, key, query_type, body.get("query_data"))
             args = aios.llm_args(body.get("query_data"), self.k.config.models)
             started = time.time()
-            result = await self.bridge.call(token, "llm.chat", args, abi.ChatResult,
+            result = await self.bridge.call(key, "llm.chat", args, abi.ChatResult,
                                             gone=disconnected(request))
         except (Refused, Failed) as exc:
             r = refusal(exc)
@@ -199,14 +241,13 @@ class Routes:
                                 status_code=r.status)
         return JSONResponse(aios.llm_response(result, started))
 
-    async def _query_op(self, request: Request, token: str | None, query_type: str,
+    async def _query_op(self, request: Request, key: Key, query_type: str,
                         data: Any) -> Response:
         """A memory, storage or tool query: its syscalls, one after another, as the token's
         principal. Refusals raise to `query`, which shapes them."""
-        await self.bridge.authenticate(token)  # a stranger learns nothing about the body
 
         async def call(name: str, args: abi.Args | None, result_type: Any) -> Any:
-            return await self.bridge.call(token, name, args, result_type,
+            return await self.bridge.call(key, name, args, result_type,
                                           gone=disconnected(request))
 
         started = time.time()
@@ -217,7 +258,8 @@ class Routes:
 
     async def metrics(self, request: Request) -> Response:
         try:
-            stats = await self.bridge.call(bearer(request), "sys.stats", None, abi.Stats)
+            stats = await self.bridge.call(key_of(request), "sys.stats", None, abi.Stats)
         except (Refused, Failed) as exc:
             return openai_error(exc)
-        return Response(render(stats), media_type="text/plain; version=0.0.4; charset=utf-8")
+        return Response(render(stats, self.keeper.figures()),
+                        media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -36,6 +36,14 @@ HTTP_AUDIENCE = "http:"
 _ACCEPTED = object()  # the call passed its checks and is parked (a generation in flight)
 
 
+@dataclass(frozen=True)
+class Key:
+    """An authenticated HTTP caller: the principal its token stands for, and the token."""
+
+    principal: str
+    token: str
+
+
 class Refused(Exception):
     """A request the front end answers with this HTTP status and message."""
 
@@ -83,21 +91,22 @@ class Bridge:
 
     # --- the HTTP thread's side --------------------------------------------------------------
 
-    def open(self, token: str | None, name: str, args: abi.Args | None,
+    def open(self, key: Key, name: str, args: abi.Args | None,
              timeout_ms: int | None = None) -> Exchange:
-        """Start syscall `name` for the bearer of `token`; read the outcome from the exchange."""
+        """Start syscall `name` for `key` (from `authenticate`); read the outcome from the
+        exchange."""
         ex = Exchange(b"\0http" + next(self._routes).to_bytes(8, "big"),
                       asyncio.get_running_loop())
         raw = abi.encode(args if args is not None else abi.NoArgs())
-        self.k.post(lambda: self._start(ex, token, name, raw, timeout_ms))
+        self.k.post(lambda: self._start(ex, key, name, raw, timeout_ms))
         return ex
 
-    async def call(self, token: str | None, name: str, args: abi.Args | None,
+    async def call(self, key: Key, name: str, args: abi.Args | None,
                    result_type: Any = Any, timeout_ms: int | None = None,
                    gone: Awaitable[Any] | None = None) -> Any:
         """One syscall to its end: the decoded result, or `Refused`/`Failed` raised. If `gone`
         (the client's disconnect) completes first, the call is cancelled."""
-        ex = self.open(token, name, args, timeout_ms)
+        ex = self.open(key, name, args, timeout_ms)
         watcher = asyncio.ensure_future(gone) if gone is not None else None
         if watcher is not None:
             watcher.add_done_callback(lambda _: self.close(ex))
@@ -111,22 +120,6 @@ class Bridge:
             if watcher is not None:
                 watcher.cancel()
             self.close(ex)
-
-    async def authenticate(self, token: str | None) -> str:
-        """The token's HTTP principal, or `Refused(401)`: for routes that make no syscall."""
-        ex = Exchange(b"", asyncio.get_running_loop())
-
-        def check() -> None:
-            try:
-                ex.put(("principal", self.principal(token)))
-            except Refused as exc:
-                ex.put(exc)
-
-        self.k.post(check)
-        item = await ex.queue.get()
-        if isinstance(item, Refused):
-            raise item
-        return item[1]
 
     async def events(self, ex: Exchange, chunk_type: Any,
                      result_type: Any) -> AsyncIterator[Any]:
@@ -151,47 +144,52 @@ class Bridge:
         runs (the client went away)."""
         self.k.post(lambda: self._close(ex.route))
 
-    # --- the loop thread's side --------------------------------------------------------------
+    def authenticate(self, token: str | None) -> Key:
+        """The caller that `token` stands for, or `Refused(401)`. Every request passes here
+        before its body is read (app.Authenticated), and its syscalls then go out as this key.
 
-    def principal(self, token: str | None) -> str:
-        """The HTTP principal a token stands for, or `Refused(401)`; audited like any denial."""
+        This runs on the HTTP thread: checking a token is a function of the token and the
+        kernel's key alone (`TokenAuthority.verify`, whose cache two threads may share), so a
+        flood of forged keys costs the loop only their denials, posted to it to be audited
+        (rate-limited there, like any denial)."""
         if not token:
             raise Refused(401, "missing bearer token: send 'Authorization: Bearer <token>' "
                           "(mint one with `agentos token mint`)", "invalid_api_key")
         try:
             cap = self.k.authority.verify(token)
         except TokenError as exc:
-            self.k.guard.deny("http:?", "http.auth", None, f"invalid token: {exc.reason}")
+            self._deny("http:?", f"invalid token: {exc.reason}", None)
             raise Refused(401, f"invalid token: {exc.reason}", "invalid_api_key") from None
         audiences = [a for a in cap.audiences if a.startswith(HTTP_AUDIENCE)]
         if len(audiences) != 1 or len(set(cap.audiences)) != 1:
-            self.k.guard.deny("http:?", "http.auth", None, "not an HTTP token",
-                              token_id=cap.token_id)
+            self._deny("http:?", "not an HTTP token", cap.token_id)
             raise Refused(401, "this token is not valid at the HTTP door (its audience is "
                           f"{', '.join(cap.audiences)}); mint one with `agentos token mint`",
                           "invalid_api_key")
         now = time.time()
         if (cap.expires_at is not None and now >= cap.expires_at) or (
                 cap.not_before is not None and now < cap.not_before):
-            self.k.guard.deny(audiences[0], "http.auth", None, "expired",
-                              token_id=cap.token_id)
+            self._deny(audiences[0], "expired", cap.token_id)
             raise Refused(401, "token expired or not yet valid", "invalid_api_key")
-        return audiences[0]
+        return Key(audiences[0], token)
 
-    def _start(self, ex: Exchange, token: str | None, name: str, raw: bytes,
+    def _deny(self, principal: str, reason: str, token_id: str | None) -> None:
+        self.k.post(lambda: self.k.guard.deny(principal, "http.auth", None, reason,
+                                              token_id=token_id))
+
+    # --- the loop thread's side --------------------------------------------------------------
+
+    def _start(self, ex: Exchange, key: Key, name: str, raw: bytes,
                timeout_ms: int | None) -> None:
         from kernel.core import Caller
 
-        try:
-            principal = self.principal(token)
-        except Refused as exc:
-            ex.put(exc)
-            return
+        # The key was authenticated once, at the door; the access check still verifies the
+        # token against this call (a cache hit), so one that expired since is refused.
         self.k.sinks[ex.route] = ex.put
-        req = abi.Request(v=abi.ABI_VERSION, id=1, call=name, token=token or "",
+        req = abi.Request(v=abi.ABI_VERSION, id=1, call=name, token=key.token,
                           args=msgspec.Raw(raw), timeout_ms=timeout_ms)
         self.k.counts[name] += 1
-        self.k.execute(ex.route, req, Caller(principal, None))
+        self.k.execute(ex.route, req, Caller(key.principal, None))
         if self.k.find_parked(ex.route, 1) is not None:
             ex.put(_ACCEPTED)
 

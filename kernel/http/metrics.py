@@ -1,8 +1,10 @@
-"""`GET /metrics`: a `sys.stats` snapshot in Prometheus's text format (prometheus-client)."""
+"""`GET /metrics`: a `sys.stats` snapshot in Prometheus's text format (prometheus-client), with
+the HTTP front end's own connection figures (kernel/http/limits.py)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -18,8 +20,9 @@ from sdk import abi
 class _Snapshot:
     """A one-shot collector over one `Stats`: every scrape reads the kernel afresh."""
 
-    def __init__(self, stats: abi.Stats) -> None:
+    def __init__(self, stats: abi.Stats, http: dict[str, Any]) -> None:
         self.stats = stats
+        self.http = http
 
     def collect(self) -> Iterator[Metric]:
         s = self.stats
@@ -53,6 +56,23 @@ class _Snapshot:
             latency.add_metric([family], buckets, hist.sum_s)
         yield latency
         yield from self._llm()
+        yield from self._http()
+
+    def _http(self) -> Iterator[Metric]:
+        h = self.http
+        yield GaugeMetricFamily("agentos_http_connections_open", "HTTP connections open now",
+                                value=h["open"])
+        yield GaugeMetricFamily("agentos_http_peers", "Peers with HTTP connections open",
+                                value=h["peers"])
+        yield CounterMetricFamily("agentos_http_connections", "HTTP connections accepted",
+                                  value=h["accepted"])
+        refused = CounterMetricFamily(
+            "agentos_http_refused", "HTTP connections or requests refused or closed by a limit: "
+            "connections, peer_connections (503); header_timeout, body_timeout (408); "
+            "header_bytes (431); body_bytes (413)", labels=["limit"])
+        for limit, n in h["refused"].items():
+            refused.add_metric([limit], n)
+        yield refused
 
     def _llm(self) -> Iterator[Metric]:
         s = self.stats
@@ -96,7 +116,7 @@ class _Snapshot:
         yield memory
 
 
-def render(stats: abi.Stats) -> bytes:
+def render(stats: abi.Stats, http: dict[str, Any]) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Snapshot(stats))
+    registry.register(_Snapshot(stats, http))
     return generate_latest(registry)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import uvicorn
 
 from kernel.http.app import Routes
+from kernel.http.limits import Doorkeeper, guarded
 
 if TYPE_CHECKING:
     from kernel.core import Kernel
@@ -34,8 +35,13 @@ class HttpServer(threading.Thread):
     def __init__(self, kernel: Kernel, listen: str) -> None:
         super().__init__(name="http", daemon=True)
         host, port = parse_listen(listen)
-        config = uvicorn.Config(Routes(kernel).app(), host=host, port=port, log_config=None,
-                                access_log=False, lifespan="off", loop="asyncio",
+        c = kernel.config
+        self.keeper = Doorkeeper(c.http_max_connections, c.http_max_per_peer,
+                                 c.http_header_timeout, c.http_body_timeout,
+                                 c.http_header_bytes, c.http_body_bytes)
+        config = uvicorn.Config(Routes(kernel, self.keeper).app(), host=host, port=port,
+                                log_config=None, access_log=False, lifespan="off",
+                                loop="asyncio", http=guarded(self.keeper),
                                 timeout_graceful_shutdown=2)
         self.server = uvicorn.Server(config)
         # uvicorn's banner lines would repeat ours; its warnings and errors still come through.

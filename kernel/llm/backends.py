@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kernel.config import ModelConfig
-from kernel.llm.chat import render
 from kernel.llm.remote import RemoteError, RemoteModel
 from kernel.llm.sched import Job, make_scheduler
 from kernel.llm.worker import make_budget
@@ -74,7 +73,7 @@ class LocalBackend:
     def admit(self, worker: ModelWorker, gen: Generation) -> None:
         from kernel.llm.constrain import sampling_params
 
-        gen.prompt_ids = render(self.tokenizer, gen.args)
+        # gen.prompt_ids: tokenized by the model's prompter thread (kernel/llm/prompt.py).
         params = sampling_params(gen.args, self.tokenizer)
         gen.job = Job(gen.id, gen.agent, gen.arrival, len(gen.prompt_ids), gen.args.max_tokens,
                       priority=gen.args.priority)

@@ -1,9 +1,12 @@
 """The LLM core, loop-thread side: `llm.*` syscalls in, one worker thread per model.
 
-The dispatch loop never runs a model. `llm.chat` parks its call and hands a `Generation` to the
-model's worker; the worker posts deltas and the final result back (`Kernel.post`), and the loop
-sends them. Cancelling the call (the agent asks, dies, or its deadline passes) tells the worker
-to drop the generation and free its memory.
+The dispatch loop never runs a model. `llm.chat` admits a call first (a prompt under the model's
+`max_prompt_bytes`, fewer than `agent_max_concurrent` of the caller's calls in flight: checks
+that cost no tokenizing, before anything is queued), then parks it and hands a `Generation` to
+the model's worker (through its prompter thread, kernel/llm/prompt.py); the worker posts deltas
+and the final result back (`Kernel.post`), and the loop sends them. Cancelling the call (the
+agent asks, dies, or its deadline passes) tells the worker to drop the generation and free its
+memory.
 """
 
 from __future__ import annotations
@@ -11,8 +14,10 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections import Counter
 from typing import TYPE_CHECKING, Any
 
+from kernel.llm.prompt import DEFAULT_CONTEXT_TOKENS, PROMPT_BYTES_PER_TOKEN, prompt_bytes
 from kernel.llm.worker import Generation, ModelWorker
 from sdk import abi
 
@@ -28,6 +33,9 @@ class LLMCore:
         self.workers: dict[str, ModelWorker] = {
             name: ModelWorker(model, kernel.post) for name, model in kernel.config.models.items()}
         self._ids = itertools.count(1)
+        # llm.chat calls in flight by (model, principal): counted from admission to the reply
+        # or failure, so a cap holds whatever stage (prompter, scheduler, engine) they are in.
+        self.in_flight: Counter[tuple[str, str]] = Counter()
 
     def start(self) -> None:
         for worker in self.workers.values():
@@ -66,18 +74,45 @@ class LLMCore:
             raise self._fault(abi.ErrorCode.ENOENT, worker.failed)
         if self.k.draining:
             raise self._fault(abi.ErrorCode.EAGAIN, "the kernel is shutting down")
-        gen = Generation(id=next(self._ids), agent=call.caller.principal, args=args,
-                         arrival=time.monotonic())
+        principal = call.caller.principal
+        limit = worker.max_prompt_bytes
+        size = prompt_bytes(args, limit)
+        if size > limit:
+            if worker.config.max_prompt_bytes:
+                why = "its max_prompt_bytes"
+            elif worker.context:
+                why = (f"{PROMPT_BYTES_PER_TOKEN} bytes per token of its {worker.context}-token "
+                       "context")
+            else:
+                why = (f"{PROMPT_BYTES_PER_TOKEN} bytes per token of an assumed "
+                       f"{DEFAULT_CONTEXT_TOKENS}-token context; set max_prompt_bytes")
+            raise self._fault(abi.ErrorCode.EINVAL, f"prompt too long for model {name!r}: over "
+                              f"{limit} bytes of text ({why})")
+        key = (name, principal)
+        cap = worker.config.agent_max_concurrent
+        if cap and self.in_flight[key] >= cap:
+            raise self._fault(abi.ErrorCode.EAGAIN, f"{principal} has {cap} llm.chat calls in "
+                              f"flight on {name!r} (agent_max_concurrent); retry when one ends")
+        self.in_flight[key] += 1
+        call.on_reply.append(lambda _: self._release(key))
+        call.on_cancel.append(lambda: self._release(key))
+        gen = Generation(id=next(self._ids), agent=principal, args=args,
+                         arrival=time.monotonic(), prompt_bytes=size)
         post = self.k.post
         if args.stream:
             gen.on_delta = lambda text: post(lambda: self.k.send_chunk(call, abi.ChatDelta(text)))
         gen.on_done = lambda result: post(lambda: self.k.reply(call, result))
         gen.on_error = lambda code, message: post(lambda: self.k.fail(call, code, message))
-        call.on_cancel.append(lambda: worker.cancel(gen.id))
+        call.on_cancel.append(lambda: worker.cancel(gen))
         self.k.offload(call)
         worker.submit(gen)
         self.k.counts[f"llm.model.{name}"] += 1
         return self.k.park(call, call.timeout_ms)
+
+    def _release(self, key: tuple[str, str]) -> None:
+        self.in_flight[key] -= 1
+        if not self.in_flight[key]:
+            del self.in_flight[key]
 
     def pause(self, principal: str, paused: bool) -> None:
         """Suspend (or resume) an agent's LLM requests on every model."""

@@ -26,6 +26,11 @@ def _calls(calls: list[abi.ToolCall] | None) -> list[dict[str, Any]] | None:
             for c in calls]
 
 
+# The longest server-sent event line read from a server: a broken or hostile one could send a
+# line without end, and the whole line is held before it is parsed.
+MAX_EVENT_BYTES = 1 << 20
+
+
 class RemoteError(Exception):
     """The server refused or broke the request; the message says how."""
 
@@ -77,9 +82,12 @@ class RemoteModel:
             if resp.status != 200:
                 detail = resp.read(4096).decode(errors="replace")
                 raise RemoteError(f"{self.base_url} answered {resp.status}: {detail}")
-            for line in resp:
+            while line := resp.readline(MAX_EVENT_BYTES + 1):
                 if cancelled.is_set():
                     return
+                if len(line) > MAX_EVENT_BYTES:
+                    raise RemoteError(f"{self.base_url} sent an event over {MAX_EVENT_BYTES} "
+                                      "bytes")
                 line = line.strip()
                 if not line.startswith(b"data:"):
                     continue

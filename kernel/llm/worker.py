@@ -18,6 +18,7 @@ from typing import Any
 
 from kernel.config import ModelConfig
 from kernel.llm.chat import parse_reply
+from kernel.llm.prompt import Prompter, context_tokens, max_prompt_bytes
 from kernel.llm.sched import Budget, BudgetExceeded, Job, Limits
 from sdk import abi
 
@@ -35,6 +36,8 @@ class Generation:
     on_delta: Callable[[str], None] | None = None
     on_done: Callable[[abi.ChatResult], None] = lambda result: None
     on_error: Callable[[abi.ErrorCode, str], None] = lambda code, message: None
+    prompt_bytes: int = 0  # the size of its text, measured at admission
+    cancelled: bool = False  # set by the loop thread; the prompter and worker drop it
     # Worker-side state.
     job: Job | None = None
     prompt_ids: list[int] = field(default_factory=list)
@@ -59,15 +62,25 @@ class ModelWorker(threading.Thread):
         self._want_load = threading.Event()
         self._stopping = False
         self.paused: set[str] = set()  # shared with the backend's scheduler once loaded
+        # The context length in tokens (from config.json until the model has loaded) and the
+        # longest prompt admitted, in bytes: both read by the loop and the prompter threads.
+        self.context = context_tokens(config)
+        self.max_prompt_bytes = max_prompt_bytes(config, self.context)
+        # Local models tokenize on a thread of their own; remote servers tokenize themselves.
+        self.prompter = None if config.remote else Prompter(self)
 
     # --- the loop thread's side --------------------------------------------------------------
 
     def submit(self, gen: Generation) -> None:
         self._want_load.set()
-        self.inbox.put(("submit", gen))
+        if self.prompter is not None:
+            self.prompter.put(gen)
+        else:
+            self.inbox.put(("submit", gen))
 
-    def cancel(self, gen_id: int) -> None:
-        self.inbox.put(("cancel", gen_id))
+    def cancel(self, gen: Generation) -> None:
+        gen.cancelled = True  # for the prompter, or the inbox, if it has not been admitted
+        self.inbox.put(("cancel", gen.id))
 
     def pause(self, agent: str, paused: bool) -> None:
         """Hold (or release) an agent's requests: its scheduler gives them no batch place."""
@@ -82,6 +95,8 @@ class ModelWorker(threading.Thread):
         self._stopping = True
         self._want_load.set()
         self.inbox.put(("stop", None))
+        if self.prompter is not None:
+            self.prompter.stop()
 
     # --- the worker thread -------------------------------------------------------------------
 
@@ -96,6 +111,8 @@ class ModelWorker(threading.Thread):
             self.failed = str(exc) or type(exc).__name__
             log.error("model unavailable", extra={"model": self.config.name,
                                                    "reason": self.failed})
+        if self.prompter is not None:
+            self.prompter.begin(None if self.failed else self.backend.tokenizer)
         while not self._stopping:
             self._drain(block=not self.gens or getattr(self, "backend", None) is None
                         or self.backend.blocking)
@@ -129,6 +146,9 @@ class ModelWorker(threading.Thread):
 
         backend = LocalBackend(self.config)
         self.device = backend.device
+        if backend.engine.max_len < 1 << 30:  # the engine's own figure, once it is known
+            self.context = backend.engine.max_len
+            self.max_prompt_bytes = max_prompt_bytes(self.config, self.context)
         return backend
 
     def _drain(self, block: bool) -> None:
@@ -155,6 +175,8 @@ class ModelWorker(threading.Thread):
                 return
 
     def _admit(self, gen: Generation) -> None:
+        if gen.cancelled:
+            return  # its call has already ended
         if self.failed is not None:
             gen.on_error(abi.ErrorCode.ENOENT, self.failed)
             return
@@ -204,8 +226,9 @@ class ModelWorker(threading.Thread):
 
 
 def make_budget(config: ModelConfig) -> Budget | None:
-    if not (config.agent_max_concurrent or config.agent_max_tokens):
+    """The scheduler's token budget; `agent_max_concurrent` is enforced before a call is
+    queued (`LLMCore.chat`), so the scheduler never sees more."""
+    if not config.agent_max_tokens:
         return None
-    return Budget(Limits(max_jobs=config.agent_max_concurrent or None,
-                         max_tokens=config.agent_max_tokens or None))
+    return Budget(Limits(max_tokens=config.agent_max_tokens))
 
