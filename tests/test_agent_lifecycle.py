@@ -173,12 +173,19 @@ def test_always_restarts_and_survives_a_kernel_crash(fresh_kernel: KernelProcess
     db = sqlite3.connect(k.state_dir / "kernel.db")
     assert db.execute("SELECT restart FROM agents WHERE id=?", (a,)).fetchone() == ("always",)
     db.close()
+    homes = {i: k.state_dir / "agents" / str(i) / "home" for i in (a, lost)}
+    quota = TEST_TIER != "none"  # sandboxed homes have a quota: a filesystem of their own
+    if quota:  # the dead kernel left them mounted
+        assert all(os.path.ismount(h) for h in homes.values())
     k.start()  # reconcile: the `always` agent comes back under its id, the other is lost
     with k.connect() as conn:
         assert wait_until(lambda: conn.proc.info(a).state == "running"
                           and conn.proc.info(a).pid != first_pid)
         assert conn.proc.info(a).restarts == 1
         assert conn.proc.info(lost).state == "lost"
+        if quota:  # the lost one's unmounted and locked to root, the restarted one's mounted
+            assert os.path.ismount(homes[a]) and not os.path.ismount(homes[lost])
+            assert (homes[lost].stat().st_uid, homes[lost].stat().st_mode & 0o777) == (0, 0o700)
         conn.proc.kill(a, grace=0)  # killed on purpose: not restarted
         assert conn.proc.wait(a, timeout=30).state == "killed"
         time.sleep(0.3)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from kernel.proc import sandbox
+from kernel.proc import homes, sandbox
 from kernel.proc.sandbox import Limits, Policy
 from tests.conftest import wait_until
 from tests.test_sandbox import (
@@ -357,3 +357,29 @@ def test_abstract_socket_names_stay_inside_the_agent(world: World, tier: str) ->
     assert set(host) == {"ECONNREFUSED"}
     assert other.result() == {"connect": "ECONNREFUSED"}
 
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_home_quota_stops_an_agent_filling_the_disk(world: World, tier: str) -> None:
+    """Issue 15 #7: 3 GB went into a home without refusal. On a filesystem of its own (what
+    the kernel mounts on every sandboxed home, kernel/proc/homes.py) the agent gets ENOSPC at
+    its quota; the host's disk and its neighbour's home are untouched."""
+    need_tier(tier)
+    reason = homes.unavailable()
+    if reason:
+        pytest.skip(f"home quotas not available: {reason}")
+    n = 24 if tier == "standard" else 25
+    uid = uid_for(n)
+    home = world.base / f"quota-{uid}" / "home"
+    home.parent.mkdir(mode=0o711, exist_ok=True)
+    sandbox.prepare_home(home, uid, uid)
+    homes.mount(home, 16 << 20, uid, uid)
+    policy = replace(policy_for(tier, world, uid), home=str(home),
+                     env={"HOME": str(home), "PATH": "/usr/bin:/bin"})
+    try:
+        run = beside(tier, world, n, lambda: run_agent(
+            policy, [agent_python(tier, uid), str(HOSTILE / "fill.py"), str(64 << 20)]))
+    finally:
+        homes.remove(home)
+    out = run.result()
+    assert run.returncode == 0, run.stderr
+    assert out["error"] == "ENOSPC" and 8 << 20 <= out["written"] < 16 << 20, out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import enum
+import functools
 import json
 import os
 import pwd
@@ -363,21 +364,39 @@ def prepare_home(path: str | os.PathLike[str], uid: int, gid: int) -> Path:
 def prepare_socket_dir(path: str | os.PathLike[str], gid: int) -> Path:
     """An agent's endpoint directory: root-owned, group = the agent's gid, mode 0710, so the
     agent can reach the socket the kernel binds there but can neither list nor replace it.
-    The kernel then makes the socket itself root:gid 0660."""
+    The kernel then makes the socket itself root:gid 0660. The same for the directory that
+    holds its home: no uid but root and the agent's passes through it, so a home the agent
+    opens to every uid is still open to none."""
     return _private_dir(Path(path), os.geteuid(), gid, 0o710)
 
 
-def runtime_paths() -> list[str]:
-    """This interpreter's files: the venv, the installation it points at, the binary's dir."""
-    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
-             os.path.dirname(os.path.realpath(sys.executable))}
+@functools.cache
+def _prefixes(python: str) -> tuple[str, ...]:
+    """Another interpreter's prefixes, asked once (it may be a venv over another install)."""
+    import subprocess  # here, not at the top: the launcher imports this module at every start
+
+    done = subprocess.run([python, "-I", "-c", "import sys; print(sys.prefix, sys.base_prefix,"
+                           " sys.exec_prefix, sys.base_exec_prefix, sep='\\n')"],
+                          capture_output=True, timeout=30, env={}, check=True)
+    return tuple(done.stdout.decode().splitlines())
+
+
+def runtime_paths(python: str | None = None) -> list[str]:
+    """An interpreter's files (this one's by default): the venv, the installation it points
+    at, the binary's dir."""
+    if python is None or python == sys.executable:
+        prefixes: tuple[str, ...] = (sys.prefix, sys.base_prefix, sys.exec_prefix,
+                                     sys.base_exec_prefix)
+    else:
+        prefixes = _prefixes(python)
+    paths = {*prefixes, os.path.dirname(os.path.realpath(python or sys.executable))}
     return sorted(p for p in paths if p and os.path.exists(p))
 
 
-def default_readable(*extra: str) -> tuple[str, ...]:
-    """What an agent run by this interpreter needs to read: system libraries, the runtime,
-    the `sdk` package, plus `extra` (the agent's own code)."""
-    paths = [*SYSTEM_PATHS, *runtime_paths(), str(PROJECT_ROOT / "sdk"), *extra]
+def default_readable(*extra: str, python: str | None = None) -> tuple[str, ...]:
+    """What an agent run by `python` (this interpreter by default) needs to read: system
+    libraries, the runtime, the `sdk` package, plus `extra` (the agent's own code)."""
+    paths = [*SYSTEM_PATHS, *runtime_paths(python), str(PROJECT_ROOT / "sdk"), *extra]
     seen: dict[str, None] = {}
     for p in paths:
         if os.path.lexists(p):

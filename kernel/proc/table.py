@@ -132,7 +132,7 @@ class ProcessTable:
         # Other subsystems' per-agent resources (the syscall rings): a spawn hook adds fds and
         # environment to an agent's start, a reap hook releases them when it ends.
         self.spawn_hooks: list[SpawnHook] = []
-        self.reap_hooks: list[Callable[[int], None]] = []
+        self.reap_hooks: list[Callable[[int], None]] = [self.sandboxes.release]
         # Each agent holds a pidfd, two pipes and an endpoint: lift the soft fd limit.
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft != hard:
@@ -167,6 +167,7 @@ class ProcessTable:
             self.k.db.write("UPDATE agents SET state='lost', ended_at=? WHERE id=?",
                             (now, agent_id))
             self.k.db.write("DELETE FROM messages WHERE receiver=?", (agent_id,))
+            self.sandboxes.ended(agent_id, uid)
         if rows:
             log.warning("agents lost by the previous kernel", extra={"count": len(rows)})
 
@@ -476,8 +477,10 @@ class ProcessTable:
         self._ended(live.agent_id)
 
     def _ended(self, agent_id: int) -> None:
-        """The agent is over for good: its mailbox goes, its waiters get its final row."""
+        """The agent is over for good: its mailbox goes, its home is kept or removed, its
+        waiters get its final row."""
         self.k.ipc.drop(agent_id)
+        self.sandboxes.ended(agent_id)
         waiters = self._waiters.pop(agent_id, [])
         if waiters:
             info = self._row(agent_id)
