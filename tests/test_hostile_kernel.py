@@ -55,6 +55,8 @@ def _tiers() -> list[str]:
 
 
 TIERS = _tiers()
+# A uid range of this suite's own, for its kernels' config.
+OWN_UIDS = f"agent_uid_base = {5_000_000 + os.getpid() % 10_000 * 1000}\n"
 
 
 @pytest.fixture(scope="module")
@@ -64,10 +66,14 @@ def hk() -> Iterator[KernelProcess]:
     base = Path(tempfile.mkdtemp(prefix="agentos-hk-"))
     base.chmod(0o711)
     k = KernelProcess(base / "state")
+    # A uid range of its own: kernels of other suites on this host must not share a uid with
+    # its agents (a reap kills every process of the agent's uid).
+    config = f"[kernel]\n{OWN_UIDS}"
     python = sdk_python() if "standard" in TIERS else None
     if python not in (None, sys.executable):
-        (base / "agentos.toml").write_text(f'[kernel]\nagent_python = "{python}"\n')
-        k.extra_args = ["--config", str(base / "agentos.toml")]
+        config += f'agent_python = "{python}"\n'
+    (base / "agentos.toml").write_text(config)
+    k.extra_args = ["--config", str(base / "agentos.toml")]
     k.start()
     yield k
     k.stop()
@@ -277,7 +283,7 @@ def test_home_at_exit_remove_deletes_a_home_once_its_agent_is_over() -> None:
     base.chmod(0o711)
     config = base / "agentos.toml"
     config.write_text('[kernel]\nhome_at_exit = "remove"\nhome_bytes = 8388608\n'
-                      "restart_backoff = 2.0\n")
+                      f"restart_backoff = 2.0\n{OWN_UIDS}")
     k = KernelProcess(base / "state")
     k.extra_args = ["--config", str(config)]
     squatter = None
@@ -326,7 +332,7 @@ def test_a_home_over_a_lowered_quota_is_refused_with_equota() -> None:
     base = Path(tempfile.mkdtemp(prefix="agentos-hk-q-"))
     base.chmod(0o711)
     config = base / "agentos.toml"
-    config.write_text("[kernel]\nhome_bytes = 16777216\n")
+    config.write_text(f"[kernel]\nhome_bytes = 16777216\n{OWN_UIDS}")
     k = KernelProcess(base / "state")
     k.extra_args = ["--config", str(config)]
     try:
@@ -336,7 +342,7 @@ def test_a_home_over_a_lowered_quota_is_refused_with_equota() -> None:
             assert wait_until(lambda: conn.proc.logs(stays).data == b"blocking\n")
         (home_of(k, stays) / "data").write_bytes(b"x" * (6 << 20))
         k.stop()
-        config.write_text("[kernel]\nhome_bytes = 4194304\n")
+        config.write_text(f"[kernel]\nhome_bytes = 4194304\n{OWN_UIDS}")
         k.start()
         with k.connect() as conn:
             assert wait_until(lambda: conn.proc.info(stays).state == "failed")

@@ -367,7 +367,7 @@ def test_home_quota_stops_an_agent_filling_the_disk(world: World, tier: str) -> 
     reason = homes.unavailable()
     if reason:
         pytest.skip(f"home quotas not available: {reason}")
-    n = 24 if tier == "standard" else 25
+    n = 26 if tier == "standard" else 27
     uid = uid_for(n)
     home = world.base / f"quota-{uid}" / "home"
     home.parent.mkdir(mode=0o711, exist_ok=True)
@@ -380,6 +380,6 @@ def test_home_quota_stops_an_agent_filling_the_disk(world: World, tier: str) -> 
             policy, [agent_python(tier, uid), str(HOSTILE / "fill.py"), str(64 << 20)]))
     finally:
         homes.remove(home)
-    out = run.result()
     assert run.returncode == 0, run.stderr
+    out = run.result()
     assert out["error"] == "ENOSPC" and 8 << 20 <= out["written"] < 16 << 20, out
