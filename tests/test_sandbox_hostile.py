@@ -370,7 +370,8 @@ def test_home_quota_stops_an_agent_filling_the_disk(world: World, tier: str) -> 
     n = 26 if tier == "standard" else 27
     uid = uid_for(n)
     home = world.base / f"quota-{uid}" / "home"
-    home.parent.mkdir(mode=0o711, exist_ok=True)
+    home.parent.mkdir(exist_ok=True)
+    home.parent.chmod(0o711)  # whatever umask an earlier test left this process
     sandbox.prepare_home(home, uid, uid)
     homes.mount(home, 16 << 20, uid, uid)
     policy = replace(policy_for(tier, world, uid), home=str(home),

@@ -281,7 +281,7 @@ def probe() -> Probe:
     if reason:
         missing["seccomp"] = reason
     if not root:
-        missing["unshare"] = "the launcher makes the namespaces as root (not the kernel's uid)"
+        missing["unshare"] = "the kernel is not root (the launcher unshares as root)"
     else:
         reason = _unshare_works()
         if reason:
