@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -179,6 +180,10 @@ class Config:
     # Agent sandbox (kernel/proc/spawner.py): the tier an agent gets unless `run --sandbox`
     # asks for another (none | standard | strict); a tier this machine cannot apply is refused.
     sandbox: str = "strict"
+    # The Python that runs agents (None: the kernel's own). The standard tier reaches it
+    # through the host's permissions, so a runtime under a 0700 directory (a pyenv in /root)
+    # needs one elsewhere, with the SDK's dependencies (msgspec, pyzmq, posix_ipc).
+    agent_python: str | None = None
     # Per-agent uids/gids (kernel as root): base + agent id, modulo the count.
     agent_uid_base: int = 200000
     agent_uid_count: int = 65536
@@ -187,6 +192,11 @@ class Config:
     agent_limits: dict[str, int] = field(default_factory=dict)
     # Captured stdout/stderr per agent and stream; beyond it output is dropped and counted.
     log_bytes: int = 64 * 1024 * 1024
+    # Each sandboxed agent's home is a filesystem of this many bytes (kernel/proc/homes.py;
+    # writes past it fail with ENOSPC in the agent); 0: a plain directory, no quota. When the
+    # agent is over its home is kept, locked to root (keep), or deleted (remove).
+    home_bytes: int = 1024 * 1024 * 1024
+    home_at_exit: str = "keep"
     # Restart policies: backoff doubles from restart_backoff up to restart_backoff_max; after
     # restart_max restarts in a row, each within restart_window of the last start, it stops.
     restart_backoff: float = 0.5
@@ -265,3 +275,11 @@ class Config:
             raise ValueError("ring_poll_us and ring_spin_us must be >= 0")
         if self.log_bytes < 0 or self.restart_max < 0 or self.restart_backoff <= 0:
             raise ValueError("log_bytes and restart_max must be >= 0, restart_backoff > 0")
+        from kernel.proc.homes import HOME_AT_EXIT, MIN_BYTES
+
+        if self.agent_python is not None and not os.path.isabs(self.agent_python):
+            raise ValueError(f"agent_python must be an absolute path, not {self.agent_python!r}")
+        if self.home_at_exit not in HOME_AT_EXIT:
+            raise ValueError(f"home_at_exit must be one of {', '.join(HOME_AT_EXIT)}")
+        if 0 < self.home_bytes < MIN_BYTES or self.home_bytes < 0:
+            raise ValueError(f"home_bytes must be 0 (no quota) or at least {MIN_BYTES}")

@@ -96,6 +96,13 @@ class KernelProcess:
         self._log.close()
         return rc
 
+    def unmount_homes(self) -> None:
+        """Homes a killed kernel left mounted (the next kernel there would unmount them)."""
+        if os.geteuid() == 0 and (self.state_dir / "agents").is_dir():
+            from kernel.proc import homes
+
+            homes.detach_stale(self.state_dir / "agents")
+
 
 @pytest.fixture(scope="session")
 def kernel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KernelProcess]:
@@ -112,6 +119,7 @@ def fresh_kernel(tmp_path: Path) -> Iterator[KernelProcess]:
     yield k
     if k.proc is not None and k.proc.poll() is None:
         k.stop(signal.SIGKILL)
+    k.unmount_homes()
 
 
 @pytest.fixture

@@ -161,6 +161,29 @@ def test_on_failure_restarts_with_backoff_until_the_crash_loop_cap(
     assert len(gaps) == 3 and gaps[2] > gaps[0]  # the backoff doubles
 
 
+def test_a_restart_whose_code_is_gone_fails_once_instead_of_crash_looping(
+        fresh_kernel: KernelProcess, tmp_path: Path) -> None:
+    """Every start checks the code: a restart whose file was removed (or sits in a home locked
+    since its owner ended) ends the agent as `failed` with ENOENT, not restart_max crashes."""
+    k = _restart_kernel(fresh_kernel, tmp_path)
+    code = tmp_path / "gone.py"
+    code.write_text("import sys\nfrom sdk import Agent\n\nclass Gone(Agent):\n"
+                    "    def run(self, task):\n        print('ready', flush=True)\n"
+                    "        self.ipc.recv()\n        sys.exit(3)\n")
+    code.chmod(0o644)
+    tmp_path.chmod(0o755)
+    with k.connect() as conn:
+        bad = conn.proc.spawn(str(code), restart="on-failure", name="gone")
+        assert wait_until(lambda: conn.proc.logs(bad).data == b"ready\n", 30)
+        code.unlink()
+        conn.ipc.send("gone", "fail now")
+        info = conn.proc.wait(bad, timeout=60)
+    assert info.state == "failed" and info.restarts == 1, info
+    refused = [e for e in audit_events(k) if e["event"] == "spawn-failed"
+               and e["detail"].get("agent") == bad]
+    assert refused and "code is gone" in refused[0]["detail"]["error"], refused
+
+
 def test_always_restarts_and_survives_a_kernel_crash(fresh_kernel: KernelProcess,
                                                       tmp_path: Path) -> None:
     k = _restart_kernel(fresh_kernel, tmp_path)
@@ -173,12 +196,19 @@ def test_always_restarts_and_survives_a_kernel_crash(fresh_kernel: KernelProcess
     db = sqlite3.connect(k.state_dir / "kernel.db")
     assert db.execute("SELECT restart FROM agents WHERE id=?", (a,)).fetchone() == ("always",)
     db.close()
+    homes = {i: k.state_dir / "agents" / str(i) / "home" for i in (a, lost)}
+    quota = TEST_TIER != "none"  # sandboxed homes have a quota: a filesystem of their own
+    if quota:  # the dead kernel left them mounted
+        assert all(os.path.ismount(h) for h in homes.values())
     k.start()  # reconcile: the `always` agent comes back under its id, the other is lost
     with k.connect() as conn:
         assert wait_until(lambda: conn.proc.info(a).state == "running"
                           and conn.proc.info(a).pid != first_pid)
         assert conn.proc.info(a).restarts == 1
         assert conn.proc.info(lost).state == "lost"
+        if quota:  # the lost one's unmounted and locked to root, the restarted one's mounted
+            assert os.path.ismount(homes[a]) and not os.path.ismount(homes[lost])
+            assert (homes[lost].stat().st_uid, homes[lost].stat().st_mode & 0o777) == (0, 0o700)
         conn.proc.kill(a, grace=0)  # killed on purpose: not restarted
         assert conn.proc.wait(a, timeout=30).state == "killed"
         time.sleep(0.3)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import errno
+import functools
 import json
 import os
 import shutil
@@ -17,6 +19,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from kernel.proc import launch, sandbox
@@ -67,18 +70,60 @@ def uid_processes(uid: int) -> list[int]:
     return found
 
 
-def agent_python(tier: str, uid: int) -> str:
-    """An interpreter the agent's uid can run. Strict binds the runtime in; standard reaches it
-    through the host's permissions, which a runtime under a 0700 /root does not give."""
-    if tier != "standard":
-        return sys.executable
+def reachable_python(uid: int) -> str | None:
+    """An interpreter an unprivileged uid can run: this one, or the system's."""
     for exe, prefix in ((sys.executable, sys.base_prefix), ("/usr/bin/python3", "/usr")):
         real = os.path.realpath(exe)
         if (os.path.exists(real) and os.stat(real).st_mode & stat.S_IXOTH
                 and sandbox.unreachable_dir(real, uid, uid) is None
                 and sandbox.unreachable_dir(os.path.join(prefix, "lib", "x"), uid, uid) is None):
             return exe
-    pytest.skip("standard tier: no Python runtime here is reachable by an unprivileged uid")
+    return None
+
+
+def agent_python(tier: str, uid: int) -> str:
+    """An interpreter the agent's uid can run. Strict binds the runtime in; standard reaches it
+    through the host's permissions, which a runtime under a 0700 /root does not give."""
+    if tier != "standard":
+        return sys.executable
+    exe = reachable_python(uid)
+    if exe is None:
+        pytest.skip("standard tier: no Python runtime here is reachable by an unprivileged uid")
+    return exe
+
+
+# What `import sdk` needs besides the standard library (tests/test_sdk_light.py keeps it so).
+SDK_DEPENDENCIES = ("msgspec", "zmq", "pyzmq.libs", "posix_ipc", "typing_extensions")
+
+
+@functools.cache
+def sdk_python(uid: int = 200000) -> str | None:
+    """A Python with the SDK that agent uids can run, for kernels that must start
+    standard-tier agents (their `agent_python`): this interpreter if they can reach it, else
+    a venv of the system's Python of the same version (made once per session, removed at
+    exit) holding copies of the SDK's dependencies. None if there is no such Python."""
+    exe = reachable_python(uid)
+    if exe == sys.executable or exe is None:
+        return exe
+    version = subprocess.run([exe, "-c", "import sys; print(sys.version_info[:2])"],
+                             capture_output=True, text=True, timeout=30).stdout.strip()
+    if version != str(sys.version_info[:2]):
+        return None  # compiled dependencies would not load
+    base = Path(tempfile.mkdtemp(prefix="agentos-sdkpy-"))
+    base.chmod(0o755)
+    atexit.register(shutil.rmtree, base, True)
+    venv = base / "venv"
+    subprocess.run([exe, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=60)
+    target = venv / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages"
+    source = Path(msgspec.__file__).parent.parent
+    for entry in source.iterdir():
+        if entry.name.split(".cpython")[0].removesuffix(".py") in SDK_DEPENDENCIES:
+            copy = shutil.copytree if entry.is_dir() else shutil.copy2
+            copy(entry, target / entry.name)
+    # The checkout's sdk, as an installed one would be: PYTHONPATH=<checkout> does not find it
+    # from inside the sandbox, where Landlock lets the agent read sdk/ but not list its parent.
+    (target / "sdk").symlink_to(ROOT / "sdk")
+    return str(venv / "bin" / "python")
 
 
 @dataclass
@@ -149,20 +194,25 @@ def make_policy(tier: str, base: Path, uid: int, **changes: Any) -> Policy:
 def test_plan_gives_each_tier_its_layers() -> None:
     full = Probe(missing={})
     assert sandbox.plan("none", full) == ()
-    assert sandbox.plan("standard", full) == ("rlimits", "identity", "nnp", "landlock", "seccomp")
+    assert sandbox.plan("standard", full) == ("unshare", "rlimits", "identity", "nnp",
+                                              "landlock", "seccomp")
     assert sandbox.plan("strict", full) == ("namespaces", "rlimits", "identity", "nnp",
                                             "landlock", "seccomp")
 
 
-@pytest.mark.parametrize("layer", ["identity", "nnp", "landlock", "seccomp", "namespaces"])
+@pytest.mark.parametrize("layer", ["identity", "nnp", "landlock", "seccomp", "namespaces",
+                                   "unshare"])
 def test_plan_fails_closed_when_a_layer_is_missing(layer: str) -> None:
     probe = Probe(missing={layer: "simulated"})
+    # bubblewrap makes the strict tier's namespaces, the launcher's unshare the standard's.
+    needs, spared = {"namespaces": ("strict", "standard"),
+                     "unshare": ("standard", "strict")}.get(layer, ("strict", None))
     with pytest.raises(sandbox.SandboxUnavailable) as info:
-        sandbox.plan("strict", probe)
+        sandbox.plan(needs, probe)
     assert info.value.missing == {layer: "simulated"}
     assert f"{layer}: simulated" in str(info.value)
-    if layer == "namespaces":
-        assert "namespaces" not in sandbox.plan("standard", probe)
+    if spared:
+        assert layer not in sandbox.plan(spared, probe)
     else:
         with pytest.raises(sandbox.SandboxUnavailable):
             sandbox.plan("standard", probe)
@@ -388,6 +438,7 @@ FAULT = ("import sys, errno, json, os; sys.path.insert(0, sys.argv[1]); "
 
 @needs_root
 @pytest.mark.parametrize(("layer", "rules", "status"), [
+    ("unshare", [["unshare", "EPERM", []]], LaunchExit.NAMESPACES),
     ("rlimits", [["prlimit64", "EPERM", []], ["setrlimit", "EPERM", []]], LaunchExit.RLIMITS),
     ("nnp", [["prctl", "EINVAL", [[0, 4, 38, 0]]]], LaunchExit.NNP),
     ("landlock", [["landlock_create_ruleset", "ENOSYS", []]], LaunchExit.LANDLOCK),

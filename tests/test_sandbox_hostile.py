@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -17,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from kernel.proc import sandbox
+from kernel.proc import homes, sandbox
 from kernel.proc.sandbox import Limits, Policy
+from tests.conftest import wait_until
 from tests.test_sandbox import (
     HOSTILE,
     IS_ROOT,
@@ -45,12 +47,14 @@ BLOCKED_EVERYWHERE = {
     "setsid": "EPERM",
 }
 # Where the tiers differ: standard denies access (Landlock, permissions), strict has nothing
-# there to find (mount, network and pid namespaces).
+# there to find (mount, network and pid namespaces). Both have network namespaces of their own:
+# the host's abstract socket names are not there to connect to.
 BLOCKED_BY_TIER = {
     "standard": {"read_secret": "EACCES", "read_world_readable": "EACCES",
                  "list_state": "EACCES", "read_other_home": "EACCES",
                  "write_other_home": "EACCES", "write_world_writable": "EACCES",
-                 "unix_other": "EACCES", "unix_abstract": "EPERM", "signal_sibling": "EPERM"},
+                 "unix_other": "EACCES", "unix_abstract": "ECONNREFUSED",
+                 "signal_sibling": "EPERM"},
     "strict": {"read_secret": "ENOENT", "read_world_readable": "ENOENT",
                "list_state": ["run"], "read_other_home": "ENOENT",
                "write_other_home": "ENOENT", "write_world_writable": "ENOENT",
@@ -279,3 +283,104 @@ def test_strict_tier_shows_only_the_policy_paths(world: World) -> None:
                              policy.socket_dir or "", str(HOSTILE / "escape.py")])
     assert run.returncode == 0, run.stderr
     assert run.result() == [False] * len(host) + [True, True]
+
+
+def host_sysv_objects(*uids: int, key: int | None = None) -> list[str]:
+    """SysV objects in the host's IPC namespace owned or created by `uids`, or under `key`."""
+    found = []
+    for kind in ("shm", "msg", "sem"):
+        with open(f"/proc/sysvipc/{kind}") as f:
+            header, *rows = [line.split() for line in f]
+        col = {name: i for i, name in enumerate(header)}
+        for row in rows:
+            owners = {int(row[col["uid"]]), int(row[col["cuid"]])}
+            if owners & set(uids) or (key is not None and int(row[col["key"]]) == key):
+                found.append(f"{kind} {row[col[header[1]]]}")
+    return found
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_sysv_ipc_carries_nothing_between_agents(world: World, tier: str) -> None:
+    """Issue 15 #4: with the host's SysV IPC, an agent left 0666 segments, queues and
+    semaphores that another agent's uid read without any capability, and hoarded segments
+    that outlived it, counted by no rlimit of its own."""
+    need_tier(tier)
+    n = 20 if tier == "standard" else 21
+    key = int.from_bytes(os.urandom(4), "little") >> 1 or 1
+    writer, reader = uid_for(n), uid_for(n + 2)
+    try:
+        put = beside(tier, world, n, lambda: hostile(tier, world, "sysv.py", n, "put",
+                                                     str(key), "from-another-uid"))
+        get = hostile(tier, world, "sysv.py", n + 2, "get", str(key))
+        left = host_sysv_objects(writer, reader, key=key)
+    finally:
+        sandbox.remove_sysv_objects(writer)
+        sandbox.remove_sysv_objects(reader)
+    assert put.result() == {"shm": "EPERM", "msg": "EPERM", "sem": "EPERM", "hoard": "EPERM"}
+    assert get.result() == {"shm": "EPERM", "msg": "EPERM", "sem": "EPERM"}
+    assert left == []
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_abstract_socket_names_stay_inside_the_agent(world: World, tier: str) -> None:
+    """Issue 15 #5: an agent bound an abstract name that host programs then connected to (a
+    root client sent it data and took its reply). Its abstract names must be its own: no
+    host process and no other agent reaches them, and it reaches none of theirs."""
+    need_tier(tier)
+    n = 22 if tier == "standard" else 23
+    name = f"agentos-squat-{os.getpid()}-{tier}"
+    uid = uid_for(n)
+    policy = policy_for(tier, world, uid)
+    marker = Path(policy.home or "") / "bound"
+    marker.unlink(missing_ok=True)
+    argv = [agent_python(tier, uid), str(HOSTILE / "abstract.py"), "serve", name, "3"]
+    host: list[str] = []
+    with ThreadPoolExecutor(2) as pool:
+        good = pool.submit(benign, tier, world, n + 50)
+        squat = pool.submit(run_agent, policy, argv)
+        assert wait_until(marker.exists, timeout=30), "the squatter never bound"
+        other = hostile(tier, world, "abstract.py", n + 2, "connect", name)
+        for _ in range(10):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(2)
+                try:
+                    s.connect("\0" + name)
+                    s.sendall(b"root here")
+                    host.append(s.recv(64).decode())
+                except OSError as exc:
+                    host.append(errno.errorcode.get(exc.errno or 0, str(exc)))
+        run = squat.result()
+        ok = good.result()
+    assert ok.returncode == 0 and ok.result()["ok"], ok.stderr
+    assert run.report.ok and run.returncode == 0, run.stderr
+    assert run.result() == {"bound": True, "accepted": 0}
+    assert set(host) == {"ECONNREFUSED"}
+    assert other.result() == {"connect": "ECONNREFUSED"}
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_home_quota_stops_an_agent_filling_the_disk(world: World, tier: str) -> None:
+    """Issue 15 #7: 3 GB went into a home without refusal. On a filesystem of its own (what
+    the kernel mounts on every sandboxed home, kernel/proc/homes.py) the agent gets ENOSPC at
+    its quota; the host's disk and its neighbour's home are untouched."""
+    need_tier(tier)
+    reason = homes.unavailable()
+    if reason:
+        pytest.skip(f"home quotas not available: {reason}")
+    n = 26 if tier == "standard" else 27
+    uid = uid_for(n)
+    home = world.base / f"quota-{uid}" / "home"
+    home.parent.mkdir(exist_ok=True)
+    home.parent.chmod(0o711)  # whatever umask an earlier test left this process
+    sandbox.prepare_home(home, uid, uid)
+    homes.mount(home, 16 << 20, uid, uid)
+    policy = replace(policy_for(tier, world, uid), home=str(home),
+                     env={"HOME": str(home), "PATH": "/usr/bin:/bin"})
+    try:
+        run = beside(tier, world, n, lambda: run_agent(
+            policy, [agent_python(tier, uid), str(HOSTILE / "fill.py"), str(64 << 20)]))
+    finally:
+        homes.remove(home)
+    assert run.returncode == 0, run.stderr
+    out = run.result()
+    assert out["error"] == "ENOSPC" and 8 << 20 <= out["written"] < 16 << 20, out

@@ -28,7 +28,8 @@ def add_run_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--limit", action="append", default=[], type=parse_limit,
                     metavar="NAME=VALUE",
                     help="per-agent limit (repeatable): address_space, cpu_seconds, open_files, "
-                         "processes, file_size, tmp_bytes, log_bytes; e.g. address_space=1G")
+                         "processes, file_size, tmp_bytes, log_bytes, home_bytes (0: no "
+                         "quota); e.g. address_space=1G")
 
 
 def spawn_options(args: argparse.Namespace) -> dict[str, Any]:

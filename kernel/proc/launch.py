@@ -18,6 +18,8 @@ from typing import Any, NoReturn, TypeVar
 from kernel.proc import landlock, resolve, seccomp
 from kernel.proc.sandbox import (
     BOOT,
+    CLONE_NEWIPC,
+    CLONE_NEWNET,
     LAYER_EXIT,
     PROJECT_ROOT,
     LaunchExit,
@@ -288,6 +290,20 @@ def check_inside(host: str) -> dict[str, Any]:
     return {"via": "bwrap", "unshared": ["mnt", "pid", "net", "ipc", "uts", "cgroup"]}
 
 
+def unshare_ipc_and_net() -> dict[str, Any]:
+    """The standard tier's namespaces, made as root before the uid change: SysV IPC objects
+    and abstract Unix socket names of the agent's own (both go with its last process), and no
+    network interface but a loopback that is down."""
+    before = {name: os.stat(f"/proc/self/ns/{name}").st_ino for name in ("ipc", "net")}
+    if _libc.unshare(CLONE_NEWIPC | CLONE_NEWNET) != 0:
+        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWIPC | CLONE_NEWNET) failed")
+    same = [name for name, ino in before.items()
+            if os.stat(f"/proc/self/ns/{name}").st_ino == ino]
+    if same:
+        raise RuntimeError(f"still in the host's {', '.join(same)} namespace")
+    return {"unshared": ["ipc", "net"]}
+
+
 def _launcher_paths() -> list[str]:
     """What the launcher itself needs inside the namespaces: it is visible there, but Landlock
     keeps the agent from reading it unless the policy lists it."""
@@ -399,6 +415,8 @@ class Launcher:
         applied = report.applied
         if "namespaces" in layers:
             applied["namespaces"] = report.step("namespaces", check_inside, a.inside or "")
+        if "unshare" in layers:
+            applied["unshare"] = report.step("unshare", unshare_ipc_and_net)
         # Build the Landlock rules and the seccomp filter while root can still open every path.
         ruleset = (report.step("landlock", build_landlock, policy, "namespaces" in layers)
                    if "landlock" in layers else None)

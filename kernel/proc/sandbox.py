@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import enum
+import functools
 import json
 import os
 import pwd
@@ -22,14 +23,19 @@ from typing import Any
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 # The layers each tier applies, in the order the launcher applies them: namespaces first (bwrap
-# needs root to mount), rlimits while still root (it may raise them), then the uid, then the
+# and unshare need root), rlimits while still root (it may raise them), then the uid, then the
 # restrictions that are permanent, seccomp last so it does not block the launcher's own setup.
+# `namespaces` is bubblewrap (mount, pid, net, ipc, uts, cgroup); `unshare` is the standard
+# tier's lighter pair, made by the launcher itself: an IPC and a network namespace, so SysV IPC
+# objects and abstract Unix socket names are the agent's own (Landlock's scope only stops the
+# agent connecting *out* to the host's abstract names, not host programs connecting *in* to a
+# name it binds). The host's filesystem stays visible in `standard`, through Landlock.
 # `none` only scrubs the environment, closes stray fds and ties the agent's life to the kernel.
-LAYERS = ("namespaces", "rlimits", "identity", "nnp", "landlock", "seccomp")
+LAYERS = ("namespaces", "unshare", "rlimits", "identity", "nnp", "landlock", "seccomp")
 TIERS: dict[str, tuple[str, ...]] = {
     "none": (),
-    "standard": ("rlimits", "identity", "nnp", "landlock", "seccomp"),
-    "strict": LAYERS,
+    "standard": ("unshare", "rlimits", "identity", "nnp", "landlock", "seccomp"),
+    "strict": ("namespaces", "rlimits", "identity", "nnp", "landlock", "seccomp"),
     # Tool processes (kernel/tools) under the kernel's own uid where agents cannot get one:
     # the filesystem, syscall and rlimit layers without the uid change. `network` is for tools
     # whose job is the network (HTTP fetch): Landlock's TCP rule and the socket filter would
@@ -64,7 +70,8 @@ class LaunchExit(enum.IntEnum):
 
 
 LAYER_EXIT = {"identity": LaunchExit.IDENTITY, "rlimits": LaunchExit.RLIMITS,
-              "namespaces": LaunchExit.NAMESPACES, "nnp": LaunchExit.NNP,
+              "namespaces": LaunchExit.NAMESPACES, "unshare": LaunchExit.NAMESPACES,
+              "nnp": LaunchExit.NNP,
               "landlock": LaunchExit.LANDLOCK, "seccomp": LaunchExit.SECCOMP}
 
 
@@ -243,8 +250,29 @@ def _bwrap_works(bwrap: str) -> str | None:
     return None
 
 
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWNET = 0x40000000
+
+
+def _unshare_works() -> str | None:
+    """Make the standard tier's namespaces in a throwaway child; None if that worked."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    pid = os.fork()
+    if pid == 0:
+        failed = libc.unshare(CLONE_NEWIPC | CLONE_NEWNET) != 0
+        os._exit(ctypes.get_errno() & 0x7F if failed else 0)
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code == 0:
+        return None
+    why = os.strerror(code) if code > 0 else f"killed by signal {-code}"
+    return (f"cannot make IPC and network namespaces ({why}; needs CAP_SYS_ADMIN): SysV IPC "
+            "and abstract Unix sockets would be the host's")
+
+
 def probe() -> Probe:
-    """Find out which layers this machine supports (runs bwrap once: a few milliseconds)."""
+    """Find out which layers this machine supports (forks once and runs bwrap once: a few
+    milliseconds)."""
     from kernel.proc import landlock, seccomp
 
     missing: dict[str, str] = {}
@@ -260,6 +288,12 @@ def probe() -> Probe:
     reason = seccomp.unavailable()
     if reason:
         missing["seccomp"] = reason
+    if not root:
+        missing["unshare"] = "the kernel is not root (the launcher unshares as root)"
+    else:
+        reason = _unshare_works()
+        if reason:
+            missing["unshare"] = reason
     bwrap = shutil.which("bwrap")
     if bwrap is None:
         missing["namespaces"] = "bubblewrap (bwrap) is not installed"
@@ -338,21 +372,39 @@ def prepare_home(path: str | os.PathLike[str], uid: int, gid: int) -> Path:
 def prepare_socket_dir(path: str | os.PathLike[str], gid: int) -> Path:
     """An agent's endpoint directory: root-owned, group = the agent's gid, mode 0710, so the
     agent can reach the socket the kernel binds there but can neither list nor replace it.
-    The kernel then makes the socket itself root:gid 0660."""
+    The kernel then makes the socket itself root:gid 0660. The same for the directory that
+    holds its home: no uid but root and the agent's passes through it, so a home the agent
+    opens to every uid is still open to none."""
     return _private_dir(Path(path), os.geteuid(), gid, 0o710)
 
 
-def runtime_paths() -> list[str]:
-    """This interpreter's files: the venv, the installation it points at, the binary's dir."""
-    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
-             os.path.dirname(os.path.realpath(sys.executable))}
+@functools.cache
+def _prefixes(python: str) -> tuple[str, ...]:
+    """Another interpreter's prefixes, asked once (it may be a venv over another install)."""
+    import subprocess  # here, not at the top: the launcher imports this module at every start
+
+    done = subprocess.run([python, "-I", "-c", "import sys; print(sys.prefix, sys.base_prefix,"
+                           " sys.exec_prefix, sys.base_exec_prefix, sep='\\n')"],
+                          capture_output=True, timeout=30, env={}, check=True)
+    return tuple(done.stdout.decode().splitlines())
+
+
+def runtime_paths(python: str | None = None) -> list[str]:
+    """An interpreter's files (this one's by default): the venv, the installation it points
+    at, the binary's dir."""
+    if python is None or python == sys.executable:
+        prefixes: tuple[str, ...] = (sys.prefix, sys.base_prefix, sys.exec_prefix,
+                                     sys.base_exec_prefix)
+    else:
+        prefixes = _prefixes(python)
+    paths = {*prefixes, os.path.dirname(os.path.realpath(python or sys.executable))}
     return sorted(p for p in paths if p and os.path.exists(p))
 
 
-def default_readable(*extra: str) -> tuple[str, ...]:
-    """What an agent run by this interpreter needs to read: system libraries, the runtime,
-    the `sdk` package, plus `extra` (the agent's own code)."""
-    paths = [*SYSTEM_PATHS, *runtime_paths(), str(PROJECT_ROOT / "sdk"), *extra]
+def default_readable(*extra: str, python: str | None = None) -> tuple[str, ...]:
+    """What an agent run by `python` (this interpreter by default) needs to read: system
+    libraries, the runtime, the `sdk` package, plus `extra` (the agent's own code)."""
+    paths = [*SYSTEM_PATHS, *runtime_paths(python), str(PROJECT_ROOT / "sdk"), *extra]
     seen: dict[str, None] = {}
     for p in paths:
         if os.path.lexists(p):
@@ -514,6 +566,39 @@ def kill_uid(uid: int, sig: int = signal.SIGKILL) -> None:
         finally:
             os._exit(0)
     os.waitpid(pid, 0)
+
+
+_IPC_RMID = 0
+
+
+def remove_sysv_objects(uid: int) -> dict[str, int]:
+    """Remove the SysV IPC objects (shared memory, message queues, semaphore sets) that `uid`
+    owns or created in this IPC namespace; how many of each kind went. The sandboxed tiers
+    deny SysV IPC and give the agent an IPC namespace of its own, so any found here came from
+    a process of the uid outside the sandbox: memory no rlimit of the agent counted, and a
+    channel to other uids that no capability governs."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    removed: dict[str, int] = {}
+    for kind in ("shm", "msg", "sem"):
+        try:
+            with open(f"/proc/sysvipc/{kind}") as f:
+                header, *rows = (line.split() for line in f)
+        except (OSError, ValueError):
+            continue  # a kernel without SysV IPC
+        col = {name: i for i, name in enumerate(header)}
+        count = 0
+        for row in rows:
+            if uid not in (int(row[col["uid"]]), int(row[col["cuid"]])):
+                continue
+            ident = ctypes.c_int(int(row[1]))
+            if kind == "sem":  # semctl(id, semnum, cmd, ...)
+                rc = libc.semctl(ident, 0, _IPC_RMID)
+            else:  # shmctl/msgctl(id, cmd, buf): a segment still attached goes at its detach
+                rc = getattr(libc, f"{kind}ctl")(ident, _IPC_RMID, None)
+            count += rc == 0
+        if count:
+            removed[kind] = count
+    return removed
 
 
 def unreachable_dir(path: str, uid: int, gid: int) -> str | None:

@@ -35,6 +35,11 @@ DENIED = (
     "open_by_handle_at", "name_to_handle_at",  # open a file by handle, around path checks
     # The kernel kills an agent by its process group; no descendant may leave it.
     "setsid", "setpgid",
+    # SysV IPC: objects named by a global key, outliving their creator, readable by any uid
+    # their mode allows and counted by no rlimit. (`ipc`, the old multiplexer, exists only
+    # on 32-bit ABIs, which the filter kills.)
+    "shmget", "shmat", "shmdt", "shmctl", "msgget", "msgsnd", "msgrcv", "msgctl",
+    "semget", "semop", "semtimedop", "semctl", "ipc",
 )
 # clone() flags that make namespaces: the same escape as unshare().
 NAMESPACE_FLAGS = (0x00020000, 0x02000000, 0x04000000, 0x08000000, 0x10000000, 0x20000000,

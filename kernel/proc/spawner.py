@@ -11,6 +11,7 @@ admin one. Agents of tier `none` run as the kernel's uid and use the main socket
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import os
 import shutil
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kernel.proc import resolve, sandbox
+from kernel.proc import homes, resolve, sandbox
 from kernel.proc.sandbox import Limits, Policy, SandboxUnavailable
 from sdk import abi, layout
 
@@ -31,8 +32,9 @@ log = logging.getLogger("kernel.proc")
 
 STRENGTH = {"none": 0, "standard": 1, "strict": 2}
 RESTART_POLICIES = ("no", "on-failure", "always")
-LOG_LIMIT = "log_bytes"  # a spawn limit that is not an rlimit: the captured streams' cap
-LIMIT_NAMES = frozenset({f.name for f in dataclasses.fields(Limits)} | {LOG_LIMIT})
+LOG_LIMIT = "log_bytes"  # spawn limits that are not rlimits: the captured streams' cap,
+HOME_LIMIT = "home_bytes"  # and the home's quota (0: none)
+LIMIT_NAMES = frozenset({f.name for f in dataclasses.fields(Limits)} | {LOG_LIMIT, HOME_LIMIT})
 _ENV_PASSTHROUGH = ("LANG", "LC_ALL", "TZ")
 _PATH = "/usr/local/bin:/usr/bin:/bin"
 # The project root, so an agent finds `sdk` even when agentos runs from a source checkout.
@@ -91,6 +93,13 @@ class Sandboxes:
         self.probe = sandbox.probe()
         self.agent_uids = range(kernel.config.agent_uid_base,
                                 kernel.config.agent_uid_base + kernel.config.agent_uid_count)
+        self.quota_missing = homes.unavailable()
+        # Agents with uids of their own while they run: their uid and home, for the reap.
+        self._started: dict[int, tuple[int, Path]] = {}
+        if self.can_isolate and self.quota_missing is None:
+            stale = homes.detach_stale(kernel.state.agents)
+            if stale:
+                log.warning("unmounted homes a previous kernel left", extra={"count": len(stale)})
 
     @property
     def can_isolate(self) -> bool:
@@ -136,6 +145,9 @@ class Sandboxes:
         if "nice" in requested and not 0 <= requested["nice"] <= 19:
             raise fault(abi.ErrorCode.EINVAL, "nice must be 0..19 (an agent never runs ahead "
                         "of the kernel)")
+        if 0 < requested.get(HOME_LIMIT, 0) < homes.MIN_BYTES:
+            raise fault(abi.ErrorCode.EINVAL, f"home_bytes is 0 (no quota) or at least "
+                        f"{homes.MIN_BYTES}")
         out = dict(requested)
         if caller is not None:
             mine, theirs = self.effective(caller), self.effective(requested)
@@ -157,8 +169,11 @@ class Sandboxes:
         """The limits an agent runs with: Limits' defaults, the config's, then its own."""
         values: dict[str, int | None] = dataclasses.asdict(Limits())
         values[LOG_LIMIT] = self.k.config.log_bytes
+        values[HOME_LIMIT] = self.k.config.home_bytes
         values.update(self.k.config.agent_limits)
         values.update(overrides)
+        if not values[HOME_LIMIT]:
+            values[HOME_LIMIT] = None  # no quota: more than any quota a parent could pass on
         return values
 
     def allocate_uid(self, agent_id: int, in_use: set[int]) -> int:
@@ -172,6 +187,7 @@ class Sandboxes:
         """Home, endpoint, environment and policy for one start, and its launcher."""
         values = self.effective(spec.limits)
         log_bytes = int(values.pop(LOG_LIMIT) or 0)
+        home_bytes = values.pop(HOME_LIMIT)
         limits = Limits(**values)  # type: ignore[arg-type]
         agent_dir = self.k.state.agent_dir(spec.agent_id, home=uid is None)
         home = agent_dir / "home"
@@ -179,8 +195,17 @@ class Sandboxes:
         if uid is None:
             endpoint = f"ipc://{self.k.state.socket_path}"
         else:
+            sandbox.prepare_socket_dir(agent_dir, uid)
             sandbox.prepare_home(home, uid, uid)
-            socket_dir = self.bind_endpoint(spec.agent_id, uid)
+            if home_bytes is not None:
+                self.mount_home(home, home_bytes, uid)
+            self._started[spec.agent_id] = (uid, home)
+            try:
+                self._reown(spec.agent_id, home, uid)
+                socket_dir = self.bind_endpoint(spec.agent_id, uid)
+            except BaseException:
+                self.release(spec.agent_id)
+                raise
             endpoint = f"ipc://{socket_dir / 'kernel.sock'}"
         env = {k: os.environ[k] for k in _ENV_PASSTHROUGH if k in os.environ}
         env.update({
@@ -200,24 +225,28 @@ class Sandboxes:
         env.update(extras.env)
         # spec.path is the code's real path, checked at this start (ProcessTable._check_code).
         code_dir = os.path.dirname(spec.path)
-        readable = sandbox.default_readable(code_dir) if uid is not None else ()
+        python = self.k.config.agent_python or sys.executable
+        readable = (sandbox.default_readable(code_dir, python=python) if uid is not None
+                    else ())
         try:
             pins = self.pins(spec.tier, (str(home), *readable))
         except OSError as exc:
             if socket_dir is not None:
                 self.unbind_endpoint(socket_dir)
+            self.release(spec.agent_id)
             raise fault(abi.ErrorCode.EPERM, f"cannot sandbox this agent: {exc.strerror}") \
                 from None
         policy = Policy(
             tier=spec.tier, uid=uid, gid=uid, home=str(home), readable=readable,
             socket_dir=str(socket_dir) if socket_dir else None, limits=limits,
             keep_fds=tuple(extras.fds), env=env, pins=pins)
-        argv = [sys.executable, "-m", "sdk.runner", spec.path, *spec.argv]
+        argv = [python, "-m", "sdk.runner", spec.path, *spec.argv]
         try:
             launch = sandbox.Launch(policy, argv)
         except ValueError as exc:
             if socket_dir is not None:
                 self.unbind_endpoint(socket_dir)
+            self.release(spec.agent_id)
             raise fault(abi.ErrorCode.EINVAL, f"cannot sandbox this agent: {exc}") from None
         return Prepared(launch, policy, endpoint, socket_dir, log_bytes)
 
@@ -230,6 +259,82 @@ class Sandboxes:
         if "landlock" not in sandbox.TIERS[tier]:
             return {}
         return {path: resolve.pin(path) for path in paths}
+
+    # --- homes and leftovers -----------------------------------------------------------------
+
+    def mount_home(self, home: Path, size: int, uid: int) -> None:
+        """The home on a filesystem of `size` bytes (kernel/proc/homes.py); refused, never
+        started without it, where this machine cannot."""
+        if self.quota_missing is not None:
+            raise fault(abi.ErrorCode.ENOSYS, f"home quota unavailable: {self.quota_missing}; "
+                        "set home_bytes = 0 (config, or --limit home_bytes=0) to run agents "
+                        "without one")
+        try:
+            homes.mount(home, size, uid, uid)
+        except OSError as exc:
+            code = {errno.EDQUOT: abi.ErrorCode.EQUOTA,
+                    errno.EINVAL: abi.ErrorCode.EINVAL}.get(exc.errno or 0, abi.ErrorCode.EIO)
+            log.error("home quota failed", extra={"home": str(home), "error": str(exc)})
+            raise fault(code, f"home {home}: {exc.strerror}") from None
+
+    def _reown(self, agent_id: int, home: Path, uid: int) -> None:
+        """A restart under another uid than its last run (that one still busy on the host)
+        finds its files its own again."""
+        rows = self.k.db.read("SELECT uid FROM agents WHERE id=?", (agent_id,))
+        previous = rows[0][0] if rows else None
+        if previous is not None and previous != uid:
+            changed = homes.reown(home, previous, uid)
+            log.info("home handed to the agent's new uid",
+                     extra={"agent": agent_id, "from_uid": previous, "uid": uid,
+                            "files": changed})
+
+    def release(self, agent_id: int) -> None:
+        """A reap hook, run once every process of the agent's uid is dead: the SysV IPC objects
+        its uid left in the host's namespace are removed (counted, logged and audited), and
+        its home is locked down and unmounted until a restart mounts it again."""
+        started = self._started.pop(agent_id, None)
+        if started is None:
+            return
+        uid, home = started
+        self._remove_sysv(agent_id, uid)
+        try:
+            if homes.is_mounted(home):
+                used, quota = homes.usage(home)
+                if used >= quota * 0.95:
+                    log.warning("an agent filled its home", extra={
+                        "agent": agent_id, "used": used, "quota": quota})
+            homes.lock_down(home)
+        except OSError as exc:
+            log.error("could not lock down a home", extra={"agent": agent_id, "error": str(exc)})
+
+    def _remove_sysv(self, agent_id: int, uid: int) -> None:
+        try:
+            removed = sandbox.remove_sysv_objects(uid)
+        except OSError as exc:
+            log.error("could not list SysV IPC objects", extra={"error": str(exc)})
+            return
+        if removed:
+            log.warning("removed SysV IPC objects of an agent's uid",
+                        extra={"agent": agent_id, "uid": uid, "removed": removed})
+            self.k.audit.append("kernel", "sysv-removed", agent=agent_id, uid=uid, **removed)
+
+    def ended(self, agent_id: int, uid: int | None = None) -> None:
+        """The agent is over for good (not restarting): its home is kept, locked down, or
+        removed (`home_at_exit`). `uid`: of an agent a dead kernel lost, whose leftovers no
+        reap of this kernel cleared."""
+        if uid is not None and self.can_isolate:
+            self._remove_sysv(agent_id, uid)
+        rows = self.k.db.read("SELECT state FROM agents WHERE id=?", (agent_id,))
+        if rows and rows[0][0] == "restarting":
+            return  # stopped by a shutdown: the next kernel starts it again, home and all
+        home = self.k.state.agents / str(agent_id) / "home"
+        try:
+            if self.k.config.home_at_exit == "remove":
+                homes.remove(home)
+            elif self.can_isolate:
+                homes.lock_down(home)
+        except OSError as exc:
+            log.error("could not clear a home", extra={"agent": agent_id, "error": str(exc)})
 
     # --- per-agent endpoints -----------------------------------------------------------------
 
@@ -263,4 +368,6 @@ class Sandboxes:
 
     def describe(self) -> dict[str, Any]:
         return {"available": self.available(), "missing": self.probe.missing,
-                "default": self.k.config.sandbox, "landlock_abi": self.probe.landlock_abi}
+                "default": self.k.config.sandbox, "landlock_abi": self.probe.landlock_abi,
+                "home_quota": self.quota_missing or "ext4 image per home",
+                "home_at_exit": self.k.config.home_at_exit}

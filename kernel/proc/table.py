@@ -135,7 +135,7 @@ class ProcessTable:
         # Other subsystems' per-agent resources (the syscall rings): a spawn hook adds fds and
         # environment to an agent's start, a reap hook releases them when it ends.
         self.spawn_hooks: list[SpawnHook] = []
-        self.reap_hooks: list[Callable[[int], None]] = []
+        self.reap_hooks: list[Callable[[int], None]] = [self.sandboxes.release]
         # Each agent holds a pidfd, two pipes and an endpoint: lift the soft fd limit.
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft != hard:
@@ -170,6 +170,7 @@ class ProcessTable:
             self.k.db.write("UPDATE agents SET state='lost', ended_at=? WHERE id=?",
                             (now, agent_id))
             self.k.db.write("DELETE FROM messages WHERE receiver=?", (agent_id,))
+            self.sandboxes.ended(agent_id, uid)
         if rows:
             log.warning("agents lost by the previous kernel", extra={"count": len(rows)})
 
@@ -243,9 +244,9 @@ class ProcessTable:
         # The agent is its code's real path from here on: every start checks that it still is.
         path = Path(os.path.realpath(args.path))
         parent = self._caller_live(caller_principal)
-        self._check_code(caller_principal, str(path))
         if not path.is_file():
             raise _fault(abi.ErrorCode.ENOENT, f"no such file: {args.path}")
+        self._check_code(caller_principal, str(path))
         name = args.name or re.sub(r"[^A-Za-z0-9_.-]", "-", Path(args.path).stem)[:64].lstrip(
             "-.") or "agent"
         if self._name_busy(name):
@@ -292,6 +293,8 @@ class ProcessTable:
         if os.path.realpath(path) != path:
             raise _fault(abi.ErrorCode.EPERM, f"{path} is now reached through a symlink: the "
                          "agent's code moved since it was spawned")
+        if not os.path.isfile(path):  # removed, or in a home locked when its agent ended
+            raise _fault(abi.ErrorCode.ENOENT, f"{path}: the agent's code is gone")
         kind, _, ident = spawner.partition(":")
         if kind != "agent":
             return  # users and the kernel's other doors may start any code
@@ -505,8 +508,10 @@ class ProcessTable:
         self._ended(live.agent_id)
 
     def _ended(self, agent_id: int) -> None:
-        """The agent is over for good: its mailbox goes, its waiters get its final row."""
+        """The agent is over for good: its mailbox goes, its home is kept or removed, its
+        waiters get its final row."""
         self.k.ipc.drop(agent_id)
+        self.sandboxes.ended(agent_id)
         waiters = self._waiters.pop(agent_id, [])
         if waiters:
             info = self._row(agent_id)

@@ -1,7 +1,8 @@
 """Issue 15's Landlock bypass on restart: starts `HOME/sub/x.py` (a copy of swapped.py, its
 task) with a restart policy, says `child ID`, and when told to (a message) swaps `sub` for a
-symlink to `/proc/self/cwd` before the restart: the root launcher's working directory is `/`,
-so a launcher that follows it grants the restarted child the whole host."""
+symlink to `/proc/self/cwd` before the restart (and lives on until a second message): the
+root launcher's working directory is `/`, so a launcher that follows it grants the restarted
+child the whole host."""
 
 import json
 import os
@@ -28,4 +29,8 @@ class Swapper(Agent):
         self.ipc.recv()
         sub.rename(home / "sub.real")
         sub.symlink_to("/proc/self/cwd")
+        print("swapped", flush=True)
+        # Stay alive until told: a home is locked and unmounted when its agent ends, which
+        # would take the child's code away and hide the attack this stages.
+        self.ipc.recv()
         return "swapped"

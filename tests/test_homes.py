@@ -1,0 +1,109 @@
+"""Agent homes with a quota (kernel/proc/homes.py): the mechanism itself, as root."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import stat
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kernel.proc import homes, sandbox
+
+REASON = homes.unavailable()
+pytestmark = pytest.mark.skipif(REASON is not None, reason=f"home quotas: {REASON}")
+UID = 3_900_000 + os.getpid() % 10_000
+
+
+@pytest.fixture
+def home() -> Iterator[Path]:
+    base = Path(tempfile.mkdtemp(prefix="agentos-homes-"))
+    path = base / "agents" / "7" / "home"
+    path.parent.mkdir(parents=True)
+    sandbox.prepare_home(path, UID, UID)
+    yield path
+    homes.remove(path)
+    shutil.rmtree(base)
+
+
+def fill(path: Path, mib: int) -> int:
+    """Write `mib` 1 MiB files as root (no reserved blocks: root gets what the agent would)."""
+    written = 0
+    try:
+        for i in range(mib):
+            (path / f"f{i}").write_bytes(b"x" * (1 << 20))
+            written += 1
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC
+    return written
+
+
+def test_a_home_is_a_filesystem_of_its_quota(home: Path) -> None:
+    homes.mount(home, 16 << 20, UID, UID)
+    assert homes.is_mounted(home)
+    st = home.stat()
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (UID, UID, 0o700)
+    assert os.listdir(home) == ["lost+found"]  # ext4's own, root's
+    used, total = homes.usage(home)
+    assert 12 << 20 < total <= 16 << 20 and used < 1 << 20
+    assert 12 <= fill(home, 64) < 16
+    image = home.parent / homes.IMAGE
+    assert image.stat().st_size == 16 << 20
+    assert stat.S_IMODE(image.stat().st_mode) == 0o600 and image.stat().st_uid == 0
+
+
+def test_lock_down_closes_a_home_left_open_and_a_restart_reopens_it(home: Path) -> None:
+    homes.mount(home, 8 << 20, UID, UID)
+    (home / "kept").write_text("data")
+    home.chmod(0o777)
+    homes.lock_down(home)
+    assert not homes.is_mounted(home)
+    st = home.stat()
+    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o700)
+    homes.mount(home, 8 << 20, UID, UID)  # the restart: same files, the agent's again, 0700
+    st = home.stat()
+    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (UID, 0o700)
+    assert (home / "kept").read_text() == "data"
+
+
+def test_a_new_quota_resizes_the_home_or_refuses_with_edquot(home: Path) -> None:
+    homes.mount(home, 8 << 20, UID, UID)
+    assert fill(home, 5) == 5
+    homes.unmount(home)
+    homes.mount(home, 32 << 20, UID, UID)
+    assert homes.usage(home)[1] > 24 << 20 and len(os.listdir(home)) == 6
+    homes.unmount(home)
+    with pytest.raises(homes.HomeError) as info:
+        homes.mount(home, 4 << 20, UID, UID)  # 5 MiB of files do not fit in 4
+    assert info.value.errno == errno.EDQUOT
+    assert not homes.is_mounted(home)
+    homes.mount(home, 32 << 20, UID, UID)
+    assert len(os.listdir(home)) == 6  # nothing was lost by the refusal
+
+
+def test_remove_and_stale_mounts(home: Path) -> None:
+    homes.mount(home, 8 << 20, UID, UID)
+    (home / "sub").mkdir()
+    (home / "sub" / "link").symlink_to("/etc")  # rmtree must not follow it
+    # A kernel that died left it mounted; the next one detaches it at boot.
+    assert homes.detach_stale(home.parent.parent) == [str(home)]
+    assert not homes.is_mounted(home)
+    homes.mount(home, 8 << 20, UID, UID)
+    homes.remove(home)
+    assert not home.exists() and not (home.parent / homes.IMAGE).exists()
+    assert os.path.exists("/etc/passwd")
+
+
+def test_a_planted_image_is_refused(home: Path) -> None:
+    (home.parent / homes.IMAGE).symlink_to("/etc/passwd")
+    with pytest.raises(homes.HomeError):
+        homes.mount(home, 8 << 20, UID, UID)
+    assert not homes.is_mounted(home)
+    out = subprocess.run(["losetup", "-j", "/etc/passwd"], capture_output=True, text=True)
+    assert out.stdout == ""
+    (home.parent / homes.IMAGE).unlink()
