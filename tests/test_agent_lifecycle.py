@@ -184,6 +184,38 @@ def test_a_restart_whose_code_is_gone_fails_once_instead_of_crash_looping(
     assert refused and "code is gone" in refused[0]["detail"]["error"], refused
 
 
+def test_kernels_side_by_side_never_share_an_agent_uid(tmp_path: Path) -> None:
+    """A reap kills every process of the agent's uid, so a uid is one kernel's from its
+    allocation until the agent is over: while kernel A's agent waits out a restart backoff
+    (no process of its uid exists), kernel B with the same uid range must not take its uid."""
+    if TEST_TIER == "none":
+        pytest.skip("agents have no uids of their own in tier none")
+    config = tmp_path / "agentos.toml"
+    base = 6_000_000 + os.getpid() % 10_000 * 100
+    config.write_text(f"[kernel]\nagent_uid_base = {base}\nagent_uid_count = 50\n"
+                      "restart_backoff = 30\n")
+    a, b = (KernelProcess(tmp_path / name / "state") for name in ("a", "b"))
+    try:
+        for k in (a, b):
+            (k.state_dir.parent).mkdir()
+            k.extra_args = ["--config", str(config)]
+            k.start()
+        with a.connect() as conn:
+            first = conn.proc.spawn(agent("exits"), argv=["3"], restart="on-failure")
+            assert wait_until(lambda: conn.proc.info(first).state == "restarting", 30)
+            held = conn.proc.info(first).uid
+        with b.connect() as conn:
+            other = conn.proc.spawn(agent("idle"))
+            assert wait_until(lambda: conn.proc.info(other).state == "running", 30)
+            theirs = conn.proc.info(other).uid
+        assert first == other and held == base + first  # same id, same range: same first pick
+        assert theirs != held
+    finally:
+        for k in (a, b):
+            if k.proc is not None and k.proc.poll() is None:
+                k.stop()
+
+
 def test_always_restarts_and_survives_a_kernel_crash(fresh_kernel: KernelProcess,
                                                       tmp_path: Path) -> None:
     k = _restart_kernel(fresh_kernel, tmp_path)

@@ -15,7 +15,7 @@ import signal
 import stat
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -331,12 +331,14 @@ def host_uids() -> set[int]:
 
 
 def allocate_uid(agent_id: int, base: int = 200000, size: int = 65536,
-                 in_use: Iterable[int] = (), *, skip_busy: bool = False) -> int:
+                 in_use: Iterable[int] = (), *, skip_busy: bool = False,
+                 take: Callable[[int], bool] | None = None) -> int:
     """The uid (and gid) for an agent: base + agent_id mod size, skipping live agents' uids and
     any uid the passwd database names, and with `skip_busy` any uid that owns a process on
     the host (another kernel with an overlapping range: the reap of one agent kills every
     process of its uid, so two agents must never share one). Deterministic for a given
-    host, so a restarted kernel finds it again."""
+    host, so a restarted kernel finds it again. `take` leases a candidate host-wide
+    (`kernel/proc/uids.py`) and says whether it got it."""
     if base <= 0 or size <= 0 or base + size > 2**32 - 1:
         raise ValueError(f"bad uid range {base}+{size}")
     taken = set(in_use) | (host_uids() if skip_busy else set())
@@ -347,7 +349,8 @@ def allocate_uid(agent_id: int, base: int = 200000, size: int = 65536,
         try:
             pwd.getpwuid(uid)
         except KeyError:
-            return uid
+            if take is None or take(uid):
+                return uid
     raise RuntimeError(f"no free uid in {base}..{base + size - 1}")
 
 

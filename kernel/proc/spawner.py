@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from kernel.proc import homes, resolve, sandbox
 from kernel.proc.sandbox import Limits, Policy, SandboxUnavailable
+from kernel.proc.uids import UidLeases
 from sdk import abi, layout
 
 if TYPE_CHECKING:
@@ -94,6 +95,7 @@ class Sandboxes:
         self.agent_uids = range(kernel.config.agent_uid_base,
                                 kernel.config.agent_uid_base + kernel.config.agent_uid_count)
         self.quota_missing = homes.unavailable()
+        self.leases = UidLeases()  # host-wide: no other kernel's agent shares a uid with ours
         # Agents with uids of their own while they run: their uid and home, for the reap.
         self._started: dict[int, tuple[int, Path]] = {}
         if self.can_isolate and self.quota_missing is None:
@@ -177,8 +179,16 @@ class Sandboxes:
         return values
 
     def allocate_uid(self, agent_id: int, in_use: set[int]) -> int:
+        """A uid leased host-wide for the agent until it is over (restarts keep it)."""
         return sandbox.allocate_uid(agent_id, self.k.config.agent_uid_base,
-                                    self.k.config.agent_uid_count, in_use, skip_busy=True)
+                                    self.k.config.agent_uid_count, in_use, skip_busy=True,
+                                    take=lambda uid: self.leases.take(uid, agent_id))
+
+    def claim_lost(self, agent_id: int, uid: int) -> bool:
+        """A dead kernel's agent ran as `uid`: lease it again before killing what is left of
+        it. False when another kernel on this host holds it now: its processes are that
+        kernel's agent, not our leftovers."""
+        return self.leases.take(uid, agent_id)
 
     # --- preparing ---------------------------------------------------------------------------
 
@@ -322,11 +332,12 @@ class Sandboxes:
         """The agent is over for good (not restarting): its home is kept, locked down, or
         removed (`home_at_exit`). `uid`: of an agent a dead kernel lost, whose leftovers no
         reap of this kernel cleared."""
-        if uid is not None and self.can_isolate:
+        if uid is not None and self.can_isolate and self.leases.held(uid):
             self._remove_sysv(agent_id, uid)
         rows = self.k.db.read("SELECT state FROM agents WHERE id=?", (agent_id,))
         if rows and rows[0][0] == "restarting":
             return  # stopped by a shutdown: the next kernel starts it again, home and all
+        self.leases.release(agent_id)
         home = self.k.state.agents / str(agent_id) / "home"
         try:
             if self.k.config.home_at_exit == "remove":

@@ -152,7 +152,12 @@ class ProcessTable:
         now = time.time()
         for agent_id, pid, pid_start, uid, restart in rows:
             if uid is not None and self.sandboxes.can_isolate:
-                sandbox.kill_uid(uid)
+                if self.sandboxes.claim_lost(agent_id, uid):
+                    sandbox.kill_uid(uid)
+                else:
+                    log.warning("a lost agent's uid is another kernel's now; left alone",
+                                extra={"agent": agent_id, "uid": uid})
+                    uid = None
             if pid and pid_start and process_start_time(pid) == pid_start:
                 try:
                     os.killpg(pid, signal.SIGKILL)

@@ -139,8 +139,10 @@ class ToolManager:
         home.mkdir(mode=0o700, exist_ok=True)
         uid = None
         if "identity" in sandbox.TIERS[tier]:
-            uid = sandbox.allocate_uid(index, base=self.k.config.tool_uid_base, size=1000,
-                                       skip_busy=True)
+            leases = self.k.procs.sandboxes.leases
+            uid = sandbox.allocate_uid(
+                index, base=self.k.config.tool_uid_base, size=1000, skip_busy=True,
+                take=lambda uid: leases.take(uid, ("tool", manifest.name, index)))
             sandbox.prepare_home(home, uid, uid)
         reads = (str(self.k.state.agents),) if manifest.reads_caller_files else ()
         return tool_policy(tier, home, tool_file, uid=uid, readable=reads)
