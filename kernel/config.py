@@ -111,6 +111,12 @@ class Config:
     kill_grace: float = 5.0
     drain_timeout: float = 15.0
     max_message_bytes: int = 16 * 1024 * 1024
+    # Calls one principal may have in flight (admitted and not yet answered: waiting for an
+    # event, a model, a tool or the memory index), whichever door they came through; EAGAIN
+    # beyond. Users (the CLI, `agentos top`, the admin's scripts) get the second; agents,
+    # remote agents and HTTP keys the first.
+    agent_calls_in_flight: int = 1024
+    user_calls_in_flight: int = 8192
     # ipc: per-agent mailbox depth and per-message size.
     mailbox_depth: int = 1024
     ipc_message_bytes: int = 64 * 1024
@@ -248,3 +254,5 @@ class Config:
             raise ValueError("ring_poll_us and ring_spin_us must be >= 0")
         if self.log_bytes < 0 or self.restart_max < 0 or self.restart_backoff <= 0:
             raise ValueError("log_bytes and restart_max must be >= 0, restart_backoff > 0")
+        if self.agent_calls_in_flight < 1 or self.user_calls_in_flight < 1:
+            raise ValueError("agent_calls_in_flight and user_calls_in_flight must be >= 1")

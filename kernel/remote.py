@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -115,7 +116,8 @@ class Remote:
 
     # --- the door ----------------------------------------------------------------------------
 
-    def drain(self, batch: int) -> None:
+    def drain(self, batch: int, deadline: float) -> None:
+        """Up to `batch` messages, until the monotonic `deadline` (the loop's budget per door)."""
         assert self.router is not None
         for _ in range(batch):
             try:
@@ -126,6 +128,8 @@ class Remote:
                 self._dispatch(frames)
             except Exception:
                 log.exception("remote dispatch failed")
+            if time.monotonic() >= deadline:
+                return
 
     def _dispatch(self, frames: list[zmq.Frame]) -> None:
         route = RemoteRoute(b"tcp:" + frames[0].bytes)

@@ -53,7 +53,7 @@ def sys_stats(k: Kernel, call: Call, args: abi.NoArgs) -> abi.Stats:
 
     return abi.Stats(version=VERSION, abi=abi.ABI_VERSION, pid=os.getpid(),
                      uptime_s=round(time.time() - k.started_at, 3),
-                     agents_running=k.procs.running_count(), calls_parked=len(k.parked),
+                     agents_running=k.procs.running_count(), calls_parked=k.calls_parked(),
                      syscalls=dict(k.counts), models=k.llm.stats(),
                      errors=dict(k.errors), memory=k.memory.stats(),
                      **k.accounts.snapshot())
