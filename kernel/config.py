@@ -110,6 +110,9 @@ class Config:
     # SIGTERM: agents get SIGTERM, then SIGKILL after kill_grace; the kernel exits by drain_timeout.
     kill_grace: float = 5.0
     drain_timeout: float = 15.0
+    # The largest request the kernel takes (EINVAL beyond), at most the ABI's ceiling
+    # (sdk.abi.MAX_MESSAGE_BYTES: the SDK refuses larger ones itself, libzmq closes a peer
+    # that sends one).
     max_message_bytes: int = 16 * 1024 * 1024
     # Calls one principal may have in flight (admitted and not yet answered: waiting for an
     # event, a model, a tool or the memory index), whichever door they came through; EAGAIN
@@ -254,5 +257,9 @@ class Config:
             raise ValueError("ring_poll_us and ring_spin_us must be >= 0")
         if self.log_bytes < 0 or self.restart_max < 0 or self.restart_backoff <= 0:
             raise ValueError("log_bytes and restart_max must be >= 0, restart_backoff > 0")
+        from sdk.abi import MAX_MESSAGE_BYTES
+
+        if not 0 < self.max_message_bytes <= MAX_MESSAGE_BYTES:
+            raise ValueError(f"max_message_bytes must be 1..{MAX_MESSAGE_BYTES} (the ABI's)")
         if self.agent_calls_in_flight < 1 or self.user_calls_in_flight < 1:
             raise ValueError("agent_calls_in_flight and user_calls_in_flight must be >= 1")

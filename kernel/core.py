@@ -165,8 +165,7 @@ class Kernel:
         self.ctx = zmq.Context()
         self.zap = ZapHandler(self.ctx, self.identities.principal)
         self.zap.start()
-        self.router = open_router(self.ctx, str(self.state.socket_path),
-                                  self.config.max_message_bytes)
+        self.router = open_router(self.ctx, str(self.state.socket_path))
         self.poller = zmq.Poller()
         self.poller.register(self.router, zmq.POLLIN)
         if self.config.listen:
@@ -441,6 +440,11 @@ class Kernel:
             self._send_error(route, abi.request_id_of(data), abi.ErrorCode.EINVAL, str(exc))
             return False
         self.counts[req.call] += 1
+        if len(data) > self.config.max_message_bytes:
+            self._send_error(route, req.id, abi.ErrorCode.EINVAL,
+                             f"{req.call}: request of {len(data)} bytes is over this kernel's "
+                             f"limit of {self.config.max_message_bytes} (max_message_bytes)")
+            return True
         entry = SYSCALLS.get(req.call)
         if entry is None:
             self._send_error(route, req.id, abi.ErrorCode.ENOSYS, f"no syscall {req.call!r}")

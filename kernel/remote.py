@@ -102,8 +102,7 @@ class Remote:
         self._ctx = zmq.Context()
         zap = CurveZapHandler(self._ctx, self.keys.principal_of_key)
         zap.start()
-        self.router = open_curve_router(self._ctx, endpoint, secret,
-                                        self.k.config.max_message_bytes)
+        self.router = open_curve_router(self._ctx, endpoint, secret)
         self.endpoint = self.router.last_endpoint.decode()
         self.k.poller.register(self.router, zmq.POLLIN)
         log.info("listening for remote agents", extra={"endpoint": self.endpoint})

@@ -1,0 +1,49 @@
+"""Probes the kernel's door limits as an agent and returns what it saw (argv[1] picks):
+`stats`: its own sys.stats; `oversize`: a request over the ABI's size limit through the SDK,
+then a raw frame over it, then whether the kernel still answers; `limit N`: an fs.write of N
+bytes through the SDK (over a kernel's lower max_message_bytes)."""
+
+import os
+import sys
+
+import msgspec
+import zmq
+
+import sdk
+from sdk import abi, layout
+
+
+def outcome(fn, *args):
+    try:
+        return ["ok", msgspec.to_builtins(fn(*args))]
+    except sdk.SyscallError as exc:
+        return ["error", exc.code.name, exc.message]
+
+
+def oversize(conn: sdk.Connection) -> dict:
+    seen = {"sdk": outcome(conn.fs.write, "big", b"x" * abi.MAX_MESSAGE_BYTES),
+            "null_after": outcome(conn.sys.null)}
+    # Without the SDK's check: libzmq drops the connection unread; nothing comes back.
+    raw = zmq.Context.instance().socket(zmq.DEALER)
+    raw.linger = 0
+    raw.connect(os.environ[layout.ENV_ENDPOINT])
+    raw.send(b"\x00" * (abi.MAX_MESSAGE_BYTES + 1))
+    seen["raw_answered"] = bool(raw.poll(1000))
+    raw.close()
+    with sdk.connect() as again:
+        seen["new_connection"] = outcome(again.sys.null)
+    seen["same_connection"] = outcome(conn.sys.null)
+    return seen
+
+
+with sdk.connect() as conn:
+    mode = sys.argv[1]
+    if mode == "stats":
+        conn.sys.null()  # a finished call of its own to see
+        result = msgspec.to_builtins(conn.sys.stats())
+    elif mode == "limit":
+        result = {"write": outcome(conn.fs.write, "big", b"x" * int(sys.argv[2])),
+                  "null_after": outcome(conn.sys.null)}
+    else:
+        result = oversize(conn)
+    conn.proc.exit(result)
