@@ -1,7 +1,7 @@
 """The kernel's doors under a hostile peer: requests over the size limit get EINVAL (typed)
 instead of a lost connection, each principal's calls in flight are capped whichever door they
-use (the local socket as a user, tcp:// as a remote agent), and a flood through the ROUTER
-does not starve a neighbour."""
+use (the local socket as a user, tcp:// as a remote agent), and an agent's sys.stats shows only
+its own figures."""
 
 from __future__ import annotations
 
@@ -151,6 +151,21 @@ def test_calls_in_flight_are_capped_for_users_and_remote_agents(tight: KernelPro
         conn.proc.kill(idle, grace=0)
     local.close()
     remote.close()
+
+
+def test_an_agent_sees_only_its_own_stats(kernel: KernelProcess, admin: sdk.Connection) -> None:
+    mine = probe(kernel, "stats", name="statsprobe")
+    me = f"agent:{mine.pop('id')}"
+    assert mine["pid"] == 0 and mine["agents_running"] == 0
+    assert set(mine["callers"]) == {me} and mine["callers"][me]["syscalls"] >= 1
+    assert set(mine["syscalls"]) <= {"ring.entries", "ring.doorbells", "ring.polled"}
+    assert mine["errors"] == mine["latency"] == mine["denials"] == {}
+    assert mine["models"] == mine["memory"] == mine["llm_usage"] == {}
+    assert mine["calls_parked"] == 0
+    # Users keep the whole view (agentos top, /metrics).
+    full = admin.sys.stats()
+    assert full.pid == kernel.proc.pid and me in full.callers and len(full.callers) > 1
+    assert full.syscalls["sys.stats"] >= 2 and full.latency
 
 
 def test_a_flood_of_calls_from_many_connections_does_not_starve_a_neighbour(
