@@ -390,7 +390,8 @@ class Kernel:
     def _run_timers(self) -> None:
         now = time.monotonic()
         while self._timers and self._timers[0].when <= now:
-            fn = heapq.heappop(self._timers).fn
+            timer = heapq.heappop(self._timers)
+            fn, timer.fn = timer.fn, None  # out of the heap: cancelling it now is a no-op
             if fn is None:
                 self._dead_timers -= 1
                 continue
@@ -533,8 +534,10 @@ class Kernel:
 
     def _unpark(self, call: Call) -> None:
         held = self._parked.get(call.caller.principal)
-        if held is not None and held.pop(call, False) is None and not held:
-            del self._parked[call.caller.principal]
+        if held is not None:
+            held.pop(call, None)
+            if not held:
+                del self._parked[call.caller.principal]
         key = (call.route, call.id)
         if self._by_request.get(key) is call:
             del self._by_request[key]
