@@ -137,11 +137,11 @@ class ZapHandler(threading.Thread):
 
 
 def _limit(sock: zmq.Socket) -> None:
-    """The ABI's ceiling on a request, which the SDK enforces on its side (EINVAL, never sent):
-    libzmq drops a peer that sends a larger frame before it is read, so nothing unbounded is
-    ever allocated; requests up to it get typed answers (`Kernel.submit` applies the kernel's
-    own, maybe lower, `max_message_bytes`)."""
-    sock.maxmsgsize = abi.MAX_MESSAGE_BYTES
+    """The ABI's ceiling on a request, which the SDK enforces on its side (EINVAL, never sent),
+    plus room for CURVE's box around a frame: libzmq drops a peer that sends a larger frame
+    before it is read, so nothing unbounded is ever allocated; requests up to it get typed
+    answers (`Kernel.submit` applies the kernel's own, maybe lower, `max_message_bytes`)."""
+    sock.maxmsgsize = abi.MAX_MESSAGE_BYTES + 4096
 
 
 def open_router(ctx: zmq.Context, socket_path: str) -> zmq.Socket:

@@ -42,9 +42,10 @@ def test_oversize_request_is_einval_and_the_connection_lives(kernel: KernelProce
     assert seen["sdk"][:2] == ["error", "EINVAL"], seen["sdk"]
     assert "over the ABI's limit" in seen["sdk"][2]
     assert seen["null_after"] == ["ok", None]
-    # A peer that skips the check is dropped unread (libzmq's ZMQ_MAXMSGSIZE): the kernel never
-    # holds more than the limit for it, and it and its other connections go on.
-    assert seen["raw_answered"] is False
+    # A peer that skips the check gets EINVAL just over the limit, and far over it is dropped
+    # unread (libzmq's ZMQ_MAXMSGSIZE): the kernel never holds more than the limit (and a
+    # CURVE box) for it, and its other connections go on.
+    assert seen["raw_just_over"] == "EINVAL" and seen["raw_far_over"] is None
     assert seen["new_connection"] == ["ok", None] and seen["same_connection"] == ["ok", None]
 
 

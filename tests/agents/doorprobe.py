@@ -23,13 +23,17 @@ def outcome(fn, *args):
 def oversize(conn: sdk.Connection) -> dict:
     seen = {"sdk": outcome(conn.fs.write, "big", b"x" * abi.MAX_MESSAGE_BYTES),
             "null_after": outcome(conn.sys.null)}
-    # Without the SDK's check: libzmq drops the connection unread; nothing comes back.
-    raw = zmq.Context.instance().socket(zmq.DEALER)
-    raw.linger = 0
-    raw.connect(os.environ[layout.ENV_ENDPOINT])
-    raw.send(b"\x00" * (abi.MAX_MESSAGE_BYTES + 1))
-    seen["raw_answered"] = bool(raw.poll(1000))
-    raw.close()
+    # Without the SDK's check: just over the limit is read and refused (EINVAL); far over it,
+    # libzmq drops the connection unread and nothing comes back.
+    for key, size in (("raw_just_over", abi.MAX_MESSAGE_BYTES + 1),
+                      ("raw_far_over", abi.MAX_MESSAGE_BYTES + (1 << 16))):
+        raw = zmq.Context.instance().socket(zmq.DEALER)
+        raw.linger = 0
+        raw.connect(os.environ[layout.ENV_ENDPOINT])
+        raw.send(b"\x00" * size)
+        seen[key] = abi.ErrorCode(abi.decode_response(raw.recv()).code).name if raw.poll(
+            1000) else None
+        raw.close()
     with sdk.connect() as again:
         seen["new_connection"] = outcome(again.sys.null)
     seen["same_connection"] = outcome(conn.sys.null)
