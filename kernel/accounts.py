@@ -86,6 +86,11 @@ class Accounts:
             recent.popleft()
         return sum(n for _, n in recent) / RATE_WINDOW_S
 
+    def own(self, principal: str) -> dict[str, dict[str, float]]:
+        """`principal`'s row alone, for the `sys.stats` of a caller that may see only itself."""
+        row = self.callers.get(principal)
+        return {principal: dict(row)} if row is not None else {}
+
     def snapshot(self) -> dict[str, Any]:
         """The fields `sys.stats` adds: copies, safe to encode and hand to another thread."""
         return {

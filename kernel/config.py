@@ -119,7 +119,16 @@ class Config:
     # SIGTERM: agents get SIGTERM, then SIGKILL after kill_grace; the kernel exits by drain_timeout.
     kill_grace: float = 5.0
     drain_timeout: float = 15.0
+    # The largest request the kernel takes (EINVAL beyond), at most the ABI's ceiling
+    # (sdk.abi.MAX_MESSAGE_BYTES: the SDK refuses larger ones itself, libzmq closes a peer
+    # that sends one).
     max_message_bytes: int = 16 * 1024 * 1024
+    # Calls one principal may have in flight (admitted and not yet answered: waiting for an
+    # event, a model, a tool or the memory index), whichever door they came through; EAGAIN
+    # beyond. Users (the CLI, `agentos top`, the admin's scripts) get the second; agents,
+    # remote agents and HTTP keys the first.
+    agent_calls_in_flight: int = 1024
+    user_calls_in_flight: int = 8192
     # ipc: per-agent mailbox depth and per-message size.
     mailbox_depth: int = 1024
     ipc_message_bytes: int = 64 * 1024
@@ -283,3 +292,9 @@ class Config:
             raise ValueError(f"home_at_exit must be one of {', '.join(HOME_AT_EXIT)}")
         if 0 < self.home_bytes < MIN_BYTES or self.home_bytes < 0:
             raise ValueError(f"home_bytes must be 0 (no quota) or at least {MIN_BYTES}")
+        from sdk.abi import MAX_MESSAGE_BYTES
+
+        if not 0 < self.max_message_bytes <= MAX_MESSAGE_BYTES:
+            raise ValueError(f"max_message_bytes must be 1..{MAX_MESSAGE_BYTES} (the ABI's)")
+        if self.agent_calls_in_flight < 1 or self.user_calls_in_flight < 1:
+            raise ValueError("agent_calls_in_flight and user_calls_in_flight must be >= 1")

@@ -8,6 +8,7 @@ and answer later from an event (a message arrives, an agent exits, a timer fires
 from __future__ import annotations
 
 import collections
+import gc
 import heapq
 import itertools
 import logging
@@ -48,8 +49,13 @@ from sdk import abi
 log = logging.getLogger("kernel")
 
 VERSION = "0.1.0"
-BATCH = 256  # messages taken from the ROUTER per loop iteration
+BATCH = 256  # messages taken from the ROUTER per loop iteration, at most
+# ... and for at most this long: a flood of messages (however cheap or costly each) delays the
+# rings and other doors by about this, so a neighbour's call waits a loop iteration, not 256
+# of a hostile agent's calls.
+DOOR_BUDGET_S = 0.002
 POLL_DOORS_S = 50e-6  # while spinning on rings, how often the other doors are looked at
+CANCEL_SLICE = 64  # a dead agent's parked calls cancelled per loop iteration
 
 
 class Fault(Exception):
@@ -70,6 +76,15 @@ class Caller:
     agent_id: int | None
 
 
+@dataclass(order=True, slots=True)
+class Timer:
+    """A callback due at `when` (monotonic); `fn` is None once cancelled (see `Kernel.after`)."""
+
+    when: float
+    seq: int
+    fn: Callable[[], None] | None = field(compare=False)
+
+
 @dataclass(eq=False, slots=True)
 class Call:
     """One syscall in flight: where its reply goes and whether it has been answered."""
@@ -84,6 +99,7 @@ class Call:
     on_cancel: list[Callable[[], None]] = field(default_factory=list)
     on_reply: list[Callable[[Any], None]] = field(default_factory=list)  # given the result
     started: float = field(default_factory=time.monotonic)  # for the latency histograms
+    deadline: Timer | None = None  # the timer that fails it with ETIMEDOUT, while parked
 
 
 class Kernel:
@@ -96,10 +112,16 @@ class Kernel:
         self.outbox: list[list[bytes]] = []
         self.counts: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
-        self._timers: list[tuple[float, int, Callable[[], None]]] = []
+        self._timers: list[Timer] = []
         self._timer_seq = itertools.count()
+        self._dead_timers = 0  # cancelled timers still in the heap
         self._stop_requests = 0
-        self.parked: set[Call] = set()
+        # Calls answered later (`park`), per principal: waiting for an event, a model, a tool or
+        # the memory index. Every call that is admitted and not answered at once is here, so
+        # this is also what each principal has in flight, capped in `execute`. Dicts keyed by
+        # call: adding, answering and cancelling one is O(1) whatever else is parked.
+        self._parked: dict[str, dict[Call, None]] = {}
+        self._by_request: dict[tuple[bytes, int], Call] = {}  # (route, id) -> parked call
         self._posted: collections.deque[Callable[[], None]] = collections.deque()
         # Replies for routes that are not ROUTER peers (the HTTP front end's calls), by route.
         self.sinks: dict[bytes, Callable[[bytes], None]] = {}
@@ -143,8 +165,7 @@ class Kernel:
         self.ctx = zmq.Context()
         self.zap = ZapHandler(self.ctx, self.identities.principal)
         self.zap.start()
-        self.router = open_router(self.ctx, str(self.state.socket_path),
-                                  self.config.max_message_bytes)
+        self.router = open_router(self.ctx, str(self.state.socket_path))
         self.poller = zmq.Poller()
         self.poller.register(self.router, zmq.POLLIN)
         if self.config.listen:
@@ -166,6 +187,10 @@ class Kernel:
         signal.signal(signal.SIGINT, self._on_stop_signal)
         self._write_admin_token()
         self.db.commit()
+        # What boot built (modules, managers, tables) lives as long as the kernel: out of the
+        # collector's full passes, which any agent's allocations set off, so a pass scans only
+        # what came after and no longer pauses every caller for tens of ms.
+        gc.freeze()
         log.info("kernel ready", extra={"state_dir": str(self.state.root), "pid": os.getpid(),
                                         "socket": str(self.state.socket_path),
                                         "sandbox": self.procs.sandboxes.describe()})
@@ -231,7 +256,7 @@ class Kernel:
         if self.ringdoor.listener is not None:
             self.ringdoor.on_ready(ready)
         if self.remote.router is not None and self.remote.router in ready:
-            self.remote.drain(BATCH)
+            self.remote.drain(BATCH, time.monotonic() + DOOR_BUDGET_S)
         if self._wake_r in ready:
             try:
                 os.read(self._wake_r, 4096)
@@ -281,7 +306,7 @@ class Kernel:
         if self.notifier.watchdog_interval is not None:
             horizon = min(horizon, self.notifier.watchdog_interval)
         if self._timers:
-            horizon = min(horizon, self._timers[0][0] - time.monotonic())
+            horizon = min(horizon, self._timers[0].when - time.monotonic())
         ring_wait = self.rings.wait_hint()
         if ring_wait is not None:
             horizon = min(horizon, ring_wait)
@@ -296,8 +321,9 @@ class Kernel:
         self._run_posted()
         self.procs.terminate_all(0)
         self.procs.reap_blocking(timeout=5.0)
-        for call in list(self.parked):
-            self.fail(call, abi.ErrorCode.ECANCELED, "the kernel is shutting down")
+        for calls in list(self._parked.values()):
+            for call in list(calls):
+                self.fail(call, abi.ErrorCode.ECANCELED, "the kernel is shutting down")
         self.access.close()
         self.flush()
         self.ringdoor.close()
@@ -342,13 +368,33 @@ class Kernel:
 
     # --- timers ------------------------------------------------------------------------------
 
-    def after(self, seconds: float, fn: Callable[[], None]) -> None:
-        heapq.heappush(self._timers, (time.monotonic() + seconds, next(self._timer_seq), fn))
+    def after(self, seconds: float, fn: Callable[[], None]) -> Timer:
+        """Run `fn` on the loop in `seconds` (at the earliest the next iteration)."""
+        timer = Timer(time.monotonic() + seconds, next(self._timer_seq), fn)
+        heapq.heappush(self._timers, timer)
+        return timer
+
+    def cancel_timer(self, timer: Timer) -> None:
+        """`timer` will not run. O(1): it stays in the heap, skipped when due, and the heap is
+        rebuilt once cancelled timers are half of it, so calls answered long before their
+        deadlines (a hostile agent's, parked for days) cannot pile up in it."""
+        if timer.fn is None:
+            return
+        timer.fn = None
+        self._dead_timers += 1
+        if self._dead_timers > 64 and 2 * self._dead_timers > len(self._timers):
+            self._timers = [t for t in self._timers if t.fn is not None]
+            heapq.heapify(self._timers)
+            self._dead_timers = 0
 
     def _run_timers(self) -> None:
         now = time.monotonic()
-        while self._timers and self._timers[0][0] <= now:
-            _, _, fn = heapq.heappop(self._timers)
+        while self._timers and self._timers[0].when <= now:
+            timer = heapq.heappop(self._timers)
+            fn, timer.fn = timer.fn, None  # out of the heap: cancelling it now is a no-op
+            if fn is None:
+                self._dead_timers -= 1
+                continue
             try:
                 fn()
             except Exception:
@@ -357,6 +403,9 @@ class Kernel:
     # --- dispatch ----------------------------------------------------------------------------
 
     def _drain_router(self) -> None:
+        """Up to BATCH messages or DOOR_BUDGET_S of work; the rest wait for the next iteration
+        (the ROUTER queues them fairly, per peer)."""
+        deadline = time.monotonic() + DOOR_BUDGET_S
         for _ in range(BATCH):
             try:
                 frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -366,6 +415,8 @@ class Kernel:
                 self.dispatch(frames)
             except Exception:  # the last line of defence: log, never die
                 log.exception("dispatch failed")
+            if time.monotonic() >= deadline:
+                return
 
     def dispatch(self, frames: list[zmq.Frame]) -> None:
         route = frames[0].bytes
@@ -390,6 +441,11 @@ class Kernel:
             self._send_error(route, abi.request_id_of(data), abi.ErrorCode.EINVAL, str(exc))
             return False
         self.counts[req.call] += 1
+        if len(data) > self.config.max_message_bytes:
+            self._send_error(route, req.id, abi.ErrorCode.EINVAL,
+                             f"{req.call}: request of {len(data)} bytes is over this kernel's "
+                             f"limit of {self.config.max_message_bytes} (max_message_bytes)")
+            return True
         entry = SYSCALLS.get(req.call)
         if entry is None:
             self._send_error(route, req.id, abi.ErrorCode.ENOSYS, f"no syscall {req.call!r}")
@@ -407,6 +463,12 @@ class Kernel:
         ones above, and the HTTP front end (`kernel/http/`)."""
         entry = SYSCALLS[req.call]
         call = Call(route, req.id, req.call, caller, req.timeout_ms)
+        held = self._parked.get(caller.principal)
+        if held is not None and len(held) >= self.calls_in_flight_cap(caller.principal):
+            self.fail(call, abi.ErrorCode.EAGAIN,
+                      f"{caller.principal} has {len(held)} calls in flight, its most (kernel "
+                      "config agent_calls_in_flight / user_calls_in_flight): wait for replies")
+            return
         self.db.begin_call()
         failed = True
         try:
@@ -443,13 +505,44 @@ class Kernel:
 
     # --- parked calls ------------------------------------------------------------------------
 
+    def calls_in_flight_cap(self, principal: str) -> int:
+        """How many calls `principal` may have parked at once. Users (the admin's CLI, `agentos
+        top`, scripts) get their own, larger, cap; agents, remote agents and HTTP keys the
+        agents' one."""
+        if principal.startswith("user:"):
+            return self.config.user_calls_in_flight
+        return self.config.agent_calls_in_flight
+
+    def calls_parked(self, principal: str | None = None) -> int:
+        """Parked calls of `principal`, or of everyone."""
+        if principal is not None:
+            return len(self._parked.get(principal, ()))
+        return sum(map(len, self._parked.values()))
+
     def park(self, call: Call, timeout_ms: int | None) -> object:
         """Hold `call` until an event answers it, or fail it with ETIMEDOUT at its deadline."""
-        self.parked.add(call)
-        if timeout_ms is not None:
-            self.after(timeout_ms / 1000,
-                       lambda: self.fail(call, abi.ErrorCode.ETIMEDOUT, f"{call.name}: timed out"))
+        held = self._parked.get(call.caller.principal)
+        if held is None:
+            held = self._parked[call.caller.principal] = {}
+        held[call] = None
+        # A client that reuses a request id while the first is parked finds only the last.
+        self._by_request[(call.route, call.id)] = call
+        if timeout_ms is not None and call.deadline is None:
+            call.deadline = self.after(timeout_ms / 1000, lambda: self.fail(
+                call, abi.ErrorCode.ETIMEDOUT, f"{call.name}: timed out"))
         return PENDING
+
+    def _unpark(self, call: Call) -> None:
+        held = self._parked.get(call.caller.principal)
+        if held is not None:
+            held.pop(call, None)
+            if not held:
+                del self._parked[call.caller.principal]
+        key = (call.route, call.id)
+        if self._by_request.get(key) is call:
+            del self._by_request[key]
+        if call.deadline is not None:
+            self.cancel_timer(call.deadline)
 
     def offload(self, call: Call) -> None:
         """`call` is being worked on by another thread of this process (a model, the embedder,
@@ -463,9 +556,21 @@ class Kernel:
         self.offloaded -= 1
 
     def cancel_calls_of(self, agent_id: int) -> None:
-        """A dead agent's parked calls: cancelled, and their waits released."""
-        for call in [c for c in self.parked if c.caller.agent_id == agent_id]:
-            self.fail(call, abi.ErrorCode.ECANCELED, f"agent {agent_id} has ended")
+        """A dead agent's parked calls: cancelled, and their waits released. The agent is no
+        longer live (its new calls are refused) and its calls leave its count at once, so a
+        restart starts with none; they are failed CANCEL_SLICE per loop iteration, so an
+        agent that parked many cannot stall its neighbours' calls on its way out."""
+        self.ipc.forget_waiters(agent_id)
+        held = self._parked.pop(f"agent:{agent_id}", None)
+        if held:
+            self._cancel_some(held, f"agent {agent_id} has ended")
+
+    def _cancel_some(self, calls: dict[Call, None], reason: str) -> None:
+        for _ in range(min(CANCEL_SLICE, len(calls))):
+            call, _ = calls.popitem()
+            self.fail(call, abi.ErrorCode.ECANCELED, reason)
+        if calls:
+            self.after(0, lambda: self._cancel_some(calls, reason))
 
     # --- replies -----------------------------------------------------------------------------
 
@@ -475,7 +580,7 @@ class Kernel:
         frame = abi.encode_reply(call.id, result)
         call.done = True
         self.accounts.done(call, result)
-        self.parked.discard(call)
+        self._unpark(call)
         for settle in call.on_reply:
             settle(result)
         self.outbox.append([call.route, frame])
@@ -485,7 +590,7 @@ class Kernel:
             return
         call.done = True
         self.accounts.failed(call, code)
-        self.parked.discard(call)
+        self._unpark(call)
         for cancel in call.on_cancel:
             cancel()
         self._send_error(call.route, call.id, code, message)
@@ -497,7 +602,7 @@ class Kernel:
                 abi.encode(data))))])
 
     def find_parked(self, route: bytes, request_id: int) -> Call | None:
-        return next((c for c in self.parked if c.route == route and c.id == request_id), None)
+        return self._by_request.get((route, request_id))
 
     def _send_error(self, route: bytes, rid: int, code: abi.ErrorCode, message: str) -> None:
         self.errors[code.name] += 1

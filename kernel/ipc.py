@@ -7,6 +7,7 @@ message and deletes it in the same transaction as its reply: delivery is at most
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -20,7 +21,8 @@ if TYPE_CHECKING:
 class Mailboxes:
     def __init__(self, kernel: Kernel) -> None:
         self.k = kernel
-        self._waiters: dict[int, list[Call]] = {}
+        # Parked recvs per agent, oldest first; keyed by call so a cancelled one leaves in O(1).
+        self._waiters: dict[int, OrderedDict[Call, None]] = {}
         self._depth: dict[int, int] = {}
 
     def _fault(self, code: abi.ErrorCode, message: str) -> Exception:
@@ -60,9 +62,11 @@ class Mailboxes:
             return message
         if args.timeout_ms == 0:
             raise self._fault(abi.ErrorCode.EAGAIN, "mailbox is empty")
-        waiters = self._waiters.setdefault(agent_id, [])
-        waiters.append(call)
-        call.on_cancel.append(lambda: waiters.remove(call) if call in waiters else None)
+        waiters = self._waiters.get(agent_id)
+        if waiters is None:
+            waiters = self._waiters[agent_id] = OrderedDict()
+        waiters[call] = None
+        call.on_cancel.append(lambda: waiters.pop(call, None))
         return self.k.park(call, args.timeout_ms)
 
     def _take(self, agent_id: int) -> abi.Message | None:
@@ -79,14 +83,18 @@ class Mailboxes:
     def _deliver(self, agent_id: int) -> None:
         waiters = self._waiters.get(agent_id)
         while waiters:
-            call = waiters.pop(0)
-            if call.done:
-                continue
-            message = self._take(agent_id)
-            if message is None:
-                waiters.insert(0, call)
-                return
-            self.k.reply(call, message)
+            call = next(iter(waiters))
+            if not call.done:
+                message = self._take(agent_id)
+                if message is None:
+                    return
+                self.k.reply(call, message)
+            waiters.pop(call, None)
+
+    def forget_waiters(self, agent_id: int) -> None:
+        """The agent's process ended: its parked recvs, cancelled soon after (see
+        `Kernel.cancel_calls_of`), must take no message meant for its restart."""
+        self._waiters.pop(agent_id, None)
 
     def drop(self, agent_id: int) -> None:
         """An ended agent's mailbox and waiters go with it."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -102,8 +103,7 @@ class Remote:
         self._ctx = zmq.Context()
         zap = CurveZapHandler(self._ctx, self.keys.principal_of_key)
         zap.start()
-        self.router = open_curve_router(self._ctx, endpoint, secret,
-                                        self.k.config.max_message_bytes)
+        self.router = open_curve_router(self._ctx, endpoint, secret)
         self.endpoint = self.router.last_endpoint.decode()
         self.k.poller.register(self.router, zmq.POLLIN)
         log.info("listening for remote agents", extra={"endpoint": self.endpoint})
@@ -116,7 +116,8 @@ class Remote:
 
     # --- the door ----------------------------------------------------------------------------
 
-    def drain(self, batch: int) -> None:
+    def drain(self, batch: int, deadline: float) -> None:
+        """Up to `batch` messages, until the monotonic `deadline` (the loop's budget per door)."""
         assert self.router is not None
         for _ in range(batch):
             try:
@@ -127,6 +128,8 @@ class Remote:
                 self._dispatch(frames)
             except Exception:
                 log.exception("remote dispatch failed")
+            if time.monotonic() >= deadline:
+                return
 
     def _dispatch(self, frames: list[zmq.Frame]) -> None:
         route = RemoteRoute(b"tcp:" + frames[0].bytes)

@@ -59,6 +59,8 @@ class AgentRing:
     closed: bool = False  # quarantined: no more entries are read
     advice: int = -1  # the spin advice last written into its completion ring
     limit: int = 0  # payload bytes per slot
+    # Its own ring.entries / ring.doorbells / ring.polled, for its owner's `sys.stats`.
+    counts: collections.Counter[str] = field(default_factory=collections.Counter)
 
     def __post_init__(self) -> None:
         self.limit = self.pair.geometry.payload_capacity
@@ -130,6 +132,11 @@ class Rings:
             extras.fds.extend(fds)
             extras.env[layout.ENV_RINGS] = spec
 
+    def counts_of(self, agent_id: int | None) -> dict[str, int]:
+        """An agent's own ring figures (none for a caller without rings of its own)."""
+        ring = self._by_agent.get(agent_id) if agent_id is not None else None
+        return dict(ring.counts) if ring is not None else {}
+
     def drop(self, agent_id: int) -> None:
         """The agent is gone (reaped, or never started): unmap and close its rings."""
         ring = self._by_agent.get(agent_id)
@@ -158,12 +165,16 @@ class Rings:
             ring.pair.acknowledge()
         if todo:
             self.k.counts["ring.doorbells"] += len(todo)
+            for ring in todo:
+                ring.counts["ring.doorbells"] += 1
         again, self._again = self._again, set()
         todo.extend(r for r in again if r not in todo)
         if self._polled:
             found = [r for r in self._polled if r not in todo and r.pair.submissions.pending()]
             if found:
                 self.k.counts["ring.polled"] += len(found)
+                for ring in found:
+                    ring.counts["ring.polled"] += 1
                 todo.extend(found)
         for ring in todo:
             try:
@@ -226,6 +237,7 @@ class Rings:
             self._on_fault(ring, fault)
         if payloads:
             self.k.counts["ring.entries"] += len(payloads)
+            ring.counts["ring.entries"] += len(payloads)
             self._poll(ring)
         for payload in payloads:
             try:

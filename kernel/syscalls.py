@@ -59,11 +59,21 @@ def sys_rings(k: Kernel, call: Call, args: abi.NoArgs) -> abi.RingTicket:
 
 
 def sys_stats(k: Kernel, call: Call, args: abi.NoArgs) -> abi.Stats:
+    """The whole kernel's figures for users and HTTP keys (`agentos top`, `/metrics`: both
+    issued by a user); for an agent or a remote agent its own only: its caller row, its calls
+    parked and its rings' counters, no other principal's usage, no kernel pid (0), no count of
+    other agents (0)."""
     from kernel.core import VERSION
 
-    return abi.Stats(version=VERSION, abi=abi.ABI_VERSION, pid=os.getpid(),
-                     uptime_s=round(time.time() - k.started_at, 3),
-                     agents_running=k.procs.running_count(), calls_parked=len(k.parked),
+    uptime = round(time.time() - k.started_at, 3)
+    principal = call.caller.principal
+    if not principal.startswith(("user:", "http:")):
+        return abi.Stats(version=VERSION, abi=abi.ABI_VERSION, pid=0, uptime_s=uptime,
+                         agents_running=0, calls_parked=k.calls_parked(principal),
+                         syscalls=k.rings.counts_of(call.caller.agent_id), errors={},
+                         callers=k.accounts.own(principal))
+    return abi.Stats(version=VERSION, abi=abi.ABI_VERSION, pid=os.getpid(), uptime_s=uptime,
+                     agents_running=k.procs.running_count(), calls_parked=k.calls_parked(),
                      syscalls=dict(k.counts), models=k.llm.stats(),
                      errors=dict(k.errors), memory=k.memory.stats(),
                      **k.accounts.snapshot())

@@ -28,6 +28,8 @@ from collections.abc import Callable
 import zmq
 from zmq.utils import z85
 
+from sdk import abi
+
 log = logging.getLogger("kernel.transport")
 
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
@@ -134,7 +136,15 @@ class ZapHandler(threading.Thread):
         return [version, request_id, b"200", b"OK", principal.encode(), b""]
 
 
-def open_router(ctx: zmq.Context, socket_path: str, max_message_bytes: int) -> zmq.Socket:
+def _limit(sock: zmq.Socket) -> None:
+    """The ABI's ceiling on a request, which the SDK enforces on its side (EINVAL, never sent),
+    plus room for CURVE's box around a frame: libzmq drops a peer that sends a larger frame
+    before it is read, so nothing unbounded is ever allocated; requests up to it get typed
+    answers (`Kernel.submit` applies the kernel's own, maybe lower, `max_message_bytes`)."""
+    sock.maxmsgsize = abi.MAX_MESSAGE_BYTES + 4096
+
+
+def open_router(ctx: zmq.Context, socket_path: str) -> zmq.Socket:
     """Bind the kernel's ROUTER; the ZAP handler must already be listening."""
     if os.path.exists(socket_path):
         os.unlink(socket_path)  # a stale socket from a crashed kernel; we hold the state lock
@@ -142,7 +152,7 @@ def open_router(ctx: zmq.Context, socket_path: str, max_message_bytes: int) -> z
     sock.linger = 0
     sock.zap_domain = ZAP_DOMAIN
     sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
-    sock.maxmsgsize = max_message_bytes
+    _limit(sock)
     # Per-peer queues: a peer that never reads its replies loses them, it cannot stall us.
     sock.sndhwm = 10000
     sock.rcvhwm = 10000
@@ -185,8 +195,7 @@ class CurveZapHandler(ZapHandler):
         return [version, request_id, b"200", b"OK", principal.encode(), b""]
 
 
-def open_curve_router(ctx: zmq.Context, endpoint: str, secret_key: bytes,
-                      max_message_bytes: int) -> zmq.Socket:
+def open_curve_router(ctx: zmq.Context, endpoint: str, secret_key: bytes) -> zmq.Socket:
     """Bind the remote ROUTER as a CURVE server; its ZAP handler must already be listening."""
     sock = ctx.socket(zmq.ROUTER)
     sock.linger = 0
@@ -194,7 +203,7 @@ def open_curve_router(ctx: zmq.Context, endpoint: str, secret_key: bytes,
     sock.curve_secretkey = secret_key
     sock.zap_domain = CURVE_DOMAIN
     sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
-    sock.maxmsgsize = max_message_bytes
+    _limit(sock)
     sock.sndhwm = 10000
     sock.rcvhwm = 10000
     sock.bind(endpoint)

@@ -88,6 +88,15 @@ def _by_ring(channel: ringpath.RingChannel | None, name: str, args: abi.Args | N
     return True
 
 
+def _oversize(name: str, rid: int, data: bytes) -> abi.Error | None:
+    """The answer for a request larger than the ABI allows, which is never sent: the kernel's
+    transport would drop the whole connection instead of answering it."""
+    if len(data) <= abi.MAX_MESSAGE_BYTES:
+        return None
+    return abi.Error(rid, int(abi.ErrorCode.EINVAL), f"{name}: request of {len(data)} bytes is "
+                     f"over the ABI's limit of {abi.MAX_MESSAGE_BYTES}; not sent")
+
+
 def _final(resp: abi.Reply | abi.Error, result_type: Any) -> Any:
     if isinstance(resp, abi.Error):
         raise from_code(resp.code, resp.message)
@@ -168,6 +177,10 @@ class Connection:
     def _post(self, name: str, args: abi.Args | None, rid: int, data: bytes) -> bool:
         """Route one encoded request (the lock held): into the submission ring if it takes it,
         else over ZeroMQ. True if it went into the ring (ring the doorbell after)."""
+        refused = _oversize(name, rid, data)
+        if refused is not None:
+            self._inbox[rid].append(refused)
+            return False
         ring = self._ring
         if ring is not None and _by_ring(ring, name, args, data, self._ring_rids):
             # A full ring sends the rest over ZeroMQ, except a cancel, which must take the ring:
@@ -403,6 +416,10 @@ class AsyncConnection:
         req = _make_request(self._ids, name, self.token, args, server_wait_ms)
         data = abi.encode(req)
         self._pending[req.id] = _Inbox()
+        refused = _oversize(name, req.id, data)
+        if refused is not None:
+            self._pending[req.id].put(refused)
+            return req.id
         ring = self._ring
         if ring is not None and _by_ring(ring, name, args, data, self._ring_rids):
             if self._ring_loop is None:

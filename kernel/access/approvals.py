@@ -84,10 +84,7 @@ class Approvals:
         log.info("approval requested", extra={"request": request_id, "action": action,
                                               "principal": call.caller.principal})
         self.k.after(timeout, lambda: self._expire(req))
-        self.k.parked.add(call)
-        from kernel.core import PENDING
-
-        return PENDING
+        return self.k.park(call, None)  # the approval's own timer bounds the wait
 
     def _expire(self, req: Request) -> None:
         if self.pending.pop(req.id, None) is not None:

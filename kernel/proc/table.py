@@ -127,7 +127,7 @@ class ProcessTable:
         self.live: dict[int, Live] = {}
         self._by_fd: dict[int, Live] = {}
         self._pumps: dict[int, tuple[Live, LogPump]] = {}
-        self._waiters: dict[int, list[Call]] = {}
+        self._waiters: dict[int, dict[Call, None]] = {}  # keyed by call: O(1) cancel
         self._pending: dict[int, AgentSpec] = {}  # waiting out a restart backoff
         self._streak: dict[int, int] = {}  # restarts in a row, each soon after its start
         self.sandboxes = Sandboxes(kernel)
@@ -517,7 +517,7 @@ class ProcessTable:
         waiters get its final row."""
         self.k.ipc.drop(agent_id)
         self.sandboxes.ended(agent_id)
-        waiters = self._waiters.pop(agent_id, [])
+        waiters = self._waiters.pop(agent_id, {})
         if waiters:
             info = self._row(agent_id)
             for call in waiters:
@@ -561,9 +561,9 @@ class ProcessTable:
         info = self._row(args.id)
         if args.id not in self.live and args.id not in self._pending:
             return info
-        waiters = self._waiters.setdefault(args.id, [])
-        waiters.append(call)
-        call.on_cancel.append(lambda: waiters.remove(call) if call in waiters else None)
+        waiters = self._waiters.setdefault(args.id, {})
+        waiters[call] = None
+        call.on_cancel.append(lambda: waiters.pop(call, None))
         return self.k.park(call, args.timeout_ms)
 
     def kill(self, caller_principal: str, agent_id: int, grace: float) -> None:

@@ -61,7 +61,9 @@ class Tool:
     mount: McpMount | None = None  # an MCP server's tool
     remote_name: str = ""  # the tool's name on its MCP server
     running: int = 0
-    waiting: collections.deque[Pending] = field(default_factory=collections.deque)
+    # Calls holding their locks until a slot frees, oldest first; keyed so a cancel is O(1).
+    waiting: collections.OrderedDict[Pending, None] = field(
+        default_factory=collections.OrderedDict)
 
 
 @dataclass(eq=False)
@@ -310,7 +312,7 @@ class ToolManager:
         if tool.running < tool.manifest.concurrency:
             self._start(pending)
         else:
-            tool.waiting.append(pending)
+            tool.waiting[pending] = None
 
     def _start(self, pending: Pending) -> None:
         tool, m = pending.tool, pending.tool.manifest
@@ -351,7 +353,7 @@ class ToolManager:
         if pending.job is not None:
             tool.running -= 1
             while tool.waiting and tool.running < tool.manifest.concurrency:
-                self._start(tool.waiting.popleft())
+                self._start(tool.waiting.popitem(last=False)[0])
         if pending.lock is not None:
             self.locks.release(pending.lock)
 
@@ -363,8 +365,7 @@ class ToolManager:
             pending.job.cancel()  # the worker reports ECANCELED; _finish frees the slot
             return
         pending.finished = True
-        if pending in pending.tool.waiting:
-            pending.tool.waiting.remove(pending)
+        pending.tool.waiting.pop(pending, None)
         self._release(pending)
 
     # --- MCP mounts --------------------------------------------------------------------------
