@@ -143,6 +143,13 @@ class Scheduler(ABC):
         """Running jobs, in the order they were admitted."""
         return list(self._running.values())
 
+    def agents(self) -> set[str]:
+        """Every agent this scheduler holds state for: jobs, budget, policy accounting. The
+        kernel calls `forget_agent` when an agent ends for good, so this stays bounded by the
+        agents alive."""
+        jobs = {job.agent for job in (*self._waiting.values(), *self._running.values())}
+        return jobs | (self.budget.agents() if self.budget else set()) | self._accounted()
+
     def forget_agent(self, agent: str) -> None:
         """Drop the accounting of an agent that has exited, so a reused name starts afresh."""
         if any(job.agent == agent for job in (*self._waiting.values(), *self._running.values())):
@@ -190,3 +197,7 @@ class Scheduler(ABC):
 
     def _forget(self, agent: str) -> None:  # noqa: B027 - optional hook
         """Drop per-agent accounting."""
+
+    def _accounted(self) -> set[str]:
+        """Agents with per-agent accounting (the policies that keep some override this)."""
+        return set()
