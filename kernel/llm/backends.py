@@ -106,6 +106,7 @@ class LocalBackend:
                 "sched_agents": len(self.sched.agents())}
 
     def step(self) -> list[Event]:
+        """One iteration, one token for every generation in the batch: what became of each."""
         # schedule: the policy picks the batch within the places KV memory leaves (sched/).
         plan = self.pressure.schedule(self.sched, time.monotonic(), self._kv_held)
         events = self._switch(plan)
@@ -115,9 +116,7 @@ class LocalBackend:
         # run: one ragged forward pass over exactly the planned batch.
         outputs = self.engine.step([job.id for job in plan.run])
         # postprocess: account each job's service, report its progress and its end.
-        now = time.monotonic()
-        for job in plan.run:
-            self._postprocess(job, outputs[job.id], now, events)
+        self._postprocess(plan.run, outputs, events)
         return events
 
     def _kv_held(self) -> int:
@@ -137,16 +136,21 @@ class LocalBackend:
             self.engine.preempt(job.id, keep_kv=not plan.recompute)
         return events
 
-    def _postprocess(self, job: Job, out: StepOutput, now: float, events: list[Event]) -> None:
-        if not job.served:  # its first step
-            events.append(Started(job.id, job.first_run or now, out.reused))
-        # A token means the whole prompt is in; otherwise a chunk of it went in this step.
-        done = job.prompt_tokens if out.new_tokens else min(out.computed, job.prompt_tokens)
-        self.sched.account(job.id, max(0, done - job.prefilled), 1 if out.new_tokens else 0, now)
-        events.append(Delta(job.id, out.text_delta, len(out.new_tokens)))
-        if out.finished:
-            self.sched.finish(job.id, now)
-            events.append(Finished(job.id, out.finish_reason or "stop", job.preemptions))
+    def _postprocess(self, run: list[Job], outputs: dict[int, StepOutput],
+                     events: list[Event]) -> None:
+        now = time.monotonic()
+        account, append = self.sched.account, events.append
+        for job in run:
+            out = outputs[job.id]
+            if not job.prefilled:  # its first step (a prompt has at least one token)
+                append(Started(job.id, job.first_run or now, out.reused))
+            # A token means the whole prompt is in; otherwise a chunk of it went in this step.
+            done = job.prompt_tokens if out.new_tokens else min(out.computed, job.prompt_tokens)
+            account(job.id, max(0, done - job.prefilled), 1 if out.new_tokens else 0, now)
+            append(Delta(job.id, out.text_delta, len(out.new_tokens)))
+            if out.finished:
+                self.sched.finish(job.id, now)
+                append(Finished(job.id, out.finish_reason or "stop", job.preemptions))
 
 
 class RemoteBackend:
@@ -192,7 +196,8 @@ class RemoteBackend:
         self.sched.forget_agent(agent)
 
     def step(self) -> list[Event]:
-        # postprocess what the streams reported since the last step.
+        """What the streams did since the last step; then the admitted start streaming."""
+        # postprocess what the streams reported.
         events: list[Event] = []
         while True:
             try:

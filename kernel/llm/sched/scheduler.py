@@ -53,9 +53,11 @@ class Slots:
 class Scheduler(ABC):
     """Decides, before every engine step, which jobs are in the batch; never touches tensors.
 
-    Jobs are either waiting or running. Each step the engine calls `schedule` (its plan is
-    already applied to these collections), runs the batch, `account`s each job in it and
-    `finish`es those that completed. `now` is a monotonic clock and must never go backwards.
+    Jobs are either waiting or running. Each step the model's backend calls `schedule` (through
+    `MemoryPressure`, which sets the capacity; the plan is already applied to these
+    collections), has the engine run the batch, `account`s each job in it and `finish`es
+    those that completed (kernel/llm/backends.py, `LocalBackend.step`). `now` is a monotonic
+    clock and must never go backwards.
     """
 
     def __init__(self, *, budget: Budget | None = None) -> None:
