@@ -107,6 +107,22 @@ def test_agents_need_a_capability_for_the_model(llm_kernel: KernelProcess) -> No
     assert replies == [alone] * 4  # batched with each other, same greedy tokens as alone
 
 
+def test_ended_agents_leave_no_scheduler_state(llm_kernel: KernelProcess) -> None:
+    """Each agent that used a model leaves accounting in its scheduler (the fair policy's
+    counter); once the agent is over for good the kernel has the scheduler forget it, so that
+    state is bounded by the agents alive, while a principal still alive keeps its own."""
+    with llm_kernel.connect() as conn:
+        conn.llm.chat(HELLO, max_tokens=1)  # this user stays: its counter must stay too
+        ids = [conn.proc.spawn(agent("chatter"), name=f"ender{i}", caps=["llm.chat@llm/tiny"])
+               for i in range(3)]
+        assert all(conn.proc.wait(i, timeout=120).result for i in ids)
+
+        def tracked() -> float | None:
+            return conn.sys.stats().models["tiny"].get("sched_agents")
+
+        assert wait_until(lambda: tracked() == 1, timeout=30), tracked()
+
+
 def test_missing_model_names_the_pull_command(tmp_path: Path) -> None:
     k = _boot(tmp_path / "state", env={"AGENTOS_MODEL_DIR": str(tmp_path / "empty")})
     try:

@@ -1,23 +1,27 @@
 """Where a model's tokens come from: the local batched engine, or a remote OpenAI-compatible
-server. Both sit behind the model's scheduler and report through its worker."""
+server. Both sit behind the model's scheduler; each `step` returns events (kernel/llm/events.py)
+that the model's worker applies."""
 
 from __future__ import annotations
 
 import logging
 import os
+import queue
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kernel.config import ModelConfig
+from kernel.llm.events import Delta, Event, Failed, Finished, Started
 from kernel.llm.remote import RemoteError, RemoteModel
-from kernel.llm.sched import Job, make_scheduler
-from kernel.llm.worker import make_budget
+from kernel.llm.sched import Job, MemoryPressure, Plan, make_scheduler, token_budget
 from sdk import abi
 
 if TYPE_CHECKING:
-    from kernel.llm.worker import Generation, ModelWorker
+    from kernel.llm.engine import StepOutput
+    from kernel.llm.worker import Generation
 
 log = logging.getLogger("kernel.llm")
 
@@ -49,7 +53,8 @@ def load_model(config: ModelConfig) -> tuple[Any, Any, str]:
 
 
 class LocalBackend:
-    """The continuously batched engine, one scheduler step per token."""
+    """The continuously batched engine: each `step` is schedule → run → postprocess, one token
+    for every generation in the batch (nano-vllm's `LLMEngine.step`)."""
 
     blocking = False  # there is computing to do whenever a generation is in flight
 
@@ -61,167 +66,171 @@ class LocalBackend:
         self.model, self.tokenizer, self.device = load_model(config)
         self.engine = Engine(self.model, self.tokenizer, max_batch=config.max_batch,
                              prefill_chunk=config.prefill_chunk, device=self.device)
-        self.sched = make_scheduler(config.scheduler, budget=make_budget(config),
+        self.sched = make_scheduler(config.scheduler, budget=token_budget(config.agent_max_tokens),
                                     **config.scheduler_options)
-        self.kv_budget = int(config.kv_budget_mb * 2**20)
-        self.capacity = config.max_batch
-        self.memory_preemptions = 0
+        self.pressure = MemoryPressure(int(config.kv_budget_mb * 2**20), config.max_batch)
         log.info("model loaded", extra={"model": config.name, "device": self.device,
                                         "dtype": config.dtype, "scheduler": config.scheduler,
                                         "seconds": round(time.monotonic() - started, 3)})
 
-    def admit(self, worker: ModelWorker, gen: Generation) -> None:
+    def admit(self, gen: Generation) -> None:
+        """Queue a tokenized generation; raises BudgetExceeded or ValueError (nothing queued)."""
         from kernel.llm.constrain import sampling_params
 
         # gen.prompt_ids: tokenized by the model's prompter thread (kernel/llm/prompt.py).
         params = sampling_params(gen.args, self.tokenizer)
-        gen.job = Job(gen.id, gen.agent, gen.arrival, len(gen.prompt_ids), gen.args.max_tokens,
-                      priority=gen.args.priority)
-        self.sched.submit(gen.job, time.monotonic())
+        self.sched.submit(Job(gen.id, gen.agent, gen.arrival, len(gen.prompt_ids),
+                              gen.args.max_tokens, priority=gen.args.priority), time.monotonic())
         try:
             self.engine.add(gen.id, gen.prompt_ids, params)
         except ValueError:
             self.sched.finish(gen.id, time.monotonic())
             raise
 
-    def forget(self, worker: ModelWorker, gen: Generation) -> None:
-        self.engine.cancel(gen.id)
+    def cancel(self, gen_id: int) -> None:
+        self.engine.cancel(gen_id)
         try:
-            self.sched.finish(gen.id, time.monotonic())
+            self.sched.finish(gen_id, time.monotonic())
         except KeyError:
             pass  # already finished or stopped
+
+    def forget_agent(self, agent: str) -> None:
+        self.sched.forget_agent(agent)
 
     def stats(self) -> dict[str, float]:
         engine = self.engine.stats()
         keys = ("running", "preempted", "queued", "kv_bytes", "kv_slot_bytes", "steps",
                 "prefill_tokens", "tokens_generated", "prefix_hit_rate", "preemptions")
-        return {**{k: engine[k] for k in keys}, "batch_capacity": self.capacity,
-                "memory_preemptions": self.memory_preemptions}
+        return {**{k: engine[k] for k in keys}, "batch_capacity": self.pressure.capacity,
+                "memory_preemptions": self.pressure.preemptions,
+                "sched_agents": len(self.sched.agents())}
 
-    def _pressure(self) -> bool:
-        """Adjust the batch size to the KV budget; True while memory is short.
-
-        A context switch for time (a slice, a higher priority) keeps a KV snapshot: on a CPU
-        recomputing costs a whole prefill. A switch for memory drops the KV and recomputes on
-        resume, since a snapshot would keep the very memory that is short."""
-        if not self.kv_budget:
-            return False
-        stats = self.engine.stats()
-        held = stats["kv_slot_bytes"] + stats["kv_snapshot_bytes"]
-        running = len(self.sched.running())
-        if held > self.kv_budget:
-            self.capacity = max(1, min(self.capacity, running) - 1)
-            for job in self.sched.waiting():
-                self.engine.preempt(job.id, keep_kv=False)  # drop snapshots held by waiters
-            return True
-        if held < self.kv_budget * 0.8:
-            self.capacity = min(self.config.max_batch, self.capacity + 1)
-        return False
-
-    def step(self, worker: ModelWorker) -> None:
-        short = self._pressure()
-        now = time.monotonic()
-        plan = self.sched.schedule(now, self.capacity)
-        for job in plan.stop:
-            self.engine.cancel(job.id)
-            gen = worker.gens.get(job.id)
-            if gen is not None:
-                worker._fail(gen, abi.ErrorCode.EQUOTA, f"token budget of {job.agent} is spent")
-        for job in plan.preempt:
-            self.engine.preempt(job.id, keep_kv=not short)
-            self.memory_preemptions += short
+    def step(self) -> list[Event]:
+        """One iteration, one token for every generation in the batch: what became of each."""
+        # schedule: the policy picks the batch within the places KV memory leaves (sched/).
+        plan = self.pressure.schedule(self.sched, time.monotonic(), self._kv_held)
+        events = self._switch(plan)
         if not plan.run:
             time.sleep(0.001)  # everything waits on a budget or a slot: do not spin hot
-            return
+            return events
+        # run: one ragged forward pass over exactly the planned batch.
         outputs = self.engine.step([job.id for job in plan.run])
+        # postprocess: account each job's service, report its progress and its end.
+        self._postprocess(plan.run, outputs, events)
+        return events
+
+    def _kv_held(self) -> int:
+        stats = self.engine.stats()
+        return stats["kv_slot_bytes"] + stats["kv_snapshot_bytes"]
+
+    def _switch(self, plan: Plan) -> list[Event]:
+        """Apply the plan's context switches to the engine; the stopped fail with EQUOTA."""
+        for job in plan.drop:
+            self.engine.preempt(job.id, keep_kv=False)  # a snapshot held while memory is short
+        events: list[Event] = []
+        for job in plan.stop:
+            self.engine.cancel(job.id)
+            events.append(Failed(job.id, abi.ErrorCode.EQUOTA,
+                                 f"token budget of {job.agent} is spent"))
+        for job in plan.preempt:
+            self.engine.preempt(job.id, keep_kv=not plan.recompute)
+        return events
+
+    def _postprocess(self, run: list[Job], outputs: dict[int, StepOutput],
+                     events: list[Event]) -> None:
         now = time.monotonic()
-        for job in plan.run:
-            gen = worker.gens.get(job.id)
-            out = outputs.get(job.id)
-            if gen is None or out is None:
-                continue
-            if gen.started is None:
-                gen.started = job.first_run or now
-                gen.cached_tokens = out.reused
+        account, append = self.sched.account, events.append
+        for job in run:
+            out = outputs[job.id]
+            if not job.prefilled:  # its first step (a prompt has at least one token)
+                append(Started(job.id, job.first_run or now, out.reused))
             # A token means the whole prompt is in; otherwise a chunk of it went in this step.
             done = job.prompt_tokens if out.new_tokens else min(out.computed, job.prompt_tokens)
-            self.sched.account(job.id, max(0, done - job.prefilled), 1 if out.new_tokens else 0,
-                               now)
-            gen.completion_tokens += len(out.new_tokens)
-            worker.delta(gen, out.text_delta)
+            account(job.id, max(0, done - job.prefilled), 1 if out.new_tokens else 0, now)
+            append(Delta(job.id, out.text_delta, len(out.new_tokens)))
             if out.finished:
                 self.sched.finish(job.id, now)
-                worker.finish(gen, out.finish_reason or "stop", preemptions=job.preemptions)
+                append(Finished(job.id, out.finish_reason or "stop", job.preemptions))
 
 
 class RemoteBackend:
     """An OpenAI-compatible server: the scheduler admits requests (up to `max_concurrency` in
     flight, FIFO: a remote stream cannot be paused and resumed, so nothing is preempted); each
-    admitted request streams on its own thread and reports through the worker's inbox."""
+    admitted request streams on its own thread, which queues its events for the next `step`
+    and calls `wake` so the worker runs it."""
 
     blocking = True  # the worker waits for the server's events
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, wake: Callable[[], None]) -> None:
         key = os.environ.get(config.api_key_env) if config.api_key_env else None
         self.config = config
         self.remote = RemoteModel(config.source.rstrip("/"), config.remote_model or config.name,
                                   api_key=key)
-        self.sched = make_scheduler("fifo", budget=make_budget(config))
+        self.sched = make_scheduler("fifo", budget=token_budget(config.agent_max_tokens))
         self.device = None
-        self._cancel: dict[int, threading.Event] = {}
+        self._wake = wake
+        self._args: dict[int, abi.ChatArgs] = {}  # admitted, not yet streaming
+        self._cancel: dict[int, threading.Event] = {}  # streaming
+        self._reported: queue.SimpleQueue[Event] = queue.SimpleQueue()  # by the stream threads
 
     def stats(self) -> dict[str, float]:
-        return {"in_flight": len(self._cancel), "waiting": len(self.sched.waiting())}
+        return {"in_flight": len(self._cancel), "waiting": len(self.sched.waiting()),
+                "sched_agents": len(self.sched.agents())}
 
-    def admit(self, worker: ModelWorker, gen: Generation) -> None:
-        gen.job = Job(gen.id, gen.agent, gen.arrival, 0, gen.args.max_tokens,
-                      priority=gen.args.priority)
-        self.sched.submit(gen.job, time.monotonic())
+    def admit(self, gen: Generation) -> None:
+        self.sched.submit(Job(gen.id, gen.agent, gen.arrival, 0, gen.args.max_tokens,
+                              priority=gen.args.priority), time.monotonic())
+        self._args[gen.id] = gen.args
 
-    def forget(self, worker: ModelWorker, gen: Generation) -> None:
-        event = self._cancel.pop(gen.id, None)
+    def cancel(self, gen_id: int) -> None:
+        self._args.pop(gen_id, None)
+        event = self._cancel.pop(gen_id, None)
         if event is not None:
             event.set()
         try:
-            self.sched.finish(gen.id, time.monotonic())
+            self.sched.finish(gen_id, time.monotonic())
         except KeyError:
             pass
 
-    def step(self, worker: ModelWorker) -> None:
+    def forget_agent(self, agent: str) -> None:
+        self.sched.forget_agent(agent)
+
+    def step(self) -> list[Event]:
+        """What the streams did since the last step; then the admitted start streaming."""
+        # postprocess what the streams reported.
+        events: list[Event] = []
+        while True:
+            try:
+                event = self._reported.get_nowait()
+            except queue.Empty:
+                break
+            if event.id not in self._cancel:
+                continue  # cancelled meanwhile
+            if isinstance(event, (Finished, Failed)):
+                del self._cancel[event.id]
+                self.sched.finish(event.id, time.monotonic())
+            events.append(event)
+        # schedule, and run: start a stream for each request admitted.
         plan = self.sched.schedule(time.monotonic(), self.config.max_concurrency)
         for job in plan.run:
-            gen = worker.gens.get(job.id)
-            if gen is None or job.id in self._cancel:
+            if job.id in self._cancel:
                 continue
-            gen.started = time.monotonic()
+            events.append(Started(job.id, time.monotonic()))
             cancelled = self._cancel[job.id] = threading.Event()
-            threading.Thread(target=self._stream, args=(worker, gen, cancelled),
+            threading.Thread(target=self._stream, args=(job.id, self._args.pop(job.id),
+                                                        cancelled),
                              name=f"remote-{job.id}", daemon=True).start()
+        return events
 
-    def _stream(self, worker: ModelWorker, gen: Generation, cancelled: threading.Event) -> None:
-        def on_delta(text: str) -> None:
-            worker.inbox.put(("call", lambda: worker.delta(gen, text)))
+    def _stream(self, gen_id: int, args: abi.ChatArgs, cancelled: threading.Event) -> None:
+        def report(event: Event) -> None:
+            self._reported.put(event)
+            self._wake()
 
         try:
-            text, reason, calls, usage = self.remote.run(gen.args, cancelled, on_delta)
+            text, reason, calls, usage = self.remote.run(
+                args, cancelled, lambda text: report(Delta(gen_id, text)))
         except RemoteError as exc:
-            message = str(exc)
-            worker.inbox.put(("call", lambda: self._failed(worker, gen, message)))
+            report(Failed(gen_id, abi.ErrorCode.EIO, str(exc)))
             return
-        worker.inbox.put(("call", lambda: self._finished(worker, gen, text, reason, calls,
-                                                          usage)))
-
-    def _finished(self, worker: ModelWorker, gen: Generation, text: str, reason: str,
-                  calls: list[abi.ToolCall], usage: abi.Usage) -> None:
-        if self._cancel.pop(gen.id, None) is None:
-            return  # cancelled meanwhile
-        self.sched.finish(gen.id, time.monotonic())
-        gen.completion_tokens = usage.completion_tokens
-        gen.prompt_ids = [0] * usage.prompt_tokens  # the server counted them; keep the count
-        worker.finish(gen, reason, text=text, tool_calls=calls or None)
-
-    def _failed(self, worker: ModelWorker, gen: Generation, message: str) -> None:
-        if self._cancel.pop(gen.id, None) is None:
-            return
-        self.sched.finish(gen.id, time.monotonic())
-        worker._fail(gen, abi.ErrorCode.EIO, message)
+        report(Finished(gen_id, reason, text=text, tool_calls=calls or None, usage=usage))

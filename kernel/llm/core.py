@@ -119,6 +119,13 @@ class LLMCore:
         for worker in self.workers.values():
             worker.pause(principal, paused)
 
+    def agent_ended(self, principal: str) -> None:
+        """The agent is over for good (not restarting): every model's scheduler forgets it, so
+        per-agent accounting stays bounded by the agents alive. A restart keeps it: its token
+        budget and attained service span the agent's life, or a crash would refill them."""
+        for worker in self.workers.values():
+            worker.forget_agent(principal)
+
     def cancel(self, call: Call, args: abi.CancelArgs) -> None:
         target = self.k.find_parked(call.route, args.request)
         if target is None or target.name != "llm.chat":

@@ -1,9 +1,12 @@
-"""A model's worker thread: its scheduler decides, its engine runs, results go back by post.
+"""A model's worker thread: drains its inbox, steps its backend, applies the step's events.
 
-The loop is `drain the inbox → schedule → context-switch (preempt) → one engine step →
-account → report`, one iteration per token. Nothing here touches kernel state directly: a
-generation's callbacks post to the kernel's loop thread. torch is imported here, lazily, so a
-kernel that serves no model request never loads it.
+The loop is `drain the inbox → backend.step() → apply its events`, one iteration per token.
+The step itself is schedule → run → postprocess (LocalBackend.step in kernel/llm/backends.py):
+the scheduler (kernel/llm/sched) picks the batch within what KV memory allows, the engine runs
+it, and the step returns what happened to each generation (kernel/llm/events.py). Only this
+module turns events into replies, through each generation's callbacks, which post to the
+kernel's loop thread; nothing here touches kernel state directly. torch is imported lazily, by
+the backend, so a kernel that serves no model request never loads it.
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ from typing import Any
 
 from kernel.config import ModelConfig
 from kernel.llm.chat import parse_reply
+from kernel.llm.events import Delta, Event, Failed, Finished, Started
 from kernel.llm.prompt import Prompter, context_tokens, max_prompt_bytes
-from kernel.llm.sched import Budget, BudgetExceeded, Job, Limits
+from kernel.llm.sched import BudgetExceeded
 from sdk import abi
 
 log = logging.getLogger("kernel.llm")
@@ -39,7 +43,6 @@ class Generation:
     prompt_bytes: int = 0  # the size of its text, measured at admission
     cancelled: bool = False  # set by the loop thread; the prompter and worker drop it
     # Worker-side state.
-    job: Job | None = None
     prompt_ids: list[int] = field(default_factory=list)
     text: list[str] = field(default_factory=list)
     completion_tokens: int = 0
@@ -62,6 +65,7 @@ class ModelWorker(threading.Thread):
         self._want_load = threading.Event()
         self._stopping = False
         self.paused: set[str] = set()  # shared with the backend's scheduler once loaded
+        self.ended: set[str] = set()  # agents over for good, forgotten once their calls are gone
         # The context length in tokens (from config.json until the model has loaded) and the
         # longest prompt admitted, in bytes: both read by the loop and the prompter threads.
         self.context = context_tokens(config)
@@ -84,8 +88,12 @@ class ModelWorker(threading.Thread):
 
     def pause(self, agent: str, paused: bool) -> None:
         """Hold (or release) an agent's requests: its scheduler gives them no batch place."""
-        self.inbox.put(("call", lambda: (self.paused.add if paused else self.paused.discard)(
-            agent)))
+        self.inbox.put(("pause" if paused else "resume", agent))
+
+    def forget_agent(self, agent: str) -> None:
+        """The agent has ended for good: its scheduler drops what it kept about it."""
+        if self._want_load.is_set():  # otherwise this model never saw a request, nor will drain
+            self.inbox.put(("forget", agent))
 
     def load_now(self) -> None:
         self._want_load.set()
@@ -122,12 +130,14 @@ class ModelWorker(threading.Thread):
                 self._publish()  # the last ones were cancelled: say so, no step will
             if self.gens and self.failed is None:
                 try:
-                    self.backend.step(self)
+                    self._apply(self.backend.step())
                     self._publish()
                 except Exception:
                     log.exception("model step failed", extra={"model": self.config.name})
                     for gen in list(self.gens.values()):
                         self._fail(gen, abi.ErrorCode.EIO, "model step failed (logged)")
+            if self.ended and self.failed is None:
+                self._forget_ended()
         for gen in list(self.gens.values()):
             self._fail(gen, abi.ErrorCode.ECANCELED, "the kernel is shutting down")
 
@@ -141,7 +151,7 @@ class ModelWorker(threading.Thread):
         if self.config.remote:
             from kernel.llm.backends import RemoteBackend
 
-            return RemoteBackend(self.config)
+            return RemoteBackend(self.config, wake=lambda: self.inbox.put(("wake", None)))
         from kernel.llm.backends import LocalBackend
 
         backend = LocalBackend(self.config)
@@ -163,12 +173,16 @@ class ModelWorker(threading.Thread):
                 return
             if kind == "submit":
                 self._admit(value)
-            elif kind == "call":
-                value()  # an event a backend's helper thread handed to this thread
             elif kind == "cancel":
                 gen = self.gens.pop(value, None)
                 if gen is not None and self.failed is None:
-                    self.backend.forget(self, gen)
+                    self.backend.cancel(gen.id)
+            elif kind == "pause":
+                self.paused.add(value)
+            elif kind == "resume":
+                self.paused.discard(value)
+            elif kind == "forget" and self.failed is None:
+                self.ended.add(value)
             try:
                 item = self.inbox.get_nowait()
             except queue.Empty:
@@ -181,7 +195,7 @@ class ModelWorker(threading.Thread):
             gen.on_error(abi.ErrorCode.ENOENT, self.failed)
             return
         try:
-            self.backend.admit(self, gen)
+            self.backend.admit(gen)
         except BudgetExceeded as exc:
             gen.on_error(abi.ErrorCode.EQUOTA, str(exc))
             return
@@ -190,45 +204,64 @@ class ModelWorker(threading.Thread):
             return
         self.gens[gen.id] = gen
 
-    # --- reporting (called by backends) ------------------------------------------------------
+    def _forget_ended(self) -> None:
+        """Forget ended agents whose last calls are gone (their cancels may still be queued)."""
+        idle = self.ended - {gen.agent for gen in self.gens.values()}
+        if not idle:
+            return
+        for agent in idle:
+            try:
+                self.backend.forget_agent(agent)
+            except ValueError:  # the scheduler still holds a job of it: a bug, not fatal
+                log.exception("forgetting an ended agent failed", extra={"agent": agent})
+        self.ended -= idle
+        self._publish(every=0.0)
 
-    def delta(self, gen: Generation, text: str) -> None:
-        if gen.first_token is None:
-            gen.first_token = time.monotonic()
-        if text:
-            gen.text.append(text)
-            if gen.on_delta is not None:
-                gen.on_delta(text)
+    # --- applying a step's events ------------------------------------------------------------
 
-    def finish(self, gen: Generation, reason: str, *, text: str | None = None,
-               tool_calls: list[abi.ToolCall] | None = None, preemptions: int = 0) -> None:
+    def _apply(self, events: list[Event]) -> None:
+        gens = self.gens
+        for event in events:
+            gen = gens.get(event.id)
+            if gen is None:
+                continue  # cancelled meanwhile
+            if type(event) is Delta:  # the common case: tested first, exactly
+                gen.completion_tokens += event.tokens
+                if gen.first_token is None:
+                    gen.first_token = time.monotonic()
+                if event.text:
+                    gen.text.append(event.text)
+                    if gen.on_delta is not None:
+                        gen.on_delta(event.text)
+            elif isinstance(event, Started):
+                if gen.started is None:
+                    gen.started, gen.cached_tokens = event.at, event.cached
+            elif isinstance(event, Finished):
+                self._finish(gen, event)
+            elif isinstance(event, Failed):
+                self._fail(gen, event.code, event.message)
+
+    def _finish(self, gen: Generation, event: Finished) -> None:
         self.gens.pop(gen.id, None)
         now = time.monotonic()
-        full = "".join(gen.text) if text is None else text
+        full = "".join(gen.text) if event.text is None else event.text
         message = abi.ChatMessage(role="assistant", content=full)
+        reason, tool_calls = event.reason, event.tool_calls
         if tool_calls is None and gen.args.tools and gen.args.tool_choice != "none":
             parsed = parse_reply(full, gen.args.tools)
             tool_calls = parsed.tool_calls
         if tool_calls:
             message = abi.ChatMessage(role="assistant", content=None, tool_calls=tool_calls)
             reason = "tool_calls"
+        usage = event.usage or abi.Usage(len(gen.prompt_ids), gen.completion_tokens,
+                                         gen.cached_tokens)
         started = gen.started or now
         gen.on_done(abi.ChatResult(
-            model=self.config.name, message=message, finish_reason=reason,
-            usage=abi.Usage(len(gen.prompt_ids), gen.completion_tokens, gen.cached_tokens),
+            model=self.config.name, message=message, finish_reason=reason, usage=usage,
             queued_ms=round((started - gen.arrival) * 1000, 3),
             ttft_ms=round(((gen.first_token or now) - gen.arrival) * 1000, 3),
-            total_ms=round((now - gen.arrival) * 1000, 3), preemptions=preemptions))
+            total_ms=round((now - gen.arrival) * 1000, 3), preemptions=event.preemptions))
 
     def _fail(self, gen: Generation, code: abi.ErrorCode, message: str) -> None:
         self.gens.pop(gen.id, None)
         gen.on_error(code, message)
-
-
-def make_budget(config: ModelConfig) -> Budget | None:
-    """The scheduler's token budget; `agent_max_concurrent` is enforced before a call is
-    queued (`LLMCore.chat`), so the scheduler never sees more."""
-    if not config.agent_max_tokens:
-        return None
-    return Budget(Limits(max_tokens=config.agent_max_tokens))
-

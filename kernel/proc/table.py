@@ -513,9 +513,10 @@ class ProcessTable:
         self._ended(live.agent_id)
 
     def _ended(self, agent_id: int) -> None:
-        """The agent is over for good: its mailbox goes, its home is kept or removed, its
-        waiters get its final row."""
+        """The agent is over for good: its mailbox and LLM accounting go, its home is kept or
+        removed, its waiters get its final row."""
         self.k.ipc.drop(agent_id)
+        self.k.llm.agent_ended(f"agent:{agent_id}")
         self.sandboxes.ended(agent_id)
         waiters = self._waiters.pop(agent_id, {})
         if waiters:

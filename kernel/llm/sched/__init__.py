@@ -13,7 +13,13 @@ nano-vllm style: `waiting()` and `running()` collections and a `schedule()` per 
     sched.finish(job.id, now)                     # each job that completed; also cancels
 
 `submit` raises `BudgetExceeded(reason)` when the agent is over its budget (EQUOTA);
-`forget_agent` drops an exited agent's accounting. `now` is monotonic.
+`forget_agent` drops the accounting of an agent that has ended for good (the kernel tells each
+model's scheduler), so `agents()` stays bounded by the agents alive. `now` is monotonic.
+
+A KV-memory limit sits in front of the policy: `MemoryPressure(limit_bytes, max_batch)
+.schedule(sched, now, held)` moves the capacity with the bytes held and marks the plan
+`recompute` (switch out without a snapshot) and `drop` (waiting jobs' snapshots go) while
+memory is short. The model's worker (kernel/llm/backends.py) applies the plan to the engine.
 
 | name       | class        | options                                          | preempts        |
 |------------|--------------|--------------------------------------------------|-----------------|
@@ -34,11 +40,12 @@ and that no budget caps an agent.
 """
 
 from kernel.llm.sched.agent_las import AgentLAS
-from kernel.llm.sched.budget import Budget, BudgetExceeded, Limits
+from kernel.llm.sched.budget import Budget, BudgetExceeded, Limits, token_budget
 from kernel.llm.sched.factory import POLICIES, make_scheduler
 from kernel.llm.sched.fair_share import FairShare
 from kernel.llm.sched.fifo import FIFO
 from kernel.llm.sched.job import Job, Plan
+from kernel.llm.sched.pressure import MemoryPressure
 from kernel.llm.sched.priority import Priority
 from kernel.llm.sched.round_robin import RoundRobin
 from kernel.llm.sched.scheduler import Scheduler
@@ -52,9 +59,11 @@ __all__ = [
     "FairShare",
     "Job",
     "Limits",
+    "MemoryPressure",
     "Plan",
     "Priority",
     "RoundRobin",
     "Scheduler",
     "make_scheduler",
+    "token_budget",
 ]

@@ -78,6 +78,9 @@ class AgentLAS(RankedScheduler):
     def _forget(self, agent: str) -> None:
         self._service.pop(agent, None)
 
+    def _accounted(self) -> set[str]:
+        return set(self._service)
+
     def _order(self, now: float) -> Iterator[Job]:
         for job in self._waiting.values():  # queued_at order: the promoted are a prefix
             if not self.promoted(job, now):

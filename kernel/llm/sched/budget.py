@@ -101,9 +101,20 @@ class Budget:
         rooms = {agent: self.room(agent) for agent in self._jobs}
         return {agent: room for agent, room in rooms.items() if room is not None}
 
+    def agents(self) -> set[str]:
+        """Agents the ledger holds anything for: jobs in flight, tokens served, own limits."""
+        return {*self._jobs, *self._used, *self._limits}
+
     def forget(self, agent: str) -> None:
         """Drop an agent that has exited; its limits, if set explicitly, are dropped too."""
         if agent in self._jobs:
             raise ValueError(f"{agent} still has jobs in flight")
         self._used.pop(agent, None)
         self._limits.pop(agent, None)
+
+
+def token_budget(max_tokens: int) -> Budget | None:
+    """The budget of a model's `agent_max_tokens` (0: none): that many tokens per agent, prompt
+    plus generated, over its life. Its other cap, `agent_max_concurrent`, is enforced before a
+    call is queued (`LLMCore.chat`), so the scheduler never sees more."""
+    return Budget(Limits(max_tokens=max_tokens)) if max_tokens else None

@@ -70,6 +70,9 @@ class FairShare(Scheduler):
     def _forget(self, agent: str) -> None:
         self._counter.pop(agent, None)
 
+    def _accounted(self) -> set[str]:
+        return set(self._counter)
+
     def _select(self, now: float, slots: Slots) -> tuple[list[Job], list[Job]]:
         run = list(self._running.values())
         preempt: list[Job] = []

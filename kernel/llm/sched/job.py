@@ -42,8 +42,11 @@ class Job:
 
 @dataclass
 class Plan:
-    """What the engine does next: the batch, who leaves it, who is stopped for good."""
+    """What the engine does next: the batch, who leaves it, who is stopped for good, and (from
+    `MemoryPressure`, while KV memory is short) which saved contexts must go."""
 
     run: list[Job] = field(default_factory=list)  # the batch for the next step
     preempt: list[Job] = field(default_factory=list)  # were running; save their context now
     stop: list[Job] = field(default_factory=list)  # budget spent, already forgotten: EQUOTA
+    recompute: bool = False  # switch `preempt` out without a KV snapshot: memory is short
+    drop: list[Job] = field(default_factory=list)  # were waiting; drop their KV snapshots

@@ -53,9 +53,11 @@ class Slots:
 class Scheduler(ABC):
     """Decides, before every engine step, which jobs are in the batch; never touches tensors.
 
-    Jobs are either waiting or running. Each step the engine calls `schedule` (its plan is
-    already applied to these collections), runs the batch, `account`s each job in it and
-    `finish`es those that completed. `now` is a monotonic clock and must never go backwards.
+    Jobs are either waiting or running. Each step the model's backend calls `schedule` (through
+    `MemoryPressure`, which sets the capacity; the plan is already applied to these
+    collections), has the engine run the batch, `account`s each job in it and `finish`es
+    those that completed (kernel/llm/backends.py, `LocalBackend.step`). `now` is a monotonic
+    clock and must never go backwards.
     """
 
     def __init__(self, *, budget: Budget | None = None) -> None:
@@ -143,6 +145,13 @@ class Scheduler(ABC):
         """Running jobs, in the order they were admitted."""
         return list(self._running.values())
 
+    def agents(self) -> set[str]:
+        """Every agent this scheduler holds state for: jobs, budget, policy accounting. The
+        kernel calls `forget_agent` when an agent ends for good, so this stays bounded by the
+        agents alive."""
+        jobs = {job.agent for job in (*self._waiting.values(), *self._running.values())}
+        return jobs | (self.budget.agents() if self.budget else set()) | self._accounted()
+
     def forget_agent(self, agent: str) -> None:
         """Drop the accounting of an agent that has exited, so a reused name starts afresh."""
         if any(job.agent == agent for job in (*self._waiting.values(), *self._running.values())):
@@ -190,3 +199,7 @@ class Scheduler(ABC):
 
     def _forget(self, agent: str) -> None:  # noqa: B027 - optional hook
         """Drop per-agent accounting."""
+
+    def _accounted(self) -> set[str]:
+        """Agents with per-agent accounting (the policies that keep some override this)."""
+        return set()
