@@ -71,10 +71,10 @@ class LocalBackend:
                                         "seconds": round(time.monotonic() - started, 3)})
 
     def admit(self, worker: ModelWorker, gen: Generation) -> None:
-        from kernel.llm.constrain import sampling_params
+        from kernel.llm.grammar import sampling_params
 
-        # gen.prompt_ids: tokenized by the model's prompter thread (kernel/llm/prompt.py).
-        params = sampling_params(gen.args, self.tokenizer)
+        # gen.prompt_ids and gen.constraint: by the model's prompter thread (kernel/llm/prompt.py).
+        params = sampling_params(gen.args, gen.constraint)
         gen.job = Job(gen.id, gen.agent, gen.arrival, len(gen.prompt_ids), gen.args.max_tokens,
                       priority=gen.args.priority)
         self.sched.submit(gen.job, time.monotonic())
@@ -151,7 +151,11 @@ class LocalBackend:
             worker.delta(gen, out.text_delta)
             if out.finished:
                 self.sched.finish(job.id, now)
-                worker.finish(gen, out.finish_reason or "stop", preemptions=job.preemptions)
+                if out.finish_reason == "error":  # its grammar hit a limit: the caller's fault
+                    worker._fail(gen, abi.ErrorCode.EINVAL, f"the output's grammar could not be "
+                                 f"followed past token {gen.completion_tokens}: {out.error}")
+                else:
+                    worker.finish(gen, out.finish_reason or "stop", preemptions=job.preemptions)
 
 
 class RemoteBackend:
@@ -206,7 +210,8 @@ class RemoteBackend:
             text, reason, calls, usage = self.remote.run(gen.args, cancelled, on_delta)
         except RemoteError as exc:
             message = str(exc)
-            worker.inbox.put(("call", lambda: self._failed(worker, gen, message)))
+            code = abi.ErrorCode.EINVAL if exc.refused else abi.ErrorCode.EIO
+            worker.inbox.put(("call", lambda: self._failed(worker, gen, message, code)))
             return
         worker.inbox.put(("call", lambda: self._finished(worker, gen, text, reason, calls,
                                                           usage)))
@@ -220,8 +225,9 @@ class RemoteBackend:
         gen.prompt_ids = [0] * usage.prompt_tokens  # the server counted them; keep the count
         worker.finish(gen, reason, text=text, tool_calls=calls or None)
 
-    def _failed(self, worker: ModelWorker, gen: Generation, message: str) -> None:
+    def _failed(self, worker: ModelWorker, gen: Generation, message: str,
+                code: abi.ErrorCode) -> None:
         if self._cancel.pop(gen.id, None) is None:
             return
         self.sched.finish(gen.id, time.monotonic())
-        worker._fail(gen, abi.ErrorCode.EIO, message)
+        worker._fail(gen, code, message)

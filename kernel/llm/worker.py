@@ -41,6 +41,7 @@ class Generation:
     # Worker-side state.
     job: Job | None = None
     prompt_ids: list[int] = field(default_factory=list)
+    constraint: Any = None  # its grammar's matcher (kernel/llm/grammar.py), if it asks for one
     text: list[str] = field(default_factory=list)
     completion_tokens: int = 0
     cached_tokens: int = 0
@@ -206,7 +207,9 @@ class ModelWorker(threading.Thread):
         now = time.monotonic()
         full = "".join(gen.text) if text is None else text
         message = abi.ChatMessage(role="assistant", content=full)
-        if tool_calls is None and gen.args.tools and gen.args.tool_choice != "none":
+        # A reply cut short ("length") is never read as calls: its structure is unfinished.
+        if (tool_calls is None and gen.args.tools and gen.args.tool_choice != "none"
+                and reason != "length"):
             parsed = parse_reply(full, gen.args.tools)
             tool_calls = parsed.tool_calls
         if tool_calls:
