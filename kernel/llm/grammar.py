@@ -52,7 +52,8 @@ def _lit(text: str) -> str:
 
 
 def _with_options(schema: Any) -> dict[str, Any]:
-    if schema is True or schema == {}:
+    """`schema` with our JSON spelling (JSON_OPTIONS) as llguidance's per-schema options."""
+    if schema is True:  # JSON Schema's "anything"
         schema = {}
     if not isinstance(schema, dict):
         raise GrammarError(f"a JSON Schema must be an object, not {type(schema).__name__}")

@@ -1,7 +1,7 @@
 """Structured output with SmolLM2: how often it parses, what the grammar costs.
 
     .venv/bin/python tools/bench/structured.py [--threads 2] [--agents 1,64] [--tokens 48]
-                                               [--rounds 2] [--max-tokens 96]
+                                               [--rounds 3] [--max-tokens 96]
 
 1. Parse rate on a fixed set of 50 prompts (25 tool calls over 4 tools, `tool_choice="required"`;
    25 extractions into 5 JSON Schemas), generated greedily with and without the grammar. A tool
@@ -298,7 +298,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--agents", default="1,64")
     p.add_argument("--tokens", type=int, default=48, help="tokens per agent, throughput runs")
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--max-tokens", type=int, default=96, help="per reply, parse-rate runs")
     args = p.parse_args()
 

@@ -94,18 +94,22 @@ def mask(logits: torch.Tensor, rows: list[tuple[int, TokenConstraint]]) -> None:
     The constraints fill one bitmask (a row each), unpacked to booleans at once and applied to
     those rows in one pass; sampling then proceeds as for any row, so a constrained request
     draws exactly one uniform per token too (preempted and resumed, it repeats its tokens). A
-    row whose constraint allows nothing (it failed: see `error`) is left as is; the engine
-    ends that sequence when it sees the error."""
+    row whose constraint failed (see `error`) is left as is; the engine ends that sequence when
+    it sees the error."""
     vocab = logits.shape[1]
     words = (max(vocab, *(c.vocab for _, c in rows)) + 31) // 32
     bits = torch.zeros((len(rows), words), dtype=torch.int32)
     for j, (_, c) in enumerate(rows):
         c.fill(bits[j, :(c.vocab + 31) // 32])
+        if c.error is not None:
+            bits[j] = -1
     unpacked = np.unpackbits(bits.numpy().view(np.uint8), axis=1, bitorder="little")
-    allowed = torch.from_numpy(unpacked[:, :vocab].view(np.bool_)).to(logits.device)
-    allowed[~allowed.any(dim=1)] = True
+    forbidden = torch.from_numpy(~unpacked[:, :vocab].view(np.bool_)).to(logits.device)
+    if len(rows) == logits.shape[0]:  # every row is constrained: no gather, no scatter
+        logits.masked_fill_(forbidden, float("-inf"))
+        return
     index = torch.tensor([i for i, _ in rows], device=logits.device)
-    logits[index] = logits[index].masked_fill_(~allowed, float("-inf"))
+    logits[index] = logits[index].masked_fill_(forbidden, float("-inf"))
 
 
 def _draw(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> int:
