@@ -176,6 +176,14 @@ class ChatArgs(Args):
     response_format: Annotated[str, msgspec.Meta(pattern=r"^(text|json)$")] = "text"
     tools: Annotated[list[dict[str, Any]], msgspec.Meta(max_length=128)] | None = None
     tool_choice: Annotated[str, msgspec.Meta(pattern=r"^(auto|none|required)$")] = "auto"
+    # What the output must match, enforced token by token (grammar-constrained decoding; at
+    # most one): a JSON Schema, a regular expression, or one of a list of strings. Tool calls
+    # are enforced too: "required" always yields calls whose arguments fit their tool's schema.
+    json_schema: dict[str, Any] | None = None
+    regex: Annotated[str, msgspec.Meta(min_length=1, max_length=65536)] | None = None
+    choice: Annotated[list[Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]],
+                      msgspec.Meta(min_length=1, max_length=1024)] | None = None
+    parallel_tool_calls: bool = True  # False: at most one call per reply
     priority: Annotated[int, msgspec.Meta(ge=-100, le=100)] = 0
     stream: bool = False
     ignore_eos: bool = False  # generate max_tokens whatever the model says (vLLM's extension)

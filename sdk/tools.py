@@ -143,8 +143,9 @@ def run_tools(conn: Any, messages: Iterable[abi.ChatMessage | Mapping[str, Any]]
     repeat until it answers in text or `max_steps` model calls were made. A malformed call
     (unknown tool, arguments that are not JSON or do not fit the schema, a refused call) is
     answered with an error message the model can correct, never raised. `require_first`
-    makes the first reply a tool call (`tool_choice="required"`: JSON mode), which small
-    models that rarely call tools on their own need."""
+    makes the first reply a tool call (`tool_choice="required"`: enforced by a grammar, its
+    arguments fit the tool's schema), which small models that rarely call tools on their own
+    need."""
     history = [_message(m) for m in messages]
     schemas = _schemas(conn, tools)
     names = {s["function"]["name"] for s in schemas}

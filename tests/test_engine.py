@@ -295,23 +295,25 @@ def test_stop_strings_are_stripped() -> None:
 class EvenTokens:
     """A token constraint for the test: only even ids, and the output is whole after five."""
 
-    def __init__(self) -> None:
+    error = None
+
+    def __init__(self, vocab: int) -> None:
+        self.vocab = vocab
         self.seen: list[int] = []
 
     @property
     def complete(self) -> bool:
         return len(self.seen) == 5
 
-    def pick(self, logits: torch.Tensor, params: SamplingParams,
-             generator: torch.Generator | None) -> int:
-        return int(logits[0::2].argmax()) * 2
+    def fill(self, row: torch.Tensor) -> None:
+        row.fill_(0x55555555)  # bits 0, 2, 4, ...: the even ids
 
     def advance(self, token: int) -> None:
         self.seen.append(token)
 
 
 def test_constraint_picks_tokens_and_ends_the_output() -> None:
-    constraint = EvenTokens()
+    constraint = EvenTokens(len(TOK))
     params = SamplingParams(max_tokens=20, constraint=constraint)
     e = engine(prefill_chunk=16)
     e.add(0, prompt(40, 700), params)

@@ -6,6 +6,7 @@ under tmux."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -91,18 +92,116 @@ def test_openai_client_streams_the_same_text(client: openai.OpenAI) -> None:
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
 
 
-def test_json_mode_and_tool_calls(client: openai.OpenAI) -> None:
+LOOKUP = {"type": "function", "function": {
+    "name": "lookup", "description": "look up",
+    "parameters": {"type": "object", "properties": {"q": {"type": "string", "maxLength": 8}},
+                   "required": ["q"], "additionalProperties": False}}}
+
+
+def test_json_object_and_required_tool_calls(client: openai.OpenAI) -> None:
     reply = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=24,
                                            response_format={"type": "json_object"})
-    assert isinstance(json.loads(reply.choices[0].message.content), dict)
-    tool = {"type": "function", "function": {"name": "lookup", "description": "look up",
-                                             "parameters": {"type": "object", "properties": {
-                                                 "q": {"type": "string"}}}}}
-    # A random model names no tool, but `required` runs in JSON mode: the reply parses.
-    reply = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=48,
-                                           tools=[tool], tool_choice="required", temperature=0)
-    message = reply.choices[0].message
-    assert message.tool_calls or isinstance(json.loads(message.content), dict)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "length" or isinstance(json.loads(choice.message.content),
+                                                          dict)
+    # A random model would name no tool; the grammar makes it call one, arguments valid.
+    for tool_choice in ("required", {"type": "function", "function": {"name": "lookup"}}):
+        reply = client.chat.completions.create(
+            model="tiny", messages=HELLO, max_tokens=64, tools=[LOOKUP], temperature=0,
+            tool_choice=tool_choice, parallel_tool_calls=False)
+        (call,) = reply.choices[0].message.tool_calls
+        assert reply.choices[0].finish_reason == "tool_calls" and call.function.name == "lookup"
+        assert len(json.loads(call.function.arguments)["q"]) <= 8
+
+
+def test_openai_parse_with_a_pydantic_model(client: openai.OpenAI) -> None:
+    from pydantic import BaseModel, Field
+
+    class City(BaseModel):
+        name: str = Field(max_length=6)
+        population: int = Field(ge=0, le=10**7)
+        capital: bool
+
+    for seed in range(3):
+        reply = client.chat.completions.parse(model="tiny", messages=HELLO, response_format=City,
+                                              max_tokens=64, temperature=1.0, seed=seed)
+        city = reply.choices[0].message.parsed
+        assert isinstance(city, City) and reply.choices[0].finish_reason == "stop"
+
+
+def test_vllm_guided_extensions(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=16,
+                                           extra_body={"guided_regex": "[0-9]{3}-[a-z]{2}"})
+    assert re.fullmatch("[0-9]{3}-[a-z]{2}", reply.choices[0].message.content)
+    reply = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=16,
+                                           extra_body={"guided_choice": ["yes", "no"]})
+    assert reply.choices[0].message.content in ("yes", "no")
+
+
+def test_structures_that_cannot_be_enforced_are_400(client: openai.OpenAI) -> None:
+    bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "properties": {"a": {"type": "string", "pattern": "(("}}}}}
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError, match="unclosed group"):
+            client.chat.completions.create(model="tiny", messages=HELLO, response_format=bad,
+                                           stream=stream)
+    with pytest.raises(openai.BadRequestError, match="one structure at a time"):
+        client.chat.completions.create(model="tiny", messages=HELLO, extra_body={
+            "guided_regex": "a", "guided_choice": ["a"]})
+    reply = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=4)
+    assert reply.choices[0].message.content is not None  # the model serves on
+
+
+def test_langchain_tools_and_structured_output(web: KernelProcess, key: str) -> None:
+    from langchain_openai import ChatOpenAI
+    from pydantic import BaseModel, ConfigDict, Field
+
+    # Bounded fields: a random model would otherwise write digits until max_tokens.
+    class Add(BaseModel):
+        """Add two integers."""
+
+        a: int = Field(ge=0, le=99)
+        b: int = Field(ge=0, le=99)
+
+    class City(BaseModel):
+        """A city."""
+
+        model_config = ConfigDict(extra="forbid")  # no other keys: nothing unbounded
+        name: str = Field(max_length=6)
+        population: int = Field(ge=0, le=10**7)
+
+    # The random model spells the call's fixed text a character a token: room for ~60 tokens.
+    llm = ChatOpenAI(base_url=base_url(web) + "/v1", api_key=key, model="tiny", temperature=0,
+                     max_tokens=120, max_retries=0)
+    message = llm.bind_tools([Add], tool_choice="Add").invoke("What is 2 plus 3?")
+    (call,) = message.tool_calls
+    assert call["name"] == "Add" and Add.model_validate(call["args"])
+    for method in ("function_calling", "json_schema"):
+        city = llm.with_structured_output(City, method=method).invoke("Name a city.")
+        assert isinstance(city, City), method
+
+
+def test_aios_query_enforces_structure(web: KernelProcess, key: str) -> None:
+    url = base_url(web) + "/query"
+    auth = {"Authorization": f"Bearer {key}"}
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    r = httpx.post(url, headers=auth, timeout=60, json={
+        "query_type": "llm", "agent_name": "x", "query_data": {
+            "messages": HELLO, "max_new_tokens": 32, "response_format": {
+                "type": "json_schema", "json_schema": {"name": "r", "schema": schema}}}})
+    assert r.status_code == 200, r.text
+    assert set(json.loads(r.json()["response"]["response_message"])) == {"ok"}
+    r = httpx.post(url, headers=auth, timeout=60, json={
+        "query_type": "llm", "agent_name": "x", "query_data": {
+            "messages": HELLO, "max_new_tokens": 64, "action_type": "tool_use",
+            "tools": [LOOKUP], "parallel_tool_calls": False}})
+    (call,) = r.json()["response"]["tool_calls"]
+    assert call["name"] == "lookup" and set(call["parameters"]) == {"q"}
+    r = httpx.post(url, headers=auth, timeout=60, json={
+        "query_type": "llm", "agent_name": "x", "query_data": {
+            "messages": HELLO, "guided_regex": "(("}})
+    assert r.status_code == 400 and "unclosed group" in r.json()["detail"]
 
 
 def test_tool_calls_in_openai_shape() -> None:
@@ -129,10 +228,16 @@ def test_tool_calls_in_openai_shape() -> None:
     args = wire.chat_args({"messages": HELLO, "tools": [{"type": "function", "function": {
         "name": "a"}}, {"type": "function", "function": {"name": "b"}}],
         "tool_choice": {"type": "function", "function": {"name": "b"}}, "stop": "END",
-        "response_format": {"type": "json_schema", "json_schema": {}}, "stream": True})
+        "response_format": {"type": "json_schema", "json_schema": {}}, "stream": True,
+        "parallel_tool_calls": False})
     assert [t["function"]["name"] for t in args.tools] == ["b"]
     assert args.tool_choice == "required" and args.stop == ["END"]
     assert args.response_format == "json" and not args.stream  # tools: answered whole
+    assert not args.parallel_tool_calls
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    args = wire.chat_args({"messages": HELLO, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "s", "schema": schema, "strict": True}}})
+    assert args.json_schema == schema and args.response_format == "text"
 
 
 def test_auth_failures_are_401_and_403(web: KernelProcess, key: str) -> None:

@@ -69,11 +69,67 @@ def test_stream_deltas_make_up_the_result(llm_kernel: KernelProcess) -> None:
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_json_mode_always_parses(llm_kernel: KernelProcess, seed: int) -> None:
+def test_json_mode_parses_or_says_it_was_cut(llm_kernel: KernelProcess, seed: int) -> None:
     with llm_kernel.connect() as conn:
         result = conn.llm.chat(HELLO, max_tokens=12 + seed * 7, temperature=1.0, seed=seed,
                                json=True)
-    assert isinstance(json.loads(result.message.content), dict)
+    text = result.message.content
+    if result.finish_reason == "length":  # an unfinished object is never marked complete
+        assert result.usage.completion_tokens == 12 + seed * 7 and text.startswith("{")
+    else:
+        assert result.finish_reason == "stop" and isinstance(json.loads(text), dict)
+
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
+                                          "age": {"type": "integer", "minimum": 0,
+                                                  "maximum": 120}},
+          "required": ["name", "age"], "additionalProperties": False}
+ADD = {"type": "function", "function": {"name": "add", "parameters": {
+    "type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99},
+                                     "b": {"type": "integer", "minimum": 0, "maximum": 99}},
+    "required": ["a", "b"], "additionalProperties": False}}}
+
+
+def test_sdk_enforces_schemas_tool_calls_regex_and_choice(llm_kernel: KernelProcess) -> None:
+    import jsonschema
+
+    with llm_kernel.connect() as conn:
+        for seed in range(3):
+            r = conn.llm.chat(HELLO, json_schema=PERSON, temperature=1.0, seed=seed,
+                              max_tokens=80)
+            assert r.finish_reason == "stop"
+            jsonschema.validate(json.loads(r.message.content), PERSON)
+        streamed = conn.llm.stream(HELLO, json_schema=PERSON, max_tokens=80)
+        jsonschema.validate(json.loads("".join(d.text for d in streamed)), PERSON)
+        for choice in ("required", "add", {"type": "function", "function": {"name": "add"}}):
+            r = conn.llm.chat(HELLO, tools=[ADD, {"type": "function", "function": {
+                "name": "other"}}] if choice != "required" else [ADD], tool_choice=choice,
+                parallel_tool_calls=False, max_tokens=120)
+            (call,) = r.message.tool_calls
+            assert r.finish_reason == "tool_calls" and call.function.name == "add"
+            jsonschema.validate(json.loads(call.function.arguments),
+                                ADD["function"]["parameters"])
+        assert conn.llm.chat(HELLO, regex="[a-c]{2}-[0-9]", max_tokens=9).message.content[2] == "-"
+        assert conn.llm.chat(HELLO, choice=["up", "down"], temperature=1.0,
+                             seed=1).message.content in ("up", "down")
+        cut = conn.llm.chat(HELLO, json_schema=PERSON, max_tokens=3)
+        assert cut.finish_reason == "length" and cut.message.content.startswith("{")
+
+
+def test_unenforceable_structures_are_einval_and_harm_no_neighbour(
+        llm_kernel: KernelProcess) -> None:
+    hostile = [{"json_schema": {"type": "string", "pattern": "(("}},
+               {"json_schema": {"$ref": "#/$defs/missing"}},
+               {"json_schema": {"enum": ["x" * 1000] * 300}},
+               {"regex": "a+", "choice": ["a"]},
+               {"tools": [{"function": {"name": "bad name"}}], "tool_choice": "required"}]
+    with llm_kernel.connect() as neighbour, llm_kernel.connect() as conn:
+        before = neighbour.llm.chat(HELLO, max_tokens=8).message.content
+        for fields in hostile:
+            # (the 300 KB schema is refused by size first: it counts as prompt text)
+            with pytest.raises(sdk.InvalidArgument, match=r"cannot enforce|prompt too long"):
+                conn.llm.chat(HELLO, max_tokens=8, **fields)
+        assert neighbour.llm.chat(HELLO, max_tokens=8).message.content == before
 
 
 def test_cancelled_stream_frees_its_call(llm_kernel: KernelProcess) -> None:
@@ -209,6 +265,42 @@ def test_remote_openai_backend(tmp_path: Path) -> None:
         assert k.stop() == 0
 
 
+class _RefusingStub(_OpenAIStub):
+    """A server that refuses every request as vLLM refuses a schema it cannot compile."""
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).seen.append(body)
+        self.send_error(400, "invalid grammar")
+
+
+def test_remote_models_get_the_structure_and_refusals_are_einval(tmp_path: Path) -> None:
+    from kernel.llm.remote import RemoteModel
+    from sdk import abi
+
+    args = abi.ChatArgs(messages=[abi.ChatMessage(role="user", content="x")],
+                        json_schema=PERSON, tools=[ADD], tool_choice="required",
+                        parallel_tool_calls=False)
+    body = RemoteModel("http://x/v1", "m").body(args)
+    assert body["response_format"] == {"type": "json_schema", "json_schema": {
+        "name": "response", "schema": PERSON, "strict": True}}
+    assert body["tool_choice"] == "required" and body["parallel_tool_calls"] is False
+    body = RemoteModel("http://x/v1", "m").body(abi.ChatArgs(
+        messages=args.messages, regex="a+"))
+    assert body["guided_regex"] == "a+" and "response_format" not in body
+    _RefusingStub.seen = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RefusingStub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    k = _boot(tmp_path / "state", "--model", f"far=http://127.0.0.1:{server.server_address[1]}/v1")
+    try:
+        with k.connect() as conn, pytest.raises(sdk.InvalidArgument, match="400"):
+            conn.llm.chat(HELLO, choice=["a", "b"])
+        assert _RefusingStub.seen[0]["guided_choice"] == ["a", "b"]
+    finally:
+        server.shutdown()
+        assert k.stop() == 0
+
+
 @pytest.mark.integration
 def test_smollm2_end_to_end(tmp_path: Path) -> None:
     require_smollm2()
@@ -220,6 +312,50 @@ def test_smollm2_end_to_end(tmp_path: Path) -> None:
                                     max_tokens=40, json=True)
         assert "4" in result.message.content
         assert isinstance(json.loads(as_json.message.content), dict)
+    finally:
+        assert k.stop() == 0
+
+
+@pytest.mark.integration
+def test_smollm2_structured_output_and_forced_tool_calls(tmp_path: Path) -> None:
+    """SmolLM2 alone rarely calls a tool or fits a schema (tools/bench/structured.py); under
+    the grammar it always does, through the SDK and through LangChain at the door."""
+    import jsonschema
+    from langchain_openai import ChatOpenAI
+    from pydantic import BaseModel, ConfigDict
+
+    require_smollm2()
+    k = _boot(tmp_path / "state", "--preload", "--http", "127.0.0.1:0")
+    weather = {"type": "function", "function": {
+        "name": "get_weather", "description": "Current weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                       "required": ["city"], "additionalProperties": False}}}
+    city = {"type": "object", "properties": {"name": {"type": "string"},
+                                             "country": {"type": "string"}},
+            "required": ["name", "country"], "additionalProperties": False}
+    try:
+        with k.connect(timeout=120) as conn:
+            r = conn.llm.chat([{"role": "user", "content": "What's the weather in Paris?"}],
+                              tools=[weather], tool_choice="required", max_tokens=64)
+            (call,) = r.message.tool_calls
+            assert json.loads(call.function.arguments)["city"]
+            r = conn.llm.chat([{"role": "user", "content": "Name the capital of Italy and "
+                                "its country, as JSON."}], json_schema=city, max_tokens=64)
+            jsonschema.validate(json.loads(r.message.content), city)
+        out = k.cli("token", "mint", "--for", "http:lc", "--cap", "llm.*")
+        url = f"http://{(k.state_dir / 'run' / 'http').read_text().strip()}/v1"
+
+        class City(BaseModel):
+            model_config = ConfigDict(extra="forbid")
+            name: str
+            country: str
+
+        llm = ChatOpenAI(base_url=url, api_key=out.stdout.strip(), model="smollm2",
+                         temperature=0, max_tokens=64, max_retries=0)
+        for method in ("function_calling", "json_schema"):
+            got = llm.with_structured_output(City, method=method).invoke(
+                "Name the capital of France and its country.")
+            assert isinstance(got, City) and got.name, method
     finally:
         assert k.stop() == 0
 

@@ -4,7 +4,8 @@ Request `{query_type, agent_name, query_data}`, response `{response, start_times
 waiting_times, turnaround_times}` as AIOS's kernel sends them (`runtime/launch.py`,
 `aios/syscall/syscall.py`). The agent is the token's principal: `agent_name` in the body is
 what AIOS trusted and agentos ignores. Unlike AIOS, temperature, max_new_tokens and the JSON
-return type are honoured.
+return type are honoured, and structure is enforced as at the OpenAI door (`response_format`
+with a JSON Schema, vLLM's `guided_*`, tool calls that always parse).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 import msgspec
 
 from kernel.http.bridge import Refused
-from kernel.http.openai import _message
+from kernel.http.openai import _message, checked, structure
 from sdk import abi
 
 QUERY_TYPES = ("llm", "memory", "storage", "tool")
@@ -57,14 +58,22 @@ def llm_args(data: Any, served: Iterable[str]) -> abi.ChatArgs:
         args["top_p"] = llm["top_p"]
     if data.get("message_return_type") == "json" or action == "chat_with_json_output":
         args["response_format"] = "json"
+    # As at the OpenAI door: `response_format` (a JSON Schema is enforced), vLLM's guided_*,
+    # and for tool use `tool_choice` (default "required": a tool call always comes back).
+    structured = {key: data[key] for key in ("response_format", "guided_json", "guided_regex",
+                                            "guided_choice") if data.get(key) is not None}
     if action in ("tool_use", "chat_with_tool_call_output"):
         if not data.get("tools"):
             raise Refused(400, f"action_type {action!r} needs query_data.tools")
-        args["tools"], args["tool_choice"] = data["tools"], "required"
+        structured.update(tools=data["tools"], tool_choice=data.get("tool_choice", "required"),
+                          parallel_tool_calls=data.get("parallel_tool_calls"))
+    args.update(structure(structured))
     try:
-        return msgspec.convert(args, abi.ChatArgs)
+        chat = msgspec.convert(args, abi.ChatArgs)
     except msgspec.ValidationError as exc:
         raise Refused(400, f"invalid query_data: {exc}") from None
+    checked(chat)
+    return chat
 
 
 def llm_response(result: abi.ChatResult, started: float) -> dict[str, Any]:

@@ -18,8 +18,10 @@ from kernel.http.bridge import Refused
 from sdk import abi
 
 _IGNORED = {"user", "store", "metadata", "logprobs", "top_logprobs", "frequency_penalty",
-            "presence_penalty", "logit_bias", "parallel_tool_calls", "service_tier",
-            "stream_options", "reasoning_effort", "modalities", "prediction"}
+            "presence_penalty", "logit_bias", "service_tier", "stream_options",
+            "reasoning_effort", "modalities", "prediction"}
+# vLLM's structured-output extensions, honoured as documented extensions of the same names.
+_GUIDED = {"guided_json": "json_schema", "guided_regex": "regex", "guided_choice": "choice"}
 
 
 def bad(message: str, param: str | None = None) -> Refused:
@@ -73,10 +75,10 @@ def chat_args(body: Any) -> abi.ChatArgs:
         raise bad("'messages' must be a non-empty list", "messages")
     if body.get("n", 1) != 1:
         raise bad("only n=1 is supported", "n")
-    unknown = sorted(set(body) - _IGNORED - {
+    unknown = sorted(set(body) - _IGNORED - set(_GUIDED) - {
         "model", "messages", "temperature", "top_p", "top_k", "max_tokens",
         "max_completion_tokens", "stop", "seed", "response_format", "tools", "tool_choice",
-        "stream", "n", "priority", "ignore_eos"})
+        "parallel_tool_calls", "stream", "n", "priority", "ignore_eos"})
     if unknown:
         raise bad(f"unsupported fields: {', '.join(unknown)}", unknown[0])
     args: dict[str, Any] = {"messages": [_message(m, i) for i, m in enumerate(messages)]}
@@ -93,14 +95,37 @@ def chat_args(body: Any) -> abi.ChatArgs:
     stop = body.get("stop")
     if stop is not None:
         args["stop"] = [stop] if isinstance(stop, str) else stop
+    args.update(structure(body))
+    args["stream"] = bool(body.get("stream", False)) and not args.get("tools")
+    try:
+        chat = msgspec.convert(args, abi.ChatArgs)
+    except msgspec.ValidationError as exc:
+        raise bad(f"invalid request: {exc}") from None
+    checked(chat)
+    return chat
+
+
+def structure(body: dict[str, Any]) -> dict[str, Any]:
+    """The `llm.chat` fields for what the output must match: `response_format`, `tools`,
+    `tool_choice`, `parallel_tool_calls` and vLLM's `guided_*` (shared by both doors)."""
+    args: dict[str, Any] = {}
     fmt = body.get("response_format")
     if fmt is not None:
         kind = fmt.get("type") if isinstance(fmt, dict) else None
         if kind not in ("text", "json_object", "json_schema"):
             raise bad("response_format.type must be text, json_object or json_schema",
                       "response_format")
-        # json_schema is honoured as a JSON object; the schema itself is not enforced.
-        args["response_format"] = "text" if kind == "text" else "json"
+        schema = (fmt.get("json_schema") or {}).get("schema") if kind == "json_schema" else None
+        if schema is not None:
+            if not isinstance(schema, dict):
+                raise bad("response_format.json_schema.schema must be an object",
+                          "response_format")
+            args["json_schema"] = schema  # enforced, whether or not `strict` is set
+        else:
+            args["response_format"] = "text" if kind == "text" else "json"
+    for field, name in _GUIDED.items():
+        if body.get(field) is not None:
+            args[name] = body[field]
     tools = body.get("tools")
     if tools:
         if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
@@ -114,11 +139,20 @@ def chat_args(body: Any) -> abi.ChatArgs:
                           "tool_choice")
             choice = "required"
         args["tools"], args["tool_choice"] = tools, choice
-    args["stream"] = bool(body.get("stream", False)) and not tools
+        if body.get("parallel_tool_calls") is not None:
+            args["parallel_tool_calls"] = body["parallel_tool_calls"]
+    return args
+
+
+def checked(args: abi.ChatArgs) -> None:
+    """Refuse (400, naming the problem) a structure that cannot be enforced, before the call
+    is queued: a streamed reply could otherwise only fail after its 200."""
+    from kernel.llm.grammar import GrammarError, check
+
     try:
-        return msgspec.convert(args, abi.ChatArgs)
-    except msgspec.ValidationError as exc:
-        raise bad(f"invalid request: {exc}") from None
+        check(args)
+    except GrammarError as exc:
+        raise bad(f"cannot enforce the requested structure: {exc}") from None
 
 
 def completion_id() -> str:

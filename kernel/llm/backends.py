@@ -75,10 +75,10 @@ class LocalBackend:
 
     def admit(self, gen: Generation) -> None:
         """Queue a tokenized generation; raises BudgetExceeded or ValueError (nothing queued)."""
-        from kernel.llm.constrain import sampling_params
+        from kernel.llm.grammar import sampling_params
 
-        # gen.prompt_ids: tokenized by the model's prompter thread (kernel/llm/prompt.py).
-        params = sampling_params(gen.args, self.tokenizer)
+        # gen.prompt_ids and gen.constraint: by the model's prompter thread (kernel/llm/prompt.py).
+        params = sampling_params(gen.args, gen.constraint)
         self.sched.submit(Job(gen.id, gen.agent, gen.arrival, len(gen.prompt_ids),
                               gen.args.max_tokens, priority=gen.args.priority), time.monotonic())
         try:
@@ -150,7 +150,11 @@ class LocalBackend:
             append(Delta(job.id, out.text_delta, len(out.new_tokens)))
             if out.finished:
                 self.sched.finish(job.id, now)
-                append(Finished(job.id, out.finish_reason or "stop", job.preemptions))
+                if out.finish_reason == "error":  # its grammar hit a limit: the caller's fault
+                    append(Failed(job.id, abi.ErrorCode.EINVAL, "the output's grammar could "
+                                  f"not be followed past this point: {out.error}"))
+                else:
+                    append(Finished(job.id, out.finish_reason or "stop", job.preemptions))
 
 
 class RemoteBackend:
@@ -231,6 +235,7 @@ class RemoteBackend:
             text, reason, calls, usage = self.remote.run(
                 args, cancelled, lambda text: report(Delta(gen_id, text)))
         except RemoteError as exc:
-            report(Failed(gen_id, abi.ErrorCode.EIO, str(exc)))
+            code = abi.ErrorCode.EINVAL if exc.refused else abi.ErrorCode.EIO
+            report(Failed(gen_id, code, str(exc)))
             return
         report(Finished(gen_id, reason, text=text, tool_calls=calls or None, usage=usage))

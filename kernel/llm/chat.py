@@ -2,9 +2,10 @@
 
 Tools are described to the model in a system message with one exact JSON shape to answer in,
 `{"tool_calls": [{"name": ..., "arguments": {...}}]}`, because small models' chat templates
-rarely support tools natively. With `tool_choice="required"` the reply is generated in JSON
-mode, so it always parses; with "auto" the reply is parsed leniently (the first JSON object in
-it that names a known tool) and otherwise returned as text.
+rarely support tools natively. The reply is generated under a grammar of exactly that shape
+(kernel/llm/grammar.py): with `tool_choice="required"` it is calls whose arguments fit their
+tool's schema; with "auto" a reply that starts with `{` is such a call and anything else is
+text (still parsed leniently: the first JSON object in it that names a known tool).
 """
 
 from __future__ import annotations

@@ -15,7 +15,9 @@ request for 30 s and the kernel at 3.8 GB, only to fail the context check afterw
   release the GIL while they encode, so the worker keeps stepping meanwhile. Prompts are taken
   smallest first (their cost is known from their bytes), so a short prompt waits for at most
   the one being tokenized, whatever a neighbour has queued. A prompt with no room left in the
-  context is refused there (EINVAL) and never reaches the worker.
+  context is refused there (EINVAL) and never reaches the worker. The structure a prompt asks
+  its output to match (a JSON Schema, tools, a regex) is compiled there too
+  (kernel/llm/grammar.py); one that cannot be is refused (EINVAL).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import msgspec
 
 from kernel.config import ModelConfig
 from kernel.llm.chat import render
+from kernel.llm.grammar import GrammarError, Grammars
 from sdk import abi
 
 if TYPE_CHECKING:
@@ -90,8 +93,10 @@ def prompt_bytes(args: abi.ChatArgs, limit: int) -> int:
             total += _utf8_len(text, limit - total)
             if total > limit:
                 return total
-    if args.tools:
-        total += len(msgspec.json.encode(args.tools))
+    # The structure asked for costs its compile on the prompter thread: it counts like text.
+    for extra in (args.tools, args.json_schema, args.regex, args.choice):
+        if extra is not None:
+            total += len(msgspec.json.encode(extra))
     return total
 
 
@@ -103,6 +108,7 @@ class Prompter(threading.Thread):
         super().__init__(name=f"prompts-{worker.config.name}", daemon=True)
         self.worker = worker
         self.tokenizer: Any = None  # a copy of the model's own, once it has loaded
+        self.grammars: Grammars | None = None  # the structures asked for, compiled once each
         self._heap: list[tuple[int, int, Generation]] = []
         self._order = itertools.count()
         self._ready = threading.Condition()
@@ -119,6 +125,8 @@ class Prompter(threading.Thread):
         # The worker's copy decodes while this one encodes: a tokenizer object used by two
         # threads at once can fail ("Already borrowed") if either call reconfigures it.
         self.tokenizer = copy.deepcopy(tokenizer) if tokenizer is not None else None
+        if self.tokenizer is not None:
+            self.grammars = Grammars(self.tokenizer)
         self.start()
 
     def stop(self) -> None:
@@ -141,11 +149,18 @@ class Prompter(threading.Thread):
                 self._prepare(gen)
 
     def _prepare(self, gen: Generation) -> None:
-        if self.tokenizer is None:
+        if self.tokenizer is None or self.grammars is None:
             self.worker.inbox.put(("submit", gen))
             return
         from jinja2 import TemplateError
 
+        try:
+            # Compiled here, off the worker: a new grammar costs ~1 ms (more for a large one).
+            gen.constraint = self.grammars.matcher(gen.args)
+        except GrammarError as exc:
+            log.info("structure refused", extra={"agent": gen.agent, "reason": str(exc)})
+            gen.on_error(abi.ErrorCode.EINVAL, f"cannot enforce the requested structure: {exc}")
+            return
         try:
             ids = render(self.tokenizer, gen.args)
         except (TemplateError, ValueError, TypeError) as exc:  # e.g. roles out of order

@@ -32,7 +32,12 @@ MAX_EVENT_BYTES = 1 << 20
 
 
 class RemoteError(Exception):
-    """The server refused or broke the request; the message says how."""
+    """The server refused or broke the request; the message says how. `refused`: it answered
+    4xx, i.e. judged the request itself invalid (e.g. a schema it cannot enforce)."""
+
+    def __init__(self, message: str, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused
 
 
 @dataclass
@@ -64,10 +69,20 @@ class RemoteModel:
             body["stop"] = args.stop
         if args.seed is not None:
             body["seed"] = args.seed
-        if args.response_format == "json":
+        # The structure asked for, as OpenAI and vLLM spell it: the server enforces it.
+        if args.json_schema is not None:
+            body["response_format"] = {"type": "json_schema", "json_schema": {
+                "name": "response", "schema": args.json_schema, "strict": True}}
+        elif args.response_format == "json":
             body["response_format"] = {"type": "json_object"}
+        if args.regex is not None:
+            body["guided_regex"] = args.regex
+        if args.choice is not None:
+            body["guided_choice"] = args.choice
         if args.tools:
             body["tools"], body["tool_choice"] = args.tools, args.tool_choice
+            if not args.parallel_tool_calls:
+                body["parallel_tool_calls"] = False
         return body
 
     def stream(self, args: abi.ChatArgs, cancelled: threading.Event) -> Iterator[dict[str, Any]]:
@@ -81,7 +96,9 @@ class RemoteModel:
             resp = conn.getresponse()
             if resp.status != 200:
                 detail = resp.read(4096).decode(errors="replace")
-                raise RemoteError(f"{self.base_url} answered {resp.status}: {detail}")
+                raise RemoteError(f"{self.base_url} answered {resp.status}: {detail}",
+                                  refused=400 <= resp.status < 500 and resp.status not in (
+                                      401, 403, 404, 408, 429))
             while line := resp.readline(MAX_EVENT_BYTES + 1):
                 if cancelled.is_set():
                     return

@@ -44,6 +44,7 @@ class Generation:
     cancelled: bool = False  # set by the loop thread; the prompter and worker drop it
     # Worker-side state.
     prompt_ids: list[int] = field(default_factory=list)
+    constraint: Any = None  # its grammar's matcher (kernel/llm/grammar.py), if it asks for one
     text: list[str] = field(default_factory=list)
     completion_tokens: int = 0
     cached_tokens: int = 0
@@ -247,7 +248,9 @@ class ModelWorker(threading.Thread):
         full = "".join(gen.text) if event.text is None else event.text
         message = abi.ChatMessage(role="assistant", content=full)
         reason, tool_calls = event.reason, event.tool_calls
-        if tool_calls is None and gen.args.tools and gen.args.tool_choice != "none":
+        # A reply cut short ("length") is never read as calls: its structure is unfinished.
+        if (tool_calls is None and gen.args.tools and gen.args.tool_choice != "none"
+                and reason != "length"):
             parsed = parse_reply(full, gen.args.tools)
             tool_calls = parsed.tool_calls
         if tool_calls:

@@ -9,7 +9,7 @@ step; the engine runs exactly those, one token-level iteration at a time.
                max_tokens=256, stop=[], seed=None, ignore_eos=False,
                constraint=None))       # queued, not running
     outputs = engine.step(run)        # {seq_id: StepOutput(new_tokens, text_delta, finished,
-                                      #    finish_reason: "stop"|"length"|None,
+                                      #    finish_reason: "stop"|"length"|"error"|None, error,
                                       #    computed: tokens with KV, reused: from prefix cache)}
     engine.preempt(seq_id, keep_kv=True)   # switch out: KV snapshot in host RAM, or drop it
     engine.cancel(seq_id)                  # forget it, free its KV (unknown ids are ignored)
@@ -29,8 +29,11 @@ step; the engine runs exactly those, one token-level iteration at a time.
 - Sampling: temperature 0 is greedy. Otherwise temperature, then top-k, then top-p, then one
   uniform draw from the request's own `torch.Generator` (seeded by `seed`): a seeded request
   gives the same tokens alone, batched, or preempted and resumed. A `constraint`
-  (sampling.TokenConstraint: `pick(logits, params, generator)`, `advance(token)`, `complete`;
-  JSON mode is one) picks the request's tokens instead, and its completion ends it ("stop").
+  (sampling.TokenConstraint: `fill(mask_row)`, `advance(token)`, `complete`, `error`; a
+  grammar's matcher, kernel/llm/grammar.py) masks the request's row of logits before it is
+  sampled (the batch's masks are filled into one bitmask and applied together); its completion
+  ends the request ("stop"), its failure too ("error", with StepOutput.error saying why). It
+  only ever sees the emitted tokens, so preemption (either way) and the prefix cache leave it be.
 - `preempt(keep_kv=True)` copies the sequence's KV out of the batch; `keep_kv=False` offers it
   to the prefix cache and drops it, and the resume recomputes whatever the cache no longer
   holds (prompt and generated tokens, in chunks). Either way the resumed output is token for

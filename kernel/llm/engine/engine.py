@@ -256,7 +256,9 @@ class Engine:
         constraint = s.params.constraint
         if constraint is not None:
             constraint.advance(token)
-        if token in self.eos and not s.params.ignore_eos:
+        if constraint is not None and constraint.error is not None:
+            out.finish_reason, out.error = "error", constraint.error
+        elif token in self.eos and not s.params.ignore_eos:
             out.finish_reason = "stop"
         else:
             out.text_delta += s.text.push(token)

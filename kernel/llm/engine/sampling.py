@@ -6,20 +6,30 @@ import random
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import numpy as np
 import torch
 
 
 class TokenConstraint(Protocol):
-    """Per-request token filter (e.g. JSON mode): it picks the token instead of the sampler."""
+    """Per-request token mask (a grammar's matcher, kernel/llm/grammar.py): each step it says
+    which tokens may come next, and it follows the tokens the sequence emits."""
+
+    vocab: int  # the token ids its mask covers; ids past it are never allowed
 
     @property
     def complete(self) -> bool:
         """True once the output is whole: the sequence then stops ("stop")."""
         ...
 
-    def pick(self, logits: torch.Tensor, params: SamplingParams,
-             generator: torch.Generator | None) -> int:
-        """The next token from this sequence's row of logits."""
+    @property
+    def error(self) -> str | None:
+        """Why the output can no longer be followed (e.g. a limit of the grammar's work per
+        token was hit); the sequence then ends ("error")."""
+        ...
+
+    def fill(self, row: torch.Tensor) -> None:
+        """Set the bit of every allowed next token in `row` (int32, (vocab + 31) // 32 words,
+        token t at bit t % 32 of word t // 32)."""
         ...
 
     def advance(self, token: int) -> None:
@@ -38,7 +48,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     ignore_eos: bool = False  # benchmarks want fixed-length outputs
-    # Request state, not a setting: one constraint object per request.
+    # Request state, not a setting: one constraint (a grammar's matcher) per request.
     constraint: TokenConstraint | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -68,13 +78,38 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
            generators: list[torch.Generator | None]) -> list[int]:
     """One token per row of `logits` ([rows, vocab]), each row under its own params."""
     logits = logits.float()
+    constrained = [(i, p.constraint) for i, p in enumerate(params) if p.constraint is not None]
+    if constrained:
+        mask(logits, constrained)
     tokens = logits.argmax(dim=-1).tolist()
     for i, (p, gen) in enumerate(zip(params, generators, strict=True)):
-        if p.constraint is not None:
-            tokens[i] = p.constraint.pick(logits[i], p, gen)
-        elif not p.greedy:
+        if not p.greedy:
             tokens[i] = _draw(logits[i], p, gen)
     return tokens
+
+
+def mask(logits: torch.Tensor, rows: list[tuple[int, TokenConstraint]]) -> None:
+    """Set to -inf, in place, each listed row's logits of the tokens its constraint forbids.
+
+    The constraints fill one bitmask (a row each), unpacked to booleans at once and applied to
+    those rows in one pass; sampling then proceeds as for any row, so a constrained request
+    draws exactly one uniform per token too (preempted and resumed, it repeats its tokens). A
+    row whose constraint failed (see `error`) is left as is; the engine ends that sequence when
+    it sees the error."""
+    vocab = logits.shape[1]
+    words = (max(vocab, *(c.vocab for _, c in rows)) + 31) // 32
+    bits = torch.zeros((len(rows), words), dtype=torch.int32)
+    for j, (_, c) in enumerate(rows):
+        c.fill(bits[j, :(c.vocab + 31) // 32])
+        if c.error is not None:
+            bits[j] = -1
+    unpacked = np.unpackbits(bits.numpy().view(np.uint8), axis=1, bitorder="little")
+    forbidden = torch.from_numpy(~unpacked[:, :vocab].view(np.bool_)).to(logits.device)
+    if len(rows) == logits.shape[0]:  # every row is constrained: no gather, no scatter
+        logits.masked_fill_(forbidden, float("-inf"))
+        return
+    index = torch.tensor([i for i, _ in rows], device=logits.device)
+    logits[index] = logits[index].masked_fill_(forbidden, float("-inf"))
 
 
 def _draw(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> int:

@@ -11,7 +11,7 @@ import torch
 from kernel.llm.engine.sampling import SamplingParams, make_generator
 from kernel.llm.engine.text import TextStream
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "error"]
 
 
 class Status(enum.Enum):
@@ -28,6 +28,7 @@ class StepOutput:
     text_delta: str
     finished: bool
     finish_reason: FinishReason | None = None
+    error: str | None = None  # why, when finish_reason is "error" (its constraint failed)
     computed: int = 0  # tokens of the sequence whose KV now exists (prefill progress)
     reused: int = 0  # of those, taken from the prefix cache since it was (re)started
 
