@@ -6,8 +6,8 @@ only what that subtask needs, gathers their answers by a deadline, and combines 
         -- "Describe the sun, the moon and the stars."
 
 Options before the task: `--model NAME` (default: the kernel's default, which it asks for
-with `llm.models`), `--workers N` (at most, default 3), `--deadline SECONDS` (default 120),
-`--max-tokens N` (per model call, default 96). Subtasks given as `a | b | c` are used as they
+with `llm.models`), `--workers N` (at most, default 3), `--deadline SECONDS` (default 300),
+`--max-tokens N` (per model call, default 64). Subtasks given as `a | b | c` are used as they
 are; otherwise the model splits the task.
 
 What it hands on: each worker (worker.py, beside this file) starts with no rights of its
@@ -50,8 +50,8 @@ def options(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="planner.py")
     parser.add_argument("--model", help="model to use (default: the kernel's default)")
     parser.add_argument("--workers", type=int, default=3, help="at most this many subtasks")
-    parser.add_argument("--deadline", type=float, default=120.0, help="seconds for the workers")
-    parser.add_argument("--max-tokens", type=int, default=96, help="per model call")
+    parser.add_argument("--deadline", type=float, default=300.0, help="seconds for the workers")
+    parser.add_argument("--max-tokens", type=int, default=64, help="per model call")
     parser.add_argument("task", nargs="+")
     return parser.parse_args(argv)
 

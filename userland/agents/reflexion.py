@@ -24,6 +24,7 @@ from typing import Any
 from sdk import Agent, SyscallError
 
 LESSONS_SHOWN = 5  # the newest lessons go into the prompt; all of them stay in memory
+LESSON_CHARS = 300  # a rambling lesson is cut: it is repeated in every later prompt
 
 
 def options(argv: list[str]) -> argparse.Namespace:
@@ -78,15 +79,16 @@ class Reflexion(Agent):
             after = page[-1].id
         return found
 
-    def chat(self, prompt: str) -> str:
-        reply = self.llm.chat([{"role": "user", "content": prompt}], model=self.opts.model,
-                              max_tokens=self.opts.max_tokens)
+    def chat(self, prompt: str, system: str | None = None) -> str:
+        messages = [{"role": "system", "content": system}] if system else []
+        reply = self.llm.chat([*messages, {"role": "user", "content": prompt}],
+                              model=self.opts.model, max_tokens=self.opts.max_tokens)
         return (reply.message.content or "").strip()
 
     def answer(self, task: str, lessons: list[str]) -> str:
         prompt = f"Answer briefly.\nTask: {task}"
         if lessons:
-            prompt += "\nLessons from your earlier wrong answers:\n" + "\n".join(
+            prompt += "\nMistakes in your earlier answers to it:\n" + "\n".join(
                 f"- {lesson}" for lesson in lessons)
         return self.chat(prompt)
 
@@ -111,6 +113,9 @@ class Reflexion(Agent):
         return verdict.upper().startswith("CORRECT"), verdict or "(no critique)"
 
     def reflect(self, task: str, answer: str, feedback: str) -> str:
-        lesson = self.chat(f"Task: {task}\nYour answer: {answer}\nIt was judged: {feedback}\n"
-                           "In one sentence, what should you do differently next time?")
-        return lesson or "(no lesson)"
+        # Asked as a reviewer of someone's answer, a small model names a mistake; asked what
+        # it will do differently, it tends to apologise or to repeat the answer.
+        lesson = self.chat(f"Task: {task}\nAnswer: {answer}\nThis answer was judged: {feedback}"
+                           "\nIn one sentence, what is the mistake?",
+                           system="You find mistakes in answers.")
+        return lesson[:LESSON_CHARS] or "(no lesson)"
