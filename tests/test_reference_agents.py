@@ -118,6 +118,17 @@ def test_react_runs_its_tools_and_feeds_back_bad_output(kernel: KernelProcess) -
     assert [m.content for m in kept] == ["Task: What is 6 * 7?\nAnswer: 42"]
 
 
+def test_react_reads_the_action_formats_small_models_write() -> None:
+    from userland.agents.react import parse
+
+    assert parse("Thought: add.\nAction: calculator[2 + 3]") == ("calculator", "2 + 3")
+    assert parse("Action: Calculator(2 + 3)") == ("calculator", "2 + 3")
+    assert parse("Action: read_file: 'notes.txt'") == ("read_file", "notes.txt")
+    assert parse("Action: finish[x = [1, 2]]") == ("finish", "x = [1, 2]")
+    assert parse("Thought: done.\nFinal Answer: 5") == ("finish", "5")
+    assert parse("The answer is 5.") is None
+
+
 def test_react_stops_at_its_step_limit(kernel: KernelProcess) -> None:
     out = run(kernel, "react-limit", ["--model", "script", "--steps", "3", "What is 6 * 7?"],
               REACT_CAPS, agent="react").result

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sdk import Agent, SyscallError, TimedOut
+from sdk import Agent, ErrorCode, SyscallError, TimedOut, TryAgain
 
 WORKER = str(Path(__file__).resolve().with_name("worker.py"))
 LIVE = ("starting", "running", "suspended", "restarting")
@@ -106,7 +106,7 @@ class Planner(Agent):
         while pending and (left := deadline - time.monotonic()) > 0:
             try:
                 message = self.ipc.recv(timeout=min(left, POLL))
-            except TimedOut:
+            except (TimedOut, TryAgain):  # TryAgain: asked with under a millisecond left
                 message = None
             if message is not None:
                 worker = pending.pop(message.sender_id, None)
@@ -136,9 +136,10 @@ class Planner(Agent):
 
 
 def _reply(data: Any) -> dict[str, Any]:
-    """A worker's answer or its own typed error; anything else is a malformed reply."""
+    """A worker's answer or its own typed error (an ErrorCode's name); anything else is a
+    malformed reply."""
     if isinstance(data, dict) and isinstance(data.get("answer"), str):
         return {"answer": data["answer"]}
-    if isinstance(data, dict) and isinstance(data.get("error"), str):
+    if isinstance(data, dict) and data.get("error") in ErrorCode.__members__:
         return {"error": data["error"], "message": str(data.get("message", ""))}
     return {"error": "EINVAL", "message": "malformed reply"}

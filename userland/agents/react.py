@@ -108,8 +108,7 @@ class ReAct(Agent):
             observation = observation[:OBSERVATION_CHARS]
             # Small models repeat themselves: say so, and point at the way out.
             if trace and action is not None and trace[-1]["action"] == action:
-                observation += (" (you did this already; if that answers the task, reply "
-                                f"Action: finish[{observation}])")
+                observation += " (you did this already; if that answers the task, finish)"
             print(f"{reply}\nObservation: {observation}", flush=True)
             trace.append({"reply": reply, "action": action, "observation": observation})
             messages.append({"role": "user", "content": f"Observation: {observation}"})

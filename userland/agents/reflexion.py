@@ -68,7 +68,8 @@ class Reflexion(Agent):
                 break
             lessons.append(lesson)
         return {"task": task, "answer": attempts[-1]["answer"], "passed": attempts[-1]["passed"],
-                "judge": "expect" if opts.expect else "python" if opts.check else "model",
+                "judge": ("expect" if opts.expect is not None else
+                          "python" if opts.check is not None else "model"),
                 "remembered": len(past), "attempts": attempts}
 
     def past_attempts(self, key: str) -> list[Any]:
@@ -95,7 +96,9 @@ class Reflexion(Agent):
     def judge(self, task: str, answer: str) -> tuple[bool, str]:
         """(passed, feedback). The feedback never gives the expected answer away."""
         if self.opts.expect is not None:
-            ok = _plain(self.opts.expect) in _plain(answer)
+            # As whole words: an expected 391 is not in 3910.
+            ok = re.search(rf"(?<!\w){re.escape(_plain(self.opts.expect))}(?!\w)",
+                           _plain(answer)) is not None
             return ok, "correct" if ok else "wrong: that is not the expected answer"
         if self.opts.check is not None:
             code = f"answer = {answer!r}\n{self.opts.check}\n"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from sdk import Agent, Connection, SyscallError, TimedOut
+from sdk import Agent, Connection, SyscallError, TimedOut, TryAgain
 
 WAIT_FOR_JOB = 60.0  # seconds: a planner that spawned us and never wrote has failed
 
@@ -24,7 +24,7 @@ class Worker(Agent):
         while True:
             try:
                 message = self.ipc.recv(timeout=max(0.0, give_up - time.monotonic()))
-            except TimedOut:
+            except (TimedOut, TryAgain):  # TryAgain: asked with no time left
                 return {"error": "ETIMEDOUT", "message": "no job from the planner"}
             # Only the planner that started us gives orders; anything else is dropped.
             if message.sender == planner and isinstance(message.data, dict):
