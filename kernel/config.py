@@ -89,7 +89,7 @@ class GroupConfig:
 
     @classmethod
     def parse(cls, name: str, table: dict[str, Any]) -> GroupConfig:
-        from kernel.access.tokens import BUDGET_KINDS, Rule
+        from sdk.tokens import BUDGET_KINDS, Rule
 
         known = {f.name for f in dataclasses.fields(cls)} - {"name"}
         unknown = sorted(set(table) - known)

@@ -27,7 +27,8 @@ from kernel.access.approvals import Approvals
 from kernel.access.audit import AuditLog
 from kernel.access.guard import Guard
 from kernel.access.manager import AccessManager
-from kernel.access.tokens import Capability, Rule, TokenAuthority
+from kernel.access.rules import Capability
+from kernel.access.tokens import TokenAuthority
 from kernel.accounts import Accounts
 from kernel.config import Config
 from kernel.db import Database
@@ -45,6 +46,7 @@ from kernel.syscalls import SYSCALLS
 from kernel.tools.core import ToolManager
 from kernel.transport import Identities, ZapHandler, open_router
 from sdk import abi
+from sdk.tokens import Rule
 
 log = logging.getLogger("kernel")
 
@@ -200,7 +202,7 @@ class Kernel:
     def _write_admin_token(self) -> None:
         uid = os.geteuid()
         token = self.authority.mint(f"user:{uid}", [Rule("*")])
-        self.procs.record_token(token)
+        self.access.record(token)
         self.audit.append("kernel", "grant", subject=f"user:{uid}", rules=["*"], to="admin.token")
         write_private(self.state.admin_token_path, (token + "\n").encode())
 

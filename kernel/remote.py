@@ -161,8 +161,9 @@ class Remote:
     # --- the registry's syscalls -------------------------------------------------------------
 
     def add_key(self, call: Call, args: abi.KeyArgs) -> abi.RemoteGrant:
-        from kernel.access.tokens import Rule, rules_cover
+        from kernel.access.rules import rules_cover
         from kernel.core import Fault
+        from sdk.tokens import Rule
 
         if any(k == args.key for n, k in self.keys.items() if n != args.name):
             raise Fault(abi.ErrorCode.EBUSY, "that key is registered under another name")

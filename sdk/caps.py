@@ -2,25 +2,13 @@
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
 import secrets
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
 
-import msgspec
-
-from sdk import abi
+from sdk import abi, tokens
 from sdk.errors import InvalidArgument
 from sdk.syscalls import Family
-
-_PREFIX = "aos1."
-
-
-def _b64(raw: bytes) -> str:
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
 
 
 def attenuate(token: str, *, caps: Sequence[str] = (), ttl: float | None = None,
@@ -32,37 +20,27 @@ def attenuate(token: str, *, caps: Sequence[str] = (), ttl: float | None = None,
     (`calls`, `llm_tokens`, `tools`, `bytes`) caps what it may spend, `once` makes it work for
     one call. Caveats can be added but never removed, so the result is never wider. The kernel
     still accepts it only from its audience: use `caps.delegate` to hand rights to another agent.
+    The token format and its limits are the kernel's own (`sdk.tokens`): a token it would refuse
+    is refused here, with InvalidArgument.
     """
-    if not token.startswith(_PREFIX):
-        raise InvalidArgument("not an aos1 token")
-    body = token[len(_PREFIX):]
+    new: list[tuple[str, object]] = []
     try:
-        key_id, ident, caveats, sig = msgspec.msgpack.decode(
-            base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
-    except (ValueError, TypeError, msgspec.DecodeError):
-        raise InvalidArgument("malformed token") from None
-    new: list[tuple[str, Any]] = []
-    if caps:
-        rules = []
-        for text in caps:
-            op, at, resource = text.partition("@")
-            rules.append([op, resource if at else None])
-        new.append(("allow", rules))
-    if ttl is not None:
-        new.append(("exp", float(time.time() + ttl)))
-    for kind, limit in (budgets or {}).items():
-        new.append(("budget", [kind, int(limit), secrets.token_hex(8)]))
-    if once:
-        new.append(("once", secrets.token_hex(16)))
-    if requires_approval:
-        held = [[op, resource if at else None]
-                for op, at, resource in (text.partition("@") for text in requires_approval)]
-        new.append(("requires_approval", held))
-    for caveat in new:
-        encoded = msgspec.msgpack.encode(caveat)
-        caveats.append(encoded)
-        sig = hmac.new(sig, encoded, hashlib.sha256).digest()
-    return _PREFIX + _b64(msgspec.msgpack.encode((key_id, ident, caveats, sig)))
+        if caps:
+            new.append(("allow", [tokens.Rule.parse(text) for text in caps]))
+        if ttl is not None:
+            new.append(("exp", time.time() + ttl))
+        for kind, limit in (budgets or {}).items():
+            new.append(("budget", [kind, int(limit), secrets.token_hex(8)]))
+        if once:
+            new.append(("once", secrets.token_hex(16)))
+        if requires_approval:
+            new.append(("requires_approval",
+                        [tokens.Rule.parse(text) for text in requires_approval]))
+        return tokens.attenuate(token, *new)
+    except tokens.TokenError as exc:
+        raise InvalidArgument(exc.reason) from None
+    except ValueError as exc:
+        raise InvalidArgument(str(exc)) from None
 
 
 class Caps(Family):

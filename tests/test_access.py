@@ -21,13 +21,14 @@ from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, rule
 from kernel.access.audit import AuditLog
 from kernel.access.export import check_export, export_token, verify_export
 from kernel.access.manager import AccessManager
-from kernel.access.tokens import TokenAuthority, TokenError
-from kernel.access.tokens import attenuate as kernel_attenuate
+from kernel.access.tokens import TokenAuthority
 from kernel.config import Config
 from kernel.core import Call, Caller, Fault
 from kernel.db import Database
 from sdk import abi
 from sdk.caps import attenuate
+from sdk.tokens import TokenError
+from sdk.tokens import attenuate as kernel_attenuate
 
 KEY = bytes(range(32))
 OPS = ["sys.null", "sys.stats", "proc.ps", "ipc.recv"]

@@ -20,7 +20,7 @@ import httpx2 as httpx  # what the openai client itself uses
 import openai
 import pytest
 
-from kernel.access.tokens import attenuate
+from sdk.tokens import attenuate
 from tests.conftest import ROOT, KernelProcess, wait_until
 
 HELLO = [{"role": "user", "content": "hello there"}]
@@ -530,7 +530,7 @@ def test_aios_sdk_memory_storage_and_tool_queries(web: KernelProcess) -> None:
     assert "now version 3" in storage("rollback", file_path="notes/plan.txt", n=1)
     assert storage("read", file_path="notes/plan.txt") == "first draft about llamas"
     assert storage("retrieve", query_text="llamas", n=2)[0]["path"] == "notes/plan.txt"
-    from kernel.access.tokens import parse_unverified
+    from sdk.tokens import parse_unverified
     from tests.conftest import agent
 
     with web.connect() as conn:  # sharing a folder with a running agent: a token for it

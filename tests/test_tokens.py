@@ -1,4 +1,5 @@
-"""Tests for kernel.access.tokens: format, tamper resistance, attenuation and rule coverage."""
+"""Tests for the token format (sdk.tokens) and the kernel's authority and rules: tampering,
+attenuation and rule coverage."""
 
 from __future__ import annotations
 
@@ -14,12 +15,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kernel.access.tokens import (
+from kernel.access.rules import Capability, rule_covers, rules_cover
+from kernel.access.tokens import TokenAuthority
+from sdk.tokens import (
     MAX_CAVEATS,
     MAX_TOKEN_CHARS,
-    Capability,
     Rule,
-    TokenAuthority,
     TokenError,
     attenuate,
     decode_caveat,
@@ -27,8 +28,6 @@ from kernel.access.tokens import (
     op_matches,
     parse_unverified,
     resource_matches,
-    rule_covers,
-    rules_cover,
 )
 
 KEY = bytes(range(32))

@@ -23,7 +23,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from kernel.access.tokens import Capability, Rule, TokenError
+from kernel.access.rules import Capability
+from sdk.tokens import Rule, TokenError
 
 EXPORT_PREFIX = "aosx1."
 

@@ -9,8 +9,9 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from kernel.access.tokens import Capability, TokenError
+from kernel.access.rules import Capability
 from sdk.abi import ErrorCode
+from sdk.tokens import TokenError
 
 if TYPE_CHECKING:
     from kernel.core import Caller, Kernel

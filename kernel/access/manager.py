@@ -31,16 +31,12 @@ import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from kernel.access.tokens import (
-    Capability,
-    Rule,
-    TokenAuthority,
-    TokenError,
-    rules_cover,
-)
+from kernel.access.rules import Capability, rules_cover
+from kernel.access.tokens import TokenAuthority
 from kernel.state import write_private
 from sdk import abi
 from sdk.syscalls import known_op
+from sdk.tokens import Rule, TokenError
 
 if TYPE_CHECKING:
     from kernel.config import GroupConfig

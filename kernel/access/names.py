@@ -23,8 +23,9 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from kernel.access.tokens import Capability, Rule, rules_cover
+from kernel.access.rules import Capability, rules_cover
 from sdk import abi
+from sdk.tokens import Rule
 
 if TYPE_CHECKING:
     from kernel.core import Kernel

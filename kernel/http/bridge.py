@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from kernel.access.tokens import TokenError
 from sdk import abi
+from sdk.tokens import TokenError
 
 if TYPE_CHECKING:
     from kernel.core import Kernel

@@ -28,13 +28,14 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from kernel.access import names
-from kernel.access.tokens import Capability, Rule, rules_cover
+from kernel.access.rules import Capability, rules_cover
 from kernel.proc import sandbox
 from kernel.proc.logs import LogPump
 from kernel.proc.sandbox import LAYER_EXIT, Report
 from kernel.proc.spawner import AgentSpec, Extras, Sandboxes, SpawnHook
 from sdk import abi
 from sdk.syscalls import known_op
+from sdk.tokens import Rule
 
 if TYPE_CHECKING:
     from kernel.core import Call, Kernel

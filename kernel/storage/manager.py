@@ -15,10 +15,11 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from kernel.access.tokens import Rule, rules_cover
+from kernel.access.rules import rules_cover
 from kernel.storage import paths
 from kernel.storage.blobs import BlobError, BlobStore
 from sdk import abi
+from sdk.tokens import Rule
 
 if TYPE_CHECKING:
     from kernel.core import Call, Caller, Kernel

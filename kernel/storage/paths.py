@@ -15,7 +15,7 @@ from urllib.parse import quote
 from sdk import abi
 
 MAX_SEGMENT_BYTES = 255
-MAX_RESOURCE_CHARS = 256  # kernel.access.tokens.MAX_RESOURCE_CHARS
+MAX_RESOURCE_CHARS = 256  # sdk.tokens.MAX_RESOURCE_CHARS
 # Unicode categories a file name may not contain: controls, formats (zero-width joiners,
 # bidirectional overrides), surrogates, private use, unassigned, line/paragraph separators.
 _BANNED = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"}

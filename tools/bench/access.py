@@ -29,9 +29,10 @@ from kernelproc import wait_answering  # noqa: E402
 
 import sdk  # noqa: E402
 from kernel.access.manager import AccessManager  # noqa: E402
-from kernel.access.tokens import Rule, TokenAuthority, attenuate  # noqa: E402
+from kernel.access.tokens import TokenAuthority  # noqa: E402
 from kernel.config import Config  # noqa: E402
 from kernel.db import Database  # noqa: E402
+from sdk.tokens import Rule, attenuate  # noqa: E402
 
 
 def per_call_us(fn, n: int) -> float:
