@@ -155,7 +155,7 @@ class Kernel:
         self.procs.spawn_hooks.append(self.rings.on_spawn)
         self.procs.reap_hooks.append(self.rings.drop)
         self.remote = Remote(self)
-        self.access = AccessManager(self)
+        self.access = AccessManager(self, self.procs.agent_named)
         self.approvals = Approvals(self)
         self.memory = MemoryManager(self)
         self.storage = StorageManager(self)
@@ -477,7 +477,11 @@ class Kernel:
             args = abi.decode_args(req.args, entry.args)
             resource = entry.resource(self, args, caller) if entry.resource else None
             call.capability = self.guard.check(req.token, req.call, resource, caller)
-            result = entry.handler(self, call, args)
+            if call.capability.approval_rules:  # `requires_approval`, for any op: one gate
+                result = self.approvals.guarded(call, resource,
+                                                lambda: entry.handler(self, call, args))
+            else:
+                result = entry.handler(self, call, args)
             if result is not PENDING:
                 self.reply(call, result)
             failed = False

@@ -23,7 +23,6 @@ import zmq
 from kernel.state import write_private
 from kernel.transport import CurveZapHandler, open_curve_router
 from sdk import abi
-from sdk.syscalls import known_op
 
 if TYPE_CHECKING:
     from kernel.core import Call, Kernel
@@ -161,27 +160,17 @@ class Remote:
     # --- the registry's syscalls -------------------------------------------------------------
 
     def add_key(self, call: Call, args: abi.KeyArgs) -> abi.RemoteGrant:
-        from kernel.access.rules import rules_cover
         from kernel.core import Fault
         from sdk.tokens import Rule
 
         if any(k == args.key for n, k in self.keys.items() if n != args.name):
             raise Fault(abi.ErrorCode.EBUSY, "that key is registered under another name")
-        try:
-            rules = [Rule.parse(text) for text in args.caps]
-        except ValueError as exc:
-            raise Fault(abi.ErrorCode.EINVAL, f"bad capability: {exc}") from None
-        for rule in rules:
-            if not known_op(rule.op):
-                raise Fault(abi.ErrorCode.EINVAL, f"bad capability {rule}: no syscall {rule.op!r}")
-        assert call.capability is not None
-        if not all(rules_cover(held, rules) for held in call.capability.rule_sets):
-            raise Fault(abi.ErrorCode.EPERM, "cannot grant rights the caller does not hold: "
-                        + ", ".join(map(str, rules)))
+        rules = self.k.access.rules(args.caps)
+        self.k.access.check_grant(call.capability, rules)
         principal = PREFIX + args.name
         granted = [Rule("sys.*"), *rules]
         token = self.k.authority.mint(principal, granted)
-        self.k.procs.record_token(token)
+        self.k.access.record(token)
         self.keys.set(args.name, args.key)
         self.k.audit.append(call.caller.principal, "add-key", subject=principal, key=args.key,
                             rules=[str(r) for r in granted])
@@ -200,8 +189,5 @@ class Remote:
         # Revoke what was minted for the name too, so registering it again (even with the
         # same key) does not bring an old token back to life.
         principal = PREFIX + args.name
-        revoked = 0
-        for (token_id,) in self.k.db.read(
-                "SELECT id FROM tokens WHERE subject=? AND revoked_at IS NULL", (principal,)):
-            revoked += self.k.access.revoke(token_id, call.caller.principal, "rm-key")
+        revoked = self.k.access.revoke_subject(principal, call.caller.principal, "rm-key")
         self.k.audit.append(call.caller.principal, "rm-key", subject=principal, revoked=revoked)

@@ -118,8 +118,7 @@ def proc_resume(k: Kernel, call: Call, args: abi.AgentRef) -> None:
 
 def ipc_send(k: Kernel, call: Call, args: abi.SendArgs) -> Any:
     k.access.charge(call, "bytes", lambda: len(msgspec.msgpack.encode(args.data)))
-    return k.approvals.guarded(call, _ipc(k, args, call.caller), {"to": args.to},
-                               lambda: k.ipc.send(call.caller, args))
+    return k.ipc.send(call.caller, args)
 
 
 def ipc_recv(k: Kernel, call: Call, args: abi.RecvArgs) -> Any:

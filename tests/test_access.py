@@ -20,6 +20,7 @@ from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, rule
 
 from kernel.access.audit import AuditLog
 from kernel.access.export import check_export, export_token, verify_export
+from kernel.access.guard import Guard
 from kernel.access.manager import AccessManager
 from kernel.access.tokens import TokenAuthority
 from kernel.config import Config
@@ -53,6 +54,7 @@ class Host:
         self.config = Config(state_dir=self.root)
         self.state = SimpleNamespace(key_path=self.root / "secret.key", root=self.root)
         self.access = AccessManager(self)
+        self.guard = Guard(self)
 
     def commit(self) -> None:
         self.db.commit()
@@ -69,7 +71,7 @@ class Host:
 
     def use(self, token: str, op: str, principal: str) -> abi.ErrorCode | None:
         try:
-            self.access.authorize(token, op, None, principal)
+            self.guard.check(token, op, None, Caller(principal, None))
         except Fault as exc:
             return exc.code
         finally:
@@ -256,7 +258,7 @@ def test_subset_rule_is_checked_by_the_kernel(host: Host) -> None:
             delegate(host, "user:1", root, "agent:1", caps=wider)
         assert info.value.code == abi.ErrorCode.EPERM
     child = delegate(host, "user:1", root, "agent:1", caps=["proc.info@proc/3/x"]).token
-    assert host.access.authorize(child, "proc.info", "proc/3/x", "agent:1")
+    assert host.guard.check(child, "proc.info", "proc/3/x", Caller("agent:1", None))
     # A delegation from someone else's token is refused: its audience is not the caller.
     with pytest.raises(Fault):
         delegate(host, "agent:2", root, "agent:1")

@@ -1,11 +1,16 @@
-"""Approval of irreversible operations: the kernel holds such a call until a human decides.
+"""The one approval gate: every operation a human must allow waits here, whichever room it is
+in. Three things send a call to the gate:
 
-The interface for every manager (ipc today; memory/storage deletes and destructive tools next):
+- a `requires_approval` caveat on the caller's token that matches the call, for any syscall
+  (`Kernel.execute` asks `guarded` after the access check, so every op the guard checks honours
+  it the same way);
+- an irreversible operation (deleting files or memories: `irreversible`) by an agent, while the
+  kernel's `approve_irreversible` is on;
+- a destructive tool (`destructive_tool`) called by an agent, unless the kernel's
+  `tools_allow_destructive` names it.
 
-    return kernel.approvals.gate(call, action, detail, proceed)
-
-parks `call` (the handler returns what `gate` returns, `PENDING`) and lists the request in
-`agentos approvals`. Then exactly one of:
+`gate(call, action, detail, proceed)` parks `call` (the handler returns what `gate` returns,
+`PENDING`) and lists the request in `agentos approvals`. Then exactly one of:
 
 - `agentos approve ID`: `proceed()` runs on the loop thread, inside the approving syscall's
   transaction (in a savepoint of its own), and its return value becomes the call's result; a
@@ -16,16 +21,13 @@ parks `call` (the handler returns what `gate` returns, `PENDING`) and lists the 
   ETIMEDOUT.
 - the requester dies or the kernel stops: the call is cancelled and the request dropped.
 
-`proceed` must re-validate anything that may have changed while the call waited (the target may
-be gone). Only users (people, through `agentos`) decide, never agents, and nobody can approve
-or deny their own request: the principal that asked is refused with EPERM, whatever its rights.
+A call is asked about once: while an approved `proceed` runs, the gate lets the same call
+through, so an op held by a caveat is not held again for being irreversible. `proceed` must
+re-validate anything that may have changed while the call waited (the target may be gone).
+Only users (people, through `agentos`) decide, never agents, and nobody can approve or deny
+their own request: the principal that asked is refused with EPERM, whatever its rights.
 Requests, decisions and refusals are audited; a request's id is the sequence number of its
 audit record, so ids are never reused, even across restarts.
-
-`guarded(call, resource, detail, proceed)` is the usual entry: it gates only when the caller's
-token carries a `requires_approval` caveat matching the call, and otherwise runs `proceed` now.
-Managers whose operations are irreversible by nature (deleting memories or files, destructive
-tools) call `gate` directly.
 """
 
 from __future__ import annotations
@@ -60,20 +62,54 @@ class Approvals:
     def __init__(self, kernel: Kernel) -> None:
         self.k = kernel
         self.pending: dict[int, Request] = {}
+        self._approved: Call | None = None  # the call whose approved `proceed` is running
 
-    def guarded(self, call: Call, resource: str | None, detail: dict[str, Any],
-                proceed: Callable[[], Any]) -> Any:
-        """Run `proceed` now, or hold it for approval if the caller's token says so."""
+    def guarded(self, call: Call, resource: str | None, proceed: Callable[[], Any]) -> Any:
+        """Run `proceed` now, or hold it for approval if a `requires_approval` caveat of the
+        caller's token matches the call."""
         cap = call.capability
         if cap is not None and any(rule.matches(call.name, resource)
                                    for rule in cap.approval_rules):
-            return self.gate(call, call.name, {"resource": resource, **detail}, proceed)
+            return self.gate(call, call.name, {"resource": resource}, proceed)
         return proceed()
+
+    def irreversible(self, call: Call, action: str, target: str,
+                     proceed: Callable[[], Any]) -> Any:
+        """An irreversible operation (a delete): an agent's is held for a human while the
+        kernel's `approve_irreversible` is on; a user's own command is its approval. Either way
+        it is audited. Returns `proceed`'s result, or PENDING while the call waits."""
+        self.k.audit.append(call.caller.principal, "irreversible", call=call.name,
+                            action=action, target=target)
+        if call.caller.agent_id is not None and self.k.config.approve_irreversible:
+            return self.gate(call, f"{call.name} {target}", {"target": target}, proceed)
+        return proceed()
+
+    def destructive_tool(self, call: Call, tool: str, arguments: Any,
+                         proceed: Callable[[], None]) -> None:
+        """Let a destructive tool call run by calling `proceed`, now or once a human approves
+        it. A tool listed in `tools_allow_destructive` runs at once, and so does a user's own
+        call (the human is the one asking); the tool process answers the call either way."""
+        if tool in self.k.config.tools_allow_destructive or call.caller.agent_id is None:
+            self.k.audit.append(call.caller.principal, "tool-destructive", tool=tool,
+                                approved_by="config" if call.caller.agent_id is not None
+                                else "caller")
+            proceed()
+            return
+
+        def approved() -> object:
+            from kernel.core import PENDING
+
+            proceed()
+            return PENDING
+
+        self.gate(call, f"tools.call {tool}", {"tool": tool, "arguments": arguments}, approved)
 
     def gate(self, call: Call, action: str, detail: dict[str, Any],
              proceed: Callable[[], Any], timeout: float | None = None) -> object:
         """Park `call` until a human approves (`proceed` runs), denies (EPERM) or the timeout
         (default: the kernel's `approval_timeout`) passes (ETIMEDOUT)."""
+        if call is self._approved:
+            return proceed()  # approved already, for this very call
         timeout = self.k.config.approval_timeout if timeout is None else timeout
         now = time.time()
         request_id = self.k.audit.append(call.caller.principal, "approval-request",
@@ -139,6 +175,7 @@ class Approvals:
 
         db = self.k.db
         db.write("SAVEPOINT approved")
+        self._approved = req.call
         try:
             result = req.proceed()
         except Fault as exc:
@@ -152,6 +189,8 @@ class Approvals:
             db.write("RELEASE approved")
             self.k.fail(req.call, abi.ErrorCode.EIO, "internal kernel error (logged)")
             return
+        finally:
+            self._approved = None
         db.write("RELEASE approved")
         if result is not PENDING:
             self.k.reply(req.call, result)

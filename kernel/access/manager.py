@@ -19,7 +19,10 @@ the HMAC chain and the stateless caveats were checked:
 
 Delegation (`delegate`) mints a child for another principal. The child keeps every caveat of
 its parent except the audience, so it is never wider; rules it asks for must also be covered by
-every rule set of the parent (the subset rule), or the kernel refuses with EPERM.
+every rule set of the parent (the subset rule), or the kernel refuses with EPERM. That rule is
+`check_grant` here (over `rules.grantable`), and every room that hands rights on asks it:
+spawn, delegation, `fs.share`, remote keys, privilege groups. What the manager keeps on disk
+goes through its store (`store.py`: the SQLite tables and the key file).
 """
 
 from __future__ import annotations
@@ -31,9 +34,9 @@ import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from kernel.access.rules import Capability, rules_cover
+from kernel.access.rules import Capability, grantable
+from kernel.access.store import AccessStore
 from kernel.access.tokens import TokenAuthority
-from kernel.state import write_private
 from sdk import abi
 from sdk.syscalls import known_op
 from sdk.tokens import Rule, TokenError
@@ -59,39 +62,26 @@ def fault(code: abi.ErrorCode, message: str) -> Exception:
 
 
 class AccessManager:
-    def __init__(self, kernel: Any) -> None:
+    """`agent_named` resolves a running agent's name to its id (None if no agent by that name
+    runs): the one thing the manager needs from the process table."""
+
+    def __init__(self, kernel: Any,
+                 agent_named: Callable[[str], int | None] = lambda name: None) -> None:
         self.k = kernel
-        db = kernel.db
+        self.store = AccessStore(kernel.db, kernel.state.key_path)
+        self._agent_named = agent_named
         self._chains: dict[str, tuple[str, ...]] = {}  # token id -> itself and its ancestors
-        self._revoked = {row[0] for row in db.read(
-            "SELECT id FROM tokens WHERE revoked_at IS NOT NULL")}
-        self._used: dict[str, int] = {counter: used for counter, used in db.read(
-            "SELECT id, used FROM budgets")}
+        self._revoked = self.store.revoked()
+        self._used: dict[str, int] = self.store.budgets()
         self._marks = dict(self._used)  # what the database holds: >= the exact count
-        self._nonces = {row[0] for row in db.read("SELECT nonce FROM nonces")}
+        self._nonces = self.store.nonces()
 
     def recover(self) -> None:
         """At boot no agent is alive, so nothing an agent held may stay usable."""
-        rows = self.k.db.read("SELECT id FROM tokens WHERE revoked_at IS NULL AND subject LIKE "
-                              "'agent:%'")
-        for (token_id,) in rows:
+        for token_id in self.store.unrevoked(agents=True):
             self.revoke(token_id, "kernel", "its agent ended before this boot")
 
-    # --- the per-call check --------------------------------------------------------------------
-
-    def authorize(self, token: str, op: str, resource: str | None, principal: str) -> Capability:
-        """Everything a use of `token` must pass, for callers outside the syscall path (the HTTP
-        front end): signature, caveats, revocation, one-shot, the `calls` budget. Raises
-        `Fault(EPERM | EQUOTA)`."""
-        try:
-            cap = self.k.authority.verify(token)
-        except TokenError as exc:
-            raise fault(abi.ErrorCode.EPERM, f"invalid token: {exc.reason}") from None
-        reason = cap.check(op, resource, principal, time.time())
-        if reason is not None:
-            raise fault(abi.ErrorCode.EPERM, f"{op}: {reason}")
-        self.admit(cap, op)
-        return cap
+    # --- the per-call check (its stateless half is `Guard.check`) -----------------------------
 
     def admit(self, cap: Capability, op: str) -> None:
         """Kernel-side state of a verified token whose caveats hold: refuse it if unknown or
@@ -109,18 +99,17 @@ class AccessManager:
                 self._charge(cap, "tools", 1)
         for nonce in cap.nonces:
             self._nonces.add(nonce)
-            self.k.db.write("INSERT OR IGNORE INTO nonces VALUES (?,?,?)",
-                            (nonce, cap.token_id, time.time()))
+            self.store.use_nonce(nonce, cap.token_id, time.time())
 
     def _load_chain(self, token_id: str) -> tuple[str, ...] | None:
         chain: list[str] = []
         current: str | None = token_id
         while current is not None:
-            rows = self.k.db.read("SELECT parent FROM tokens WHERE id=?", (current,))
-            if not rows or len(chain) >= MAX_DEPTH or current in chain:
+            row = self.store.parent(current)
+            if row is None or len(chain) >= MAX_DEPTH or current in chain:
                 return None
             chain.append(current)
-            current = rows[0][0]
+            current = row[0]
         result = tuple(chain)
         if len(self._chains) > 65536:
             self._chains.clear()
@@ -177,15 +166,13 @@ class AccessManager:
 
     def _write_mark(self, counter: str, token_id: str, mark: int) -> None:
         self._marks[counter] = mark
-        self.k.db.write("INSERT INTO budgets VALUES (?,?,?) ON CONFLICT(id) DO UPDATE SET "
-                        "used=excluded.used", (counter, token_id, mark))
+        self.store.write_mark(counter, token_id, mark)
 
     def close(self) -> None:
         """Write exact budget counts (a clean shutdown gives nothing away)."""
-        for counter, used in self._used.items():
-            if self._marks.get(counter) != used:
-                self._marks[counter] = used
-                self.k.db.write("UPDATE budgets SET used=? WHERE id=?", (used, counter))
+        changed = [(c, used) for c, used in self._used.items() if self._marks.get(c) != used]
+        self._marks.update(changed)
+        self.store.write_used(changed)
 
     def reserve_llm(self, call: Call, max_tokens: int) -> None:
         """Reserve `max_tokens` of the caller's `llm_tokens` budgets before a generation starts
@@ -217,10 +204,10 @@ class AccessManager:
     # --- minting and delegation ---------------------------------------------------------------
 
     def record(self, token: str) -> Capability:
+        """Enter a freshly minted token in the derivation tree: only a recorded token is
+        admitted, so every token the kernel mints passes here."""
         cap = self.k.authority.verify(token)
-        self.k.db.write("INSERT INTO tokens (id, parent, subject, issued_at, expires_at) "
-                        "VALUES (?,?,?,?,?)",
-                        (cap.token_id, cap.parent_id, cap.subject, cap.issued_at, cap.expires_at))
+        self.store.record(cap)
         return cap
 
     def _group(self, name: str | None) -> GroupConfig | None:
@@ -233,8 +220,9 @@ class AccessManager:
         return group
 
     @staticmethod
-    def _rules(texts: Iterable[str]) -> list[Rule]:
-
+    def rules(texts: Iterable[str]) -> list[Rule]:
+        """Rules `OP[@RESOURCE]` as a caller gives them: EINVAL for bad syntax or an op that
+        names no syscall."""
         try:
             rules = [Rule.parse(text) for text in texts]
         except ValueError as exc:
@@ -254,7 +242,7 @@ class AccessManager:
             ("budget", [kind, limit, secrets.token_hex(8)]) for kind, limit in limits.items()]
         if once or (group is not None and group.once):
             extra.append(("once", secrets.token_hex(16)))
-        held = self._rules([*approval, *(group.requires_approval if group else ())])
+        held = self.rules([*approval, *(group.requires_approval if group else ())])
         if held:
             extra.append(("requires_approval", held))
         return extra
@@ -268,16 +256,22 @@ class AccessManager:
             raise fault(abi.ErrorCode.EINVAL, f"cannot mint: {exc}") from None
         return token, self.record(token)
 
+    @staticmethod
+    def check_grant(held: Capability | None, rules: Iterable[Rule],
+                    what: str | None = None) -> None:
+        """The one subset rule, for every room that hands rights on (spawn, delegate, share,
+        remote keys, groups): EPERM unless the holder of `held` holds every rule it grants."""
+        rules = list(rules)
+        if held is None or not grantable(held, rules):
+            what = what or "rights the caller does not hold: " + ", ".join(map(str, rules))
+            raise fault(abi.ErrorCode.EPERM, f"cannot grant {what}")
+
     def check_group(self, caller_cap: Capability | None, group_name: str | None) -> None:
         """Refuse a group the caller cannot grant, before anything is written."""
         group = self._group(group_name)
-        if group is None:
-            return
-        rules = self._rules(group.caps)
-        if caller_cap is None or not all(rules_cover(held, rules)
-                                         for held in caller_cap.rule_sets):
-            raise fault(abi.ErrorCode.EPERM, f"cannot grant group {group.name!r}: the caller "
-                        "does not hold all of its rights")
+        if group is not None:
+            self.check_grant(caller_cap, self.rules(group.caps), f"group {group.name!r}: the "
+                             "caller does not hold all of its rights")
 
     def grant_agent(self, agent_id: int, rules: list[Rule],
                     group_name: str | None) -> tuple[str, str]:
@@ -289,7 +283,7 @@ class AccessManager:
         expires_at = None
         extra: list[tuple[str, object]] = []
         if group is not None:
-            grants += self._rules(group.caps)
+            grants += self.rules(group.caps)
             expires_at = time.time() + group.ttl if group.ttl else None
             extra = self._extra(group)
         token, cap = self._mint(f"agent:{agent_id}", grants, expires_at=expires_at,
@@ -303,7 +297,7 @@ class AccessManager:
         a bearer key for the HTTP front end; it is recorded, so it can be revoked. For kernel
         code: it checks no caller's rights."""
         group = self._group(group_name)
-        rules = self._rules([*caps, *(group.caps if group else ())])
+        rules = self.rules([*caps, *(group.caps if group else ())])
         if not rules:
             raise fault(abi.ErrorCode.EINVAL, "a token needs at least one rule")
         ttl = ttl if ttl is not None else (group.ttl if group else None)
@@ -317,10 +311,10 @@ class AccessManager:
     def _principal(self, to: str) -> str:
         if _PRINCIPAL_RE.fullmatch(to):
             return to
-        live = self.k.procs.live_by_name(to)
-        if live is None:
+        agent_id = self._agent_named(to)
+        if agent_id is None:
             raise fault(abi.ErrorCode.ENOENT, f"no running agent named {to!r}")
-        return f"agent:{live.agent_id}"
+        return f"agent:{agent_id}"
 
     def _held(self, call: Call, token: str | None, *, usable: bool = True) -> Capability:
         """The parent of a delegation: the call's own token, or another the caller holds."""
@@ -341,10 +335,8 @@ class AccessManager:
         parent = self._held(call, args.token)
         to = self._principal(args.to)
         group = self._group(args.group)
-        rules = self._rules([*args.caps, *(group.caps if group else ())])
-        if rules and not all(rules_cover(held, rules) for held in parent.rule_sets):
-            raise fault(abi.ErrorCode.EPERM, "not a subset of the parent: "
-                        + ", ".join(map(str, rules)))
+        rules = self.rules([*args.caps, *(group.caps if group else ())])
+        self.check_grant(parent, rules)
         sets = parent.rule_sets
         child_rules = rules or list(sets[0] if sets else ())
         # Every caveat of the parent but its audience, so the child is never wider.
@@ -367,15 +359,12 @@ class AccessManager:
         """Revoke a token and every token derived from it; returns how many were newly revoked."""
         tree, frontier = [token_id], [token_id]
         while frontier:
-            marks = ",".join("?" * len(frontier))
-            frontier = [row[0] for row in self.k.db.read(
-                f"SELECT id FROM tokens WHERE parent IN ({marks})", frontier)]
+            frontier = self.store.children(frontier)
             tree += frontier
         now = time.time()
         fresh = [t for t in tree if t not in self._revoked]
         for tid in fresh:
-            self.k.db.write("UPDATE tokens SET revoked_at=? WHERE id=? AND revoked_at IS NULL",
-                            (now, tid))
+            self.store.revoke(tid, now)
         self._revoked.update(tree)
         self.k.audit.append(by, "revoke", token=token_id, derived=len(tree) - 1, reason=reason)
         return len(fresh)
@@ -383,8 +372,7 @@ class AccessManager:
     def revoke_call(self, call: Call, token_id: str) -> int:
         """`caps.revoke`: users may revoke any token; an agent only its own token and the
         tokens derived from it."""
-        rows = self.k.db.read("SELECT 1 FROM tokens WHERE id=?", (token_id,))
-        if not rows:
+        if not self.store.exists(token_id):
             raise fault(abi.ErrorCode.ENOENT, f"no token {token_id}")
         if call.caller.agent_id is not None:
             assert call.capability is not None
@@ -394,22 +382,22 @@ class AccessManager:
                             "the tokens derived from it")
         return self.revoke(token_id, call.caller.principal, "caps.revoke")
 
+    def revoke_subject(self, subject: str, by: str, reason: str) -> int:
+        """Revoke every token issued to `subject`, and their descendants."""
+        return sum(self.revoke(token_id, by, reason)
+                   for token_id in self.store.unrevoked(subject))
+
     def agent_ended(self, agent_id: int) -> None:
         """Killing or reaping an agent revokes every token it held, and their descendants."""
-        for (token_id,) in self.k.db.read(
-                "SELECT id FROM tokens WHERE subject=? AND revoked_at IS NULL",
-                (f"agent:{agent_id}",)):
-            self.revoke(token_id, "kernel", f"agent {agent_id} ended")
+        self.revoke_subject(f"agent:{agent_id}", "kernel", f"agent {agent_id} ended")
 
     def rotate_key(self, by: str) -> None:
         """Replace the token key: everything signed by the old key stops verifying at once.
         Running agents lose their access with it; a new admin token is written."""
         key = secrets.token_bytes(32)
-        write_private(self.k.state.key_path, key)
+        self.store.write_key(key)
         self.k.authority = TokenAuthority(key)
-        now = time.time()
-        old = [row[0] for row in self.k.db.read("SELECT id FROM tokens WHERE revoked_at IS NULL")]
-        self.k.db.write("UPDATE tokens SET revoked_at=? WHERE revoked_at IS NULL", (now,))
+        old = self.store.revoke_all(time.time())
         self._revoked.update(old)
         self.k.audit.append(by, "rotate-key", key_id=self.k.authority.key_id.hex(),
                             invalidated=len(old))
@@ -418,8 +406,7 @@ class AccessManager:
     # --- inspection ---------------------------------------------------------------------------
 
     def info(self, cap: Capability) -> abi.TokenInfo:
-        rows = self.k.db.read("SELECT revoked_at FROM tokens WHERE id=?", (cap.token_id,))
-        revoked = rows[0][0] if rows else None
+        revoked = self.store.revoked_at(cap.token_id)
         if revoked is None and self.is_revoked(cap.token_id):
             revoked = -1.0  # an ancestor was revoked
         return abi.TokenInfo(id=cap.token_id, subject=cap.subject, issued_at=cap.issued_at,
@@ -432,17 +419,8 @@ class AccessManager:
 
     def list(self, call: Call, args: abi.ListTokensArgs) -> list[abi.TokenInfo]:
         """Users see every token; an agent sees its own token's derivation tree."""
-        where, params = [], []
-        if not args.all:
-            where.append("revoked_at IS NULL AND (expires_at IS NULL OR expires_at > ?)")
-            params.append(time.time())
-        if args.subject is not None:
-            where.append("subject=?")
-            params.append(args.subject)
-        sql = "SELECT id, parent, subject, issued_at, expires_at, revoked_at FROM tokens"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        rows = self.k.db.read(sql + " ORDER BY issued_at", params)
+        rows = self.store.tokens(live_at=None if args.all else time.time(),
+                                 subject=args.subject)
         if call.caller.agent_id is not None:
             assert call.capability is not None
             mine = call.capability.token_id

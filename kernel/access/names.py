@@ -23,7 +23,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from kernel.access.rules import Capability, rules_cover
+from kernel.access.rules import Capability, grantable
 from sdk import abi
 from sdk.tokens import Rule
 
@@ -64,7 +64,7 @@ class Names:
         if owner == principal or (owner is None and not self._has_state(name)):
             return
         wanted = rights(name)
-        if all(rules_cover(held, wanted) for held in cap.rule_sets):
+        if grantable(cap, wanted):
             return
         # The audit says whose it is; the caller learns only that it is not its own.
         whose = f"belongs to {owner}" if owner else "has files or memories"

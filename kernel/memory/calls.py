@@ -32,8 +32,6 @@ def update(k: Kernel, call: Call, args: abi.MemoryUpdateArgs) -> Any:
 
 
 def delete(k: Kernel, call: Call, args: abi.MemoryRef) -> Any:
-    from kernel.storage.manager import confirm_irreversible
-
     namespace = _ns(k, call, args)
     k.memory.get(namespace, args.id)  # ENOENT before asking for approval
 
@@ -41,7 +39,7 @@ def delete(k: Kernel, call: Call, args: abi.MemoryRef) -> Any:
         k.memory.get(namespace, args.id)  # still there when a human approved it
         k.memory.delete(namespace, args.id)
 
-    return confirm_irreversible(k, call, "delete", f"mem/{namespace}/{args.id}", proceed)
+    return k.approvals.irreversible(call, "delete", f"mem/{namespace}/{args.id}", proceed)
 
 
 def list_(k: Kernel, call: Call, args: abi.MemoryListArgs) -> list[abi.Memory]:

@@ -28,13 +28,12 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from kernel.access import names
-from kernel.access.rules import Capability, rules_cover
+from kernel.access.rules import Capability
 from kernel.proc import sandbox
 from kernel.proc.logs import LogPump
 from kernel.proc.sandbox import LAYER_EXIT, Report
 from kernel.proc.spawner import AgentSpec, Extras, Sandboxes, SpawnHook
 from sdk import abi
-from sdk.syscalls import known_op
 from sdk.tokens import Rule
 
 if TYPE_CHECKING:
@@ -195,6 +194,11 @@ class ProcessTable:
     def live_by_name(self, name: str) -> Live | None:
         return next((lv for lv in self.live.values() if lv.name == name), None)
 
+    def agent_named(self, name: str) -> int | None:
+        """The id of the running agent called `name`, if one is."""
+        live = self.live_by_name(name)
+        return None if live is None else live.agent_id
+
     def _name_busy(self, name: str) -> bool:
         """Running, or waiting out a restart backoff under that name."""
         return (self.live_by_name(name) is not None
@@ -258,19 +262,8 @@ class ProcessTable:
         if self._name_busy(name):
             raise _fault(abi.ErrorCode.EBUSY, f"an agent named {name!r} is already running")
         self.names.check(caller_principal, cap, name)
-        try:
-            rules = [Rule.parse(text) for text in args.caps]
-        except ValueError as exc:
-            raise _fault(abi.ErrorCode.EINVAL, f"bad capability: {exc}") from None
-        for rule in rules:
-            if not known_op(rule.op):
-                raise _fault(abi.ErrorCode.EINVAL,
-                             f"bad capability {rule}: no syscall {rule.op!r}")
-        if not all(rules_cover(held, rules) for held in cap.rule_sets):
-            raise _fault(abi.ErrorCode.EPERM, "cannot grant rights the caller does not hold: "
-                         + ", ".join(map(str, rules)))
-        if args.group is not None:
-            self.k.access.check_group(cap, args.group)
+        # The syscall checked the privilege group (`AccessManager.check_group`) already.
+        self.k.access.check_grant(cap, self.k.access.rules(args.caps))
         tier = self.sandboxes.tier(args.sandbox, parent.spec.tier if parent else None)
         limits = self.sandboxes.limits(args.limits, parent.spec.limits if parent else None)
 
@@ -415,13 +408,6 @@ class ProcessTable:
                         (time.time(), layers, agent_id))
         self.k.audit.append(by, "spawn-failed", agent=agent_id, error=error)
         log.warning("agent could not start", extra={"agent": agent_id, "error": error})
-
-    def record_token(self, token: str) -> str:
-        cap = self.k.authority.verify(token)
-        self.k.db.write("INSERT INTO tokens (id, parent, subject, issued_at, expires_at) "
-                        "VALUES (?,?,?,?,?)",
-                        (cap.token_id, cap.parent_id, cap.subject, cap.issued_at, cap.expires_at))
-        return cap.token_id
 
     # --- exit, restart, wait, kill -----------------------------------------------------------
 

@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from kernel.access.rules import rules_cover
 from kernel.storage import paths
 from kernel.storage.blobs import BlobError, BlobStore
 from sdk import abi
@@ -51,19 +49,6 @@ def owner_of(k: Kernel, caller: Caller, owner: str | None) -> str:
         return caller.principal
     raise _fault(abi.ErrorCode.EINVAL, f"{caller.principal} has no file namespace of its own; "
                  "name an owner")
-
-
-def confirm_irreversible(k: Kernel, call: Call, action: str, target: str,
-                         proceed: Callable[[], Any]) -> Any:
-    """The single place an irreversible operation (a delete) passes before it happens. An
-    agent's is held for a human (`agentos approvals`, `approve`, `deny`) while the kernel's
-    `approve_irreversible` is on; a user's own command is its approval. Either way it is
-    audited. Returns `proceed`'s result, or PENDING while the call waits."""
-    k.audit.append(call.caller.principal, "irreversible", call=call.name, action=action,
-                   target=target)
-    if call.caller.agent_id is not None and k.config.approve_irreversible:
-        return k.approvals.gate(call, f"{call.name} {target}", {"target": target}, proceed)
-    return proceed()
 
 
 class StorageManager:
@@ -262,8 +247,8 @@ class StorageManager:
         """Remove a file and all its versions, or an empty directory. Irreversible: it may
         wait for a human's approval, and is checked again when it runs."""
         self._deletable(owner, path)
-        return confirm_irreversible(self.k, call, "delete", f"fs/{owner}/{path}",
-                                    lambda: self._delete(owner, path))
+        return self.k.approvals.irreversible(call, "delete", f"fs/{owner}/{path}",
+                                             lambda: self._delete(owner, path))
 
     def _deletable(self, owner: str, path: str) -> tuple[Any, ...]:
         node = self._node(owner, path)
@@ -323,10 +308,7 @@ class StorageManager:
             raise _fault(abi.ErrorCode.ENOENT, f"no running agent named {to!r}")
         resource = paths.resource(owner, path)
         rules = [Rule(op, resource) for op in sorted(set(rights))]
-        assert call.capability is not None
-        if not all(rules_cover(held, rules) for held in call.capability.rule_sets):
-            raise _fault(abi.ErrorCode.EPERM, "cannot share rights the caller does not hold: "
-                         + ", ".join(map(str, rules)))
+        self.k.access.check_grant(call.capability, rules)
         # A delegation by the access manager: a child of the caller's token that keeps its
         # caveats (expiry, budgets) and dies with it when it is revoked.
         grant = self.k.access.delegate(call, abi.DelegateArgs(

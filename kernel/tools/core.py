@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kernel.proc import sandbox
-from kernel.tools.approval import approve
 from kernel.tools.locks import Request, ResourceLocks
 from kernel.tools.manifest import Manifest, ManifestError
 from kernel.tools.mcp import McpMount, resolve_command
@@ -201,7 +200,7 @@ class ToolManager:
             pending.lock = self.locks.acquire(keys, m.exclusive, lambda: self._admit(pending))
 
         if m.side_effect == "destructive":
-            approve(self.k, call, m.name, args.arguments, proceed)
+            self.k.approvals.destructive_tool(call, m.name, args.arguments, proceed)
         else:
             proceed()
         self.k.counts[f"tools.tool.{m.name}"] += 1

@@ -28,9 +28,12 @@ sys.path.insert(0, str(ROOT))
 from kernelproc import wait_answering  # noqa: E402
 
 import sdk  # noqa: E402
+from kernel.access.audit import AuditLog  # noqa: E402
+from kernel.access.guard import Guard  # noqa: E402
 from kernel.access.manager import AccessManager  # noqa: E402
 from kernel.access.tokens import TokenAuthority  # noqa: E402
 from kernel.config import Config  # noqa: E402
+from kernel.core import Caller  # noqa: E402
 from kernel.db import Database  # noqa: E402
 from sdk.tokens import Rule, attenuate  # noqa: E402
 
@@ -61,11 +64,15 @@ def verification(tmp: Path) -> dict[str, float]:
     out["verify_cached"] = per_call_us(lambda: auth.verify(token), 20000)
 
     db = Database(tmp / "bench.db")
-    host = SimpleNamespace(db=db, authority=auth, config=Config(state_dir=tmp))
+    host = SimpleNamespace(db=db, authority=auth, config=Config(state_dir=tmp),
+                           audit=AuditLog(db, None),
+                           state=SimpleNamespace(key_path=tmp / "secret.key"))
     host.access = AccessManager(host)
+    guard = Guard(host)
+    caller = Caller("agent:1", None)
     host.access.record(base)
     out["check_cached"] = per_call_us(
-        lambda: host.access.authorize(token, "sys.null", None, "agent:1"), 20000)
+        lambda: guard.check(token, "sys.null", None, caller), 20000)
     db.close()
     return out
 
