@@ -17,7 +17,6 @@ import signal
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
@@ -27,8 +26,9 @@ from kernel.access.approvals import Approvals
 from kernel.access.audit import AuditLog
 from kernel.access.guard import Guard
 from kernel.access.manager import AccessManager
-from kernel.access.tokens import Capability, Rule, TokenAuthority
+from kernel.access.tokens import Rule, TokenAuthority
 from kernel.accounts import Accounts
+from kernel.call import PENDING, Call, Caller, Fault, Timer
 from kernel.config import Config
 from kernel.db import Database
 from kernel.ipc import Mailboxes
@@ -48,7 +48,6 @@ from sdk import abi
 
 log = logging.getLogger("kernel")
 
-VERSION = "0.1.0"
 BATCH = 256  # messages taken from the ROUTER per loop iteration, at most
 # ... and for at most this long: a flood of messages (however cheap or costly each) delays the
 # rings and other doors by about this, so a neighbour's call waits a loop iteration, not 256
@@ -56,50 +55,6 @@ BATCH = 256  # messages taken from the ROUTER per loop iteration, at most
 DOOR_BUDGET_S = 0.002
 POLL_DOORS_S = 50e-6  # while spinning on rings, how often the other doors are looked at
 CANCEL_SLICE = 64  # a dead agent's parked calls cancelled per loop iteration
-
-
-class Fault(Exception):
-    """A handler's typed refusal: becomes an `Error` reply with this code."""
-
-    def __init__(self, code: abi.ErrorCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-PENDING = object()  # a handler's return value meaning "the reply comes later"
-
-
-@dataclass(frozen=True, slots=True)
-class Caller:
-    principal: str  # "agent:<id>" or "user:<uid>"
-    agent_id: int | None
-
-
-@dataclass(order=True, slots=True)
-class Timer:
-    """A callback due at `when` (monotonic); `fn` is None once cancelled (see `Kernel.after`)."""
-
-    when: float
-    seq: int
-    fn: Callable[[], None] | None = field(compare=False)
-
-
-@dataclass(eq=False, slots=True)
-class Call:
-    """One syscall in flight: where its reply goes and whether it has been answered."""
-
-    route: bytes
-    id: int
-    name: str
-    caller: Caller
-    timeout_ms: int | None = None  # the caller's deadline for the whole call, if any
-    capability: Capability | None = None  # set once the access check passed
-    done: bool = False
-    on_cancel: list[Callable[[], None]] = field(default_factory=list)
-    on_reply: list[Callable[[Any], None]] = field(default_factory=list)  # given the result
-    started: float = field(default_factory=time.monotonic)  # for the latency histograms
-    deadline: Timer | None = None  # the timer that fails it with ETIMEDOUT, while parked
 
 
 class Kernel:

@@ -20,13 +20,14 @@ from typing import TYPE_CHECKING
 
 import zmq
 
+from kernel.call import Call, Fault
 from kernel.state import write_private
 from kernel.transport import CurveZapHandler, open_curve_router
 from sdk import abi
 from sdk.syscalls import known_op
 
 if TYPE_CHECKING:
-    from kernel.core import Call, Kernel
+    from kernel.core import Kernel
 
 log = logging.getLogger("kernel.remote")
 
@@ -162,8 +163,6 @@ class Remote:
 
     def add_key(self, call: Call, args: abi.KeyArgs) -> abi.RemoteGrant:
         from kernel.access.tokens import Rule, rules_cover
-        from kernel.core import Fault
-
         if any(k == args.key for n, k in self.keys.items() if n != args.name):
             raise Fault(abi.ErrorCode.EBUSY, "that key is registered under another name")
         try:
@@ -191,8 +190,6 @@ class Remote:
         return [abi.RemoteKey(name, key, PREFIX + name) for name, key in self.keys.items()]
 
     def rm_key(self, call: Call, args: abi.KeyRef) -> None:
-        from kernel.core import Fault
-
         if not self.keys.registered(args.name):
             raise Fault(abi.ErrorCode.ENOENT, f"no remote key named {args.name!r}")
         self.keys.set(args.name, None)

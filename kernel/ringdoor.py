@@ -26,10 +26,11 @@ from typing import TYPE_CHECKING
 import msgspec
 import zmq
 
+from kernel.call import Call, Fault
 from sdk import abi
 
 if TYPE_CHECKING:
-    from kernel.core import Call, Kernel
+    from kernel.core import Kernel
     from kernel.rings import AgentRing
 
 log = logging.getLogger("kernel.rings")
@@ -91,8 +92,6 @@ class RingDoor:
 
     def issue(self, call: Call) -> abi.RingTicket:
         """`sys.rings`: a pair for the calling user's process, and the ticket that claims it."""
-        from kernel.core import Fault
-
         kind, _, ident = call.caller.principal.partition(":")
         if kind != "user" or not ident.isdigit():
             raise Fault(abi.ErrorCode.EPERM, "rings by ticket are for users' own processes; "

@@ -37,10 +37,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from kernel.access.manager import fault
+from kernel.call import PENDING, Call, Caller, Fault
 from sdk import abi
 
 if TYPE_CHECKING:
-    from kernel.core import Call, Caller, Kernel
+    from kernel.core import Kernel
 
 log = logging.getLogger("kernel.access")
 
@@ -135,8 +136,6 @@ class Approvals:
 
     def _run(self, req: Request) -> None:
         """`proceed`, in a savepoint so a failure leaves none of its writes behind."""
-        from kernel.core import PENDING, Fault
-
         db = self.k.db
         db.write("SAVEPOINT approved")
         try:

@@ -38,13 +38,13 @@ from kernel.access.tokens import (
     TokenError,
     rules_cover,
 )
+from kernel.call import Call, Fault
 from kernel.state import write_private
 from sdk import abi
 from sdk.syscalls import known_op
 
 if TYPE_CHECKING:
     from kernel.config import GroupConfig
-    from kernel.core import Call
 
 log = logging.getLogger("kernel.access")
 
@@ -57,8 +57,6 @@ _TOOL_FAMILIES = ("tool.", "tools.")
 
 
 def fault(code: abi.ErrorCode, message: str) -> Exception:
-    from kernel.core import Fault
-
     return Fault(code, message)
 
 

@@ -24,6 +24,7 @@ import time
 from typing import TYPE_CHECKING
 
 from kernel.access.tokens import Capability, Rule, rules_cover
+from kernel.call import Fault
 from sdk import abi
 
 if TYPE_CHECKING:
@@ -36,8 +37,6 @@ def rights(name: str) -> list[Rule]:
 
 
 def _fault(code: abi.ErrorCode, message: str) -> Exception:
-    from kernel.core import Fault
-
     return Fault(code, message)
 
 

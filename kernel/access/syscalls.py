@@ -6,10 +6,11 @@ from typing import TYPE_CHECKING
 
 from kernel.access.export import export_token
 from kernel.access.manager import fault
+from kernel.call import Call
 from sdk import abi
 
 if TYPE_CHECKING:
-    from kernel.core import Call, Kernel
+    from kernel.core import Kernel
 
 
 def caps_delegate(k: Kernel, call: Call, args: abi.DelegateArgs) -> abi.Grant:

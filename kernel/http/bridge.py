@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from kernel.access.tokens import TokenError
+from kernel.call import Caller
 from sdk import abi
 
 if TYPE_CHECKING:
@@ -181,8 +182,6 @@ class Bridge:
 
     def _start(self, ex: Exchange, key: Key, name: str, raw: bytes,
                timeout_ms: int | None) -> None:
-        from kernel.core import Caller
-
         # The key was authenticated once, at the door; the access check still verifies the
         # token against this call (a cache hit), so one that expired since is refused.
         self.k.sinks[ex.route] = ex.put

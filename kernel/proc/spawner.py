@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kernel.call import Fault
 from kernel.proc import homes, resolve, sandbox
 from kernel.proc.sandbox import Limits, Policy, SandboxUnavailable
 from kernel.proc.uids import UidLeases
@@ -83,8 +84,6 @@ class Prepared:
 
 
 def fault(code: abi.ErrorCode, message: str) -> Exception:
-    from kernel.core import Fault
-
     return Fault(code, message)
 
 

@@ -29,6 +29,7 @@ import msgspec
 
 from kernel.access import names
 from kernel.access.tokens import Capability, Rule, rules_cover
+from kernel.call import Call, Fault
 from kernel.proc import sandbox
 from kernel.proc.logs import LogPump
 from kernel.proc.sandbox import LAYER_EXIT, Report
@@ -37,7 +38,7 @@ from sdk import abi
 from sdk.syscalls import known_op
 
 if TYPE_CHECKING:
-    from kernel.core import Call, Kernel
+    from kernel.core import Kernel
 
 log = logging.getLogger("kernel.proc")
 
@@ -98,8 +99,6 @@ def exit_status(returncode: int) -> int:
 
 
 def _fault(code: abi.ErrorCode, message: str) -> Exception:
-    from kernel.core import Fault
-
     return Fault(code, message)
 
 
@@ -316,8 +315,6 @@ class ProcessTable:
         """Mint the agent's token and start it in its sandbox; on refusal the row says
         `failed` and a typed Fault says why."""
         agent_id = spec.agent_id
-        from kernel.core import Fault
-
         try:
             self._check_code(spec.spawned_by, spec.path)
         except Fault as exc:
@@ -547,8 +544,6 @@ class ProcessTable:
             self.k.db.write("UPDATE agents SET state='killed' WHERE id=?", (agent_id,))
             self._ended(agent_id)
             return
-        from kernel.core import Fault
-
         self.k.db.write("UPDATE agents SET restarts=restarts+1 WHERE id=?", (agent_id,))
         try:
             self._start(spec, "kernel")

@@ -16,12 +16,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from kernel.access.tokens import Rule, rules_cover
+from kernel.call import Call, Caller, Fault
 from kernel.storage import paths
 from kernel.storage.blobs import BlobError, BlobStore
 from sdk import abi
 
 if TYPE_CHECKING:
-    from kernel.core import Call, Caller, Kernel
+    from kernel.core import Kernel
 
 log = logging.getLogger("kernel.storage")
 
@@ -32,8 +33,6 @@ INDEX_CHARS = 4096  # how much of a text file fs.search embeds
 
 
 def _fault(code: abi.ErrorCode, message: str) -> Exception:
-    from kernel.core import Fault
-
     return Fault(code, message)
 
 

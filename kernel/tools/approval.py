@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from kernel.call import PENDING, Call
+
 if TYPE_CHECKING:
-    from kernel.core import Call, Kernel
+    from kernel.core import Kernel
 
 
 def approve(k: Kernel, call: Call, tool: str, arguments: Any,
@@ -18,8 +20,6 @@ def approve(k: Kernel, call: Call, tool: str, arguments: Any,
     (`agentos approvals`, `approve ID`, `deny ID`): `proceed` runs on approval, a denial is
     EPERM, no answer within `approval_timeout` is ETIMEDOUT. Either way it is audited.
     """
-    from kernel.core import PENDING
-
     if tool in k.config.tools_allow_destructive or call.caller.agent_id is None:
         k.audit.append(call.caller.principal, "tool-destructive", tool=tool,
                        approved_by="config" if call.caller.agent_id is not None else "caller")
