@@ -14,6 +14,11 @@ from typing import Any
 from sdk import abi
 
 
+class LocalRoute(bytes):
+    """The route of a call made inside the kernel process (the HTTP door's): its reply,
+    chunks and error reach the door as structs holding the result object, never encoded."""
+
+
 class Fault(Exception):
     """A handler's typed refusal: becomes an `Error` reply with this code."""
 

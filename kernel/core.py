@@ -26,9 +26,9 @@ from kernel.access.approvals import Approvals
 from kernel.access.audit import AuditLog
 from kernel.access.guard import Guard
 from kernel.access.manager import AccessManager
-from kernel.access.tokens import Rule, TokenAuthority
+from kernel.access.tokens import Capability, Rule, TokenAuthority
 from kernel.accounts import Accounts
-from kernel.call import PENDING, Call, Caller, Fault, Timer
+from kernel.call import PENDING, Call, Caller, Fault, LocalRoute, Timer
 from kernel.config import Config
 from kernel.db import Database
 from kernel.ipc import Mailboxes
@@ -78,8 +78,9 @@ class Kernel:
         self._parked: dict[str, dict[Call, None]] = {}
         self._by_request: dict[tuple[bytes, int], Call] = {}  # (route, id) -> parked call
         self._posted: collections.deque[Callable[[], None]] = collections.deque()
-        # Replies for routes that are not ROUTER peers (the HTTP front end's calls), by route.
-        self.sinks: dict[bytes, Callable[[bytes], None]] = {}
+        # Outcomes for in-process routes (the HTTP front end's calls), by route: each gets the
+        # `Reply`, `Chunk` or `Error` struct itself, holding the result object, not msgpack.
+        self.sinks: dict[bytes, Callable[[Any], None]] = {}
         self.accounts = Accounts()
         self._callers: dict[str, Caller] = {}  # principal -> Caller (immutable, so shared)
         self.offloaded = 0  # calls in the hands of another thread (see `offload`)
@@ -409,15 +410,19 @@ class Kernel:
         if caller is None:
             self._send_error(route, req.id, abi.ErrorCode.EPERM, f"{user} is not running")
             return True
-        self.execute(route, req, caller)
+        self.execute(Call(route, req.id, req.call, caller, req.timeout_ms), req.args, req.token)
         return True
 
-    def execute(self, route: bytes, req: abi.Request, caller: Caller) -> None:
-        """Check and run one decoded syscall of a known name for an authenticated caller, in
-        its savepoint; its reply joins the batch's outbox. Every door comes through here: the
-        ones above, and the HTTP front end (`kernel/http/`)."""
-        entry = SYSCALLS[req.call]
-        call = Call(route, req.id, req.call, caller, req.timeout_ms)
+    def execute(self, call: Call, args: msgspec.Raw | abi.Args,
+                token: str | Capability) -> None:
+        """Check and run one syscall of a known name for an authenticated caller, in its
+        savepoint; its reply joins the batch's outbox. Every door comes through here: the
+        byte doors above with the arguments as raw msgpack and the token as sent, and the
+        HTTP door (`kernel/http/bridge.py`) with the argument struct it built and validated
+        (`msgspec.convert`) and the capability it verified, so nothing is encoded to be
+        decoded again in the same process and the token is verified once."""
+        entry = SYSCALLS[call.name]
+        caller = call.caller
         held = self._parked.get(caller.principal)
         if held is not None and len(held) >= self.calls_in_flight_cap(caller.principal):
             self.fail(call, abi.ErrorCode.EAGAIN,
@@ -427,9 +432,13 @@ class Kernel:
         self.db.begin_call()
         failed = True
         try:
-            args = abi.decode_args(req.args, entry.args)
+            if type(args) is msgspec.Raw:
+                args = abi.decode_args(args, entry.args)
+            elif type(args) is not entry.args:
+                raise abi.AbiError(f"bad arguments: {call.name} takes {entry.args.__name__}, "
+                                   f"not {type(args).__name__}")
             resource = entry.resource(self, args, caller) if entry.resource else None
-            call.capability = self.guard.check(req.token, req.call, resource, caller)
+            call.capability = self.guard.check(token, call.name, resource, caller)
             result = entry.handler(self, call, args)
             if result is not PENDING:
                 self.reply(call, result)
@@ -441,7 +450,7 @@ class Kernel:
             self.fail(call, exc.code, exc.message)  # typed refusals keep their writes (audit)
             failed = False
         except Exception:
-            log.exception("syscall failed", extra={"call": req.call, "caller": caller.principal})
+            log.exception("syscall failed", extra={"call": call.name, "caller": caller.principal})
             self.fail(call, abi.ErrorCode.EIO, "internal kernel error (logged)")
         finally:
             self.db.end_call(ok=not failed)  # a kernel bug halfway leaves no writes behind
@@ -532,7 +541,8 @@ class Kernel:
     def reply(self, call: Call, result: Any) -> None:
         if call.done:
             return
-        frame = abi.encode_reply(call.id, result)
+        frame = (abi.encode_reply(call.id, result) if type(call.route) is not LocalRoute
+                 else abi.Reply(call.id, result))
         call.done = True
         self.accounts.done(call, result)
         self._unpark(call)
@@ -552,7 +562,11 @@ class Kernel:
 
     def send_chunk(self, call: Call, data: Any) -> None:
         """A piece of a streamed result; the final reply or error still follows."""
-        if not call.done:
+        if call.done:
+            return
+        if type(call.route) is LocalRoute:
+            self.outbox.append([call.route, abi.Chunk(call.id, data)])
+        else:
             self.outbox.append([call.route, abi.encode(abi.Chunk(call.id, msgspec.Raw(
                 abi.encode(data))))])
 
@@ -561,7 +575,8 @@ class Kernel:
 
     def _send_error(self, route: bytes, rid: int, code: abi.ErrorCode, message: str) -> None:
         self.errors[code.name] += 1
-        self.outbox.append([route, abi.encode(abi.Error(rid, int(code), message))])
+        error = abi.Error(rid, int(code), message)
+        self.outbox.append([route, error if type(route) is LocalRoute else abi.encode(error)])
 
     def flush(self) -> None:
         """Commit the batch's writes, then send its replies: nothing is acknowledged before it

@@ -29,13 +29,19 @@ class Guard:
         self._buckets: dict[str, tuple[float, float]] = {}  # principal -> (tokens, last refill)
         self.suppressed = 0
 
-    def check(self, token: str, op: str, resource: str | None, caller: Caller) -> Capability:
-        """The verified capability, or a `Fault(EPERM)` naming the reason."""
-        try:
-            cap = self.kernel.authority.verify(token)
-        except TokenError as exc:
-            self.deny(caller.principal, op, resource, f"invalid token: {exc.reason}")
-            raise _eperm(f"invalid token: {exc.reason}") from None
+    def check(self, token: str | Capability, op: str, resource: str | None,
+              caller: Caller) -> Capability:
+        """The verified capability, or a `Fault(EPERM)` naming the reason. A door that
+        verified the token already (the HTTP door) passes its `Capability`: its caveats and
+        kernel-side state are checked here all the same."""
+        if type(token) is Capability:
+            cap = token
+        else:
+            try:
+                cap = self.kernel.authority.verify(token)
+            except TokenError as exc:
+                self.deny(caller.principal, op, resource, f"invalid token: {exc.reason}")
+                raise _eperm(f"invalid token: {exc.reason}") from None
         reason = cap.check(op, resource, caller.principal, time.time())
         if reason is not None:
             self.deny(caller.principal, op, resource, reason, token_id=cap.token_id)
