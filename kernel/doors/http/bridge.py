@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -91,6 +91,9 @@ class Bridge:
     def __init__(self, kernel: Kernel) -> None:
         self.k = kernel
         self._routes = itertools.count(1)  # used on the HTTP thread only
+        # The loop thread's: where each route's outcomes go (`HttpServer.deliver`), as the
+        # `Reply`, `Chunk` or `Error` struct holding the result object, not msgpack.
+        self.sinks: dict[bytes, Callable[[Any], None]] = {}
 
     # --- the HTTP thread's side --------------------------------------------------------------
 
@@ -187,7 +190,7 @@ class Bridge:
         # The key's token was verified once, at the door; the access check takes the
         # capability and checks its caveats against this call (expiry included, so one that
         # expired since is refused), its revocation and budgets.
-        self.k.sinks[ex.route] = ex.put
+        self.sinks[ex.route] = ex.put
         self.k.counts[name] += 1
         self.k.execute(Call(ex.route, 1, name, Caller(key.principal, None), timeout_ms),
                        args, key.capability)
@@ -197,13 +200,13 @@ class Bridge:
     def _close(self, route: LocalRoute) -> None:
         call = self.k.find_parked(route, 1)
         if call is None:
-            self.k.sinks.pop(route, None)
+            self.sinks.pop(route, None)
             return
 
         def drop(outcome: Any) -> None:  # the cancellation's own error: nobody reads it
-            self.k.sinks.pop(route, None)
+            self.sinks.pop(route, None)
 
-        self.k.sinks[route] = drop
+        self.sinks[route] = drop
         self.k.fail(call, abi.ErrorCode.ECANCELED, "the HTTP client went away")
 
 
