@@ -9,12 +9,10 @@ from __future__ import annotations
 import collections
 import time
 from bisect import bisect_left
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from kernel.call import Call
 from sdk import abi
-
-if TYPE_CHECKING:
-    from kernel.core import Call
 
 MAX_CALLERS = 1024  # principals kept; the least recently active are forgotten beyond this
 RATE_WINDOW_S = 10.0  # tokens/s per model is measured over this window

@@ -139,11 +139,11 @@ class Config:
     audit_denials_per_s: float = 20.0
     # Load every model at boot instead of at its first request.
     preload: bool = False
-    # Shared-memory syscall rings per spawned agent (kernel/rings.py): slots (a power of two),
+    # Shared-memory syscall rings per spawned agent (kernel/doors/rings.py): slots (a power of two),
     # bytes per slot (requests larger than a slot go over ZeroMQ), entries taken per agent per
     # loop round, and malformed entries tolerated before the ring is quarantined.
     rings: bool = True
-    # A tcp:// endpoint for remote agents, with CurveZMQ (kernel/remote.py); None: off.
+    # A tcp:// endpoint for remote agents, with CurveZMQ (kernel/doors/remote.py); None: off.
     listen: str | None = None
     ring_capacity: int = 256
     ring_slot_size: int = 2048
@@ -174,7 +174,7 @@ class Config:
     fs_versions_max_age_s: float = 0.0  # 0: versions beyond the newest expire only by count
     # The HTTP front end (OpenAI/AIOS-compatible APIs, metrics): "HOST:PORT", or None for off.
     http: str | None = None
-    # Its limits (kernel/http/limits.py): connections open in total and per peer (an IPv4
+    # Its limits (kernel/doors/http/limits.py): connections open in total and per peer (an IPv4
     # address or IPv6 /64; beyond: 503, closed), seconds to send a request's headers and then
     # its body (beyond: 408, closed), bytes of headers and of a body (431, 413).
     http_max_connections: int = 256

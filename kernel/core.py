@@ -1,8 +1,9 @@
 """The kernel: boot, the dispatch loop, and the path every syscall takes.
 
-The loop is `poll → dispatch a batch → run timers → commit → send replies`. One thread owns the
-ROUTER socket and the database; handlers either answer at once or park the call (`PENDING`)
-and answer later from an event (a message arrives, an agent exits, a timer fires).
+The loop is `poll → each door takes a batch → run timers → commit → deliver replies`. One
+thread owns the doors (kernel/doors/) and the database; handlers either answer at once or park
+the call (`PENDING`) and answer later from an event (a message arrives, an agent exits, a
+timer fires).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import signal
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
@@ -30,78 +30,31 @@ from kernel.access.manager import AccessManager
 from kernel.access.rules import Capability
 from kernel.access.tokens import TokenAuthority
 from kernel.accounts import Accounts
+from kernel.call import PENDING, Call, Caller, Fault, LocalRoute, Timer
 from kernel.config import Config
 from kernel.db import Database
+from kernel.doors import Door
+from kernel.doors.remote import Remote
+from kernel.doors.ringdoor import RingDoor
+from kernel.doors.rings import Rings
+from kernel.doors.router import RouterDoor
+from kernel.doors.transport import Identities
 from kernel.ipc import Mailboxes
 from kernel.llm.core import LLMCore
 from kernel.memory.manager import MemoryManager
 from kernel.notify import Notifier
 from kernel.proc.table import ProcessTable
-from kernel.remote import Remote
-from kernel.ringdoor import RingDoor
-from kernel.rings import Rings
 from kernel.state import StateDir, StateError, write_private
 from kernel.storage.manager import StorageManager
 from kernel.syscalls import SYSCALLS
 from kernel.tools.core import ToolManager
-from kernel.transport import Identities, ZapHandler, open_router
 from sdk import abi
 from sdk.tokens import Rule
 
 log = logging.getLogger("kernel")
 
-VERSION = "0.1.0"
-BATCH = 256  # messages taken from the ROUTER per loop iteration, at most
-# ... and for at most this long: a flood of messages (however cheap or costly each) delays the
-# rings and other doors by about this, so a neighbour's call waits a loop iteration, not 256
-# of a hostile agent's calls.
-DOOR_BUDGET_S = 0.002
 POLL_DOORS_S = 50e-6  # while spinning on rings, how often the other doors are looked at
 CANCEL_SLICE = 64  # a dead agent's parked calls cancelled per loop iteration
-
-
-class Fault(Exception):
-    """A handler's typed refusal: becomes an `Error` reply with this code."""
-
-    def __init__(self, code: abi.ErrorCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-PENDING = object()  # a handler's return value meaning "the reply comes later"
-
-
-@dataclass(frozen=True, slots=True)
-class Caller:
-    principal: str  # "agent:<id>" or "user:<uid>"
-    agent_id: int | None
-
-
-@dataclass(order=True, slots=True)
-class Timer:
-    """A callback due at `when` (monotonic); `fn` is None once cancelled (see `Kernel.after`)."""
-
-    when: float
-    seq: int
-    fn: Callable[[], None] | None = field(compare=False)
-
-
-@dataclass(eq=False, slots=True)
-class Call:
-    """One syscall in flight: where its reply goes and whether it has been answered."""
-
-    route: bytes
-    id: int
-    name: str
-    caller: Caller
-    timeout_ms: int | None = None  # the caller's deadline for the whole call, if any
-    capability: Capability | None = None  # set once the access check passed
-    done: bool = False
-    on_cancel: list[Callable[[], None]] = field(default_factory=list)
-    on_reply: list[Callable[[Any], None]] = field(default_factory=list)  # given the result
-    started: float = field(default_factory=time.monotonic)  # for the latency histograms
-    deadline: Timer | None = None  # the timer that fails it with ETIMEDOUT, while parked
 
 
 class Kernel:
@@ -111,7 +64,7 @@ class Kernel:
         self.notifier = Notifier()
         self.started_at = time.time()
         self.draining = False
-        self.outbox: list[list[bytes]] = []
+        self.outbox: list[list[Any]] = []  # [route, reply frame (a struct: LocalRoute)]
         self.counts: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
         self._timers: list[Timer] = []
@@ -125,12 +78,12 @@ class Kernel:
         self._parked: dict[str, dict[Call, None]] = {}
         self._by_request: dict[tuple[bytes, int], Call] = {}  # (route, id) -> parked call
         self._posted: collections.deque[Callable[[], None]] = collections.deque()
-        # Replies for routes that are not ROUTER peers (the HTTP front end's calls), by route.
-        self.sinks: dict[bytes, Callable[[bytes], None]] = {}
         self.accounts = Accounts()
         self._callers: dict[str, Caller] = {}  # principal -> Caller (immutable, so shared)
         self.offloaded = 0  # calls in the hands of another thread (see `offload`)
         self.http: Any = None  # the HTTP front end's server thread, when --http is given
+        self.doors: list[Door] = []  # polled in this order each loop iteration
+        self._door_of: dict[type, Door] = {}  # route type -> the door its replies go out by
 
     # --- boot and shutdown -------------------------------------------------------------------
 
@@ -164,16 +117,15 @@ class Kernel:
         self.access.recover()
         self.db.commit()
 
-        self.ctx = zmq.Context()
-        self.zap = ZapHandler(self.ctx, self.identities.principal)
-        self.zap.start()
-        self.router = open_router(self.ctx, str(self.state.socket_path))
         self.poller = zmq.Poller()
-        self.poller.register(self.router, zmq.POLLIN)
+        self.front = RouterDoor(self)
+        self.router = self.front.socket  # agents' own endpoints are bound on it at spawn
         if self.config.listen:
             self.remote.open(self.config.listen)
         if self.config.rings:
             self.ringdoor.open()
+        for door in (self.front, self.rings, self.ringdoor, self.remote):
+            self._open_door(door)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.poller.register(self._wake_r, zmq.POLLIN)
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
@@ -211,15 +163,21 @@ class Kernel:
         `run/http` so clients of port 0 find it."""
         if not self.config.http:
             return
-        from kernel.http.server import HttpServer
+        from kernel.doors.http.server import HttpServer
 
         try:
             self.http = HttpServer(self, self.config.http)
             self.http.start_serving()
         except (OSError, ValueError) as exc:
             raise StateError(str(exc)) from None
+        self._open_door(self.http)
         host = self.http.server.config.host
         write_private(self.state.run / "http", f"{host}:{self.http.port()}\n".encode())
+
+    def _open_door(self, door: Door) -> None:
+        self.doors.append(door)
+        if door.routes is not None:
+            self._door_of[door.routes] = door
 
     def _on_stop_signal(self, signum: int, _frame: Any) -> None:
         self._stop_requests += 1
@@ -252,13 +210,8 @@ class Kernel:
     def step(self, timeout_ms: int | None) -> None:
         """One loop iteration; the unit the watchdog vouches for."""
         ready = self._wait(timeout_ms)
-        if self.router in ready:
-            self._drain_router()
-        self.rings.on_ready(ready)
-        if self.ringdoor.listener is not None:
-            self.ringdoor.on_ready(ready)
-        if self.remote.router is not None and self.remote.router in ready:
-            self.remote.drain(BATCH, time.monotonic() + DOOR_BUDGET_S)
+        for door in self.doors:
+            door.on_ready(ready)
         if self._wake_r in ready:
             try:
                 os.read(self._wake_r, 4096)
@@ -316,7 +269,7 @@ class Kernel:
 
     def _shutdown(self) -> None:
         if self.http is not None:
-            self.http.stop()
+            self.http.close()
         self.llm.stop()
         self.memory.stop()
         self.tools.stop()
@@ -328,19 +281,13 @@ class Kernel:
                 self.fail(call, abi.ErrorCode.ECANCELED, "the kernel is shutting down")
         self.access.close()
         self.flush()
-        self.ringdoor.close()
-        self.rings.close_all()
-        self.remote.close()
+        for door in (self.ringdoor, self.rings, self.remote):
+            door.close()
         signal.set_wakeup_fd(-1)
         for fd in (self._wake_r, self._wake_w, self._post_fd):
             os.close(fd)
         self._post_fd = -1  # a straggling post() must not write into a reused fd number
-        self.router.close(linger=0)
-        self.ctx.term()
-        try:
-            os.unlink(self.state.socket_path)
-        except FileNotFoundError:
-            pass
+        self.front.close()
         self.db.close()
         self.state.close()
         log.info("kernel stopped", extra={"syscalls": sum(self.counts.values())})
@@ -404,35 +351,6 @@ class Kernel:
 
     # --- dispatch ----------------------------------------------------------------------------
 
-    def _drain_router(self) -> None:
-        """Up to BATCH messages or DOOR_BUDGET_S of work; the rest wait for the next iteration
-        (the ROUTER queues them fairly, per peer)."""
-        deadline = time.monotonic() + DOOR_BUDGET_S
-        for _ in range(BATCH):
-            try:
-                frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            try:
-                self.dispatch(frames)
-            except Exception:  # the last line of defence: log, never die
-                log.exception("dispatch failed")
-            if time.monotonic() >= deadline:
-                return
-
-    def dispatch(self, frames: list[zmq.Frame]) -> None:
-        route = frames[0].bytes
-        user = frames[-1].get("User-Id") if len(frames) > 1 else None
-        if not user:
-            # libzmq admits peers when no ZAP handler answers; ours always does, so a frame
-            # without a principal is a bug or an attack. Drop it unanswered.
-            log.error("message without attested principal dropped")
-            return
-        if len(frames) != 2:
-            self._send_error(route, 0, abi.ErrorCode.EINVAL, "expected exactly one frame")
-            return
-        self.submit(route, user, frames[1].bytes)
-
     def submit(self, route: bytes, user: str, data: bytes) -> bool:
         """A request's bytes from an attested principal, whichever door they came through (the
         ROUTER, a ring, the tcp:// endpoint): decode, then `execute`. False if `data` is not a
@@ -440,31 +358,35 @@ class Kernel:
         try:
             req = abi.decode_request(data)
         except abi.AbiError as exc:
-            self._send_error(route, abi.request_id_of(data), abi.ErrorCode.EINVAL, str(exc))
+            self.send_error(route, abi.request_id_of(data), abi.ErrorCode.EINVAL, str(exc))
             return False
         self.counts[req.call] += 1
         if len(data) > self.config.max_message_bytes:
-            self._send_error(route, req.id, abi.ErrorCode.EINVAL,
+            self.send_error(route, req.id, abi.ErrorCode.EINVAL,
                              f"{req.call}: request of {len(data)} bytes is over this kernel's "
                              f"limit of {self.config.max_message_bytes} (max_message_bytes)")
             return True
         entry = SYSCALLS.get(req.call)
         if entry is None:
-            self._send_error(route, req.id, abi.ErrorCode.ENOSYS, f"no syscall {req.call!r}")
+            self.send_error(route, req.id, abi.ErrorCode.ENOSYS, f"no syscall {req.call!r}")
             return True
         caller = self._caller(user)
         if caller is None:
-            self._send_error(route, req.id, abi.ErrorCode.EPERM, f"{user} is not running")
+            self.send_error(route, req.id, abi.ErrorCode.EPERM, f"{user} is not running")
             return True
-        self.execute(route, req, caller)
+        self.execute(Call(route, req.id, req.call, caller, req.timeout_ms), req.args, req.token)
         return True
 
-    def execute(self, route: bytes, req: abi.Request, caller: Caller) -> None:
-        """Check and run one decoded syscall of a known name for an authenticated caller, in
-        its savepoint; its reply joins the batch's outbox. Every door comes through here: the
-        ones above, and the HTTP front end (`kernel/http/`)."""
-        entry = SYSCALLS[req.call]
-        call = Call(route, req.id, req.call, caller, req.timeout_ms)
+    def execute(self, call: Call, args: msgspec.Raw | abi.Args,
+                token: str | Capability) -> None:
+        """Check and run one syscall of a known name for an authenticated caller, in its
+        savepoint; its reply joins the batch's outbox. Every door comes through here: the
+        byte doors above with the arguments as raw msgpack and the token as sent, and the
+        HTTP door (`kernel/doors/http/bridge.py`) with the argument struct it built and validated
+        (`msgspec.convert`) and the capability it verified, so nothing is encoded to be
+        decoded again in the same process and the token is verified once."""
+        entry = SYSCALLS[call.name]
+        caller = call.caller
         held = self._parked.get(caller.principal)
         if held is not None and len(held) >= self.calls_in_flight_cap(caller.principal):
             self.fail(call, abi.ErrorCode.EAGAIN,
@@ -474,9 +396,13 @@ class Kernel:
         self.db.begin_call()
         failed = True
         try:
-            args = abi.decode_args(req.args, entry.args)
+            if type(args) is msgspec.Raw:
+                args = abi.decode_args(args, entry.args)
+            elif type(args) is not entry.args:
+                raise abi.AbiError(f"bad arguments: {call.name} takes {entry.args.__name__}, "
+                                   f"not {type(args).__name__}")
             resource = entry.resource(self, args, caller) if entry.resource else None
-            call.capability = self.guard.check(req.token, req.call, resource, caller)
+            call.capability = self.guard.check(token, call.name, resource, caller)
             if call.capability.approval_rules:  # `requires_approval`, for any op: one gate
                 result = self.approvals.guarded(call, resource,
                                                 lambda: entry.handler(self, call, args))
@@ -492,7 +418,7 @@ class Kernel:
             self.fail(call, exc.code, exc.message)  # typed refusals keep their writes (audit)
             failed = False
         except Exception:
-            log.exception("syscall failed", extra={"call": req.call, "caller": caller.principal})
+            log.exception("syscall failed", extra={"call": call.name, "caller": caller.principal})
             self.fail(call, abi.ErrorCode.EIO, "internal kernel error (logged)")
         finally:
             self.db.end_call(ok=not failed)  # a kernel bug halfway leaves no writes behind
@@ -583,7 +509,8 @@ class Kernel:
     def reply(self, call: Call, result: Any) -> None:
         if call.done:
             return
-        frame = abi.encode_reply(call.id, result)
+        frame = (abi.encode_reply(call.id, result) if type(call.route) is not LocalRoute
+                 else abi.Reply(call.id, result))
         call.done = True
         self.accounts.done(call, result)
         self._unpark(call)
@@ -599,20 +526,27 @@ class Kernel:
         self._unpark(call)
         for cancel in call.on_cancel:
             cancel()
-        self._send_error(call.route, call.id, code, message)
+        self.send_error(call.route, call.id, code, message)
 
     def send_chunk(self, call: Call, data: Any) -> None:
         """A piece of a streamed result; the final reply or error still follows."""
-        if not call.done:
+        if call.done:
+            return
+        if type(call.route) is LocalRoute:
+            self.outbox.append([call.route, abi.Chunk(call.id, data)])
+        else:
             self.outbox.append([call.route, abi.encode(abi.Chunk(call.id, msgspec.Raw(
                 abi.encode(data))))])
 
     def find_parked(self, route: bytes, request_id: int) -> Call | None:
         return self._by_request.get((route, request_id))
 
-    def _send_error(self, route: bytes, rid: int, code: abi.ErrorCode, message: str) -> None:
+    def send_error(self, route: bytes, rid: int, code: abi.ErrorCode, message: str) -> None:
+        """An error reply to request `rid` on `route`: for a call that never became one (a
+        door's malformed frame, an unknown syscall) or through `fail`."""
         self.errors[code.name] += 1
-        self.outbox.append([route, abi.encode(abi.Error(rid, int(code), message))])
+        error = abi.Error(rid, int(code), message)
+        self.outbox.append([route, error if type(route) is LocalRoute else abi.encode(error)])
 
     def flush(self) -> None:
         """Commit the batch's writes, then send its replies: nothing is acknowledged before it
@@ -620,16 +554,11 @@ class Kernel:
         self.db.commit()
         self.audit.anchor()
         outbox, self.outbox = self.outbox, []
-        for frames in outbox:
-            sink = self.sinks.get(frames[0])
-            if sink is not None:
-                sink(frames[1])
-                continue
-            if self.rings.deliver(frames[0], frames[1]) or self.remote.deliver(*frames):
-                continue
-            try:
-                self.router.send_multipart(frames, zmq.NOBLOCK)
-            except zmq.ZMQError:
-                pass  # the peer is gone or not reading; its reply is lost with it
-        self.rings.flush()
+        door_of = self._door_of
+        for route, reply in outbox:
+            door = door_of.get(type(route))
+            if door is not None:  # None: a door closed at shutdown (HTTP) had this call
+                door.deliver(route, reply)
+        for door in self.doors:
+            door.flush()
 

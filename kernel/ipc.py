@@ -12,10 +12,11 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from kernel.call import Call, Caller, Fault
 from sdk import abi
 
 if TYPE_CHECKING:
-    from kernel.core import Call, Caller, Kernel
+    from kernel.core import Kernel
 
 
 class Mailboxes:
@@ -24,11 +25,6 @@ class Mailboxes:
         # Parked recvs per agent, oldest first; keyed by call so a cancelled one leaves in O(1).
         self._waiters: dict[int, OrderedDict[Call, None]] = {}
         self._depth: dict[int, int] = {}
-
-    def _fault(self, code: abi.ErrorCode, message: str) -> Exception:
-        from kernel.core import Fault
-
-        return Fault(code, message)
 
     def depth(self, agent_id: int) -> int:
         if agent_id not in self._depth:
@@ -39,14 +35,14 @@ class Mailboxes:
     def send(self, caller: Caller, args: abi.SendArgs) -> None:
         receiver = self.k.procs.live_by_name(args.to)
         if receiver is None or receiver.exiting:
-            raise self._fault(abi.ErrorCode.ENOENT, f"no running agent named {args.to!r}")
+            raise Fault(abi.ErrorCode.ENOENT, f"no running agent named {args.to!r}")
         blob = msgspec.msgpack.encode(args.data)
         limit = self.k.config.ipc_message_bytes
         if len(blob) > limit:
-            raise self._fault(abi.ErrorCode.EINVAL, f"message is {len(blob)} bytes, over {limit}")
+            raise Fault(abi.ErrorCode.EINVAL, f"message is {len(blob)} bytes, over {limit}")
         rid = receiver.agent_id
         if self.depth(rid) >= self.k.config.mailbox_depth:
-            raise self._fault(abi.ErrorCode.EAGAIN, f"mailbox of {args.to!r} is full")
+            raise Fault(abi.ErrorCode.EAGAIN, f"mailbox of {args.to!r} is full")
         self.k.db.write("INSERT INTO messages (receiver, sender, sender_id, data, sent_at) "
                         "VALUES (?,?,?,?,?)",
                         (rid, caller.principal, caller.agent_id, blob, time.time()))
@@ -56,12 +52,12 @@ class Mailboxes:
     def recv(self, call: Call, args: abi.RecvArgs) -> Any:
         agent_id = call.caller.agent_id
         if agent_id is None:
-            raise self._fault(abi.ErrorCode.EINVAL, "only agents have mailboxes")
+            raise Fault(abi.ErrorCode.EINVAL, "only agents have mailboxes")
         message = self._take(agent_id)
         if message is not None:
             return message
         if args.timeout_ms == 0:
-            raise self._fault(abi.ErrorCode.EAGAIN, "mailbox is empty")
+            raise Fault(abi.ErrorCode.EAGAIN, "mailbox is empty")
         waiters = self._waiters.get(agent_id)
         if waiters is None:
             waiters = self._waiters[agent_id] = OrderedDict()

@@ -18,14 +18,16 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from kernel import VERSION
 from kernel.access import syscalls as access
+from kernel.call import Call, Caller, Fault
 from kernel.memory import calls as memory_calls
 from kernel.storage import calls as fs_calls
 from sdk import abi
 from sdk.syscalls import SIGNATURES, Signature
 
 if TYPE_CHECKING:
-    from kernel.core import Call, Caller, Kernel
+    from kernel.core import Kernel
 
 Handler = Callable[["Kernel", "Call", Any], Any]
 Resource = Callable[["Kernel", Any, "Caller"], "str | None"]
@@ -43,8 +45,6 @@ class Syscall:
 
 def _agent_only(call: Call) -> int:
     if call.caller.agent_id is None:
-        from kernel.core import Fault
-
         raise Fault(abi.ErrorCode.EINVAL, f"{call.name} is for agents; {call.caller.principal} "
                     "is not one")
     return call.caller.agent_id
@@ -63,8 +63,6 @@ def sys_stats(k: Kernel, call: Call, args: abi.NoArgs) -> abi.Stats:
     issued by a user); for an agent or a remote agent its own only: its caller row, its calls
     parked and its rings' counters, no other principal's usage, no kernel pid (0), no count of
     other agents (0)."""
-    from kernel.core import VERSION
-
     uptime = round(time.time() - k.started_at, 3)
     principal = call.caller.principal
     if not principal.startswith(("user:", "http:")):

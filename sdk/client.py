@@ -138,7 +138,7 @@ class Connection:
             self._ask_for_rings()
 
     def _ask_for_rings(self) -> None:
-        """Rings for a process that connected on its own (`sys.rings`, kernel/ringdoor.py);
+        """Rings for a process that connected on its own (`sys.rings`, kernel/doors/ringdoor.py);
         ZeroMQ stays the path when the kernel or this machine cannot give them."""
         try:
             ticket = self.call("sys.rings", None, SIGNATURES["sys.rings"].result)

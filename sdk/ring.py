@@ -25,7 +25,7 @@ looks at the tail once more; a producer stores the tail, fences, and rings unles
 set. With a full fence on both sides (Dekker's pattern) one of them sees the other's store, so
 no wakeup is lost; see `fence`.
 
-The agent trusts the kernel, so this side checks little. The kernel's side (`kernel.ring`)
+The agent trusts the kernel, so this side checks little. The kernel's side (`kernel.doors.ring`)
 trusts nothing it reads from the segment; it shares only the layout helpers defined here.
 """
 

@@ -183,7 +183,7 @@ class _Geometry(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 def attach_ticket(path: str, ticket: str, ids: itertools.count[int],
                   timeout: float = 5.0) -> RingChannel:
-    """Claim the rings a `sys.rings` ticket names (kernel/ringdoor.py): present it on the
+    """Claim the rings a `sys.rings` ticket names (kernel/doors/ringdoor.py): present it on the
     kernel's Unix socket, receive the four fds, map them. The socket stays open as the rings'
     lifeline. Raises RingError (or OSError) when that fails; the caller then uses ZeroMQ."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)

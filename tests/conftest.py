@@ -48,11 +48,12 @@ class KernelProcess:
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
         self.extra_args: list[str] = []
+        self.module = "kernel"  # what `python -m` runs: a test may wrap the kernel's main
 
     def start(self, wait: bool = True) -> KernelProcess:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the kernel
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kernel", "--state-dir", str(self.state_dir),
+            [sys.executable, "-m", self.module, "--state-dir", str(self.state_dir),
              "--log-format", "text", "--sandbox", TEST_TIER, *self.extra_args],
             stdout=self._log, stderr=self._log, env=self.env, cwd=ROOT)
         if wait:

@@ -23,8 +23,8 @@ from kernel.access.export import check_export, export_token, verify_export
 from kernel.access.guard import Guard
 from kernel.access.manager import AccessManager
 from kernel.access.tokens import TokenAuthority
+from kernel.call import Call, Caller, Fault
 from kernel.config import Config
-from kernel.core import Call, Caller, Fault
 from kernel.db import Database
 from sdk import abi
 from sdk.caps import attenuate

@@ -207,7 +207,7 @@ def test_aios_query_enforces_structure(web: KernelProcess, key: str) -> None:
 def test_tool_calls_in_openai_shape() -> None:
     from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-    from kernel.http import openai as wire
+    from kernel.doors.http import openai as wire
     from sdk import abi
 
     call = abi.ToolCall(id="call_1", function=abi.FunctionCall("lookup", '{"q": "x"}'))

@@ -241,7 +241,7 @@ def test_a_symlinked_log_cannot_leak_kernel_files(kernel: KernelProcess,
 def test_accounts_forget_the_least_recently_active_caller() -> None:
     """Per-caller rows are bounded: past MAX_CALLERS the one idle longest goes."""
     from kernel import accounts
-    from kernel.core import Call, Caller
+    from kernel.call import Call, Caller
 
     book = accounts.Accounts()
     for n in range(accounts.MAX_CALLERS):

@@ -4,6 +4,8 @@ a program (`python -m kernel`, `python -m kernel.llm.store pull`), never by impo
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -52,3 +54,68 @@ def test_the_walk_sees_every_form_of_import(tmp_path: Path) -> None:
     names = [n for node in ast.walk(ast.parse(source)) for n in _imported(node)]
     assert sorted(n for n in names if n.split(".")[0] == "kernel") == [
         "kernel", "kernel", "kernel.boot", "kernel.llm", "kernel.x"]
+
+
+KERNEL = ROOT / "kernel"
+ROOMS = [*sorted(p.name for p in KERNEL.iterdir() if (p / "__init__.py").exists()), "call"]
+
+
+def _room_of(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[0] == "kernel" and parts[1] in ROOMS else None
+
+
+def _room_imports(room: str, runtime_only: bool = True) -> set[str]:
+    """The other rooms that modules of `room` import (at run time: TYPE_CHECKING blocks, which
+    name the Kernel for annotations, are left out when `runtime_only`)."""
+    path = KERNEL / room
+    files = sorted(path.rglob("*.py")) if path.is_dir() else [KERNEL / f"{room}.py"]
+    found: set[str] = set()
+    for file in files:
+        tree = ast.parse(file.read_text(), str(file))
+        skip: set[int] = set()
+        if runtime_only:
+            for node in ast.walk(tree):
+                if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                    skip.update(id(n) for n in ast.walk(node))
+        for node in ast.walk(tree):
+            if id(node) in skip:
+                continue
+            for name in _imported(node):
+                other = _room_of(name)
+                if other is not None and other != room:
+                    found.add(other)
+    return found
+
+
+def test_kernel_call_is_a_leaf() -> None:
+    assert _room_imports("call", runtime_only=False) == set()
+
+
+def test_no_import_cycle_between_kernel_rooms() -> None:
+    graph = {room: _room_imports(room) for room in ROOMS}
+    assert {"access", "doors", "llm", "memory", "proc", "storage", "tools"} <= set(graph)
+    state: dict[str, int] = {}
+    cycles: list[list[str]] = []
+
+    def visit(room: str, path: list[str]) -> None:
+        state[room] = 1
+        for other in sorted(graph[room]):
+            if state.get(other) == 1:
+                cycles.append([*path[path.index(other):], other] if other in path
+                              else [*path, other])
+            elif other not in state:
+                visit(other, [*path, other])
+        state[room] = 2
+
+    for room in ROOMS:
+        if room not in state:
+            visit(room, [room])
+    assert cycles == []
+
+
+@pytest.mark.parametrize("room", ROOMS)
+def test_each_kernel_room_imports_alone(room: str) -> None:
+    out = subprocess.run([sys.executable, "-c", f"import kernel.{room}"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from kernel.call import Call, Caller
 from kernel.config import Config
-from kernel.core import Call, Caller, Kernel
+from kernel.core import Kernel
 from kernel.db import Database
 from kernel.ipc import Mailboxes
 from sdk import abi

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import msgspec
 
-from kernel.ring import RingPair, SubmissionConsumer
+from kernel.doors.ring import RingPair, SubmissionConsumer
 
 ROOT = Path(__file__).resolve().parent.parent
 

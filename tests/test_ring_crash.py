@@ -14,7 +14,7 @@ from pathlib import Path
 
 import msgspec
 
-from kernel.ring import RingPair
+from kernel.doors.ring import RingPair
 from sdk.ring import TAIL_OFFSET
 
 ROOT = Path(__file__).resolve().parent.parent

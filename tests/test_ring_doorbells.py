@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from kernel.ring import RingPair
+from kernel.doors.ring import RingPair
 from sdk.ring import AgentRings, fence
 
 

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kernel.ring import (
+from kernel.doors.ring import (
     CompletionProducer,
     FaultKind,
     RingFault,

@@ -9,7 +9,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from kernel.ring import CompletionProducer, SubmissionConsumer
+from kernel.doors.ring import CompletionProducer, SubmissionConsumer
 from sdk.ring import (
     COUNTER_MASK,
     HEAD_OFFSET,

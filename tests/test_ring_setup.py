@@ -16,7 +16,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from kernel.ring import RingPair
+from kernel.doors.ring import RingPair
 from sdk.ring import AgentRings, RingError, RingSpec
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,4 +1,4 @@
-"""`agentos agent ...`: remote agents' CURVE keys (kernel/remote.py) and client key pairs."""
+"""`agentos agent ...`: remote agents' CURVE keys (kernel/doors/remote.py) and client key pairs."""
 
 from __future__ import annotations
 

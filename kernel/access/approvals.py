@@ -38,11 +38,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from kernel.access.manager import fault
+from kernel.call import PENDING, Call, Caller, Fault
 from sdk import abi
 
 if TYPE_CHECKING:
-    from kernel.core import Call, Caller, Kernel
+    from kernel.core import Kernel
 
 log = logging.getLogger("kernel.access")
 
@@ -97,8 +97,6 @@ class Approvals:
             return
 
         def approved() -> object:
-            from kernel.core import PENDING
-
             proceed()
             return PENDING
 
@@ -137,15 +135,15 @@ class Approvals:
     def _take(self, approver: Caller, request_id: int, verdict: str) -> Request:
         req = self.pending.get(request_id)
         if req is None:
-            raise fault(abi.ErrorCode.ENOENT, f"no pending approval {request_id}")
+            raise Fault(abi.ErrorCode.ENOENT, f"no pending approval {request_id}")
         if approver.agent_id is not None:
             # Approval is a human's act: agents, whatever their rights, never decide.
-            raise fault(abi.ErrorCode.EPERM, f"only a user may {verdict} a request; "
+            raise Fault(abi.ErrorCode.EPERM, f"only a user may {verdict} a request; "
                         f"{approver.principal} is an agent")
         if approver.principal == req.call.caller.principal:
             self.k.audit.append(approver.principal, "approval-refused", request=request_id,
                                 reason="own request")
-            raise fault(abi.ErrorCode.EPERM, f"{approver.principal} cannot {verdict} its own "
+            raise Fault(abi.ErrorCode.EPERM, f"{approver.principal} cannot {verdict} its own "
                         "request")
         del self.pending[request_id]
         return req
@@ -171,8 +169,6 @@ class Approvals:
 
     def _run(self, req: Request) -> None:
         """`proceed`, in a savepoint so a failure leaves none of its writes behind."""
-        from kernel.core import PENDING, Fault
-
         db = self.k.db
         db.write("SAVEPOINT approved")
         self._approved = req.call

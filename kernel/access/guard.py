@@ -10,19 +10,14 @@ import time
 from typing import TYPE_CHECKING
 
 from kernel.access.rules import Capability
+from kernel.call import Caller, Fault
 from sdk.abi import ErrorCode
 from sdk.tokens import TokenError
 
 if TYPE_CHECKING:
-    from kernel.core import Caller, Kernel
+    from kernel.core import Kernel
 
 log = logging.getLogger("kernel.access")
-
-
-def _eperm(message: str) -> Exception:
-    from kernel.core import Fault  # on the refusal path only: an import costs ~0.3 µs a call
-
-    return Fault(ErrorCode.EPERM, message)
 
 
 class Guard:
@@ -31,24 +26,26 @@ class Guard:
         self._buckets: dict[str, tuple[float, float]] = {}  # principal -> (tokens, last refill)
         self.suppressed = 0
 
-    def check(self, token: str, op: str, resource: str | None, caller: Caller) -> Capability:
-        """The verified capability, or a `Fault(EPERM)` naming the reason."""
-        try:
-            cap = self.kernel.authority.verify(token)
-        except TokenError as exc:
-            self.deny(caller.principal, op, resource, f"invalid token: {exc.reason}")
-            raise _eperm(f"invalid token: {exc.reason}") from None
+    def check(self, token: str | Capability, op: str, resource: str | None,
+              caller: Caller) -> Capability:
+        """The verified capability, or a `Fault(EPERM)` naming the reason. A door that
+        verified the token already (the HTTP door) passes its `Capability`: its caveats and
+        kernel-side state are checked here all the same."""
+        if type(token) is Capability:
+            cap = token
+        else:
+            try:
+                cap = self.kernel.authority.verify(token)
+            except TokenError as exc:
+                self.deny(caller.principal, op, resource, f"invalid token: {exc.reason}")
+                raise Fault(ErrorCode.EPERM, f"invalid token: {exc.reason}") from None
         reason = cap.check(op, resource, caller.principal, time.time())
         if reason is not None:
             self.deny(caller.principal, op, resource, reason, token_id=cap.token_id)
-            raise _eperm(f"{op}: {reason}")
+            raise Fault(ErrorCode.EPERM, f"{op}: {reason}")
         try:
             self.kernel.access.admit(cap, op)  # revocation, one-shot, budgets
-        except Exception as exc:
-            from kernel.core import Fault  # only on this path (see _eperm)
-
-            if not isinstance(exc, Fault):
-                raise
+        except Fault as exc:
             self.deny(caller.principal, op, resource, exc.message, token_id=cap.token_id)
             raise
         return cap

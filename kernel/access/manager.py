@@ -37,13 +37,13 @@ from typing import TYPE_CHECKING, Any
 from kernel.access.rules import Capability, grantable
 from kernel.access.store import AccessStore
 from kernel.access.tokens import TokenAuthority
+from kernel.call import Call, Fault
 from sdk import abi
 from sdk.syscalls import known_op
 from sdk.tokens import Rule, TokenError
 
 if TYPE_CHECKING:
     from kernel.config import GroupConfig
-    from kernel.core import Call
 
 log = logging.getLogger("kernel.access")
 
@@ -53,12 +53,6 @@ MAX_DEPTH = 32  # a derivation chain longer than this is refused (tokens cap cav
 # contain a colon.
 _PRINCIPAL_RE = re.compile(r"[a-z]+:[A-Za-z0-9_.@-]{1,200}")
 _TOOL_FAMILIES = ("tool.", "tools.")
-
-
-def fault(code: abi.ErrorCode, message: str) -> Exception:
-    from kernel.core import Fault
-
-    return Fault(code, message)
 
 
 class AccessManager:
@@ -88,11 +82,11 @@ class AccessManager:
         revoked (itself or any ancestor), a used one-shot, or over a budget; else count the use."""
         chain = self._chains.get(cap.token_id) or self._load_chain(cap.token_id)
         if chain is None:
-            raise fault(abi.ErrorCode.EPERM, "unknown token")
+            raise Fault(abi.ErrorCode.EPERM, "unknown token")
         if self._revoked and not self._revoked.isdisjoint(chain):
-            raise fault(abi.ErrorCode.EPERM, "token revoked")
+            raise Fault(abi.ErrorCode.EPERM, "token revoked")
         if cap.nonces and any(n in self._nonces for n in cap.nonces):
-            raise fault(abi.ErrorCode.EPERM, "one-shot token already used")
+            raise Fault(abi.ErrorCode.EPERM, "one-shot token already used")
         if cap.budgets:
             self._charge(cap, "calls", 1)
             if op.startswith(_TOOL_FAMILIES):
@@ -138,7 +132,7 @@ class AccessManager:
         limits = self._limits(cap, kind)
         for counter, limit in limits.items():
             if self._used.get(counter, 0) + amount > limit:
-                raise fault(abi.ErrorCode.EQUOTA, f"{kind} budget exhausted "
+                raise Fault(abi.ErrorCode.EQUOTA, f"{kind} budget exhausted "
                             f"({self._used.get(counter, 0)} of {limit} used)")
         for counter, limit in limits.items():
             self._add(counter, cap.token_id, amount, limit)
@@ -216,7 +210,7 @@ class AccessManager:
         group = self.k.config.groups.get(name)
         if group is None:
             known = ", ".join(self.k.config.groups) or "none"
-            raise fault(abi.ErrorCode.ENOENT, f"no privilege group {name!r} (configured: {known})")
+            raise Fault(abi.ErrorCode.ENOENT, f"no privilege group {name!r} (configured: {known})")
         return group
 
     @staticmethod
@@ -226,10 +220,10 @@ class AccessManager:
         try:
             rules = [Rule.parse(text) for text in texts]
         except ValueError as exc:
-            raise fault(abi.ErrorCode.EINVAL, f"bad capability: {exc}") from None
+            raise Fault(abi.ErrorCode.EINVAL, f"bad capability: {exc}") from None
         for rule in rules:
             if not known_op(rule.op):
-                raise fault(abi.ErrorCode.EINVAL, f"bad capability {rule}: no syscall {rule.op!r}")
+                raise Fault(abi.ErrorCode.EINVAL, f"bad capability {rule}: no syscall {rule.op!r}")
         return rules
 
     def _extra(self, group: GroupConfig | None, *, budgets: dict[str, int] | None = None,
@@ -253,7 +247,7 @@ class AccessManager:
             token = self.k.authority.mint(subject, rules, expires_at=expires_at,
                                           parent_id=parent_id, extra=extra)
         except ValueError as exc:
-            raise fault(abi.ErrorCode.EINVAL, f"cannot mint: {exc}") from None
+            raise Fault(abi.ErrorCode.EINVAL, f"cannot mint: {exc}") from None
         return token, self.record(token)
 
     @staticmethod
@@ -264,7 +258,7 @@ class AccessManager:
         rules = list(rules)
         if held is None or not grantable(held, rules):
             what = what or "rights the caller does not hold: " + ", ".join(map(str, rules))
-            raise fault(abi.ErrorCode.EPERM, f"cannot grant {what}")
+            raise Fault(abi.ErrorCode.EPERM, f"cannot grant {what}")
 
     def check_group(self, caller_cap: Capability | None, group_name: str | None) -> None:
         """Refuse a group the caller cannot grant, before anything is written."""
@@ -299,7 +293,7 @@ class AccessManager:
         group = self._group(group_name)
         rules = self.rules([*caps, *(group.caps if group else ())])
         if not rules:
-            raise fault(abi.ErrorCode.EINVAL, "a token needs at least one rule")
+            raise Fault(abi.ErrorCode.EINVAL, "a token needs at least one rule")
         ttl = ttl if ttl is not None else (group.ttl if group else None)
         token, cap = self._mint(subject, rules, expires_at=time.time() + ttl if ttl else None,
                                 parent_id=None, extra=self._extra(group, budgets=budgets,
@@ -313,7 +307,7 @@ class AccessManager:
             return to
         agent_id = self._agent_named(to)
         if agent_id is None:
-            raise fault(abi.ErrorCode.ENOENT, f"no running agent named {to!r}")
+            raise Fault(abi.ErrorCode.ENOENT, f"no running agent named {to!r}")
         return f"agent:{agent_id}"
 
     def _held(self, call: Call, token: str | None, *, usable: bool = True) -> Capability:
@@ -324,11 +318,11 @@ class AccessManager:
         try:
             cap = self.k.authority.verify(token)
         except TokenError as exc:
-            raise fault(abi.ErrorCode.EPERM, f"invalid token: {exc.reason}") from None
+            raise Fault(abi.ErrorCode.EPERM, f"invalid token: {exc.reason}") from None
         if any(aud != call.caller.principal for aud in cap.audiences):
-            raise fault(abi.ErrorCode.EPERM, "that token is not the caller's")
+            raise Fault(abi.ErrorCode.EPERM, "that token is not the caller's")
         if usable and self.is_revoked(cap.token_id):
-            raise fault(abi.ErrorCode.EPERM, "the token to delegate is revoked")
+            raise Fault(abi.ErrorCode.EPERM, "the token to delegate is revoked")
         return cap
 
     def delegate(self, call: Call, args: abi.DelegateArgs) -> abi.Grant:
@@ -373,12 +367,12 @@ class AccessManager:
         """`caps.revoke`: users may revoke any token; an agent only its own token and the
         tokens derived from it."""
         if not self.store.exists(token_id):
-            raise fault(abi.ErrorCode.ENOENT, f"no token {token_id}")
+            raise Fault(abi.ErrorCode.ENOENT, f"no token {token_id}")
         if call.caller.agent_id is not None:
             assert call.capability is not None
             chain = self._chains.get(token_id) or self._load_chain(token_id) or ()
             if call.capability.token_id not in chain:
-                raise fault(abi.ErrorCode.EPERM, "an agent may revoke only its own token and "
+                raise Fault(abi.ErrorCode.EPERM, "an agent may revoke only its own token and "
                             "the tokens derived from it")
         return self.revoke(token_id, call.caller.principal, "caps.revoke")
 

@@ -24,6 +24,7 @@ import time
 from typing import TYPE_CHECKING
 
 from kernel.access.rules import Capability, grantable
+from kernel.call import Fault
 from sdk import abi
 from sdk.tokens import Rule
 
@@ -34,12 +35,6 @@ if TYPE_CHECKING:
 def rights(name: str) -> list[Rule]:
     """The name-scoped part of an agent's baseline: its own files and memories."""
     return [Rule("memory.*", f"mem/agent/{name}"), Rule("fs.*", f"fs/agent/{name}")]
-
-
-def _fault(code: abi.ErrorCode, message: str) -> Exception:
-    from kernel.core import Fault
-
-    return Fault(code, message)
 
 
 class Names:
@@ -70,7 +65,7 @@ class Names:
         whose = f"belongs to {owner}" if owner else "has files or memories"
         self.k.guard.deny(principal, "proc.spawn", f"name/{name}", f"the name {whose}",
                           token_id=cap.token_id)  # audited, rate-limited per principal
-        raise _fault(abi.ErrorCode.EPERM, f"the agent name {name!r} is taken; choose another, "
+        raise Fault(abi.ErrorCode.EPERM, f"the agent name {name!r} is taken; choose another, "
                      "or hold " + " and ".join(map(str, wanted)) + " to run it")
 
     def claim(self, name: str, principal: str, agent_id: int) -> None:

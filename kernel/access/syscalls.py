@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from kernel.access.export import export_token
-from kernel.access.manager import fault
+from kernel.call import Call, Fault
 from sdk import abi
 
 if TYPE_CHECKING:
-    from kernel.core import Call, Kernel
+    from kernel.core import Kernel
 
 
 def caps_delegate(k: Kernel, call: Call, args: abi.DelegateArgs) -> abi.Grant:
@@ -30,7 +30,7 @@ def caps_list(k: Kernel, call: Call, args: abi.ListTokensArgs) -> list[abi.Token
 
 def caps_rotate(k: Kernel, call: Call, args: abi.NoArgs) -> None:
     if call.caller.agent_id is not None:
-        raise fault(abi.ErrorCode.EPERM, "only users may rotate the token key")
+        raise Fault(abi.ErrorCode.EPERM, "only users may rotate the token key")
     k.access.rotate_key(call.caller.principal)
 
 

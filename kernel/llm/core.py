@@ -17,12 +17,13 @@ import time
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
+from kernel.call import Call, Fault
 from kernel.llm.prompt import DEFAULT_CONTEXT_TOKENS, PROMPT_BYTES_PER_TOKEN, prompt_bytes
 from kernel.llm.worker import Generation, ModelWorker
 from sdk import abi
 
 if TYPE_CHECKING:
-    from kernel.core import Call, Kernel
+    from kernel.core import Kernel
 
 log = logging.getLogger("kernel.llm")
 
@@ -49,11 +50,6 @@ class LLMCore:
         for worker in self.workers.values():
             worker.join(timeout=10)
 
-    def _fault(self, code: abi.ErrorCode, message: str) -> Exception:
-        from kernel.core import Fault
-
-        return Fault(code, message)
-
     def models(self) -> list[abi.ModelInfo]:
         default = self.k.config.default_model
         return [abi.ModelInfo(name=name, backend="openai" if w.config.remote else "local",
@@ -69,11 +65,11 @@ class LLMCore:
         worker = self.workers.get(name or "")
         if worker is None:
             known = ", ".join(self.workers) or "none"
-            raise self._fault(abi.ErrorCode.ENOENT, f"no model {name!r} (served: {known})")
+            raise Fault(abi.ErrorCode.ENOENT, f"no model {name!r} (served: {known})")
         if worker.failed is not None:
-            raise self._fault(abi.ErrorCode.ENOENT, worker.failed)
+            raise Fault(abi.ErrorCode.ENOENT, worker.failed)
         if self.k.draining:
-            raise self._fault(abi.ErrorCode.EAGAIN, "the kernel is shutting down")
+            raise Fault(abi.ErrorCode.EAGAIN, "the kernel is shutting down")
         principal = call.caller.principal
         limit = worker.max_prompt_bytes
         size = prompt_bytes(args, limit)
@@ -86,12 +82,12 @@ class LLMCore:
             else:
                 why = (f"{PROMPT_BYTES_PER_TOKEN} bytes per token of an assumed "
                        f"{DEFAULT_CONTEXT_TOKENS}-token context; set max_prompt_bytes")
-            raise self._fault(abi.ErrorCode.EINVAL, f"prompt too long for model {name!r}: over "
+            raise Fault(abi.ErrorCode.EINVAL, f"prompt too long for model {name!r}: over "
                               f"{limit} bytes of text ({why})")
         key = (name, principal)
         cap = worker.config.agent_max_concurrent
         if cap and self.in_flight[key] >= cap:
-            raise self._fault(abi.ErrorCode.EAGAIN, f"{principal} has {cap} llm.chat calls in "
+            raise Fault(abi.ErrorCode.EAGAIN, f"{principal} has {cap} llm.chat calls in "
                               f"flight on {name!r} (agent_max_concurrent); retry when one ends")
         self.in_flight[key] += 1
         call.on_reply.append(lambda _: self._release(key))
@@ -129,6 +125,6 @@ class LLMCore:
     def cancel(self, call: Call, args: abi.CancelArgs) -> None:
         target = self.k.find_parked(call.route, args.request)
         if target is None or target.name != "llm.chat":
-            raise self._fault(abi.ErrorCode.ENOENT, f"no llm.chat call {args.request} in flight "
+            raise Fault(abi.ErrorCode.ENOENT, f"no llm.chat call {args.request} in flight "
                               "on this connection")
         self.k.fail(target, abi.ErrorCode.ECANCELED, "cancelled by the caller")

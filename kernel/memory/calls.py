@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from kernel.call import Call, Caller
 from kernel.memory.manager import own_namespace
 from sdk import abi
 
 if TYPE_CHECKING:
-    from kernel.core import Call, Caller, Kernel
+    from kernel.core import Kernel
 
 
 def _ns(k: Kernel, call: Call, args: Any) -> str:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from kernel.call import Call, Caller, Fault
 from kernel.memory.embed import Embedder, HashEmbedder, MiniLMEmbedder
 from kernel.memory.indexes import Found, IndexThread, filter_sql
 from kernel.memory.lruk import LRUK
@@ -26,7 +27,7 @@ from kernel.memory.worker import EmbedWorker
 from sdk import abi, models
 
 if TYPE_CHECKING:
-    from kernel.core import Call, Caller, Kernel
+    from kernel.core import Kernel
 
 log = logging.getLogger("kernel.memory")
 
@@ -44,7 +45,7 @@ def own_namespace(k: Kernel, caller: Caller) -> str:
     kind, _, name = caller.principal.partition(":")
     if kind in ("user", "http", "remote") and name:
         return f"{kind}/{name}"
-    raise _fault(abi.ErrorCode.EINVAL, f"{caller.principal} has no memory namespace of its "
+    raise Fault(abi.ErrorCode.EINVAL, f"{caller.principal} has no memory namespace of its "
                  "own; name one")
 
 
@@ -63,12 +64,6 @@ def owner_key(namespace: str) -> str:
     """Whose quota and RAM tier a namespace counts against: its first two segments, so
     `agent/bob/notes` is bob's (`agent/bob`) and sub-namespaces cannot multiply a quota."""
     return "/".join(namespace.split("/")[:2])
-
-
-def _fault(code: abi.ErrorCode, message: str) -> Exception:
-    from kernel.core import Fault
-
-    return Fault(code, message)
 
 
 def make_embedder(name: str) -> Embedder | None:
@@ -141,8 +136,6 @@ class MemoryManager:
                 then: Callable[[np.ndarray | None], Any]) -> Any:
         """Run `then(vectors)` once the texts are embedded and answer `call` with its result,
         now or (parked) when the worker is done."""
-        from kernel.core import Fault
-
         box: list[Any] = []
 
         def done(vectors: np.ndarray | None) -> None:
@@ -175,7 +168,7 @@ class MemoryManager:
 
         def then(vectors: np.ndarray | None) -> abi.EmbedResult:
             if vectors is None or embedder is None:
-                raise _fault(abi.ErrorCode.ENOSYS, "this kernel has no embedding model "
+                raise Fault(abi.ErrorCode.ENOSYS, "this kernel has no embedding model "
                              "(agentos mem pull, or memory_embedder in the config)")
             return abi.EmbedResult(embedder.name, vectors.tolist(),
                                    sum(len(t.split()) for t in texts))
@@ -291,7 +284,7 @@ class MemoryManager:
         quota = self.k.config.memory_quota
         # The kernel's own namespaces (.fs/…, the fs search index) are covered by the fs quota.
         if delta > 0 and not namespace.startswith(".") and self.stored(key) + delta > quota:
-            raise _fault(abi.ErrorCode.EQUOTA, f"{key!r} would hold {self.stored(key) + delta} "
+            raise Fault(abi.ErrorCode.EQUOTA, f"{key!r} would hold {self.stored(key) + delta} "
                          f"bytes, over its {quota}-byte quota")
         self._stored[key] = self.stored(key) + delta
 
@@ -300,10 +293,10 @@ class MemoryManager:
             meta = json.dumps(metadata, separators=(",", ":"), ensure_ascii=False,
                               allow_nan=False)
         except (TypeError, ValueError) as exc:
-            raise _fault(abi.ErrorCode.EINVAL, f"metadata must be JSON: {exc}") from None
+            raise Fault(abi.ErrorCode.EINVAL, f"metadata must be JSON: {exc}") from None
         size = len(content.encode()) + len(meta.encode()) + ITEM_OVERHEAD
         if size > self.k.config.memory_item_bytes:
-            raise _fault(abi.ErrorCode.EINVAL, f"memory is {size} bytes, over the "
+            raise Fault(abi.ErrorCode.EINVAL, f"memory is {size} bytes, over the "
                          f"{self.k.config.memory_item_bytes}-byte limit")
         return size, meta
 
@@ -337,7 +330,7 @@ class MemoryManager:
     def get(self, namespace: str, memory_id: int) -> abi.Memory:
         item = self._load(namespace, memory_id)
         if item is None:
-            raise _fault(abi.ErrorCode.ENOENT, f"no memory {memory_id} in {namespace!r}")
+            raise Fault(abi.ErrorCode.ENOENT, f"no memory {memory_id} in {namespace!r}")
         return abi.Memory(memory_id, namespace, item.content, item.metadata, item.created_at,
                           item.updated_at)
 
@@ -345,7 +338,7 @@ class MemoryManager:
                metadata: dict[str, Any] | None) -> Any:
         item = self._load(namespace, memory_id)
         if item is None:
-            raise _fault(abi.ErrorCode.ENOENT, f"no memory {memory_id} in {namespace!r}")
+            raise Fault(abi.ErrorCode.ENOENT, f"no memory {memory_id} in {namespace!r}")
         new_content = item.content if content is None else content
         new_meta = item.metadata if metadata is None else metadata
         size, meta = self._size(new_content, new_meta)
@@ -377,7 +370,7 @@ class MemoryManager:
         rows = self.k.db.read("SELECT size, content FROM memories WHERE id=? AND namespace=?",
                               (memory_id, namespace))
         if not rows:
-            raise _fault(abi.ErrorCode.ENOENT, f"no memory {memory_id} in {namespace!r}")
+            raise Fault(abi.ErrorCode.ENOENT, f"no memory {memory_id} in {namespace!r}")
         self._unindex_words(memory_id, rows[0][1])
         self.k.db.write("DELETE FROM memories WHERE id=?", (memory_id,))
         self._charge(namespace, -rows[0][0])
@@ -408,7 +401,7 @@ class MemoryManager:
         answered."""
         shape = shape or (lambda hits: hits)
         if mode == "vector" and self.worker is not None and self.worker.failed:
-            raise _fault(abi.ErrorCode.EAGAIN, "the embedder is not working; use mode=keyword")
+            raise Fault(abi.ErrorCode.EAGAIN, "the embedder is not working; use mode=keyword")
         self.k.offload(call)
         parked = self.k.park(call, call.timeout_ms)
 
@@ -427,8 +420,6 @@ class MemoryManager:
 
     def _settle(self, call: Call, answer: Callable[[], Any]) -> None:
         """Answer a parked call with `answer()`, or with the error it raises."""
-        from kernel.core import Fault
-
         if call.done:  # timed out or cancelled meanwhile
             return
         try:
@@ -444,7 +435,7 @@ class MemoryManager:
         """The index thread's answer, as memories that exist and match now: it read committed
         rows, and a delete or update may have happened since."""
         if found is None:
-            raise _fault(abi.ErrorCode.EIO, "search failed (logged)")
+            raise Fault(abi.ErrorCode.EIO, "search failed (logged)")
         ranked = [(i, s, "vector") for i, s in found.hits] + [(i, s, "keyword")
                                                               for i, s in found.words]
         if filter and ranked:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kernel.call import Fault
 from kernel.proc import homes, resolve, sandbox
 from kernel.proc.sandbox import Limits, Policy, SandboxUnavailable
 from kernel.proc.uids import UidLeases
@@ -82,12 +83,6 @@ class Prepared:
     log_bytes: int
 
 
-def fault(code: abi.ErrorCode, message: str) -> Exception:
-    from kernel.core import Fault
-
-    return Fault(code, message)
-
-
 class Sandboxes:
     def __init__(self, kernel: Kernel) -> None:
         self.k = kernel
@@ -128,27 +123,27 @@ class Sandboxes:
                 STRENGTH[caller_tier] > STRENGTH[tier]):
             tier = caller_tier
         if caller_tier is not None and STRENGTH[tier] < STRENGTH[caller_tier]:
-            raise fault(abi.ErrorCode.EPERM, f"an agent in the {caller_tier} sandbox cannot "
+            raise Fault(abi.ErrorCode.EPERM, f"an agent in the {caller_tier} sandbox cannot "
                         f"start one in the weaker {tier} tier")
         try:
             sandbox.plan(tier, self.probe)
         except SandboxUnavailable as exc:
-            raise fault(abi.ErrorCode.ENOSYS, str(exc)) from None
+            raise Fault(abi.ErrorCode.ENOSYS, str(exc)) from None
         return tier
 
     def limits(self, requested: dict[str, int], caller: dict[str, int] | None) -> dict[str, int]:
         """Validated overrides; a spawning agent cannot give its child more than it has."""
         unknown = sorted(set(requested) - LIMIT_NAMES)
         if unknown:
-            raise fault(abi.ErrorCode.EINVAL, f"unknown limits {', '.join(unknown)} (known: "
+            raise Fault(abi.ErrorCode.EINVAL, f"unknown limits {', '.join(unknown)} (known: "
                         f"{', '.join(sorted(LIMIT_NAMES))})")
         if "tmp_bytes" in requested and requested["tmp_bytes"] <= 0:
-            raise fault(abi.ErrorCode.EINVAL, "tmp_bytes must be positive")
+            raise Fault(abi.ErrorCode.EINVAL, "tmp_bytes must be positive")
         if "nice" in requested and not 0 <= requested["nice"] <= 19:
-            raise fault(abi.ErrorCode.EINVAL, "nice must be 0..19 (an agent never runs ahead "
+            raise Fault(abi.ErrorCode.EINVAL, "nice must be 0..19 (an agent never runs ahead "
                         "of the kernel)")
         if 0 < requested.get(HOME_LIMIT, 0) < homes.MIN_BYTES:
-            raise fault(abi.ErrorCode.EINVAL, f"home_bytes is 0 (no quota) or at least "
+            raise Fault(abi.ErrorCode.EINVAL, f"home_bytes is 0 (no quota) or at least "
                         f"{homes.MIN_BYTES}")
         out = dict(requested)
         if caller is not None:
@@ -158,12 +153,12 @@ class Sandboxes:
                 if name == "nice":  # a larger value is less CPU: the child may only go nicer
                     if cap is not None and (want is None or want < cap):
                         if "nice" in requested:
-                            raise fault(abi.ErrorCode.EPERM, f"cannot give a child nice={want}"
+                            raise Fault(abi.ErrorCode.EPERM, f"cannot give a child nice={want}"
                                         f": the caller's own is {cap}")
                         out["nice"] = cap  # not asked for: it inherits the caller's
                     continue
                 if cap is not None and (want is None or want > cap):
-                    raise fault(abi.ErrorCode.EPERM, f"cannot give a child {name}={want}: the "
+                    raise Fault(abi.ErrorCode.EPERM, f"cannot give a child {name}={want}: the "
                                 f"caller's own limit is {cap}")
         return out
 
@@ -244,7 +239,7 @@ class Sandboxes:
             if socket_dir is not None:
                 self.unbind_endpoint(socket_dir)
             self.release(spec.agent_id)
-            raise fault(abi.ErrorCode.EPERM, f"cannot sandbox this agent: {exc.strerror}") \
+            raise Fault(abi.ErrorCode.EPERM, f"cannot sandbox this agent: {exc.strerror}") \
                 from None
         policy = Policy(
             tier=spec.tier, uid=uid, gid=uid, home=str(home), readable=readable,
@@ -257,7 +252,7 @@ class Sandboxes:
             if socket_dir is not None:
                 self.unbind_endpoint(socket_dir)
             self.release(spec.agent_id)
-            raise fault(abi.ErrorCode.EINVAL, f"cannot sandbox this agent: {exc}") from None
+            raise Fault(abi.ErrorCode.EINVAL, f"cannot sandbox this agent: {exc}") from None
         return Prepared(launch, policy, endpoint, socket_dir, log_bytes)
 
     @staticmethod
@@ -276,7 +271,7 @@ class Sandboxes:
         """The home on a filesystem of `size` bytes (kernel/proc/homes.py); refused, never
         started without it, where this machine cannot."""
         if self.quota_missing is not None:
-            raise fault(abi.ErrorCode.ENOSYS, f"home quota unavailable: {self.quota_missing}; "
+            raise Fault(abi.ErrorCode.ENOSYS, f"home quota unavailable: {self.quota_missing}; "
                         "set home_bytes = 0 (config, or --limit home_bytes=0) to run agents "
                         "without one")
         try:
@@ -285,7 +280,7 @@ class Sandboxes:
             code = {errno.EDQUOT: abi.ErrorCode.EQUOTA,
                     errno.EINVAL: abi.ErrorCode.EINVAL}.get(exc.errno or 0, abi.ErrorCode.EIO)
             log.error("home quota failed", extra={"home": str(home), "error": str(exc)})
-            raise fault(code, f"home {home}: {exc.strerror}") from None
+            raise Fault(code, f"home {home}: {exc.strerror}") from None
 
     def _reown(self, agent_id: int, home: Path, uid: int) -> None:
         """A restart under another uid than its last run (that one still busy on the host)
@@ -359,7 +354,7 @@ class Sandboxes:
         path = parent / str(agent_id)
         sock = path / "kernel.sock"
         if len(str(sock)) > layout.MAX_IPC_PATH:
-            raise fault(abi.ErrorCode.EINVAL, f"agent endpoint {sock} is longer than "
+            raise Fault(abi.ErrorCode.EINVAL, f"agent endpoint {sock} is longer than "
                         f"{layout.MAX_IPC_PATH} bytes; boot the kernel with a shorter state dir")
         sandbox.prepare_socket_dir(path, gid)
         if sock.exists() or sock.is_symlink():

@@ -29,6 +29,7 @@ import msgspec
 
 from kernel.access import names
 from kernel.access.rules import Capability
+from kernel.call import Call, Fault
 from kernel.proc import sandbox
 from kernel.proc.logs import LogPump
 from kernel.proc.sandbox import LAYER_EXIT, Report
@@ -37,7 +38,7 @@ from sdk import abi
 from sdk.tokens import Rule
 
 if TYPE_CHECKING:
-    from kernel.core import Call, Kernel
+    from kernel.core import Kernel
 
 log = logging.getLogger("kernel.proc")
 
@@ -95,12 +96,6 @@ def baseline_rules(agent_id: int, name: str | None = None) -> list[Rule]:
 def exit_status(returncode: int) -> int:
     """A shell-style status: the exit code, or 128 + the signal that killed it."""
     return 128 - returncode if returncode < 0 else returncode
-
-
-def _fault(code: abi.ErrorCode, message: str) -> Exception:
-    from kernel.core import Fault
-
-    return Fault(code, message)
 
 
 @dataclass(eq=False)
@@ -212,7 +207,7 @@ class ProcessTable:
             f"SELECT {_INFO_COLUMNS.format(result='result')} FROM agents WHERE id=?",
             (agent_id,))
         if not rows:
-            raise _fault(abi.ErrorCode.ENOENT, f"no agent {agent_id}")
+            raise Fault(abi.ErrorCode.ENOENT, f"no agent {agent_id}")
         return self._info(rows[0], with_result)
 
     def _info(self, row: Any, with_result: bool) -> abi.AgentInfo:
@@ -248,19 +243,19 @@ class ProcessTable:
     def spawn(self, caller_principal: str, cap: Capability, args: abi.SpawnArgs) -> int:
 
         if self.k.draining:
-            raise _fault(abi.ErrorCode.EAGAIN, "the kernel is shutting down")
+            raise Fault(abi.ErrorCode.EAGAIN, "the kernel is shutting down")
         if not os.path.isabs(args.path):
-            raise _fault(abi.ErrorCode.EINVAL, f"path must be absolute: {args.path}")
+            raise Fault(abi.ErrorCode.EINVAL, f"path must be absolute: {args.path}")
         # The agent is its code's real path from here on: every start checks that it still is.
         path = Path(os.path.realpath(args.path))
         parent = self._caller_live(caller_principal)
         if not path.is_file():
-            raise _fault(abi.ErrorCode.ENOENT, f"no such file: {args.path}")
+            raise Fault(abi.ErrorCode.ENOENT, f"no such file: {args.path}")
         self._check_code(caller_principal, str(path))
         name = args.name or re.sub(r"[^A-Za-z0-9_.-]", "-", Path(args.path).stem)[:64].lstrip(
             "-.") or "agent"
         if self._name_busy(name):
-            raise _fault(abi.ErrorCode.EBUSY, f"an agent named {name!r} is already running")
+            raise Fault(abi.ErrorCode.EBUSY, f"an agent named {name!r} is already running")
         self.names.check(caller_principal, cap, name)
         # The syscall checked the privilege group (`AccessManager.check_group`) already.
         self.k.access.check_grant(cap, self.k.access.rules(args.caps))
@@ -290,10 +285,10 @@ class ProcessTable:
         code's directory or its home), because the child's code directory becomes readable
         to the child. A restart checks against the spawner's places even after it ended."""
         if os.path.realpath(path) != path:
-            raise _fault(abi.ErrorCode.EPERM, f"{path} is now reached through a symlink: the "
+            raise Fault(abi.ErrorCode.EPERM, f"{path} is now reached through a symlink: the "
                          "agent's code moved since it was spawned")
         if not os.path.isfile(path):  # removed, or in a home locked when its agent ended
-            raise _fault(abi.ErrorCode.ENOENT, f"{path}: the agent's code is gone")
+            raise Fault(abi.ErrorCode.ENOENT, f"{path}: the agent's code is gone")
         kind, _, ident = spawner.partition(":")
         if kind != "agent":
             return  # users and the kernel's other doors may start any code
@@ -304,14 +299,12 @@ class ProcessTable:
                  str(self.k.state.agents / ident / "home")]
         if not any(root and (path == root or path.startswith(root.rstrip("/") + "/"))
                    for root in roots):
-            raise _fault(abi.ErrorCode.EPERM, f"{path} is outside what {spawner} can read")
+            raise Fault(abi.ErrorCode.EPERM, f"{path} is outside what {spawner} can read")
 
     def _start(self, spec: AgentSpec, by: str) -> Live:
         """Mint the agent's token and start it in its sandbox; on refusal the row says
         `failed` and a typed Fault says why."""
         agent_id = spec.agent_id
-        from kernel.core import Fault
-
         try:
             self._check_code(spec.spawned_by, spec.path)
         except Fault as exc:
@@ -359,7 +352,7 @@ class ProcessTable:
             launch.close()
             self._release(agent_id, prepared.socket_dir)
             self._failed_start(agent_id, by, f"cannot start agent: {exc}", None)
-            raise _fault(abi.ErrorCode.EIO, f"cannot start agent: {exc}") from None
+            raise Fault(abi.ErrorCode.EIO, f"cannot start agent: {exc}") from None
         finally:
             for fd in child_ends:
                 os.close(fd)
@@ -378,7 +371,7 @@ class ProcessTable:
             code = (abi.ErrorCode.ENOSYS if report.status in _LAYER_STATUSES
                     else abi.ErrorCode.EPERM)
             self._failed_start(agent_id, by, report.error, report)
-            raise _fault(code, f"agent {agent_id} could not start: {report.error}")
+            raise Fault(code, f"agent {agent_id} could not start: {report.error}")
         self.live[agent_id] = live
         self._by_fd[live.pidfd] = live
         self.k.poller.register(live.pidfd, 1)  # POLLIN: the process has exited
@@ -534,8 +527,6 @@ class ProcessTable:
             self.k.db.write("UPDATE agents SET state='killed' WHERE id=?", (agent_id,))
             self._ended(agent_id)
             return
-        from kernel.core import Fault
-
         self.k.db.write("UPDATE agents SET restarts=restarts+1 WHERE id=?", (agent_id,))
         try:
             self._start(spec, "kernel")
@@ -564,7 +555,7 @@ class ProcessTable:
                 self._streak.pop(agent_id, None)
                 self._ended(agent_id)
                 return
-            raise _fault(abi.ErrorCode.ENOENT, f"agent {agent_id} is not running")
+            raise Fault(abi.ErrorCode.ENOENT, f"agent {agent_id} is not running")
         self.k.audit.append(caller_principal, "kill", agent=agent_id, grace=grace)
         live.stopping = True
         self._terminate(live, grace)
@@ -605,7 +596,7 @@ class ProcessTable:
         """SIGSTOP every process of the agent and hold its queued LLM requests."""
         live = self._running(agent_id)
         if live.suspended:
-            raise _fault(abi.ErrorCode.EBUSY, f"agent {agent_id} is already suspended")
+            raise Fault(abi.ErrorCode.EBUSY, f"agent {agent_id} is already suspended")
         self._send(live, signal.SIGSTOP)
         live.suspended = True
         self.k.llm.pause(f"agent:{agent_id}", True)
@@ -615,7 +606,7 @@ class ProcessTable:
     def resume(self, caller_principal: str, agent_id: int) -> None:
         live = self._running(agent_id)
         if not live.suspended:
-            raise _fault(abi.ErrorCode.EBUSY, f"agent {agent_id} is not suspended")
+            raise Fault(abi.ErrorCode.EBUSY, f"agent {agent_id} is not suspended")
         self._send(live, signal.SIGCONT)
         live.suspended = False
         self.k.llm.pause(f"agent:{agent_id}", False)
@@ -626,14 +617,14 @@ class ProcessTable:
         live = self.live.get(agent_id)
         if live is None or live.exiting:
             self._row(agent_id)
-            raise _fault(abi.ErrorCode.ENOENT, f"agent {agent_id} is not running")
+            raise Fault(abi.ErrorCode.ENOENT, f"agent {agent_id} is not running")
         return live
 
     def exit(self, agent_id: int, result: Any) -> None:
         """The agent declares itself done: record its result; it must exit within the grace."""
         blob = msgspec.msgpack.encode(result)
         if len(blob) > self.k.config.result_bytes:
-            raise _fault(abi.ErrorCode.EINVAL, f"result is {len(blob)} bytes, over the "
+            raise Fault(abi.ErrorCode.EINVAL, f"result is {len(blob)} bytes, over the "
                          f"{self.k.config.result_bytes}-byte limit")
         self.k.db.write("UPDATE agents SET result=? WHERE id=?", (blob, agent_id))
         live = self.live[agent_id]
@@ -662,7 +653,7 @@ class ProcessTable:
         except OSError as exc:  # ELOOP from O_NOFOLLOW: something replaced the log
             self.k.audit.append("kernel", "log-tampered", agent=args.id, stream=args.stream,
                                 error=str(exc))
-            raise _fault(abi.ErrorCode.EPERM, f"log of agent {args.id} was tampered with") from None
+            raise Fault(abi.ErrorCode.EPERM, f"log of agent {args.id} was tampered with") from None
         end = args.offset + len(data)
         ended = args.id not in self.live and args.id not in self._pending
         return abi.LogChunk(data=data, offset=end, eof=ended and end >= size)

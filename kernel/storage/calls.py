@@ -4,19 +4,18 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from kernel.call import Call, Caller, Fault
 from kernel.storage import paths
 from kernel.storage.manager import owner_of
 from sdk import abi
 
 if TYPE_CHECKING:
-    from kernel.core import Call, Caller, Kernel
+    from kernel.core import Kernel
 
 _ROOT_OK = {"fs.list", "fs.stat", "fs.search", "fs.share"}
 
 
 def _where(k: Kernel, caller: Caller, args: Any, root_ok: bool) -> tuple[str, str]:
-    from kernel.core import Fault
-
     owner = owner_of(k, caller, args.owner if hasattr(args, "owner") else None)
     try:
         return owner, paths.clean(getattr(args, "path", ""), root_ok=root_ok)
@@ -25,8 +24,6 @@ def _where(k: Kernel, caller: Caller, args: Any, root_ok: bool) -> tuple[str, st
 
 
 def _resource(k: Kernel, args: Any, caller: Caller, root_ok: bool) -> str:
-    from kernel.core import Fault
-
     owner, path = _where(k, caller, args, root_ok)
     try:
         return paths.resource(owner, path)

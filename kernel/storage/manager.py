@@ -14,13 +14,14 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from kernel.call import Call, Caller, Fault
 from kernel.storage import paths
 from kernel.storage.blobs import BlobError, BlobStore
 from sdk import abi
 from sdk.tokens import Rule
 
 if TYPE_CHECKING:
-    from kernel.core import Call, Caller, Kernel
+    from kernel.core import Kernel
 
 log = logging.getLogger("kernel.storage")
 
@@ -28,12 +29,6 @@ SHAREABLE = ("fs.read", "fs.stat", "fs.list", "fs.versions", "fs.search", "fs.wr
              "fs.append", "fs.mkdir", "fs.rollback")
 SNIPPET_CHARS = 160
 INDEX_CHARS = 4096  # how much of a text file fs.search embeds
-
-
-def _fault(code: abi.ErrorCode, message: str) -> Exception:
-    from kernel.core import Fault
-
-    return Fault(code, message)
 
 
 def owner_of(k: Kernel, caller: Caller, owner: str | None) -> str:
@@ -47,7 +42,7 @@ def owner_of(k: Kernel, caller: Caller, owner: str | None) -> str:
         # An HTTP key's bearer has files of its own; agent names cannot hold ':', so this
         # owner is nobody else's (`fs/agent/http:NAME/...` in its rules).
         return caller.principal
-    raise _fault(abi.ErrorCode.EINVAL, f"{caller.principal} has no file namespace of its own; "
+    raise Fault(abi.ErrorCode.EINVAL, f"{caller.principal} has no file namespace of its own; "
                  "name an owner")
 
 
@@ -84,16 +79,16 @@ class StorageManager:
     def _file(self, owner: str, path: str) -> tuple[int, int | None]:
         node = self._node(owner, path)
         if node is None:
-            raise _fault(abi.ErrorCode.ENOENT, f"no such file: {path}")
+            raise Fault(abi.ErrorCode.ENOENT, f"no such file: {path}")
         if node[0] != "file":
-            raise _fault(abi.ErrorCode.EINVAL, f"{path} is a directory")
+            raise Fault(abi.ErrorCode.EINVAL, f"{path} is a directory")
         return node[1], node[3]
 
     def _version(self, owner: str, path: str, version: int) -> tuple[str, int, float, str]:
         rows = self.k.db.read("SELECT blob, size, created_at, op FROM fs_versions "
                               "WHERE owner=? AND path=? AND version=?", (owner, path, version))
         if not rows:
-            raise _fault(abi.ErrorCode.ENOENT, f"{path} has no version {version}")
+            raise Fault(abi.ErrorCode.ENOENT, f"{path} has no version {version}")
         return tuple(rows[0])  # type: ignore[return-value]
 
     def _read_blob(self, digest: str) -> bytes:
@@ -101,7 +96,7 @@ class StorageManager:
             return self.blobs.get(digest)
         except BlobError as exc:
             log.error("blob unreadable", extra={"blob": digest, "error": str(exc)})
-            raise _fault(abi.ErrorCode.EIO, str(exc)) from None
+            raise Fault(abi.ErrorCode.EIO, str(exc)) from None
 
     def _mkparents(self, owner: str, path: str, now: float) -> None:
         for parent in paths.parents(path):
@@ -110,22 +105,22 @@ class StorageManager:
                 self.k.db.write("INSERT INTO fs_files (owner, path, kind, created_at) "
                                 "VALUES (?,?,?,?)", (owner, parent, "dir", now))
             elif node[0] != "dir":
-                raise _fault(abi.ErrorCode.EINVAL, f"{parent} is a file, not a directory")
+                raise Fault(abi.ErrorCode.EINVAL, f"{parent} is a file, not a directory")
 
     def _commit_version(self, owner: str, path: str, data: bytes, op: str) -> abi.FsStat:
         """Make `data` the newest version of `path` (blob first, then metadata)."""
         limit = self.k.config.fs_file_bytes
         if len(data) > limit:
-            raise _fault(abi.ErrorCode.EINVAL, f"file would be {len(data)} bytes, over the "
+            raise Fault(abi.ErrorCode.EINVAL, f"file would be {len(data)} bytes, over the "
                          f"{limit}-byte limit")
         quota = self.k.config.fs_quota
         if self.used(owner) + len(data) > quota:
-            raise _fault(abi.ErrorCode.EQUOTA, f"{owner} would store {self.used(owner) + len(data)}"
+            raise Fault(abi.ErrorCode.EQUOTA, f"{owner} would store {self.used(owner) + len(data)}"
                          f" bytes, over its {quota}-byte quota (delete files or old versions)")
         now = time.time()
         node = self._node(owner, path)
         if node is not None and node[0] != "file":
-            raise _fault(abi.ErrorCode.EINVAL, f"{path} is a directory")
+            raise Fault(abi.ErrorCode.EINVAL, f"{path} is a directory")
         self._mkparents(owner, path, now)
         digest = self.blobs.put(data)  # durable before any row names it
         version = (node[1] if node else 0) + 1
@@ -209,7 +204,7 @@ class StorageManager:
             return abi.FsStat("", "dir")
         node = self._node(owner, path)
         if node is None:
-            raise _fault(abi.ErrorCode.ENOENT, f"no such file or directory: {path}")
+            raise Fault(abi.ErrorCode.ENOENT, f"no such file or directory: {path}")
         kind, head, created, _ = node
         if kind == "dir":
             return abi.FsStat(path, "dir", modified_at=created)
@@ -218,7 +213,7 @@ class StorageManager:
 
     def list(self, owner: str, path: str) -> list[abi.FsStat]:
         if path and self.stat(owner, path).kind != "dir":
-            raise _fault(abi.ErrorCode.EINVAL, f"{path} is not a directory")
+            raise Fault(abi.ErrorCode.EINVAL, f"{path} is not a directory")
         prefix = f"{path}/" if path else ""
         # Children only: under the prefix, with no further '/'.
         rows = self.k.db.read(
@@ -237,7 +232,7 @@ class StorageManager:
         if node is not None:
             if node[0] == "dir":
                 return abi.FsStat(path, "dir", modified_at=node[2])
-            raise _fault(abi.ErrorCode.EINVAL, f"{path} is a file")
+            raise Fault(abi.ErrorCode.EINVAL, f"{path} is a file")
         self._mkparents(owner, path, now)
         self.k.db.write("INSERT INTO fs_files (owner, path, kind, created_at) VALUES (?,?,?,?)",
                         (owner, path, "dir", now))
@@ -253,9 +248,9 @@ class StorageManager:
     def _deletable(self, owner: str, path: str) -> tuple[Any, ...]:
         node = self._node(owner, path)
         if node is None:
-            raise _fault(abi.ErrorCode.ENOENT, f"no such file or directory: {path}")
+            raise Fault(abi.ErrorCode.ENOENT, f"no such file or directory: {path}")
         if node[0] == "dir" and self.list(owner, path):
-            raise _fault(abi.ErrorCode.EBUSY, f"directory {path} is not empty")
+            raise Fault(abi.ErrorCode.EBUSY, f"directory {path} is not empty")
         return node
 
     def _delete(self, owner: str, path: str) -> None:
@@ -280,14 +275,14 @@ class StorageManager:
                  at: float | None) -> abi.FsStat:
         """Make an old version current again, as a new version (history is kept)."""
         if (version is None) == (at is None):
-            raise _fault(abi.ErrorCode.EINVAL, "give exactly one of version and time")
+            raise Fault(abi.ErrorCode.EINVAL, "give exactly one of version and time")
         self._file(owner, path)
         if version is None:
             rows = self.k.db.read("SELECT version FROM fs_versions WHERE owner=? AND path=? AND "
                                   "created_at <= ? ORDER BY version DESC LIMIT 1",
                                   (owner, path, at))
             if not rows:
-                raise _fault(abi.ErrorCode.ENOENT, f"{path} has no kept version from before {at}")
+                raise Fault(abi.ErrorCode.ENOENT, f"{path} has no kept version from before {at}")
             version = rows[0][0]
         digest = self._version(owner, path, version)[0]
         return self._commit_version(owner, path, self._read_blob(digest), "rollback")
@@ -301,11 +296,11 @@ class StorageManager:
             self.stat(owner, path)  # ENOENT for a path that does not exist
         bad = sorted(set(rights) - set(SHAREABLE))
         if bad:
-            raise _fault(abi.ErrorCode.EINVAL, f"cannot share {', '.join(bad)}; shareable: "
+            raise Fault(abi.ErrorCode.EINVAL, f"cannot share {', '.join(bad)}; shareable: "
                          + ", ".join(SHAREABLE))
         receiver = self.k.procs.live_by_name(to)
         if receiver is None:
-            raise _fault(abi.ErrorCode.ENOENT, f"no running agent named {to!r}")
+            raise Fault(abi.ErrorCode.ENOENT, f"no running agent named {to!r}")
         resource = paths.resource(owner, path)
         rules = [Rule(op, resource) for op in sorted(set(rights))]
         self.k.access.check_grant(call.capability, rules)

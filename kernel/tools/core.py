@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kernel.call import PENDING, Call, Caller, Fault
 from kernel.proc import sandbox
 from kernel.tools.locks import Request, ResourceLocks
 from kernel.tools.manifest import Manifest, ManifestError
@@ -31,7 +32,7 @@ from kernel.tools.pool import RUNTIME, Job, Outcome, ToolPool, tool_policy
 from sdk import abi
 
 if TYPE_CHECKING:
-    from kernel.core import Call, Caller, Kernel
+    from kernel.core import Kernel
 
 log = logging.getLogger("kernel.tools")
 
@@ -177,8 +178,6 @@ class ToolManager:
                 for m in (t.manifest for t in self.tools.values())]
 
     def call(self, call: Call, args: abi.ToolCallArgs) -> Any:
-        from kernel.core import PENDING, Fault
-
         tool = self.tools.get(args.name)
         if tool is None:
             raise Fault(abi.ErrorCode.ENOENT, f"no tool {args.name!r}")
@@ -210,8 +209,6 @@ class ToolManager:
         return self.k.park(call, call.timeout_ms)
 
     def mount(self, call: Call, args: abi.MountArgs) -> Any:
-        from kernel.core import Fault
-
         if args.name in self.mounts:
             raise Fault(abi.ErrorCode.EBUSY, f"{args.name!r} is already mounted")
         try:
@@ -221,8 +218,6 @@ class ToolManager:
         return self.k.park(call, call.timeout_ms)
 
     def unmount(self, call: Call, args: abi.ToolRef) -> None:
-        from kernel.core import Fault
-
         if self.failed_mounts.pop(args.name, None) is not None:
             return  # a mount that failed: forget it
         mount = self.mounts.pop(args.name, None)
@@ -250,8 +245,6 @@ class ToolManager:
         (the caller's own home needs no grant) and `net/<host>`. Network tools are refused
         unless a host is named and granted. Path arguments are rewritten to the absolute path
         that was checked, so the tool uses exactly what was authorised."""
-        from kernel.core import Fault
-
         home = self._home(call.caller)
         resources = []
         for arg, kind in m.resources.items():

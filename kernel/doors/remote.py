@@ -15,19 +15,22 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
+from kernel.call import Call, Fault
+from kernel.doors import BATCH, DOOR_BUDGET_S
+from kernel.doors.transport import CurveZapHandler, open_curve_router
 from kernel.state import write_private
-from kernel.transport import CurveZapHandler, open_curve_router
 from sdk import abi
 
 if TYPE_CHECKING:
-    from kernel.core import Call, Kernel
+    from kernel.core import Kernel
 
-log = logging.getLogger("kernel.remote")
+log = logging.getLogger("kernel.doors.remote")
 
 PREFIX = "remote:"
 
@@ -115,10 +118,14 @@ class Remote:
 
     # --- the door ----------------------------------------------------------------------------
 
-    def drain(self, batch: int, deadline: float) -> None:
-        """Up to `batch` messages, until the monotonic `deadline` (the loop's budget per door)."""
-        assert self.router is not None
-        for _ in range(batch):
+    routes = RemoteRoute
+
+    def on_ready(self, ready: Mapping[Any, int]) -> None:
+        """Up to BATCH messages, for at most DOOR_BUDGET_S (the loop's budget per door)."""
+        if self.router is None or self.router not in ready:
+            return
+        deadline = time.monotonic() + DOOR_BUDGET_S
+        for _ in range(BATCH):
             try:
                 frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
@@ -137,30 +144,29 @@ class Remote:
             log.error("remote message without attested principal dropped")
             return
         if len(frames) != 2:
-            self.k._send_error(route, 0, abi.ErrorCode.EINVAL, "expected exactly one frame")
+            self.k.send_error(route, 0, abi.ErrorCode.EINVAL, "expected exactly one frame")
             return
         data = frames[1].bytes
         if not self.keys.registered(user[len(PREFIX):]):
-            self.k._send_error(route, abi.request_id_of(data), abi.ErrorCode.EPERM,
+            self.k.send_error(route, abi.request_id_of(data), abi.ErrorCode.EPERM,
                                f"{user}: key no longer registered")
             return
         self.k.submit(route, user, data)
 
-    def deliver(self, route: bytes, frame: bytes) -> bool:
-        """Send a reply if `route` is a remote peer's; False for other routes."""
-        if type(route) is not RemoteRoute:
-            return False
+    def deliver(self, route: bytes, frame: bytes) -> None:
+        """Send a reply to the remote peer of `route`."""
         if self.router is not None:
             try:
                 self.router.send_multipart([route[4:], frame], zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass  # gone, or not reading its replies
-        return True
+
+    def flush(self) -> None:
+        pass
 
     # --- the registry's syscalls -------------------------------------------------------------
 
     def add_key(self, call: Call, args: abi.KeyArgs) -> abi.RemoteGrant:
-        from kernel.core import Fault
         from sdk.tokens import Rule
 
         if any(k == args.key for n, k in self.keys.items() if n != args.name):
@@ -181,8 +187,6 @@ class Remote:
         return [abi.RemoteKey(name, key, PREFIX + name) for name, key in self.keys.items()]
 
     def rm_key(self, call: Call, args: abi.KeyRef) -> None:
-        from kernel.core import Fault
-
         if not self.keys.registered(args.name):
             raise Fault(abi.ErrorCode.ENOENT, f"no remote key named {args.name!r}")
         self.keys.set(args.name, None)

@@ -2,10 +2,14 @@
 
 The loop thread is the only one that touches kernel state, so a request crosses with
 `Kernel.post` and enters `Kernel.execute`, the same path a ROUTER message takes after decoding:
-the same access check (`Guard`), scheduler, audit and accounting. Each HTTP call gets a route
-of its own that no ZeroMQ peer can hold (`\\0http` + 8 bytes; libzmq's own routing ids are 5
-bytes and peers may not choose ids that start with a zero byte), and the loop delivers that
-route's reply frames to a sink instead of the ROUTER, after the batch commits, like any reply.
+the same access check (`Guard`), scheduler, audit and accounting. Nothing crosses as bytes:
+the argument struct the front end built (and validated, `msgspec.convert`) goes to `execute`
+as it is, with the capability `authenticate` verified, and the outcome comes back as the
+`Reply`/`Chunk`/`Error` struct holding the result object. Each HTTP call gets a route of its
+own (a `LocalRoute`, `\\0http` + 8 bytes, which no ZeroMQ peer can hold: libzmq's own routing
+ids are 5 bytes and peers may not choose ids that start with a zero byte), and the loop
+delivers that route's outcome to a sink instead of the ROUTER, after the batch commits, like
+any reply.
 A route is a connection: a client that goes away fails its parked call (`ECANCELED`), which
 cancels the generation, just as when an agent dies.
 
@@ -20,12 +24,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from kernel.access.rules import Capability
+from kernel.call import Call, Caller, LocalRoute
 from sdk import abi
 from sdk.tokens import TokenError
 
@@ -38,10 +44,12 @@ _ACCEPTED = object()  # the call passed its checks and is parked (a generation i
 
 @dataclass(frozen=True)
 class Key:
-    """An authenticated HTTP caller: the principal its token stands for, and the token."""
+    """An authenticated HTTP caller: the principal its token stands for, the token, and the
+    capability it verified to."""
 
     principal: str
     token: str
+    capability: Capability
 
 
 class Refused(Exception):
@@ -75,11 +83,7 @@ class Exchange:
     async def next(self) -> Any:
         """The next delivery: `_ACCEPTED`, a `Chunk`, a final `Reply`/`Error`, or a `Refused`."""
         item = await self.queue.get()
-        if isinstance(item, bytes):
-            item = abi.decode_response(item)
-            if not isinstance(item, abi.Chunk):
-                self.finished = True
-        elif isinstance(item, Refused):
+        if isinstance(item, abi.Reply | abi.Error | Refused):
             self.finished = True
         return item
 
@@ -88,6 +92,9 @@ class Bridge:
     def __init__(self, kernel: Kernel) -> None:
         self.k = kernel
         self._routes = itertools.count(1)  # used on the HTTP thread only
+        # The loop thread's: where each route's outcomes go (`HttpServer.deliver`), as the
+        # `Reply`, `Chunk` or `Error` struct holding the result object, not msgpack.
+        self.sinks: dict[bytes, Callable[[Any], None]] = {}
 
     # --- the HTTP thread's side --------------------------------------------------------------
 
@@ -95,10 +102,10 @@ class Bridge:
              timeout_ms: int | None = None) -> Exchange:
         """Start syscall `name` for `key` (from `authenticate`); read the outcome from the
         exchange."""
-        ex = Exchange(b"\0http" + next(self._routes).to_bytes(8, "big"),
+        ex = Exchange(LocalRoute(b"\0http" + next(self._routes).to_bytes(8, "big")),
                       asyncio.get_running_loop())
-        raw = abi.encode(args if args is not None else abi.NoArgs())
-        self.k.post(lambda: self._start(ex, key, name, raw, timeout_ms))
+        given = args if args is not None else abi.NoArgs()
+        self.k.post(lambda: self._start(ex, key, name, given, timeout_ms))
         return ex
 
     async def call(self, key: Key, name: str, args: abi.Args | None,
@@ -129,7 +136,7 @@ class Bridge:
             if item is _ACCEPTED:
                 continue
             if isinstance(item, abi.Chunk):
-                yield abi.decode_result(item.data, chunk_type)
+                yield _typed(item.data, chunk_type)
                 continue
             yield final(item, result_type)
             return
@@ -171,7 +178,7 @@ class Bridge:
                 cap.not_before is not None and now < cap.not_before):
             self._deny(audiences[0], "expired", cap.token_id)
             raise Refused(401, "token expired or not yet valid", "invalid_api_key")
-        return Key(audiences[0], token)
+        return Key(audiences[0], token, cap)
 
     def _deny(self, principal: str, reason: str, token_id: str | None) -> None:
         self.k.post(lambda: self.k.guard.deny(principal, "http.auth", None, reason,
@@ -179,30 +186,28 @@ class Bridge:
 
     # --- the loop thread's side --------------------------------------------------------------
 
-    def _start(self, ex: Exchange, key: Key, name: str, raw: bytes,
+    def _start(self, ex: Exchange, key: Key, name: str, args: abi.Args,
                timeout_ms: int | None) -> None:
-        from kernel.core import Caller
-
-        # The key was authenticated once, at the door; the access check still verifies the
-        # token against this call (a cache hit), so one that expired since is refused.
-        self.k.sinks[ex.route] = ex.put
-        req = abi.Request(v=abi.ABI_VERSION, id=1, call=name, token=key.token,
-                          args=msgspec.Raw(raw), timeout_ms=timeout_ms)
+        # The key's token was verified once, at the door; the access check takes the
+        # capability and checks its caveats against this call (expiry included, so one that
+        # expired since is refused), its revocation and budgets.
+        self.sinks[ex.route] = ex.put
         self.k.counts[name] += 1
-        self.k.execute(ex.route, req, Caller(key.principal, None))
+        self.k.execute(Call(ex.route, 1, name, Caller(key.principal, None), timeout_ms),
+                       args, key.capability)
         if self.k.find_parked(ex.route, 1) is not None:
             ex.put(_ACCEPTED)
 
-    def _close(self, route: bytes) -> None:
+    def _close(self, route: LocalRoute) -> None:
         call = self.k.find_parked(route, 1)
         if call is None:
-            self.k.sinks.pop(route, None)
+            self.sinks.pop(route, None)
             return
 
-        def drop(frame: bytes) -> None:  # the cancellation's own error frame: nobody reads it
-            self.k.sinks.pop(route, None)
+        def drop(outcome: Any) -> None:  # the cancellation's own error: nobody reads it
+            self.sinks.pop(route, None)
 
-        self.k.sinks[route] = drop
+        self.sinks[route] = drop
         self.k.fail(call, abi.ErrorCode.ECANCELED, "the HTTP client went away")
 
 
@@ -220,4 +225,15 @@ def final(item: Any, result_type: Any) -> Any:
         raise item
     if isinstance(item, abi.Error):
         raise Failed(item.code, item.message)
-    return abi.decode_result(item.result, result_type)
+    return _typed(item.result, result_type)
+
+
+def _typed(value: Any, kind: Any) -> Any:
+    """A result object as `kind`: kernel results are of their declared types already, so this
+    is a check and (at most) a copy between compatible shapes, never a serialisation."""
+    if kind is Any:
+        return value
+    try:
+        return msgspec.convert(value, kind, from_attributes=True)
+    except msgspec.ValidationError as exc:
+        raise abi.AbiError(f"malformed result: {exc}") from None

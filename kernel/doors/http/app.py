@@ -23,16 +23,16 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from kernel.http import aios, aios_ops, openai
-from kernel.http.bridge import Bridge, Failed, Key, Refused, final
-from kernel.http.limits import Doorkeeper
-from kernel.http.metrics import render
+from kernel.doors.http import aios, aios_ops, openai
+from kernel.doors.http.bridge import Bridge, Failed, Key, Refused, final
+from kernel.doors.http.limits import Doorkeeper
+from kernel.doors.http.metrics import render
 from sdk import abi
 
 if TYPE_CHECKING:
     from kernel.core import Kernel
 
-log = logging.getLogger("kernel.http")
+log = logging.getLogger("kernel.doors.http")
 
 # Syscall error codes as HTTP statuses.
 STATUS = {abi.ErrorCode.EPERM: 403, abi.ErrorCode.ENOENT: 404, abi.ErrorCode.EINVAL: 400,

@@ -20,19 +20,21 @@ import secrets
 import socket
 import struct
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import zmq
 
+from kernel.call import Call, Fault
 from sdk import abi
 
 if TYPE_CHECKING:
-    from kernel.core import Call, Kernel
-    from kernel.rings import AgentRing
+    from kernel.core import Kernel
+    from kernel.doors.rings import AgentRing
 
-log = logging.getLogger("kernel.rings")
+log = logging.getLogger("kernel.doors.rings")
 
 TICKET_TTL_S = 10.0
 MAX_USER_RINGS = 64  # pairs held by users' processes at once, kernel-wide
@@ -47,6 +49,11 @@ class _Ticket:
 
 
 class RingDoor:
+    """A door (kernel/doors/__init__.py) that takes no calls of its own: it hands out rings,
+    whose calls come in and go out through `Rings`."""
+
+    routes = None
+
     def __init__(self, kernel: Kernel) -> None:
         self.k = kernel
         self.path = kernel.state.run / "rings.sock"
@@ -71,7 +78,7 @@ class RingDoor:
         for fd in list(self._conns):
             self._hang_up(fd)
         for ticket in self._tickets.values():
-            self.k.rings.close(ticket.ring)
+            self.k.rings.close_ring(ticket.ring)
         self._tickets.clear()
         if self.listener is not None:
             self.k.poller.unregister(self.listener.fileno())
@@ -91,8 +98,6 @@ class RingDoor:
 
     def issue(self, call: Call) -> abi.RingTicket:
         """`sys.rings`: a pair for the calling user's process, and the ticket that claims it."""
-        from kernel.core import Fault
-
         kind, _, ident = call.caller.principal.partition(":")
         if kind != "user" or not ident.isdigit():
             raise Fault(abi.ErrorCode.EPERM, "rings by ticket are for users' own processes; "
@@ -113,11 +118,17 @@ class RingDoor:
     def _expire(self, ticket: str) -> None:
         held = self._tickets.pop(ticket, None)
         if held is not None:
-            self.k.rings.close(held.ring)
+            self.k.rings.close_ring(held.ring)
 
     # --- the Unix socket ---------------------------------------------------------------------
 
-    def on_ready(self, ready: dict[object, int]) -> None:
+    def deliver(self, route: bytes, reply: Any) -> None:
+        raise AssertionError("the ring door has no routes")
+
+    def flush(self) -> None:
+        pass
+
+    def on_ready(self, ready: Mapping[Any, int]) -> None:
         listener = self.listener
         if listener is not None and listener.fileno() in ready:
             self._accept(listener)
@@ -169,7 +180,7 @@ class RingDoor:
             log.warning("rings.sock: refused a ticket", extra={"uid": uid,
                                                                "known": held is not None})
             if held is not None:  # presented by another uid: it is spent, its rings go
-                self.k.rings.close(held.ring)
+                self.k.rings.close_ring(held.ring)
             self._hang_up(fd)
             return
         geometry = held.ring.pair.geometry
@@ -178,7 +189,7 @@ class RingDoor:
         try:
             socket.send_fds(conn, [head], list(held.ring.pair.fds()))
         except OSError:
-            self.k.rings.close(held.ring)
+            self.k.rings.close_ring(held.ring)
             self._hang_up(fd)
             return
         self._conns[fd] = (conn, held.ring)
@@ -189,4 +200,4 @@ class RingDoor:
         self.k.poller.unregister(fd)
         conn.close()
         if ring is not None:
-            self.k.rings.close(ring)
+            self.k.rings.close_ring(ring)

@@ -30,7 +30,7 @@ from zmq.utils import z85
 
 from sdk import abi
 
-log = logging.getLogger("kernel.transport")
+log = logging.getLogger("kernel.doors.transport")
 
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 ZAP_DOMAIN = b"agentos"

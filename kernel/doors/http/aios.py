@@ -16,8 +16,8 @@ from typing import Any
 
 import msgspec
 
-from kernel.http.bridge import Refused
-from kernel.http.openai import _message, checked, structure
+from kernel.doors.http.bridge import Refused
+from kernel.doors.http.openai import _message, checked, structure
 from sdk import abi
 
 QUERY_TYPES = ("llm", "memory", "storage", "tool")

@@ -10,17 +10,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
-from kernel.http.app import Routes
-from kernel.http.limits import Doorkeeper, guarded
+from kernel.call import LocalRoute
+from kernel.doors.http.app import Routes
+from kernel.doors.http.limits import Doorkeeper, guarded
 
 if TYPE_CHECKING:
     from kernel.core import Kernel
 
-log = logging.getLogger("kernel.http")
+log = logging.getLogger("kernel.doors.http")
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -32,6 +34,12 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 
 class HttpServer(threading.Thread):
+    """The HTTP door (kernel/doors/__init__.py): its calls' routes are `LocalRoute`s, whose
+    outcomes go to the bridge's sinks as structs; it polls nothing of the loop's (its thread
+    posts work to the loop)."""
+
+    routes = LocalRoute
+
     def __init__(self, kernel: Kernel, listen: str) -> None:
         super().__init__(name="http", daemon=True)
         host, port = parse_listen(listen)
@@ -39,7 +47,8 @@ class HttpServer(threading.Thread):
         self.keeper = Doorkeeper(c.http_max_connections, c.http_max_per_peer,
                                  c.http_header_timeout, c.http_body_timeout,
                                  c.http_header_bytes, c.http_body_bytes)
-        config = uvicorn.Config(Routes(kernel, self.keeper).app(), host=host, port=port,
+        self.routes_app = Routes(kernel, self.keeper)
+        config = uvicorn.Config(self.routes_app.app(), host=host, port=port,
                                 log_config=None, access_log=False, lifespan="off",
                                 loop="asyncio", http=guarded(self.keeper),
                                 timeout_graceful_shutdown=2)
@@ -76,6 +85,17 @@ class HttpServer(threading.Thread):
     def _where(self) -> str:
         return f"{self.server.config.host}:{self.server.config.port}"
 
-    def stop(self) -> None:
+    def on_ready(self, ready: Mapping[Any, int]) -> None:
+        pass
+
+    def deliver(self, route: bytes, reply: Any) -> None:
+        sink = self.routes_app.bridge.sinks.get(route)
+        if sink is not None:
+            sink(reply)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
         self.server.should_exit = True
         self.join(timeout=5)

@@ -1,5 +1,5 @@
 """`GET /metrics`: a `sys.stats` snapshot in Prometheus's text format (prometheus-client), with
-the HTTP front end's own connection figures (kernel/http/limits.py)."""
+the HTTP front end's own connection figures (kernel/doors/http/limits.py)."""
 
 from __future__ import annotations
 

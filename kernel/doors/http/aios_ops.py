@@ -16,7 +16,7 @@ from typing import Any
 
 import msgspec
 
-from kernel.http.bridge import Refused
+from kernel.doors.http.bridge import Refused
 from sdk import abi
 
 # One syscall: (name, args, result type) -> its decoded result (raises Refused/Failed).

@@ -14,7 +14,7 @@ from typing import Any
 
 import msgspec
 
-from kernel.http.bridge import Refused
+from kernel.doors.http.bridge import Refused
 from sdk import abi
 
 _IGNORED = {"user", "store", "metadata", "logprobs", "top_logprobs", "frequency_penalty",

@@ -21,12 +21,13 @@ import logging
 import os
 import secrets
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
-from kernel.ring import RingError, RingFault, RingPair, fence
+from kernel.doors.ring import RingError, RingFault, RingPair, fence
 from sdk import abi, layout
 from sdk.ringpath import encode_spec, fragments
 
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
     from kernel.core import Kernel
     from kernel.proc.spawner import Extras
 
-log = logging.getLogger("kernel.rings")
+log = logging.getLogger("kernel.doors.rings")
 
 # Completions held back per ring while its agent is not consuming; beyond it they are dropped,
 # as the ROUTER drops replies to a peer past its high-water mark.
@@ -49,7 +50,7 @@ class RingRoute(bytes):
 
 @dataclass(eq=False)
 class AgentRing:
-    principal: str  # whose entries these are: "agent:<id>", or "user:<uid>" (kernel/ringdoor.py)
+    principal: str  # whose entries these are: "agent:<id>", or "user:<uid>" (ringdoor.py)
     agent_id: int | None
     pair: RingPair
     route: RingRoute
@@ -67,7 +68,10 @@ class AgentRing:
 
 
 class Rings:
-    """Every live agent's rings, keyed by agent, doorbell fd and reply route."""
+    """Every live agent's rings, keyed by agent, doorbell fd and reply route: a door
+    (kernel/doors/__init__.py) whose routes are `RingRoute`s."""
+
+    routes = RingRoute
 
     def __init__(self, kernel: Kernel) -> None:
         self.k = kernel
@@ -117,7 +121,7 @@ class Rings:
         self.k.poller.register(ring.doorbell, zmq.POLLIN)
         return ring
 
-    def close(self, ring: AgentRing) -> None:
+    def close_ring(self, ring: AgentRing) -> None:
         """Stop draining `ring`, unmap it and close its fds; replies still due are dropped."""
         if ring.agent_id is not None and self._by_agent.get(ring.agent_id) is ring:
             del self._by_agent[ring.agent_id]
@@ -141,7 +145,7 @@ class Rings:
         """The agent is gone (reaped, or never started): unmap and close its rings."""
         ring = self._by_agent.get(agent_id)
         if ring is not None:
-            self.close(ring)
+            self.close_ring(ring)
 
     def _forget(self, ring: AgentRing) -> None:
         if self._by_fd.pop(ring.doorbell, None) is not None:
@@ -152,13 +156,13 @@ class Rings:
         self._touched.discard(ring)
         self._polled.discard(ring)
 
-    def close_all(self) -> None:
+    def close(self) -> None:
         for ring in list(self._by_route.values()):
-            self.close(ring)
+            self.close_ring(ring)
 
     # --- submissions -------------------------------------------------------------------------
 
-    def on_ready(self, ready: dict[object, int]) -> None:
+    def on_ready(self, ready: Mapping[Any, int]) -> None:
         """Drain the rings whose doorbells rang, and those left with entries last round."""
         todo = [self._by_fd[fd] for fd in ready if isinstance(fd, int) and fd in self._by_fd]
         for ring in todo:
@@ -260,7 +264,7 @@ class Rings:
         if fault.data and not answered:
             # The entry is lost, but its request id may still be readable: answer it, so the
             # caller learns at once rather than at its deadline.
-            self.k._send_error(ring.route, abi.request_id_of(fault.data), abi.ErrorCode.EINVAL,
+            self.k.send_error(ring.route, abi.request_id_of(fault.data), abi.ErrorCode.EINVAL,
                                f"malformed ring entry: {fault.detail}")
 
     def _quarantine(self, ring: AgentRing) -> None:
@@ -284,17 +288,15 @@ class Rings:
 
     # --- completions -------------------------------------------------------------------------
 
-    def deliver(self, route: bytes, frame: bytes) -> bool:
-        """Queue a reply if `route` is a ring's; False for ZeroMQ routes."""
-        if type(route) is not RingRoute:
-            return False
+    def deliver(self, route: bytes, frame: bytes) -> None:
+        """Queue a reply for the ring of `route`."""
         ring = self._by_route.get(route)
         if ring is None:
-            return True  # its agent is gone; so is the reply
+            return  # its agent is gone; so is the reply
         size = len(frame)
         if ring.backlog_bytes + size > BACKLOG_BYTES:
             self.k.errors["ring.backlog_dropped"] += 1
-            return True
+            return
         if size <= ring.limit:
             ring.backlog.append(frame)
         else:
@@ -303,7 +305,6 @@ class Rings:
             ring.backlog.extend(pieces)
         ring.backlog_bytes += size
         self._touched.add(ring)
-        return True
 
     def flush(self) -> None:
         """Publish queued completions, one tail store and one doorbell per ring."""
@@ -344,7 +345,7 @@ class Rings:
                       extra={"principal": ring.principal})
         self.k.errors["ring.internal"] += 1
         try:
-            self.close(ring)
+            self.close_ring(ring)
         except Exception:
             log.exception("closing a failed ring failed")
 
