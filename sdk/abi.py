@@ -30,6 +30,7 @@ class ErrorCode(enum.IntEnum):
     EIO = 5  # a fault inside the kernel, never the caller's; logged with a traceback
     EAGAIN = 11
     EBUSY = 16
+    ENOSPC = 28  # the kernel's disk is full: nothing was written; retry once space returns
     EINVAL = 22
     ENOSYS = 38
     EQUOTA = 122  # EDQUOT
