@@ -464,9 +464,10 @@ class ToolResult(msgspec.Struct, frozen=True, omit_defaults=True):
 class MountInfo(msgspec.Struct, frozen=True, omit_defaults=True):
     name: str
     command: list[str]
-    state: str  # starting | ready | failed
+    state: str  # starting | ready | restarting (its server died) | failed
     tools: list[str] = []
     error: str | None = None
+    restarts: int = 0  # restarts in a row after its server died
 
 
 # --- codec -----------------------------------------------------------------------------------
