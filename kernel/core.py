@@ -32,7 +32,7 @@ from kernel.access.tokens import TokenAuthority
 from kernel.accounts import Accounts
 from kernel.call import PENDING, Call, Caller, Fault, LocalRoute, Timer
 from kernel.config import Config
-from kernel.db import Database
+from kernel.db import Database, StorageFault, storage_fault
 from kernel.doors import Door
 from kernel.doors.remote import Remote
 from kernel.doors.ringdoor import RingDoor
@@ -417,9 +417,15 @@ class Kernel:
         except Fault as exc:
             self.fail(call, exc.code, exc.message)  # typed refusals keep their writes (audit)
             failed = False
-        except Exception:
-            log.exception("syscall failed", extra={"call": call.name, "caller": caller.principal})
-            self.fail(call, abi.ErrorCode.EIO, "internal kernel error (logged)")
+        except Exception as exc:
+            fault = storage_fault(exc)
+            if fault is None:
+                log.exception("syscall failed",
+                              extra={"call": call.name, "caller": caller.principal})
+                fault = StorageFault("EIO", "internal kernel error (logged)")
+            else:
+                log.warning("storage fault", extra={"call": call.name, "error": str(exc)})
+            self.fail(call, abi.ErrorCode[fault.code], fault.message)
         finally:
             self.db.end_call(ok=not failed)  # a kernel bug halfway leaves no writes behind
 
@@ -538,6 +544,26 @@ class Kernel:
             self.outbox.append([call.route, abi.encode(abi.Chunk(call.id, msgspec.Raw(
                 abi.encode(data))))])
 
+    def _batch_lost(self, fault: StorageFault) -> None:
+        """A storage fault took the batch's writes: its calls get the fault, not success, and
+        what the managers counted from those writes is read again from the database."""
+        log.warning("batch lost to a storage fault", extra={"error": fault.message})
+        code = int(abi.ErrorCode[fault.code])
+        for frames in self.outbox:
+            local = type(frames[0]) is LocalRoute  # the HTTP door's replies stay structs
+            try:
+                msg = frames[1] if local else abi.decode_response(frames[1])
+            except abi.AbiError:
+                continue
+            if isinstance(msg, abi.Reply):
+                error = abi.Error(msg.id, code, fault.message)
+                frames[1] = error if local else abi.encode(error)
+                self.errors[fault.code] += 1
+        self.audit.reload()
+        self.ipc.forget_depths()
+        self.storage.forget_usage()
+        self.memory.forget_usage()
+
     def find_parked(self, route: bytes, request_id: int) -> Call | None:
         return self._by_request.get((route, request_id))
 
@@ -551,7 +577,10 @@ class Kernel:
     def flush(self) -> None:
         """Commit the batch's writes, then send its replies: nothing is acknowledged before it
         is durable."""
-        self.db.commit()
+        try:
+            self.db.commit()
+        except StorageFault as exc:
+            self._batch_lost(exc)
         self.audit.anchor()
         outbox, self.outbox = self.outbox, []
         door_of = self._door_of

@@ -3,10 +3,16 @@
 One connection, used only by the dispatch thread. Writes of a loop iteration share one
 transaction that is committed before any reply of that iteration is sent, so everything
 acknowledged is durable (WAL, synchronous=FULL) and fsyncs are amortised over a batch.
+
+A storage fault (disk full, an I/O error, a read-only file) can make SQLite roll the whole
+transaction back, at a statement or at COMMIT; the database then says so (`StorageFault` from
+`commit`), and the loop answers that batch's calls with the fault instead of acknowledging
+writes that are not there.
 """
 
 from __future__ import annotations
 
+import errno
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -137,6 +143,29 @@ SCHEMA = [
 ]
 
 
+class StorageFault(Exception):
+    """The batch's transaction is gone: `code` is the ABI error name (ENOSPC or EIO)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+def storage_fault(exc: BaseException) -> StorageFault | None:
+    """The typed fault an exception from the disk or SQLite stands for; None if it is not
+    one (a bug, to be reported as such)."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StorageFault("ENOSPC", f"the kernel's disk is full: {exc.strerror}")
+    if isinstance(exc, OSError) and exc.errno in (errno.EIO, errno.EROFS):
+        return StorageFault("EIO", f"the kernel's disk failed: {exc.strerror}")
+    name = getattr(exc, "sqlite_errorname", "")
+    if name == "SQLITE_FULL":
+        return StorageFault("ENOSPC", "the kernel's disk is full (database)")
+    if name.startswith(("SQLITE_IOERR", "SQLITE_READONLY", "SQLITE_CANTOPEN")):
+        return StorageFault("EIO", f"the kernel's database cannot be written ({name})")
+    return None
+
+
 class Database:
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -146,6 +175,8 @@ class Database:
         self.conn.execute("PRAGMA busy_timeout=5000")
         self.conn.execute("PRAGMA foreign_keys=ON")
         self._in_call = self._savepoint = False
+        self.lost: StorageFault | None = None  # the open batch was rolled back under us
+        self.faults = 0  # batches lost to storage faults
         self.commits = 0  # batches committed: other threads tell from it what is durable
         self._migrate()
 
@@ -168,14 +199,20 @@ class Database:
         if self._in_call and not self._savepoint:
             self.conn.execute("SAVEPOINT syscall")
             self._savepoint = True
-        return self.conn.execute(sql, params)
+        try:
+            return self.conn.execute(sql, params)
+        except sqlite3.Error as exc:
+            if not self.conn.in_transaction:  # SQLite rolled back the batch, not just this
+                self.lost = self.lost or storage_fault(exc) or StorageFault("EIO", str(exc))
+                self._savepoint = False
+            raise
 
     def begin_call(self) -> None:
         self._in_call, self._savepoint = True, False
 
     def end_call(self, ok: bool) -> None:
         """Keep a syscall's writes, or undo them all if it failed halfway."""
-        if self._savepoint:
+        if self._savepoint and self.conn.in_transaction:
             if not ok:
                 self.conn.execute("ROLLBACK TO syscall")
             self.conn.execute("RELEASE syscall")
@@ -185,9 +222,24 @@ class Database:
         return self.conn.execute(sql, params).fetchall()
 
     def commit(self) -> None:
+        """Make the batch durable, or raise StorageFault if it is not (then it is gone: the
+        database holds what it held before the batch)."""
+        lost, self.lost = self.lost, None
         if self.conn.in_transaction:
-            self.conn.execute("COMMIT")
-            self.commits += 1
+            if lost is not None:
+                self.conn.execute("ROLLBACK")  # the batch's start is gone: none of it stays
+            else:
+                try:
+                    self.conn.execute("COMMIT")
+                    self.commits += 1
+                    return
+                except sqlite3.Error as exc:
+                    if self.conn.in_transaction:
+                        self.conn.execute("ROLLBACK")
+                    lost = storage_fault(exc) or StorageFault("EIO", str(exc))
+        if lost is not None:
+            self.faults += 1
+            raise lost
 
     def close(self) -> None:
         self.commit()

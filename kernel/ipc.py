@@ -32,6 +32,10 @@ class Mailboxes:
             self._depth[agent_id] = rows[0][0]
         return self._depth[agent_id]
 
+    def forget_depths(self) -> None:
+        """Count the mailboxes again from the database (a batch was rolled back)."""
+        self._depth.clear()
+
     def send(self, caller: Caller, args: abi.SendArgs) -> None:
         receiver = self.k.procs.live_by_name(args.to)
         if receiver is None or receiver.exiting:

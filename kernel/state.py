@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import secrets
 import stat
 from pathlib import Path
@@ -11,6 +12,8 @@ from pathlib import Path
 from sdk import layout
 
 KEY_BYTES = 32
+# The name `write_private` gives its temporary: a kernel killed before the rename leaves it.
+_TEMPORARY = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")
 
 
 class StateError(Exception):
@@ -41,6 +44,17 @@ def write_private(path: Path, data: bytes) -> None:
         os.close(fd)
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def sweep_temporaries(directory: Path) -> int:
+    """Remove what `write_private` calls by a dead kernel left behind; how many. Only under the
+    state lock: a live kernel's temporary would otherwise vanish before its rename."""
+    swept = 0
+    for entry in os.scandir(directory):
+        if _TEMPORARY.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+            os.unlink(entry.path)
+            swept += 1
+    return swept
 
 
 def fsync_dir(path: Path) -> None:
@@ -86,6 +100,9 @@ class StateDir:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._lock_fd = fd
+        for d in (self.root, self.run, self.root / "remote"):
+            if d.is_dir():
+                sweep_temporaries(d)
 
     def secret_key(self) -> bytes:
         """The kernel's HMAC key, created once (0600) and never rewritten."""

@@ -30,6 +30,7 @@ class ErrorCode(enum.IntEnum):
     EIO = 5  # a fault inside the kernel, never the caller's; logged with a traceback
     EAGAIN = 11
     EBUSY = 16
+    ENOSPC = 28  # the kernel's disk is full: nothing was written; retry once space returns
     EINVAL = 22
     ENOSYS = 38
     EQUOTA = 122  # EDQUOT
@@ -463,9 +464,10 @@ class ToolResult(msgspec.Struct, frozen=True, omit_defaults=True):
 class MountInfo(msgspec.Struct, frozen=True, omit_defaults=True):
     name: str
     command: list[str]
-    state: str  # starting | ready | failed
+    state: str  # starting | ready | restarting (its server died) | failed
     tools: list[str] = []
     error: str | None = None
+    restarts: int = 0  # restarts in a row after its server died
 
 
 # --- codec -----------------------------------------------------------------------------------

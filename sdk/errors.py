@@ -36,6 +36,10 @@ class Busy(SyscallError):
     code = ErrorCode.EBUSY
 
 
+class NoSpace(SyscallError):
+    code = ErrorCode.ENOSPC
+
+
 class InvalidArgument(SyscallError):
     code = ErrorCode.EINVAL
 
@@ -69,7 +73,7 @@ class KernelUnavailable(SyscallError):
 _BY_CODE: dict[int, type[SyscallError]] = {
     cls.code: cls
     for cls in (
-        PermissionDenied, NotFound, TryAgain, Busy, InvalidArgument, NoSuchSyscall,
+        PermissionDenied, NotFound, TryAgain, Busy, NoSpace, InvalidArgument, NoSuchSyscall,
         QuotaExceeded, KernelFault, Canceled, TimedOut,
     )
 }

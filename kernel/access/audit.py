@@ -33,9 +33,13 @@ class AuditLog:
     def __init__(self, db: Database, anchor_path: Path | None = None) -> None:
         self.db = db
         self.anchor_path = anchor_path
-        row = db.read("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
-        self._seq, self._last = (row[0][0], row[0][1]) if row else (0, GENESIS)
+        self.reload()
         self._anchored = self.anchored()[0]
+
+    def reload(self) -> None:
+        """Take the chain's head from the database (again, after a batch was rolled back)."""
+        row = self.db.read("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
+        self._seq, self._last = (row[0][0], row[0][1]) if row else (0, GENESIS)
 
     def anchored(self) -> tuple[int, str]:
         """The (seq, hash) last written outside the database; (0, GENESIS) if none."""

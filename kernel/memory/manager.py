@@ -269,6 +269,10 @@ class MemoryManager:
 
     # --- quotas -------------------------------------------------------------------------------
 
+    def forget_usage(self) -> None:
+        """Sum the namespaces' usage again from the database (a batch was rolled back)."""
+        self._stored.clear()
+
     def stored(self, namespace: str) -> int:
         """Bytes stored under the namespace's owner (see `owner_key`)."""
         key = owner_key(namespace)

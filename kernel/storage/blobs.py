@@ -43,8 +43,12 @@ class BlobStore:
             while view:
                 view = view[os.write(fd, view):]
             os.fsync(fd)
-        finally:
+        except BaseException:
+            # A full disk or an I/O error: the partial copy would hold the space it took.
             os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
         os.rename(tmp, final)
         fsync_dir(folder)
         return digest

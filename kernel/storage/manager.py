@@ -65,6 +65,10 @@ class StorageManager:
 
     # --- helpers -------------------------------------------------------------------------------
 
+    def forget_usage(self) -> None:
+        """Sum the owners' usage again from the database (a batch was rolled back)."""
+        self._used.clear()
+
     def used(self, owner: str) -> int:
         if owner not in self._used:
             self._used[owner] = self.k.db.read(

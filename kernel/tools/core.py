@@ -85,6 +85,8 @@ class ToolManager:
         self.mounts: dict[str, McpMount] = {}
         self.mount_state: dict[str, str] = {}
         self.failed_mounts: dict[str, abi.MountInfo] = {}
+        self.mount_restarts: dict[str, int] = {}  # restarts after its server died, in a row
+        self.stopping = False
         self.inflight: set[Pending] = set()
         self.locks = ResourceLocks()
         # Where the search tool looks besides the caller's home: other managers (memory) add
@@ -165,6 +167,7 @@ class ToolManager:
         for tool in self.tools.values():
             if tool.pool is not None:
                 tool.pool.stop()
+        self.stopping = True  # mounts ending now are not restarted
         for mount in self.mounts.values():
             mount.stop()
 
@@ -224,6 +227,7 @@ class ToolManager:
         if mount is None:
             raise Fault(abi.ErrorCode.ENOENT, f"nothing is mounted as {args.name!r}")
         self.mount_state.pop(args.name, None)
+        self.mount_restarts.pop(args.name, None)
         for name in [n for n, t in self.tools.items() if t.mount is mount]:
             tool = self.tools.pop(name)
             for pending in list(tool.waiting):
@@ -234,6 +238,7 @@ class ToolManager:
 
     def mount_info(self) -> list[abi.MountInfo]:
         return [abi.MountInfo(name=name, command=m.command, state=self.mount_state[name],
+                              restarts=self.mount_restarts.get(name, 0),
                               tools=sorted(m.manifests) if self.mount_state[name] == "ready"
                               else [], error=m.error)
                 for name, m in self.mounts.items()] + list(self.failed_mounts.values())
@@ -297,6 +302,10 @@ class ToolManager:
     def _admit(self, pending: Pending) -> None:
         """Its resources are held: run it now, or when the tool has a free slot."""
         tool = pending.tool
+        if tool.mount is not None and self.mount_state.get(tool.mount.name) == "restarting":
+            self.k.fail(pending.call, abi.ErrorCode.EAGAIN, f"the MCP server of "
+                        f"{tool.mount.name} died and is being restarted: try again soon")
+            return
         if tool.mount is not None and self.mounts.get(tool.mount.name) is not tool.mount:
             self.k.fail(pending.call, abi.ErrorCode.ECANCELED,
                         f"{tool.mount.name} was unmounted")  # while the call waited for a lock
@@ -377,16 +386,48 @@ class ToolManager:
                                      "LANG": "C.UTF-8"},
                                 limits=sandbox.Limits(address_space=4 << 30, processes=None))
         mount = McpMount(name, command, policy, self.dir / f"mcp-{name}.log")
+        mount.network = network  # type: ignore[attr-defined]  # for its restarts
+        mount.on_end = lambda: self.k.post(lambda: self._ended(mount))
         self.failed_mounts.pop(name, None)
         self.mounts[name] = mount
-        self.mount_state[name] = "starting"
+        self.mount_state[name] = "starting" if call is not None or name not in (
+            self.mount_restarts) else "restarting"
         mount.start(lambda error: self.k.post(lambda: self._mounted(mount, error, call)))
         log.info("mcp mount starting", extra={"mount": name, "command": command,
                                               "tier": tier})
 
+    def _ended(self, mount: McpMount) -> None:
+        """A mount's server ended. Unless it was unmounted, start it again after a backoff
+        that doubles while it keeps dying soon after it started (its calls get EAGAIN
+        meanwhile; `tools.mounts` shows it `restarting`)."""
+        if self.stopping or self.mounts.get(mount.name) is not mount or self.mount_state.get(
+                mount.name) not in ("ready", "restarting"):
+            return  # unmounted, or it never came up (reported to the mounting call)
+        c = self.k.config
+        lasted = time.monotonic() - (mount.ready_at or time.monotonic())
+        streak = 0 if lasted >= c.restart_window else self.mount_restarts.get(mount.name, 0)
+        self.mount_restarts[mount.name] = streak + 1
+        self.mount_state[mount.name] = "restarting"
+        delay = min(c.restart_backoff_max, c.restart_backoff * 2 ** streak)
+        log.warning("mcp server ended; restarting", extra={
+            "mount": mount.name, "reason": mount.error, "in_s": delay, "streak": streak + 1})
+        self.k.audit.append("kernel", "tool-restart", mount=mount.name, reason=mount.error)
+        self.k.after(delay, lambda: self._restart(mount))
+
+    def _restart(self, old: McpMount) -> None:
+        if self.mounts.get(old.name) is not old:
+            return  # unmounted meanwhile
+        try:
+            self._mount(old.name, old.command, old.network, None)  # type: ignore[attr-defined]
+        except (OSError, ValueError) as exc:
+            log.error("mcp restart failed", extra={"mount": old.name, "reason": str(exc)})
+
     def _mounted(self, mount: McpMount, error: str | None, call: Call | None) -> None:
         if self.mounts.get(mount.name) is not mount:
             return  # unmounted while it started
+        if (error is not None or mount.error is not None) and (
+                mount.name in self.mount_restarts):
+            return  # a restart that failed: `_ended` schedules the next try
         if error is not None or mount.error is not None:
             self.mounts.pop(mount.name, None)
             self.mount_state.pop(mount.name, None)
@@ -400,7 +441,8 @@ class ToolManager:
                 self.k.fail(call, abi.ErrorCode.EINVAL, f"mount {mount.name}: the command did "
                             f"not start an MCP server: {error or mount.error}")
             return
-        clashes = sorted(set(mount.manifests) & set(self.tools))
+        clashes = sorted(n for n in set(mount.manifests) & set(self.tools)
+                         if self.tools[n].mount is None or self.tools[n].mount.name != mount.name)
         if clashes:
             mount.close()
             self.mounts.pop(mount.name, None)
@@ -410,6 +452,9 @@ class ToolManager:
             return
         self.mount_state[mount.name] = "ready"
         prefix = f"{mount.name}."
+        for name in [n for n, t in self.tools.items() if t.mount is not None
+                     and t.mount.name == mount.name and n not in mount.manifests]:
+            del self.tools[name]  # a restarted server no longer offers it
         for name, manifest in mount.manifests.items():
             self.tools[name] = Tool(manifest, mount=mount, remote_name=name[len(prefix):])
         log.info("mcp mount ready", extra={"mount": mount.name, "tools": sorted(mount.manifests)})

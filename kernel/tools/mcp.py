@@ -27,6 +27,16 @@ from kernel.tools.pool import HOST_BOOT, RUNTIME, Job, Outcome
 log = logging.getLogger("kernel.tools")
 
 CONNECT_TIMEOUT_S = 20.0
+WATCH_S = 1.0  # how often an idle mount checks that its server still runs
+
+
+def server_gone(exc: BaseException) -> bool:
+    """Whether a call failed because the server's process ended (its pipes closed)."""
+    import anyio
+
+    if isinstance(exc, (anyio.ClosedResourceError, anyio.BrokenResourceError, EOFError)):
+        return True
+    return "Connection closed" in str(exc)
 
 
 def resolve_command(command: list[str]) -> list[str]:
@@ -66,6 +76,10 @@ class McpMount:
         self._ready = concurrent.futures.Future[None]()
         self._stop: asyncio.Event | None = None
         self._thread = threading.Thread(target=self._main, name=f"mcp-{name}", daemon=True)
+        # Runs on the mount's thread once it has ended, whatever ended it (the manager's
+        # restart policy hangs off it).
+        self.on_end: Callable[[], None] | None = None
+        self.ready_at: float | None = None
 
     # --- the loop thread's side --------------------------------------------------------------
 
@@ -80,8 +94,8 @@ class McpMount:
             fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
         except RuntimeError:  # the loop has closed: the server ended on its own
             coro.close()
-            job.done(Outcome(error=f"the MCP server of {self.name} has ended (see "
-                             f"{self.log_path})"))
+            job.done(Outcome(code="EAGAIN", error=f"the MCP server of {self.name} has ended "
+                             f"and is being restarted (see {self.log_path})"))
             return
         # Cancelling the future cancels the coroutine, and the SDK tells the server.
         job.on_cancel = fut.cancel
@@ -119,6 +133,8 @@ class McpMount:
             if not self._ready.done():
                 self._ready.set_result(None)
             self._loop.close()
+            if self.on_end is not None:
+                self.on_end()
 
     async def _serve(self) -> None:
         from mcp import ClientSession, StdioServerParameters
@@ -141,8 +157,26 @@ class McpMount:
                         raise
                     self.manifests = self._manifests(listed.tools)
                     self.session = session
+                    self.ready_at = time.monotonic()
                     self._ready.set_result(None)
+                    watch = asyncio.ensure_future(self._watch(session))
                     await self._stop.wait()
+                    watch.cancel()
+
+    async def _watch(self, session: Any) -> None:
+        """Notice a server that exits between calls: a ping fails once its pipes close (a
+        busy server only answers late, which is no reason to restart it)."""
+        while True:
+            await asyncio.sleep(WATCH_S)
+            try:
+                await session.send_ping()
+            except Exception as exc:
+                if server_gone(exc):
+                    self.error = "the server exited"
+                    log.warning("mcp server exited", extra={"mount": self.name})
+                    assert self._stop is not None
+                    self._stop.set()
+                    return
 
     def _manifests(self, tools: list[Any]) -> dict[str, Manifest]:
         out = {}
@@ -160,6 +194,10 @@ class McpMount:
         return out
 
     async def _call(self, tool: str, job: Job, timeout_s: float) -> None:
+        if self._stop is not None and self._stop.is_set():  # its server is gone
+            job.done(Outcome(code="EAGAIN", error=f"the MCP server of {self.name} has ended "
+                             "and is being restarted"))
+            return
         start = time.perf_counter()
         try:
             result = await asyncio.wait_for(self.session.call_tool(tool, job.args), timeout_s)
@@ -170,6 +208,13 @@ class McpMount:
             job.done(Outcome(code="ECANCELED", error="cancelled"))
             raise
         except Exception as exc:
+            if server_gone(exc):  # a typed fault, and the mount ends so it can be restarted
+                self.error = "the server exited"
+                job.done(Outcome(code="EIO", error=f"the MCP server of {self.name} exited "
+                                 f"during the call; it is being restarted ({self.log_path})"))
+                if self._stop is not None:
+                    self._stop.set()
+                return
             job.done(Outcome(error=f"MCP call failed: {type(exc).__name__}: {exc}"))
             return
         tool_ms = round((time.perf_counter() - start) * 1000, 3)
