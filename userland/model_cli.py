@@ -8,7 +8,7 @@ import subprocess
 import sys
 from functools import partial
 
-from sdk.models import DTYPES, ENV_MODEL_DIR, ModelStore, StoreError, check_name
+from sdk.models import DTYPES, ENV_MODEL_DIR, ModelNotFound, ModelStore, StoreError, check_name
 from userland.subcommand import subcommand
 
 EXIT_ERROR = 1
@@ -19,8 +19,9 @@ def _store(args: argparse.Namespace) -> ModelStore:
     return ModelStore(args.cache_dir)
 
 
-def _error(message: object) -> int:
-    print(f"agentos: {message}", file=sys.stderr)
+def _error(exc: Exception) -> int:
+    code = "ENOENT" if isinstance(exc, (ModelNotFound, FileNotFoundError)) else "EIO"
+    print(f"agentos: {code}: {exc}", file=sys.stderr)
     return EXIT_ERROR
 
 

@@ -42,14 +42,14 @@ def cmd_call(args: argparse.Namespace) -> int:
     try:
         arguments = json.loads(args.arguments)
     except ValueError as exc:
-        print(f"agentos: arguments are not JSON: {exc}", file=sys.stderr)
+        print(f"agentos: EINVAL: arguments are not JSON: {exc}", file=sys.stderr)
         return 2
     with _connect(args) as conn:
         result = conn.tools.call(args.name, arguments, timeout=args.timeout)
     if result.stdout:
         print(result.stdout, file=sys.stderr, end="" if result.stdout.endswith("\n") else "\n")
     if result.error is not None:
-        print(f"agentos: {args.name}: {result.error}", file=sys.stderr)
+        print(f"agentos: EIO: tool {args.name} failed: {result.error}", file=sys.stderr)
         return 1
     print(json.dumps(result.value, indent=2, default=str))
     return 0
@@ -59,7 +59,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
     if args.command[:1] == ["--"]:
         args.command = args.command[1:]
     if not args.command:
-        print("agentos: tool mount NAME -- COMMAND [ARG...]", file=sys.stderr)
+        print("agentos: EINVAL: want `agentos tool mount NAME -- COMMAND [ARG...]`",
+              file=sys.stderr)
         return 2
     with _connect(args) as conn:
         names = conn.tools.mount(args.name, args.command, network=args.network,
