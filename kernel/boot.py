@@ -18,7 +18,9 @@ log = logging.getLogger("kernel")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, help="TOML file with a [kernel] table")
+    env = os.environ.get(layout.ENV_CONFIG)
+    p.add_argument("--config", type=Path, default=Path(env) if env else None,
+                   help=f"TOML file with a [kernel] table (default ${layout.ENV_CONFIG})")
     p.add_argument("--log-format", choices=("json", "text"), help="log format (default json)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     p.add_argument("--model", action="append", metavar="NAME[=SOURCE]",
