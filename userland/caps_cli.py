@@ -12,10 +12,9 @@ import msgspec
 
 import sdk
 from sdk import layout
-from userland.subcommand import subcommand
+from userland.subcommand import JSON_HELP, subcommand
 
 EXIT_ERROR = 1
-JSON_HELP = "print JSON (docs/operations.md#json-output)"
 
 
 def _connect(args: argparse.Namespace) -> sdk.Connection:
@@ -232,19 +231,19 @@ def add_commands(sub: Any) -> None:
     sp = subcommand(csub, "list", cmd_caps_list, "list tokens (live ones unless --all)")
     sp.add_argument("--subject", metavar="PRINCIPAL")
     sp.add_argument("-a", "--all", action="store_true", help="include revoked and expired")
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--json", action="store_true", help=JSON_HELP)
     sp = subcommand(csub, "inspect", cmd_caps_inspect, "show a token's caveats, budgets and state")
     sp.add_argument("token", nargs="?", help="a token you hold (default: the admin token)")
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--json", action="store_true", help=JSON_HELP)
     subcommand(csub, "rotate-key", cmd_caps_rotate,
                "replace the token key: every token issued so far stops working")
     sp = subcommand(csub, "export", cmd_caps_export,
                     "print an Ed25519-signed export of your token for remote verifiers")
     sp.add_argument("--ttl", type=float, default=300.0, metavar="SECONDS")
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--json", action="store_true", help=JSON_HELP)
 
     sp = subcommand(sub, "approvals", cmd_approvals, "list operations waiting for approval")
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--json", action="store_true", help=JSON_HELP)
     sp = subcommand(sub, "approve", cmd_approve, "approve a held operation: it runs now")
     sp.add_argument("id", type=int)
     sp = subcommand(sub, "deny", cmd_deny, "deny a held operation: it fails with EPERM")
@@ -255,4 +254,4 @@ def add_commands(sub: Any) -> None:
                     help="check the chain and its anchor; exit 1 if tampered with")
     sp.add_argument("--since", type=int, default=0, metavar="SEQ")
     sp.add_argument("--limit", type=int, default=1000)
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--json", action="store_true", help=JSON_HELP)

@@ -24,7 +24,7 @@ import msgspec
 
 import sdk
 from sdk import layout
-from userland.subcommand import subcommand
+from userland.subcommand import JSON_HELP, subcommand
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -138,9 +138,13 @@ def cmd_info(args: argparse.Namespace) -> int:
         info = conn.proc.info(args.id)
     if args.json:
         _json(info)
-    else:
-        for key, value in msgspec.to_builtins(info).items():
-            print(f"{key}: {value}")
+        return 0
+    for key, value in msgspec.to_builtins(info).items():
+        if key.endswith("_at"):
+            value = _when(value)
+        elif not isinstance(value, str):
+            value = json.dumps(value, ensure_ascii=False, default=repr)
+        print(f"{key}: {value}")
     return 0
 
 
@@ -249,13 +253,13 @@ def parser() -> argparse.ArgumentParser:
 
     sp = command("ps", cmd_ps, "list agents (running ones unless -a)")
     sp.add_argument("-a", "--all", action="store_true", help="include agents that have ended")
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--json", action="store_true", help=JSON_HELP)
     sp.add_argument("-l", "--layers", action="store_true",
                     help="show the sandbox layers applied to each agent")
 
     sp = command("info", cmd_info, "show one agent")
     sp.add_argument("id", type=int)
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--json", action="store_true", help=JSON_HELP)
 
     sp = command("wait", cmd_wait, "wait for an agent; print its result; exit with its status",
                  epilog="exit status: the agent's own; 128+N when signal N killed it; 124 when "
@@ -264,7 +268,7 @@ def parser() -> argparse.ArgumentParser:
                         "failed agent ended goes to stderr.")
     sp.add_argument("id", type=int)
     sp.add_argument("--timeout", type=float, metavar="SECONDS")
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--json", action="store_true", help=JSON_HELP)
 
     sp = command("kill", cmd_kill, "stop an agent: SIGTERM, then SIGKILL after the grace period")
     sp.add_argument("id", type=int)
@@ -278,7 +282,7 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--stderr", action="store_true", help="only stderr")
 
     sp = command("stats", cmd_stats, "kernel statistics")
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--json", action="store_true", help=JSON_HELP)
 
     command("ping", cmd_ping, "check that the kernel answers (sys.null)")
 
@@ -305,9 +309,29 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def hoist_globals(argv: list[str]) -> list[str]:
+    """`--state-dir DIR` anywhere before a `--` moves to the front, so it works after the
+    subcommand too (`agentos ps --state-dir DIR`); what follows `--` is the agent's."""
+    front: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            rest += argv[i:]
+            break
+        if arg == "--state-dir" and i + 1 < len(argv):
+            front += argv[i:i + 2]
+            i += 2
+            continue
+        (front if arg.startswith("--state-dir=") else rest).append(arg)
+        i += 1
+    return front + rest
+
+
 def main(argv: list[str] | None = None) -> int:
     p = parser()
-    args, extra = p.parse_known_args(argv)
+    args, extra = p.parse_known_args(hoist_globals(sys.argv[1:] if argv is None else argv))
     if extra and args.command != "boot":
         p.error(f"unrecognized arguments: {' '.join(extra)}")
     args.kernel_args = extra

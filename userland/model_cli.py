@@ -9,7 +9,7 @@ import sys
 from functools import partial
 
 from sdk.models import DTYPES, ENV_MODEL_DIR, ModelNotFound, ModelStore, StoreError, check_name
-from userland.subcommand import subcommand
+from userland.subcommand import JSON_HELP, subcommand
 
 EXIT_ERROR = 1
 
@@ -133,7 +133,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
     sp = command("list", cmd_list, "list the stored models")
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--json", action="store_true", help=JSON_HELP)
 
     sp = command("rm", cmd_rm, "remove a model from the store")
     sp.add_argument("name", type=_name)

@@ -11,7 +11,7 @@ import msgspec
 
 import sdk
 from sdk import layout
-from userland.subcommand import subcommand
+from userland.subcommand import JSON_HELP, subcommand
 
 
 def _connect(args: argparse.Namespace) -> sdk.Connection:
@@ -24,7 +24,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         mounts = conn.tools.mounts()
     if args.json:
         print(json.dumps({"tools": msgspec.to_builtins(specs),
-                          "mounts": msgspec.to_builtins(mounts)}, indent=2))
+                          "mounts": msgspec.to_builtins(mounts)}))
         return 0
     print(f"{'NAME':<32} {'EFFECT':<12} {'LIMIT':>5} {'TIMEOUT':>8}  SOURCE")
     for s in specs:
@@ -85,7 +85,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     command = partial(subcommand, tsub)
 
     sp = command("list", cmd_list, "list the tools (built-in, from tool_dirs, and mounted)")
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--json", action="store_true", help=JSON_HELP)
 
     sp = command("call", cmd_call, "call a tool with JSON arguments; print its result")
     sp.add_argument("name")
