@@ -18,7 +18,9 @@ log = logging.getLogger("kernel")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, help="TOML file with a [kernel] table")
+    env = os.environ.get(layout.ENV_CONFIG)
+    p.add_argument("--config", type=Path, default=Path(env) if env else None,
+                   help=f"TOML file with a [kernel] table (default ${layout.ENV_CONFIG})")
     p.add_argument("--log-format", choices=("json", "text"), help="log format (default json)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     p.add_argument("--model", action="append", metavar="NAME[=SOURCE]",
@@ -43,11 +45,42 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "logs go to STATE_DIR/kernel.log")
 
 
+def holder(state: Path) -> int | None:
+    """The pid of the kernel that holds `state`'s lock, or None when no kernel does."""
+    import fcntl
+
+    try:
+        fd = os.open(state / "kernel.lock", os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            return int(text) if text.isdigit() else 0
+        return None
+    finally:
+        os.close(fd)  # closing drops the probe's shared lock at once
+
+
+def _busy(state: Path, pid: int) -> int:
+    shown = f"pid {pid}" if pid else "pid unknown"
+    print(f"agentos: EBUSY: a kernel ({shown}) already holds {state}; stop it first "
+          f"(kill {pid or 'PID'}) or boot with another --state-dir", file=sys.stderr)
+    return 1
+
+
 def daemonize(args: argparse.Namespace, state: Path) -> int:
-    """Re-run the kernel detached (new session, logs to a file) and wait until it is ready."""
+    """Re-run the kernel detached (new session, logs to a file) and wait until it answers;
+    print its pid. Exit 1 (printing nothing on stdout) when another kernel holds `state`:
+    a script's `PID=$(agentos boot --daemon)` must never get a pid that is not its kernel's."""
     import sdk
 
     state.mkdir(mode=0o700, parents=True, exist_ok=True)
+    running = holder(state)
+    if running is not None:
+        return _busy(state, running)
     child_argv = ["--state-dir", str(state)]
     if args.config:
         child_argv += ["--config", str(args.config)]
@@ -74,17 +107,24 @@ def daemonize(args: argparse.Namespace, state: Path) -> int:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if child.poll() is not None:
-            print(f"agentos: kernel exited with status {child.returncode}; see "
+            running = holder(state)
+            if running is not None and running != child.pid:  # lost a race to another boot
+                return _busy(state, running)
+            print(f"agentos: EIO: the kernel exited with status {child.returncode}; see "
                   f"{state / 'kernel.log'}", file=sys.stderr)
             return 1
         try:
+            # Ready means *this* kernel answers: the socket may still be an older one's.
             with sdk.connect(state_dir=state, timeout=1.0) as conn:
-                conn.sys.null()
+                ready = conn.sys.stats().pid == child.pid
+        except sdk.SyscallError:
+            ready = False
+        if ready:
             print(child.pid)
             return 0
-        except sdk.SyscallError:
-            time.sleep(0.05)
-    print("agentos: kernel did not become ready in 30 s", file=sys.stderr)
+        time.sleep(0.05)
+    print(f"agentos: ETIMEDOUT: the kernel (pid {child.pid}) did not answer in 30 s; see "
+          f"{state / 'kernel.log'}", file=sys.stderr)
     return 1
 
 
@@ -114,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
             for model in config.models.values():
                 model.scheduler = args.scheduler
     except (OSError, ValueError, TypeError) as exc:
-        print(f"agentos: bad configuration: {exc}", file=sys.stderr)
+        print(f"agentos: EINVAL: bad configuration: {exc}", file=sys.stderr)
         return 2
     from kernel import log as kernel_log
     from kernel.core import Kernel
@@ -124,7 +164,10 @@ def run(args: argparse.Namespace) -> int:
         return Kernel(config).run()
     except StateError as exc:
         log.error(str(exc))
-        print(f"agentos: {exc}", file=sys.stderr)
+        running = holder(state)
+        if running is not None:
+            return _busy(state, running)
+        print(f"agentos: EINVAL: {exc}", file=sys.stderr)
         return 1
 
 

@@ -89,7 +89,9 @@ def _resolve(endpoint: str | None, token: str | None,
             token = Path(path).read_text().strip()
         except FileNotFoundError:
             raise KernelUnavailable(
-                f"no admin token at {path}: is a kernel booted there?") from None
+                f"no kernel has booted in {state} (no {path.name} there): start one with "
+                "`agentos boot --daemon`, or name its state dir with --state-dir or "
+                f"${layout.ENV_STATE_DIR}", code=ErrorCode.ENOENT) from None
         except PermissionError:
             raise PermissionDenied(f"cannot read {path}: run as the kernel's user") from None
     return endpoint, token

@@ -66,8 +66,9 @@ class Caps(Family):
         spent, revocation."""
         return self._call("caps.inspect", abi.InspectArgs(token=token))
 
-    def list(self, subject: str | None = None, all: bool = False) -> list[abi.TokenInfo]:
-        return self._call("caps.list", abi.ListTokensArgs(subject=subject, all=all))
+    def list(self, subject: str | None = None, all: bool = False,
+             limit: int = 1000) -> list[abi.TokenInfo]:
+        return self._call("caps.list", abi.ListTokensArgs(subject=subject, all=all, limit=limit))
 
     def rotate(self) -> None:
         """Replace the kernel's token key: every token signed so far stops working."""

@@ -49,7 +49,8 @@ def _check_endpoint(endpoint: str) -> None:
     if endpoint.startswith("ipc://"):
         path = endpoint[len("ipc://"):]
         if not os.path.exists(path):
-            raise KernelUnavailable(f"no kernel listening at {path}")
+            raise KernelUnavailable(f"no kernel listening at {path}: start one with "
+                                    "`agentos boot --daemon`", code=abi.ErrorCode.ENOENT)
 
 
 _NO_ARGS = msgspec.Raw(abi.encode(abi.NoArgs()))

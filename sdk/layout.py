@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 ENV_STATE_DIR = "AGENTOS_STATE_DIR"
+ENV_CONFIG = "AGENTOS_CONFIG"  # the kernel's config file, when --config is not given
 ENV_ENDPOINT = "AGENTOS_ENDPOINT"
 ENV_TOKEN = "AGENTOS_TOKEN"
 ENV_AGENT_ID = "AGENTOS_AGENT_ID"

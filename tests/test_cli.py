@@ -71,7 +71,7 @@ def test_usage_errors_exit_2(kernel: KernelProcess) -> None:
 def test_no_kernel_is_a_clear_error(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "userland.cli", "--state-dir", str(tmp_path),
                           "ps"], capture_output=True, text=True, cwd=ROOT)
-    assert out.returncode == 1 and "no admin token" in out.stderr
+    assert out.returncode == 1 and "no kernel has booted" in out.stderr
 
 
 def test_state_dir_from_environment(kernel: KernelProcess) -> None:

@@ -12,7 +12,7 @@ import msgspec
 import sdk
 from sdk import abi, layout
 from sdk.remote import ENV_CURVE, keygen
-from userland.subcommand import subcommand
+from userland.subcommand import JSON_HELP, subcommand
 
 
 def _connect(args: argparse.Namespace) -> sdk.Connection:
@@ -72,9 +72,9 @@ def add_commands(sub: Any) -> None:
                     "begins with '-' goes after '--': add-key NAME -- KEY)")
     sp.add_argument("--cap", action="append", default=[], metavar="OP[@RESOURCE]",
                     help="grant a right besides sys.* (repeatable)")
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--json", action="store_true", help=JSON_HELP)
     sp = command("list-keys", cmd_list_keys, "list the registered client keys")
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--json", action="store_true", help=JSON_HELP)
     sp = command("rm-key", cmd_rm_key, "unregister a client key: its connections are refused")
     sp.add_argument("name")
     command("keygen", cmd_keygen, "print a new CURVE key pair for a remote client")

@@ -12,7 +12,7 @@ import msgspec
 
 import sdk
 from sdk import layout
-from userland.subcommand import subcommand
+from userland.subcommand import JSON_HELP, subcommand
 
 EXIT_ERROR = 1
 
@@ -34,7 +34,7 @@ def _budgets(text: list[str]) -> dict[str, int]:
     for item in text:
         kind, eq, limit = item.partition("=")
         if not eq or not limit.isdigit():
-            raise SystemExit(f"agentos: bad --budget {item!r}: want KIND=N")
+            raise sdk.InvalidArgument(f"bad --budget {item!r}: want KIND=N")
         out[kind] = int(limit)
     return out
 
@@ -55,9 +55,45 @@ def cmd_token_mint(args: argparse.Namespace) -> int:
     return 0
 
 
+# What `agentos token http NAME` grants: what the OpenAI and AIOS clients call (chat and the
+# model list); `/metrics` wants sys.stats too, which only --metrics adds.
+HTTP_KEY_CAPS = ("llm.chat", "llm.models")
+HTTP_KEY_TTL = 30 * 86400.0
+
+
+def cmd_token_http(args: argparse.Namespace) -> int:
+    caps = [*HTTP_KEY_CAPS, *(["sys.stats"] if args.metrics else []), *args.cap]
+    with _connect(args) as conn:
+        grant = conn.caps.delegate(f"http:{args.name}", caps,
+                                   ttl=None if args.ttl == 0 else args.ttl)
+    if args.json:
+        _json(grant)
+    else:
+        print(grant.token)
+    return 0
+
+
+def _token_id(conn: sdk.Connection, given: str) -> str:
+    """A whole token id, from the id or the unique prefix (`caps list`'s PARENT column shows
+    8 digits) of a token in the list."""
+    if len(given) == 32:
+        return given
+    if not given or any(c not in "0123456789abcdef" for c in given.lower()):
+        raise sdk.InvalidArgument(f"{given!r} is not a token id (hex digits, from `agentos caps "
+                                  "list`)")
+    found = {t.id for t in conn.caps.list(all=True, limit=10000)
+             if t.id.startswith(given.lower())}
+    if not found:
+        raise sdk.NotFound(f"no token id starts with {given}")
+    if len(found) > 1:
+        raise sdk.InvalidArgument(f"{given} is the start of {len(found)} token ids; give more "
+                                  "digits")
+    return found.pop()
+
+
 def cmd_caps_revoke(args: argparse.Namespace) -> int:
     with _connect(args) as conn:
-        count = conn.caps.revoke(args.id)
+        count = conn.caps.revoke(_token_id(conn, args.id))
     print(f"revoked {count} token(s)")
     return 0
 
@@ -173,30 +209,41 @@ def add_commands(sub: Any) -> None:
     sp.add_argument("--requires-approval", action="append", default=[], metavar="OP[@RESOURCE]",
                     help="hold matching calls until a human approves them")
     sp.add_argument("--for", dest="subject", metavar="PRINCIPAL",
-                    help="its audience: agent:ID, user:UID or an agent's name (default: you)")
-    sp.add_argument("--json", action="store_true")
+                    help="its audience: agent:ID, an agent's name, user:UID, or http:NAME for "
+                         "an HTTP API key (see `token http`) (default: you)")
+    sp.add_argument("--json", action="store_true", help=JSON_HELP)
+    sp = subcommand(tsub, "http", cmd_token_http,
+                    "mint an API key for the HTTP door (http:NAME): llm.chat and llm.models, "
+                    "what the OpenAI and AIOS clients call; print it")
+    sp.add_argument("name", help="who the key is for; its calls run as http:NAME")
+    sp.add_argument("--ttl", type=float, default=HTTP_KEY_TTL, metavar="SECONDS",
+                    help=f"expire after this long (default {HTTP_KEY_TTL:.0f}, 30 days; 0: never)")
+    sp.add_argument("--metrics", action="store_true", help="also sys.stats, for /metrics")
+    sp.add_argument("--cap", action="append", default=[], metavar="OP[@RESOURCE]",
+                    help="a further right (repeatable)")
+    sp.add_argument("--json", action="store_true", help=JSON_HELP)
 
     caps = sub.add_parser("caps", help="list, inspect, revoke and export capability tokens")
     csub = caps.add_subparsers(dest="caps_command", required=True, metavar="COMMAND")
     sp = subcommand(csub, "revoke", cmd_caps_revoke,
                     "revoke a token and every token derived from it")
-    sp.add_argument("id", help="the token id (32 hex digits)")
+    sp.add_argument("id", help="the token id, or its first digits (8 are usually enough)")
     sp = subcommand(csub, "list", cmd_caps_list, "list tokens (live ones unless --all)")
     sp.add_argument("--subject", metavar="PRINCIPAL")
     sp.add_argument("-a", "--all", action="store_true", help="include revoked and expired")
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--json", action="store_true", help=JSON_HELP)
     sp = subcommand(csub, "inspect", cmd_caps_inspect, "show a token's caveats, budgets and state")
     sp.add_argument("token", nargs="?", help="a token you hold (default: the admin token)")
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--json", action="store_true", help=JSON_HELP)
     subcommand(csub, "rotate-key", cmd_caps_rotate,
                "replace the token key: every token issued so far stops working")
     sp = subcommand(csub, "export", cmd_caps_export,
                     "print an Ed25519-signed export of your token for remote verifiers")
     sp.add_argument("--ttl", type=float, default=300.0, metavar="SECONDS")
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--json", action="store_true", help=JSON_HELP)
 
     sp = subcommand(sub, "approvals", cmd_approvals, "list operations waiting for approval")
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--json", action="store_true", help=JSON_HELP)
     sp = subcommand(sub, "approve", cmd_approve, "approve a held operation: it runs now")
     sp.add_argument("id", type=int)
     sp = subcommand(sub, "deny", cmd_deny, "deny a held operation: it fails with EPERM")
@@ -207,4 +254,4 @@ def add_commands(sub: Any) -> None:
                     help="check the chain and its anchor; exit 1 if tampered with")
     sp.add_argument("--since", type=int, default=0, metavar="SEQ")
     sp.add_argument("--limit", type=int, default=1000)
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--json", action="store_true", help=JSON_HELP)

@@ -1,8 +1,11 @@
 """`agentos`: the command line, a userland program that makes syscalls with the admin token.
 
-Unix manners: results on stdout, diagnostics on stderr prefixed `agentos:`, `--json` for
-scripts, exit 0 on success, 1 when the kernel refuses or is unreachable, 2 on bad usage, and
-`wait` exits with the agent's own status.
+Unix manners: results on stdout, diagnostics on stderr as `agentos: CODE: message`, `--json`
+for scripts, exit 0 on success, 1 when the kernel refuses or is unreachable, 2 on bad usage.
+`wait` and `run --wait` exit with the agent's own status, and keep their own failures apart
+from it the way timeout(1) does: 124 when `--timeout` ran out, 125 when the kernel refused or
+could not be reached, 126 when the agent ended without a status (it never started, or was lost
+with a crashed kernel), 128+N when signal N killed it.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from functools import partial
@@ -20,10 +24,14 @@ import msgspec
 
 import sdk
 from sdk import layout
-from userland.subcommand import subcommand
+from userland.subcommand import JSON_HELP, subcommand
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+# `wait` and `run --wait` only, beside the agent's own status (as timeout(1) and env(1) do).
+EXIT_TIMEOUT = 124
+EXIT_REFUSED = 125
+EXIT_NO_STATUS = 126
 
 
 def _connect(args: argparse.Namespace) -> sdk.Connection:
@@ -67,8 +75,41 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(agent_id)
             return 0
         info = conn.proc.wait(agent_id)
-    _show_result(info.result)
-    return info.exit_status if info.exit_status is not None else EXIT_ERROR
+        _show_result(info.result)
+        return _ended(conn, info)
+
+
+def _stderr_tail(conn: sdk.Connection, agent_id: int, keep: int = 4096) -> str:
+    """The last `keep` bytes of an agent's captured stderr."""
+    tail, offset = b"", 0
+    while True:
+        chunk = conn.proc.logs(agent_id, "stderr", offset)
+        if not chunk.data:
+            return tail.decode(errors="replace")
+        tail, offset = (tail + chunk.data)[-keep:], chunk.offset
+
+
+def _ended(conn: sdk.Connection, info: sdk.abi.AgentInfo) -> int:
+    """Say on stderr why an agent that did not succeed ended; its exit code for the shell."""
+    status = info.exit_status
+    if status == 0:
+        return 0
+    who = f"agent {info.id} ({info.name})"
+    if status is None:
+        why = "could not start" if info.state == "failed" else f"ended {info.state}, no status"
+        print(f"agentos: {who} {why}; see `agentos ps -a -l` and the kernel's log",
+              file=sys.stderr)
+        return EXIT_NO_STATUS
+    if info.state == "killed" and status > 128:
+        try:
+            why = f"killed by {signal.Signals(status - 128).name}"
+        except ValueError:
+            why = f"killed by signal {status - 128}"
+    else:
+        lines = [line for line in _stderr_tail(conn, info.id).splitlines() if line.strip()]
+        why = f"exited {status}" + (f": {lines[-1].strip()}" if lines else "")
+    print(f"agentos: {who} {why} (its output: agentos logs {info.id})", file=sys.stderr)
+    return status
 
 
 def cmd_ps(args: argparse.Namespace) -> int:
@@ -97,20 +138,28 @@ def cmd_info(args: argparse.Namespace) -> int:
         info = conn.proc.info(args.id)
     if args.json:
         _json(info)
-    else:
-        for key, value in msgspec.to_builtins(info).items():
-            print(f"{key}: {value}")
+        return 0
+    for key, value in msgspec.to_builtins(info).items():
+        if key.endswith("_at"):
+            value = _when(value)
+        elif not isinstance(value, str):
+            value = json.dumps(value, ensure_ascii=False, default=repr)
+        print(f"{key}: {value}")
     return 0
 
 
 def cmd_wait(args: argparse.Namespace) -> int:
     with _connect(args) as conn:
-        info = conn.proc.wait(args.id, timeout=args.timeout)
-    if args.json:
-        _json(info)
-    else:
-        _show_result(info.result)
-    return info.exit_status if info.exit_status is not None else EXIT_ERROR
+        try:
+            info = conn.proc.wait(args.id, timeout=args.timeout)
+        except sdk.TimedOut:
+            print(f"agentos: ETIMEDOUT: agent {args.id} is still running", file=sys.stderr)
+            return EXIT_TIMEOUT
+        if args.json:
+            _json(info)
+        else:
+            _show_result(info.result)
+        return _ended(conn, info)
 
 
 def cmd_kill(args: argparse.Namespace) -> int:
@@ -194,7 +243,7 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--cap", action="append", default=[], metavar="OP[@RESOURCE]",
                     help="grant a right, e.g. ipc.send@ipc/bob or 'proc.*' (repeatable)")
     sp.add_argument("--wait", action="store_true",
-                    help="wait for it, print its result and exit with its status")
+                    help="wait for it, print its result and exit with its status (as `wait`)")
     sp.add_argument("--group", metavar="NAME",
                     help="grant a privilege group's rights and limits ([groups.NAME] in the "
                          "kernel config)")
@@ -204,18 +253,22 @@ def parser() -> argparse.ArgumentParser:
 
     sp = command("ps", cmd_ps, "list agents (running ones unless -a)")
     sp.add_argument("-a", "--all", action="store_true", help="include agents that have ended")
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--json", action="store_true", help=JSON_HELP)
     sp.add_argument("-l", "--layers", action="store_true",
                     help="show the sandbox layers applied to each agent")
 
     sp = command("info", cmd_info, "show one agent")
     sp.add_argument("id", type=int)
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--json", action="store_true", help=JSON_HELP)
 
-    sp = command("wait", cmd_wait, "wait for an agent; print its result; exit with its status")
+    sp = command("wait", cmd_wait, "wait for an agent; print its result; exit with its status",
+                 epilog="exit status: the agent's own; 128+N when signal N killed it; 124 when "
+                        "--timeout ran out; 125 when the kernel refused or could not be reached; "
+                        "126 when the agent ended without a status (it never started). Why a "
+                        "failed agent ended goes to stderr.")
     sp.add_argument("id", type=int)
     sp.add_argument("--timeout", type=float, metavar="SECONDS")
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--json", action="store_true", help=JSON_HELP)
 
     sp = command("kill", cmd_kill, "stop an agent: SIGTERM, then SIGKILL after the grace period")
     sp.add_argument("id", type=int)
@@ -229,7 +282,7 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--stderr", action="store_true", help="only stderr")
 
     sp = command("stats", cmd_stats, "kernel statistics")
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--json", action="store_true", help=JSON_HELP)
 
     command("ping", cmd_ping, "check that the kernel answers (sys.null)")
 
@@ -256,9 +309,29 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def hoist_globals(argv: list[str]) -> list[str]:
+    """`--state-dir DIR` anywhere before a `--` moves to the front, so it works after the
+    subcommand too (`agentos ps --state-dir DIR`); what follows `--` is the agent's."""
+    front: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            rest += argv[i:]
+            break
+        if arg == "--state-dir" and i + 1 < len(argv):
+            front += argv[i:i + 2]
+            i += 2
+            continue
+        (front if arg.startswith("--state-dir=") else rest).append(arg)
+        i += 1
+    return front + rest
+
+
 def main(argv: list[str] | None = None) -> int:
     p = parser()
-    args, extra = p.parse_known_args(argv)
+    args, extra = p.parse_known_args(hoist_globals(sys.argv[1:] if argv is None else argv))
     if extra and args.command != "boot":
         p.error(f"unrecognized arguments: {' '.join(extra)}")
     args.kernel_args = extra
@@ -266,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args)
     except sdk.SyscallError as exc:
         print(f"agentos: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        waiting = args.command == "wait" or (args.command == "run" and args.wait)
+        return EXIT_REFUSED if waiting else EXIT_ERROR
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

@@ -27,7 +27,7 @@ def cmd_mem_pull(args: argparse.Namespace) -> int:
     try:
         print(models.pull_embedder(force=args.force))
     except (models.StoreError, OSError) as exc:
-        print(f"agentos: {exc}", file=sys.stderr)
+        print(f"agentos: EIO: {exc}", file=sys.stderr)
         return 1
     return 0
 

@@ -8,8 +8,8 @@ import subprocess
 import sys
 from functools import partial
 
-from sdk.models import DTYPES, ENV_MODEL_DIR, ModelStore, StoreError, check_name
-from userland.subcommand import subcommand
+from sdk.models import DTYPES, ENV_MODEL_DIR, ModelNotFound, ModelStore, StoreError, check_name
+from userland.subcommand import JSON_HELP, subcommand
 
 EXIT_ERROR = 1
 
@@ -19,8 +19,9 @@ def _store(args: argparse.Namespace) -> ModelStore:
     return ModelStore(args.cache_dir)
 
 
-def _error(message: object) -> int:
-    print(f"agentos: {message}", file=sys.stderr)
+def _error(exc: Exception) -> int:
+    code = "ENOENT" if isinstance(exc, (ModelNotFound, FileNotFoundError)) else "EIO"
+    print(f"agentos: {code}: {exc}", file=sys.stderr)
     return EXIT_ERROR
 
 
@@ -132,7 +133,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
     sp = command("list", cmd_list, "list the stored models")
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--json", action="store_true", help=JSON_HELP)
 
     sp = command("rm", cmd_rm, "remove a model from the store")
     sp.add_argument("name", type=_name)

@@ -11,7 +11,7 @@ import msgspec
 
 import sdk
 from sdk import layout
-from userland.subcommand import subcommand
+from userland.subcommand import JSON_HELP, subcommand
 
 
 def _connect(args: argparse.Namespace) -> sdk.Connection:
@@ -24,7 +24,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         mounts = conn.tools.mounts()
     if args.json:
         print(json.dumps({"tools": msgspec.to_builtins(specs),
-                          "mounts": msgspec.to_builtins(mounts)}, indent=2))
+                          "mounts": msgspec.to_builtins(mounts)}))
         return 0
     print(f"{'NAME':<32} {'EFFECT':<12} {'LIMIT':>5} {'TIMEOUT':>8}  SOURCE")
     for s in specs:
@@ -42,14 +42,14 @@ def cmd_call(args: argparse.Namespace) -> int:
     try:
         arguments = json.loads(args.arguments)
     except ValueError as exc:
-        print(f"agentos: arguments are not JSON: {exc}", file=sys.stderr)
+        print(f"agentos: EINVAL: arguments are not JSON: {exc}", file=sys.stderr)
         return 2
     with _connect(args) as conn:
         result = conn.tools.call(args.name, arguments, timeout=args.timeout)
     if result.stdout:
         print(result.stdout, file=sys.stderr, end="" if result.stdout.endswith("\n") else "\n")
     if result.error is not None:
-        print(f"agentos: {args.name}: {result.error}", file=sys.stderr)
+        print(f"agentos: EIO: tool {args.name} failed: {result.error}", file=sys.stderr)
         return 1
     print(json.dumps(result.value, indent=2, default=str))
     return 0
@@ -59,7 +59,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
     if args.command[:1] == ["--"]:
         args.command = args.command[1:]
     if not args.command:
-        print("agentos: tool mount NAME -- COMMAND [ARG...]", file=sys.stderr)
+        print("agentos: EINVAL: want `agentos tool mount NAME -- COMMAND [ARG...]`",
+              file=sys.stderr)
         return 2
     with _connect(args) as conn:
         names = conn.tools.mount(args.name, args.command, network=args.network,
@@ -84,7 +85,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     command = partial(subcommand, tsub)
 
     sp = command("list", cmd_list, "list the tools (built-in, from tool_dirs, and mounted)")
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--json", action="store_true", help=JSON_HELP)
 
     sp = command("call", cmd_call, "call a tool with JSON arguments; print its result")
     sp.add_argument("name")

@@ -96,7 +96,8 @@ def render(now: Sample, before: Sample | None) -> Group:
         llm.add_row(name, f"{m.get('queued', m.get('waiting', 0)):.0f}",
                     f"{m.get('running', m.get('in_flight', 0)):.0f}",
                     f"{m.get('preempted', 0):.0f}", f"{m.get('batch_capacity', 0):.0f}",
-                    f"{u.get('tokens_per_s', 0):.1f}", f"{u.get('completion_tokens', 0):.0f}",
+                    f"{m.get('tokens_per_s', u.get('tokens_per_s', 0)):.1f}",
+                    f"{u.get('completion_tokens', 0):.0f}",
                     f"{m.get('preemptions', 0) + m.get('memory_preemptions', 0):.0f}",
                     _mb(m.get("kv_bytes", 0)))
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from kernel.call import Call, Fault
 from kernel.llm.prompt import DEFAULT_CONTEXT_TOKENS, PROMPT_BYTES_PER_TOKEN, prompt_bytes
-from kernel.llm.worker import Generation, ModelWorker
+from kernel.llm.worker import RATE_WINDOW_S, Generation, ModelWorker
 from sdk import abi
 
 if TYPE_CHECKING:
@@ -57,8 +57,21 @@ class LLMCore:
                 for name, w in self.workers.items()]
 
     def stats(self) -> dict[str, dict[str, float]]:
-        """What each worker last published (it publishes; the loop never reads the engine)."""
-        return {name: dict(w.published) for name, w in self.workers.items() if w.published}
+        """What each worker last published (it publishes; the loop never reads the engine),
+        with `tokens_per_s`: completion tokens generated over the last ~10 s, counted as they
+        are generated, so it is live while a generation streams and falls to 0 when idle."""
+        now = time.monotonic()
+        out = {}
+        for name, w in self.workers.items():
+            row = dict(w.published)
+            if not row:
+                continue
+            span = now - row.pop("window_at", now)
+            made = row.get("generated", 0) - row.pop("window_generated", 0)
+            quiet = now - row.pop("published_at", now)  # nothing was generated since
+            row["tokens_per_s"] = made / span if span >= 0.5 and quiet <= RATE_WINDOW_S else 0.0
+            out[name] = row
+        return out
 
     def chat(self, call: Call, args: abi.ChatArgs) -> Any:
         name = args.model or self.k.config.default_model

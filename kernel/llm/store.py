@@ -22,6 +22,7 @@ from sdk.models import (
     MANIFEST,
     SOURCES,
     IntegrityError,
+    ModelNotFound,
     Report,
     StoreError,
     UnknownModel,
@@ -367,7 +368,9 @@ def main(argv: list[str] | None = None) -> int:
                           progress=not args.quiet)
         info = store.info(args.name)
     except (StoreError, OSError, ValueError) as exc:
-        print(f"agentos: {exc}", file=sys.stderr)
+        code = "ENOENT" if isinstance(exc, (ModelNotFound, FileNotFoundError)) else (
+            "EINVAL" if isinstance(exc, ValueError) else "EIO")
+        print(f"agentos: {code}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

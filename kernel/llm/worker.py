@@ -11,6 +11,7 @@ the backend, so a kernel that serves no model request never loads it.
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import threading
@@ -27,6 +28,8 @@ from kernel.llm.sched import BudgetExceeded
 from sdk import abi
 
 log = logging.getLogger("kernel.llm")
+
+RATE_WINDOW_S = 10.0  # live tokens/s is measured over about this long
 
 
 @dataclass(eq=False)
@@ -63,6 +66,10 @@ class ModelWorker(threading.Thread):
         self.gens: dict[int, Generation] = {}
         self.published: dict[str, float] = {}  # replaced whole, so readers never see a half
         self._published_at = 0.0
+        # Completion tokens as they are generated, and where the rate window starts: readers
+        # get tokens/s while a generation streams, not only when one finishes.
+        self.generated = 0
+        self._window: collections.deque[tuple[float, int]] = collections.deque()
         self._want_load = threading.Event()
         self._stopping = False
         self.paused: set[str] = set()  # shared with the backend's scheduler once loaded
@@ -146,7 +153,13 @@ class ModelWorker(threading.Thread):
         now = time.monotonic()
         if now - self._published_at >= every or not self.gens:
             self._published_at = now
-            self.published = {"generations": len(self.gens), **self.backend.stats()}
+            window = self._window
+            window.append((now, self.generated))
+            while len(window) > 1 and window[1][0] <= now - RATE_WINDOW_S:
+                window.popleft()
+            self.published = {"generations": len(self.gens), **self.backend.stats(),
+                              "generated": self.generated, "window_at": window[0][0],
+                              "window_generated": window[0][1], "published_at": now}
 
     def _load(self) -> Any:
         if self.config.remote:
@@ -228,6 +241,7 @@ class ModelWorker(threading.Thread):
                 continue  # cancelled meanwhile
             if type(event) is Delta:  # the common case: tested first, exactly
                 gen.completion_tokens += event.tokens
+                self.generated += event.tokens
                 if gen.first_token is None:
                     gen.first_token = time.monotonic()
                 if event.text:

@@ -216,15 +216,21 @@ def no_new_privs() -> bool:
 
 
 def reach(path: str, mode: int, what: str) -> None:
-    """Raise PermissionError naming the directory that stops this uid from using `path`."""
+    """Raise PermissionError naming the directory that stops this uid from using `path`,
+    walking the path as written and then its real path (a venv's `bin/python` is often a
+    symlink into a pyenv under a 0700 `/root`), with the fix."""
     if os.access(path, mode):
         return
-    current = "/"
-    for part in Path(path).parts[1:]:
-        if not os.access(current, os.X_OK):
-            raise PermissionError(f"{what} {path} is out of reach of uid {os.getuid()}: no "
-                                  f"search permission on {current}")
-        current = os.path.join(current, part)
+    for route in dict.fromkeys((path, os.path.realpath(path))):
+        current = "/"
+        for part in Path(route).parts[1:]:
+            if not os.access(current, os.X_OK):
+                via = "" if route == path else f" (its real path is {route})"
+                raise PermissionError(
+                    f"{what} {path} is out of reach of uid {os.getuid()}{via}: no search "
+                    f"permission on {current}; fix: chmod o+x {current}, or use files outside "
+                    f"it (for Python: install one outside {current}, or set agent_python)")
+            current = os.path.join(current, part)
     wanted = "".join(c for bit, c in ((os.R_OK, "r"), (os.W_OK, "w"), (os.X_OK, "x"))
                      if mode & bit)
     raise PermissionError(f"uid {os.getuid()} lacks {wanted} permission on {what} {path}")

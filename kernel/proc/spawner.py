@@ -15,6 +15,7 @@ import errno
 import logging
 import os
 import shutil
+import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -231,8 +232,15 @@ class Sandboxes:
         # spec.path is the code's real path, checked at this start (ProcessTable._check_code).
         code_dir = os.path.dirname(spec.path)
         python = self.k.config.agent_python or sys.executable
-        readable = (sandbox.default_readable(code_dir, python=python) if uid is not None
-                    else ())
+        try:
+            readable = (sandbox.default_readable(code_dir, python=python) if uid is not None
+                        else ())
+        except (OSError, subprocess.SubprocessError) as exc:
+            if socket_dir is not None:
+                self.unbind_endpoint(socket_dir)
+            self.release(spec.agent_id)
+            raise fault(abi.ErrorCode.EINVAL, f"the agents' interpreter {python} does not run "
+                        f"({exc}); fix agent_python in the kernel's config") from None
         try:
             pins = self.pins(spec.tier, (str(home), *readable))
         except OSError as exc:

@@ -400,6 +400,7 @@ class ProcessTable:
         self.k.db.write("UPDATE agents SET state='failed', ended_at=?, layers=? WHERE id=?",
                         (time.time(), layers, agent_id))
         self.k.audit.append(by, "spawn-failed", agent=agent_id, error=error)
+        self.k.access.agent_ended(agent_id)  # the token minted for it must not outlive it
         log.warning("agent could not start", extra={"agent": agent_id, "error": error})
 
     # --- exit, restart, wait, kill -----------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
@@ -50,7 +51,12 @@ def refusal(exc: Refused | Failed) -> Refused:
     code = abi.ErrorCode(exc.code) if exc.code in abi.ErrorCode._value2member_map_ else None
     status = STATUS.get(code, 500) if code is not None else 500
     name = code.name if code is not None else str(exc.code)
-    return Refused(status, exc.message, "model_not_found" if status == 404 else name)
+    message = exc.message
+    missing = re.match(r"([a-z]+\.[a-z_]+): not allowed", message) if status == 403 else None
+    if missing:
+        message += (f"; this key lacks {missing[1]}: mint one that holds it with `agentos token "
+                    f"http NAME --cap {missing[1]}`")
+    return Refused(status, message, "model_not_found" if status == 404 else name)
 
 
 def error_body(exc: Refused) -> dict[str, Any]:

@@ -15,7 +15,7 @@ cancels the generation, just as when an agent dies.
 
 The HTTP caller's principal is `http:<name>`, the `http:` audience of its token: over HTTP the
 bearer token is the only credential, so only tokens minted for the HTTP door (an `http:`
-audience, `agentos token mint`) are accepted there, and tokens bound to an agent or a local
+audience, `agentos token http NAME`) are accepted there, and tokens bound to an agent or a local
 user cannot be replayed over HTTP.
 """
 
@@ -161,7 +161,7 @@ class Bridge:
         (rate-limited there, like any denial)."""
         if not token:
             raise Refused(401, "missing bearer token: send 'Authorization: Bearer <token>' "
-                          "(mint one with `agentos token mint`)", "invalid_api_key")
+                          "(mint one with `agentos token http NAME`)", "invalid_api_key")
         try:
             cap = self.k.authority.verify(token)
         except TokenError as exc:
@@ -171,7 +171,8 @@ class Bridge:
         if len(audiences) != 1 or len(set(cap.audiences)) != 1:
             self._deny("http:?", "not an HTTP token", cap.token_id)
             raise Refused(401, "this token is not valid at the HTTP door (its audience is "
-                          f"{', '.join(cap.audiences)}); mint one with `agentos token mint`",
+                          f"{', '.join(cap.audiences)}); mint an API key with "
+                          "`agentos token http NAME`",
                           "invalid_api_key")
         now = time.time()
         if (cap.expires_at is not None and now >= cap.expires_at) or (
