@@ -239,7 +239,7 @@ class Sandboxes:
             if socket_dir is not None:
                 self.unbind_endpoint(socket_dir)
             self.release(spec.agent_id)
-            raise fault(abi.ErrorCode.EINVAL, f"the agents' interpreter {python} does not run "
+            raise Fault(abi.ErrorCode.EINVAL, f"the agents' interpreter {python} does not run "
                         f"({exc}); fix agent_python in the kernel's config") from None
         try:
             pins = self.pins(spec.tier, (str(home), *readable))
