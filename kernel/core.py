@@ -31,6 +31,7 @@ from kernel.access.tokens import Capability, Rule, TokenAuthority
 from kernel.accounts import Accounts
 from kernel.config import Config
 from kernel.db import Database
+from kernel.http.agentdoor import AgentDoor
 from kernel.ipc import Mailboxes
 from kernel.llm.core import LLMCore
 from kernel.memory.manager import MemoryManager
@@ -153,6 +154,7 @@ class Kernel:
         self.procs.spawn_hooks.append(self.rings.on_spawn)
         self.procs.reap_hooks.append(self.rings.drop)
         self.remote = Remote(self)
+        self.agentdoor = AgentDoor(self)
         self.access = AccessManager(self)
         self.approvals = Approvals(self)
         self.memory = MemoryManager(self)
@@ -315,6 +317,7 @@ class Kernel:
     def _shutdown(self) -> None:
         if self.http is not None:
             self.http.stop()
+        self.agentdoor.stop()
         self.llm.stop()
         self.memory.stop()
         self.tools.stop()

@@ -42,6 +42,7 @@ class Key:
 
     principal: str
     token: str
+    agent_id: int | None = None  # set at an agent's own door (kernel/http/agentdoor.py)
 
 
 class Refused(Exception):
@@ -173,6 +174,31 @@ class Bridge:
             raise Refused(401, "token expired or not yet valid", "invalid_api_key")
         return Key(audiences[0], token)
 
+    def authenticate_agent(self, token: str | None, agent_id: int) -> Key:
+        """The caller at agent `agent_id`'s own door: only a token whose one audience is that
+        agent (its own, or one derived from it) is accepted there; anything else is a 401,
+        audited under the agent."""
+        principal = f"agent:{agent_id}"
+        if not token:
+            self._deny(principal, "missing key", None)
+            raise Refused(401, "missing bearer token: the agent's key is in $OPENAI_API_KEY",
+                          "invalid_api_key")
+        try:
+            cap = self.k.authority.verify(token)
+        except TokenError as exc:
+            self._deny(principal, f"invalid token: {exc.reason}", None)
+            raise Refused(401, f"invalid token: {exc.reason}", "invalid_api_key") from None
+        if set(cap.audiences) != {principal}:
+            self._deny(principal, "another principal's token at an agent's door", cap.token_id)
+            raise Refused(401, "this key is not this agent's (use $OPENAI_API_KEY)",
+                          "invalid_api_key")
+        now = time.time()
+        if (cap.expires_at is not None and now >= cap.expires_at) or (
+                cap.not_before is not None and now < cap.not_before):
+            self._deny(principal, "expired", cap.token_id)
+            raise Refused(401, "token expired or not yet valid", "invalid_api_key")
+        return Key(principal, token, agent_id)
+
     def _deny(self, principal: str, reason: str, token_id: str | None) -> None:
         self.k.post(lambda: self.k.guard.deny(principal, "http.auth", None, reason,
                                               token_id=token_id))
@@ -189,7 +215,14 @@ class Bridge:
         req = abi.Request(v=abi.ABI_VERSION, id=1, call=name, token=key.token,
                           args=msgspec.Raw(raw), timeout_ms=timeout_ms)
         self.k.counts[name] += 1
-        self.k.execute(ex.route, req, Caller(key.principal, None))
+        if key.agent_id is None:
+            caller: Caller | None = Caller(key.principal, None)
+        else:  # the agent's own Caller, as its SDK calls have: None once it has ended
+            caller = self.k._caller(key.principal)
+        if caller is None:
+            ex.put(Refused(401, f"{key.principal} is not running", "invalid_api_key"))
+            return
+        self.k.execute(ex.route, req, caller)
         if self.k.find_parked(ex.route, 1) is not None:
             ex.put(_ACCEPTED)
 
