@@ -183,6 +183,13 @@ class Config:
     http_body_timeout: float = 30.0
     http_header_bytes: int = 64 * 1024
     http_body_bytes: int = 4 * 1024 * 1024
+    # The door inside every sandbox (kernel/doors/http/agentdoor.py): the OpenAI and AIOS APIs on
+    # each strict or standard agent's own socket, relayed to 127.0.0.1:8080 of its network
+    # namespace with OPENAI_BASE_URL and OPENAI_API_KEY set; connections per agent (beyond:
+    # 503, closed) and over all agents.
+    agent_door: bool = True
+    agent_door_connections: int = 16
+    agent_door_total: int = 1024
     # Models by name; the first, or the one marked default, serves calls that name none.
     models: dict[str, ModelConfig] = field(
         default_factory=lambda: {"smollm2": ModelConfig("smollm2", "smollm2", default=True)})

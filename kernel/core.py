@@ -34,6 +34,8 @@ from kernel.call import PENDING, Call, Caller, Fault, LocalRoute, Timer
 from kernel.config import Config
 from kernel.db import Database, StorageFault, storage_fault
 from kernel.doors import Door
+from kernel.doors.http.agentdoor import AgentDoor
+from kernel.doors.http.bridge import Bridge, HttpDoor
 from kernel.doors.remote import Remote
 from kernel.doors.ringdoor import RingDoor
 from kernel.doors.rings import Rings
@@ -108,6 +110,8 @@ class Kernel:
         self.procs.spawn_hooks.append(self.rings.on_spawn)
         self.procs.reap_hooks.append(self.rings.drop)
         self.remote = Remote(self)
+        self.bridge = Bridge(self)  # every HTTP front end's calls, the agents' own doors too
+        self.agentdoor = AgentDoor(self)
         self.access = AccessManager(self, self.procs.agent_named)
         self.approvals = Approvals(self)
         self.memory = MemoryManager(self)
@@ -124,7 +128,7 @@ class Kernel:
             self.remote.open(self.config.listen)
         if self.config.rings:
             self.ringdoor.open()
-        for door in (self.front, self.rings, self.ringdoor, self.remote):
+        for door in (self.front, self.rings, self.ringdoor, self.remote, HttpDoor(self.bridge)):
             self._open_door(door)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.poller.register(self._wake_r, zmq.POLLIN)
@@ -170,7 +174,6 @@ class Kernel:
             self.http.start_serving()
         except (OSError, ValueError) as exc:
             raise StateError(str(exc)) from None
-        self._open_door(self.http)
         host = self.http.server.config.host
         write_private(self.state.run / "http", f"{host}:{self.http.port()}\n".encode())
 
@@ -270,6 +273,7 @@ class Kernel:
     def _shutdown(self) -> None:
         if self.http is not None:
             self.http.close()
+        self.agentdoor.stop()
         self.llm.stop()
         self.memory.stop()
         self.tools.stop()

@@ -194,8 +194,11 @@ def test_aios_query_enforces_structure(web: KernelProcess, key: str) -> None:
     assert set(json.loads(r.json()["response"]["response_message"])) == {"ok"}
     r = httpx.post(url, headers=auth, timeout=60, json={
         "query_type": "llm", "agent_name": "x", "query_data": {
-            "messages": HELLO, "max_new_tokens": 64, "action_type": "tool_use",
+            # ~60 tokens of fixed text, then up to 8 characters of a byte-level vocabulary's
+            # up to 4 tokens each (which ones depends on whether the prompt was cached)
+            "messages": HELLO, "max_new_tokens": 160, "action_type": "tool_use",
             "tools": [LOOKUP], "parallel_tool_calls": False}})
+    assert r.status_code == 200 and r.json()["response"]["tool_calls"], r.text
     (call,) = r.json()["response"]["tool_calls"]
     assert call["name"] == "lookup" and set(call["parameters"]) == {"q"}
     r = httpx.post(url, headers=auth, timeout=60, json={

@@ -66,6 +66,11 @@ class _PathBeneathAttr(ctypes.Structure):
     _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
 
 
+class _NetPortAttr(ctypes.Structure):
+    _pack_ = 1  # packed: 16 bytes
+    _fields_ = [("allowed_access", ctypes.c_uint64), ("port", ctypes.c_uint64)]
+
+
 class LandlockError(OSError):
     """Landlock is missing or refused a step; the message names the step."""
 
@@ -100,6 +105,7 @@ class Ruleset:
         if fd < 0:
             raise _fail("create_ruleset")
         self.fd = int(fd)
+        self.ports: list[int] = []
 
     def allow(self, path: str, access: int, fd: int | None = None) -> None:
         """Grant `access` beneath `path` (a file gets only the rights files can have); with
@@ -120,6 +126,17 @@ class Ruleset:
             if fd is None:
                 os.close(pfd)
 
+    def allow_connect(self, port: int) -> None:
+        """Let TCP connect() reach `port` (on any address: meant for a process whose network
+        namespace has only its own loopback). A no-op where Landlock has no TCP rules."""
+        if not self.net:
+            return
+        rule = _NetPortAttr(NET_CONNECT_TCP, port)
+        if _libc.syscall(_SYS_ADD_RULE, self.fd, _RULE_NET_PORT, ctypes.byref(rule),
+                         ctypes.c_uint32(0)) != 0:
+            raise _fail(f"add_rule tcp connect {port}")
+        self.ports.append(port)
+
     def allow_all(self, paths: Iterable[str], access: int) -> None:
         for path in paths:
             self.allow(path, access)
@@ -138,4 +155,5 @@ class Ruleset:
     def describe(self) -> dict[str, object]:
         scopes = [name for bit, name in ((SCOPE_ABSTRACT_UNIX_SOCKET, "abstract_unix_socket"),
                                          (SCOPE_SIGNAL, "signal")) if self.scoped & bit]
-        return {"abi": self.abi, "tcp_denied": bool(self.net), "scopes": scopes}
+        return {"abi": self.abi, "tcp_denied": bool(self.net), "scopes": scopes,
+                **({"tcp_connect": self.ports} if self.ports else {})}

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
-from kernel.proc import landlock, resolve, seccomp
+from kernel.proc import forward, landlock, resolve, seccomp
 from kernel.proc.sandbox import (
     BOOT,
     CLONE_NEWIPC,
@@ -280,7 +280,36 @@ def build_landlock(policy: Policy, private_tmp: bool) -> landlock.Ruleset:
             ruleset.allow(path, access, fd)
         finally:
             os.close(fd)
+    for port in policy.forwards:
+        ruleset.allow_connect(int(port))
     return ruleset
+
+
+def open_forwards(policy: Policy) -> list[tuple[Any, str]]:
+    """The in-sandbox bridge's listeners, bound as root in the agent's own namespace (the
+    standard tier's loopback is down until this brings it up)."""
+    if "unshare" in policy.layers:
+        forward.loopback_up()
+    return [(forward.listen(int(port)), path) for port, path in policy.forwards.items()]
+
+
+def start_relay(routes: list[tuple[Any, str]], report_fd: int | None) -> dict[str, Any]:
+    """Fork the bridge's relay, under every layer the agent is under, as the agent's child
+    (it dies with the agent); the agent keeps none of the listeners."""
+    ports = sorted(listener.getsockname()[1] for listener, _ in routes)
+    ppid = os.getpid()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            if report_fd is not None:
+                os.close(report_fd)
+            die_with_parent(ppid)
+            forward.serve(routes)
+        finally:
+            os._exit(1)
+    for listener, _ in routes:
+        listener.close()
+    return {"ports": ports, "relay_pid": pid}
 
 
 def namespace_ids() -> str:
@@ -426,7 +455,9 @@ class Launcher:
         # Build the Landlock rules and the seccomp filter while root can still open every path.
         ruleset = (report.step("landlock", build_landlock, policy, "namespaces" in layers)
                    if "landlock" in layers else None)
-        bpf = report.step("seccomp", seccomp.agent_filter) if "seccomp" in layers else None
+        routes = report.step(layers[0], open_forwards, policy) if policy.forwards else []
+        bpf = (report.step("seccomp", seccomp.agent_filter, bool(routes))
+               if "seccomp" in layers else None)
         if "rlimits" in layers:
             applied["rlimits"] = report.step("rlimits", set_rlimits, policy.limits)
         if "identity" in layers:
@@ -453,6 +484,8 @@ class Launcher:
             applied["seccomp"] = {"arch": os.uname().machine, "rules": bpf.rules,
                                   "other_abis": "killed"}
             bpf.release()
+        if routes:
+            applied["bridge"] = report.step(layers[0], start_relay, routes, a.report_fd)
         if a.report_fd is not None:
             os.set_inheritable(a.report_fd, False)  # closes at exec: the agent cannot forge it
         report.send({"event": "exec", "tier": policy.tier, "layers": applied,

@@ -44,9 +44,10 @@ TIERS: dict[str, tuple[str, ...]] = {
     "network": ("rlimits", "nnp"),
 }
 
-# Read-only for every agent: the system's shared libraries and programs.
+# Read-only for every agent: the system's shared libraries and programs, and the public CA
+# certificates (HTTP clients such as httpx load them when they are made, TLS or not).
 SYSTEM_PATHS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32",
-                "/etc/ld.so.cache", "/etc/localtime")
+                "/etc/ld.so.cache", "/etc/localtime", "/etc/ssl/certs")
 
 # `python -I` leaves the working directory (the agent's home, which the agent writes) out of
 # sys.path, so a planted `kernel/` package there is never imported by the root launcher; `-S`
@@ -123,6 +124,9 @@ class Policy:
     # path -> [device, inode] the kernel resolved and checked: the launcher grants a pinned
     # path only if it opens that very file (kernel/proc/resolve.py).
     pins: dict[str, list[int]] = field(default_factory=dict)
+    # port -> Unix socket: loopback listeners in the agent's own network namespace relayed to
+    # the kernel (kernel/proc/forward.py). Only where it has one (strict, standard).
+    forwards: dict[str, str] = field(default_factory=dict)
 
     @property
     def layers(self) -> tuple[str, ...]:
@@ -154,6 +158,12 @@ class Policy:
             if (not _is_clean_path(path) or not isinstance(ident, list) or len(ident) != 2
                     or not all(_is_int(n) and n >= 0 for n in ident)):
                 raise ValueError(f"bad pin {path!r}: {ident!r}")
+        if self.forwards and not {"namespaces", "unshare"} & set(self.layers):
+            raise ValueError(f"tier {self.tier} has no network namespace to forward ports in")
+        for port, path in self.forwards.items():
+            if not (isinstance(port, str) and port.isdigit() and 0 < int(port) < 65536
+                    and _is_clean_path(path)):
+                raise ValueError(f"bad forward {port!r} -> {path!r}")
         for name, value in dataclasses.asdict(self.limits).items():
             if value is not None and (not _is_int(value) or value < 0):
                 raise ValueError(f"limit {name} must be a non-negative int, got {value!r}")
@@ -179,7 +189,7 @@ class Policy:
                 if not isinstance(data[name], list):
                     raise ValueError(f"{name} must be a list")
                 data[name] = tuple(data[name])
-        for name in ("env", "pins"):
+        for name in ("env", "pins", "forwards"):
             if not isinstance(data.get(name, {}), dict):
                 raise ValueError(f"{name} must be an object")
         try:

@@ -19,6 +19,9 @@ CMP_NE = 1
 CMP_EQ = 4
 CMP_MASKED_EQ = 7
 AF_UNIX = 1  # the same on every Linux architecture (socket is not imported: launcher start-up)
+AF_INET = 2
+AF_INET6 = 10
+CMP_GT = 6
 
 # Denied outright with EPERM. Each line is a way out of the sandbox or into another process.
 DENIED = (
@@ -139,15 +142,23 @@ class Filter:
             self.ctx = None
 
 
-def agent_filter() -> Filter:
-    """The agent's filter: DENIED, namespace clones, and every socket family but AF_UNIX."""
+def agent_filter(inet: bool = False) -> Filter:
+    """The agent's filter: DENIED, namespace clones, and every socket family but AF_UNIX (and
+    with `inet` AF_INET/AF_INET6: only for a process in a network namespace of its own, whose
+    one interface is its own loopback, where the in-sandbox bridge listens)."""
     f = Filter()
     for name in DENIED:
         f.deny(name, errno.EPERM)
     # Landlock covers TCP only; this also stops UDP, raw, netlink, vsock and the rest.
-    not_unix = (0, CMP_NE, AF_UNIX, 0)
-    f.deny("socket", errno.EPERM, not_unix)
-    f.deny("socketpair", errno.EPERM, not_unix)
+    for call in ("socket", "socketpair"):
+        if not inet:
+            f.deny(call, errno.EPERM, (0, CMP_NE, AF_UNIX, 0))
+            continue
+        # One comparison per rule (libseccomp's rule on one argument): every family but
+        # AF_UNIX (1), AF_INET (2) and AF_INET6 (10).
+        for family in (0, *range(AF_INET + 1, AF_INET6)):
+            f.deny(call, errno.EPERM, (0, CMP_EQ, family, 0))
+        f.deny(call, errno.EPERM, (0, CMP_GT, AF_INET6, 0))
     for flag in NAMESPACE_FLAGS:
         f.deny("clone", errno.EPERM, (0, CMP_MASKED_EQ, flag, flag))
     # clone3 passes its flags in memory the filter cannot read; ENOSYS makes libc use clone().

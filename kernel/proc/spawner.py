@@ -228,6 +228,7 @@ class Sandboxes:
             env["PYTHONDONTWRITEBYTECODE"] = "1"  # the code is read-only to the agent
             if spec.tier == "standard":
                 env["TMPDIR"] = str(home)  # the host's /tmp is out of reach; strict has its own
+        forwards = self.bridge(spec, token, socket_dir, uid, env)
         env.update(extras.env)
         # spec.path is the code's real path, checked at this start (ProcessTable._check_code).
         code_dir = os.path.dirname(spec.path)
@@ -252,7 +253,7 @@ class Sandboxes:
         policy = Policy(
             tier=spec.tier, uid=uid, gid=uid, home=str(home), readable=readable,
             socket_dir=str(socket_dir) if socket_dir else None, limits=limits,
-            keep_fds=tuple(extras.fds), env=env, pins=pins)
+            keep_fds=tuple(extras.fds), env=env, pins=pins, forwards=forwards)
         argv = [python, "-m", "sdk.runner", spec.path, *spec.argv]
         try:
             launch = sandbox.Launch(policy, argv)
@@ -262,6 +263,27 @@ class Sandboxes:
             self.release(spec.agent_id)
             raise Fault(abi.ErrorCode.EINVAL, f"cannot sandbox this agent: {exc}") from None
         return Prepared(launch, policy, endpoint, socket_dir, log_bytes)
+
+    def bridge(self, spec: AgentSpec, token: str, socket_dir: Path | None, uid: int | None,
+               env: dict[str, str]) -> dict[str, str]:
+        """The kernel's HTTP door inside the sandbox (kernel/doors/http/agentdoor.py): served on
+        the agent's own socket, relayed from 127.0.0.1 in its network namespace; its address and
+        key go into the environment the agent's code starts with. The ports to relay."""
+        if (socket_dir is None or uid is None or not self.k.config.agent_door
+                or spec.tier not in ("strict", "standard")):
+            return {}
+        from kernel.proc.forward import PORTS
+        from sdk.tokens import attenuate
+
+        path = self.k.agentdoor.open(spec.agent_id, uid, socket_dir)
+        # Its own token narrowed to its own audience: worth nothing at any other door.
+        key = attenuate(token, ("aud", f"agent:{spec.agent_id}"))
+        url = f"http://127.0.0.1:{PORTS['door']}"
+        env.update({"OPENAI_BASE_URL": f"{url}/v1", "OPENAI_API_KEY": key,
+                    # AIOS's Cerebrum client sends no headers: the key rides in the path.
+                    "AIOS_KERNEL_URL": f"{url}/aios/{key}",
+                    "AGENTOS_HTTP_SOCKET": str(path)})
+        return {str(PORTS["door"]): str(path)}
 
     @staticmethod
     def pins(tier: str, paths: tuple[str, ...]) -> dict[str, list[int]]:
@@ -373,6 +395,8 @@ class Sandboxes:
         return path
 
     def unbind_endpoint(self, socket_dir: Path) -> None:
+        if socket_dir.name.isdigit():
+            self.k.agentdoor.close(int(socket_dir.name))
         sock = socket_dir / "kernel.sock"
         try:
             self.k.router.unbind(f"ipc://{sock}")

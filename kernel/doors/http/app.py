@@ -93,8 +93,10 @@ class Authenticated:
         path: str = scope["path"]
         aios_path = path.startswith("/aios/")
         token = path.split("/")[2] if aios_path else bearer(Headers(scope=scope))
+        agent_id = scope.get("agentos.agent")  # set only on an agent's own door (agentdoor.py)
         try:
-            key = self.bridge.authenticate(token)
+            key = (self.bridge.authenticate(token) if agent_id is None
+                   else self.bridge.authenticate_agent(token, agent_id))
         except Refused as exc:
             response: Response
             if aios_path or path == "/query":
@@ -130,9 +132,9 @@ async def json_body(request: Request) -> Any:
 
 
 class Routes:
-    def __init__(self, kernel: Kernel, keeper: Doorkeeper) -> None:
+    def __init__(self, kernel: Kernel, keeper: Doorkeeper, bridge: Bridge) -> None:
         self.k = kernel
-        self.bridge = Bridge(kernel)
+        self.bridge = bridge
         self.keeper = keeper
 
     def app(self) -> Starlette:

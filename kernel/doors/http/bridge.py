@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -50,6 +50,7 @@ class Key:
     principal: str
     token: str
     capability: Capability
+    agent_id: int | None = None  # set at an agent's own door (agentdoor.py)
 
 
 class Refused(Exception):
@@ -181,6 +182,31 @@ class Bridge:
             raise Refused(401, "token expired or not yet valid", "invalid_api_key")
         return Key(audiences[0], token, cap)
 
+    def authenticate_agent(self, token: str | None, agent_id: int) -> Key:
+        """The caller at agent `agent_id`'s own door: only a token whose one audience is that
+        agent (its own, or one derived from it) is accepted there; anything else is a 401,
+        audited under the agent."""
+        principal = f"agent:{agent_id}"
+        if not token:
+            self._deny(principal, "missing key", None)
+            raise Refused(401, "missing bearer token: the agent's key is in $OPENAI_API_KEY",
+                          "invalid_api_key")
+        try:
+            cap = self.k.authority.verify(token)
+        except TokenError as exc:
+            self._deny(principal, f"invalid token: {exc.reason}", None)
+            raise Refused(401, f"invalid token: {exc.reason}", "invalid_api_key") from None
+        if set(cap.audiences) != {principal}:
+            self._deny(principal, "another principal's token at an agent's door", cap.token_id)
+            raise Refused(401, "this key is not this agent's (use $OPENAI_API_KEY)",
+                          "invalid_api_key")
+        now = time.time()
+        if (cap.expires_at is not None and now >= cap.expires_at) or (
+                cap.not_before is not None and now < cap.not_before):
+            self._deny(principal, "expired", cap.token_id)
+            raise Refused(401, "token expired or not yet valid", "invalid_api_key")
+        return Key(principal, token, cap, agent_id)
+
     def _deny(self, principal: str, reason: str, token_id: str | None) -> None:
         self.k.post(lambda: self.k.guard.deny(principal, "http.auth", None, reason,
                                               token_id=token_id))
@@ -194,8 +220,15 @@ class Bridge:
         # expired since is refused), its revocation and budgets.
         self.sinks[ex.route] = ex.put
         self.k.counts[name] += 1
-        self.k.execute(Call(ex.route, 1, name, Caller(key.principal, None), timeout_ms),
-                       args, key.capability)
+        if key.agent_id is None:
+            caller: Caller | None = Caller(key.principal, None)
+        else:  # the agent's own Caller, as its SDK calls have: None once it has ended
+            caller = self.k._caller(key.principal)
+        if caller is None:
+            self.sinks.pop(ex.route, None)
+            ex.put(Refused(401, f"{key.principal} is not running", "invalid_api_key"))
+            return
+        self.k.execute(Call(ex.route, 1, name, caller, timeout_ms), args, key.capability)
         if self.k.find_parked(ex.route, 1) is not None:
             ex.put(_ACCEPTED)
 
@@ -210,6 +243,32 @@ class Bridge:
 
         self.sinks[route] = drop
         self.k.fail(call, abi.ErrorCode.ECANCELED, "the HTTP client went away")
+
+
+class HttpDoor:
+    """The door (kernel/doors/__init__.py) of every HTTP front end, the `--http` listener and
+    the agents' own doors alike: one bridge, so one route space. Its calls' routes are
+    `LocalRoute`s, whose outcomes go to the sinks the bridge registered, as structs; it polls
+    nothing of the loop's (the HTTP threads post their work to the loop)."""
+
+    routes = LocalRoute
+
+    def __init__(self, bridge: Bridge) -> None:
+        self.bridge = bridge
+
+    def on_ready(self, ready: Mapping[Any, int]) -> None:
+        pass
+
+    def deliver(self, route: bytes, reply: Any) -> None:
+        sink = self.bridge.sinks.get(route)
+        if sink is not None:
+            sink(reply)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class Failed(Exception):

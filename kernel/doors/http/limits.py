@@ -103,8 +103,15 @@ class GuardedHttp(HttpToolsProtocol):
 
     # --- the connection ----------------------------------------------------------------------
 
+    def peer_key(self, transport: asyncio.BaseTransport) -> str | None:
+        """The key this connection is counted under; None refuses it outright."""
+        return peer_of(transport.get_extra_info("peername"))
+
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        peer = peer_of(transport.get_extra_info("peername"))
+        peer = self.peer_key(transport)
+        if peer is None:
+            transport.close()
+            return
         refused = self.keeper.admit(peer)
         if refused is not None:
             # Best effort: a request that already arrived unread turns the close into a reset.

@@ -10,12 +10,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import uvicorn
 
-from kernel.call import LocalRoute
 from kernel.doors.http.app import Routes
 from kernel.doors.http.limits import Doorkeeper, guarded
 
@@ -34,11 +32,8 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 
 class HttpServer(threading.Thread):
-    """The HTTP door (kernel/doors/__init__.py): its calls' routes are `LocalRoute`s, whose
-    outcomes go to the bridge's sinks as structs; it polls nothing of the loop's (its thread
-    posts work to the loop)."""
-
-    routes = LocalRoute
+    """The `--http HOST:PORT` listener; its calls go through the kernel's one HTTP bridge
+    (bridge.py: `Bridge`, and `HttpDoor` delivers their outcomes)."""
 
     def __init__(self, kernel: Kernel, listen: str) -> None:
         super().__init__(name="http", daemon=True)
@@ -47,7 +42,7 @@ class HttpServer(threading.Thread):
         self.keeper = Doorkeeper(c.http_max_connections, c.http_max_per_peer,
                                  c.http_header_timeout, c.http_body_timeout,
                                  c.http_header_bytes, c.http_body_bytes)
-        self.routes_app = Routes(kernel, self.keeper)
+        self.routes_app = Routes(kernel, self.keeper, kernel.bridge)
         config = uvicorn.Config(self.routes_app.app(), host=host, port=port,
                                 log_config=None, access_log=False, lifespan="off",
                                 loop="asyncio", http=guarded(self.keeper),
@@ -84,17 +79,6 @@ class HttpServer(threading.Thread):
 
     def _where(self) -> str:
         return f"{self.server.config.host}:{self.server.config.port}"
-
-    def on_ready(self, ready: Mapping[Any, int]) -> None:
-        pass
-
-    def deliver(self, route: bytes, reply: Any) -> None:
-        sink = self.routes_app.bridge.sinks.get(route)
-        if sink is not None:
-            sink(reply)
-
-    def flush(self) -> None:
-        pass
 
     def close(self) -> None:
         self.server.should_exit = True

@@ -1,0 +1,159 @@
+"""The HTTP door inside every sandbox: the OpenAI and AIOS routes on each agent's own Unix
+socket, where a request is that agent's call.
+
+Each agent with a uid of its own gets `run/agents/<id>/http.sock` beside its ZeroMQ endpoint
+(root:agent-gid 0660 in the 0710 directory only its uid may pass, bound into the strict
+sandbox): whoever connects there is the agent, and the peer's uid (SO_PEERCRED) must be its
+uid. Inside the sandbox a relay (kernel/proc/forward.py) listens on 127.0.0.1:8080 of the
+agent's own network namespace and forwards to it, so `OPENAI_BASE_URL` is an ordinary URL and
+no TCP reaches the host. The bearer key must be a token for this very agent (its audience is
+`agent:<id>`, the key `OPENAI_API_KEY` holds is its own token narrowed to that audience):
+another agent's key, a forged or expired one is a 401, audited. The calls then go through the
+same bridge, access check, scheduler, budgets and audit as the agent's SDK calls, under its
+own principal, so `agentos top` counts them as the agent's.
+
+Connections are bounded per agent (`agent_door_connections`; a flood from one agent gets 503s
+and leaves its neighbours' doors alone) and in total, with the HTTP front end's header, body
+and timeout limits. The door runs one asyncio loop on a thread of its own, started with the
+first agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import struct
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kernel.core import Kernel
+
+log = logging.getLogger("kernel.doors.http")
+
+SOCKET_NAME = "http.sock"
+AGENT_SCOPE_KEY = "agentos.agent"  # the ASGI scope entry naming the door's agent
+
+
+def _protocol(keeper: Any, agent_id: int, uid: int) -> type:
+    """The connection class of one agent's door (uvicorn and Starlette load with the door,
+    not with the kernel)."""
+    from kernel.doors.http.limits import GuardedHttp
+
+    class AgentHttp(GuardedHttp):
+        """A connection at the agent's door: counted under the agent, its scope naming it."""
+
+        def peer_key(self, transport: asyncio.BaseTransport) -> str | None:
+            sock = transport.get_extra_info("socket")
+            try:
+                creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                        struct.calcsize("3i"))
+            except (OSError, AttributeError):
+                return None
+            peer_uid = struct.unpack("3i", creds)[1]
+            if peer_uid != uid:  # the directory's modes keep others out; this is the proof
+                log.warning("agent door: a stranger's connection refused",
+                            extra={"agent": agent_id, "peer_uid": peer_uid})
+                return None
+            return f"agent:{agent_id}"
+
+        def on_headers_complete(self) -> None:
+            self.scope[AGENT_SCOPE_KEY] = agent_id  # type: ignore[index]
+            super().on_headers_complete()
+
+    AgentHttp.keeper = keeper
+    AgentHttp.agent_id = agent_id  # type: ignore[attr-defined]
+    return AgentHttp
+
+
+class AgentDoor:
+    def __init__(self, kernel: Kernel) -> None:
+        self.k = kernel
+        from kernel.doors.http.limits import Doorkeeper
+
+        c = kernel.config
+        # One keeper for every agent's door: `max_per_peer` is per agent (the peer key).
+        self.keeper = Doorkeeper(c.agent_door_total, c.agent_door_connections,
+                                 c.http_header_timeout, c.http_body_timeout,
+                                 c.http_header_bytes, c.http_body_bytes)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._servers: dict[int, asyncio.base_events.Server] = {}  # loop thread only
+        self._config: Any = None
+        self._state: Any = None
+
+    def _start(self) -> asyncio.AbstractEventLoop:
+        if self.loop is None:
+            import uvicorn
+            from uvicorn.server import ServerState
+
+            from kernel.doors.http.app import Routes
+
+            self._state = ServerState()
+            app = Routes(self.k, self.keeper, self.k.bridge).app()
+            self._config = uvicorn.Config(app, log_config=None, access_log=False,
+                                          lifespan="off", loop="asyncio")
+            self._config.load()
+            self.loop = asyncio.new_event_loop()
+            self._thread = threading.Thread(target=self.loop.run_forever, name="agent-door",
+                                            daemon=True)
+            self._thread.start()
+        return self.loop
+
+    def open(self, agent_id: int, uid: int, socket_dir: Path) -> Path:
+        """Bind the agent's door in its endpoint directory (from the kernel's loop)."""
+        path = socket_dir / SOCKET_NAME
+        if path.exists() or path.is_symlink():
+            path.unlink()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(str(path))
+            os.chown(path, os.geteuid(), uid, follow_symlinks=False)
+            os.chmod(path, 0o660)
+            sock.listen(64)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        loop = self._start()
+        protocol = _protocol(self.keeper, agent_id, uid)
+        config, state = self._config, self._state
+
+        def factory() -> asyncio.Protocol:
+            return protocol(config=config, server_state=state, app_state={}, _loop=loop)
+
+        async def serve() -> None:
+            self._servers[agent_id] = await loop.create_server(factory, sock=sock)
+
+        asyncio.run_coroutine_threadsafe(serve(), loop).result(timeout=10)
+        return path
+
+    def close(self, agent_id: int) -> None:
+        """Stop serving the agent's door and drop its open connections (the agent is over)."""
+        if self.loop is None:
+            return
+
+        def stop() -> None:
+            server = self._servers.pop(agent_id, None)
+            if server is not None:
+                server.close()
+            for conn in list(self._state.connections):
+                if getattr(conn, "agent_id", None) == agent_id:
+                    conn.shutdown()
+
+        self.loop.call_soon_threadsafe(stop)
+
+    def figures(self) -> dict[str, Any]:
+        return {**self.keeper.figures(), "agents": len(self._servers)}
+
+    def stop(self) -> None:
+        if self.loop is None:
+            return
+        for agent_id in list(self._servers):
+            self.close(agent_id)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        if self._thread is not None:
+            self._thread.join(timeout=5)
