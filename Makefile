@@ -9,6 +9,7 @@ demo: bootstrap
 
 lint: bootstrap
 	.venv/bin/ruff check .
+	.venv/bin/python tools/testlint.py
 
 test: bootstrap lint
 	.venv/bin/python -m pytest -q

@@ -173,3 +173,11 @@ def wait_until(predicate: Callable[[], object], timeout: float = 10.0,
             return True
         time.sleep(interval)
     return False
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter,
+                            config: pytest.Config) -> None:
+    """Print the seed of the random test order (pytest-randomly) even under -q, for replay."""
+    seed = getattr(config.option, "randomly_seed", None)
+    if isinstance(seed, int):
+        terminalreporter.write_line(f"test order: --randomly-seed={seed} replays it")

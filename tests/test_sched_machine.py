@@ -1,4 +1,10 @@
-"""Hypothesis state machines for kernel.llm.sched: every policy against a fake clock and engine."""
+"""Hypothesis state machines for kernel.llm.sched: every policy against a fake clock and engine.
+
+Besides jobs arriving, running, finishing and being cancelled, agents are paused and resumed
+(proc.suspend), the capacity moves mid-run (MemoryPressure), and agents that ended are
+forgotten; every machine bounds how often one job is preempted, and fair share bounds how long
+one job waits.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -114,6 +121,9 @@ class Record:
     started: bool = False
     mark: tuple[int, float, int] | None = None  # (call, time, others waiting) the bound counts from
     tokens: list[int] = field(default_factory=list)
+    forced: int = 0  # preemptions a shrinking capacity or a pause forced
+    chosen: int = 0  # preemptions the policy chose (a slice or quantum used up)
+    running_s: float = 0.0  # length of the slices it was preempted from, for slices in seconds
 
 
 class SchedulerMachine(RuleBasedStateMachine):
@@ -134,6 +144,10 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.service: Counter[str] = Counter()  # tokens served per agent, finished jobs included
         self.capacity = 1
         self.engine = FakeEngine(1)
+        self.paused: set[str] = set()  # shared with the scheduler, as the model worker does
+        self.pauses: Counter[str] = Counter()  # pause events per agent
+        self.shrinks = 0  # capacity decreases
+        self.forced_step = False  # this step's capacity is below the unpaused jobs running
         self.broken = False  # a check failed: teardown must not pile a second failure on it
         self.sched: Scheduler
 
@@ -144,6 +158,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.capacity = capacity
         self.engine = FakeEngine(chunk)
         self.sched = self.build(data)
+        self.sched.paused = self.paused
 
     def build(self, data: st.DataObject) -> Scheduler:
         raise NotImplementedError
@@ -193,9 +208,47 @@ class SchedulerMachine(RuleBasedStateMachine):
     def wait(self, dt: float) -> None:
         self.clock += dt
 
+    @rule(agent=st.sampled_from(AGENTS))
+    @checked
+    def pause(self, agent: str) -> None:
+        self.paused.add(agent)
+        self.pauses[agent] += 1
+        self.restart_bounds()
+
+    @precondition(lambda self: self.paused)
+    @rule(data=st.data())
+    @checked
+    def resume(self, data: st.DataObject) -> None:
+        self.paused.discard(data.draw(st.sampled_from(sorted(self.paused))))
+        self.restart_bounds()
+
+    @rule(capacity=st.integers(1, 4))
+    @checked
+    def resize(self, capacity: int) -> None:
+        self.shrinks += capacity < self.capacity
+        self.capacity = capacity
+        self.restart_bounds()
+
+    @rule(agent=st.sampled_from(AGENTS))
+    @checked
+    def forget(self, agent: str) -> None:
+        if any(self.jobs[i].job.agent == agent for i in self.live()):
+            with pytest.raises(ValueError):
+                self.sched.forget_agent(agent)
+            return
+        self.sched.forget_agent(agent)
+        assert agent not in self.sched.agents(), f"{agent} still accounted after forget"
+        self.forgotten(agent)
+
+    def restart_bounds(self) -> None:
+        """The wait bounds count from the last pause, resume or resize: start them again."""
+        for rec in self.active.values():
+            rec.mark = None
+
     def teardown(self) -> None:
         if not hasattr(self, "sched") or self.broken:
             return
+        self.paused.clear()
         # Every step serves some job at least one token, so the work left bounds the steps.
         work = sum(rec.job.prompt_tokens - rec.job.prefilled + rec.job.max_tokens
                    - rec.job.generated for rec in self.active.values())
@@ -221,6 +274,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.last_call = self.clock
         self.calls += 1
         before = {i: rec.state for i, rec in self.active.items()}
+        self.forced_step = sum(1 for i, state in before.items() if state == "running"
+                               and self.jobs[i].job.agent not in self.paused) > self.capacity
         self.before_plan()
         plan = self.sched.schedule(self.clock, self.capacity)
         self.check_common(plan, before)
@@ -245,7 +300,13 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.engine.apply(plan)
         for job in plan.preempt:
             rec = self.jobs[job.id]
+            rec.running_s += self.clock - rec.slice_start
             rec.state, rec.queued_at, rec.seq = "waiting", self.clock, next(self.seqs)
+            if self.forced(job):
+                rec.forced += 1
+            else:
+                rec.chosen += 1
+            assert job.preemptions == rec.forced + rec.chosen
         for job in plan.run:
             rec = self.jobs[job.id]
             if rec.state == "waiting":
@@ -271,12 +332,36 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert all(i in before for i in run + stop), "scheduled a job that is not live"
         assert all(before[i] == "running" for i in preempt), "preempted a job not running"
         assert not set(run) & set(preempt) and not set(stop) & set(run + preempt)
-        live = len(before) - len(stop)
+        assert not [job for job in plan.run if job.agent in self.paused], "ran a paused agent"
+        held = {i for i, state in before.items()
+                if state == "running" and self.jobs[i].job.agent in self.paused}
+        assert held <= set(preempt + stop), "a paused agent's job kept its place"
+        live = sum(1 for i in before if self.jobs[i].job.agent not in self.paused) - len(
+            [i for i in stop if self.jobs[i].job.agent not in self.paused])
         if not self.budgeted:
             assert not stop
             assert len(run) == min(self.capacity, live), "left a slot idle with jobs waiting"
-            if preempt:
+            if set(preempt) - held:
                 assert len(run) == self.capacity, "preempted with a free slot"
+
+    def forced(self, job: Job) -> bool:
+        """Whether a preemption was forced on the policy rather than chosen by it."""
+        return job.agent in self.paused or self.forced_step
+
+    @invariant()
+    @checked
+    def preemptions_bounded(self) -> None:
+        """One job is preempted at most once per shrink of the capacity or pause of its agent,
+        plus once per slice (quantum) it used up: no job is switched out over and over."""
+        if self.budgeted:  # a budget cap shrinking also forces preemptions
+            return
+        for rec in self.jobs.values():
+            assert rec.forced <= self.shrinks + self.pauses[rec.job.agent], (
+                f"job {rec.job.id} preempted {rec.forced} times by {self.shrinks} shrinks and"
+                f" {self.pauses[rec.job.agent]} pauses")
+            bound = self.chosen_bound(rec)
+            assert bound is None or rec.chosen <= bound, (
+                f"job {rec.job.id} preempted {rec.chosen} times, bound {bound}")
 
     @invariant()
     @checked
@@ -294,20 +379,32 @@ class SchedulerMachine(RuleBasedStateMachine):
     def live(self) -> list[int]:
         return list(self.active)
 
-    def waiting_records(self) -> list[Record]:
-        return [rec for rec in self.active.values() if rec.state == "waiting"]
+    def waiting_records(self, paused: bool = False) -> list[Record]:
+        """Waiting jobs; those of paused agents only with `paused` (they cannot be admitted)."""
+        return [rec for rec in self.active.values() if rec.state == "waiting"
+                and (paused or rec.job.agent not in self.paused)]
 
     def mark_waiting(self) -> None:
-        """Start the bound's count for waiting jobs that are `due` and not yet counted."""
-        others = len(self.waiting_records()) - 1
-        for rec in self.waiting_records():
-            if rec.mark is None and self.is_due(rec):
+        """Start the bound's count for waiting jobs that are `due` and not yet counted; a paused
+        agent's job waits out of the count (the others ahead of it include paused ones)."""
+        others = len(self.waiting_records(paused=True)) - 1
+        for rec in self.waiting_records(paused=True):
+            if rec.job.agent in self.paused:
+                rec.mark = None
+            elif rec.mark is None and self.is_due(rec):
                 rec.mark = (self.calls, self.clock, others)
 
     # -- hooks for each policy -------------------------------------------------------------
 
     def refusal(self, job: Job) -> str:
         return ""
+
+    def chosen_bound(self, rec: Record) -> int | None:
+        """The most preemptions the policy may choose for this job (None: not bounded here)."""
+        return 0
+
+    def forgotten(self, agent: str) -> None:
+        self.service[agent] = 0
 
     def before_plan(self) -> None:
         pass
@@ -351,7 +448,7 @@ class FIFOMachine(SchedulerMachine):
         return make_scheduler("fifo")
 
     def check_plan(self, plan: Plan) -> None:
-        assert not plan.preempt
+        assert all(self.forced(job) for job in plan.preempt), "FIFO chose to preempt"
         admitted, _, left = self.split(plan)
         if admitted and left:
             assert max((r.job.arrival, r.job.id) for r in admitted) < min(
@@ -384,6 +481,12 @@ class RoundRobinMachine(SchedulerMachine):
                 "admitted out of queue order")
         if left:
             assert not [r for r in kept if self.expired(r)], "kept an expired job while one waits"
+
+    def chosen_bound(self, rec: Record) -> int | None:
+        if self.slice_tokens is not None:
+            return rec.job.served // self.slice_tokens
+        assert self.slice_s is not None
+        return math.floor(rec.running_s / self.slice_s + EPS)
 
     def check_bounds(self) -> None:
         self.mark_waiting()
@@ -422,9 +525,14 @@ class PriorityMachine(SchedulerMachine):
             if r.slice_used >= self.quantum:
                 assert best_left < r.job.priority + 1 + EPS, "kept a beaten job"
         for job in plan.preempt:
+            if self.forced(job):
+                continue
             victim = self.jobs[job.id]
             assert victim.slice_used >= self.quantum, "preempted inside its quantum"
             assert any(self.effective(r) >= victim.job.priority + 1 - EPS for r in admitted)
+
+    def chosen_bound(self, rec: Record) -> int | None:
+        return rec.job.served // self.quantum
 
     def is_due(self, rec: Record) -> bool:
         wait = (PMAX + 1 - rec.job.priority) / self.rate
@@ -472,9 +580,14 @@ class AgentLASMachine(SchedulerMachine):
             if r.slice_used >= self.quantum:
                 assert best_left[0] >= self.level(r.job.agent), "kept a beaten job"
         for job in plan.preempt:
+            if self.forced(job):
+                continue
             victim = self.jobs[job.id]
             assert victim.slice_used >= self.quantum, "preempted inside its quantum"
             assert any(self.rank(r)[0] < self.level(job.agent) for r in admitted)
+
+    def chosen_bound(self, rec: Record) -> int | None:
+        return rec.job.served // self.quantum
 
     def is_due(self, rec: Record) -> bool:
         return self.promoted(rec)
@@ -563,6 +676,12 @@ class BudgetMachine(SchedulerMachine):
     def before_plan(self) -> None:
         self.rooms = {agent: self.room(agent) for agent in AGENTS}
 
+    def forgotten(self, agent: str) -> None:
+        """Forgetting an agent drops its usage and the limits set for it: a reused name gets
+        the default (no limits here)."""
+        super().forgotten(agent)
+        self.limits[agent] = Limits()
+
     def check_plan(self, plan: Plan) -> None:
         stopped = {job.agent for job in plan.stop}
         assert all(self.rooms[agent] == 0 for agent in stopped), "stopped an agent with room"
@@ -574,7 +693,7 @@ class BudgetMachine(SchedulerMachine):
             room = self.rooms[agent]
             assert room is None or n <= room, "more of an agent's jobs than tokens it has left"
         allowed = sum(n if self.rooms[a] is None else min(n, self.rooms[a] or 0)
-                      for a, n in live.items() if a not in stopped)
+                      for a, n in live.items() if a not in stopped and a not in self.paused)
         assert len(plan.run) == min(self.capacity, allowed), "left a slot idle"
 
     @invariant()
