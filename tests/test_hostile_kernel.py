@@ -154,7 +154,9 @@ def test_escapes_through_the_kernel_fail(hk: KernelProcess, tcp_port: int, tier:
     assert isinstance(seen, str) or not {"secret.key", "kernel.db", "admin.token"} & set(seen)
     failed = {name: result for name, result in out.items() if result is not None}
     assert failed == out, f"attacks that worked: {set(out) - set(failed)}"
-    assert out["tcp_connect"] == "EPERM" and out["ptrace_kernel"] == "EPERM"  # seccomp
+    # TCP: seccomp (EPERM), or, where the agent has the kernel's HTTP door relayed into its
+    # netns, Landlock allows connecting to the relay's port only (EACCES).
+    assert out["tcp_connect"] in ("EPERM", "EACCES") and out["ptrace_kernel"] == "EPERM"
     assert out["stolen_token"] == "EPERM"
     denied = [e for e in audit(hk) if e["event"] == "deny" and e["principal"] == f"agent:{bad}"]
     assert denied and "audience" in denied[0]["detail"]["reason"]

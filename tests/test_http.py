@@ -420,7 +420,9 @@ def test_kernel_uses_another_kernel_as_a_remote_model(web: KernelProcess, key: s
 
 
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux")
-def test_top_renders_under_tmux_and_q_quits(web: KernelProcess) -> None:
+def test_top_renders_under_tmux_and_q_quits(web: KernelProcess, client: openai.OpenAI) -> None:
+    # Something for top to show, whichever tests ran before: the model and alice's key.
+    client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=4)
     session = f"agentos-top-{int(time.time() * 1000)}"
     command = (f"{sys.executable} -m userland.cli --state-dir {web.state_dir} top "
                "--interval 0.3")

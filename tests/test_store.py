@@ -523,11 +523,11 @@ def test_cli(tiny: Tiny, tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> N
     (Path(cache) / "tiny" / "tokenizer.json").write_text("{}")
     code, out, err = _cli(capfd, "model", "--cache-dir", cache, "verify", "tiny")
     assert (code, out) == (1, "")
-    assert err.startswith("agentos: tiny: tokenizer.json: ")
+    assert err.startswith("agentos: EIO: tiny: tokenizer.json: ")
 
     assert _cli(capfd, "model", "--cache-dir", cache, "rm", "tiny") == (0, "", "")
     code, _, err = _cli(capfd, "model", "--cache-dir", cache, "rm", "tiny")
-    assert code == 1 and err.startswith("agentos: model 'tiny' is not in the store")
+    assert code == 1 and err.startswith("agentos: ENOENT: model 'tiny' is not in the store")
 
     code, _, err = _cli(capfd, "model", "--cache-dir", cache, "pull", "gpt-17")
     assert code == 1 and "known models: smollm2" in err
@@ -557,7 +557,7 @@ def test_cli_process_and_light_imports(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "userland.model_cli", "model", "verify", "x"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 1
-    assert done.stderr == (f"agentos: model 'x' is not in the store at {tmp_path}; pull it "
+    assert done.stderr == (f"agentos: ENOENT: model 'x' is not in the store at {tmp_path}; pull it "
                            "with: agentos model pull x --from PATH\n")
 
 
