@@ -218,16 +218,15 @@ class Bridge:
         # The key's token was verified once, at the door; the access check takes the
         # capability and checks its caveats against this call (expiry included, so one that
         # expired since is refused), its revocation and budgets.
-        self.sinks[ex.route] = ex.put
-        self.k.counts[name] += 1
         if key.agent_id is None:
             caller: Caller | None = Caller(key.principal, None)
         else:  # the agent's own Caller, as its SDK calls have: None once it has ended
             caller = self.k._caller(key.principal)
         if caller is None:
-            self.sinks.pop(ex.route, None)
             ex.put(Refused(401, f"{key.principal} is not running", "invalid_api_key"))
             return
+        self.sinks[ex.route] = ex.put
+        self.k.counts[name] += 1
         self.k.execute(Call(ex.route, 1, name, caller, timeout_ms), args, key.capability)
         if self.k.find_parked(ex.route, 1) is not None:
             ex.put(_ACCEPTED)
