@@ -9,6 +9,8 @@ import os
 import shutil
 import signal
 import sqlite3
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,7 +22,7 @@ from kernel.access.audit import AuditLog
 from kernel.db import Database
 from kernel.llm.sched import FairShare, Job
 from sdk import abi
-from tests.conftest import TEST_TIER, KernelProcess, agent, wait_until
+from tests.conftest import ROOT, TEST_TIER, KernelProcess, agent, wait_until
 
 sandboxed = pytest.mark.skipif(TEST_TIER == "none", reason="no sandbox tier on this machine "
                                "(needs root; strict also needs bubblewrap)")
@@ -337,6 +339,24 @@ def test_a_stray_agent_range_uid_is_refused_and_audited() -> None:
         shutil.rmtree(base, ignore_errors=True)
 
 
+STRAY = """
+import importlib, os, pkgutil, sys
+import sdk
+for m in pkgutil.iter_modules(sdk.__path__):  # the stray uid cannot read the stdlib's dir
+    importlib.import_module("sdk." + m.name)
+endpoint, token, gid, uid = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+os.setgroups([])
+os.setgid(gid)
+os.setuid(uid)
+try:
+    with sdk.Connection(endpoint, token, timeout=1.0) as c:
+        c.sys.null()
+except sdk.SyscallError:
+    sys.exit(0)
+sys.exit(1)
+"""
+
+
 def _stray(kernel: KernelProcess) -> None:
     with kernel.connect() as conn:
         a = conn.proc.spawn(agent("blocker"), name="owner")
@@ -345,22 +365,13 @@ def _stray(kernel: KernelProcess) -> None:
         endpoint = f"ipc://{kernel.state_dir}/run/agents/{a}/kernel.sock"
         token = os.environ.get("AGENTOS_TOKEN", "x")
         stray = 200000 + 65000  # in the agent range, belonging to no running agent
-        pid = os.fork()
-        if pid == 0:  # child: reach the endpoint by its group, as an unknown agent uid
-            code = 1
-            try:
-                os.setgroups([])
-                os.setgid(gid)
-                os.setuid(stray)
-                with sdk.Connection(endpoint, token, timeout=1.0) as c:
-                    c.sys.null()
-            except sdk.SyscallError:
-                code = 0
-            except OSError:
-                code = 2
-            os._exit(code)
-        _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0
+        # A fresh interpreter, not a fork of this one: a fork of a process with threads (zmq's,
+        # the model's) can inherit a lock held mid-operation and hang (it did, once, in CI).
+        # It imports as root, then drops to the stray uid before its first zmq context.
+        child = subprocess.run(
+            [sys.executable, "-c", STRAY, endpoint, token, str(gid), str(stray)],
+            capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert child.returncode == 0, (child.returncode, child.stderr)
         assert conn.sys.null() is None
         conn.proc.kill(a, grace=0)
         conn.proc.wait(a, timeout=30)
