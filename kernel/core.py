@@ -34,6 +34,7 @@ from kernel.call import PENDING, Call, Caller, Fault, LocalRoute, Timer
 from kernel.config import Config
 from kernel.db import Database, StorageFault, storage_fault
 from kernel.doors import Door
+from kernel.doors.egress import Egress
 from kernel.doors.http.agentdoor import AgentDoor
 from kernel.doors.http.bridge import Bridge, HttpDoor
 from kernel.doors.remote import Remote
@@ -113,6 +114,7 @@ class Kernel:
         self.bridge = Bridge(self)  # every HTTP front end's calls, the agents' own doors too
         self.agentdoor = AgentDoor(self)
         self.access = AccessManager(self, self.procs.agent_named)
+        self.egress = Egress(self)  # each agent's proxy to the network it was granted
         self.approvals = Approvals(self)
         self.memory = MemoryManager(self)
         self.storage = StorageManager(self)
@@ -274,6 +276,7 @@ class Kernel:
         if self.http is not None:
             self.http.close()
         self.agentdoor.stop()
+        self.egress.stop()
         self.llm.stop()
         self.memory.stop()
         self.tools.stop()

@@ -147,3 +147,21 @@ def explicit_ip(rule: str, address: ipaddress.IPv4Address | ipaddress.IPv6Addres
     net = _network(host)
     return (net is not None and net.version == address.version and address in net
             and rule_port in ("*", str(port)))
+
+
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Whether `address` is a global unicast one that a name or `*` may reach: not loopback,
+    private, link-local, shared (CGNAT), reserved or multicast, nor such an IPv4 address
+    wrapped in IPv6 (mapped, 6to4, NAT64)."""
+    if not address.is_global or address.is_multicast:
+        return False
+    if isinstance(address, ipaddress.IPv6Address):
+        inner = address.ipv4_mapped or address.sixtofour
+        if inner is None and address in _NAT64:
+            inner = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+        if inner is not None:
+            return public(inner)
+    return True

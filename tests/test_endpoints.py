@@ -98,3 +98,14 @@ def test_covers_is_the_subset_relation(parent: str, child: str, target: str) -> 
     if rule_covers(p, c) and c.matches(CONNECT, t):
         assert p.matches(CONNECT, t)
     assert rule_covers(p, p)
+
+
+@pytest.mark.parametrize(("address", "is_public"), [
+    ("8.8.8.8", True), ("2606:4700::1111", True), ("::ffff:8.8.8.8", True),
+    ("127.0.0.1", False), ("10.1.2.3", False), ("100.64.0.1", False), ("169.254.169.254", False),
+    ("0.0.0.0", False), ("224.0.0.1", False), ("::1", False), ("fe80::1", False),
+    ("fd00::1", False), ("::ffff:127.0.0.1", False), ("64:ff9b::7f00:1", False),
+    ("2002:7f00:1::", False), ("2002:0808:0808::", True),
+])
+def test_only_global_unicast_addresses_are_public(address: str, is_public: bool) -> None:
+    assert endpoints.public(ipaddress.ip_address(address)) is is_public

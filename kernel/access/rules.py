@@ -4,13 +4,17 @@ manager). The token format these rules travel in is `sdk/tokens.py`."""
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from types import MappingProxyType
 from typing import Any
 
-from sdk.tokens import OP_RE, Rule, Token, resource_matches, resource_problem
+from sdk import endpoints
+from sdk.tokens import OP_RE, Rule, Token, op_matches, resource_matches, resource_problem
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 __all__ = ["CAVEAT_CHECKS", "Capability", "Request", "grantable", "rule_covers", "rules_cover"]
 
@@ -138,6 +142,17 @@ class Capability(Token):
             if kind == "nbf" and not now >= value:  # type: ignore[operator]
                 return "not yet valid"
         return reason
+
+    def names_ip(self, op: str, address: IPAddress, port: int) -> bool:
+        """Whether every rule set allows `op` to `address`:`port` by a rule that names the
+        address by IP (sdk/endpoints.py `explicit_ip`): what a private, loopback or link-local
+        address needs, where a name or `*` that resolves to it is not enough."""
+        n = len(endpoints.PREFIX)
+        return all(any(op_matches(r.op, op) and r.resource is not None
+                       and r.resource.startswith(endpoints.PREFIX) and len(r.resource) > n
+                       and endpoints.explicit_ip(r.resource[n:], address, port)
+                       for r in rules)
+                   for rules in self.rule_sets)
 
     @cached_property
     def _plans(self) -> dict[tuple[str, str | None, str], _Plan]:
