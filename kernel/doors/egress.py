@@ -97,7 +97,7 @@ class Tunnel:
     down: int = 0
     task: asyncio.Task[Any] | None = None
     ended: str | None = None  # why the kernel ended it (revoked, expired, agent ended)
-    opened: bool = False  # connected and audited
+    address: str = ""  # the address it connected to
     relaying: bool = False  # the answer has begun: no refusal can be sent any more
     timer: asyncio.TimerHandle | None = None  # its token's expiry
     reserving: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -328,6 +328,7 @@ class Egress:
         try:
             await self._serve(tunnel, reader, writer)
         except Refused as exc:
+            tunnel.ended = tunnel.ended or f"{exc.status}: {exc.message}"
             if not tunnel.relaying:
                 await self._answer(writer, exc.status, exc.message, exc.short)
         except (asyncio.CancelledError, ConnectionError, OSError):
@@ -379,7 +380,7 @@ class Egress:
         tunnel.cap = cap
         try:
             tunnel.chain = frozenset(await self._on_kernel(
-                lambda: self._admit(agent_id, cap, resource)))
+                lambda: self._admit(agent_id, cap, resource, method)))
         except Fault as exc:
             raise Refused(403, f"{tunnel.target} refused: {exc.message}. This agent needs "
                           f"the capability {OP}@{tunnel.target}",
@@ -400,11 +401,8 @@ class Egress:
                 max(0.0, left), tunnel.end, "token expired")
         up_reader, up_writer, address = await self._dial(allowed, port, timeout, tunnel.target)
         tunnel.writers.append(up_writer)
-        tunnel.opened = True
         self.counts["tunnels"] += 1
-        self.k.post(lambda: self.k.audit.append(
-            f"agent:{agent_id}", "egress", target=tunnel.target, address=str(address),
-            method=method, token=cap.token_id))
+        tunnel.address = str(address)
         if method == "CONNECT":
             writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
         else:
@@ -451,12 +449,17 @@ class Egress:
                           f"{principal})")
         return given
 
-    def _admit(self, agent_id: int, cap: Capability, resource: str) -> tuple[str, ...]:
-        """On the kernel loop: the guard's check, as for a syscall; the token's chain."""
-        caller = self.k._caller(f"agent:{agent_id}")
+    def _admit(self, agent_id: int, cap: Capability, resource: str,
+               method: str) -> tuple[str, ...]:
+        """On the kernel loop: the guard's check, as for a syscall, audited either way in the
+        same commit as its budget; the token's chain."""
+        principal = f"agent:{agent_id}"
+        caller = self.k._caller(principal)
         if caller is None:
             raise Fault(abi.ErrorCode.EPERM, "the agent is not running")
         self.k.guard.check(cap, OP, resource, caller)
+        self.k.audit.append(principal, "egress", resource=resource, method=method,
+                            token=cap.token_id)
         return self.k.access.chain(cap.token_id)
 
     async def _resolve(self, host: str, port: int, timeout: float) -> list[Any]:
@@ -540,8 +543,8 @@ class Egress:
             tunnel.timer.cancel()
         if cap is not None and left:
             self.k.post(lambda: self.k.access.refund(cap, "bytes", left))
-        if tunnel.opened:
-            detail = {"target": tunnel.target, "up": tunnel.up, "down": tunnel.down,
-                      "reason": tunnel.ended or "closed"}
+        if tunnel.chain:  # admitted (and audited `egress`): its end is audited too
+            detail = {"target": tunnel.target, "address": tunnel.address, "up": tunnel.up,
+                      "down": tunnel.down, "reason": tunnel.ended or "closed"}
             self.k.post(lambda: self.k.audit.append(f"agent:{tunnel.agent_id}", "egress-end",
                                                     **detail))
