@@ -241,6 +241,35 @@ def test_revoking_the_token_closes_its_open_tunnel(world: World) -> None:
     assert world.audit(agent_id, "egress-end")[0].detail["reason"] == "token revoked"
 
 
+def test_a_delegated_token_sent_to_the_proxy_is_narrowed_and_revocable(world: World) -> None:
+    """The agent holds no net right of its own; a token delegated to it (narrower than the
+    admin's, for its audience) and sent as Proxy-Authorization opens exactly what it names,
+    until it is revoked. A token for another audience is a 407."""
+    url = f"http://{OUTSIDE}:{world.hp}"
+    steps = [{"get": url + "/own"}, {"mail": 1}, {"get": url + "/delegated"},
+             {"get": f"http://{OUTSIDE}:{world.sp}/wider"}, {"mail": 1}, {"get": url + "/gone"},
+             {"mail": 1}, {"get": url + "/stranger"}]
+    with world.k.connect() as admin:
+        agent_id = admin.proc.spawn(agent("netclient"), name="delegated", caps=["ipc.recv"],
+                                    argv=[json.dumps(steps)])
+        grant = admin.caps.delegate(f"agent:{agent_id}", [f"net.connect@{OUTSIDE}:{world.hp}"])
+        admin.ipc.send("delegated", {"token": grant.token})
+        assert wait_until(lambda: admin.proc.logs(agent_id, "stdout").data.count(b"\n") >= 4,
+                          timeout=30), admin.proc.logs(agent_id, "stdout").data
+        admin.caps.revoke(grant.id)
+        admin.ipc.send("delegated", {"token": grant.token})
+        stranger = admin.caps.delegate("agent:999", [f"net.connect@{OUTSIDE}:{world.hp}"])
+        admin.ipc.send("delegated", {"token": stranger.token})
+        admin.proc.wait(agent_id, timeout=60)
+    out = [next(iter(o.values())) for o in world.outcomes(agent_id)]
+    own, _, delegated, wider, _, gone, _, foreign = out
+    assert own["status"] == 403
+    assert delegated == {"status": 200, "body": BODY + "/delegated"}
+    assert wider["status"] == 403, wider
+    assert gone["status"] == 403 and "revoked" in gone["body"], gone
+    assert foreign["status"] == 407, foreign
+
+
 def test_the_bytes_budget_ends_the_transfer(world: World) -> None:
     agent_id, out = world.run([f"net.connect@{OUTSIDE}:{world.hp}"],
                               [{"get": f"http://{OUTSIDE}:{world.hp}/big"}], name="metered",

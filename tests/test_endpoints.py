@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernel.access.rules import rule_covers
+from kernel.access.rules import Capability, rule_covers
 from sdk import endpoints
 from sdk.syscalls import known_op
 from sdk.tokens import Rule
@@ -109,3 +109,21 @@ def test_covers_is_the_subset_relation(parent: str, child: str, target: str) -> 
 ])
 def test_only_global_unicast_addresses_are_public(address: str, is_public: bool) -> None:
     assert endpoints.public(ipaddress.ip_address(address)) is is_public
+
+
+def _cap(*rule_sets: list[str]) -> Capability:
+    caveats = tuple(("allow", tuple(Rule.parse(t) for t in rules)) for rules in rule_sets)
+    return Capability("0" * 32, None, "agent:1", 0.0, caveats)
+
+
+def test_a_local_address_needs_every_rule_set_to_allow_it_and_one_to_name_it() -> None:
+    local = ipaddress.ip_address("10.0.0.1")
+    # A narrowing that names the address under a parent's `*`: granted by IP.
+    assert _cap(["*"], ["net.connect@10.0.0.1:443"]).names_ip(CONNECT, local, 443)
+    # Wildcards and names never count as naming it.
+    assert not _cap(["net.connect@*:443"]).names_ip(CONNECT, local, 443)
+    assert not _cap(["net.connect"]).names_ip(CONNECT, local, 443)
+    # A holder of *.evil.org that appends a set naming 10/8 cannot widen its token with it.
+    assert not _cap(["net.connect@*.evil.org:443"],
+                    ["net.connect@x.evil.org:443", "net.connect@10.0.0.0/8:*"],
+                    ).names_ip(CONNECT, local, 443)

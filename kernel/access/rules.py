@@ -144,15 +144,19 @@ class Capability(Token):
         return reason
 
     def names_ip(self, op: str, address: IPAddress, port: int) -> bool:
-        """Whether every rule set allows `op` to `address`:`port` by a rule that names the
-        address by IP (sdk/endpoints.py `explicit_ip`): what a private, loopback or link-local
-        address needs, where a name or `*` that resolves to it is not enough."""
+        """Whether the token allows `op` to `address`:`port` and one of its rules names the
+        address by IP (sdk/endpoints.py `explicit_ip`): what a loopback, private or
+        link-local address needs, where a name or `*` that resolves to it is not enough. Every
+        rule set must allow the address (a set naming it cannot widen the others), one must
+        name it (a narrowing that names it counts, under a parent's `*`)."""
+        resource = endpoints.resource(str(address), port)
         n = len(endpoints.PREFIX)
-        return all(any(op_matches(r.op, op) and r.resource is not None
-                       and r.resource.startswith(endpoints.PREFIX) and len(r.resource) > n
-                       and endpoints.explicit_ip(r.resource[n:], address, port)
-                       for r in rules)
-                   for rules in self.rule_sets)
+        sets = self.rule_sets
+        return all(any(r.matches(op, resource) for r in rules) for rules in sets) and any(
+            op_matches(r.op, op) and r.resource is not None and r.resource.startswith(
+                endpoints.PREFIX) and len(r.resource) > n
+            and endpoints.explicit_ip(r.resource[n:], address, port)
+            for rules in sets for r in rules)
 
     @cached_property
     def _plans(self) -> dict[tuple[str, str | None, str], _Plan]:

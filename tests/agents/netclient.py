@@ -8,6 +8,8 @@ one of
 - {"tunnel": "HOST:PORT", "hold": SECONDS}: CONNECT, echo "ping" through it, then wait for
   the tunnel to be closed (by the kernel) or SECONDS to pass;
 - {"env": 1}: the proxy variables it was started with;
+- {"mail": 1}: take {"token": ...} from its mailbox and name it in the proxy URLs from then on
+  (sent as `Proxy-Authorization`);
 - {"flood": N, "target": "HOST:PORT", "hold": SECONDS}: open N tunnels at once and hold them.
 
 Each step's outcome is printed as one JSON line as soon as it is known."""
@@ -32,8 +34,9 @@ def get(step):
 
         r = httpx.get(step["get"], verify=ctx or True, timeout=10)
         return {"status": r.status_code, "body": r.text}
-    try:
-        with urllib.request.urlopen(step["get"], timeout=10, context=ctx) as r:
+    try:  # an opener per step: its ProxyHandler reads the environment as it is now
+        opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=ctx))
+        with opener.open(step["get"], timeout=10) as r:
             return {"status": r.status, "body": r.read().decode()}
     except urllib.error.HTTPError as exc:
         return {"status": exc.code, "body": exc.read().decode()}
@@ -96,6 +99,20 @@ def flood(step):
     return {"held": len(held), "lines": lines}
 
 
+def mail(step):
+    """Take a token from the mailbox and send it as the proxy's credentials from now on."""
+    import sdk
+
+    with sdk.connect() as conn:
+        token = conn.ipc.recv(timeout=30).data["token"]
+        if step.get("ack"):
+            conn.ipc.send(step["ack"], "got it")
+    proxy = f"http://agent:{token}@127.0.0.1:3128"
+    for name in ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY"):
+        os.environ[name] = os.environ[name.lower()] = proxy
+    return {"token": len(token)}
+
+
 def env(step):
     return {k: v for k, v in os.environ.items() if "proxy" in k.lower()}
 
@@ -106,7 +123,7 @@ def direct(step):
 
 
 for step in json.loads(sys.argv[1]):
-    kind = next(k for k in ("get", "raw", "direct", "tunnel", "flood", "env") if k in step)
+    kind = next(k for k in ("get", "raw", "direct", "tunnel", "flood", "env", "mail") if k in step)
     try:
         outcome = globals()[kind](step)
     except Exception as exc:
