@@ -27,7 +27,7 @@ A refusal is an HTTP answer the agent's client shows (403 naming the capability 
 (`egress_connections`; beyond, 429: a flood from one agent leaves its neighbours' alone) and in
 total. A tunnel ends when any token it stands on is revoked (`AccessManager.watchers`) or
 expires, and when its agent ends. The proxy runs one asyncio loop on a thread of its own,
-started with the first agent; it touches kernel state only through `Kernel.post`.
+started with the first agent; it touches kernel state only through `Calls.post`.
 """
 
 from __future__ import annotations
@@ -297,13 +297,13 @@ class Egress:
                 result, ok = exc, False
             loop.call_soon_threadsafe(settle, ok, result)
 
-        self.k.post(run)
+        self.k.calls.post(run)
         return await future
 
     def _deny(self, agent_id: int, target: str | None, reason: str,
               token_id: str | None = None) -> None:
         self.counts["refused"] += 1
-        self.k.post(lambda: self.k.guard.deny(f"agent:{agent_id}", OP, target, reason,
+        self.k.calls.post(lambda: self.k.guard.deny(f"agent:{agent_id}", OP, target, reason,
                                               token_id=token_id))
 
     async def _connection(self, agent_id: int, uid: int, reader: asyncio.StreamReader,
@@ -542,9 +542,9 @@ class Egress:
         if tunnel.timer is not None:
             tunnel.timer.cancel()
         if cap is not None and left:
-            self.k.post(lambda: self.k.access.refund(cap, "bytes", left))
+            self.k.calls.post(lambda: self.k.access.refund(cap, "bytes", left))
         if tunnel.chain:  # admitted (and audited `egress`): its end is audited too
             detail = {"target": tunnel.target, "address": tunnel.address, "up": tunnel.up,
                       "down": tunnel.down, "reason": tunnel.ended or "closed"}
-            self.k.post(lambda: self.k.audit.append(f"agent:{tunnel.agent_id}", "egress-end",
+            self.k.calls.post(lambda: self.k.audit.append(f"agent:{tunnel.agent_id}", "egress-end",
                                                     **detail))
