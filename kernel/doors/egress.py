@@ -190,7 +190,10 @@ class Egress:
         self._servers: dict[int, asyncio.base_events.Server] = {}
         self._caps: dict[int, Capability] = {}
         self._open: dict[int, set[Tunnel]] = {}
-        self._revoked_ids: set[str] = set()  # every token revoked since boot
+        # Tokens revoked lately, oldest first (id -> when): a tunnel whose check passed just
+        # before its token was revoked, still resolving or dialling, must not start relaying.
+        # Kept only as long as a setup can take, so it stays bounded however many are revoked.
+        self._revoked_ids: dict[str, float] = {}
         self.total = 0
         self.counts: Counter[str] = Counter()
         kernel.access.watchers.append(self._revoked)
@@ -257,7 +260,16 @@ class Egress:
             return
 
         def end() -> None:
-            self._revoked_ids.update(ids)
+            now = time.monotonic()
+            keep = now - 4 * self.k.config.egress_timeout - 60  # head, resolve, dial, margin
+            for token_id in ids:
+                self._revoked_ids.pop(token_id, None)
+                self._revoked_ids[token_id] = now
+            while self._revoked_ids:
+                oldest = next(iter(self._revoked_ids))
+                if self._revoked_ids[oldest] >= keep:
+                    break
+                del self._revoked_ids[oldest]
             for tunnels in self._open.values():
                 for tunnel in list(tunnels):
                     if tunnel.chain & ids:
@@ -414,7 +426,7 @@ class Egress:
                 raise Refused(403, f"{tunnel.ended}", "bytes budget exhausted")
             tunnel.up += len(first)
             up_writer.write(first)
-        if tunnel.chain & self._revoked_ids:  # revoked while it was being checked or dialled
+        if tunnel.chain & self._revoked_ids.keys():  # revoked while it was being checked or dialled
             tunnel.end("token revoked")
             return
         tunnel.relaying = True
