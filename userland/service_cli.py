@@ -41,9 +41,10 @@ CAPABILITIES = {
     "CAP_CHOWN": "handing homes, endpoint directories and sockets to the agents' uids",
     "CAP_FOWNER": "locking down a home the agent owns when it ends",
     "CAP_DAC_OVERRIDE": "reaching into agents' 0700 homes (lock-down, re-owning at a restart)",
-    "CAP_KILL": "signalling agents, which run under other uids",
-    "CAP_SYS_RESOURCE": "rlimits set before the uid change (bubblewrap --cap-add keeps it)",
+    "CAP_KILL": "killing tool processes, which run under uids of their own",
 }
+# Left out though the launcher asks bubblewrap for it: CAP_SYS_RESOURCE. Agents' rlimits only
+# lower the kernel's own (LimitNOFILE= and LimitCORE= below bound what an agent may be given).
 
 # Beyond systemd's @system-service, the kernel, bubblewrap and the launcher make mount, umount2,
 # pivot_root (@mount), sethostname, seccomp and Landlock's three: every syscall `strace -f -c`
@@ -152,6 +153,7 @@ def render(s: Service) -> str:
             "RuntimeDirectoryPreserve=yes",
             "# Root, with only what per-agent uids, bubblewrap and loop-mounted homes need:",
             *(f"#   {cap}: {why}" for cap, why in CAPABILITIES.items()),
+            "# (not CAP_SYS_RESOURCE: agents' rlimits only ever lower the kernel's own)",
             f"CapabilityBoundingSet={' '.join(CAPABILITIES)}",
         ]
     else:
@@ -208,8 +210,8 @@ def render(s: Service) -> str:
         "RestrictSUIDSGID=yes",
         "LockPersonality=yes",
         *_lines(("MemoryDenyWriteExecute", "no",
-                 "inherited by every agent: JIT compilers in the models' kernels (oneDNN) and in "
-                 "agents' own dependencies map code they wrote")),
+                 "inherited by every agent and tool: Node.js (MCP servers run by npx) and Java "
+                 "abort under it (the kernel's own torch runs fine)")),
         *_lines(("PrivateNetwork", "no", "remote agents, the HTTP door, the agents' egress proxy "
                                          "and remote model servers are the network")),
         "SystemCallArchitectures=native",
