@@ -168,3 +168,18 @@ def test_the_units_capabilities_and_no_new_privs_run_every_tier(tmp_path: Path) 
     finally:
         k.stop()
         k.unmount_homes()
+
+
+@pytest.mark.skipif(not os.environ.get("AGENTOS_SYSTEMD_TRIAL"),
+                    reason="boots systemd as PID 1 of new namespaces, ~30 s: set "
+                           "AGENTOS_SYSTEMD_TRIAL=1 (or run python -m tools.systemd_trial)")
+@pytest.mark.timeout(300)
+def test_the_unit_under_a_real_systemd() -> None:
+    """The installed unit under systemd itself (tools/systemd_trial.py): READY=1, every sandbox
+    layer available under its directives, a strict agent's home across a restart, a wedged
+    loop aborted by the watchdog and its restart=always agent reconciled, a clean stop."""
+    from tools.systemd_trial import trial
+
+    figures = trial()
+    assert figures["sandbox_missing"] == {} and figures["watchdog"]["restarts"] == 1
+    assert figures["stop"] == {"status": 0, "homes_left_mounted": 0}
