@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from kernel.config import Config
 from kernel.proc import homes, sandbox
 from tests.conftest import ROOT, KernelProcess, agent, wait_until
 from userland.service_cli import CAPABILITIES, Service, render
@@ -93,7 +94,7 @@ def test_install_is_idempotent_and_never_overwrites_a_config(tmp_path: Path) -> 
     assert first.returncode == 0, first.stderr
     assert f"{units / 'agentos.service'}: wrote" in first.stdout
     assert "systemctl daemon-reload" in first.stdout
-    assert 'http = "127.0.0.1:8000"' in config.read_text()
+    assert Config.load(config).http == "127.0.0.1:8000" and Config.load(config).sandbox == "strict"
     assert oct((units / "agentos.service").stat().st_mode & 0o777) == "0o644"
     unit = (units / "agentos.service").read_text()
     config.write_text('[kernel]\nsandbox = "standard"\n')  # the operator's own edits

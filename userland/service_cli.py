@@ -229,14 +229,17 @@ def render(s: Service) -> str:
     return "\n".join(lines)
 
 
-def default_config(http: str | None) -> str:
+def default_config(http: str | None, root_kernel: bool = True) -> str:
     listen = f'http = "{http}"' if http else '# http = "127.0.0.1:8000"   # the OpenAI/AIOS APIs'
+    tier = ('sandbox = "strict"\n' if root_kernel else
+            '# Not root: agents cannot get uids of their own, so no strict or standard tier.\n'
+            'sandbox = "none"\n')
     return ("# The agentos kernel's configuration: a [kernel] table of kernel/config.py's fields,\n"
             "# [models.NAME] and [groups.NAME] tables (docs/operations.md). Written once by\n"
             "# `agentos service install`, never overwritten; `systemctl restart agentos` after\n"
             "# editing.\n"
             "[kernel]\n"
-            'sandbox = "strict"\n'
+            f"{tier}"
             f"{listen}\n")
 
 
@@ -322,8 +325,8 @@ def cmd_install(args: argparse.Namespace) -> int:
         unit_path = Path(args.unit_dir) / UNIT_NAME
         config = Path(s.config)
         did_unit = _write(unit_path, unit, 0o644, args.dry_run)
-        did_config = _write(config, default_config(args.http), 0o640, args.dry_run,
-                            replace=False)
+        did_config = _write(config, default_config(args.http, s.root_kernel), 0o640,
+                            args.dry_run, replace=False)
     except InstallError as exc:
         print(f"agentos: {exc}", file=sys.stderr)
         return 1
@@ -331,7 +334,7 @@ def cmd_install(args: argparse.Namespace) -> int:
     print(f"config  {config}: {did_config}")
     if args.http and did_config.startswith("kept"):
         print(f"agentos: note: --http was not applied: set http in {config}", file=sys.stderr)
-    if not s.root_kernel:
+    if not s.root_kernel and did_config.startswith("kept"):
         print("agentos: note: a kernel that is not root gives agents only the `none` sandbox "
               f"tier: set sandbox = \"none\" in {config}", file=sys.stderr)
     if not args.dry_run:
