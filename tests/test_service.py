@@ -130,7 +130,7 @@ def _bounding_set() -> int:
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None
                     or homes.unavailable() is not None,
                     reason="needs root, setpriv (util-linux) and loop-mountable homes")
-def test_the_units_capabilities_and_no_new_privs_run_every_tier(tmp_path: Path) -> None:
+def test_the_units_capabilities_and_no_new_privs_run_strict_agents(tmp_path: Path) -> None:
     """A kernel under the unit's bounding set and no_new_privs (as systemd would start it)
     still spawns strict agents as their own uids, with loop-mounted homes that survive a
     restart, and kills them. (The standard tier reaches the interpreter through the host's
