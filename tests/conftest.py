@@ -49,11 +49,12 @@ class KernelProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.extra_args: list[str] = []
         self.module = "kernel"  # what `python -m` runs: a test may wrap the kernel's main
+        self.prefix: list[str] = []  # a command the kernel runs under (setpriv, as systemd would)
 
     def start(self, wait: bool = True) -> KernelProcess:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the kernel
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", self.module, "--state-dir", str(self.state_dir),
+            [*self.prefix, sys.executable, "-m", self.module, "--state-dir", str(self.state_dir),
              "--log-format", "text", "--sandbox", TEST_TIER, *self.extra_args],
             stdout=self._log, stderr=self._log, env=self.env, cwd=ROOT)
         if wait:

@@ -306,6 +306,9 @@ def parser() -> argparse.ArgumentParser:
     from userland import top
 
     top.add_commands(sub)
+    from userland import service_cli
+
+    service_cli.add_commands(sub)
     return p
 
 
