@@ -3,7 +3,7 @@ restart it, and check that nothing acknowledged was lost, nothing unacknowledged
 revocations hold, the audit chain verifies, restart policies bring the agents back and nothing
 leaks from one cycle to the next.
 
-    .venv/bin/python -m tools.chaos --cycles 1000 [--state-dir DIR] [--seed N]
+    .venv/bin/python -m tools.chaos --cycles 1000 [--minutes M] [--state-dir DIR] [--seed N]
 
 Each cycle: boot `python -m kernel` on the same state directory (the time until `sys.null`
 answers is the cycle's recovery time), check what the previous kernel acknowledged, let four
@@ -383,13 +383,19 @@ class Chaos:
         self.acks.revoked = before.revoked[-200:] + self.acks.revoked
         self.report.cycles = n
 
-    def run(self, cycles: int) -> Report:
+    def run(self, cycles: int, seconds: float | None = None) -> Report:
+        """`cycles` cycles, or fewer if `seconds` run out first (then the final checks run on
+        what was done: the report says how many cycles that was)."""
         offsets: dict[str, int] = {}
+        end = None if seconds is None else time.monotonic() + seconds
         try:
             for n in range(1, cycles + 1):
                 self.cycle(n, offsets)
-                if n % 10 == 0 or n == cycles:
+                last = n == cycles or (end is not None and time.monotonic() >= end)
+                if n % 10 == 0 or last:
                     self.log(json.dumps({"cycle": n, **self.report.figures()}))
+                if last:
+                    break
             self.boot()
             with sdk.connect(state_dir=self.state, timeout=10) as conn:
                 self.check_online(conn, self.acks)
@@ -413,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cycles", type=int, default=25)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--minutes", type=float,
+                        help="stop after the cycle that passes this much time (then check all)")
     parser.add_argument("--state-dir", type=Path)
     parser.add_argument("--sandbox", help="the kernel's default tier (the sink runs in it)")
     args = parser.parse_args(argv)
@@ -420,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
         state = args.state_dir or Path(tmp) / "state"
         chaos = Chaos(state, seed=args.seed, tier=args.sandbox,
                       log=lambda line: print(line, file=sys.stderr, flush=True))
-        report = chaos.run(args.cycles)
+        report = chaos.run(args.cycles, None if args.minutes is None else args.minutes * 60)
         print(json.dumps(report.figures()))
     return 0
 
