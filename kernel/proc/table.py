@@ -176,7 +176,7 @@ class ProcessTable:
 
     def refused_peer(self, uid: int, pid: int) -> None:
         """The ZAP handler refused a connection (called on its thread): audit it on the loop."""
-        if getattr(self.k, "_post_fd", -1) >= 0:
+        if self.k.calls.post_fd >= 0:  # not once the kernel has stopped
             self.k.calls.post(lambda: self.k.guard.deny(
                 f"uid:{uid}", "connect", None, f"pid {pid} is no running agent and no user"))
 
