@@ -218,9 +218,18 @@ def final_chunks(cid: str, result: abi.ChatResult, include_usage: bool,
 
 
 def models(infos: list[abi.ModelInfo], created: float) -> dict[str, Any]:
-    return {"object": "list", "data": [
-        {"id": m.name, "object": "model", "created": int(created), "owned_by": "agentos",
-         "backend": m.backend, "default": m.default} for m in infos]}
+    """Served models, then each alias as an entry of its own whose `root` (vLLM's field for
+    the model an entry serves from) is the served name: clients that check their configured
+    name against this list find it."""
+    data = []
+    for m in infos:
+        data.append({"id": m.name, "object": "model", "created": int(created),
+                     "owned_by": "agentos", "backend": m.backend, "default": m.default,
+                     "root": m.name})
+    for m in infos:
+        data += [{"id": alias, "object": "model", "created": int(created), "owned_by": "agentos",
+                  "backend": m.backend, "default": False, "root": m.name} for alias in m.aliases]
+    return {"object": "list", "data": data}
 
 
 def embedding_args(body: Any) -> tuple[abi.EmbedArgs, str, int | None]:
