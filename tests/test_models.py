@@ -115,6 +115,9 @@ def test_the_openai_door_resolves_aliases_and_404s_the_unknown(named: KernelProc
         error = unknown.json()["error"]
         assert error["code"] == "model_not_found"
         assert "gpt-5" in error["message"] and "tiny (alias gpt-4o-mini)" in error["message"]
+        # A name no model can have (a hub path) is unknown too, not a malformed request.
+        hub = client.post("/v1/chat/completions", json=chat_body("meta-llama/Llama-3.1-8B"))
+        assert hub.status_code == 404 and "served: tiny" in hub.json()["error"]["message"]
 
 
 def test_the_aios_door_resolves_aliases_and_404s_the_unknown(named: KernelProcess) -> None:
@@ -133,6 +136,8 @@ def test_the_aios_door_resolves_aliases_and_404s_the_unknown(named: KernelProces
         "tiny"
     missing = query([{"name": "gpt-5"}])
     assert missing.status_code == 404 and "served" in missing.json()["detail"], missing.text
+    hub = query([{"name": "meta-llama/Llama-3.1-8B"}])
+    assert hub.status_code == 404 and "served" in hub.json()["detail"], hub.text
 
 
 def test_run_model_sets_the_agents_default(named: KernelProcess) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 import msgspec
 
 from kernel.doors.http.bridge import Refused
-from kernel.doors.http.openai import _message, checked, structure
+from kernel.doors.http.openai import _message, checked, model_name, structure
 from sdk import abi
 
 QUERY_TYPES = ("llm", "memory", "storage", "tool")
@@ -55,7 +55,7 @@ def llm_args(data: Any, served: Iterable[str]) -> abi.ChatArgs:
     model, llm = _model(data.get("llms"), served)
     args: dict[str, Any] = {
         "messages": [_message(m, i) for i, m in enumerate(messages)],
-        "model": model,
+        "model": model_name(model),
         "temperature": llm.get("temperature", data.get("temperature", 1.0)),
         "max_tokens": llm.get("max_tokens", data.get("max_new_tokens", 1000)),
     }

@@ -158,6 +158,13 @@ class Routes:
             return openai_error(exc)
         return JSONResponse(openai.models(infos, self.k.started_at))
 
+    def _served(self, exc: Refused) -> Refused:
+        """An unknown model refused at the door (a name no model can have) says what is
+        served, as the kernel's own refusal does."""
+        if exc.code == "model_not_found" and "(served:" not in exc.message:
+            exc.message += f" (served: {self.k.llm.served()})"
+        return exc
+
     async def get_model(self, request: Request) -> Response:
         """OpenAI's `models.retrieve`: one served model or alias, else 404 naming the served."""
         name = request.path_params["model"]
@@ -178,7 +185,7 @@ class Routes:
             body = await json_body(request)
             args = openai.chat_args(body)
         except Refused as exc:
-            return openai_error(exc)
+            return openai_error(self._served(exc))
         cid = openai.completion_id()
         if not body.get("stream"):
             try:
@@ -260,7 +267,7 @@ class Routes:
             result = await self.bridge.call(key, "llm.chat", args, abi.ChatResult,
                                             gone=disconnected(request))
         except (Refused, Failed) as exc:
-            r = refusal(exc)
+            r = self._served(refusal(exc))
             return JSONResponse(aios.error_response(str(query_type), r.status, r.message),
                                 status_code=r.status)
         return JSONResponse(aios.llm_response(result, started))
