@@ -130,17 +130,21 @@ def fake_venv(path: Path) -> Path:
     return path
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
 def test_the_kernel_refuses_a_venv_others_could_change(kernel: KernelProcess,
                                                        tmp_path: Path) -> None:
     code = Path(__file__).parent / "agents" / "model_agent.py"
     writable = fake_venv(tmp_path / "writable")
     writable.chmod(0o777)
-    inside = fake_venv(kernel.state_dir / "agents" / "planted-venv")
+    inside = fake_venv(kernel.state_dir / "planted-venv")
+    strangers = fake_venv(tmp_path / "strangers")
+    os.chown(strangers, 4242, 4242)  # another local user's: they could change it any time
     plain = tmp_path / "plain"
     plain.mkdir()
     with kernel.connect() as admin:
         for venv, error, why in ((writable, sdk.PermissionDenied, "writable by others"),
                                  (inside, sdk.PermissionDenied, "state dir"),
+                                 (strangers, sdk.PermissionDenied, "belongs to uid 4242"),
                                  (plain, sdk.NotFound, "not a virtual environment")):
             with pytest.raises(error, match=why):
                 admin.proc.spawn(str(code), name="refused", argv=["[]"], venv=str(venv))

@@ -4,8 +4,9 @@ The kernel never builds an environment: building runs the packages' own code (se
 backends), and the kernel is root. The user builds it outside the sandbox, as themselves
 (`agentos run --requirements`, userland/venvs.py); the kernel only accepts the directory, and
 only where no agent can change it: not under the state dir (agents' homes are there), and
-neither it nor a directory above it owned by an agent's or a tool's uid or writable by anyone
-but its owner (a sticky directory such as /tmp excepted above it). Inside the sandbox it is
+neither it nor a directory above it owned by anyone but root, the kernel's uid or an
+`allowed_uids` user, or writable by anyone but its owner (a sticky directory such as /tmp
+excepted above it). Inside the sandbox it is
 bound read-only (strict) and granted read-only by Landlock (standard), so an agent's code never
 writes to its own environment. Nothing in it is run here: its interpreter's paths are read from
 the filesystem, not asked of the interpreter (which would run it as root).
@@ -25,7 +26,6 @@ from sdk import abi
 if TYPE_CHECKING:
     from kernel.config import Config
 
-TOOL_UIDS = 1000  # the tools' uid range from tool_uid_base (kernel/tools/core.py)
 
 
 @dataclass(frozen=True)
@@ -65,15 +65,14 @@ def check(path: str, config: Config, state_root: Path, *, again: bool = False) -
 
 
 def _not_writable_by_agents(path: str, config: Config) -> None:
-    """Refuse `path` if an agent or tool could change it: owned by one of their uids, or
-    writable by group or others (directories above it may be sticky, as /tmp is). The top
-    directories within are checked as well; what is deeper is the owner's (Landlock and the
-    read-only bind keep every sandboxed process out)."""
-    ranges = [(config.agent_uid_base, config.agent_uid_count),
-              (config.tool_uid_base, TOOL_UIDS)]
-
-    def owned_by_agent(uid: int) -> bool:
-        return any(base <= uid < base + count for base, count in ranges)
+    """Refuse `path` if anyone but the kernel's users could change it: owned by another uid
+    (an agent's, a tool's, another local user's), or writable by group or others (directories
+    above it may be sticky, as /tmp is). The top directories within are checked as well; what
+    is deeper is the owner's (Landlock and the read-only bind keep every sandboxed process
+    out)."""
+    # Who may own it: the users who may use this kernel at all (root, the kernel's own uid,
+    # `allowed_uids`), never another local user, an agent or a tool.
+    owners = {0, os.geteuid(), *config.allowed_uids}
 
     inside = [os.path.join(path, name) for name in ("bin", "lib", "pyvenv.cfg")]
     above = [str(p) for p in Path(path).parents]
@@ -83,9 +82,9 @@ def _not_writable_by_agents(path: str, config: Config) -> None:
             st = os.lstat(candidate)
         except FileNotFoundError:
             continue
-        if owned_by_agent(st.st_uid):
-            raise Fault(abi.ErrorCode.EPERM, f"venv {path}: {candidate} belongs to an agent's "
-                        "or a tool's uid")
+        if st.st_uid not in owners:
+            raise Fault(abi.ErrorCode.EPERM, f"venv {path}: {candidate} belongs to uid "
+                        f"{st.st_uid}, not to root, the kernel's user or an allowed_uids user")
         writable = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not stat.S_ISLNK(st.st_mode)
         if writable and not (may_be_sticky and st.st_mode & stat.S_ISVTX):
             raise Fault(abi.ErrorCode.EPERM, f"venv {path}: {candidate} is writable by others "
