@@ -14,7 +14,7 @@ import pytest
 
 import sdk
 from kernel.config import Config, ModelConfig
-from tests.conftest import KernelProcess, agent
+from tests.conftest import TEST_TIER, KernelProcess, agent
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +26,7 @@ def named(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> Iterator[
     config.write_text(f"""
 [kernel]
 http = "127.0.0.1:0"
+preload = true
 [models.tiny]
 source = "{tiny_dir}"
 aliases = ["gpt-4o-mini"]
@@ -156,3 +157,20 @@ def test_run_with_an_unknown_model_starts_nothing(named: KernelProcess) -> None:
         assert run.returncode == 1
         assert "ENOENT" in run.stderr and "gpt-4o-mini" in run.stderr, run.stderr
         assert len(admin.proc.ps()) == before
+
+
+
+@pytest.mark.skipif(TEST_TIER not in ("strict", "standard"),
+                    reason="the in-sandbox door needs a sandbox with a uid of its own")
+def test_an_unmodified_openai_script_in_the_sandbox_gets_its_model_by_alias(
+        named: KernelProcess) -> None:
+    """The headline case: `agentos run --model gpt-3.5-turbo` of a script that knows only
+    OPENAI_BASE_URL, OPENAI_API_KEY and OPENAI_MODEL, through its in-sandbox door."""
+    run = named.cli("run", "--wait", "--model", "gpt-3.5-turbo", "--cap", "llm.*",
+                    "--name", "oai-alias", agent("openai_model"), timeout=120)
+    assert run.returncode == 0, run.stderr
+    with named.connect() as admin:
+        mine = [a for a in admin.proc.ps() if a.name == "oai-alias"][-1]
+        out = json.loads(admin.proc.logs(mine.id, "stdout").data.decode())
+    assert out["asked"] == "gpt-3.5-turbo" and out["answered"] == "other", out
+    assert out["listed"] == ["gpt-3.5-turbo", "gpt-4o-mini", "other", "tiny"]
