@@ -246,6 +246,8 @@ class AgentInfo(msgspec.Struct, frozen=True, omit_defaults=True):
     restart: str | None = None  # no | on-failure | always
     restarts: int = 0
     log_dropped: int = 0  # stdout+stderr bytes dropped over the log cap
+    model: str | None = None  # its default model (`agentos run --model`)
+    venv: str | None = None  # the virtual environment that runs it
 
 
 class LogChunk(msgspec.Struct, frozen=True):

@@ -148,6 +148,10 @@ def test_run_model_sets_the_agents_default(named: KernelProcess) -> None:
     result = json.loads(run.stdout)
     assert result["answers"] == ["other", "tiny"]  # no model named: its own default
     assert set(result["env"].values()) == {"gpt-3.5-turbo"}
+    with named.connect() as admin:
+        newest = max(a.id for a in admin.proc.ps())
+    shown = named.cli("info", "--json", str(newest))
+    assert json.loads(shown.stdout)["model"] == "gpt-3.5-turbo", shown.stdout
 
 
 def test_run_with_an_unknown_model_starts_nothing(named: KernelProcess) -> None:

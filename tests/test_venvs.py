@@ -89,6 +89,9 @@ def test_the_agent_imports_its_package_and_cannot_write_its_venv(
     assert result["prefix"].startswith(offline[venvs.ENV_DIR])
     assert "written" not in result["tries"].values(), result["tries"]
     assert result["child"] == "EPERM"  # a child only ever gets its parent's own venv
+    with kernel.connect() as admin:
+        shown = [a for a in admin.proc.ps() if a.venv == result["prefix"]]
+    assert shown, "agentos ps/info name the agent's venv"
 
 
 def test_a_broken_requirements_file_starts_nothing(

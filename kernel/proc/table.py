@@ -45,7 +45,7 @@ log = logging.getLogger("kernel.proc")
 LIVE_STATES = ("starting", "running", "suspended", "restarting")
 _SQL_LIVE = "state IN ('starting', 'running', 'suspended', 'restarting')"
 _INFO_COLUMNS = ("id, name, state, path, pid, started_at, ended_at, exit_status, {result}, "
-                 "sandbox, layers, uid, restart, restarts, log_dropped")
+                 "sandbox, layers, uid, restart, restarts, log_dropped, model, venv")
 _LAYER_STATUSES = {int(status) for status in LAYER_EXIT.values()}
 
 
@@ -212,7 +212,7 @@ class ProcessTable:
 
     def _info(self, row: Any, with_result: bool) -> abi.AgentInfo:
         (agent_id, name, state, path, pid, started, ended, status, result, tier, layers, uid,
-         restart, restarts, dropped) = row
+         restart, restarts, dropped, model, venv) = row
         value = msgspec.msgpack.decode(result) if (with_result and result is not None) else None
         live = self.live.get(agent_id)
         if live is not None:
@@ -221,7 +221,7 @@ class ProcessTable:
         return abi.AgentInfo(id=agent_id, name=name, state=state, path=path, pid=pid,
                              started_at=started, ended_at=ended, exit_status=status, result=value,
                              sandbox=tier, layers=summary, uid=uid, restart=restart,
-                             restarts=restarts, log_dropped=dropped)
+                             restarts=restarts, log_dropped=dropped, model=model, venv=venv)
 
     def info(self, agent_id: int) -> abi.AgentInfo:
         return self._row(agent_id)
