@@ -51,7 +51,7 @@ class VenvAgent(Agent):
             except SyscallError as exc:
                 child = exc.code.name
         return {"answer": tinydep.ANSWER, "prefix": sys.prefix, "tries": tries,
-                "child": child}
+                "child": child, "virtual_env": os.environ.get("VIRTUAL_ENV")}
 '''
 
 
@@ -87,6 +87,7 @@ def test_the_agent_imports_its_package_and_cannot_write_its_venv(
     result = json.loads(run.stdout)
     assert result["answer"] == 42
     assert result["prefix"].startswith(offline[venvs.ENV_DIR])
+    assert result["virtual_env"] == result["prefix"]
     assert "written" not in result["tries"].values(), result["tries"]
     assert result["child"] == "EPERM"  # a child only ever gets its parent's own venv
     with kernel.connect() as admin:

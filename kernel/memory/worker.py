@@ -1,5 +1,5 @@
 """Embeds texts off the dispatch loop: one thread drains every queued request into one batch,
-runs the model once, and hands each result back to the loop through `Kernel.post`."""
+runs the model once, and hands each result back to the loop through `Calls.post`."""
 
 from __future__ import annotations
 
