@@ -27,6 +27,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="serve this model (repeatable; the first is the default); SOURCE is a "
                         "model-cache name, a local dir or .gguf, or an OpenAI-compatible URL. "
                         "Default: smollm2 from the model cache")
+    p.add_argument("--alias", action="append", default=[], metavar="NAME=MODEL",
+                   help="another name for a served model (repeatable), as [aliases] in the "
+                        "config: --alias gpt-4o-mini=smollm2")
     p.add_argument("--scheduler", choices=("fifo", "rr", "priority", "fair", "las"),
                    help="LLM scheduling policy for every model (default fair)")
     p.add_argument("--preload", action="store_true", default=None,
@@ -150,6 +153,12 @@ def run(args: argparse.Namespace) -> int:
         config = Config.load(args.config, state_dir=state, log_format=args.log_format,
                              log_level=args.log_level, models=models, preload=args.preload,
                              listen=args.listen, sandbox=args.sandbox, http=args.http)
+        for text in args.alias:
+            alias, sep, target = text.partition("=")
+            if not (sep and alias and target):
+                raise ValueError(f"bad --alias {text!r}: want NAME=MODEL")
+            config.aliases[alias] = target
+        config.model_aliases()
         if args.scheduler:
             for model in config.models.values():
                 model.scheduler = args.scheduler

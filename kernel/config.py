@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +12,8 @@ from typing import Any
 
 from sdk import layout
 from sdk.syscalls import known_op
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # sdk.abi.Name's pattern: a model's name
 
 
 @dataclass
@@ -35,6 +38,9 @@ class ModelConfig:
     kv_budget_mb: float = 0.0
     threads: int | None = None  # torch intra-op threads; None: all cores
     default: bool = False
+    # Other names this model answers to (`aliases = ["gpt-4o-mini"]`): what third-party code
+    # asks for. Like the `[aliases]` table; capabilities name the served model, never an alias.
+    aliases: list[str] = field(default_factory=list)
     # Per-agent limits (0: none): llm.chat calls in flight on this model (EAGAIN beyond it,
     # refused before anything is queued), and tokens served over the agent's life (prompt +
     # generated, EQUOTA). A call holds at most the model's context, so 8 calls bound what one
@@ -203,6 +209,10 @@ class Config:
     # Models by name; the first, or the one marked default, serves calls that name none.
     models: dict[str, ModelConfig] = field(
         default_factory=lambda: {"smollm2": ModelConfig("smollm2", "smollm2", default=True)})
+    # Other names for served models (`[aliases]`: `gpt-4o-mini = "smollm2"`), merged with each
+    # model's own `aliases` list (`model_aliases()`): every door and the SDK resolve a name
+    # through them before anything else, so capabilities and accounting see the served name.
+    aliases: dict[str, str] = field(default_factory=dict)
     # Agent sandbox (kernel/proc/spawner.py): the tier an agent gets unless `run --sandbox`
     # asks for another (none | standard | strict); a tier this machine cannot apply is refused.
     sandbox: str = "strict"
@@ -251,6 +261,31 @@ class Config:
         marked = [m.name for m in self.models.values() if m.default]
         return marked[0] if marked else next(iter(self.models), None)
 
+    def model_aliases(self) -> dict[str, str]:
+        """Every alias and the served model it names: `[aliases]` and the models' own lists,
+        checked (ValueError) so no alias hides a served name or names two models."""
+        from sdk.abi import MAX_NAME_CHARS
+
+        merged: dict[str, str] = {}
+        pairs = [(alias, target, "[aliases]") for alias, target in self.aliases.items()]
+        for model in self.models.values():
+            if not isinstance(model.aliases, list):
+                raise ValueError(f"[models.{model.name}]: aliases is a list of names")
+            pairs += [(alias, model.name, f"[models.{model.name}]") for alias in model.aliases]
+        for alias, target, where in pairs:
+            if not (isinstance(alias, str) and _NAME.fullmatch(alias)
+                    and len(alias) <= MAX_NAME_CHARS):
+                raise ValueError(f"{where}: bad alias {alias!r} (letters, digits, '_.-')")
+            if not isinstance(target, str) or target not in self.models:
+                raise ValueError(f"{where}: alias {alias!r} names {target!r}, which is not "
+                                 f"served (served: {', '.join(self.models) or 'none'})")
+            if alias in self.models:
+                raise ValueError(f"{where}: alias {alias!r} is the name of a served model")
+            if merged.setdefault(alias, target) != target:
+                raise ValueError(f"{where}: alias {alias!r} names both {merged[alias]!r} and "
+                                 f"{target!r}")
+        return merged
+
     @classmethod
     def load(cls, path: Path | None, **overrides: Any) -> Config:
         """Defaults, then the TOML file's `[kernel]` and `[models.*]` tables, then non-None
@@ -260,7 +295,7 @@ class Config:
             with open(path, "rb") as f:
                 document = tomllib.load(f)
             table = document.get("kernel", {})
-            known = {f.name for f in dataclasses.fields(cls)} - {"models", "groups"}
+            known = {f.name for f in dataclasses.fields(cls)} - {"models", "groups", "aliases"}
             unknown = sorted(set(table) - known)
             if unknown:
                 raise ValueError(f"{path}: unknown [kernel] keys: {', '.join(unknown)}")
@@ -268,6 +303,8 @@ class Config:
             if "models" in document:
                 values["models"] = {name: ModelConfig.parse(name, t)
                                     for name, t in document["models"].items()}
+            if "aliases" in document:
+                values["aliases"] = dict(document["aliases"])
             if "groups" in document:
                 values["groups"] = {name: GroupConfig.parse(name, t)
                                     for name, t in document["groups"].items()}
@@ -280,6 +317,7 @@ class Config:
             values["egress_connect_only"] = tuple(values["egress_connect_only"])
         config = cls(**values)
         config.check_sandbox()
+        config.model_aliases()
         return config
 
     def check_sandbox(self) -> None:

@@ -140,6 +140,11 @@ SCHEMA = [
     INSERT INTO names (name, owner, agent_id, claimed_at)
         SELECT name, spawned_by, MAX(id), COALESCE(started_at, 0) FROM agents GROUP BY name;
     """,
+    # version 6: an agent's default model and the virtual environment that runs it
+    """
+    ALTER TABLE agents ADD COLUMN model TEXT;
+    ALTER TABLE agents ADD COLUMN venv TEXT
+    """,
 ]
 
 

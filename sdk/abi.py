@@ -113,6 +113,12 @@ class SpawnArgs(Args):
                            Annotated[int, msgspec.Meta(ge=0, le=2**62)]],
                       msgspec.Meta(max_length=16)] = {}
     group: Name | None = None  # a privilege group ([groups.NAME]) whose template is granted too
+    # The agent's default model (a served name or alias): set in its environment as
+    # AGENTOS_MODEL, OPENAI_MODEL and OPENAI_DEFAULT_MODEL; refused (ENOENT) if not served.
+    model: Name | None = None
+    # A Python virtual environment (absolute path, built outside the sandbox: `agentos run
+    # --requirements`) whose interpreter runs the agent, bound read-only into its sandbox.
+    venv: Annotated[str, msgspec.Meta(min_length=1, max_length=4096)] | None = None
 
 
 class WaitArgs(Args):
@@ -221,6 +227,7 @@ class ModelInfo(msgspec.Struct, frozen=True, omit_defaults=True):
     device: str | None = None
     dtype: str | None = None
     default: bool = False
+    aliases: list[str] = []  # other names it answers to (kernel config `[aliases]`)
 
 
 class AgentInfo(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -239,6 +246,8 @@ class AgentInfo(msgspec.Struct, frozen=True, omit_defaults=True):
     restart: str | None = None  # no | on-failure | always
     restarts: int = 0
     log_dropped: int = 0  # stdout+stderr bytes dropped over the log cap
+    model: str | None = None  # its default model (`agentos run --model`)
+    venv: str | None = None  # the virtual environment that runs it
 
 
 class LogChunk(msgspec.Struct, frozen=True):

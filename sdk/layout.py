@@ -11,6 +11,7 @@ ENV_ENDPOINT = "AGENTOS_ENDPOINT"
 ENV_TOKEN = "AGENTOS_TOKEN"
 ENV_AGENT_ID = "AGENTOS_AGENT_ID"
 ENV_AGENT_NAME = "AGENTOS_AGENT_NAME"
+ENV_MODEL = "AGENTOS_MODEL"  # the model llm.chat asks for when the call names none
 ENV_RINGS = "AGENTOS_RINGS"  # the agent's RingSpec (JSON), its fds inherited
 
 # sun_path holds 108 bytes including the terminating NUL.

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import msgspec
 
-from sdk import abi
+from sdk import abi, layout
 from sdk.proc import _ms
 from sdk.syscalls import Family
 
@@ -49,6 +50,8 @@ class Llm(Family):
               choice: Sequence[str] | None = None, parallel_tool_calls: bool = True
               ) -> abi.ChatArgs:
         listed, tool_choice = _tool_choice(tools, tool_choice)
+        if model is None:  # `agentos run --model NAME` sets it; unset: the kernel's default
+            model = os.environ.get(layout.ENV_MODEL) or None
         return abi.ChatArgs(
             messages=_messages(messages), model=model, temperature=temperature, top_p=top_p,
             top_k=top_k, max_tokens=max_tokens, stop=list(stop), seed=seed,

@@ -16,15 +16,18 @@ def _ms(seconds: float | None) -> int | None:
 class Proc(Family):
     def spawn(self, path: str, *, name: str | None = None, argv: Sequence[str] = (),
               caps: Sequence[str] = (), sandbox: str | None = None, restart: str = "no",
-              limits: Mapping[str, int] | None = None, group: str | None = None) -> int:
+              limits: Mapping[str, int] | None = None, group: str | None = None,
+              model: str | None = None, venv: str | None = None) -> int:
         """Start the agent program at `path`; `caps` are rules `OP[@RESOURCE]` for its token.
         `sandbox` is none | standard | strict (None: the kernel's default), `restart` is
         no | on-failure | always, `limits` overrides rlimits (e.g. {"address_space": 1 << 30})
         and the captured log size ("log_bytes"), `group` is a privilege group whose template
-        it also gets."""
+        it also gets, `model` its default model (AGENTOS_MODEL, OPENAI_MODEL in its
+        environment), `venv` a virtual environment (built outside the sandbox, as `agentos run
+        --requirements` does) whose interpreter runs it, read-only."""
         args = abi.SpawnArgs(path=path, name=name, argv=list(argv), caps=list(caps),
                              sandbox=sandbox, restart=restart, limits=dict(limits or {}),
-                             group=group)
+                             group=group, model=model, venv=venv)
         return self._call("proc.spawn", args)
 
     def suspend(self, agent_id: int) -> None:

@@ -66,11 +66,17 @@ def cmd_boot(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from userland.proc_cli import spawn_options
+    from userland.venvs import BuildError
 
     path = Path(args.path).expanduser().absolute()
+    try:
+        options = spawn_options(args)  # builds the agent's environment, if it brings one
+    except BuildError as exc:
+        print(f"agentos: cannot build the agent's environment: {exc}", file=sys.stderr)
+        return EXIT_REFUSED if args.wait else EXIT_ERROR
     with _connect(args) as conn:
         agent_id = conn.proc.spawn(str(path), name=args.name, argv=args.args, caps=args.cap,
-                                   group=args.group, **spawn_options(args))
+                                   group=args.group, **options)
         if not args.wait:
             print(agent_id)
             return 0

@@ -34,6 +34,8 @@ class LLMCore:
         self.config = config
         self.workers: dict[str, ModelWorker] = {
             name: ModelWorker(model, calls.post) for name, model in config.models.items()}
+        # Other names for served models (config `[aliases]` and each model's `aliases`).
+        self.aliases = config.model_aliases()
         self._ids = itertools.count(1)
         # llm.chat calls in flight by (model, principal): counted from admission to the reply
         # or failure, so a cap holds whatever stage (prompter, scheduler, engine) they are in.
@@ -51,10 +53,28 @@ class LLMCore:
         for worker in self.workers.values():
             worker.join(timeout=10)
 
+    def resolve(self, name: str | None) -> str:
+        """The served model a requested name means: none is the default model, an alias the
+        model it names; any other name stays as it is (`chat` refuses it, listing the served).
+        Every door resolves here, before the capability check, so `llm.chat@llm/NAME` and the
+        accounts always see the served name: an alias never widens a right."""
+        if name is None:
+            return self.config.default_model or ""
+        return name if name in self.workers else self.aliases.get(name, name)
+
+    def served(self) -> str:
+        """What is served, for an error message: each model with its aliases."""
+        names = []
+        for name in self.workers:
+            aliases = sorted(a for a, target in self.aliases.items() if target == name)
+            names.append(f"{name} (alias {', '.join(aliases)})" if aliases else name)
+        return ", ".join(names) or "none"
+
     def models(self) -> list[abi.ModelInfo]:
         default = self.config.default_model
         return [abi.ModelInfo(name=name, backend="openai" if w.config.remote else "local",
-                              device=w.device, dtype=w.config.dtype, default=name == default)
+                              device=w.device, dtype=w.config.dtype, default=name == default,
+                              aliases=sorted(a for a, t in self.aliases.items() if t == name))
                 for name, w in self.workers.items()]
 
     def stats(self) -> dict[str, dict[str, float]]:
@@ -75,11 +95,10 @@ class LLMCore:
         return out
 
     def chat(self, call: Call, args: abi.ChatArgs) -> Any:
-        name = args.model or self.config.default_model
-        worker = self.workers.get(name or "")
+        name = self.resolve(args.model)
+        worker = self.workers.get(name)
         if worker is None:
-            known = ", ".join(self.workers) or "none"
-            raise Fault(abi.ErrorCode.ENOENT, f"no model {name!r} (served: {known})")
+            raise Fault(abi.ErrorCode.ENOENT, f"no model {name!r} (served: {self.served()})")
         if worker.failed is not None:
             raise Fault(abi.ErrorCode.ENOENT, worker.failed)
         if self.calls.draining:

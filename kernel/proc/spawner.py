@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kernel.call import Fault
-from kernel.proc import homes, resolve, sandbox
+from kernel.proc import homes, resolve, sandbox, venvs
 from kernel.proc.sandbox import Limits, Policy, SandboxUnavailable
 from kernel.proc.uids import UidLeases
 from sdk import abi, layout
@@ -40,6 +40,9 @@ HOME_LIMIT = "home_bytes"  # and the home's quota (0: none)
 LIMIT_NAMES = frozenset({f.name for f in dataclasses.fields(Limits)} | {LOG_LIMIT, HOME_LIMIT})
 _ENV_PASSTHROUGH = ("LANG", "LC_ALL", "TZ")
 _PATH = "/usr/local/bin:/usr/bin:/bin"
+# Set to an agent's default model (`agentos run --model`): the SDK's, the common convention's
+# and the OpenAI Agents SDK's variable.
+MODEL_ENV = (layout.ENV_MODEL, "OPENAI_MODEL", "OPENAI_DEFAULT_MODEL")
 # The project root, so an agent finds `sdk` even when agentos runs from a source checkout.
 SDK_ROOT = str(Path(sandbox.PROJECT_ROOT))
 
@@ -59,6 +62,8 @@ class AgentSpec:
     restart: str = "no"
     group: str | None = None  # a privilege group whose template is granted at every start
     spawned_by: str = ""  # the principal that started it: what its code must be within reach of
+    model: str | None = None  # its default model, as asked for (a served name or an alias)
+    venv: str | None = None  # the real path of the virtual environment that runs it
 
 
 @dataclass
@@ -228,14 +233,28 @@ class Sandboxes:
             env["PYTHONDONTWRITEBYTECODE"] = "1"  # the code is read-only to the agent
             if spec.tier == "standard":
                 env["TMPDIR"] = str(home)  # the host's /tmp is out of reach; strict has its own
+        if spec.model is not None:
+            # What the SDK (sdk/llm.py), scripts by convention, and the OpenAI Agents SDK read
+            # as the model to ask for; the openai client and LangChain take it from the code.
+            for name in MODEL_ENV:
+                env[name] = spec.model
         forwards = self.bridge(spec, token, socket_dir, uid, env)
         env.update(extras.env)
         # spec.path is the code's real path, checked at this start (ProcessTable._check_code).
         code_dir = os.path.dirname(spec.path)
         python = self.k.config.agent_python or sys.executable
         try:
-            readable = (sandbox.default_readable(code_dir, python=python) if uid is not None
-                        else ())
+            # The kernel's own runtime stays readable under a venv: the SDK's dependencies
+            # come from it (the venv's agentos-sdk.pth, userland/venvs.py).
+            venv = (venvs.check(spec.venv, self.k.config, self.k.state.root, again=True)
+                    if spec.venv else None)
+            readable = (sandbox.default_readable(code_dir, *(venv.readable if venv else ()),
+                                                 python=python) if uid is not None else ())
+        except Fault:
+            if socket_dir is not None:
+                self.unbind_endpoint(socket_dir)
+            self.release(spec.agent_id)
+            raise
         except (OSError, subprocess.SubprocessError) as exc:
             if socket_dir is not None:
                 self.unbind_endpoint(socket_dir)
@@ -250,6 +269,10 @@ class Sandboxes:
             self.release(spec.agent_id)
             raise Fault(abi.ErrorCode.EPERM, f"cannot sandbox this agent: {exc.strerror}") \
                 from None
+        if venv is not None:
+            python = venv.python
+            env["VIRTUAL_ENV"] = venv.path
+            env["PATH"] = f"{venv.path}/bin:{env['PATH']}"
         policy = Policy(
             tier=spec.tier, uid=uid, gid=uid, home=str(home), readable=readable,
             socket_dir=str(socket_dir) if socket_dir else None, limits=limits,

@@ -30,7 +30,7 @@ import msgspec
 from kernel.access import names
 from kernel.access.rules import Capability
 from kernel.call import Call, Fault
-from kernel.proc import sandbox
+from kernel.proc import sandbox, venvs
 from kernel.proc.logs import LogPump
 from kernel.proc.sandbox import LAYER_EXIT, Report
 from kernel.proc.spawner import AgentSpec, Extras, Sandboxes, SpawnHook
@@ -45,7 +45,7 @@ log = logging.getLogger("kernel.proc")
 LIVE_STATES = ("starting", "running", "suspended", "restarting")
 _SQL_LIVE = "state IN ('starting', 'running', 'suspended', 'restarting')"
 _INFO_COLUMNS = ("id, name, state, path, pid, started_at, ended_at, exit_status, {result}, "
-                 "sandbox, layers, uid, restart, restarts, log_dropped")
+                 "sandbox, layers, uid, restart, restarts, log_dropped, model, venv")
 _LAYER_STATUSES = {int(status) for status in LAYER_EXIT.values()}
 
 
@@ -212,7 +212,7 @@ class ProcessTable:
 
     def _info(self, row: Any, with_result: bool) -> abi.AgentInfo:
         (agent_id, name, state, path, pid, started, ended, status, result, tier, layers, uid,
-         restart, restarts, dropped) = row
+         restart, restarts, dropped, model, venv) = row
         value = msgspec.msgpack.decode(result) if (with_result and result is not None) else None
         live = self.live.get(agent_id)
         if live is not None:
@@ -221,7 +221,7 @@ class ProcessTable:
         return abi.AgentInfo(id=agent_id, name=name, state=state, path=path, pid=pid,
                              started_at=started, ended_at=ended, exit_status=status, result=value,
                              sandbox=tier, layers=summary, uid=uid, restart=restart,
-                             restarts=restarts, log_dropped=dropped)
+                             restarts=restarts, log_dropped=dropped, model=model, venv=venv)
 
     def info(self, agent_id: int) -> abi.AgentInfo:
         return self._row(agent_id)
@@ -232,11 +232,12 @@ class ProcessTable:
         return [self._info(r, False) for r in rows]
 
     def _spec(self, agent_id: int) -> AgentSpec:
-        name, path, argv, caps, tier, limits, restart, group, by = self.k.db.read(
-            "SELECT name, path, argv, caps, sandbox, limits, restart, grp, spawned_by "
-            "FROM agents WHERE id=?", (agent_id,))[0]
+        name, path, argv, caps, tier, limits, restart, group, by, model, venv = self.k.db.read(
+            "SELECT name, path, argv, caps, sandbox, limits, restart, grp, spawned_by, model, "
+            "venv FROM agents WHERE id=?", (agent_id,))[0]
         return AgentSpec(agent_id, name, path, json.loads(argv), json.loads(caps),
-                         tier or "none", json.loads(limits or "{}"), restart or "no", group, by)
+                         tier or "none", json.loads(limits or "{}"), restart or "no", group, by,
+                         model, venv)
 
     # --- spawn -------------------------------------------------------------------------------
 
@@ -261,22 +262,36 @@ class ProcessTable:
         self.k.access.check_grant(cap, self.k.access.rules(args.caps))
         tier = self.sandboxes.tier(args.sandbox, parent.spec.tier if parent else None)
         limits = self.sandboxes.limits(args.limits, parent.spec.limits if parent else None)
+        if args.model is not None and self.k.llm.resolve(args.model) not in self.k.llm.workers:
+            raise Fault(abi.ErrorCode.ENOENT, f"no model {args.model!r} (served: "
+                        f"{self.k.llm.served()})")
+        venv = self._venv(args.venv, parent)
 
         cur = self.k.db.write(
             "INSERT INTO agents (name, path, argv, caps, spawned_by, state, sandbox, limits, "
-            "restart, grp) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            "restart, grp, model, venv) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
             (name, str(path), json.dumps(args.argv), json.dumps(args.caps), caller_principal,
-             "starting", tier, json.dumps(limits), args.restart, args.group))
+             "starting", tier, json.dumps(limits), args.restart, args.group, args.model, venv))
         agent_id = int(cur.lastrowid)
         self.names.claim(name, caller_principal, agent_id)
         spec = AgentSpec(agent_id, name, str(path), list(args.argv), list(args.caps), tier,
-                         limits, args.restart, args.group, caller_principal)
+                         limits, args.restart, args.group, caller_principal, args.model, venv)
         self._start(spec, caller_principal)
         return agent_id
 
     def _caller_live(self, principal: str) -> Live | None:
         kind, _, ident = principal.partition(":")
         return self.live.get(int(ident)) if kind == "agent" else None
+
+    def _venv(self, requested: str | None, parent: Live | None) -> str | None:
+        """The virtual environment a new agent runs in, checked (kernel/proc/venvs.py). An
+        agent may hand its child only its own: one it names would become readable to it."""
+        if requested is None:
+            return None
+        if parent is not None and requested != parent.spec.venv:
+            raise Fault(abi.ErrorCode.EPERM, "an agent may start a child only in its own "
+                        "virtual environment")
+        return venvs.check(requested, self.k.config, self.k.state.root).path
 
     def _check_code(self, spawner: str, path: str) -> None:
         """Run at every start, the first and each restart: `path` (the code's real path when

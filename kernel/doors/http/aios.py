@@ -17,18 +17,23 @@ from typing import Any
 import msgspec
 
 from kernel.doors.http.bridge import Refused
-from kernel.doors.http.openai import _message, checked, structure
+from kernel.doors.http.openai import _message, checked, model_name, structure
 from sdk import abi
 
 QUERY_TYPES = ("llm", "memory", "storage", "tool")
 
 
 def _model(llms: Any, served: Iterable[str]) -> tuple[str | None, dict[str, Any]]:
-    """AIOS routes to the first listed model it can serve; so do we, else the default."""
+    """AIOS routes to the first listed model it can serve (by name or alias); so do we. None
+    listed: the default; none of those listed served: the first, which the kernel refuses
+    (404, naming what is served) rather than answering from a model nobody asked for."""
     served = set(served)
-    for llm in llms or []:
-        if isinstance(llm, dict) and llm.get("name") in served:
+    named = [llm for llm in llms or [] if isinstance(llm, dict) and llm.get("name")]
+    for llm in named:
+        if llm["name"] in served:
             return llm["name"], llm
+    if named:
+        return str(named[0]["name"]), named[0]
     first = llms[0] if llms and isinstance(llms[0], dict) else {}
     return None, first
 
@@ -50,7 +55,7 @@ def llm_args(data: Any, served: Iterable[str]) -> abi.ChatArgs:
     model, llm = _model(data.get("llms"), served)
     args: dict[str, Any] = {
         "messages": [_message(m, i) for i, m in enumerate(messages)],
-        "model": model,
+        "model": model_name(model),
         "temperature": llm.get("temperature", data.get("temperature", 1.0)),
         "max_tokens": llm.get("max_tokens", data.get("max_new_tokens", 1000)),
     }

@@ -140,6 +140,7 @@ class Routes:
     def app(self) -> Starlette:
         return Starlette(routes=[
             Route("/v1/models", self.list_models, methods=["GET"]),
+            Route("/v1/models/{model}", self.get_model, methods=["GET"]),
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
             Route("/v1/embeddings", self.embeddings, methods=["POST"]),
             Route("/query", self.query, methods=["POST"]),
@@ -157,13 +158,34 @@ class Routes:
             return openai_error(exc)
         return JSONResponse(openai.models(infos, self.k.started_at))
 
+    def _served(self, exc: Refused) -> Refused:
+        """An unknown model refused at the door (a name no model can have) says what is
+        served, as the kernel's own refusal does."""
+        if exc.code == "model_not_found" and "(served:" not in exc.message:
+            exc.message += f" (served: {self.k.llm.served()})"
+        return exc
+
+    async def get_model(self, request: Request) -> Response:
+        """OpenAI's `models.retrieve`: one served model or alias, else 404 naming the served."""
+        name = request.path_params["model"]
+        try:
+            infos = await self.bridge.call(key_of(request), "llm.models", None,
+                                           list[abi.ModelInfo])
+        except (Refused, Failed) as exc:
+            return openai_error(exc)
+        for entry in openai.models(infos, self.k.started_at)["data"]:
+            if entry["id"] == name:
+                return JSONResponse(entry)
+        return openai_error(Refused(404, f"no model {name!r} (served: "
+                                         f"{self.k.llm.served()})", "model_not_found"))
+
     async def chat_completions(self, request: Request) -> Response:
         key = key_of(request)
         try:
             body = await json_body(request)
             args = openai.chat_args(body)
         except Refused as exc:
-            return openai_error(exc)
+            return openai_error(self._served(exc))
         cid = openai.completion_id()
         if not body.get("stream"):
             try:
@@ -184,7 +206,7 @@ class Routes:
                 return openai_error(exc)
             return StreamingResponse(self._replay(cid, result, include_usage),
                                      media_type="text/event-stream")
-        model = args.model or self.k.config.default_model or ""
+        model = self.k.llm.resolve(args.model)
         return StreamingResponse(self._stream(ex, cid, model, include_usage),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
@@ -239,12 +261,13 @@ class Routes:
                 raise Refused(400, f"query_type must be one of {', '.join(aios.QUERY_TYPES)}")
             if query_type != "llm":
                 return await self._query_op(request, key, query_type, body.get("query_data"))
-            args = aios.llm_args(body.get("query_data"), self.k.config.models)
+            args = aios.llm_args(body.get("query_data"),
+                                 [*self.k.llm.workers, *self.k.llm.aliases])
             started = time.time()
             result = await self.bridge.call(key, "llm.chat", args, abi.ChatResult,
                                             gone=disconnected(request))
         except (Refused, Failed) as exc:
-            r = refusal(exc)
+            r = self._served(refusal(exc))
             return JSONResponse(aios.error_response(str(query_type), r.status, r.message),
                                 status_code=r.status)
         return JSONResponse(aios.llm_response(result, started))

@@ -8,6 +8,7 @@ response_format). Omitted sampling fields take OpenAI's defaults (temperature 1,
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import time
 from typing import Any
@@ -26,6 +27,21 @@ _GUIDED = {"guided_json": "json_schema", "guided_regex": "regex", "guided_choice
 
 def bad(message: str, param: str | None = None) -> Refused:
     return Refused(400, message, "invalid_request", param)
+
+
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # sdk.abi.Name's
+
+
+def model_name(value: Any) -> str | None:
+    """A requested model's name (None: the default). A name no served model or alias can have
+    (`org/model`, too long) is a 404 like any unknown one, not a malformed request."""
+    if value in (None, "", "default"):
+        return None
+    if not isinstance(value, str):
+        raise bad("'model' must be a string", "model")
+    if not (_MODEL_NAME.fullmatch(value) and len(value) <= abi.MAX_NAME_CHARS):
+        raise Refused(404, f"no model {value!r}", "model_not_found", "model")
+    return value
 
 
 def _content(value: Any, where: str) -> str | None:
@@ -82,8 +98,8 @@ def chat_args(body: Any) -> abi.ChatArgs:
     if unknown:
         raise bad(f"unsupported fields: {', '.join(unknown)}", unknown[0])
     args: dict[str, Any] = {"messages": [_message(m, i) for i, m in enumerate(messages)]}
-    model = body.get("model")
-    if model not in (None, "", "default"):
+    model = model_name(body.get("model"))
+    if model is not None:
         args["model"] = model
     args["temperature"] = 1.0 if body.get("temperature") is None else body["temperature"]
     for key in ("top_p", "top_k", "seed", "priority", "ignore_eos"):
@@ -218,9 +234,18 @@ def final_chunks(cid: str, result: abi.ChatResult, include_usage: bool,
 
 
 def models(infos: list[abi.ModelInfo], created: float) -> dict[str, Any]:
-    return {"object": "list", "data": [
-        {"id": m.name, "object": "model", "created": int(created), "owned_by": "agentos",
-         "backend": m.backend, "default": m.default} for m in infos]}
+    """Served models, then each alias as an entry of its own whose `root` (vLLM's field for
+    the model an entry serves from) is the served name: clients that check their configured
+    name against this list find it."""
+    data = []
+    for m in infos:
+        data.append({"id": m.name, "object": "model", "created": int(created),
+                     "owned_by": "agentos", "backend": m.backend, "default": m.default,
+                     "root": m.name})
+    for m in infos:
+        data += [{"id": alias, "object": "model", "created": int(created), "owned_by": "agentos",
+                  "backend": m.backend, "default": False, "root": m.name} for alias in m.aliases]
+    return {"object": "list", "data": data}
 
 
 def embedding_args(body: Any) -> tuple[abi.EmbedArgs, str, int | None]:
