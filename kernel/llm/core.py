@@ -56,6 +56,18 @@ class LLMCore:
                               device=w.device, dtype=w.config.dtype, default=name == default)
                 for name, w in self.workers.items()]
 
+    def dependencies(self) -> list[abi.DependencyInfo]:
+        """Each model's state: unloaded, loading, ready, failed (its load; the reason), or
+        unhealthy (a remote server that broke, probed until it answers)."""
+        out = []
+        for name, w in self.workers.items():
+            backend = getattr(w, "backend", None)
+            outage = getattr(backend, "error", None) if w.state == "ready" else None
+            restarts = getattr(backend, "outages", 0) if w.config.remote else max(0, w.loads - 1)
+            out.append(abi.DependencyInfo("model", name, "unhealthy" if outage else w.state,
+                                          restarts, outage or w.failed))
+        return out
+
     def stats(self) -> dict[str, dict[str, float]]:
         """What each worker last published (it publishes; the loop never reads the engine),
         with `tokens_per_s`: completion tokens generated over the last ~10 s, counted as they
@@ -79,8 +91,8 @@ class LLMCore:
         if worker is None:
             known = ", ".join(self.workers) or "none"
             raise Fault(abi.ErrorCode.ENOENT, f"no model {name!r} (served: {known})")
-        if worker.failed is not None:
-            raise Fault(abi.ErrorCode.ENOENT, worker.failed)
+        if worker.failed is not None and not worker.retry():
+            raise Fault(worker.failed_code, worker.failed)
         if self.k.draining:
             raise Fault(abi.ErrorCode.EAGAIN, "the kernel is shutting down")
         principal = call.caller.principal

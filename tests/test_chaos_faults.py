@@ -1,0 +1,233 @@
+"""Faults in what the kernel serves through: a remote model server that resets mid-stream, hangs
+or sends garbage; a corrupted model cache; the embedding worker killed mid-call. Each: a typed
+error within the call's deadline, a neighbour served meanwhile, the state visible in
+`sys.stats().dependencies` (what `agentos top` and `/metrics` show), and recovery without a
+restart. The remote server is a real local HTTP server that misbehaves on purpose."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import shutil
+import socket
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import sdk
+from tests.conftest import KernelProcess, wait_until
+
+HELLO = [{"role": "user", "content": "hi"}]
+WORDS = ["one", "two", "three", "four"]
+
+# What the server does, per model (the first path segment of its URL): ok | reset | cut |
+# garbage | noise | hang.
+MODES: dict[str, str] = {}
+RELEASE = threading.Event()  # ends hanging handlers at teardown
+
+
+def _chunk(text: str) -> bytes:
+    return f"data: {json.dumps({'choices': [{'index': 0, 'delta': {'content': text}}]})}\n\n"\
+        .encode()
+
+
+class _Misbehaving(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # the kernel's health probe: GET {base}/models
+        if MODES.get(self.path.split("/")[1]) == "hang":
+            RELEASE.wait(30)
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(b'{"data": []}')
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        mode = MODES.get(self.path.split("/")[1], "ok")
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        if mode == "noise":  # no event at all, then the end: nothing that parses
+            self.wfile.write(os.urandom(512).replace(b"data:", b"") + b"\n")
+            return
+        for word in WORDS[:2]:
+            self.wfile.write(_chunk(word + " "))
+        self.wfile.flush()
+        if mode == "reset":  # RST: SO_LINGER with a zero timeout, then close
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                       struct.pack("ii", 1, 0))
+            self.connection.close()
+            return
+        if mode == "cut":  # a clean close halfway: no finish_reason, no [DONE]
+            return
+        if mode == "garbage":
+            self.wfile.write(b"data: [1, 2, 3]\n\n")
+            return
+        if mode == "hang":
+            RELEASE.wait(30)
+            return
+        for word in WORDS[2:]:
+            self.wfile.write(_chunk(word + " "))
+        done = {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 3, "completion_tokens": 4}}
+        self.wfile.write(f"data: {json.dumps(done)}\n\ndata: [DONE]\n\n".encode())
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[str]:
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Misbehaving)
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}"
+    RELEASE.set()
+    srv.shutdown()
+
+
+CORRUPTIONS = ("missing", "truncated", "garbage")
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> Path:
+    """A model store holding the tiny model once per corruption (`cached-<how>`), and a
+    pristine copy to repair them from."""
+    from kernel.llm.store import ModelStore
+
+    root = tmp_path_factory.mktemp("models")
+    ModelStore(root).pull("pristine", source=tiny_dir, progress=False)
+    for how in CORRUPTIONS:
+        _repair(root, f"cached-{how}")
+    return root
+
+
+def _repair(store: Path, name: str) -> None:
+    shutil.rmtree(store / name, ignore_errors=True)
+    shutil.copytree(store / "pristine", store / name)
+
+
+@pytest.fixture(scope="module")
+def fk(tmp_path_factory: pytest.TempPathFactory, server: str,
+       store: Path) -> Iterator[KernelProcess]:
+    tmp = tmp_path_factory.mktemp("faults")
+    (tmp / "faults").mkdir()
+    models = "".join(
+        f'[models.{name}]\nsource = "{server}/{name}/v1"\nremote_idle_s = 1.0\n'
+        for name in ("steady", "reset", "cut", "garbage", "noise", "hang"))
+    (tmp / "kernel.toml").write_text(
+        '[kernel]\nmemory_embedder = "hash-slow"\nrestart_backoff = 0.3\n'
+        + models + "".join(f'[models.cached-{how}]\nsource = "cached-{how}"\n'
+                           for how in CORRUPTIONS))
+    k = KernelProcess(tmp / "state", env={"AGENTOS_FAULTS": str(tmp / "faults"),
+                                          "AGENTOS_MODEL_DIR": str(store)})
+    k.module = "tests.faulty_kernel"
+    k.extra_args = ["--config", str(tmp / "kernel.toml")]
+    k.faults = tmp / "faults"  # type: ignore[attr-defined]
+    k.start()
+    yield k
+    assert k.stop() == 0
+
+
+def _dep(conn: sdk.Connection, kind: str, name: str) -> sdk.abi.DependencyInfo:
+    return {(d.kind, d.name): d for d in conn.sys.stats().dependencies}[(kind, name)]
+
+
+def _steady(conn: sdk.Connection) -> None:
+    """The neighbour: another model on the same server, and a non-LLM call."""
+    assert conn.llm.chat(HELLO, model="steady").message.content == "one two three four "
+    conn.memory.add("a neighbour's note", namespace="user/neighbour")
+
+
+# --- a remote model server ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["reset", "cut", "garbage", "noise"])
+def test_a_broken_remote_stream_is_eio_never_a_silent_finish(fk: KernelProcess,
+                                                               mode: str) -> None:
+    MODES[mode] = mode
+    with fk.connect(timeout=30) as conn:
+        pieces = []
+        started = time.monotonic()
+        with pytest.raises(sdk.KernelFault):  # EIO: the stream ends with an error
+            for delta in conn.llm.stream(HELLO, model=mode, timeout=20):
+                pieces.append(delta.text)
+        assert time.monotonic() - started < 5
+        # What arrived before the break arrived, and was not passed off as the whole reply.
+        assert "".join(pieces) in ("", "one ", "one two ")
+        _steady(conn)
+        dep = _dep(conn, "model", mode)
+        assert dep.restarts == 1 and dep.state in ("unhealthy", "ready"), dep
+        # The probe finds the server answering again: the model serves (and breaks) again.
+        MODES[mode] = "ok"
+        assert wait_until(lambda: _dep(conn, "model", mode).state == "ready", timeout=10)
+        assert conn.llm.chat(HELLO, model=mode).message.content == "one two three four "
+
+
+def test_a_hanging_remote_server_is_etimedout_unhealthy_then_probed_back(
+        fk: KernelProcess) -> None:
+    MODES["hang"] = "hang"
+    with fk.connect(timeout=30) as conn:
+        pieces = []
+        started = time.monotonic()
+        with pytest.raises(sdk.TimedOut):
+            for delta in conn.llm.stream(HELLO, model="hang", timeout=20):
+                pieces.append(delta.text)
+        assert time.monotonic() - started < 5  # its idle limit (1 s), not the call's 20 s
+        assert "".join(pieces) == "one two "
+        _steady(conn)
+        dep = _dep(conn, "model", "hang")
+        assert dep.state == "unhealthy" and "sent nothing" in (dep.error or ""), dep
+        # While it is unhealthy (its probes hang too), calls are refused at once, retryable.
+        started = time.monotonic()
+        with pytest.raises(sdk.TryAgain, match="unhealthy"):
+            conn.llm.chat(HELLO, model="hang")
+        assert time.monotonic() - started < 1
+        MODES["hang"] = "ok"
+        assert wait_until(lambda: _dep(conn, "model", "hang").state == "ready", timeout=15)
+        assert conn.llm.chat(HELLO, model="hang").message.content == "one two three four "
+
+
+# --- the model cache -------------------------------------------------------------------------
+
+def _break(directory: Path, how: str) -> str:
+    """Damage the stored model; what the error must name."""
+    if how == "missing":
+        (directory / "config.json").unlink()
+        return "config.json: missing"
+    if how == "truncated":
+        weights = directory / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+        return "model.safetensors"
+    garbage = directory / "tokenizer.json"  # the same size: only loading can tell
+    garbage.write_bytes(os.urandom(garbage.stat().st_size))
+    return "failed to load"
+
+
+@pytest.mark.parametrize("how", CORRUPTIONS)
+def test_a_corrupted_model_cache_is_eio_naming_the_repair(fk: KernelProcess, store: Path,
+                                                          how: str) -> None:
+    name = f"cached-{how}"
+    what = _break(store / name, how)
+    with fk.connect(timeout=60) as conn:
+        assert _dep(conn, "model", name).state == "unloaded"
+        with pytest.raises(sdk.KernelFault) as caught:
+            conn.llm.chat(HELLO, model=name, max_tokens=2)
+        message = str(caught.value)
+        assert f"'{name}'" in message and what in message, message
+        assert f"agentos model pull {name} --force" in message, message
+        _steady(conn)
+        assert _dep(conn, "model", name).state == "failed"
+        # Asked again unrepaired: the same answer at once, no second load.
+        with pytest.raises(sdk.KernelFault):
+            conn.llm.chat(HELLO, model=name, max_tokens=2)
+        assert _dep(conn, "model", name).restarts == 0
+        _repair(store, name)
+        # Once repaired, the next call loads it: no kernel restart.
+        result = conn.llm.chat(HELLO, model=name, max_tokens=2)
+        assert result.usage.completion_tokens > 0
+        assert _dep(conn, "model", name).state == "ready"
