@@ -95,16 +95,25 @@ CORRUPTIONS = ("missing", "truncated", "garbage")
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> Path:
-    """A model store holding the tiny model once per corruption (`cached-<how>`), and a
-    pristine copy to repair them from."""
-    from kernel.llm.store import ModelStore
+def store_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("models")
 
-    root = tmp_path_factory.mktemp("models")
-    ModelStore(root).pull("pristine", source=tiny_dir, progress=False)
+
+@pytest.fixture(scope="module")
+def store(store_root: Path, tiny_dir: Path) -> Path:
+    """The kernel's model store, filled when a test first needs it (the kernel loads models
+    on their first call): the tiny model once per corruption (`cached-<how>`), and a pristine
+    copy to repair them from."""
+    from sdk.models import seal
+
+    # What a pull of tiny_dir stores, without its conversion (a load and save: seconds).
+    shutil.copytree(tiny_dir, store_root / "pristine")
+    seal("pristine", {"kind": "directory", "path": str(tiny_dir)},
+         {"architecture": "LlamaForCausalLM", "dtype": "float32", "chat_template": True},
+         store_root / "pristine")
     for how in CORRUPTIONS:
-        _repair(root, f"cached-{how}")
-    return root
+        _repair(store_root, f"cached-{how}")
+    return store_root
 
 
 def _repair(store: Path, name: str) -> None:
@@ -114,7 +123,7 @@ def _repair(store: Path, name: str) -> None:
 
 @pytest.fixture(scope="module")
 def fk(tmp_path_factory: pytest.TempPathFactory, server: str,
-       store: Path) -> Iterator[KernelProcess]:
+       store_root: Path) -> Iterator[KernelProcess]:
     tmp = tmp_path_factory.mktemp("faults")
     (tmp / "faults").mkdir()
     models = "".join(
@@ -125,7 +134,7 @@ def fk(tmp_path_factory: pytest.TempPathFactory, server: str,
         + models + "".join(f'[models.cached-{how}]\nsource = "cached-{how}"\n'
                            for how in CORRUPTIONS))
     k = KernelProcess(tmp / "state", env={"AGENTOS_FAULTS": str(tmp / "faults"),
-                                          "AGENTOS_MODEL_DIR": str(store)})
+                                          "AGENTOS_MODEL_DIR": str(store_root)})
     k.module = "tests.faulty_kernel"
     k.extra_args = ["--config", str(tmp / "kernel.toml")]
     k.faults = tmp / "faults"  # type: ignore[attr-defined]
@@ -231,3 +240,54 @@ def test_a_corrupted_model_cache_is_eio_naming_the_repair(fk: KernelProcess, sto
         result = conn.llm.chat(HELLO, model=name, max_tokens=2)
         assert result.usage.completion_tokens > 0
         assert _dep(conn, "model", name).state == "ready"
+
+
+# --- the embedding worker ----------------------------------------------------------------------
+
+def test_the_embedder_killed_mid_call_is_eio_restarted_and_writes_stay(fk: KernelProcess) -> None:
+    faults: Path = fk.faults  # type: ignore[attr-defined]
+    ns = "user/embedder-chaos"
+    outcomes: dict[str, object] = {}
+
+    def call(what: str) -> None:
+        with fk.connect(timeout=30) as own:
+            try:
+                outcomes[what] = (own.memory.embed(["x"]) if what == "embed" else
+                                  own.memory.add("a pear in the middle", namespace=ns))
+            except sdk.SyscallError as exc:
+                outcomes[what] = exc
+
+    with fk.connect(timeout=30) as conn:
+        acked = {conn.memory.add(f"note {i} about apples", namespace=ns): f"note {i} about apples"
+                 for i in range(20)}
+        (faults / "slow").touch()
+        callers = [threading.Thread(target=call, args=(what,)) for what in ("embed", "add")]
+        callers[0].start()
+        time.sleep(0.5)  # the embed call is in the embedder now, ~3 s from done
+        callers[1].start()  # queued behind it
+        time.sleep(0.2)
+        started = time.monotonic()
+        (faults / "kill").touch()
+        assert wait_until(lambda: (faults / "killed").exists(), timeout=5)
+        (faults / "slow").unlink()
+        callers[0].join(10)
+        # The call the dead thread held: EIO at once, not its 30 s deadline.
+        assert isinstance(outcomes["embed"], sdk.KernelFault), outcomes
+        assert time.monotonic() - started < 3
+        # Meanwhile every other call is served (keywords, another model, a write).
+        _steady(conn)
+        assert conn.memory.search("apples", namespace=ns, mode="keyword")
+        # Restarted with backoff, its state visible; the queued write is acknowledged whole.
+        assert wait_until(lambda: _dep(conn, "embedder", "hash").restarts == 1, timeout=10)
+        assert wait_until(lambda: _dep(conn, "embedder", "hash").state == "ready", timeout=10)
+        assert "SystemExit" in (_dep(conn, "embedder", "hash").error or "")
+        callers[1].join(10)
+        pear = outcomes["add"]
+        assert isinstance(pear, int), outcomes
+        acked[pear] = "a pear in the middle"
+        for memory_id, content in acked.items():
+            assert conn.memory.get(memory_id, namespace=ns).content == content
+        # And it embeds again: a vector search finds the write made while it was dying.
+        hits = conn.memory.search("a pear in the middle", namespace=ns, mode="vector", k=1)
+        assert [h.id for h in hits] == [pear]
+        assert len(conn.memory.embed(["y"]).vectors) == 1

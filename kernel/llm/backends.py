@@ -37,14 +37,19 @@ class Unavailable(Exception):
 
 def load_model(config: ModelConfig) -> tuple[Any, Any, str]:
     """(model, tokenizer, device) for a cache name, a local HF directory or a .gguf file."""
+    source = Path(config.source).expanduser()
+    local = source.is_absolute() or source.exists()
+    if not local:
+        from sdk.models import ModelStore as Cache
+
+        Cache().checked(config.source)  # a missing or truncated file fails before torch loads
     import torch
 
     from kernel.llm.store import ModelStore, resolve_device
 
     torch.set_num_threads(config.threads or os.cpu_count() or 1)
     device = resolve_device(config.device)
-    source = Path(config.source).expanduser()
-    if source.is_absolute() or source.exists():
+    if local:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
