@@ -147,6 +147,27 @@ def _dep(conn: sdk.Connection, kind: str, name: str) -> sdk.abi.DependencyInfo:
     return {(d.kind, d.name): d for d in conn.sys.stats().dependencies}[(kind, name)]
 
 
+def _shown_as(conn: sdk.Connection, kind: str, name: str, state: str) -> None:
+    """The state in /metrics (the HTTP door renders this snapshot) and in `agentos top`."""
+    import io
+
+    from rich.console import Console
+
+    from kernel.doors.http.metrics import render
+    from userland import top
+
+    stats = conn.sys.stats()
+    text = render(stats, {"open": 0, "peers": 0, "accepted": 0, "refused": {}}).decode()
+    labels = f'kind="{kind}",name="{name}"'
+    assert f"agentos_dependency_up{{{labels}}} {float(state == 'ready')}" in text, text
+    assert f'agentos_dependency_state{{{labels},state="{state}"}} 1.0' in text, text
+    console = Console(file=io.StringIO(), width=200)
+    console.print(top.render(top.Sample(time.monotonic(), stats, []), None))
+    row = next(line for line in console.file.getvalue().splitlines()
+               if f" {name} " in line and kind in line)
+    assert state in row, row
+
+
 def _steady(conn: sdk.Connection) -> None:
     """The neighbour: another model on the same server, and a non-LLM call."""
     assert conn.llm.chat(HELLO, model="steady").message.content == "one two three four "
@@ -191,6 +212,7 @@ def test_a_hanging_remote_server_is_etimedout_unhealthy_then_probed_back(
         _steady(conn)
         dep = _dep(conn, "model", "hang")
         assert dep.state == "unhealthy" and "sent nothing" in (dep.error or ""), dep
+        _shown_as(conn, "model", "hang", "unhealthy")
         # While it is unhealthy (its probes hang too), calls are refused at once, retryable.
         started = time.monotonic()
         with pytest.raises(sdk.TryAgain, match="unhealthy"):
@@ -230,7 +252,7 @@ def test_a_corrupted_model_cache_is_eio_naming_the_repair(fk: KernelProcess, sto
         assert f"'{name}'" in message and what in message, message
         assert f"agentos model pull {name} --force" in message, message
         _steady(conn)
-        assert _dep(conn, "model", name).state == "failed"
+        _shown_as(conn, "model", name, "failed")
         # Asked again unrepaired: the same answer at once, no second load.
         with pytest.raises(sdk.KernelFault):
             conn.llm.chat(HELLO, model=name, max_tokens=2)
@@ -280,6 +302,7 @@ def test_the_embedder_killed_mid_call_is_eio_restarted_and_writes_stay(fk: Kerne
         # Restarted with backoff, its state visible; the queued write is acknowledged whole.
         assert wait_until(lambda: _dep(conn, "embedder", "hash").restarts == 1, timeout=10)
         assert wait_until(lambda: _dep(conn, "embedder", "hash").state == "ready", timeout=10)
+        _shown_as(conn, "embedder", "hash", "ready")
         assert "SystemExit" in (_dep(conn, "embedder", "hash").error or "")
         callers[1].join(10)
         pear = outcomes["add"]

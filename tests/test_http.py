@@ -383,6 +383,9 @@ def test_metrics_in_prometheus_format(web: KernelProcess, key: str) -> None:
     assert counts["llm.chat"] >= 1
     figures = {s.labels["figure"] for s in families["agentos_memory"].samples}
     assert {"resident", "ram_bytes", "embedded"} <= figures
+    up = {(s.labels["kind"], s.labels["name"]): s.value
+          for s in families["agentos_dependency_up"].samples}
+    assert up[("embedder", "hash")] == 1.0 and up[("model", "tiny")] == 1.0, up
     no_stats = mint(web, "llm.chat", name="eve")
     r = httpx.get(base_url(web) + "/metrics", headers={"Authorization": f"Bearer {no_stats}"})
     assert r.status_code == 403
