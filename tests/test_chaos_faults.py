@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import select
 import shutil
 import socket
 import struct
@@ -29,6 +30,7 @@ WORDS = ["one", "two", "three", "four"]
 # garbage | noise | hang.
 MODES: dict[str, str] = {}
 RELEASE = threading.Event()  # ends hanging handlers at teardown
+CLOSED: set[str] = set()  # models whose client closed a hanging stream
 
 
 def _chunk(text: str) -> bytes:
@@ -68,8 +70,16 @@ class _Misbehaving(http.server.BaseHTTPRequestHandler):
         if mode == "garbage":
             self.wfile.write(b"data: [1, 2, 3]\n\n")
             return
-        if mode == "hang":
-            RELEASE.wait(30)
+        if mode == "hang":  # silent, until the client goes (noted in CLOSED) or teardown
+            while not RELEASE.is_set():
+                if select.select([self.connection], [], [], 0.05)[0]:
+                    try:
+                        gone = not self.connection.recv(1, socket.MSG_PEEK)
+                    except OSError:
+                        gone = True
+                    if gone:
+                        CLOSED.add(self.path.split("/")[1])
+                        return
             return
         for word in WORDS[2:]:
             self.wfile.write(_chunk(word + " "))
@@ -129,6 +139,7 @@ def fk(tmp_path_factory: pytest.TempPathFactory, server: str,
     models = "".join(
         f'[models.{name}]\nsource = "{server}/{name}/v1"\nremote_idle_s = 1.0\n'
         for name in ("steady", "reset", "cut", "garbage", "noise", "hang"))
+    models += f'[models.slow]\nsource = "{server}/slow/v1"\nremote_idle_s = 30.0\n'
     (tmp / "kernel.toml").write_text(
         '[kernel]\nmemory_embedder = "hash-slow"\nrestart_backoff = 0.3\n'
         + models + "".join(f'[models.cached-{how}]\nsource = "cached-{how}"\n'
@@ -221,6 +232,22 @@ def test_a_hanging_remote_server_is_etimedout_unhealthy_then_probed_back(
         MODES["hang"] = "ok"
         assert wait_until(lambda: _dep(conn, "model", "hang").state == "ready", timeout=15)
         assert conn.llm.chat(HELLO, model="hang").message.content == "one two three four "
+
+
+def test_a_deadline_before_the_idle_limit_is_etimedout_and_closes_the_stream(
+        fk: KernelProcess) -> None:
+    """A slow server is not a broken one: the call ends at its own deadline, its stream is
+    closed at once (not at the 30 s idle limit), and the model stays healthy."""
+    MODES["slow"] = "hang"
+    with fk.connect(timeout=30) as conn:
+        started = time.monotonic()
+        with pytest.raises(sdk.TimedOut):
+            conn.llm.chat(HELLO, model="slow", timeout=1)
+        assert time.monotonic() - started < 3
+        assert wait_until(lambda: "slow" in CLOSED, timeout=3)  # the kernel hung up
+        assert _dep(conn, "model", "slow").state == "ready"
+        MODES["slow"] = "ok"
+        assert conn.llm.chat(HELLO, model="slow").message.content == "one two three four "
 
 
 # --- the model cache -------------------------------------------------------------------------
