@@ -24,6 +24,8 @@ import sdk
 from tests.conftest import KernelProcess, wait_until
 
 HELLO = [{"role": "user", "content": "hi"}]
+# Each broken stream and each embedder kill is tried this many times (longer runs: more).
+ROUNDS = int(os.environ.get("AGENTOS_FAULT_ROUNDS", "1"))
 WORDS = ["one", "two", "three", "four"]
 
 # What the server does, per model (the first path segment of its URL): ok | reset | cut |
@@ -190,23 +192,24 @@ def _steady(conn: sdk.Connection) -> None:
 @pytest.mark.parametrize("mode", ["reset", "cut", "garbage", "noise"])
 def test_a_broken_remote_stream_is_eio_never_a_silent_finish(fk: KernelProcess,
                                                                mode: str) -> None:
-    MODES[mode] = mode
     with fk.connect(timeout=30) as conn:
-        pieces = []
-        started = time.monotonic()
-        with pytest.raises(sdk.KernelFault):  # EIO: the stream ends with an error
-            for delta in conn.llm.stream(HELLO, model=mode, timeout=20):
-                pieces.append(delta.text)
-        assert time.monotonic() - started < 5
-        # What arrived before the break arrived, and was not passed off as the whole reply.
-        assert "".join(pieces) in ("", "one ", "one two ")
-        _steady(conn)
-        dep = _dep(conn, "model", mode)
-        assert dep.restarts == 1 and dep.state in ("unhealthy", "ready"), dep
-        # The probe finds the server answering again: the model serves (and breaks) again.
-        MODES[mode] = "ok"
-        assert wait_until(lambda: _dep(conn, "model", mode).state == "ready", timeout=10)
-        assert conn.llm.chat(HELLO, model=mode).message.content == "one two three four "
+        for outage in range(1, ROUNDS + 1):
+            MODES[mode] = mode
+            pieces = []
+            started = time.monotonic()
+            with pytest.raises(sdk.KernelFault):  # EIO: the stream ends with an error
+                for delta in conn.llm.stream(HELLO, model=mode, timeout=20):
+                    pieces.append(delta.text)
+            assert time.monotonic() - started < 5
+            # What arrived before the break arrived, and was not passed off as the whole reply.
+            assert "".join(pieces) in ("", "one ", "one two ")
+            _steady(conn)
+            dep = _dep(conn, "model", mode)
+            assert dep.restarts == outage and dep.state in ("unhealthy", "ready"), dep
+            # The probe finds the server answering again: the model serves (and breaks) again.
+            MODES[mode] = "ok"
+            assert wait_until(lambda: _dep(conn, "model", mode).state == "ready", timeout=10)
+            assert conn.llm.chat(HELLO, model=mode).message.content == "one two three four "
 
 
 def test_a_hanging_remote_server_is_etimedout_unhealthy_then_probed_back(
@@ -298,46 +301,51 @@ def test_the_embedder_killed_mid_call_is_eio_restarted_and_writes_stay(fk: Kerne
     ns = "user/embedder-chaos"
     outcomes: dict[str, object] = {}
 
-    def call(what: str) -> None:
+    def call(what: str, text: str) -> None:
         with fk.connect(timeout=30) as own:
             try:
-                outcomes[what] = (own.memory.embed(["x"]) if what == "embed" else
-                                  own.memory.add("a pear in the middle", namespace=ns))
+                outcomes[what] = (own.memory.embed([text]) if what == "embed" else
+                                  own.memory.add(text, namespace=ns))
             except sdk.SyscallError as exc:
                 outcomes[what] = exc
 
     with fk.connect(timeout=30) as conn:
         acked = {conn.memory.add(f"note {i} about apples", namespace=ns): f"note {i} about apples"
                  for i in range(20)}
-        (faults / "slow").touch()
-        callers = [threading.Thread(target=call, args=(what,)) for what in ("embed", "add")]
-        callers[0].start()
-        time.sleep(0.5)  # the embed call is in the embedder now, ~3 s from done
-        callers[1].start()  # queued behind it
-        time.sleep(0.2)
-        started = time.monotonic()
-        (faults / "kill").touch()
-        assert wait_until(lambda: (faults / "killed").exists(), timeout=5)
-        (faults / "slow").unlink()
-        callers[0].join(10)
-        # The call the dead thread held: EIO at once, not its 30 s deadline.
-        assert isinstance(outcomes["embed"], sdk.KernelFault), outcomes
-        assert time.monotonic() - started < 3
-        # Meanwhile every other call is served (keywords, another model, a write).
-        _steady(conn)
-        assert conn.memory.search("apples", namespace=ns, mode="keyword")
-        # Restarted with backoff, its state visible; the queued write is acknowledged whole.
-        assert wait_until(lambda: _dep(conn, "embedder", "hash").restarts == 1, timeout=10)
-        assert wait_until(lambda: _dep(conn, "embedder", "hash").state == "ready", timeout=10)
-        _shown_as(conn, "embedder", "hash", "ready")
-        assert "SystemExit" in (_dep(conn, "embedder", "hash").error or "")
-        callers[1].join(10)
-        pear = outcomes["add"]
-        assert isinstance(pear, int), outcomes
-        acked[pear] = "a pear in the middle"
-        for memory_id, content in acked.items():
-            assert conn.memory.get(memory_id, namespace=ns).content == content
-        # And it embeds again: a vector search finds the write made while it was dying.
-        hits = conn.memory.search("a pear in the middle", namespace=ns, mode="vector", k=1)
-        assert [h.id for h in hits] == [pear]
-        assert len(conn.memory.embed(["y"]).vectors) == 1
+        for kill in range(1, ROUNDS + 1):
+            pear = f"a pear numbered {kill} in the middle"
+            (faults / "slow").touch()
+            callers = [threading.Thread(target=call, args=(what, pear))
+                       for what in ("embed", "add")]
+            callers[0].start()
+            time.sleep(0.5)  # the embed call is in the embedder now, ~3 s from done
+            callers[1].start()  # queued behind it
+            time.sleep(0.2)
+            started = time.monotonic()
+            (faults / "kill").touch()
+            assert wait_until(lambda: (faults / "killed").exists(), timeout=5)
+            (faults / "killed").unlink()
+            (faults / "slow").unlink()
+            callers[0].join(10)
+            # The call the dead thread held: EIO at once, not its 30 s deadline.
+            assert isinstance(outcomes["embed"], sdk.KernelFault), outcomes
+            assert time.monotonic() - started < 3
+            # Meanwhile every other call is served (keywords, another model, a write).
+            _steady(conn)
+            assert conn.memory.search("apples", namespace=ns, mode="keyword")
+            # Restarted with backoff, its state visible; the queued write acknowledged whole.
+            assert wait_until(lambda: _dep(conn, "embedder", "hash").restarts == kill,  # noqa: B023
+                              timeout=10)
+            assert wait_until(lambda: _dep(conn, "embedder", "hash").state == "ready", timeout=10)
+            _shown_as(conn, "embedder", "hash", "ready")
+            assert "SystemExit" in (_dep(conn, "embedder", "hash").error or "")
+            callers[1].join(10)
+            added = outcomes["add"]
+            assert isinstance(added, int), outcomes
+            acked[added] = pear
+            for memory_id, content in acked.items():
+                assert conn.memory.get(memory_id, namespace=ns).content == content
+            # And it embeds again: a vector search finds the write made while it was dying.
+            hits = conn.memory.search(pear, namespace=ns, mode="vector", k=1)
+            assert [h.id for h in hits] == [added]
+            assert len(conn.memory.embed(["y"]).vectors) == 1
