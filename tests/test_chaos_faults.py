@@ -29,7 +29,7 @@ ROUNDS = int(os.environ.get("AGENTOS_FAULT_ROUNDS", "1"))
 WORDS = ["one", "two", "three", "four"]
 
 # What the server does, per model (the first path segment of its URL): ok | reset | cut |
-# garbage | noise | hang.
+# garbage | noise | error | hang.
 MODES: dict[str, str] = {}
 RELEASE = threading.Event()  # ends hanging handlers at teardown
 CLOSED: set[str] = set()  # models whose client closed a hanging stream
@@ -71,6 +71,9 @@ class _Misbehaving(http.server.BaseHTTPRequestHandler):
             return
         if mode == "garbage":
             self.wfile.write(b"data: [1, 2, 3]\n\n")
+            return
+        if mode == "error":  # the server's own failure, reported the OpenAI way
+            self.wfile.write(b'data: {"error": {"message": "upstream ran out of memory"}}\n\n')
             return
         if mode == "hang":  # silent, until the client goes (noted in CLOSED) or teardown
             while not RELEASE.is_set():
@@ -140,7 +143,7 @@ def fk(tmp_path_factory: pytest.TempPathFactory, server: str,
     (tmp / "faults").mkdir()
     models = "".join(
         f'[models.{name}]\nsource = "{server}/{name}/v1"\nremote_idle_s = 1.0\n'
-        for name in ("steady", "reset", "cut", "garbage", "noise", "hang"))
+        for name in ("steady", "reset", "cut", "garbage", "noise", "hang", "error"))
     models += f'[models.slow]\nsource = "{server}/slow/v1"\nremote_idle_s = 30.0\n'
     (tmp / "kernel.toml").write_text(
         '[kernel]\nmemory_embedder = "hash-slow"\nrestart_backoff = 0.3\n'
@@ -210,6 +213,19 @@ def test_a_broken_remote_stream_is_eio_never_a_silent_finish(fk: KernelProcess,
             MODES[mode] = "ok"
             assert wait_until(lambda: _dep(conn, "model", mode).state == "ready", timeout=10)
             assert conn.llm.chat(HELLO, model=mode).message.content == "one two three four "
+
+
+def test_an_error_event_mid_stream_is_eio_with_the_servers_reason(fk: KernelProcess) -> None:
+    """The server failed the request and said so: EIO with its words; it is up, so the model
+    stays healthy."""
+    MODES["error"] = "error"
+    with fk.connect(timeout=30) as conn:
+        with pytest.raises(sdk.KernelFault, match="upstream ran out of memory"):
+            conn.llm.chat(HELLO, model="error", timeout=20)
+        dep = _dep(conn, "model", "error")
+        assert (dep.state, dep.restarts) == ("ready", 0), dep
+        MODES["error"] = "ok"
+        assert conn.llm.chat(HELLO, model="error").message.content == "one two three four "
 
 
 def test_a_hanging_remote_server_is_etimedout_unhealthy_then_probed_back(

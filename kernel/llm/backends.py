@@ -264,7 +264,7 @@ class RemoteBackend:
             text, reason, calls, usage = self.remote.run(
                 args, cancelled, lambda text: report(Delta(gen_id, text)))
         except RemoteError as exc:
-            if not exc.refused:
+            if not (exc.refused or exc.reported):
                 self._broken(str(exc))
             report(Failed(gen_id, exc.code, str(exc)))
             return

@@ -39,10 +39,12 @@ class RemoteError(Exception):
     4xx, i.e. judged the request itself invalid (e.g. a schema it cannot enforce); `timed_out`:
     it stayed silent past the idle limit."""
 
-    def __init__(self, message: str, refused: bool = False, timed_out: bool = False) -> None:
+    def __init__(self, message: str, refused: bool = False, timed_out: bool = False,
+                 reported: bool = False) -> None:
         super().__init__(message)
         self.refused = refused
         self.timed_out = timed_out
+        self.reported = reported  # the server sent an error event: it is up, the request failed
 
     @property
     def code(self) -> abi.ErrorCode:
@@ -163,6 +165,11 @@ class RemoteModel:
                     chunk = None
                 if not isinstance(chunk, dict):
                     raise RemoteError(f"{self.base_url} sent a malformed event")
+                if chunk.get("error"):  # how OpenAI-compatible servers fail a started stream
+                    error = chunk["error"]
+                    detail = error.get("message") if isinstance(error, dict) else error
+                    raise RemoteError(f"{self.base_url} failed the request mid-stream: "
+                                      f"{str(detail)[:500]}", reported=True)
                 yield chunk
             if not cancelled.is_set():
                 raise _Unfinished(f"{self.base_url} closed the stream before it finished "
