@@ -1,6 +1,6 @@
 """Per-family syscall latencies and per-caller and per-model usage, for `sys.stats` and metrics.
 
-The loop thread records every finished call here (`Kernel.reply` / `Kernel.fail`); readers get
+The loop thread records every finished call here (`Switchboard.reply` / `Switchboard.fail`); readers get
 copies through `sys.stats`, so nothing outside the loop ever reads these counters live.
 """
 

@@ -1,7 +1,9 @@
 """The call vocabulary every room speaks: a syscall in flight, who made it, how it is refused.
 
 A leaf: it imports no room of the kernel, so any room (a manager, a door, access) may import
-it without importing the loop that runs calls (kernel/core.py).
+it without importing the loop that runs calls (kernel/core.py). `Calls` is the one service a
+room gets from the kernel (kernel/switchboard.py implements it); each room names in its
+constructor the few other rooms it needs, never the `Kernel`.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from sdk import abi
 
@@ -39,7 +41,7 @@ class Caller:
 
 @dataclass(order=True, slots=True)
 class Timer:
-    """A callback due at `when` (monotonic); `fn` is None once cancelled (see `Kernel.after`)."""
+    """A callback due at `when` (monotonic); `fn` is None once cancelled (see `Calls.after`)."""
 
     when: float
     seq: int
@@ -63,3 +65,37 @@ class Call:
     on_reply: list[Callable[[Any], None]] = field(default_factory=list)  # given the result
     started: float = field(default_factory=time.monotonic)  # for the latency histograms
     deadline: Timer | None = None  # the timer that fails it with ETIMEDOUT, while parked
+
+
+class Calls(Protocol):
+    """What a room may do with calls and the loop: the switchboard's face to the managers."""
+
+    draining: bool  # the kernel is stopping: refuse new long work
+
+    def park(self, call: Call, timeout_ms: int | None) -> object:
+        """Hold `call` until an event answers it (or ETIMEDOUT at its deadline); PENDING."""
+        ...
+
+    def reply(self, call: Call, result: Any) -> None: ...
+
+    def fail(self, call: Call, code: abi.ErrorCode, message: str) -> None: ...
+
+    def send_chunk(self, call: Call, data: Any) -> None:
+        """A piece of a streamed result; the final reply or error still follows."""
+        ...
+
+    def offload(self, call: Call) -> None:
+        """`call` is being worked on by another thread until it is answered."""
+        ...
+
+    def find_parked(self, route: bytes, request_id: int) -> Call | None: ...
+
+    def post(self, fn: Callable[[], None]) -> None:
+        """Run `fn` on the loop thread soon (from any thread)."""
+        ...
+
+    def after(self, seconds: float, fn: Callable[[], None]) -> Timer:
+        """Run `fn` on the loop in `seconds`."""
+        ...
+
+    def cancel_timer(self, timer: Timer) -> None: ...

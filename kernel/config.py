@@ -193,6 +193,16 @@ class Config:
     agent_door: bool = True
     agent_door_connections: int = 16
     agent_door_total: int = 1024
+    # The egress proxy (kernel/doors/egress.py): HTTP CONNECT and plain HTTP on each strict or
+    # standard agent's own socket, relayed to 127.0.0.1:3128 of its namespace with HTTPS_PROXY,
+    # HTTP_PROXY and ALL_PROXY set; each connection needs net.connect@HOST:PORT. Connections
+    # open per agent (beyond: 429, closed) and over all agents; seconds to send the request
+    # head, to resolve and to connect; ports plain HTTP is never forwarded to (CONNECT only).
+    egress: bool = True
+    egress_connections: int = 16
+    egress_total: int = 1024
+    egress_timeout: float = 10.0
+    egress_connect_only: tuple[int, ...] = (443,)
     # Models by name; the first, or the one marked default, serves calls that name none.
     models: dict[str, ModelConfig] = field(
         default_factory=lambda: {"smollm2": ModelConfig("smollm2", "smollm2", default=True)})
@@ -269,6 +279,8 @@ class Config:
             values["state_dir"] = Path(values["state_dir"]).expanduser().absolute()
         if "allowed_uids" in values:
             values["allowed_uids"] = tuple(values["allowed_uids"])
+        if "egress_connect_only" in values:
+            values["egress_connect_only"] = tuple(values["egress_connect_only"])
         config = cls(**values)
         config.check_sandbox()
         return config

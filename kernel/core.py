@@ -8,16 +8,11 @@ timer fires).
 
 from __future__ import annotations
 
-import collections
 import gc
-import heapq
-import itertools
 import logging
 import os
 import signal
 import time
-from collections import Counter
-from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -29,11 +24,11 @@ from kernel.access.guard import Guard
 from kernel.access.manager import AccessManager
 from kernel.access.rules import Capability
 from kernel.access.tokens import TokenAuthority
-from kernel.accounts import Accounts
-from kernel.call import PENDING, Call, Caller, Fault, LocalRoute, Timer
+from kernel.call import PENDING, Call, Caller, Fault, LocalRoute
 from kernel.config import Config
 from kernel.db import Database, StorageFault, storage_fault
 from kernel.doors import Door
+from kernel.doors.egress import Egress
 from kernel.doors.http.agentdoor import AgentDoor
 from kernel.doors.http.bridge import Bridge, HttpDoor
 from kernel.doors.remote import Remote
@@ -48,6 +43,7 @@ from kernel.notify import Notifier
 from kernel.proc.table import ProcessTable
 from kernel.state import StateDir, StateError, write_private
 from kernel.storage.manager import StorageManager
+from kernel.switchboard import Switchboard
 from kernel.syscalls import SYSCALLS
 from kernel.tools.core import ToolManager
 from sdk import abi
@@ -56,7 +52,6 @@ from sdk.tokens import Rule
 log = logging.getLogger("kernel")
 
 POLL_DOORS_S = 50e-6  # while spinning on rings, how often the other doors are looked at
-CANCEL_SLICE = 64  # a dead agent's parked calls cancelled per loop iteration
 
 
 class Kernel:
@@ -65,24 +60,10 @@ class Kernel:
         self.state = StateDir(config.state_dir)
         self.notifier = Notifier()
         self.started_at = time.time()
-        self.draining = False
-        self.outbox: list[list[Any]] = []  # [route, reply frame (a struct: LocalRoute)]
-        self.counts: Counter[str] = Counter()
-        self.errors: Counter[str] = Counter()
-        self._timers: list[Timer] = []
-        self._timer_seq = itertools.count()
-        self._dead_timers = 0  # cancelled timers still in the heap
         self._stop_requests = 0
-        # Calls answered later (`park`), per principal: waiting for an event, a model, a tool or
-        # the memory index. Every call that is admitted and not answered at once is here, so
-        # this is also what each principal has in flight, capped in `execute`. Dicts keyed by
-        # call: adding, answering and cancelling one is O(1) whatever else is parked.
-        self._parked: dict[str, dict[Call, None]] = {}
-        self._by_request: dict[tuple[bytes, int], Call] = {}  # (route, id) -> parked call
-        self._posted: collections.deque[Callable[[], None]] = collections.deque()
-        self.accounts = Accounts()
+        # Every call in flight and the loop's hand-offs: the one service the rooms get.
+        self.calls = Switchboard(config.agent_calls_in_flight, config.user_calls_in_flight)
         self._callers: dict[str, Caller] = {}  # principal -> Caller (immutable, so shared)
-        self.offloaded = 0  # calls in the hands of another thread (see `offload`)
         self.http: Any = None  # the HTTP front end's server thread, when --http is given
         self.doors: list[Door] = []  # polled in this order each loop iteration
         self._door_of: dict[type, Door] = {}  # route type -> the door its replies go out by
@@ -101,10 +82,14 @@ class Kernel:
                                      range(self.config.agent_uid_base,
                                            self.config.agent_uid_base
                                            + self.config.agent_uid_count))
+        # Rooms name what they use; each gets `calls`, never the kernel (but for the process
+        # table and the doors, the kernel's own limbs: they register fds on its poller).
+        c, calls = self.config, self.calls
+        self.memory = MemoryManager(calls=calls, config=c, db=self.db, state=self.state)
         self.procs = ProcessTable(self)
         self.identities.on_refused = self.procs.refused_peer
-        self.ipc = Mailboxes(self)
-        self.llm = LLMCore(self)
+        self.ipc = Mailboxes(calls=calls, config=c, db=self.db, procs=self.procs)
+        self.llm = LLMCore(calls=calls, config=c)
         self.rings = Rings(self)
         self.ringdoor = RingDoor(self)
         self.procs.spawn_hooks.append(self.rings.on_spawn)
@@ -113,10 +98,14 @@ class Kernel:
         self.bridge = Bridge(self)  # every HTTP front end's calls, the agents' own doors too
         self.agentdoor = AgentDoor(self)
         self.access = AccessManager(self, self.procs.agent_named)
-        self.approvals = Approvals(self)
-        self.memory = MemoryManager(self)
-        self.storage = StorageManager(self)
-        self.tools = ToolManager(self)
+        self.egress = Egress(self)  # each agent's proxy to the network it was granted
+        self.approvals = Approvals(access=self.access, audit=self.audit, calls=calls, config=c,
+                                   db=self.db)
+        self.storage = StorageManager(access=self.access, approvals=self.approvals,
+                                      audit=self.audit, calls=calls, config=c, db=self.db,
+                                      memory=self.memory, procs=self.procs, state=self.state)
+        self.tools = ToolManager(approvals=self.approvals, audit=self.audit, calls=calls,
+                                 config=c, guard=self.guard, procs=self.procs, state=self.state)
         self.procs.recover()
         self.access.recover()
         self.db.commit()
@@ -133,9 +122,8 @@ class Kernel:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.poller.register(self._wake_r, zmq.POLLIN)
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
-        # Other threads (model workers) hand work to the loop through `post`.
-        self._post_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self.poller.register(self._post_fd, zmq.POLLIN)
+        # Other threads (model workers) hand work to the loop through `calls.post`.
+        self.poller.register(self.calls.post_fd, zmq.POLLIN)
         self.llm.start()
         self.memory.start()
         self.storage.start()
@@ -197,13 +185,13 @@ class Kernel:
     def _serve(self) -> None:
         drain_deadline = None
         while True:
-            if self._stop_requests and not self.draining:
-                self.draining = True
+            if self._stop_requests and not self.calls.draining:
+                self.calls.draining = True
                 drain_deadline = time.monotonic() + self.config.drain_timeout
                 log.info("draining", extra={"agents": self.procs.running_count()})
                 self.notifier.notify("STOPPING=1", "STATUS=draining")
                 self.procs.terminate_all(self.config.kill_grace)
-            if self.draining:
+            if self.calls.draining:
                 if self._stop_requests > 1:
                     self.procs.terminate_all(0)  # a second signal: no more grace
                 if self.procs.running_count() == 0 or time.monotonic() >= drain_deadline:
@@ -220,12 +208,12 @@ class Kernel:
                 os.read(self._wake_r, 4096)
             except BlockingIOError:
                 pass
-        if self._post_fd in ready:
-            self._run_posted()
+        if self.calls.post_fd in ready:
+            self.calls.run_posted()
         for fd in ready:
-            if isinstance(fd, int) and fd not in (self._wake_r, self._post_fd):
+            if isinstance(fd, int) and fd not in (self._wake_r, self.calls.post_fd):
                 self.procs.on_exit_fd(fd)
-        self._run_timers()
+        self.calls.run_timers()
         self.flush()
         self.notifier.watchdog()
 
@@ -236,7 +224,7 @@ class Kernel:
         rings = self.rings
         if not rings.polling or timeout_ms == 0:
             return dict(self.poller.poll(timeout_ms))
-        if self.offloaded:  # no spinning now (see `offload`): wait as without polling
+        if self.calls.offloaded:  # no spinning now (see `offload`): wait as without polling
             return {} if rings.stop_polling() else dict(self.poller.poll(timeout_ms))
         now = time.monotonic()
         end = now + (timeout_ms / 1000 if timeout_ms is not None else 3600.0)
@@ -263,8 +251,9 @@ class Kernel:
         horizon = 1.0
         if self.notifier.watchdog_interval is not None:
             horizon = min(horizon, self.notifier.watchdog_interval)
-        if self._timers:
-            horizon = min(horizon, self._timers[0].when - time.monotonic())
+        due = self.calls.next_timer()
+        if due is not None:
+            horizon = min(horizon, due - time.monotonic())
         ring_wait = self.rings.wait_hint()
         if ring_wait is not None:
             horizon = min(horizon, ring_wait)
@@ -274,84 +263,28 @@ class Kernel:
         if self.http is not None:
             self.http.close()
         self.agentdoor.stop()
+        self.egress.stop()
         self.llm.stop()
         self.memory.stop()
         self.tools.stop()
-        self._run_posted()
+        self.calls.run_posted()
         self.procs.terminate_all(0)
         self.procs.reap_blocking(timeout=5.0)
-        for calls in list(self._parked.values()):
-            for call in list(calls):
-                self.fail(call, abi.ErrorCode.ECANCELED, "the kernel is shutting down")
+        for call in self.calls.all_parked():
+            self.calls.fail(call, abi.ErrorCode.ECANCELED, "the kernel is shutting down")
         self.access.close()
         self.flush()
         for door in (self.ringdoor, self.rings, self.remote):
             door.close()
         signal.set_wakeup_fd(-1)
-        for fd in (self._wake_r, self._wake_w, self._post_fd):
+        for fd in (self._wake_r, self._wake_w):
             os.close(fd)
-        self._post_fd = -1  # a straggling post() must not write into a reused fd number
+        self.calls.close()
         self.front.close()
         self.db.close()
         self.state.close()
-        log.info("kernel stopped", extra={"syscalls": sum(self.counts.values())})
+        log.info("kernel stopped", extra={"syscalls": sum(self.calls.counts.values())})
         self.notifier.close()
-
-    # --- work from other threads -------------------------------------------------------------
-
-    def post(self, fn: Callable[[], None]) -> None:
-        """Run `fn` on the loop thread soon; the only way other threads touch kernel state."""
-        self._posted.append(fn)
-        try:
-            os.eventfd_write(self._post_fd, 1)
-        except (BlockingIOError, OSError):
-            pass  # the counter is saturated or closed: the loop is awake or gone anyway
-
-    def _run_posted(self) -> None:
-        try:
-            os.eventfd_read(self._post_fd)
-        except (BlockingIOError, OSError):
-            pass
-        while self._posted:
-            fn = self._posted.popleft()
-            try:
-                fn()
-            except Exception:
-                log.exception("posted work failed")
-
-    # --- timers ------------------------------------------------------------------------------
-
-    def after(self, seconds: float, fn: Callable[[], None]) -> Timer:
-        """Run `fn` on the loop in `seconds` (at the earliest the next iteration)."""
-        timer = Timer(time.monotonic() + seconds, next(self._timer_seq), fn)
-        heapq.heappush(self._timers, timer)
-        return timer
-
-    def cancel_timer(self, timer: Timer) -> None:
-        """`timer` will not run. O(1): it stays in the heap, skipped when due, and the heap is
-        rebuilt once cancelled timers are half of it, so calls answered long before their
-        deadlines (a hostile agent's, parked for days) cannot pile up in it."""
-        if timer.fn is None:
-            return
-        timer.fn = None
-        self._dead_timers += 1
-        if self._dead_timers > 64 and 2 * self._dead_timers > len(self._timers):
-            self._timers = [t for t in self._timers if t.fn is not None]
-            heapq.heapify(self._timers)
-            self._dead_timers = 0
-
-    def _run_timers(self) -> None:
-        now = time.monotonic()
-        while self._timers and self._timers[0].when <= now:
-            timer = heapq.heappop(self._timers)
-            fn, timer.fn = timer.fn, None  # out of the heap: cancelling it now is a no-op
-            if fn is None:
-                self._dead_timers -= 1
-                continue
-            try:
-                fn()
-            except Exception:
-                log.exception("timer failed")
 
     # --- dispatch ----------------------------------------------------------------------------
 
@@ -362,21 +295,21 @@ class Kernel:
         try:
             req = abi.decode_request(data)
         except abi.AbiError as exc:
-            self.send_error(route, abi.request_id_of(data), abi.ErrorCode.EINVAL, str(exc))
+            self.calls.send_error(route, abi.request_id_of(data), abi.ErrorCode.EINVAL, str(exc))
             return False
-        self.counts[req.call] += 1
+        self.calls.counts[req.call] += 1
         if len(data) > self.config.max_message_bytes:
-            self.send_error(route, req.id, abi.ErrorCode.EINVAL,
+            self.calls.send_error(route, req.id, abi.ErrorCode.EINVAL,
                              f"{req.call}: request of {len(data)} bytes is over this kernel's "
                              f"limit of {self.config.max_message_bytes} (max_message_bytes)")
             return True
         entry = SYSCALLS.get(req.call)
         if entry is None:
-            self.send_error(route, req.id, abi.ErrorCode.ENOSYS, f"no syscall {req.call!r}")
+            self.calls.send_error(route, req.id, abi.ErrorCode.ENOSYS, f"no syscall {req.call!r}")
             return True
         caller = self._caller(user)
         if caller is None:
-            self.send_error(route, req.id, abi.ErrorCode.EPERM, f"{user} is not running")
+            self.calls.send_error(route, req.id, abi.ErrorCode.EPERM, f"{user} is not running")
             return True
         self.execute(Call(route, req.id, req.call, caller, req.timeout_ms), req.args, req.token)
         return True
@@ -391,11 +324,7 @@ class Kernel:
         decoded again in the same process and the token is verified once."""
         entry = SYSCALLS[call.name]
         caller = call.caller
-        held = self._parked.get(caller.principal)
-        if held is not None and len(held) >= self.calls_in_flight_cap(caller.principal):
-            self.fail(call, abi.ErrorCode.EAGAIN,
-                      f"{caller.principal} has {len(held)} calls in flight, its most (kernel "
-                      "config agent_calls_in_flight / user_calls_in_flight): wait for replies")
+        if not self.calls.admit(call):
             return
         self.db.begin_call()
         failed = True
@@ -413,13 +342,13 @@ class Kernel:
             else:
                 result = entry.handler(self, call, args)
             if result is not PENDING:
-                self.reply(call, result)
+                self.calls.reply(call, result)
             failed = False
         except abi.AbiError as exc:
-            self.fail(call, abi.ErrorCode.EINVAL, str(exc))
+            self.calls.fail(call, abi.ErrorCode.EINVAL, str(exc))
             failed = False
         except Fault as exc:
-            self.fail(call, exc.code, exc.message)  # typed refusals keep their writes (audit)
+            self.calls.fail(call, exc.code, exc.message)  # typed refusals keep their writes (audit)
             failed = False
         except Exception as exc:
             fault = storage_fault(exc)
@@ -429,7 +358,7 @@ class Kernel:
                 fault = StorageFault("EIO", "internal kernel error (logged)")
             else:
                 log.warning("storage fault", extra={"call": call.name, "error": str(exc)})
-            self.fail(call, abi.ErrorCode[fault.code], fault.message)
+            self.calls.fail(call, abi.ErrorCode[fault.code], fault.message)
         finally:
             self.db.end_call(ok=not failed)  # a kernel bug halfway leaves no writes behind
 
@@ -445,115 +374,17 @@ class Kernel:
             return None
         return caller
 
-    # --- parked calls ------------------------------------------------------------------------
-
-    def calls_in_flight_cap(self, principal: str) -> int:
-        """How many calls `principal` may have parked at once. Users (the admin's CLI, `agentos
-        top`, scripts) get their own, larger, cap; agents, remote agents and HTTP keys the
-        agents' one."""
-        if principal.startswith("user:"):
-            return self.config.user_calls_in_flight
-        return self.config.agent_calls_in_flight
-
-    def calls_parked(self, principal: str | None = None) -> int:
-        """Parked calls of `principal`, or of everyone."""
-        if principal is not None:
-            return len(self._parked.get(principal, ()))
-        return sum(map(len, self._parked.values()))
-
-    def park(self, call: Call, timeout_ms: int | None) -> object:
-        """Hold `call` until an event answers it, or fail it with ETIMEDOUT at its deadline."""
-        held = self._parked.get(call.caller.principal)
-        if held is None:
-            held = self._parked[call.caller.principal] = {}
-        held[call] = None
-        # A client that reuses a request id while the first is parked finds only the last.
-        self._by_request[(call.route, call.id)] = call
-        if timeout_ms is not None and call.deadline is None:
-            call.deadline = self.after(timeout_ms / 1000, lambda: self.fail(
-                call, abi.ErrorCode.ETIMEDOUT, f"{call.name}: timed out"))
-        return PENDING
-
-    def _unpark(self, call: Call) -> None:
-        held = self._parked.get(call.caller.principal)
-        if held is not None:
-            held.pop(call, None)
-            if not held:
-                del self._parked[call.caller.principal]
-        key = (call.route, call.id)
-        if self._by_request.get(key) is call:
-            del self._by_request[key]
-        if call.deadline is not None:
-            self.cancel_timer(call.deadline)
-
-    def offload(self, call: Call) -> None:
-        """`call` is being worked on by another thread of this process (a model, the embedder,
-        the index, a tool's pool) until it is answered. While any is, the loop never spins on
-        rings: a spinning loop would hold the GIL that thread needs."""
-        self.offloaded += 1
-        call.on_reply.append(self._unload)
-        call.on_cancel.append(self._unload)
-
-    def _unload(self, *_: Any) -> None:
-        self.offloaded -= 1
-
     def cancel_calls_of(self, agent_id: int) -> None:
-        """A dead agent's parked calls: cancelled, and their waits released. The agent is no
-        longer live (its new calls are refused) and its calls leave its count at once, so a
-        restart starts with none; they are failed CANCEL_SLICE per loop iteration, so an
-        agent that parked many cannot stall its neighbours' calls on its way out."""
+        """A dead agent's parked calls: cancelled (in slices), and its waits released."""
         self.ipc.forget_waiters(agent_id)
-        held = self._parked.pop(f"agent:{agent_id}", None)
-        if held:
-            self._cancel_some(held, f"agent {agent_id} has ended")
-
-    def _cancel_some(self, calls: dict[Call, None], reason: str) -> None:
-        for _ in range(min(CANCEL_SLICE, len(calls))):
-            call, _ = calls.popitem()
-            self.fail(call, abi.ErrorCode.ECANCELED, reason)
-        if calls:
-            self.after(0, lambda: self._cancel_some(calls, reason))
-
-    # --- replies -----------------------------------------------------------------------------
-
-    def reply(self, call: Call, result: Any) -> None:
-        if call.done:
-            return
-        frame = (abi.encode_reply(call.id, result) if type(call.route) is not LocalRoute
-                 else abi.Reply(call.id, result))
-        call.done = True
-        self.accounts.done(call, result)
-        self._unpark(call)
-        for settle in call.on_reply:
-            settle(result)
-        self.outbox.append([call.route, frame])
-
-    def fail(self, call: Call, code: abi.ErrorCode, message: str) -> None:
-        if call.done:
-            return
-        call.done = True
-        self.accounts.failed(call, code)
-        self._unpark(call)
-        for cancel in call.on_cancel:
-            cancel()
-        self.send_error(call.route, call.id, code, message)
-
-    def send_chunk(self, call: Call, data: Any) -> None:
-        """A piece of a streamed result; the final reply or error still follows."""
-        if call.done:
-            return
-        if type(call.route) is LocalRoute:
-            self.outbox.append([call.route, abi.Chunk(call.id, data)])
-        else:
-            self.outbox.append([call.route, abi.encode(abi.Chunk(call.id, msgspec.Raw(
-                abi.encode(data))))])
+        self.calls.cancel_of(f"agent:{agent_id}", f"agent {agent_id} has ended")
 
     def _batch_lost(self, fault: StorageFault) -> None:
         """A storage fault took the batch's writes: its calls get the fault, not success, and
         what the managers counted from those writes is read again from the database."""
         log.warning("batch lost to a storage fault", extra={"error": fault.message})
         code = int(abi.ErrorCode[fault.code])
-        for frames in self.outbox:
+        for frames in self.calls.outbox:
             local = type(frames[0]) is LocalRoute  # the HTTP door's replies stay structs
             try:
                 msg = frames[1] if local else abi.decode_response(frames[1])
@@ -562,21 +393,11 @@ class Kernel:
             if isinstance(msg, abi.Reply):
                 error = abi.Error(msg.id, code, fault.message)
                 frames[1] = error if local else abi.encode(error)
-                self.errors[fault.code] += 1
+                self.calls.errors[fault.code] += 1
         self.audit.reload()
         self.ipc.forget_depths()
         self.storage.forget_usage()
         self.memory.forget_usage()
-
-    def find_parked(self, route: bytes, request_id: int) -> Call | None:
-        return self._by_request.get((route, request_id))
-
-    def send_error(self, route: bytes, rid: int, code: abi.ErrorCode, message: str) -> None:
-        """An error reply to request `rid` on `route`: for a call that never became one (a
-        door's malformed frame, an unknown syscall) or through `fail`."""
-        self.errors[code.name] += 1
-        error = abi.Error(rid, int(code), message)
-        self.outbox.append([route, error if type(route) is LocalRoute else abi.encode(error)])
 
     def flush(self) -> None:
         """Commit the batch's writes, then send its replies: nothing is acknowledged before it
@@ -586,7 +407,7 @@ class Kernel:
         except StorageFault as exc:
             self._batch_lost(exc)
         self.audit.anchor()
-        outbox, self.outbox = self.outbox, []
+        outbox = self.calls.take_outbox()
         door_of = self._door_of
         for route, reply in outbox:
             door = door_of.get(type(route))

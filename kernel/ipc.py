@@ -12,23 +12,28 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from kernel.call import Call, Caller, Fault
+from kernel.call import Call, Caller, Calls, Fault
 from sdk import abi
 
 if TYPE_CHECKING:
-    from kernel.core import Kernel
+    from kernel.config import Config
+    from kernel.db import Database
+    from kernel.proc.table import ProcessTable
 
 
 class Mailboxes:
-    def __init__(self, kernel: Kernel) -> None:
-        self.k = kernel
+    def __init__(self, *, calls: Calls, config: Config, db: Database, procs: ProcessTable) -> None:
+        self.calls = calls
+        self.config = config
+        self.db = db
+        self.procs = procs
         # Parked recvs per agent, oldest first; keyed by call so a cancelled one leaves in O(1).
         self._waiters: dict[int, OrderedDict[Call, None]] = {}
         self._depth: dict[int, int] = {}
 
     def depth(self, agent_id: int) -> int:
         if agent_id not in self._depth:
-            rows = self.k.db.read("SELECT COUNT(*) FROM messages WHERE receiver=?", (agent_id,))
+            rows = self.db.read("SELECT COUNT(*) FROM messages WHERE receiver=?", (agent_id,))
             self._depth[agent_id] = rows[0][0]
         return self._depth[agent_id]
 
@@ -37,17 +42,17 @@ class Mailboxes:
         self._depth.clear()
 
     def send(self, caller: Caller, args: abi.SendArgs) -> None:
-        receiver = self.k.procs.live_by_name(args.to)
+        receiver = self.procs.live_by_name(args.to)
         if receiver is None or receiver.exiting:
             raise Fault(abi.ErrorCode.ENOENT, f"no running agent named {args.to!r}")
         blob = msgspec.msgpack.encode(args.data)
-        limit = self.k.config.ipc_message_bytes
+        limit = self.config.ipc_message_bytes
         if len(blob) > limit:
             raise Fault(abi.ErrorCode.EINVAL, f"message is {len(blob)} bytes, over {limit}")
         rid = receiver.agent_id
-        if self.depth(rid) >= self.k.config.mailbox_depth:
+        if self.depth(rid) >= self.config.mailbox_depth:
             raise Fault(abi.ErrorCode.EAGAIN, f"mailbox of {args.to!r} is full")
-        self.k.db.write("INSERT INTO messages (receiver, sender, sender_id, data, sent_at) "
+        self.db.write("INSERT INTO messages (receiver, sender, sender_id, data, sent_at) "
                         "VALUES (?,?,?,?,?)",
                         (rid, caller.principal, caller.agent_id, blob, time.time()))
         self._depth[rid] += 1
@@ -67,15 +72,15 @@ class Mailboxes:
             waiters = self._waiters[agent_id] = OrderedDict()
         waiters[call] = None
         call.on_cancel.append(lambda: waiters.pop(call, None))
-        return self.k.park(call, args.timeout_ms)
+        return self.calls.park(call, args.timeout_ms)
 
     def _take(self, agent_id: int) -> abi.Message | None:
         if self.depth(agent_id) == 0:
             return None
-        seq, sender, sender_id, blob, sent_at = self.k.db.read(
+        seq, sender, sender_id, blob, sent_at = self.db.read(
             "SELECT seq, sender, sender_id, data, sent_at FROM messages WHERE receiver=? "
             "ORDER BY seq LIMIT 1", (agent_id,))[0]
-        self.k.db.write("DELETE FROM messages WHERE seq=?", (seq,))
+        self.db.write("DELETE FROM messages WHERE seq=?", (seq,))
         self._depth[agent_id] -= 1
         return abi.Message(sender=sender, sender_id=sender_id,
                            data=msgspec.msgpack.decode(blob), sent_at=sent_at)
@@ -88,7 +93,7 @@ class Mailboxes:
                 message = self._take(agent_id)
                 if message is None:
                     return
-                self.k.reply(call, message)
+                self.calls.reply(call, message)
             waiters.pop(call, None)
 
     def forget_waiters(self, agent_id: int) -> None:
@@ -98,6 +103,6 @@ class Mailboxes:
 
     def drop(self, agent_id: int) -> None:
         """An ended agent's mailbox and waiters go with it."""
-        self.k.db.write("DELETE FROM messages WHERE receiver=?", (agent_id,))
+        self.db.write("DELETE FROM messages WHERE receiver=?", (agent_id,))
         self._depth.pop(agent_id, None)
         self._waiters.pop(agent_id, None)

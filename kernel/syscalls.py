@@ -67,14 +67,14 @@ def sys_stats(k: Kernel, call: Call, args: abi.NoArgs) -> abi.Stats:
     principal = call.caller.principal
     if not principal.startswith(("user:", "http:")):
         return abi.Stats(version=VERSION, abi=abi.ABI_VERSION, pid=0, uptime_s=uptime,
-                         agents_running=0, calls_parked=k.calls_parked(principal),
+                         agents_running=0, calls_parked=k.calls.parked(principal),
                          syscalls=k.rings.counts_of(call.caller.agent_id), errors={},
-                         callers=k.accounts.own(principal))
+                         callers=k.calls.accounts.own(principal))
     return abi.Stats(version=VERSION, abi=abi.ABI_VERSION, pid=os.getpid(), uptime_s=uptime,
-                     agents_running=k.procs.running_count(), calls_parked=k.calls_parked(),
-                     syscalls=dict(k.counts), models=k.llm.stats(),
-                     errors=dict(k.errors), memory=k.memory.stats(),
-                     dependencies=_dependencies(k), **k.accounts.snapshot())
+                     agents_running=k.procs.running_count(), calls_parked=k.calls.parked(),
+                     syscalls=dict(k.calls.counts), models=k.llm.stats(),
+                     errors=dict(k.calls.errors), memory=k.memory.stats(),
+                     dependencies=_dependencies(k), **k.calls.accounts.snapshot())
 
 
 def _dependencies(k: Kernel) -> list[abi.DependencyInfo]:

@@ -117,7 +117,12 @@ SIGNATURES: dict[str, Signature] = _table(
     Signature("remote.rm_key", abi.KeyRef, None, made_by=CLI),
 )
 
-FAMILIES = frozenset(s.family for s in SIGNATURES.values())
+# Rights a kernel service checks on its own, not syscalls an agent makes by name: the egress
+# proxy (kernel/doors/egress.py) checks `net.connect` on every connection it opens.
+RIGHTS: dict[str, str] = {"net.connect": "net/HOST:PORT"}
+
+FAMILIES = frozenset(s.family for s in SIGNATURES.values()) | {
+    r.partition(".")[0] for r in RIGHTS}
 
 
 def known_op(pattern: str) -> bool:
@@ -125,7 +130,7 @@ def known_op(pattern: str) -> bool:
     if pattern == "*":
         return True
     family, _, op = pattern.partition(".")
-    return family in FAMILIES if op == "*" else pattern in SIGNATURES
+    return family in FAMILIES if op == "*" else pattern in SIGNATURES or pattern in RIGHTS
 
 
 class Family:

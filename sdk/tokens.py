@@ -25,6 +25,8 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from sdk import endpoints
+
 __all__ = [
     "BUDGET_KINDS",
     "CAVEAT_FORMATS",
@@ -95,6 +97,11 @@ def resource_matches(prefix: str, resource: str) -> bool:
     """Whether ``resource`` lies under ``prefix``, comparing whole path segments."""
     if prefix == "*":
         return True
+    if prefix.startswith(endpoints.PREFIX) and len(prefix) > len(endpoints.PREFIX):
+        # `net/HOST:PORT` is an endpoint, not a path: `*.example.org`, CIDR networks, ports
+        n = len(endpoints.PREFIX)
+        return resource.startswith(endpoints.PREFIX) and len(resource) > n and \
+            endpoints.covers(prefix[n:], resource[n:])
     if prefix.endswith("/"):
         return resource.startswith(prefix)
     # "ipc/bob" must not match "ipc/bobby": the prefix has to end on a segment boundary.
@@ -113,6 +120,8 @@ def resource_problem(resource: str, *, pattern: bool) -> str | None:
         return "resource contains whitespace or unprintable characters"
     if pattern and resource == "*":
         return None
+    if resource.startswith(endpoints.PREFIX) and len(resource) > len(endpoints.PREFIX):
+        return endpoints.problem(resource[len(endpoints.PREFIX):], pattern=pattern)
     if "*" in resource:
         # A literal "*" segment would read like a glob but match only itself; refuse the confusion.
         return "'*' is only allowed as the whole resource (use 'dir/' for everything under dir)"
@@ -148,12 +157,16 @@ class Rule:
 
     @classmethod
     def parse(cls, text: str) -> Rule:
-        """Parse the CLI syntax ``OP[@RESOURCE]``, e.g. ``ipc.send@ipc/bob``."""
+        """Parse the CLI syntax ``OP[@RESOURCE]``, e.g. ``ipc.send@ipc/bob``; a `net.*` rule
+        may name its endpoint without the `net/` of its resource (``net.connect@HOST:PORT``)."""
         if not isinstance(text, str):
             raise ValueError(f"rule must be a string, not {type(text).__name__}")
         op, at, resource = text.partition("@")
         if at and not resource:
             raise ValueError(f"invalid rule {text!r}: empty resource after '@'")
+        if (op.startswith("net.") and at and resource != "*" and resource != "net"
+                and not resource.startswith(endpoints.PREFIX)):
+            resource = endpoints.PREFIX + resource.lower()
         return cls(op, resource if at else None)
 
     def matches(self, op: str, resource: str | None) -> bool:

@@ -14,32 +14,43 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import sdk
 from kernel.access.audit import AuditLog
 from kernel.config import Config
-from kernel.core import Kernel
 from kernel.db import Database
 from kernel.memory.manager import MemoryManager
 from kernel.state import StateDir
 from kernel.storage.manager import StorageManager
+from kernel.switchboard import Switchboard
 from tests.conftest import KernelProcess
 
 ROUNDS = 25
 
 
+def _managers(config: Config) -> SimpleNamespace:
+    """The memory and storage managers on the state dir's real database, started; what they
+    need of the rest of the kernel (access, approvals, the process table) no path here uses."""
+    state = StateDir(config.state_dir)
+    state.open()
+    db = Database(state.db_path)
+    audit = AuditLog(db)
+    calls = Switchboard(config.agent_calls_in_flight, config.user_calls_in_flight)
+    memory = MemoryManager(calls=calls, config=config, db=db, state=state)
+    storage = StorageManager(access=None, approvals=None, audit=audit, calls=calls,
+                             config=config, db=db, memory=memory, procs=None, state=state)
+    memory.start()
+    storage.start()
+    return SimpleNamespace(state=state, db=db, memory=memory, storage=storage)
+
+
 def _writer(state: Path, ack_fd: int, seed: int) -> None:
     """The managers on a real database, committing like the kernel's loop (a batch of calls,
-    commit, then acknowledge), until killed."""
-    k = Kernel(Config(state_dir=state, memory_embedder="hash", fs_versions_kept=10_000,
-                      fs_quota=1 << 40, memory_quota=1 << 40))
-    k.state = StateDir(state)
-    k.state.open()
-    k.db = Database(k.state.db_path)
-    k.audit = AuditLog(k.db)
-    k.memory, k.storage = MemoryManager(k), StorageManager(k)
-    k.memory.start()
-    k.storage.start()
+    commit, then acknowledge), until killed. No kernel: each manager is given what it uses."""
+    config = Config(state_dir=state, memory_embedder="hash", fs_versions_kept=10_000,
+                    fs_quota=1 << 40, memory_quota=1 << 40)
+    k = _managers(config)
     k.db.commit()
     rng = random.Random(seed)
     n = 0
@@ -116,17 +127,13 @@ def test_sigkill_at_random_points_loses_nothing_acknowledged(tmp_path: Path) -> 
         _check(state, acked)
     assert len(acked) > ROUNDS  # the kills landed mid-stream, not before the first commit
     # Recovery collects what the kills left behind: temporaries and blobs no version names.
-    k = Kernel(Config(state_dir=state, memory_embedder="hash"))
-    k.state = StateDir(state)
-    k.state.open()
-    k.db = Database(k.state.db_path)
+    k = _managers(Config(state_dir=state, memory_embedder="hash"))
     try:
-        k.storage = StorageManager(k)
-        k.storage.start()
         named = {r[0] for r in k.db.read("SELECT DISTINCT blob FROM fs_versions")}
         assert k.storage.blobs.all() == named
         assert not list((state / "blobs").glob("??/.tmp-*"))
     finally:
+        k.memory.stop()
         k.db.close()
         k.state.close()
 

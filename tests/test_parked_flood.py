@@ -15,9 +15,9 @@ import pytest
 
 from kernel.call import Call, Caller
 from kernel.config import Config
-from kernel.core import Kernel
 from kernel.db import Database
 from kernel.ipc import Mailboxes
+from kernel.switchboard import CANCEL_SLICE, Switchboard
 from sdk import abi
 from tests.conftest import KernelProcess, agent, wait_until
 
@@ -25,37 +25,38 @@ HOSTILE = Path(__file__).resolve().parent / "hostile"
 
 
 def test_cancelling_parked_calls_is_constant_time(tmp_path: Path) -> None:
-    """100k recvs parked in a real Mailboxes on a kernel that is not booted: half time out one by
-    one newest first (the worst order for a list), the rest are cancelled when the agent is
-    reaped, a slice per loop iteration; their deadline timers leave the heap as they go."""
-    from kernel.core import CANCEL_SLICE
-
-    k = Kernel(Config(state_dir=tmp_path / "state"))
-    k.db = Database(tmp_path / "kernel.db")
-    k.ipc = Mailboxes(k)
+    """100k recvs parked in a real Mailboxes on the real switchboard, no kernel around them:
+    half time out one by one newest first (the worst order for a list), the rest are cancelled
+    when the agent is reaped, a slice per loop iteration; their deadline timers leave the heap
+    as they go."""
+    config = Config(state_dir=tmp_path / "state")
+    calls = Switchboard(agent_cap=1 << 20, user_cap=1 << 20)
+    ipc = Mailboxes(calls=calls, config=config, db=Database(tmp_path / "kernel.db"), procs=None)
     me = Caller("agent:7", 7)
-    calls = [Call(b"route", i, "ipc.recv", me) for i in range(100_000)]
+    parked = [Call(b"route", i, "ipc.recv", me) for i in range(100_000)]
     start = time.monotonic()
-    for call in calls:
-        k.ipc.recv(call, abi.RecvArgs(timeout_ms=3_600_000))
-    assert k.calls_parked("agent:7") == len(calls)
-    for call in reversed(calls[50_000:]):
-        k.fail(call, abi.ErrorCode.ETIMEDOUT, "timed out")
-    assert k.find_parked(b"route", 49_999) is calls[49_999]
-    k.cancel_calls_of(7)
-    assert k.calls_parked() == 0  # out of the count at once; failed in slices below
+    for call in parked:
+        ipc.recv(call, abi.RecvArgs(timeout_ms=3_600_000))
+    assert calls.parked("agent:7") == len(parked)
+    for call in reversed(parked[50_000:]):
+        calls.fail(call, abi.ErrorCode.ETIMEDOUT, "timed out")
+    assert calls.find_parked(b"route", 49_999) is parked[49_999]
+    ipc.forget_waiters(7)  # what the kernel does when agent 7 is reaped
+    calls.cancel_of("agent:7", "agent 7 has ended")
+    assert calls.parked() == 0  # out of the count at once; failed in slices below
     iterations = 0
-    while (cancelled := k.errors["ECANCELED"]) < 50_000:
+    while (cancelled := calls.errors["ECANCELED"]) < 50_000:
         time.sleep(1e-6)  # the next iteration: the slice's timer is due
-        k._run_timers()
-        assert 0 < k.errors["ECANCELED"] - cancelled <= CANCEL_SLICE
+        calls.run_timers()
+        assert 0 < calls.errors["ECANCELED"] - cancelled <= CANCEL_SLICE
         iterations += 1
     elapsed = time.monotonic() - start
-    assert iterations >= 50_000 // CANCEL_SLICE and all(c.done for c in calls)
-    assert k.find_parked(b"route", 49_999) is None
-    assert len(k._timers) < 1000  # cancelled deadlines do not stay in the heap
+    assert iterations >= 50_000 // CANCEL_SLICE and all(c.done for c in parked)
+    assert calls.find_parked(b"route", 49_999) is None
+    assert calls.timers_pending() < 1000  # cancelled deadlines do not stay in the heap
     print(f"\n100k parked, 50k timed out, 50k cancelled at reap: {elapsed:.3f} s")
     assert elapsed < 5.0  # about 1 s on a loaded 2-core box; hours with lists
+    calls.close()
 
 
 @pytest.fixture(scope="module")

@@ -172,7 +172,7 @@ def test_a_kernel_bug_on_one_ring_closes_that_ring_not_the_kernel(tmp_path, monk
         monkeypatch.setattr(k.rings._by_agent[7].pair, "drain", broken)
         assert agent.submit([b"anything"]) == 1
         k.step(0)  # must not raise
-        assert k.errors["ring.internal"] == 1 and k.rings._by_agent == {}
+        assert k.calls.errors["ring.internal"] == 1 and k.rings._by_agent == {}
         k.step(0)
         agent.close()
     finally:

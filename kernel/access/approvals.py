@@ -38,11 +38,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from kernel.call import PENDING, Call, Caller, Fault
+from kernel.call import PENDING, Call, Caller, Calls, Fault
 from sdk import abi
 
 if TYPE_CHECKING:
-    from kernel.core import Kernel
+    from kernel.access.audit import AuditLog
+    from kernel.access.manager import AccessManager
+    from kernel.config import Config
+    from kernel.db import Database
 
 log = logging.getLogger("kernel.access")
 
@@ -59,8 +62,13 @@ class Request:
 
 
 class Approvals:
-    def __init__(self, kernel: Kernel) -> None:
-        self.k = kernel
+    def __init__(self, *, access: AccessManager, audit: AuditLog, calls: Calls, config: Config,
+                 db: Database) -> None:
+        self.access = access
+        self.audit = audit
+        self.calls = calls
+        self.config = config
+        self.db = db
         self.pending: dict[int, Request] = {}
         self._approved: Call | None = None  # the call whose approved `proceed` is running
 
@@ -78,9 +86,9 @@ class Approvals:
         """An irreversible operation (a delete): an agent's is held for a human while the
         kernel's `approve_irreversible` is on; a user's own command is its approval. Either way
         it is audited. Returns `proceed`'s result, or PENDING while the call waits."""
-        self.k.audit.append(call.caller.principal, "irreversible", call=call.name,
+        self.audit.append(call.caller.principal, "irreversible", call=call.name,
                             action=action, target=target)
-        if call.caller.agent_id is not None and self.k.config.approve_irreversible:
+        if call.caller.agent_id is not None and self.config.approve_irreversible:
             return self.gate(call, f"{call.name} {target}", {"target": target}, proceed)
         return proceed()
 
@@ -89,8 +97,8 @@ class Approvals:
         """Let a destructive tool call run by calling `proceed`, now or once a human approves
         it. A tool listed in `tools_allow_destructive` runs at once, and so does a user's own
         call (the human is the one asking); the tool process answers the call either way."""
-        if tool in self.k.config.tools_allow_destructive or call.caller.agent_id is None:
-            self.k.audit.append(call.caller.principal, "tool-destructive", tool=tool,
+        if tool in self.config.tools_allow_destructive or call.caller.agent_id is None:
+            self.audit.append(call.caller.principal, "tool-destructive", tool=tool,
                                 approved_by="config" if call.caller.agent_id is not None
                                 else "caller")
             proceed()
@@ -108,23 +116,23 @@ class Approvals:
         (default: the kernel's `approval_timeout`) passes (ETIMEDOUT)."""
         if call is self._approved:
             return proceed()  # approved already, for this very call
-        timeout = self.k.config.approval_timeout if timeout is None else timeout
+        timeout = self.config.approval_timeout if timeout is None else timeout
         now = time.time()
-        request_id = self.k.audit.append(call.caller.principal, "approval-request",
+        request_id = self.audit.append(call.caller.principal, "approval-request",
                                          action=action, detail=detail, timeout=timeout)
         req = Request(request_id, call, action, detail, proceed, now, now + timeout)
         self.pending[request_id] = req
         call.on_cancel.append(lambda: self.pending.pop(request_id, None))
         log.info("approval requested", extra={"request": request_id, "action": action,
                                               "principal": call.caller.principal})
-        self.k.after(timeout, lambda: self._expire(req))
-        return self.k.park(call, None)  # the approval's own timer bounds the wait
+        self.calls.after(timeout, lambda: self._expire(req))
+        return self.calls.park(call, None)  # the approval's own timer bounds the wait
 
     def _expire(self, req: Request) -> None:
         if self.pending.pop(req.id, None) is not None:
-            self.k.audit.append("kernel", "approval-timeout", request=req.id, action=req.action)
+            self.audit.append("kernel", "approval-timeout", request=req.id, action=req.action)
             waited = req.deadline - req.requested_at
-            self.k.fail(req.call, abi.ErrorCode.ETIMEDOUT,
+            self.calls.fail(req.call, abi.ErrorCode.ETIMEDOUT,
                         f"{req.action}: nobody approved it within {waited:g} s")
 
     def list(self) -> list[abi.ApprovalInfo]:
@@ -141,7 +149,7 @@ class Approvals:
             raise Fault(abi.ErrorCode.EPERM, f"only a user may {verdict} a request; "
                         f"{approver.principal} is an agent")
         if approver.principal == req.call.caller.principal:
-            self.k.audit.append(approver.principal, "approval-refused", request=request_id,
+            self.audit.append(approver.principal, "approval-refused", request=request_id,
                                 reason="own request")
             raise Fault(abi.ErrorCode.EPERM, f"{approver.principal} cannot {verdict} its own "
                         "request")
@@ -150,26 +158,26 @@ class Approvals:
 
     def approve(self, approver: Caller, request_id: int) -> None:
         req = self._take(approver, request_id, "approve")
-        self.k.audit.append(approver.principal, "approve", request=request_id, action=req.action,
+        self.audit.append(approver.principal, "approve", request=request_id, action=req.action,
                             requester=req.call.caller.principal)
         cap = req.call.capability
-        if cap is not None and self.k.access.is_revoked(cap.token_id):
-            self.k.fail(req.call, abi.ErrorCode.EPERM, f"{req.action}: token revoked while "
+        if cap is not None and self.access.is_revoked(cap.token_id):
+            self.calls.fail(req.call, abi.ErrorCode.EPERM, f"{req.action}: token revoked while "
                         "waiting for approval")
             return
         self._run(req)
 
     def deny(self, approver: Caller, request_id: int, reason: str) -> None:
         req = self._take(approver, request_id, "deny")
-        self.k.audit.append(approver.principal, "deny-approval", request=request_id,
+        self.audit.append(approver.principal, "deny-approval", request=request_id,
                             action=req.action, requester=req.call.caller.principal, reason=reason)
-        self.k.fail(req.call, abi.ErrorCode.EPERM,
+        self.calls.fail(req.call, abi.ErrorCode.EPERM,
                     f"{req.action}: denied by {approver.principal}" + (f": {reason}" if reason
                                                                         else ""))
 
     def _run(self, req: Request) -> None:
         """`proceed`, in a savepoint so a failure leaves none of its writes behind."""
-        db = self.k.db
+        db = self.db
         db.write("SAVEPOINT approved")
         self._approved = req.call
         try:
@@ -177,16 +185,16 @@ class Approvals:
         except Fault as exc:
             db.write("ROLLBACK TO approved")
             db.write("RELEASE approved")
-            self.k.fail(req.call, exc.code, exc.message)
+            self.calls.fail(req.call, exc.code, exc.message)
             return
         except Exception:
             log.exception("approved operation failed", extra={"request": req.id})
             db.write("ROLLBACK TO approved")
             db.write("RELEASE approved")
-            self.k.fail(req.call, abi.ErrorCode.EIO, "internal kernel error (logged)")
+            self.calls.fail(req.call, abi.ErrorCode.EIO, "internal kernel error (logged)")
             return
         finally:
             self._approved = None
         db.write("RELEASE approved")
         if result is not PENDING:
-            self.k.reply(req.call, result)
+            self.calls.reply(req.call, result)

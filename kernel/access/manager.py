@@ -69,6 +69,9 @@ class AccessManager:
         self._used: dict[str, int] = self.store.budgets()
         self._marks = dict(self._used)  # what the database holds: >= the exact count
         self._nonces = self.store.nonces()
+        # Called on the loop with the ids of tokens just revoked: services that hold something
+        # open on a token's strength (the egress proxy's tunnels) end it there.
+        self.watchers: list[Callable[[frozenset[str]], None]] = []
 
     def recover(self) -> None:
         """At boot no agent is alive, so nothing an agent held may stay usable."""
@@ -110,6 +113,10 @@ class AccessManager:
         self._chains[token_id] = result
         return result
 
+    def chain(self, token_id: str) -> tuple[str, ...]:
+        """The token and its ancestors: revoking any of them revokes it."""
+        return self._chains.get(token_id) or self._load_chain(token_id) or (token_id,)
+
     def is_revoked(self, token_id: str) -> bool:
         chain = self._chains.get(token_id) or self._load_chain(token_id)
         return chain is None or not self._revoked.isdisjoint(chain)
@@ -136,6 +143,25 @@ class AccessManager:
                             f"({self._used.get(counter, 0)} of {limit} used)")
         for counter, limit in limits.items():
             self._add(counter, cap.token_id, amount, limit)
+
+    def reserve(self, cap: Capability, kind: str, want: int) -> int | None:
+        """Take up to `want` of the token's `kind` budgets ahead of use, for a service that
+        counts as it goes (the egress proxy's bytes): how much was taken, None if the token
+        has no such budget, EQUOTA if nothing is left. Give back what goes unused (`refund`)."""
+        limits = self._limits(cap, kind)
+        if not limits:
+            return None
+        left = min(limit - self._used.get(counter, 0) for counter, limit in limits.items())
+        if left <= 0:
+            raise Fault(abi.ErrorCode.EQUOTA, f"{kind} budget exhausted")
+        granted = min(want, left)
+        for counter, limit in limits.items():
+            self._add(counter, cap.token_id, granted, limit)
+        return granted
+
+    def refund(self, cap: Capability, kind: str, amount: int) -> None:
+        for counter, limit in self._limits(cap, kind).items():
+            self._add(counter, cap.token_id, -min(amount, self._used.get(counter, 0)), limit)
 
     def _limits(self, cap: Capability, kind: str) -> dict[str, int]:
         """Counter -> tightest limit of the token's `kind` budgets. One counter may appear in
@@ -361,7 +387,16 @@ class AccessManager:
             self.store.revoke(tid, now)
         self._revoked.update(tree)
         self.k.audit.append(by, "revoke", token=token_id, derived=len(tree) - 1, reason=reason)
+        self._tell(tree)
         return len(fresh)
+
+    def _tell(self, revoked: Iterable[str]) -> None:
+        ids = frozenset(revoked)
+        for watcher in self.watchers:
+            try:
+                watcher(ids)
+            except Exception:
+                log.exception("revocation watcher failed")
 
     def revoke_call(self, call: Call, token_id: str) -> int:
         """`caps.revoke`: users may revoke any token; an agent only its own token and the
@@ -393,6 +428,7 @@ class AccessManager:
         self.k.authority = TokenAuthority(key)
         old = self.store.revoke_all(time.time())
         self._revoked.update(old)
+        self._tell(old)
         self.k.audit.append(by, "rotate-key", key_id=self.k.authority.key_id.hex(),
                             invalidated=len(old))
         self.k._write_admin_token()

@@ -29,7 +29,9 @@ from sdk import abi
 from sdk.tokens import Rule
 
 if TYPE_CHECKING:
-    from kernel.core import Kernel
+    from kernel.access.guard import Guard
+    from kernel.db import Database
+    from kernel.memory.manager import MemoryManager
 
 
 def rights(name: str) -> list[Rule]:
@@ -38,19 +40,21 @@ def rights(name: str) -> list[Rule]:
 
 
 class Names:
-    def __init__(self, kernel: Kernel) -> None:
-        self.k = kernel
+    def __init__(self, *, db: Database, guard: Guard, memory: MemoryManager) -> None:
+        self.db = db
+        self.guard = guard
+        self.memory = memory
 
     def owner(self, name: str) -> str | None:
-        rows = self.k.db.read("SELECT owner FROM names WHERE name=?", (name,))
+        rows = self.db.read("SELECT owner FROM names WHERE name=?", (name,))
         return rows[0][0] if rows else None
 
     def _has_state(self, name: str) -> bool:
         """Whether files or memories are kept under the name (written by a holder of rights on
         it before any agent had the name): then it is not fresh."""
-        if self.k.memory.stored(f"agent/{name}") > 0:
+        if self.memory.stored(f"agent/{name}") > 0:
             return True
-        return bool(self.k.db.read("SELECT 1 FROM fs_files WHERE owner=? LIMIT 1", (name,)))
+        return bool(self.db.read("SELECT 1 FROM fs_files WHERE owner=? LIMIT 1", (name,)))
 
     def check(self, principal: str, cap: Capability, name: str) -> None:
         """Refuse (EPERM) a spawn under `name` that would hand its caller someone else's
@@ -63,13 +67,13 @@ class Names:
             return
         # The audit says whose it is; the caller learns only that it is not its own.
         whose = f"belongs to {owner}" if owner else "has files or memories"
-        self.k.guard.deny(principal, "proc.spawn", f"name/{name}", f"the name {whose}",
+        self.guard.deny(principal, "proc.spawn", f"name/{name}", f"the name {whose}",
                           token_id=cap.token_id)  # audited, rate-limited per principal
         raise Fault(abi.ErrorCode.EPERM, f"the agent name {name!r} is taken; choose another, "
                      "or hold " + " and ".join(map(str, wanted)) + " to run it")
 
     def claim(self, name: str, principal: str, agent_id: int) -> None:
-        self.k.db.write("INSERT INTO names (name, owner, agent_id, claimed_at) VALUES (?,?,?,?) "
+        self.db.write("INSERT INTO names (name, owner, agent_id, claimed_at) VALUES (?,?,?,?) "
                         "ON CONFLICT(name) DO UPDATE SET owner=excluded.owner, "
                         "agent_id=excluded.agent_id, claimed_at=excluded.claimed_at",
                         (name, principal, agent_id, time.time()))

@@ -4,13 +4,17 @@ manager). The token format these rules travel in is `sdk/tokens.py`."""
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from types import MappingProxyType
 from typing import Any
 
-from sdk.tokens import OP_RE, Rule, Token, resource_matches, resource_problem
+from sdk import endpoints
+from sdk.tokens import OP_RE, Rule, Token, op_matches, resource_matches, resource_problem
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 __all__ = ["CAVEAT_CHECKS", "Capability", "Request", "grantable", "rule_covers", "rules_cover"]
 
@@ -138,6 +142,21 @@ class Capability(Token):
             if kind == "nbf" and not now >= value:  # type: ignore[operator]
                 return "not yet valid"
         return reason
+
+    def names_ip(self, op: str, address: IPAddress, port: int) -> bool:
+        """Whether the token allows `op` to `address`:`port` and one of its rules names the
+        address by IP (sdk/endpoints.py `explicit_ip`): what a loopback, private or
+        link-local address needs, where a name or `*` that resolves to it is not enough. Every
+        rule set must allow the address (a set naming it cannot widen the others), one must
+        name it (a narrowing that names it counts, under a parent's `*`)."""
+        resource = endpoints.resource(str(address), port)
+        n = len(endpoints.PREFIX)
+        sets = self.rule_sets
+        return all(any(r.matches(op, resource) for r in rules) for rules in sets) and any(
+            op_matches(r.op, op) and r.resource is not None and r.resource.startswith(
+                endpoints.PREFIX) and len(r.resource) > n
+            and endpoints.explicit_ip(r.resource[n:], address, port)
+            for rules in sets for r in rules)
 
     @cached_property
     def _plans(self) -> dict[tuple[str, str | None, str], _Plan]:

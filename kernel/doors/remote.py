@@ -144,11 +144,11 @@ class Remote:
             log.error("remote message without attested principal dropped")
             return
         if len(frames) != 2:
-            self.k.send_error(route, 0, abi.ErrorCode.EINVAL, "expected exactly one frame")
+            self.k.calls.send_error(route, 0, abi.ErrorCode.EINVAL, "expected exactly one frame")
             return
         data = frames[1].bytes
         if not self.keys.registered(user[len(PREFIX):]):
-            self.k.send_error(route, abi.request_id_of(data), abi.ErrorCode.EPERM,
+            self.k.calls.send_error(route, abi.request_id_of(data), abi.ErrorCode.EPERM,
                                f"{user}: key no longer registered")
             return
         self.k.submit(route, user, data)

@@ -112,7 +112,7 @@ class RingDoor:
             raise Fault(abi.ErrorCode.EAGAIN, "cannot create rings now")
         ticket = secrets.token_hex(16)
         self._tickets[ticket] = _Ticket(ring, int(ident), time.monotonic() + TICKET_TTL_S)
-        self.k.after(TICKET_TTL_S, lambda: self._expire(ticket))
+        self.k.calls.after(TICKET_TTL_S, lambda: self._expire(ticket))
         return abi.RingTicket(ticket=ticket, path=str(self.path))
 
     def _expire(self, ticket: str) -> None:
@@ -151,7 +151,7 @@ class RingDoor:
                 return
             if len(self._conns) >= 2 * MAX_USER_RINGS:  # idle connections cost the kernel fds
                 conn.close()
-                self.k.errors["ring.door_full"] += 1
+                self.k.calls.errors["ring.door_full"] += 1
                 continue
             conn.setblocking(False)
             self._conns[conn.fileno()] = (conn, None)
@@ -176,7 +176,7 @@ class RingDoor:
         except OSError:
             uid = -1
         if held is None or held.uid != uid:
-            self.k.errors["ring.bad_ticket"] += 1
+            self.k.calls.errors["ring.bad_ticket"] += 1
             log.warning("rings.sock: refused a ticket", extra={"uid": uid,
                                                                "known": held is not None})
             if held is not None:  # presented by another uid: it is spent, its rings go
@@ -193,7 +193,7 @@ class RingDoor:
             self._hang_up(fd)
             return
         self._conns[fd] = (conn, held.ring)
-        self.k.counts["ring.user_attached"] += 1
+        self.k.calls.counts["ring.user_attached"] += 1
 
     def _hang_up(self, fd: int) -> None:
         conn, ring = self._conns.pop(fd)

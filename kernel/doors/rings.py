@@ -168,7 +168,7 @@ class Rings:
         for ring in todo:
             ring.pair.acknowledge()
         if todo:
-            self.k.counts["ring.doorbells"] += len(todo)
+            self.k.calls.counts["ring.doorbells"] += len(todo)
             for ring in todo:
                 ring.counts["ring.doorbells"] += 1
         again, self._again = self._again, set()
@@ -176,7 +176,7 @@ class Rings:
         if self._polled:
             found = [r for r in self._polled if r not in todo and r.pair.submissions.pending()]
             if found:
-                self.k.counts["ring.polled"] += len(found)
+                self.k.calls.counts["ring.polled"] += len(found)
                 for ring in found:
                     ring.counts["ring.polled"] += 1
                 todo.extend(found)
@@ -198,7 +198,7 @@ class Rings:
 
     def _poll(self, ring: AgentRing) -> None:
         limit = self.k.config.ring_poll_us / 1e6
-        if limit <= 0 or self.k.offloaded:
+        if limit <= 0 or self.k.calls.offloaded:
             return
         now = time.monotonic()
         if ring not in self._polled:
@@ -240,7 +240,7 @@ class Rings:
         for fault in faults:
             self._on_fault(ring, fault)
         if payloads:
-            self.k.counts["ring.entries"] += len(payloads)
+            self.k.calls.counts["ring.entries"] += len(payloads)
             ring.counts["ring.entries"] += len(payloads)
             self._poll(ring)
         for payload in payloads:
@@ -260,11 +260,11 @@ class Rings:
     def _on_fault(self, ring: AgentRing, fault: RingFault, answered: bool = False) -> None:
         log.warning("ring fault", extra={"principal": ring.principal, "kind": fault.kind.value,
                                          "detail": fault.detail})
-        self.k.errors["ring." + fault.kind.value] += 1
+        self.k.calls.errors["ring." + fault.kind.value] += 1
         if fault.data and not answered:
             # The entry is lost, but its request id may still be readable: answer it, so the
             # caller learns at once rather than at its deadline.
-            self.k.send_error(ring.route, abi.request_id_of(fault.data), abi.ErrorCode.EINVAL,
+            self.k.calls.send_error(ring.route, abi.request_id_of(fault.data), abi.ErrorCode.EINVAL,
                                f"malformed ring entry: {fault.detail}")
 
     def _quarantine(self, ring: AgentRing) -> None:
@@ -278,7 +278,7 @@ class Rings:
         last = ring.pair.submissions.last_fault or ring.pair.completions.last_fault
         log.error("ring quarantined", extra={"principal": ring.principal,
                                              "last": last.detail if last else ""})
-        self.k.counts["ring.quarantined"] += 1
+        self.k.calls.counts["ring.quarantined"] += 1
         self.k.audit.append("kernel", "ring-quarantine", subject=ring.principal,
                             fault=last.kind.value if last else "")
 
@@ -295,7 +295,7 @@ class Rings:
             return  # its agent is gone; so is the reply
         size = len(frame)
         if ring.backlog_bytes + size > BACKLOG_BYTES:
-            self.k.errors["ring.backlog_dropped"] += 1
+            self.k.calls.errors["ring.backlog_dropped"] += 1
             return
         if size <= ring.limit:
             ring.backlog.append(frame)
@@ -314,7 +314,7 @@ class Rings:
         # that they take the CPU from the kernel they are waiting for (or, while another
         # thread works on a call, from that work: a model generating, a search).
         advice = self.k.config.ring_spin_us if (
-            len(self._polled) < self._cpus and not self.k.offloaded) else 0
+            len(self._polled) < self._cpus and not self.k.calls.offloaded) else 0
         for ring in rings:
             try:
                 self._complete(ring, advice)
@@ -343,7 +343,7 @@ class Rings:
         owner's later calls over it time out; the kernel and every other ring go on)."""
         log.exception("ring %s failed; closing the ring", stage,
                       extra={"principal": ring.principal})
-        self.k.errors["ring.internal"] += 1
+        self.k.calls.errors["ring.internal"] += 1
         try:
             self.close_ring(ring)
         except Exception:

@@ -60,7 +60,7 @@ class RouterDoor:
             log.error("message without attested principal dropped")
             return
         if len(frames) != 2:
-            self.k.send_error(route, 0, abi.ErrorCode.EINVAL, "expected exactly one frame")
+            self.k.calls.send_error(route, 0, abi.ErrorCode.EINVAL, "expected exactly one frame")
             return
         self.k.submit(route, user, frames[1].bytes)
 

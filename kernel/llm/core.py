@@ -4,7 +4,7 @@ The dispatch loop never runs a model. `llm.chat` admits a call first (a prompt u
 `max_prompt_bytes`, fewer than `agent_max_concurrent` of the caller's calls in flight: checks
 that cost no tokenizing, before anything is queued), then parks it and hands a `Generation` to
 the model's worker (through its prompter thread, kernel/llm/prompt.py); the worker posts deltas
-and the final result back (`Kernel.post`), and the loop sends them. Cancelling the call (the
+and the final result back (`Calls.post`), and the loop sends them. Cancelling the call (the
 agent asks, dies, or its deadline passes) tells the worker to drop the generation and free its
 memory.
 """
@@ -17,22 +17,23 @@ import time
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
-from kernel.call import Call, Fault
+from kernel.call import Call, Calls, Fault
 from kernel.llm.prompt import DEFAULT_CONTEXT_TOKENS, PROMPT_BYTES_PER_TOKEN, prompt_bytes
 from kernel.llm.worker import RATE_WINDOW_S, Generation, ModelWorker
 from sdk import abi
 
 if TYPE_CHECKING:
-    from kernel.core import Kernel
+    from kernel.config import Config
 
 log = logging.getLogger("kernel.llm")
 
 
 class LLMCore:
-    def __init__(self, kernel: Kernel) -> None:
-        self.k = kernel
+    def __init__(self, *, calls: Calls, config: Config) -> None:
+        self.calls = calls
+        self.config = config
         self.workers: dict[str, ModelWorker] = {
-            name: ModelWorker(model, kernel.post) for name, model in kernel.config.models.items()}
+            name: ModelWorker(model, calls.post) for name, model in config.models.items()}
         self._ids = itertools.count(1)
         # llm.chat calls in flight by (model, principal): counted from admission to the reply
         # or failure, so a cap holds whatever stage (prompter, scheduler, engine) they are in.
@@ -41,7 +42,7 @@ class LLMCore:
     def start(self) -> None:
         for worker in self.workers.values():
             worker.start()
-            if self.k.config.preload:
+            if self.config.preload:
                 worker.load_now()
 
     def stop(self) -> None:
@@ -51,7 +52,7 @@ class LLMCore:
             worker.join(timeout=10)
 
     def models(self) -> list[abi.ModelInfo]:
-        default = self.k.config.default_model
+        default = self.config.default_model
         return [abi.ModelInfo(name=name, backend="openai" if w.config.remote else "local",
                               device=w.device, dtype=w.config.dtype, default=name == default)
                 for name, w in self.workers.items()]
@@ -86,14 +87,14 @@ class LLMCore:
         return out
 
     def chat(self, call: Call, args: abi.ChatArgs) -> Any:
-        name = args.model or self.k.config.default_model
+        name = args.model or self.config.default_model
         worker = self.workers.get(name or "")
         if worker is None:
             known = ", ".join(self.workers) or "none"
             raise Fault(abi.ErrorCode.ENOENT, f"no model {name!r} (served: {known})")
         if worker.failed is not None and not worker.retry():
             raise Fault(worker.failed_code, worker.failed)
-        if self.k.draining:
+        if self.calls.draining:
             raise Fault(abi.ErrorCode.EAGAIN, "the kernel is shutting down")
         principal = call.caller.principal
         limit = worker.max_prompt_bytes
@@ -119,16 +120,17 @@ class LLMCore:
         call.on_cancel.append(lambda: self._release(key))
         gen = Generation(id=next(self._ids), agent=principal, args=args,
                          arrival=time.monotonic(), prompt_bytes=size)
-        post = self.k.post
+        calls = self.calls
+        post = calls.post
         if args.stream:
-            gen.on_delta = lambda text: post(lambda: self.k.send_chunk(call, abi.ChatDelta(text)))
-        gen.on_done = lambda result: post(lambda: self.k.reply(call, result))
-        gen.on_error = lambda code, message: post(lambda: self.k.fail(call, code, message))
+            gen.on_delta = lambda text: post(lambda: calls.send_chunk(call, abi.ChatDelta(text)))
+        gen.on_done = lambda result: post(lambda: calls.reply(call, result))
+        gen.on_error = lambda code, message: post(lambda: calls.fail(call, code, message))
         call.on_cancel.append(lambda: worker.cancel(gen))
-        self.k.offload(call)
+        self.calls.offload(call)
         worker.submit(gen)
-        self.k.counts[f"llm.model.{name}"] += 1
-        return self.k.park(call, call.timeout_ms)
+        self.calls.counts[f"llm.model.{name}"] += 1
+        return self.calls.park(call, call.timeout_ms)
 
     def _release(self, key: tuple[str, str]) -> None:
         self.in_flight[key] -= 1
@@ -148,8 +150,8 @@ class LLMCore:
             worker.forget_agent(principal)
 
     def cancel(self, call: Call, args: abi.CancelArgs) -> None:
-        target = self.k.find_parked(call.route, args.request)
+        target = self.calls.find_parked(call.route, args.request)
         if target is None or target.name != "llm.chat":
             raise Fault(abi.ErrorCode.ENOENT, f"no llm.chat call {args.request} in flight "
                               "on this connection")
-        self.k.fail(target, abi.ErrorCode.ECANCELED, "cancelled by the caller")
+        self.calls.fail(target, abi.ErrorCode.ECANCELED, "cancelled by the caller")

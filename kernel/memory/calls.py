@@ -4,12 +4,26 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from kernel.call import Call, Caller
-from kernel.memory.manager import own_namespace
+from kernel.call import Call, Caller, Fault
 from sdk import abi
 
 if TYPE_CHECKING:
     from kernel.core import Kernel
+
+
+def own_namespace(k: Kernel, caller: Caller) -> str:
+    """An agent's own namespace is keyed by its name, so a restarted agent finds its memories."""
+    if caller.agent_id is not None:
+        live = k.procs.live.get(caller.agent_id)
+        if live is not None:
+            return f"agent/{live.name}"
+    # Users, HTTP keys and remote clients each have their own (`user/`, `http/`, `remote/`),
+    # so an HTTP key named like a local user never shares its memories.
+    kind, _, name = caller.principal.partition(":")
+    if kind in ("user", "http", "remote") and name:
+        return f"{kind}/{name}"
+    raise Fault(abi.ErrorCode.EINVAL, f"{caller.principal} has no memory namespace of its "
+                 "own; name one")
 
 
 def _ns(k: Kernel, call: Call, args: Any) -> str:

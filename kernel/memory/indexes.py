@@ -1,6 +1,6 @@
 """Memory search off the dispatch loop: one thread owns every namespace's vector index, loads
 it from SQLite on a connection of its own, applies the loop's changes in the order the loop made
-them, scans vectors and ranks keywords (FTS5), and answers through `Kernel.post`; the loop only
+them, scans vectors and ranks keywords (FTS5), and answers through `Calls.post`; the loop only
 reads the hits' rows.
 
 Consistency rule. The loop sends every change of a memory's vector (`put`, `remove`) and every

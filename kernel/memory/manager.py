@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from kernel.call import Call, Caller, Fault
+from kernel.call import Call, Calls, Fault
 from kernel.memory.embed import Embedder, HashEmbedder, MiniLMEmbedder
 from kernel.memory.indexes import Found, IndexThread, filter_sql
 from kernel.memory.lruk import LRUK
@@ -27,26 +27,13 @@ from kernel.memory.worker import EmbedWorker
 from sdk import abi, models
 
 if TYPE_CHECKING:
-    from kernel.core import Kernel
+    from kernel.config import Config
+    from kernel.db import Database
+    from kernel.state import StateDir
 
 log = logging.getLogger("kernel.memory")
 
 ITEM_OVERHEAD = 64  # bytes charged per memory besides its content and metadata
-
-
-def own_namespace(k: Kernel, caller: Caller) -> str:
-    """An agent's own namespace is keyed by its name, so a restarted agent finds its memories."""
-    if caller.agent_id is not None:
-        live = k.procs.live.get(caller.agent_id)
-        if live is not None:
-            return f"agent/{live.name}"
-    # Users, HTTP keys and remote clients each have their own (`user/`, `http/`, `remote/`),
-    # so an HTTP key named like a local user never shares its memories.
-    kind, _, name = caller.principal.partition(":")
-    if kind in ("user", "http", "remote") and name:
-        return f"{kind}/{name}"
-    raise Fault(abi.ErrorCode.EINVAL, f"{caller.principal} has no memory namespace of its "
-                 "own; name one")
 
 
 @dataclass
@@ -88,16 +75,20 @@ def make_embedder(name: str) -> Embedder | None:
 
 
 class MemoryManager:
-    def __init__(self, kernel: Kernel, embedder: Embedder | None = None) -> None:
-        self.k = kernel
-        c = kernel.config
+    def __init__(self, *, calls: Calls, config: Config, db: Database, state: StateDir,
+                 embedder: Embedder | None = None) -> None:
+        self.calls = calls
+        self.config = config
+        self.db = db
+        self.state = state
+        c = config
         self.embedder = embedder if embedder is not None else make_embedder(c.memory_embedder)
-        self.worker = (EmbedWorker(self.embedder, kernel.post, after=kernel.after,
+        self.worker = (EmbedWorker(self.embedder, calls.post, after=calls.after,
                                    backoff=c.restart_backoff, backoff_max=c.restart_backoff_max,
                                    on_restart=self._backfill)
                        if self.embedder is not None and self.embedder.slow else None)
-        self.indexes = IndexThread(kernel.state.db_path, getattr(self.embedder, "name", None),
-                                   lambda: kernel.db.commits, kernel.post)
+        self.indexes = IndexThread(state.db_path, getattr(self.embedder, "name", None),
+                                   lambda: db.commits, calls.post)
         self.resident: dict[int, Item] = {}
         self.tiers: dict[str, LRUK] = {}
         self.ram_bytes = 0
@@ -156,12 +147,12 @@ class MemoryManager:
             if box == ["parked"]:
                 # Run `then` even if the caller gave up: an added memory still gets its vector.
                 try:
-                    self.k.reply(call, then(vectors))
+                    self.calls.reply(call, then(vectors))
                 except Fault as exc:
-                    self.k.fail(call, exc.code, exc.message)
+                    self.calls.fail(call, exc.code, exc.message)
                 except Exception:
                     log.exception("memory call failed", extra={"call": call.name})
-                    self.k.fail(call, abi.ErrorCode.EIO, "internal kernel error (logged)")
+                    self.calls.fail(call, abi.ErrorCode.EIO, "internal kernel error (logged)")
             else:
                 box.append(then(vectors))
 
@@ -170,8 +161,8 @@ class MemoryManager:
         box.append("parked")
         if call is None:
             return None
-        self.k.offload(call)
-        return self.k.park(call, call.timeout_ms)
+        self.calls.offload(call)
+        return self.calls.park(call, call.timeout_ms)
 
     def embed(self, call: Call, texts: list[str]) -> Any:
         """`memory.embed`: the embedder's vectors for `texts` (the call parks on the worker)."""
@@ -199,7 +190,7 @@ class MemoryManager:
         if not self._exists(namespace, memory_id):
             return  # deleted while it was being embedded
         vector = vector.astype(np.float32)
-        self.k.db.write("UPDATE memories SET embedding=?, embedder=? WHERE id=?",
+        self.db.write("UPDATE memories SET embedding=?, embedder=? WHERE id=?",
                         (vector.tobytes(), self.embedder.name, memory_id))
         self.indexes.put(namespace, memory_id, vector)
         self.counters["embedded"] += 1
@@ -209,7 +200,7 @@ class MemoryManager:
         embedder's, get one now, in batches."""
         if self.embedder is None:
             return
-        rows = self.k.db.read("SELECT id, namespace, content FROM memories "
+        rows = self.db.read("SELECT id, namespace, content FROM memories "
                               "WHERE embedder IS NULL OR embedder != ?", (self.embedder.name,))
         for start in range(0, len(rows), 256):
             batch = rows[start:start + 256]
@@ -227,7 +218,7 @@ class MemoryManager:
         key = owner_key(namespace)
         tier = self.tiers.get(key)
         if tier is None:
-            tier = self.tiers[key] = LRUK(self.k.config.memory_lru_k)
+            tier = self.tiers[key] = LRUK(self.config.memory_lru_k)
         return tier
 
     def _admit(self, memory_id: int, item: Item, size: int) -> None:
@@ -247,7 +238,7 @@ class MemoryManager:
     def _balance(self, namespace: str, keep: int) -> None:
         """Past the threshold of the namespace's quota or the kernel-wide budget, evict LRU-K
         victims (the namespace's own first, then the globally oldest) back to the disk tier."""
-        c = self.k.config
+        c = self.config
         tier = self._tier(namespace)
         while tier.bytes > c.memory_ram_quota * c.memory_evict_threshold:
             if not self._evict_from(tier, keep):
@@ -277,7 +268,7 @@ class MemoryManager:
         if item is not None and item.namespace == namespace:
             self._tier(namespace).access(memory_id)
             return item
-        rows = self.k.db.read("SELECT content, metadata, created_at, updated_at, size "
+        rows = self.db.read("SELECT content, metadata, created_at, updated_at, size "
                               "FROM memories WHERE id=? AND namespace=?", (memory_id, namespace))
         if not rows:
             return None
@@ -297,7 +288,7 @@ class MemoryManager:
         """Bytes stored under the namespace's owner (see `owner_key`)."""
         key = owner_key(namespace)
         if key not in self._stored:
-            rows = self.k.db.read("SELECT COALESCE(SUM(size), 0) FROM memories WHERE "
+            rows = self.db.read("SELECT COALESCE(SUM(size), 0) FROM memories WHERE "
                                   "namespace=? OR substr(namespace, 1, ?)=?",
                                   (key, len(key) + 1, key + "/"))
             self._stored[key] = rows[0][0]
@@ -305,7 +296,7 @@ class MemoryManager:
 
     def _charge(self, namespace: str, delta: int) -> None:
         key = owner_key(namespace)
-        quota = self.k.config.memory_quota
+        quota = self.config.memory_quota
         # The kernel's own namespaces (.fs/…, the fs search index) are covered by the fs quota.
         if delta > 0 and not namespace.startswith(".") and self.stored(key) + delta > quota:
             raise Fault(abi.ErrorCode.EQUOTA, f"{key!r} would hold {self.stored(key) + delta} "
@@ -319,15 +310,15 @@ class MemoryManager:
         except (TypeError, ValueError) as exc:
             raise Fault(abi.ErrorCode.EINVAL, f"metadata must be JSON: {exc}") from None
         size = len(content.encode()) + len(meta.encode()) + ITEM_OVERHEAD
-        if size > self.k.config.memory_item_bytes:
+        if size > self.config.memory_item_bytes:
             raise Fault(abi.ErrorCode.EINVAL, f"memory is {size} bytes, over the "
-                         f"{self.k.config.memory_item_bytes}-byte limit")
+                         f"{self.config.memory_item_bytes}-byte limit")
         return size, meta
 
     # --- operations ---------------------------------------------------------------------------
 
     def _exists(self, namespace: str, memory_id: int) -> bool:
-        return bool(self.k.db.read("SELECT 1 FROM memories WHERE id=? AND namespace=?",
+        return bool(self.db.read("SELECT 1 FROM memories WHERE id=? AND namespace=?",
                                    (memory_id, namespace)))
 
     def add(self, call: Call | None, namespace: str, content: str,
@@ -335,11 +326,11 @@ class MemoryManager:
         size, meta = self._size(content, metadata)
         self._charge(namespace, size)
         now = time.time()
-        cur = self.k.db.write("INSERT INTO memories (namespace, content, metadata, size, "
+        cur = self.db.write("INSERT INTO memories (namespace, content, metadata, size, "
                               "created_at, updated_at) VALUES (?,?,?,?,?,?)",
                               (namespace, content, meta, size, now, now))
         memory_id = int(cur.lastrowid)
-        self.k.db.write("INSERT INTO memories_fts (rowid, content) VALUES (?,?)",
+        self.db.write("INSERT INTO memories_fts (rowid, content) VALUES (?,?)",
                         (memory_id, content))
         self._admit(memory_id, Item(namespace, content, json.loads(meta), now, now), size)
 
@@ -366,14 +357,14 @@ class MemoryManager:
         new_content = item.content if content is None else content
         new_meta = item.metadata if metadata is None else metadata
         size, meta = self._size(new_content, new_meta)
-        old = self.k.db.read("SELECT size FROM memories WHERE id=?", (memory_id,))[0][0]
+        old = self.db.read("SELECT size FROM memories WHERE id=?", (memory_id,))[0][0]
         self._charge(namespace, size - old)
         now = time.time()
-        self.k.db.write("UPDATE memories SET content=?, metadata=?, size=?, updated_at=? "
+        self.db.write("UPDATE memories SET content=?, metadata=?, size=?, updated_at=? "
                         "WHERE id=?", (new_content, meta, size, now, memory_id))
         if new_content != item.content:
             self._unindex_words(memory_id, item.content)
-            self.k.db.write("INSERT INTO memories_fts (rowid, content) VALUES (?,?)",
+            self.db.write("INSERT INTO memories_fts (rowid, content) VALUES (?,?)",
                             (memory_id, new_content))
         self._admit(memory_id, Item(namespace, new_content, json.loads(meta), item.created_at,
                                     now), size)
@@ -384,33 +375,33 @@ class MemoryManager:
             if vectors is not None:
                 self._store_vector(namespace, memory_id, vectors[0])
             else:  # the old vector no longer describes the content
-                self.k.db.write("UPDATE memories SET embedding=NULL, embedder=NULL WHERE id=?",
+                self.db.write("UPDATE memories SET embedding=NULL, embedder=NULL WHERE id=?",
                                 (memory_id,))
                 self.indexes.remove(namespace, memory_id)
 
         return self._answer(call, [new_content], then)
 
     def delete(self, namespace: str, memory_id: int) -> None:
-        rows = self.k.db.read("SELECT size, content FROM memories WHERE id=? AND namespace=?",
+        rows = self.db.read("SELECT size, content FROM memories WHERE id=? AND namespace=?",
                               (memory_id, namespace))
         if not rows:
             raise Fault(abi.ErrorCode.ENOENT, f"no memory {memory_id} in {namespace!r}")
         self._unindex_words(memory_id, rows[0][1])
-        self.k.db.write("DELETE FROM memories WHERE id=?", (memory_id,))
+        self.db.write("DELETE FROM memories WHERE id=?", (memory_id,))
         self._charge(namespace, -rows[0][0])
         self._drop(namespace, memory_id)
         self.indexes.remove(namespace, memory_id)
 
     def _unindex_words(self, memory_id: int, content: str) -> None:
         # An external-content FTS5 table forgets a row only when told its old text.
-        self.k.db.write("INSERT INTO memories_fts (memories_fts, rowid, content) "
+        self.db.write("INSERT INTO memories_fts (memories_fts, rowid, content) "
                         "VALUES ('delete', ?, ?)", (memory_id, content))
 
     def list(self, namespace: str, after: int, limit: int,
              filter: dict[str, Any]) -> list[abi.Memory]:
         # A scan reads the disk tier directly: listing must not flush the RAM tier.
         where, params = filter_sql(filter)
-        rows = self.k.db.read(
+        rows = self.db.read(
             "SELECT id, content, metadata, created_at, updated_at FROM memories "
             f"WHERE namespace=? AND id>? {where} ORDER BY id LIMIT ?",
             (namespace, after, *params, limit))
@@ -426,8 +417,8 @@ class MemoryManager:
         shape = shape or (lambda hits: hits)
         if mode == "vector" and self.worker is not None and self.worker.failed:
             raise Fault(abi.ErrorCode.EAGAIN, self._embedder_down() + "; or use mode=keyword")
-        self.k.offload(call)
-        parked = self.k.park(call, call.timeout_ms)
+        self.calls.offload(call)
+        parked = self.calls.park(call, call.timeout_ms)
 
         def embedded(vectors: np.ndarray | None) -> None:
             # Twice k: hits deleted while the search ran are dropped, the next ones stand in.
@@ -457,12 +448,12 @@ class MemoryManager:
         if call.done:  # timed out or cancelled meanwhile
             return
         try:
-            self.k.reply(call, answer())
+            self.calls.reply(call, answer())
         except Fault as exc:
-            self.k.fail(call, exc.code, exc.message)
+            self.calls.fail(call, exc.code, exc.message)
         except Exception:
             log.exception("memory call failed", extra={"call": call.name})
-            self.k.fail(call, abi.ErrorCode.EIO, "internal kernel error (logged)")
+            self.calls.fail(call, abi.ErrorCode.EIO, "internal kernel error (logged)")
 
     def _hits(self, namespace: str, k: int, filter: dict[str, Any],
               found: Found | None) -> list[abi.MemoryHit]:
@@ -475,7 +466,7 @@ class MemoryManager:
         if filter and ranked:
             where, params = filter_sql(filter)
             ids = sorted({i for i, _, _ in ranked})
-            matching = {r[0] for r in self.k.db.read(
+            matching = {r[0] for r in self.db.read(
                 f"SELECT id FROM memories WHERE namespace=? AND id IN ({','.join('?' * len(ids))})"
                 f" {where}", (namespace, *ids, *params))}
             ranked = [hit for hit in ranked if hit[0] in matching]

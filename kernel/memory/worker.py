@@ -1,5 +1,5 @@
 """Embeds texts off the dispatch loop: one thread drains every queued request into one batch,
-runs the model once, and hands each result back to the loop through `Kernel.post`.
+runs the model once, and hands each result back to the loop through `Calls.post`.
 
 The thread is supervised like an agent with a restart policy: if the embedder fails (raises) or
 the thread dies (anything escaping it, even an exception injected into it), the batch it held is

@@ -266,24 +266,35 @@ class Sandboxes:
 
     def bridge(self, spec: AgentSpec, token: str, socket_dir: Path | None, uid: int | None,
                env: dict[str, str]) -> dict[str, str]:
-        """The kernel's HTTP door inside the sandbox (kernel/doors/http/agentdoor.py): served on
-        the agent's own socket, relayed from 127.0.0.1 in its network namespace; its address and
-        key go into the environment the agent's code starts with. The ports to relay."""
-        if (socket_dir is None or uid is None or not self.k.config.agent_door
-                or spec.tier not in ("strict", "standard")):
+        """The kernel's services inside the sandbox, each served on the agent's own socket and
+        relayed from 127.0.0.1 in its network namespace, their addresses and key in the
+        environment the agent's code starts with: the HTTP door (kernel/doors/http/
+        agentdoor.py) and the egress proxy (kernel/doors/egress.py). The ports to relay."""
+        if socket_dir is None or uid is None or spec.tier not in ("strict", "standard"):
             return {}
         from kernel.proc.forward import PORTS
         from sdk.tokens import attenuate
 
-        path = self.k.agentdoor.open(spec.agent_id, uid, socket_dir)
         # Its own token narrowed to its own audience: worth nothing at any other door.
         key = attenuate(token, ("aud", f"agent:{spec.agent_id}"))
-        url = f"http://127.0.0.1:{PORTS['door']}"
-        env.update({"OPENAI_BASE_URL": f"{url}/v1", "OPENAI_API_KEY": key,
-                    # AIOS's Cerebrum client sends no headers: the key rides in the path.
-                    "AIOS_KERNEL_URL": f"{url}/aios/{key}",
-                    "AGENTOS_HTTP_SOCKET": str(path)})
-        return {str(PORTS["door"]): str(path)}
+        forwards = {}
+        if self.k.config.agent_door:
+            path = self.k.agentdoor.open(spec.agent_id, uid, socket_dir)
+            url = f"http://127.0.0.1:{PORTS['door']}"
+            env.update({"OPENAI_BASE_URL": f"{url}/v1", "OPENAI_API_KEY": key,
+                        # AIOS's Cerebrum client sends no headers: the key rides in the path.
+                        "AIOS_KERNEL_URL": f"{url}/aios/{key}",
+                        "AGENTOS_HTTP_SOCKET": str(path)})
+            forwards[str(PORTS["door"])] = str(path)
+        if self.k.config.egress:
+            path = self.k.egress.open(spec.agent_id, uid, socket_dir, key)
+            proxy = f"http://127.0.0.1:{PORTS['proxy']}"
+            for name in ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY"):
+                env[name] = env[name.lower()] = proxy
+            # The door is on the namespace's own loopback: never through the proxy.
+            env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost,::1"
+            forwards[str(PORTS["proxy"])] = str(path)
+        return forwards
 
     @staticmethod
     def pins(tier: str, paths: tuple[str, ...]) -> dict[str, list[int]]:
@@ -397,6 +408,7 @@ class Sandboxes:
     def unbind_endpoint(self, socket_dir: Path) -> None:
         if socket_dir.name.isdigit():
             self.k.agentdoor.close(int(socket_dir.name))
+            self.k.egress.close(int(socket_dir.name))
         sock = socket_dir / "kernel.sock"
         try:
             self.k.router.unbind(f"ipc://{sock}")

@@ -126,7 +126,7 @@ class ProcessTable:
         self._pending: dict[int, AgentSpec] = {}  # waiting out a restart backoff
         self._streak: dict[int, int] = {}  # restarts in a row, each soon after its start
         self.sandboxes = Sandboxes(kernel)
-        self.names = names.Names(kernel)
+        self.names = names.Names(db=kernel.db, guard=kernel.guard, memory=kernel.memory)
         # Other subsystems' per-agent resources (the syscall rings): a spawn hook adds fds and
         # environment to an agent's start, a reap hook releases them when it ends.
         self.spawn_hooks: list[SpawnHook] = []
@@ -165,7 +165,7 @@ class ProcessTable:
             if restart in ("always", "on-failure"):
                 self.k.db.write("UPDATE agents SET state='restarting' WHERE id=?", (agent_id,))
                 self._pending[agent_id] = self._spec(agent_id)
-                self.k.after(0, lambda a=agent_id: self._restart(a))
+                self.k.calls.after(0, lambda a=agent_id: self._restart(a))
                 continue
             self.k.db.write("UPDATE agents SET state='lost', ended_at=? WHERE id=?",
                             (now, agent_id))
@@ -177,7 +177,7 @@ class ProcessTable:
     def refused_peer(self, uid: int, pid: int) -> None:
         """The ZAP handler refused a connection (called on its thread): audit it on the loop."""
         if getattr(self.k, "_post_fd", -1) >= 0:
-            self.k.post(lambda: self.k.guard.deny(
+            self.k.calls.post(lambda: self.k.guard.deny(
                 f"uid:{uid}", "connect", None, f"pid {pid} is no running agent and no user"))
 
     # --- queries -----------------------------------------------------------------------------
@@ -242,7 +242,7 @@ class ProcessTable:
 
     def spawn(self, caller_principal: str, cap: Capability, args: abi.SpawnArgs) -> int:
 
-        if self.k.draining:
+        if self.k.calls.draining:
             raise Fault(abi.ErrorCode.EAGAIN, "the kernel is shutting down")
         if not os.path.isabs(args.path):
             raise Fault(abi.ErrorCode.EINVAL, f"path must be absolute: {args.path}")
@@ -476,7 +476,7 @@ class ProcessTable:
                                 restarts=self._streak.pop(live.agent_id, 0) - 1)
         elif delay is not None:
             state = "restarting"
-        elif (self.k.draining and not live.stopping and live.spec.restart != "no"
+        elif (self.k.calls.draining and not live.stopping and live.spec.restart != "no"
               and not (live.spec.restart == "on-failure" and status == 0)):
             state = "restarting"  # stopped by the shutdown: the next kernel restarts it
         self.k.db.write("UPDATE agents SET state=?, exit_status=?, ended_at=?, "
@@ -488,7 +488,7 @@ class ProcessTable:
         self.k.access.agent_ended(live.agent_id)  # a restart is granted a fresh token
         if delay is not None and delay >= 0:
             self._pending[live.agent_id] = live.spec
-            self.k.after(delay, lambda: self._restart(live.agent_id))
+            self.k.calls.after(delay, lambda: self._restart(live.agent_id))
             return
         self._streak.pop(live.agent_id, None)
         self._ended(live.agent_id)
@@ -503,12 +503,12 @@ class ProcessTable:
         if waiters:
             info = self._row(agent_id)
             for call in waiters:
-                self.k.reply(call, info)
+                self.k.calls.reply(call, info)
 
     def _restart_delay(self, live: Live, status: int) -> float | None:
         """Seconds until the agent's restart, None for no restart, -1 for a crash loop."""
         policy = live.spec.restart
-        if (policy == "no" or live.stopping or self.k.draining
+        if (policy == "no" or live.stopping or self.k.calls.draining
                 or (policy == "on-failure" and status == 0)):
             return None
         cfg = self.k.config
@@ -524,7 +524,7 @@ class ProcessTable:
         spec = self._pending.pop(agent_id, None)
         if spec is None:
             return  # killed while waiting
-        if self.k.draining:
+        if self.k.calls.draining:
             self.k.db.write("UPDATE agents SET state='killed' WHERE id=?", (agent_id,))
             self._ended(agent_id)
             return
@@ -544,7 +544,7 @@ class ProcessTable:
         waiters = self._waiters.setdefault(args.id, {})
         waiters[call] = None
         call.on_cancel.append(lambda: waiters.pop(call, None))
-        return self.k.park(call, args.timeout_ms)
+        return self.k.calls.park(call, args.timeout_ms)
 
     def kill(self, caller_principal: str, agent_id: int, grace: float) -> None:
         live = self.live.get(agent_id)
@@ -564,7 +564,7 @@ class ProcessTable:
     def _terminate(self, live: Live, grace: float) -> None:
         self._signal(live, signal.SIGTERM if grace > 0 else signal.SIGKILL)
         if grace > 0:
-            self.k.after(grace, lambda: self._signal(live, signal.SIGKILL))
+            self.k.calls.after(grace, lambda: self._signal(live, signal.SIGKILL))
 
     def _signal(self, live: Live, sig: int) -> None:
         if self.live.get(live.agent_id) is not live:
@@ -630,7 +630,7 @@ class ProcessTable:
         self.k.db.write("UPDATE agents SET result=? WHERE id=?", (blob, agent_id))
         live = self.live[agent_id]
         live.exiting = True
-        self.k.after(self.k.config.kill_grace, lambda: self._finish_off(live))
+        self.k.calls.after(self.k.config.kill_grace, lambda: self._finish_off(live))
 
     def _finish_off(self, live: Live) -> None:
         """An agent that reported its result but is still exiting after the grace (a slow

@@ -6,13 +6,27 @@ from typing import TYPE_CHECKING, Any
 
 from kernel.call import Call, Caller, Fault
 from kernel.storage import paths
-from kernel.storage.manager import owner_of
 from sdk import abi
 
 if TYPE_CHECKING:
     from kernel.core import Kernel
 
 _ROOT_OK = {"fs.list", "fs.stat", "fs.search", "fs.share"}
+
+
+def owner_of(k: Kernel, caller: Caller, owner: str | None) -> str:
+    """The namespace a call acts in: the named owner's, else the calling agent's own (keyed by
+    its name, so a restarted agent finds its files)."""
+    if owner is not None:
+        return owner
+    if caller.agent_id is not None and caller.agent_id in k.procs.live:
+        return k.procs.live[caller.agent_id].name
+    if caller.principal.startswith("http:"):
+        # An HTTP key's bearer has files of its own; agent names cannot hold ':', so this
+        # owner is nobody else's (`fs/agent/http:NAME/...` in its rules).
+        return caller.principal
+    raise Fault(abi.ErrorCode.EINVAL, f"{caller.principal} has no file namespace of its own; "
+                 "name an owner")
 
 
 def _where(k: Kernel, caller: Caller, args: Any, root_ok: bool) -> tuple[str, str]:

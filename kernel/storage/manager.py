@@ -14,14 +14,21 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from kernel.call import Call, Caller, Fault
+from kernel.call import Call, Calls, Fault
 from kernel.storage import paths
 from kernel.storage.blobs import BlobError, BlobStore
 from sdk import abi
 from sdk.tokens import Rule
 
 if TYPE_CHECKING:
-    from kernel.core import Kernel
+    from kernel.access.approvals import Approvals
+    from kernel.access.audit import AuditLog
+    from kernel.access.manager import AccessManager
+    from kernel.config import Config
+    from kernel.db import Database
+    from kernel.memory.manager import MemoryManager
+    from kernel.proc.table import ProcessTable
+    from kernel.state import StateDir
 
 log = logging.getLogger("kernel.storage")
 
@@ -31,32 +38,27 @@ SNIPPET_CHARS = 160
 INDEX_CHARS = 4096  # how much of a text file fs.search embeds
 
 
-def owner_of(k: Kernel, caller: Caller, owner: str | None) -> str:
-    """The namespace a call acts in: the named owner's, else the calling agent's own (keyed by
-    its name, so a restarted agent finds its files)."""
-    if owner is not None:
-        return owner
-    if caller.agent_id is not None and caller.agent_id in k.procs.live:
-        return k.procs.live[caller.agent_id].name
-    if caller.principal.startswith("http:"):
-        # An HTTP key's bearer has files of its own; agent names cannot hold ':', so this
-        # owner is nobody else's (`fs/agent/http:NAME/...` in its rules).
-        return caller.principal
-    raise Fault(abi.ErrorCode.EINVAL, f"{caller.principal} has no file namespace of its own; "
-                 "name an owner")
-
-
 class StorageManager:
-    def __init__(self, kernel: Kernel) -> None:
-        self.k = kernel
-        self.blobs = BlobStore(kernel.state.root / "blobs")
+    def __init__(self, *, access: AccessManager, approvals: Approvals, audit: AuditLog,
+                 calls: Calls, config: Config, db: Database, memory: MemoryManager,
+                 procs: ProcessTable, state: StateDir) -> None:
+        self.access = access
+        self.approvals = approvals
+        self.audit = audit
+        self.calls = calls
+        self.config = config
+        self.db = db
+        self.memory = memory
+        self.procs = procs
+        self.state = state
+        self.blobs = BlobStore(state.root / "blobs")
         self._used: dict[str, int] = {}
         self._garbage: set[str] = set()
 
     def start(self) -> None:
         """Crash recovery: drop half-written temporaries and blobs no version names."""
         self.blobs.clean_temporaries()
-        named = {r[0] for r in self.k.db.read("SELECT DISTINCT blob FROM fs_versions")}
+        named = {r[0] for r in self.db.read("SELECT DISTINCT blob FROM fs_versions")}
         orphans = self.blobs.all() - named
         for digest in orphans:
             self.blobs.delete(digest)
@@ -71,12 +73,12 @@ class StorageManager:
 
     def used(self, owner: str) -> int:
         if owner not in self._used:
-            self._used[owner] = self.k.db.read(
+            self._used[owner] = self.db.read(
                 "SELECT COALESCE(SUM(size), 0) FROM fs_versions WHERE owner=?", (owner,))[0][0]
         return self._used[owner]
 
     def _node(self, owner: str, path: str) -> tuple[str, int, float, int | None] | None:
-        rows = self.k.db.read("SELECT kind, head, created_at, memory_id FROM fs_files "
+        rows = self.db.read("SELECT kind, head, created_at, memory_id FROM fs_files "
                               "WHERE owner=? AND path=?", (owner, path))
         return tuple(rows[0]) if rows else None  # type: ignore[return-value]
 
@@ -89,7 +91,7 @@ class StorageManager:
         return node[1], node[3]
 
     def _version(self, owner: str, path: str, version: int) -> tuple[str, int, float, str]:
-        rows = self.k.db.read("SELECT blob, size, created_at, op FROM fs_versions "
+        rows = self.db.read("SELECT blob, size, created_at, op FROM fs_versions "
                               "WHERE owner=? AND path=? AND version=?", (owner, path, version))
         if not rows:
             raise Fault(abi.ErrorCode.ENOENT, f"{path} has no version {version}")
@@ -106,18 +108,18 @@ class StorageManager:
         for parent in paths.parents(path):
             node = self._node(owner, parent)
             if node is None:
-                self.k.db.write("INSERT INTO fs_files (owner, path, kind, created_at) "
+                self.db.write("INSERT INTO fs_files (owner, path, kind, created_at) "
                                 "VALUES (?,?,?,?)", (owner, parent, "dir", now))
             elif node[0] != "dir":
                 raise Fault(abi.ErrorCode.EINVAL, f"{parent} is a file, not a directory")
 
     def _commit_version(self, owner: str, path: str, data: bytes, op: str) -> abi.FsStat:
         """Make `data` the newest version of `path` (blob first, then metadata)."""
-        limit = self.k.config.fs_file_bytes
+        limit = self.config.fs_file_bytes
         if len(data) > limit:
             raise Fault(abi.ErrorCode.EINVAL, f"file would be {len(data)} bytes, over the "
                          f"{limit}-byte limit")
-        quota = self.k.config.fs_quota
+        quota = self.config.fs_quota
         if self.used(owner) + len(data) > quota:
             raise Fault(abi.ErrorCode.EQUOTA, f"{owner} would store {self.used(owner) + len(data)}"
                          f" bytes, over its {quota}-byte quota (delete files or old versions)")
@@ -128,14 +130,14 @@ class StorageManager:
         self._mkparents(owner, path, now)
         digest = self.blobs.put(data)  # durable before any row names it
         version = (node[1] if node else 0) + 1
-        self.k.db.write("INSERT INTO fs_versions (owner, path, version, blob, size, created_at, "
+        self.db.write("INSERT INTO fs_versions (owner, path, version, blob, size, created_at, "
                         "op) VALUES (?,?,?,?,?,?,?)", (owner, path, version, digest, len(data),
                                                        now, op))
         if node is None:
-            self.k.db.write("INSERT INTO fs_files (owner, path, kind, head, created_at) "
+            self.db.write("INSERT INTO fs_files (owner, path, kind, head, created_at) "
                             "VALUES (?,?,?,?,?)", (owner, path, "file", version, now))
         else:
-            self.k.db.write("UPDATE fs_files SET head=? WHERE owner=? AND path=?",
+            self.db.write("UPDATE fs_files SET head=? WHERE owner=? AND path=?",
                             (version, owner, path))
         self._used[owner] = self.used(owner) + len(data)
         self._retain(owner, path, version, now)
@@ -144,36 +146,36 @@ class StorageManager:
 
     def _retain(self, owner: str, path: str, head: int, now: float) -> None:
         """Drop versions past the retention (never the head)."""
-        c = self.k.config
-        rows = self.k.db.read(
+        c = self.config
+        rows = self.db.read(
             "SELECT version, blob, size FROM fs_versions WHERE owner=? AND path=? AND "
             "version != ? AND (version <= ? OR (? > 0 AND created_at < ?))",
             (owner, path, head, head - c.fs_versions_kept, c.fs_versions_max_age_s,
              now - c.fs_versions_max_age_s))
         for version, digest, size in rows:
-            self.k.db.write("DELETE FROM fs_versions WHERE owner=? AND path=? AND version=?",
+            self.db.write("DELETE FROM fs_versions WHERE owner=? AND path=? AND version=?",
                             (owner, path, version))
             self._used[owner] = self.used(owner) - size
             self._forget_blob(digest)
 
     def _forget_blob(self, digest: str) -> None:
         if not self._garbage:
-            self.k.after(0.05, self._collect)
+            self.calls.after(0.05, self._collect)
         self._garbage.add(digest)
 
     def _collect(self) -> None:
         """Delete blobs whose last reference is gone, once that is committed."""
-        if self.k.db.conn.in_transaction:  # this step's writes are not durable yet
-            self.k.after(0.05, self._collect)
+        if self.db.conn.in_transaction:  # this step's writes are not durable yet
+            self.calls.after(0.05, self._collect)
             return
         garbage, self._garbage = self._garbage, set()
         for digest in garbage:
-            if not self.k.db.read("SELECT 1 FROM fs_versions WHERE blob=? LIMIT 1", (digest,)):
+            if not self.db.read("SELECT 1 FROM fs_versions WHERE blob=? LIMIT 1", (digest,)):
                 self.blobs.delete(digest)
 
     def _index(self, owner: str, path: str, data: bytes, memory_id: int | None) -> None:
         """Keep the file's text in the kernel's memory namespace for fs.search."""
-        memory = self.k.memory
+        memory = self.memory
         namespace = f".fs/{owner}"
         try:
             text = data[:INDEX_CHARS * 4].decode("utf-8")[:INDEX_CHARS]
@@ -184,7 +186,7 @@ class StorageManager:
         new_id = None
         if text.strip():
             new_id = memory.add(None, namespace, f"{path}\n{text}", {"path": path})
-        self.k.db.write("UPDATE fs_files SET memory_id=? WHERE owner=? AND path=?",
+        self.db.write("UPDATE fs_files SET memory_id=? WHERE owner=? AND path=?",
                         (new_id, owner, path))
 
     # --- operations ----------------------------------------------------------------------------
@@ -220,7 +222,7 @@ class StorageManager:
             raise Fault(abi.ErrorCode.EINVAL, f"{path} is not a directory")
         prefix = f"{path}/" if path else ""
         # Children only: under the prefix, with no further '/'.
-        rows = self.k.db.read(
+        rows = self.db.read(
             "SELECT f.path, f.kind, COALESCE(v.size, 0), f.head, "
             "COALESCE(v.created_at, f.created_at), v.blob FROM fs_files f "
             "LEFT JOIN fs_versions v ON v.owner=f.owner AND v.path=f.path AND v.version=f.head "
@@ -238,7 +240,7 @@ class StorageManager:
                 return abi.FsStat(path, "dir", modified_at=node[2])
             raise Fault(abi.ErrorCode.EINVAL, f"{path} is a file")
         self._mkparents(owner, path, now)
-        self.k.db.write("INSERT INTO fs_files (owner, path, kind, created_at) VALUES (?,?,?,?)",
+        self.db.write("INSERT INTO fs_files (owner, path, kind, created_at) VALUES (?,?,?,?)",
                         (owner, path, "dir", now))
         return abi.FsStat(path, "dir", modified_at=now)
 
@@ -246,7 +248,7 @@ class StorageManager:
         """Remove a file and all its versions, or an empty directory. Irreversible: it may
         wait for a human's approval, and is checked again when it runs."""
         self._deletable(owner, path)
-        return self.k.approvals.irreversible(call, "delete", f"fs/{owner}/{path}",
+        return self.approvals.irreversible(call, "delete", f"fs/{owner}/{path}",
                                              lambda: self._delete(owner, path))
 
     def _deletable(self, owner: str, path: str) -> tuple[Any, ...]:
@@ -259,18 +261,18 @@ class StorageManager:
 
     def _delete(self, owner: str, path: str) -> None:
         node = self._deletable(owner, path)
-        for digest, size in self.k.db.read("SELECT blob, size FROM fs_versions WHERE owner=? "
+        for digest, size in self.db.read("SELECT blob, size FROM fs_versions WHERE owner=? "
                                            "AND path=?", (owner, path)):
             self._used[owner] = self.used(owner) - size
             self._forget_blob(digest)
-        self.k.db.write("DELETE FROM fs_versions WHERE owner=? AND path=?", (owner, path))
-        self.k.db.write("DELETE FROM fs_files WHERE owner=? AND path=?", (owner, path))
+        self.db.write("DELETE FROM fs_versions WHERE owner=? AND path=?", (owner, path))
+        self.db.write("DELETE FROM fs_files WHERE owner=? AND path=?", (owner, path))
         if node[3] is not None:
-            self.k.memory.delete(f".fs/{owner}", node[3])
+            self.memory.delete(f".fs/{owner}", node[3])
 
     def versions(self, owner: str, path: str) -> list[abi.FsVersion]:
         self._file(owner, path)
-        rows = self.k.db.read("SELECT version, size, blob, created_at, op FROM fs_versions "
+        rows = self.db.read("SELECT version, size, blob, created_at, op FROM fs_versions "
                               "WHERE owner=? AND path=? ORDER BY version", (owner, path))
         return [abi.FsVersion(v, size, digest, created, op)
                 for v, size, digest, created, op in rows]
@@ -282,7 +284,7 @@ class StorageManager:
             raise Fault(abi.ErrorCode.EINVAL, "give exactly one of version and time")
         self._file(owner, path)
         if version is None:
-            rows = self.k.db.read("SELECT version FROM fs_versions WHERE owner=? AND path=? AND "
+            rows = self.db.read("SELECT version FROM fs_versions WHERE owner=? AND path=? AND "
                                   "created_at <= ? ORDER BY version DESC LIMIT 1",
                                   (owner, path, at))
             if not rows:
@@ -302,22 +304,22 @@ class StorageManager:
         if bad:
             raise Fault(abi.ErrorCode.EINVAL, f"cannot share {', '.join(bad)}; shareable: "
                          + ", ".join(SHAREABLE))
-        receiver = self.k.procs.live_by_name(to)
+        receiver = self.procs.live_by_name(to)
         if receiver is None:
             raise Fault(abi.ErrorCode.ENOENT, f"no running agent named {to!r}")
         resource = paths.resource(owner, path)
         rules = [Rule(op, resource) for op in sorted(set(rights))]
-        self.k.access.check_grant(call.capability, rules)
+        self.access.check_grant(call.capability, rules)
         # A delegation by the access manager: a child of the caller's token that keeps its
         # caveats (expiry, budgets) and dies with it when it is revoked.
-        grant = self.k.access.delegate(call, abi.DelegateArgs(
+        grant = self.access.delegate(call, abi.DelegateArgs(
             to=f"agent:{receiver.agent_id}", caps=[str(r) for r in rules], ttl_s=expires_in_s))
-        self.k.audit.append(call.caller.principal, "share", to=grant.audience,
+        self.audit.append(call.caller.principal, "share", to=grant.audience,
                             token=grant.id, rules=[str(r) for r in rules])
         return grant.token
 
     def search(self, call: Call, owner: str, query: str, k: int) -> Any:
-        return self.k.memory.search(call, f".fs/{owner}", query, k, {}, "auto", self._hits)
+        return self.memory.search(call, f".fs/{owner}", query, k, {}, "auto", self._hits)
 
     @staticmethod
     def _hits(hits: list[abi.MemoryHit]) -> list[abi.FsHit]:

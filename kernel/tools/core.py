@@ -5,7 +5,7 @@ A call is checked whole before anything runs: the tool exists, its arguments fit
 destructive tool is approved. It then waits for its resources (readers share, writers are
 alone) and for a slot under the tool's concurrency limit, and runs in a worker thread (local
 tools, `pool.py`) or an MCP mount's thread (`mcp.py`); the dispatch loop never blocks on a tool.
-The outcome comes back through `Kernel.post`. Cancelling the call (the agent dies, or its
+The outcome comes back through `Calls.post`. Cancelling the call (the agent dies, or its
 deadline passes) kills the tool's process or cancels the MCP request.
 """
 
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kernel.call import PENDING, Call, Caller, Fault
+from kernel.call import PENDING, Call, Caller, Calls, Fault
 from kernel.proc import sandbox
 from kernel.tools.locks import Request, ResourceLocks
 from kernel.tools.manifest import Manifest, ManifestError
@@ -32,7 +32,12 @@ from kernel.tools.pool import RUNTIME, Job, Outcome, ToolPool, tool_policy
 from sdk import abi
 
 if TYPE_CHECKING:
-    from kernel.core import Kernel
+    from kernel.access.approvals import Approvals
+    from kernel.access.audit import AuditLog
+    from kernel.access.guard import Guard
+    from kernel.config import Config
+    from kernel.proc.table import ProcessTable
+    from kernel.state import StateDir
 
 log = logging.getLogger("kernel.tools")
 
@@ -79,8 +84,15 @@ class Pending:
 
 
 class ToolManager:
-    def __init__(self, kernel: Kernel) -> None:
-        self.k = kernel
+    def __init__(self, *, approvals: Approvals, audit: AuditLog, calls: Calls, config: Config,
+                 guard: Guard, procs: ProcessTable, state: StateDir) -> None:
+        self.approvals = approvals
+        self.audit = audit
+        self.calls = calls
+        self.config = config
+        self.guard = guard
+        self.procs = procs
+        self.state = state
         self.tools: dict[str, Tool] = {}
         self.mounts: dict[str, McpMount] = {}
         self.mount_state: dict[str, str] = {}
@@ -92,7 +104,7 @@ class ToolManager:
         # Where the search tool looks besides the caller's home: other managers (memory) add
         # functions from a caller to [{"kind": ..., "path": ...}] here.
         self.sources: list[Callable[[Caller], list[dict[str, str]]]] = []
-        self.dir = kernel.state.root / "tools"
+        self.dir = state.root / "tools"
         self.dir.mkdir(mode=0o700, exist_ok=True)
         self.tier, self.sandbox_error = self._choose_tier()
         for path in self._tool_files():
@@ -111,7 +123,7 @@ class ToolManager:
 
     def _tool_files(self) -> list[Path]:
         files = sorted(p for p in BUILTIN_DIR.glob("*.py") if p.name not in NOT_TOOLS)
-        for d in self.k.config.tool_dirs:
+        for d in self.config.tool_dirs:
             files += sorted(p for p in Path(d).glob("*.py") if not p.name.startswith("_"))
         return [p.resolve() for p in files]
 
@@ -119,11 +131,11 @@ class ToolManager:
 
     def _choose_tier(self) -> tuple[str, str | None]:
         probe = sandbox.probe()
-        wanted = self.k.config.tool_sandbox
+        wanted = self.config.tool_sandbox
         if wanted == "auto":
             # Standard needs a uid of the tools' own that can reach the interpreter, its
             # standard library and the tools' homes; otherwise confine under the kernel's uid.
-            uid = self.k.config.tool_uid_base
+            uid = self.config.tool_uid_base
             needed = [os.path.realpath(sys.executable), *sandbox.runtime_paths(),
                       str(BUILTIN_DIR), str(self.dir)]
             if (not any(layer in probe.missing for layer in sandbox.TIERS["standard"])
@@ -143,18 +155,18 @@ class ToolManager:
         home.mkdir(mode=0o700, exist_ok=True)
         uid = None
         if "identity" in sandbox.TIERS[tier]:
-            leases = self.k.procs.sandboxes.leases
+            leases = self.procs.sandboxes.leases
             uid = sandbox.allocate_uid(
-                index, base=self.k.config.tool_uid_base, size=1000, skip_busy=True,
+                index, base=self.config.tool_uid_base, size=1000, skip_busy=True,
                 take=lambda uid: leases.take(uid, ("tool", manifest.name, index)))
             sandbox.prepare_home(home, uid, uid)
-        reads = (str(self.k.state.agents),) if manifest.reads_caller_files else ()
+        reads = (str(self.state.agents),) if manifest.reads_caller_files else ()
         return tool_policy(tier, home, tool_file, uid=uid, readable=reads)
 
     # --- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        for name, command in self.k.config.mcp_servers.items():
+        for name, command in self.config.mcp_servers.items():
             try:
                 self._mount(name, list(command), network=False, call=None)
             except Exception as exc:  # a bad entry must not stop the kernel from booting
@@ -188,7 +200,7 @@ class ToolManager:
         problem = m.check_args(args.arguments)
         if problem is not None:
             raise Fault(abi.ErrorCode.EINVAL, problem)
-        if self.k.draining:
+        if self.calls.draining:
             raise Fault(abi.ErrorCode.EAGAIN, "the kernel is shutting down")
         if tool.pool is not None and self.sandbox_error is not None:
             raise Fault(abi.ErrorCode.EIO, f"tools cannot run: {self.sandbox_error}")
@@ -202,14 +214,14 @@ class ToolManager:
             pending.lock = self.locks.acquire(keys, m.exclusive, lambda: self._admit(pending))
 
         if m.side_effect == "destructive":
-            self.k.approvals.destructive_tool(call, m.name, args.arguments, proceed)
+            self.approvals.destructive_tool(call, m.name, args.arguments, proceed)
         else:
             proceed()
-        self.k.counts[f"tools.tool.{m.name}"] += 1
+        self.calls.counts[f"tools.tool.{m.name}"] += 1
         if call.done:  # refused on the way in (e.g. its mount went away): nothing to park
             return PENDING
-        self.k.offload(call)
-        return self.k.park(call, call.timeout_ms)
+        self.calls.offload(call)
+        return self.calls.park(call, call.timeout_ms)
 
     def mount(self, call: Call, args: abi.MountArgs) -> Any:
         if args.name in self.mounts:
@@ -218,7 +230,7 @@ class ToolManager:
             self._mount(args.name, list(args.command), args.network, call)
         except ValueError as exc:
             raise Fault(abi.ErrorCode.EINVAL, str(exc)) from None
-        return self.k.park(call, call.timeout_ms)
+        return self.calls.park(call, call.timeout_ms)
 
     def unmount(self, call: Call, args: abi.ToolRef) -> None:
         if self.failed_mounts.pop(args.name, None) is not None:
@@ -231,10 +243,10 @@ class ToolManager:
         for name in [n for n, t in self.tools.items() if t.mount is mount]:
             tool = self.tools.pop(name)
             for pending in list(tool.waiting):
-                self.k.fail(pending.call, abi.ErrorCode.ECANCELED, f"{args.name} was unmounted")
+                self.calls.fail(pending.call, abi.ErrorCode.ECANCELED, f"{args.name} was unmounted")
         # The session closes on the mount's own thread; in-flight calls end with ECANCELED.
         mount.close()
-        self.k.audit.append(call.caller.principal, "tool-unmount", mount=args.name)
+        self.audit.append(call.caller.principal, "tool-unmount", mount=args.name)
 
     def mount_info(self) -> list[abi.MountInfo]:
         return [abi.MountInfo(name=name, command=m.command, state=self.mount_state[name],
@@ -272,7 +284,7 @@ class ToolManager:
             reason = call.capability.check("tools.call", resource, call.caller.principal,
                                            time.time())
             if reason is not None:
-                self.k.guard.deny(call.caller.principal, "tools.call", resource, reason,
+                self.guard.deny(call.caller.principal, "tools.call", resource, reason,
                                   token_id=call.capability.token_id)
                 raise Fault(abi.ErrorCode.EPERM, f"tools.call: {m.name} needs a capability for "
                             f"{resource} (tools.call@{resource}): {reason}")
@@ -285,7 +297,7 @@ class ToolManager:
     def _home(self, caller: Caller) -> Path | None:
         if caller.agent_id is None:
             return None
-        return self.k.state.agents / str(caller.agent_id) / "home"
+        return self.state.agents / str(caller.agent_id) / "home"
 
     def _ctx(self, caller: Caller, m: Manifest) -> dict[str, Any]:
         ctx: dict[str, Any] = {"agent": caller.principal, "agent_id": caller.agent_id}
@@ -303,11 +315,11 @@ class ToolManager:
         """Its resources are held: run it now, or when the tool has a free slot."""
         tool = pending.tool
         if tool.mount is not None and self.mount_state.get(tool.mount.name) == "restarting":
-            self.k.fail(pending.call, abi.ErrorCode.EAGAIN, f"the MCP server of "
+            self.calls.fail(pending.call, abi.ErrorCode.EAGAIN, f"the MCP server of "
                         f"{tool.mount.name} died and is being restarted: try again soon")
             return
         if tool.mount is not None and self.mounts.get(tool.mount.name) is not tool.mount:
-            self.k.fail(pending.call, abi.ErrorCode.ECANCELED,
+            self.calls.fail(pending.call, abi.ErrorCode.ECANCELED,
                         f"{tool.mount.name} was unmounted")  # while the call waited for a lock
             return
         if tool.running < tool.manifest.concurrency:
@@ -324,7 +336,7 @@ class ToolManager:
                          - (time.monotonic() - pending.arrived))
         ctx = {**pending.ctx, "deadline_s": round(max(budget, 0.0), 3)}
         job = Job(pending.arguments, ctx, time.monotonic() + budget,
-                  done=lambda outcome: self.k.post(lambda: self._finish(pending, outcome)))
+                  done=lambda outcome: self.calls.post(lambda: self._finish(pending, outcome)))
         pending.job = job
         self.inflight.add(pending)
         if tool.pool is not None:
@@ -341,10 +353,10 @@ class ToolManager:
         self._release(pending)
         call, m = pending.call, pending.tool.manifest
         if outcome.code is not None:
-            self.k.fail(call, abi.ErrorCode[outcome.code], f"{m.name}: {outcome.error}")
+            self.calls.fail(call, abi.ErrorCode[outcome.code], f"{m.name}: {outcome.error}")
             return
         total = round((time.monotonic() - pending.arrived) * 1000, 3)
-        self.k.reply(call, abi.ToolResult(
+        self.calls.reply(call, abi.ToolResult(
             name=m.name, value=outcome.value if outcome.ok else None,
             error=None if outcome.ok else (outcome.error or "the tool failed"),
             stdout=outcome.stdout, tool_ms=outcome.tool_ms, total_ms=total))
@@ -387,12 +399,12 @@ class ToolManager:
                                 limits=sandbox.Limits(address_space=4 << 30, processes=None))
         mount = McpMount(name, command, policy, self.dir / f"mcp-{name}.log")
         mount.network = network  # type: ignore[attr-defined]  # for its restarts
-        mount.on_end = lambda: self.k.post(lambda: self._ended(mount))
+        mount.on_end = lambda: self.calls.post(lambda: self._ended(mount))
         self.failed_mounts.pop(name, None)
         self.mounts[name] = mount
         self.mount_state[name] = "starting" if call is not None or name not in (
             self.mount_restarts) else "restarting"
-        mount.start(lambda error: self.k.post(lambda: self._mounted(mount, error, call)))
+        mount.start(lambda error: self.calls.post(lambda: self._mounted(mount, error, call)))
         log.info("mcp mount starting", extra={"mount": name, "command": command,
                                               "tier": tier})
 
@@ -403,7 +415,7 @@ class ToolManager:
         if self.stopping or self.mounts.get(mount.name) is not mount or self.mount_state.get(
                 mount.name) not in ("ready", "restarting"):
             return  # unmounted, or it never came up (reported to the mounting call)
-        c = self.k.config
+        c = self.config
         lasted = time.monotonic() - (mount.ready_at or time.monotonic())
         streak = 0 if lasted >= c.restart_window else self.mount_restarts.get(mount.name, 0)
         self.mount_restarts[mount.name] = streak + 1
@@ -411,8 +423,8 @@ class ToolManager:
         delay = min(c.restart_backoff_max, c.restart_backoff * 2 ** streak)
         log.warning("mcp server ended; restarting", extra={
             "mount": mount.name, "reason": mount.error, "in_s": delay, "streak": streak + 1})
-        self.k.audit.append("kernel", "tool-restart", mount=mount.name, reason=mount.error)
-        self.k.after(delay, lambda: self._restart(mount))
+        self.audit.append("kernel", "tool-restart", mount=mount.name, reason=mount.error)
+        self.calls.after(delay, lambda: self._restart(mount))
 
     def _restart(self, old: McpMount) -> None:
         if self.mounts.get(old.name) is not old:
@@ -438,7 +450,7 @@ class ToolManager:
                                                  "reason": error or mount.error})
             if call is not None:
                 # The command's fault, not the kernel's: it did not start an MCP server.
-                self.k.fail(call, abi.ErrorCode.EINVAL, f"mount {mount.name}: the command did "
+                self.calls.fail(call, abi.ErrorCode.EINVAL, f"mount {mount.name}: the command did "
                             f"not start an MCP server: {error or mount.error}")
             return
         clashes = sorted(n for n in set(mount.manifests) & set(self.tools)
@@ -448,7 +460,8 @@ class ToolManager:
             self.mounts.pop(mount.name, None)
             self.mount_state.pop(mount.name, None)
             if call is not None:
-                self.k.fail(call, abi.ErrorCode.EBUSY, f"tool names taken: {', '.join(clashes)}")
+                self.calls.fail(call, abi.ErrorCode.EBUSY,
+                                f"tool names taken: {', '.join(clashes)}")
             return
         self.mount_state[mount.name] = "ready"
         prefix = f"{mount.name}."
@@ -459,6 +472,6 @@ class ToolManager:
             self.tools[name] = Tool(manifest, mount=mount, remote_name=name[len(prefix):])
         log.info("mcp mount ready", extra={"mount": mount.name, "tools": sorted(mount.manifests)})
         if call is not None:
-            self.k.audit.append(call.caller.principal, "tool-mount", mount=mount.name,
+            self.audit.append(call.caller.principal, "tool-mount", mount=mount.name,
                                 command=mount.command)
-            self.k.reply(call, sorted(mount.manifests))
+            self.calls.reply(call, sorted(mount.manifests))

@@ -1,7 +1,7 @@
 """HTTP requests into ordinary syscalls: the front end's thread hands each one to the loop.
 
 The loop thread is the only one that touches kernel state, so a request crosses with
-`Kernel.post` and enters `Kernel.execute`, the same path a ROUTER message takes after decoding:
+`Calls.post` and enters `Kernel.execute`, the same path a ROUTER message takes after decoding:
 the same access check (`Guard`), scheduler, audit and accounting. Nothing crosses as bytes:
 the argument struct the front end built (and validated, `msgspec.convert`) goes to `execute`
 as it is, with the capability `authenticate` verified, and the outcome comes back as the
@@ -106,7 +106,7 @@ class Bridge:
         ex = Exchange(LocalRoute(b"\0http" + next(self._routes).to_bytes(8, "big")),
                       asyncio.get_running_loop())
         given = args if args is not None else abi.NoArgs()
-        self.k.post(lambda: self._start(ex, key, name, given, timeout_ms))
+        self.k.calls.post(lambda: self._start(ex, key, name, given, timeout_ms))
         return ex
 
     async def call(self, key: Key, name: str, args: abi.Args | None,
@@ -150,7 +150,7 @@ class Bridge:
     def close(self, ex: Exchange) -> None:
         """The HTTP side is done with `ex`: forget its route, cancelling the call if it still
         runs (the client went away)."""
-        self.k.post(lambda: self._close(ex.route))
+        self.k.calls.post(lambda: self._close(ex.route))
 
     def authenticate(self, token: str | None) -> Key:
         """The caller that `token` stands for, or `Refused(401)`. Every request passes here
@@ -208,7 +208,7 @@ class Bridge:
         return Key(principal, token, cap, agent_id)
 
     def _deny(self, principal: str, reason: str, token_id: str | None) -> None:
-        self.k.post(lambda: self.k.guard.deny(principal, "http.auth", None, reason,
+        self.k.calls.post(lambda: self.k.guard.deny(principal, "http.auth", None, reason,
                                               token_id=token_id))
 
     # --- the loop thread's side --------------------------------------------------------------
@@ -226,13 +226,13 @@ class Bridge:
             ex.put(Refused(401, f"{key.principal} is not running", "invalid_api_key"))
             return
         self.sinks[ex.route] = ex.put
-        self.k.counts[name] += 1
+        self.k.calls.counts[name] += 1
         self.k.execute(Call(ex.route, 1, name, caller, timeout_ms), args, key.capability)
-        if self.k.find_parked(ex.route, 1) is not None:
+        if self.k.calls.find_parked(ex.route, 1) is not None:
             ex.put(_ACCEPTED)
 
     def _close(self, route: LocalRoute) -> None:
-        call = self.k.find_parked(route, 1)
+        call = self.k.calls.find_parked(route, 1)
         if call is None:
             self.sinks.pop(route, None)
             return
@@ -241,7 +241,7 @@ class Bridge:
             self.sinks.pop(route, None)
 
         self.sinks[route] = drop
-        self.k.fail(call, abi.ErrorCode.ECANCELED, "the HTTP client went away")
+        self.k.calls.fail(call, abi.ErrorCode.ECANCELED, "the HTTP client went away")
 
 
 class HttpDoor:

@@ -2,7 +2,7 @@
 
 Off by default; `agentos boot --http HOST:PORT` (or `http = "HOST:PORT"` under `[kernel]`)
 turns it on. It runs inside the kernel process but touches kernel state only through
-`Kernel.post` (see `bridge.py`), so the dispatch loop stays the single owner of that state.
+`Calls.post` (see `bridge.py`), so the dispatch loop stays the single owner of that state.
 """
 
 from __future__ import annotations
