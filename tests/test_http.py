@@ -371,6 +371,8 @@ def test_aios_sdk_llm_chat_with_the_token_in_the_base_url(web: KernelProcess) ->
 def test_metrics_in_prometheus_format(web: KernelProcess, key: str) -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
+    with web.connect() as conn:  # its own traffic, whichever tests ran before
+        conn.llm.chat(HELLO, max_tokens=1)
     r = httpx.get(base_url(web) + "/metrics", headers={"Authorization": f"Bearer {key}"})
     assert r.status_code == 200
     families = {f.name: f for f in text_string_to_metric_families(r.text)}
