@@ -56,6 +56,9 @@ class ModelConfig:
     remote_model: str | None = None
     api_key_env: str | None = None
     max_concurrency: int = 16
+    # Seconds the server may stay silent (connecting, or mid-stream) before the request fails
+    # with ETIMEDOUT and the server is marked unhealthy until a probe finds it answering.
+    remote_idle_s: float = 60.0
 
     @property
     def remote(self) -> bool:

@@ -74,7 +74,14 @@ def sys_stats(k: Kernel, call: Call, args: abi.NoArgs) -> abi.Stats:
                      agents_running=k.procs.running_count(), calls_parked=k.calls.parked(),
                      syscalls=dict(k.calls.counts), models=k.llm.stats(),
                      errors=dict(k.calls.errors), memory=k.memory.stats(),
-                     **k.calls.accounts.snapshot())
+                     dependencies=_dependencies(k), **k.calls.accounts.snapshot())
+
+
+def _dependencies(k: Kernel) -> list[abi.DependencyInfo]:
+    mounts = [abi.DependencyInfo("mcp", m.name, m.state, m.restarts, m.error)
+              for m in k.tools.mount_info()]
+    embedder = k.memory.dependency()
+    return [*mounts, *([embedder] if embedder else []), *k.llm.dependencies()]
 
 
 def proc_spawn(k: Kernel, call: Call, args: abi.SpawnArgs) -> int:

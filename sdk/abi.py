@@ -282,6 +282,19 @@ class RingTicket(msgspec.Struct, frozen=True):
     path: str
 
 
+class DependencyInfo(msgspec.Struct, frozen=True, omit_defaults=True):
+    """Something the kernel serves through that can fail on its own: an MCP server, the
+    embedding worker, a model (loaded from the cache, or a remote server)."""
+
+    kind: str  # mcp | embedder | model
+    name: str
+    # ready | starting | restarting | failed (mcp, embedder); unloaded | loading | ready |
+    # failed | unhealthy (models: a remote server that broke, probed until it answers)
+    state: str
+    restarts: int = 0  # restarts (mcp, embedder), loads tried (local model), outages (remote)
+    error: str | None = None  # why it last failed
+
+
 class Stats(msgspec.Struct, frozen=True):
     version: str
     abi: int
@@ -297,6 +310,7 @@ class Stats(msgspec.Struct, frozen=True):
     denials: dict[str, int] = {}  # access-check refusals (EPERM) per syscall family
     callers: dict[str, dict[str, float]] = {}  # per principal: syscalls, errors, tokens used
     llm_usage: dict[str, dict[str, float]] = {}  # per model: calls, tokens, tokens_per_s
+    dependencies: list[DependencyInfo] = []  # MCP servers, the embedder, models: their state
 
 
 # --- remote agents (CURVE keys on the kernel's tcp:// endpoint) ----------------------------

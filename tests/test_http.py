@@ -371,6 +371,8 @@ def test_aios_sdk_llm_chat_with_the_token_in_the_base_url(web: KernelProcess) ->
 def test_metrics_in_prometheus_format(web: KernelProcess, key: str) -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
+    with web.connect() as conn:  # its own traffic, whichever tests ran before
+        conn.llm.chat(HELLO, max_tokens=1)
     r = httpx.get(base_url(web) + "/metrics", headers={"Authorization": f"Bearer {key}"})
     assert r.status_code == 200
     families = {f.name: f for f in text_string_to_metric_families(r.text)}
@@ -383,6 +385,9 @@ def test_metrics_in_prometheus_format(web: KernelProcess, key: str) -> None:
     assert counts["llm.chat"] >= 1
     figures = {s.labels["figure"] for s in families["agentos_memory"].samples}
     assert {"resident", "ram_bytes", "embedded"} <= figures
+    up = {(s.labels["kind"], s.labels["name"]): s.value
+          for s in families["agentos_dependency_up"].samples}
+    assert up[("embedder", "hash")] == 1.0 and up[("model", "tiny")] == 1.0, up
     no_stats = mint(web, "llm.chat", name="eve")
     r = httpx.get(base_url(web) + "/metrics", headers={"Authorization": f"Bearer {no_stats}"})
     assert r.status_code == 403

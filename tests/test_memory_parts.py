@@ -205,3 +205,53 @@ def test_int8_shortlist_matches_exact(seed: int, k: int, filtered: bool) -> None
         assert [i for i, _ in index.search(query, k, allowed)] == expected
     finally:
         index_module.QUANT_FROM = old
+
+
+def test_embed_worker_restarts_with_doubling_backoff_and_fails_each_held_batch() -> None:
+    """The supervised embedder thread: an embedder that keeps raising ends its thread each
+    time; the batch it held is answered None at once, and each restart waits twice as long
+    (capped), until a batch succeeds, which resets the backoff."""
+    import queue
+    import threading
+
+    from kernel.memory.worker import EmbedWorker
+
+    class Flaky(HashEmbedder):
+        failures = 3
+
+        def embed(self, texts: list[str]) -> np.ndarray:
+            if Flaky.failures:
+                Flaky.failures -= 1
+                raise RuntimeError("model file unreadable")
+            return super().embed(texts)
+
+    loop: queue.SimpleQueue = queue.SimpleQueue()  # stands in for the kernel's loop thread
+    delays: list[float] = []
+
+    def after(seconds: float, fn: object) -> None:
+        delays.append(seconds)
+        loop.put(fn)  # run at once: the test checks the delays asked for, not waits them
+
+    worker = EmbedWorker(Flaky(slow=True), loop.put, after=after, backoff=0.5, backoff_max=1.5)
+    worker.start()
+    got: list[object] = []
+    answered = threading.Event()
+
+    def done(vectors: object) -> None:
+        got.append(vectors)
+        answered.set()
+
+    def one() -> object:
+        answered.clear()
+        worker.submit(["text"], done)
+        while not answered.is_set():
+            loop.get(timeout=5)()
+        return got[-1]
+
+    assert [one() is None for _ in range(4)] == [True, True, True, False]
+    assert delays == [0.5, 1.0, 1.5] and worker.restarts == 3 and worker.state == "ready"
+    assert worker.error == "RuntimeError: model file unreadable"
+    Flaky.failures = 1  # it served since: the next failure backs off from the start again
+    assert one() is None and isinstance(one(), np.ndarray)
+    assert delays[3:] == [0.5]
+    worker.stop()

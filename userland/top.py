@@ -109,7 +109,21 @@ def render(now: Sample, before: Sample | None) -> Group:
             callers.add_row(principal, f"{row['syscalls']:.0f}", f"{row['errors']:.0f}",
                             f"{row['denials']:.0f}",
                             f"{row['prompt_tokens'] + row['completion_tokens']:.0f}")
-    return Group(head, agents, llm, callers, _memory_line(s.memory))
+    return Group(head, agents, llm, callers, _dependencies(s.dependencies),
+                 _memory_line(s.memory))
+
+
+def _dependencies(deps: list[abi.DependencyInfo]) -> Table:
+    """MCP servers, the embedder and models: state, restarts, why it last failed."""
+    table = Table(title="dependencies", title_justify="left", expand=True)
+    for col in ("KIND", "NAME", "STATE", "RESTARTS", "ERROR"):
+        table.add_column(col, justify="right" if col == "RESTARTS" else "left", no_wrap=True,
+                         overflow="ellipsis", ratio=4 if col == "ERROR" else 1)
+    for d in deps:
+        style = "" if d.state in ("ready", "unloaded") else "bold red"
+        table.add_row(d.kind, d.name, Text(d.state, style=style), str(d.restarts),
+                      d.error or "")
+    return table
 
 
 def _memory_line(m: dict[str, float]) -> Text:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from kernel.config import ModelConfig
 from kernel.llm.events import Delta, Event, Failed, Finished, Started
-from kernel.llm.remote import RemoteError, RemoteModel
+from kernel.llm.remote import Hangup, RemoteError, RemoteModel
 from kernel.llm.sched import Job, MemoryPressure, Plan, make_scheduler, token_budget
 from sdk import abi
 
@@ -25,17 +25,31 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kernel.llm")
 
+# A remote server found broken is probed this long after, then twice as long each time it
+# still does not answer, up to the cap.
+PROBE_FIRST_S = 0.5
+PROBE_MAX_S = 30.0
+
+
+class Unavailable(Exception):
+    """The model cannot take requests now (its server is unhealthy): EAGAIN, retry later."""
+
 
 def load_model(config: ModelConfig) -> tuple[Any, Any, str]:
     """(model, tokenizer, device) for a cache name, a local HF directory or a .gguf file."""
+    source = Path(config.source).expanduser()
+    local = source.is_absolute() or source.exists()
+    if not local:
+        from sdk.models import ModelStore as Cache
+
+        Cache().checked(config.source)  # a missing or truncated file fails before torch loads
     import torch
 
     from kernel.llm.store import ModelStore, resolve_device
 
     torch.set_num_threads(config.threads or os.cpu_count() or 1)
     device = resolve_device(config.device)
-    source = Path(config.source).expanduser()
-    if source.is_absolute() or source.exists():
+    if local:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -169,19 +183,34 @@ class RemoteBackend:
         key = os.environ.get(config.api_key_env) if config.api_key_env else None
         self.config = config
         self.remote = RemoteModel(config.source.rstrip("/"), config.remote_model or config.name,
-                                  api_key=key)
+                                  api_key=key, timeout=config.remote_idle_s)
         self.sched = make_scheduler("fifo", budget=token_budget(config.agent_max_tokens))
         self.device = None
         self._wake = wake
         self._args: dict[int, abi.ChatArgs] = {}  # admitted, not yet streaming
         self._cancel: dict[int, threading.Event] = {}  # streaming
         self._reported: queue.SimpleQueue[Event] = queue.SimpleQueue()  # by the stream threads
+        # Health: a stream that breaks (EIO, ETIMEDOUT) marks the server unhealthy; requests are
+        # refused (EAGAIN) until a probe thread finds it answering again.
+        self._health = threading.Lock()
+        self.error: str | None = None  # why it is unhealthy; None: healthy
+        self.outages = 0  # times it went unhealthy
+        self._closed = threading.Event()
 
     def stats(self) -> dict[str, float]:
         return {"in_flight": len(self._cancel), "waiting": len(self.sched.waiting()),
-                "sched_agents": len(self.sched.agents())}
+                "sched_agents": len(self.sched.agents()), "healthy": float(self.error is None),
+                "outages": self.outages}
+
+    def close(self) -> None:
+        self._closed.set()
+        for event in list(self._cancel.values()):
+            event.set()
 
     def admit(self, gen: Generation) -> None:
+        if self.error is not None:
+            raise Unavailable(f"model {self.config.name!r}: its server {self.config.source} is "
+                              f"unhealthy ({self.error}); probing it, retry later")
         self.sched.submit(Job(gen.id, gen.agent, gen.arrival, 0, gen.args.max_tokens,
                               priority=gen.args.priority), time.monotonic())
         self._args[gen.id] = gen.args
@@ -220,7 +249,7 @@ class RemoteBackend:
             if job.id in self._cancel:
                 continue
             events.append(Started(job.id, time.monotonic()))
-            cancelled = self._cancel[job.id] = threading.Event()
+            cancelled = self._cancel[job.id] = Hangup()
             threading.Thread(target=self._stream, args=(job.id, self._args.pop(job.id),
                                                         cancelled),
                              name=f"remote-{job.id}", daemon=True).start()
@@ -235,7 +264,34 @@ class RemoteBackend:
             text, reason, calls, usage = self.remote.run(
                 args, cancelled, lambda text: report(Delta(gen_id, text)))
         except RemoteError as exc:
-            code = abi.ErrorCode.EINVAL if exc.refused else abi.ErrorCode.EIO
-            report(Failed(gen_id, code, str(exc)))
+            if not (exc.refused or exc.reported):
+                self._broken(str(exc))
+            report(Failed(gen_id, exc.code, str(exc)))
+            return
+        except Exception as exc:
+            log.exception("remote stream failed", extra={"model": self.config.name})
+            self._broken(repr(exc))
+            report(Failed(gen_id, abi.ErrorCode.EIO, f"{self.config.source}: {exc!r}"))
             return
         report(Finished(gen_id, reason, text=text, tool_calls=calls or None, usage=usage))
+
+    def _broken(self, why: str) -> None:
+        """Mark the server unhealthy (once per outage) and start probing it."""
+        with self._health:
+            if self.error is not None or self._closed.is_set():
+                return
+            self.error, self.outages = why, self.outages + 1
+        log.warning("remote model unhealthy", extra={"model": self.config.name, "reason": why})
+        threading.Thread(target=self._probe, name=f"probe-{self.config.name}",
+                         daemon=True).start()
+
+    def _probe(self) -> None:
+        wait = PROBE_FIRST_S
+        while not self._closed.wait(wait):
+            if self.remote.probe(timeout=min(self.remote.timeout, 5.0)):
+                with self._health:
+                    self.error = None
+                log.info("remote model healthy again", extra={"model": self.config.name})
+                self._wake()
+                return
+            wait = min(wait * 2, PROBE_MAX_S)

@@ -77,6 +77,18 @@ class LLMCore:
                               aliases=sorted(a for a, t in self.aliases.items() if t == name))
                 for name, w in self.workers.items()]
 
+    def dependencies(self) -> list[abi.DependencyInfo]:
+        """Each model's state: unloaded, loading, ready, failed (its load; the reason), or
+        unhealthy (a remote server that broke, probed until it answers)."""
+        out = []
+        for name, w in self.workers.items():
+            backend = getattr(w, "backend", None)
+            outage = getattr(backend, "error", None) if w.state == "ready" else None
+            restarts = getattr(backend, "outages", 0) if w.config.remote else max(0, w.loads - 1)
+            out.append(abi.DependencyInfo("model", name, "unhealthy" if outage else w.state,
+                                          restarts, outage or w.failed))
+        return out
+
     def stats(self) -> dict[str, dict[str, float]]:
         """What each worker last published (it publishes; the loop never reads the engine),
         with `tokens_per_s`: completion tokens generated over the last ~10 s, counted as they
@@ -99,8 +111,8 @@ class LLMCore:
         worker = self.workers.get(name)
         if worker is None:
             raise Fault(abi.ErrorCode.ENOENT, f"no model {name!r} (served: {self.served()})")
-        if worker.failed is not None:
-            raise Fault(abi.ErrorCode.ENOENT, worker.failed)
+        if worker.failed is not None and not worker.retry():
+            raise Fault(worker.failed_code, worker.failed)
         if self.calls.draining:
             raise Fault(abi.ErrorCode.EAGAIN, "the kernel is shutting down")
         principal = call.caller.principal

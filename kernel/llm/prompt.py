@@ -113,6 +113,7 @@ class Prompter(threading.Thread):
         self._order = itertools.count()
         self._ready = threading.Condition()
         self._stopping = False
+        self._begun = False
 
     def put(self, gen: Generation) -> None:
         with self._ready:
@@ -124,10 +125,13 @@ class Prompter(threading.Thread):
         to the worker, which answers with the reason)."""
         # The worker's copy decodes while this one encodes: a tokenizer object used by two
         # threads at once can fail ("Already borrowed") if either call reconfigures it.
-        self.tokenizer = copy.deepcopy(tokenizer) if tokenizer is not None else None
-        if self.tokenizer is not None:
-            self.grammars = Grammars(self.tokenizer)
-        self.start()
+        # Called again when a model that failed to load is loaded again (its files repaired).
+        tokenizer = copy.deepcopy(tokenizer) if tokenizer is not None else None
+        self.grammars = Grammars(tokenizer) if tokenizer is not None else None
+        self.tokenizer = tokenizer
+        if not self._begun:
+            self._begun = True
+            self.start()
 
     def stop(self) -> None:
         with self._ready:
@@ -177,5 +181,5 @@ class Prompter(threading.Thread):
             gen.on_error(abi.ErrorCode.EINVAL, f"prompt of {len(ids)} tokens leaves no room in "
                                                f"the model's {context}-token context")
             return
-        gen.prompt_ids = ids
+        gen.prompt_ids, gen.prepared = ids, True
         self.worker.inbox.put(("submit", gen))

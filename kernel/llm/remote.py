@@ -1,13 +1,16 @@
 """A model behind any OpenAI-compatible server (vLLM, Ollama, llama.cpp, another agentos).
 
 One streamed `POST {base}/chat/completions` per request, read as server-sent events, so tokens
-reach the agent as the server produces them and a cancelled request closes its connection.
+reach the agent as the server produces them and a cancelled request closes its connection. A
+stream that breaks (reset, garbage, silence past the idle limit, an end before `[DONE]`) raises
+RemoteError: a reply cut short is never passed off as a finished one.
 """
 
 from __future__ import annotations
 
 import http.client
 import json
+import socket
 import threading
 import urllib.parse
 from collections.abc import Callable, Iterator
@@ -33,11 +36,54 @@ MAX_EVENT_BYTES = 1 << 20
 
 class RemoteError(Exception):
     """The server refused or broke the request; the message says how. `refused`: it answered
-    4xx, i.e. judged the request itself invalid (e.g. a schema it cannot enforce)."""
+    4xx, i.e. judged the request itself invalid (e.g. a schema it cannot enforce); `timed_out`:
+    it stayed silent past the idle limit."""
 
-    def __init__(self, message: str, refused: bool = False) -> None:
+    def __init__(self, message: str, refused: bool = False, timed_out: bool = False,
+                 reported: bool = False) -> None:
         super().__init__(message)
         self.refused = refused
+        self.timed_out = timed_out
+        self.reported = reported  # the server sent an error event: it is up, the request failed
+
+    @property
+    def code(self) -> abi.ErrorCode:
+        if self.refused:
+            return abi.ErrorCode.EINVAL
+        return abi.ErrorCode.ETIMEDOUT if self.timed_out else abi.ErrorCode.EIO
+
+
+class _Unfinished(RemoteError):
+    """The connection ended before `[DONE]`."""
+
+
+class Hangup(threading.Event):
+    """A request's cancellation: setting it also shuts its socket, so a stream blocked on a
+    silent server ends now rather than at the idle limit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._sock: socket.socket | None = None
+        self._lock = threading.Lock()
+
+    def attach(self, sock: socket.socket | None) -> None:
+        with self._lock:
+            self._sock = sock
+        if self.is_set():
+            self._shut()
+
+    def set(self) -> None:
+        super().set()
+        self._shut()
+
+    def _shut(self) -> None:
+        with self._lock:
+            sock, self._sock = self._sock, None
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # already closed
 
 
 @dataclass
@@ -45,7 +91,7 @@ class RemoteModel:
     base_url: str  # e.g. http://127.0.0.1:8000/v1
     model: str  # the server's name for it
     api_key: str | None = None
-    timeout: float = 600.0
+    timeout: float = 600.0  # seconds of silence (connecting or mid-stream) before ETIMEDOUT
 
     def _connection(self) -> tuple[http.client.HTTPConnection, str]:
         url = urllib.parse.urlsplit(self.base_url)
@@ -93,6 +139,8 @@ class RemoteModel:
             headers["Authorization"] = f"Bearer {self.api_key}"
         try:
             conn.request("POST", f"{path}/chat/completions", json.dumps(self.body(args)), headers)
+            if isinstance(cancelled, Hangup):
+                cancelled.attach(conn.sock)
             resp = conn.getresponse()
             if resp.status != 200:
                 detail = resp.read(4096).decode(errors="replace")
@@ -112,40 +160,85 @@ class RemoteModel:
                 if data == b"[DONE]":
                     return
                 try:
-                    yield json.loads(data)
+                    chunk = json.loads(data)
                 except ValueError:
-                    raise RemoteError(f"{self.base_url} sent a malformed event") from None
+                    chunk = None
+                if not isinstance(chunk, dict):
+                    raise RemoteError(f"{self.base_url} sent a malformed event")
+                if chunk.get("error"):  # how OpenAI-compatible servers fail a started stream
+                    error = chunk["error"]
+                    detail = error.get("message") if isinstance(error, dict) else error
+                    raise RemoteError(f"{self.base_url} failed the request mid-stream: "
+                                      f"{str(detail)[:500]}", reported=True)
+                yield chunk
+            if not cancelled.is_set():
+                raise _Unfinished(f"{self.base_url} closed the stream before it finished "
+                                  "(no [DONE]): the reply is cut short")
+        except TimeoutError:
+            raise RemoteError(f"{self.base_url} sent nothing for {self.timeout:g} s",
+                              timed_out=True) from None
         except (OSError, http.client.HTTPException) as exc:
-            raise RemoteError(f"{self.base_url}: {exc}") from None
+            if cancelled.is_set():
+                return  # its socket was shut by the cancellation
+            raise RemoteError(f"{self.base_url}: {exc!r}") from None
         finally:
             conn.close()
 
     def run(self, args: abi.ChatArgs, cancelled: threading.Event,
             on_delta: Callable[[str], None]) -> tuple[str, str, list[abi.ToolCall], abi.Usage]:
         """Run one request to the end: (text, finish_reason, tool_calls, usage)."""
-        text, finish, usage = [], "stop", abi.Usage(0, 0)
+        text, finish, usage = [], None, abi.Usage(0, 0)
         calls: dict[int, dict[str, Any]] = {}
-        for chunk in self.stream(args, cancelled):
-            if chunk.get("usage"):
-                u = chunk["usage"]
-                usage = abi.Usage(int(u.get("prompt_tokens", 0)),
-                                  int(u.get("completion_tokens", 0)))
-            for choice in chunk.get("choices") or []:
-                delta = choice.get("delta") or {}
-                if delta.get("content"):
-                    text.append(delta["content"])
-                    on_delta(delta["content"])
-                for call in delta.get("tool_calls") or []:
-                    slot = calls.setdefault(call.get("index", 0),
-                                            {"id": "", "name": "", "args": ""})
-                    slot["id"] = call.get("id") or slot["id"]
-                    fn = call.get("function") or {}
-                    slot["name"] += fn.get("name") or ""
-                    slot["args"] += fn.get("arguments") or ""
-                if choice.get("finish_reason"):
-                    finish = choice["finish_reason"]
+        try:
+            for chunk in self.stream(args, cancelled):
+                finish = self._take(chunk, text, calls, on_delta) or finish
+                if chunk.get("usage"):
+                    u = chunk["usage"]
+                    usage = abi.Usage(int(u.get("prompt_tokens", 0)),
+                                      int(u.get("completion_tokens", 0)))
+        except _Unfinished:
+            if finish is None:  # a server that ends without [DONE] after its finish is lenient
+                raise
+        except (AttributeError, TypeError, ValueError, KeyError) as exc:
+            raise RemoteError(f"{self.base_url} sent a malformed event: {exc!r}") from None
         tool_calls = [abi.ToolCall(id=c["id"] or f"call_{i}", function=abi.FunctionCall(
             name=c["name"], arguments=c["args"] or "{}")) for i, c in sorted(calls.items())]
         if cancelled.is_set():
             finish = "cancelled"
-        return "".join(text), finish, tool_calls, usage
+        return "".join(text), finish or "stop", tool_calls, usage
+
+    @staticmethod
+    def _take(chunk: dict[str, Any], text: list[str], calls: dict[int, dict[str, Any]],
+              on_delta: Callable[[str], None]) -> str | None:
+        """Fold one chunk's choices into `text` and `calls`; its finish reason, if any."""
+        finish = None
+        for choice in chunk.get("choices") or []:
+            delta = choice.get("delta") or {}
+            if delta.get("content"):
+                text.append(delta["content"])
+                on_delta(delta["content"])
+            for call in delta.get("tool_calls") or []:
+                slot = calls.setdefault(call.get("index", 0),
+                                        {"id": "", "name": "", "args": ""})
+                slot["id"] = call.get("id") or slot["id"]
+                fn = call.get("function") or {}
+                slot["name"] += fn.get("name") or ""
+                slot["args"] += fn.get("arguments") or ""
+            if choice.get("finish_reason"):
+                finish = str(choice["finish_reason"])
+        return finish
+
+    def probe(self, timeout: float) -> bool:
+        """Whether the server answers HTTP at all (`GET {base}/models`; any status below 500)."""
+        try:
+            conn, path = self._connection()
+        except RemoteError:
+            return False
+        conn.timeout = timeout
+        try:
+            conn.request("GET", f"{path}/models")
+            return conn.getresponse().status < 500
+        except (OSError, http.client.HTTPException):
+            return False
+        finally:
+            conn.close()

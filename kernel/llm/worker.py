@@ -12,15 +12,18 @@ the backend, so a kernel that serves no model request never loads it.
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import queue
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from kernel.config import ModelConfig
+from kernel.llm.backends import Unavailable
 from kernel.llm.chat import parse_reply
 from kernel.llm.events import Delta, Event, Failed, Finished, Started
 from kernel.llm.prompt import Prompter, context_tokens, max_prompt_bytes
@@ -48,6 +51,7 @@ class Generation:
     # Worker-side state.
     prompt_ids: list[int] = field(default_factory=list)
     constraint: Any = None  # its grammar's matcher (kernel/llm/grammar.py), if it asks for one
+    prepared: bool = False  # tokenized by the prompter (not passed on untouched: no tokenizer)
     text: list[str] = field(default_factory=list)
     completion_tokens: int = 0
     cached_tokens: int = 0
@@ -62,6 +66,10 @@ class ModelWorker(threading.Thread):
         self.post = post
         self.inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self.failed: str | None = None  # why the model cannot serve, once known
+        self.failed_code = abi.ErrorCode.EIO  # ENOENT: not in the model store at all
+        self.state = "unloaded"  # unloaded | loading | ready | failed
+        self.loads = 0  # load attempts (a failed load is tried again once its files change)
+        self._failed_files: object = None  # the source's files when the load failed
         self.device: str | None = None
         self.gens: dict[int, Generation] = {}
         self.published: dict[str, float] = {}  # replaced whole, so readers never see a half
@@ -103,6 +111,15 @@ class ModelWorker(threading.Thread):
         if self._want_load.is_set():  # otherwise this model never saw a request, nor will drain
             self.inbox.put(("forget", agent))
 
+    def retry(self) -> bool:
+        """After a failed load: if the model's files have changed since (a pull, a repair),
+        load it again, without a restart; True if a load was started. Loop thread."""
+        if self.failed is None or self._stopping or files_of(self.config) == self._failed_files:
+            return False
+        self.failed, self.state = None, "loading"
+        self.inbox.put(("reload", None))
+        return True
+
     def load_now(self) -> None:
         self._want_load.set()
         self.inbox.put(("wake", None))
@@ -120,15 +137,7 @@ class ModelWorker(threading.Thread):
         self._want_load.wait()
         if self._stopping:
             return
-        try:
-            self.backend = self._load()
-            self.backend.sched.paused = self.paused
-        except Exception as exc:  # any load failure: every request gets the reason
-            self.failed = str(exc) or type(exc).__name__
-            log.error("model unavailable", extra={"model": self.config.name,
-                                                   "reason": self.failed})
-        if self.prompter is not None:
-            self.prompter.begin(None if self.failed else self.backend.tokenizer)
+        self._try_load()
         while not self._stopping:
             self._drain(block=not self.gens or getattr(self, "backend", None) is None
                         or self.backend.blocking)
@@ -148,6 +157,9 @@ class ModelWorker(threading.Thread):
                 self._forget_ended()
         for gen in list(self.gens.values()):
             self._fail(gen, abi.ErrorCode.ECANCELED, "the kernel is shutting down")
+        close = getattr(getattr(self, "backend", None), "close", None)
+        if close is not None:
+            close()
 
     def _publish(self, every: float = 0.5) -> None:
         now = time.monotonic()
@@ -160,6 +172,21 @@ class ModelWorker(threading.Thread):
             self.published = {"generations": len(self.gens), **self.backend.stats(),
                               "generated": self.generated, "window_at": window[0][0],
                               "window_generated": window[0][1], "published_at": now}
+
+    def _try_load(self) -> None:
+        self.state, self.loads = "loading", self.loads + 1
+        files = files_of(self.config)
+        try:
+            self.backend = self._load()
+            self.backend.sched.paused = self.paused
+            self.failed, self.state = None, "ready"
+        except BaseException as exc:  # any load failure (a Rust panic too): requests get why
+            self.failed_code, self.failed = load_failure(self.config, exc)
+            self._failed_files, self.state = files, "failed"
+            log.error("model unavailable", extra={"model": self.config.name,
+                                                   "reason": self.failed})
+        if self.prompter is not None:
+            self.prompter.begin(None if self.failed else self.backend.tokenizer)
 
     def _load(self) -> Any:
         if self.config.remote:
@@ -187,6 +214,8 @@ class ModelWorker(threading.Thread):
                 return
             if kind == "submit":
                 self._admit(value)
+            elif kind == "reload":
+                self._try_load()
             elif kind == "cancel":
                 gen = self.gens.pop(value, None)
                 if gen is not None and self.failed is None:
@@ -206,12 +235,19 @@ class ModelWorker(threading.Thread):
         if gen.cancelled:
             return  # its call has already ended
         if self.failed is not None:
-            gen.on_error(abi.ErrorCode.ENOENT, self.failed)
+            gen.on_error(self.failed_code, self.failed)
+            return
+        if self.prompter is not None and not gen.prepared:
+            # Passed on while the model was failed; it has loaded again since: tokenize it.
+            self.prompter.put(gen)
             return
         try:
             self.backend.admit(gen)
         except BudgetExceeded as exc:
             gen.on_error(abi.ErrorCode.EQUOTA, str(exc))
+            return
+        except Unavailable as exc:
+            gen.on_error(abi.ErrorCode.EAGAIN, str(exc))
             return
         except ValueError as exc:
             gen.on_error(abi.ErrorCode.EINVAL, str(exc))
@@ -221,7 +257,7 @@ class ModelWorker(threading.Thread):
     def _forget_ended(self) -> None:
         """Forget ended agents whose last calls are gone (their cancels may still be queued)."""
         idle = self.ended - {gen.agent for gen in self.gens.values()}
-        if not idle:
+        if not idle or getattr(self, "backend", None) is None:  # not loaded (yet, again)
             return
         for agent in idle:
             try:
@@ -282,3 +318,46 @@ class ModelWorker(threading.Thread):
     def _fail(self, gen: Generation, code: abi.ErrorCode, message: str) -> None:
         self.gens.pop(gen.id, None)
         gen.on_error(code, message)
+
+
+def files_of(config: ModelConfig) -> object:
+    """What a local model is loaded from, as (path, size, mtime, inode) rows: a load that
+    failed is tried again once these change. None for a remote model."""
+    if config.remote:
+        return None
+    from sdk.models import ModelStore
+
+    source = Path(config.source).expanduser()
+    where = source if source.is_absolute() or source.exists() else ModelStore().root / source.name
+    try:
+        paths = [where, *where.rglob("*")] if where.is_dir() else [where]
+        return sorted((str(p), st.st_size, st.st_mtime_ns, st.st_ino)
+                      for p in paths for st in [p.stat()])
+    except OSError:
+        return "unreadable"
+
+
+def load_failure(config: ModelConfig, exc: BaseException) -> tuple[abi.ErrorCode, str]:
+    """The error a model that failed to load answers with: ENOENT if it is not in the store
+    (the message names the pull command), else EIO naming the model and how to repair it."""
+    from sdk.models import MANIFEST, ModelNotFound, ModelStore
+
+    reason = str(exc) or type(exc).__name__
+    if isinstance(exc, ModelNotFound):
+        return abi.ErrorCode.ENOENT, reason
+    source = Path(config.source).expanduser()
+    if source.is_absolute() or source.exists():
+        repair = f"repair the files at {source}"
+    else:
+        store = ModelStore()
+        try:
+            manifest = json.loads((store.root / source.name / MANIFEST).read_text())
+            origin = manifest["source"].get("path")
+        except (OSError, ValueError, KeyError, AttributeError, TypeError):
+            origin = None
+        again = store.pull_command(config.source, force=True, source=origin)
+        repair = (f"its cache may be damaged: check it with `agentos model verify "
+                  f"{config.source}` and pull it again with `{again}`")
+    return abi.ErrorCode.EIO, (f"model {config.name!r} failed to load: {reason}; {repair}. "
+                               "The next call loads it again once its files change, "
+                               "no restart needed")

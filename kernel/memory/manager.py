@@ -83,7 +83,9 @@ class MemoryManager:
         self.state = state
         c = config
         self.embedder = embedder if embedder is not None else make_embedder(c.memory_embedder)
-        self.worker = (EmbedWorker(self.embedder, calls.post)
+        self.worker = (EmbedWorker(self.embedder, calls.post, after=calls.after,
+                                   backoff=c.restart_backoff, backoff_max=c.restart_backoff_max,
+                                   on_restart=self._backfill)
                        if self.embedder is not None and self.embedder.slow else None)
         self.indexes = IndexThread(state.db_path, getattr(self.embedder, "name", None),
                                    lambda: db.commits, calls.post)
@@ -107,6 +109,15 @@ class MemoryManager:
     def stats(self) -> dict[str, float]:
         return {"resident": len(self.resident), "ram_bytes": self.ram_bytes,
                 **self.indexes.stats(), **self.counters}
+
+    def dependency(self) -> abi.DependencyInfo | None:
+        """The embedder's state for `sys.stats` (None: no embedder)."""
+        if self.embedder is None:
+            return None
+        if self.worker is None:  # runs on the loop: up whenever the kernel is
+            return abi.DependencyInfo("embedder", self.embedder.name, "ready")
+        state, restarts, error = self.worker.info()
+        return abi.DependencyInfo("embedder", self.embedder.name, state, restarts, error)
 
     # --- embeddings ---------------------------------------------------------------------------
 
@@ -158,13 +169,22 @@ class MemoryManager:
         embedder = self.embedder
 
         def then(vectors: np.ndarray | None) -> abi.EmbedResult:
-            if vectors is None or embedder is None:
+            if embedder is None:
                 raise Fault(abi.ErrorCode.ENOSYS, "this kernel has no embedding model "
                              "(agentos mem pull, or memory_embedder in the config)")
+            if vectors is None:
+                raise Fault(abi.ErrorCode.EIO, self._embedder_down())
             return abi.EmbedResult(embedder.name, vectors.tolist(),
                                    sum(len(t.split()) for t in texts))
 
         return self._answer(call, texts, then)
+
+    def _embedder_down(self) -> str:
+        worker = self.worker
+        if worker is None or not worker.failed:
+            return "the embedder failed during the call; retry"
+        return (f"the embedder is {worker.state} after it failed ({worker.error}); retry "
+                "shortly")
 
     def _store_vector(self, namespace: str, memory_id: int, vector: np.ndarray) -> None:
         if not self._exists(namespace, memory_id):
@@ -396,7 +416,7 @@ class MemoryManager:
         answered."""
         shape = shape or (lambda hits: hits)
         if mode == "vector" and self.worker is not None and self.worker.failed:
-            raise Fault(abi.ErrorCode.EAGAIN, "the embedder is not working; use mode=keyword")
+            raise Fault(abi.ErrorCode.EAGAIN, self._embedder_down() + "; or use mode=keyword")
         self.calls.offload(call)
         parked = self.calls.park(call, call.timeout_ms)
 
@@ -407,11 +427,21 @@ class MemoryManager:
                                 lambda found: self._settle(call, lambda: shape(
                                     self._hits(namespace, k, filter, found))))
 
+        def vector_only(vectors: np.ndarray | None) -> None:
+            if vectors is None:  # the embedder failed during the call: no silent empty answer
+                self._settle(call, lambda: self._raise(abi.ErrorCode.EIO, self._embedder_down()))
+            else:
+                embedded(vectors)
+
         if mode == "keyword" or self.embedder is None:
             embedded(None)
         else:
-            self._embed([query], embedded)
+            self._embed([query], vector_only if mode == "vector" else embedded)
         return parked
+
+    @staticmethod
+    def _raise(code: abi.ErrorCode, message: str) -> Any:
+        raise Fault(code, message)
 
     def _settle(self, call: Call, answer: Callable[[], Any]) -> None:
         """Answer a parked call with `answer()`, or with the error it raises."""

@@ -56,7 +56,24 @@ class _Snapshot:
             latency.add_metric([family], buckets, hist.sum_s)
         yield latency
         yield from self._llm()
+        yield from self._dependencies()
         yield from self._http()
+
+    def _dependencies(self) -> Iterator[Metric]:
+        """MCP servers, the embedder and models: up or not, their state, their restarts."""
+        labels = ["kind", "name"]
+        up = GaugeMetricFamily("agentos_dependency_up", "1 if the dependency serves now (MCP "
+                               "server, embedder, model), else 0", labels=labels)
+        state = GaugeMetricFamily("agentos_dependency_state", "1 for the dependency's current "
+                                  "state", labels=[*labels, "state"])
+        restarts = CounterMetricFamily(
+            "agentos_dependency_restarts", "Restarts (MCP, embedder), loads tried again "
+            "(local model) or outages (remote model server)", labels=labels)
+        for d in self.stats.dependencies:
+            up.add_metric([d.kind, d.name], 1.0 if d.state == "ready" else 0.0)
+            state.add_metric([d.kind, d.name, d.state], 1.0)
+            restarts.add_metric([d.kind, d.name], d.restarts)
+        yield from (up, state, restarts)
 
     def _http(self) -> Iterator[Metric]:
         h = self.http
