@@ -164,7 +164,7 @@ def test_capability_denials(conn: sdk.Connection) -> None:
                     caps=["tools.call@tool/calculator", "tools.call@tool/http_fetch"])
     assert out[0] == {"value": {"value": 2}, "error": None}
     assert out[1]["code"] == "EPERM"
-    assert out[2]["code"] == "EPERM" and "tools.call@net/127.0.0.1" in out[2]["message"]
+    assert out[2]["code"] == "EPERM" and "tools.call@net/127.0.0.1:9" in out[2]["message"]
     assert out[3]["code"] in ("EPERM", "ENOENT")
     nothing = run_agent(conn, [["time", {}]], caps=[])
     assert nothing[0]["code"] == "EPERM"
@@ -187,11 +187,15 @@ def test_http_fetch_works_only_for_granted_hosts(conn: sdk.Connection) -> None:
     try:
         out = run_agent(conn, [["http_fetch", {"url": url}],
                                ["http_fetch", {"url": "http://localhost:9/"}]],
-                        caps=["tools.call@tool/http_fetch", "tools.call@net/127.0.0.1"])
+                        caps=["tools.call@tool/http_fetch", "tools.call@net/127.0.0.1:*"])
+        # The same grammar as net.connect: a rule for another port of the host is no grant.
+        other_port = run_agent(conn, [["http_fetch", {"url": url}]],
+                               caps=["tools.call@tool/http_fetch", "tools.call@net/127.0.0.1:1"])
     finally:
         server.shutdown()
     assert out[0]["value"]["text"] == "hello tool" and out[0]["value"]["status"] == 200
     assert out[1]["code"] == "EPERM"
+    assert other_port[0]["code"] == "EPERM", other_port
 
 
 def test_destructive_tools_need_approval(conn: sdk.Connection) -> None:

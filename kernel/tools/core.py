@@ -29,7 +29,7 @@ from kernel.tools.locks import Request, ResourceLocks
 from kernel.tools.manifest import Manifest, ManifestError
 from kernel.tools.mcp import McpMount, resolve_command
 from kernel.tools.pool import RUNTIME, Job, Outcome, ToolPool, tool_policy
-from sdk import abi
+from sdk import abi, endpoints
 
 if TYPE_CHECKING:
     from kernel.access.approvals import Approvals
@@ -259,9 +259,11 @@ class ToolManager:
 
     def _authorise(self, call: Call, m: Manifest, arguments: dict[str, Any]) -> list[str]:
         """The resources the call names, each covered by the caller's capability: `file/<path>`
-        (the caller's own home needs no grant) and `net/<host>`. Network tools are refused
-        unless a host is named and granted. Path arguments are rewritten to the absolute path
-        that was checked, so the tool uses exactly what was authorised."""
+        (the caller's own home needs no grant) and `net/HOST:PORT` (the endpoint grammar of
+        `net.connect`, sdk/endpoints.py: a rule `net/*.example.org:443` or `net/10.0.0.0/8:*`).
+        Network tools are refused unless a host is named and granted. Path arguments are
+        rewritten to the absolute path that was checked, so the tool uses exactly what was
+        authorised."""
         home = self._home(call.caller)
         resources = []
         for arg, kind in m.resources.items():
@@ -276,10 +278,7 @@ class ToolManager:
                     resources.append(resource)
                     continue
             else:
-                host = (urllib.parse.urlsplit(value).hostname if kind == "url" else value) or ""
-                if not host:
-                    raise Fault(abi.ErrorCode.EINVAL, f"{m.name}: {arg} names no host")
-                resource = f"net/{host.lower().rstrip('.')}"
+                resource = _endpoint(m.name, arg, kind, value)
             assert call.capability is not None
             reason = call.capability.check("tools.call", resource, call.caller.principal,
                                            time.time())
@@ -291,7 +290,7 @@ class ToolManager:
             resources.append(resource)
         if m.side_effect == "network" and not resources:
             raise Fault(abi.ErrorCode.EPERM, f"tools.call: {m.name} is disabled unless a "
-                        "capability names the host (tools.call@net/HOST)")
+                        "capability names the host (tools.call@net/HOST:PORT)")
         return resources
 
     def _home(self, caller: Caller) -> Path | None:
@@ -475,3 +474,28 @@ class ToolManager:
             self.audit.append(call.caller.principal, "tool-mount", mount=mount.name,
                                 command=mount.command)
             self.calls.reply(call, sorted(mount.manifests))
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _endpoint(tool: str, arg: str, kind: str, value: str) -> str:
+    """The `net/HOST:PORT` resource a tool's `url` or `host` argument names, in the same
+    grammar (and so under the same rules) as an agent's own `net.connect`. A bare host (no
+    port) is `HOST:*`: only a rule allowing every port of it covers that."""
+    try:
+        if kind == "url":
+            parts = urllib.parse.urlsplit(value)
+            host = parts.hostname or ""
+            port: int | str | None = parts.port or _DEFAULT_PORTS.get(parts.scheme)
+        else:
+            host, port = value, "*"
+            if value.rsplit(":", 1)[-1].isdigit() and not value.endswith("]"):
+                host, port = endpoints.split(value)
+        if not host or port is None:
+            raise ValueError("it names no host and port")
+        host = endpoints.canonical_host(host)
+    except ValueError as exc:
+        raise Fault(abi.ErrorCode.EINVAL, f"{tool}: {arg}: {exc}") from None
+    return (f"{endpoints.PREFIX}[{host}]:{port}" if ":" in host
+            else f"{endpoints.PREFIX}{host}:{port}")
