@@ -51,7 +51,6 @@ from sdk.tokens import Rule
 
 log = logging.getLogger("kernel")
 
-POLL_DOORS_S = 50e-6  # while spinning on rings, how often the other doors are looked at
 
 
 class Kernel:
@@ -200,7 +199,7 @@ class Kernel:
 
     def step(self, timeout_ms: int | None) -> None:
         """One loop iteration; the unit the watchdog vouches for."""
-        ready = self._wait(timeout_ms)
+        ready = self.rings.wait(self.poller, timeout_ms)  # spins on busy rings, else polls
         for door in self.doors:
             door.on_ready(ready)
         if self._wake_r in ready:
@@ -216,36 +215,6 @@ class Kernel:
         self.calls.run_timers()
         self.flush()
         self.notifier.watchdog()
-
-    def _wait(self, timeout_ms: int | None) -> dict[Any, int]:
-        """What is ready, waiting at most `timeout_ms`. While rings are being polled, the wait
-        spins on their tails (yielding the CPU each turn) and looks at the other doors every
-        `POLL_DOORS_S`; when the polling window ends it clears the rings' flags and sleeps."""
-        rings = self.rings
-        if not rings.polling or timeout_ms == 0:
-            return dict(self.poller.poll(timeout_ms))
-        if self.calls.offloaded:  # no spinning now (see `offload`): wait as without polling
-            return {} if rings.stop_polling() else dict(self.poller.poll(timeout_ms))
-        now = time.monotonic()
-        end = now + (timeout_ms / 1000 if timeout_ms is not None else 3600.0)
-        spin_end = min(end, rings.poll_until)
-        doors_at = now
-        while now < spin_end:
-            if rings.pending():
-                return {}
-            if now >= doors_at:
-                ready = dict(self.poller.poll(0))
-                if ready:
-                    return ready
-                doors_at = now + POLL_DOORS_S
-            os.sched_yield()  # on an oversubscribed CPU, let the agents run
-            now = time.monotonic()
-        if spin_end == end:
-            return {}  # the caller's timeout (a timer is due); still polling
-        if rings.stop_polling():
-            return {}  # entries arrived as the window closed
-        left = None if timeout_ms is None else max(0, int((end - time.monotonic()) * 1000))
-        return dict(self.poller.poll(left))
 
     def _poll_timeout(self) -> int:
         horizon = 1.0

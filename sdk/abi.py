@@ -509,7 +509,7 @@ def encode(obj: Any) -> bytes:
 def encode_reply(request_id: int, result: Any) -> bytes:
     """`encode(Reply(request_id, Raw(encode(result))))` in one pass: a Reply is the array
     ["ok", id, result], so encoding that tuple gives the same bytes without encoding the
-    result twice (tests/test_abi.py holds the two equal)."""
+    result twice (tests/sdk/test_abi.py holds the two equal)."""
     return _encoder.encode(("ok", request_id, result))
 
 

@@ -125,7 +125,7 @@ class RingView:
     store or load, atomic on x86-64 and arm64. `struct.pack_into` is not: it zeroes the
     destination before packing into it, so a concurrent reader can see 0 in between (measured
     on CPython 3.11: 2-6% of reads of a word being rewritten with its own value), which looks
-    like a counter jumping back by up to 2**32 (tests/test_ring_busy.py keeps it out).
+    like a counter jumping back by up to 2**32 (tests/kernel/doors/test_ring_busy.py keeps it out).
     """
 
     __slots__ = ("mem", "words")

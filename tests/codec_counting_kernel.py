@@ -2,7 +2,7 @@
 process makes through `sdk.abi` or `msgspec.msgpack` adds one to a counter, as does every
 token verification (`TokenAuthority.verify`), and SIGUSR1 writes
 the counts so far to $AGENTOS_CODEC_COUNTS (JSON) and zeroes them. For tests that hold a door
-to doing no serialisation inside the process (tests/test_http_nocodec.py)."""
+to doing no serialisation inside the process (tests/kernel/doors/http/test_http_nocodec.py)."""
 
 from __future__ import annotations
 

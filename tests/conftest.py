@@ -16,7 +16,8 @@ import pytest
 import sdk
 
 ROOT = Path(__file__).resolve().parent.parent
-AGENTS = Path(__file__).resolve().parent / "agents"
+TESTS = Path(__file__).resolve().parent  # shared fixtures: agents/, hostile/, mcp_*.py
+AGENTS = TESTS / "agents"
 
 
 def _best_tier() -> str:

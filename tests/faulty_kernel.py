@@ -1,5 +1,5 @@
 """`python -m kernel` whose `hash-slow` embedder can be slowed and its thread killed, for
-tests/test_chaos_faults.py. Fault injection only; everything else is the real kernel.
+tests/kernel/test_chaos_faults.py. Fault injection only; everything else is the real kernel.
 
 Flag files in $AGENTOS_FAULTS (a directory the test owns):
 - `slow`: each embed call takes about 3 s (so a kill lands mid-call);

@@ -2,7 +2,7 @@
 named by $AGENTOS_WEDGE exists (taking the file away, so the kernel that replaces this one
 serves normally): a handler stuck in a blocking call, the bug a watchdog is for.
 Only the one handler changes; the loop, its watchdog pings and every other thread are the
-production ones (tests/test_watchdog.py)."""
+production ones (tests/kernel/test_watchdog.py)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Write docs/abi.md's syscall table from the declaration in sdk/syscalls.py.
 
 `python tools/abidoc.py` rewrites the part of docs/abi.md between its two markers;
-tests/test_signatures.py fails while that part differs from what this renders.
+tests/sdk/test_syscall_table.py fails while that part differs from what this renders.
 """
 
 from __future__ import annotations

@@ -42,6 +42,7 @@ log = logging.getLogger("kernel.doors.rings")
 BACKLOG_BYTES = 16 << 20
 # How soon the loop retries pushing a backlog into a full completion ring.
 BACKLOG_RETRY_S = 0.001
+POLL_DOORS_S = 50e-6  # while spinning on rings, how often the other doors are looked at
 
 
 class RingRoute(bytes):
@@ -187,6 +188,36 @@ class Rings:
                 self._failed(ring, "drain")
 
     # --- polling without doorbells -------------------------------------------------------------
+
+    def wait(self, poller: zmq.Poller, timeout_ms: int | None) -> dict[Any, int]:
+        """The loop's wait: what `poller` finds ready within `timeout_ms`. While rings are
+        being polled it spins on their tails instead (yielding the CPU each turn), looking at
+        the other doors every `POLL_DOORS_S`; when the polling window ends it clears the
+        rings' flags and sleeps in the poll."""
+        if not self._polled or timeout_ms == 0:
+            return dict(poller.poll(timeout_ms))
+        if self.k.calls.offloaded:  # no spinning now (see `offload`): wait as without polling
+            return {} if self.stop_polling() else dict(poller.poll(timeout_ms))
+        now = time.monotonic()
+        end = now + (timeout_ms / 1000 if timeout_ms is not None else 3600.0)
+        spin_end = min(end, self.poll_until)
+        doors_at = now
+        while now < spin_end:
+            if self.pending():
+                return {}
+            if now >= doors_at:
+                ready = dict(poller.poll(0))
+                if ready:
+                    return ready
+                doors_at = now + POLL_DOORS_S
+            os.sched_yield()  # on an oversubscribed CPU, let the agents run
+            now = time.monotonic()
+        if spin_end == end:
+            return {}  # the caller's timeout (a timer is due); still polling
+        if self.stop_polling():
+            return {}  # entries arrived as the window closed
+        left = None if timeout_ms is None else max(0, int((end - time.monotonic()) * 1000))
+        return dict(poller.poll(left))
 
     @property
     def polling(self) -> bool:

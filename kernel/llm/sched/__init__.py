@@ -32,7 +32,7 @@ memory is short. The model's worker (kernel/llm/backends.py) applies the plan to
 A preemption costs a context switch (a KV copy or a recompute), so no policy preempts while a
 slot is free or before the running job has had its slice or quantum, priority and LAS never
 for an equal, and only a shrinking capacity or budget cap forces one. Each class
-docstring states the bound it guarantees with a proof sketch (tests/test_sched*.py checks
+docstring states the bound it guarantees with a proof sketch (tests/kernel/llm/test_sched*.py checks
 each); the bounds assume the engine serves every job in `plan.run` at least one token per step
 and that no budget caps an agent.
 `schedule()` is O(n log n) at worst and near O(batch) in a steady state: about 0.01 ms with

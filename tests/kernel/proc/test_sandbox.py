@@ -24,10 +24,9 @@ import pytest
 
 from kernel.proc import launch, sandbox
 from kernel.proc.sandbox import Launch, LaunchExit, Limits, Policy, Probe, Report
-from tests.conftest import wait_until
+from tests.conftest import ROOT, TESTS, wait_until
 
-ROOT = Path(__file__).resolve().parent.parent
-HOSTILE = Path(__file__).resolve().parent / "hostile"
+HOSTILE = TESTS / "hostile"
 PROBE = sandbox.probe()
 IS_ROOT = "identity" not in PROBE.missing
 # A uid range of this test process's own, so suites running side by side never share a uid
@@ -92,7 +91,7 @@ def agent_python(tier: str, uid: int) -> str:
     return exe
 
 
-# What `import sdk` needs besides the standard library (tests/test_sdk_light.py keeps it so).
+# What `import sdk` needs besides the standard library (tests/sdk/test_sdk_light.py keeps it so).
 SDK_DEPENDENCIES = ("msgspec", "zmq", "pyzmq.libs", "posix_ipc", "typing_extensions")
 
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from kernel.syscalls import SYSCALLS
 from sdk import abi
 from tests.conftest import KernelProcess
-from tests.test_abi import msgpack_values
+from tests.sdk.test_abi import msgpack_values
 
 
 @pytest.fixture(scope="module")

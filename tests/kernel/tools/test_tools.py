@@ -16,10 +16,10 @@ import pytest
 import sdk
 from kernel.tools.locks import ResourceLocks
 from kernel.tools.manifest import Manifest, ManifestError
-from tests.conftest import ROOT, KernelProcess, agent, wait_until
+from tests.conftest import ROOT, TESTS, KernelProcess, agent, wait_until
 
-TOOLS = Path(__file__).resolve().parent / "tools"
-MCP_SERVER = Path(__file__).resolve().parent / "mcp_server.py"
+TOOLS = Path(__file__).resolve().parent / "progs"
+MCP_SERVER = TESTS / "mcp_server.py"
 
 
 def boot(state: Path, config: str = "", *flags: str) -> KernelProcess:

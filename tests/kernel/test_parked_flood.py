@@ -19,9 +19,9 @@ from kernel.db import Database
 from kernel.ipc import Mailboxes
 from kernel.switchboard import CANCEL_SLICE, Switchboard
 from sdk import abi
-from tests.conftest import KernelProcess, agent, wait_until
+from tests.conftest import TESTS, KernelProcess, agent, wait_until
 
-HOSTILE = Path(__file__).resolve().parent / "hostile"
+HOSTILE = TESTS / "hostile"
 
 
 def test_cancelling_parked_calls_is_constant_time(tmp_path: Path) -> None:

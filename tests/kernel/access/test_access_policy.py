@@ -23,8 +23,8 @@ from kernel.core import Fault
 from sdk import abi, tokens
 from sdk.caps import attenuate
 from tests.conftest import KernelProcess, agent, wait_until
-from tests.test_access import Host, delegate
-from tests.test_tokens import FAST, RULES, satisfied, witness_universe
+from tests.kernel.access.test_access import Host, delegate
+from tests.sdk.test_tokens import FAST, RULES, satisfied, witness_universe
 
 KEY = bytes(range(32))
 RULE_SETS = st.lists(st.lists(RULES, min_size=1, max_size=3), min_size=1, max_size=3)

@@ -10,14 +10,13 @@ import struct
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import msgspec
 
 from kernel.doors.ring import RingPair
 from sdk.ring import TAIL_OFFSET
+from tests.conftest import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 U32 = struct.Struct("I")  # to read the tail the dead producer left
 
 PRELUDE = r"""

@@ -1,5 +1,5 @@
 """The syscall rings inside the real kernel: the same results as ZeroMQ, hostile and killed
-agents, and rings that go with their agent (streaming over a ring: tests/test_llm.py)."""
+agents, and rings that go with their agent (streaming over a ring: tests/kernel/llm/test_llm.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import sdk
-from tests.conftest import KernelProcess, agent, wait_until
+from tests.conftest import ROOT, KernelProcess, agent, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +191,7 @@ def test_rings_of_a_killed_process_are_closed(rk: KernelProcess) -> None:
             f"conn = sdk.connect(state_dir={str(rk.state_dir)!r}, rings=True)\n"
             "conn.sys.null(); print(conn.uses_rings, flush=True); time.sleep(60)\n")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
-                            cwd=Path(__file__).resolve().parents[1])
+                            cwd=ROOT)
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "True"
         assert kernel_memfds(rk) > base  # its two segments (each fd and the mmap's dup)

@@ -9,14 +9,12 @@ import signal
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 import sdk
-from tests.conftest import KernelProcess, wait_until
+from tests.conftest import TESTS, KernelProcess, wait_until
 
-TESTS = Path(__file__).resolve().parent
 DYING = TESTS / "mcp_dying.py"
 STEADY = TESTS / "mcp_server.py"
 

@@ -66,7 +66,7 @@ def test_kernel_handlers_take_and_return_the_declared_types() -> None:
 class Recorder:
     """Takes a connection's place to keep what each family method sends instead of sending it:
     which syscall a method makes, with what, and how it decodes the answer, is the SDK's half
-    alone (tests/test_kernel.py and the rest run the same methods against a kernel)."""
+    alone (tests/kernel/test_kernel.py and the rest run the same methods against a kernel)."""
 
     def __init__(self) -> None:
         self.sent: list[tuple[str, abi.Args | None, Any, Any]] = []
@@ -108,7 +108,7 @@ METHODS: dict[str, tuple[Any, ...]] = {
 VIA = {"llm.stream": "llm.chat"}
 # Methods that make no syscall of their own: `shared` opens a connection for the same family;
 # `call_many` is `tools.call` several at once (its result type read from the same declaration,
-# run against a kernel in tests/test_tools.py).
+# run against a kernel in tests/kernel/tools/test_tools.py).
 HELPERS = {"fs.shared", "tools.call_many"}
 
 

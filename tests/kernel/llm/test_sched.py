@@ -8,7 +8,6 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -25,6 +24,7 @@ from kernel.llm.sched import (
     Scheduler,
     make_scheduler,
 )
+from tests.conftest import ROOT
 
 
 class Bench:
@@ -350,7 +350,7 @@ def test_scheduler_imports_no_heavy_modules() -> None:
     probe = ("import sys, kernel.llm.sched; print(sorted(m for m in sys.modules"
              " if m.split('.')[0] in ('torch', 'transformers', 'zmq')))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                         check=True, cwd=Path(__file__).resolve().parent.parent)
+                         check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import sdk
-from tests.conftest import ROOT, TEST_TIER, KernelProcess
+from tests.conftest import ROOT, TEST_TIER, TESTS, KernelProcess
 from tests.wheels import make_wheel
 from userland import venvs
 
@@ -137,7 +137,7 @@ def fake_venv(path: Path) -> Path:
 @pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
 def test_the_kernel_refuses_a_venv_others_could_change(kernel: KernelProcess,
                                                        tmp_path: Path) -> None:
-    code = Path(__file__).parent / "agents" / "model_agent.py"
+    code = TESTS / "agents" / "model_agent.py"
     writable = fake_venv(tmp_path / "writable")
     writable.chmod(0o777)
     inside = fake_venv(kernel.state_dir / "planted-venv")

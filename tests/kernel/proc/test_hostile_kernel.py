@@ -25,11 +25,11 @@ import sdk
 from kernel.access.audit import AuditLog
 from kernel.db import Database
 from kernel.proc import sandbox
-from tests.conftest import AGENTS, KernelProcess, agent, wait_until
-from tests.test_sandbox import sdk_python
-from tests.test_sandbox_hostile import host_sysv_objects
+from tests.conftest import AGENTS, TESTS, KernelProcess, agent, wait_until
+from tests.kernel.proc.test_sandbox import sdk_python
+from tests.kernel.proc.test_sandbox_hostile import host_sysv_objects
 
-HOSTILE = Path(__file__).resolve().parent / "hostile"
+HOSTILE = TESTS / "hostile"
 PROBE = sandbox.probe()
 
 
@@ -273,8 +273,8 @@ def test_a_home_has_a_quota_and_is_locked_when_its_agent_ends(hk: KernelProcess,
 @pytest.mark.parametrize("tier", TIERS)
 def test_sysv_objects_of_an_agent_uid_go_at_its_reap(hk: KernelProcess, tier: str) -> None:
     """Issue 15 #4: an agent left 3 x 300 MB SysV segments that outlived it. The sandbox
-    refuses SysV IPC (tests/test_sandbox_hostile.py); should objects of the agent's uid be in
-    the host's namespace anyway, the reap removes them, counts them and audits it."""
+    refuses SysV IPC (tests/kernel/proc/test_sandbox_hostile.py); should objects of the agent's
+    uid be in the host's namespace anyway, the reap removes them, counts them and audits it."""
     with hk.connect() as conn:
         victim = conn.proc.spawn(agent("blocker"), sandbox=tier, name=f"sysv-{tier}")
         assert wait_until(lambda: conn.proc.logs(victim).data == b"blocking\n")

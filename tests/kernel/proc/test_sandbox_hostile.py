@@ -21,7 +21,7 @@ import pytest
 from kernel.proc import homes, sandbox
 from kernel.proc.sandbox import Limits, Policy
 from tests.conftest import wait_until
-from tests.test_sandbox import (
+from tests.kernel.proc.test_sandbox import (
     HOSTILE,
     IS_ROOT,
     Run,

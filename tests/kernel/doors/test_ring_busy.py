@@ -7,13 +7,11 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import msgspec
 
 from kernel.doors.ring import RingPair, SubmissionConsumer
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import ROOT
 
 # An agent that pushes numbered entries in bursts, then spins on the completion ring until their
 # echoes are back, complete and in order: the tightest loop there is over the kernel's tail.

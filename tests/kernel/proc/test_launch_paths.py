@@ -16,7 +16,7 @@ import pytest
 from kernel.proc import resolve, sandbox
 from kernel.proc.sandbox import Launch, LaunchExit, Policy
 from kernel.proc.spawner import Sandboxes
-from tests.test_sandbox import (
+from tests.kernel.proc.test_sandbox import (
     agent_python,
     base,  # noqa: F401 - the fixture
     cleanup,

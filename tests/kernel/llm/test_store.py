@@ -26,9 +26,9 @@ from sdk.models import (
     UnknownModel,
     WheelSource,
 )
+from tests.conftest import ROOT
 from userland import cli, model_cli
 
-ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
             "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]

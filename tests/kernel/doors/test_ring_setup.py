@@ -18,8 +18,8 @@ import pytest
 
 from kernel.doors.ring import RingPair
 from sdk.ring import AgentRings, RingError, RingSpec
+from tests.conftest import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 SHM = Path("/dev/shm")
 
 # An agent process: attach from the spec on argv, push `n` entries in small batches, expect

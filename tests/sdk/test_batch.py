@@ -1,5 +1,5 @@
 """`conn.batch()`: many syscalls submitted together, each answered on its own (over ZeroMQ here;
-over the rings in tests/test_rings_kernel.py)."""
+over the rings in tests/kernel/doors/test_rings_kernel.py)."""
 
 from __future__ import annotations
 
