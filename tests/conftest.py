@@ -16,6 +16,10 @@ import pytest
 import sdk
 
 ROOT = Path(__file__).resolve().parent.parent
+# Property tests run `n * DEEP` examples: the suite stays fast on every commit, and a deep
+# run (AGENTOS_TEST_DEEP=10 make test) multiplies each search; Hypothesis draws new examples
+# every run, so runs add up.
+DEEP = max(1, int(os.environ.get("AGENTOS_TEST_DEEP", "1")))
 TESTS = Path(__file__).resolve().parent  # shared fixtures: agents/, hostile/, mcp_*.py
 AGENTS = TESTS / "agents"
 

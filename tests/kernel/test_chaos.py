@@ -13,7 +13,7 @@ from kernel.state import StateDir
 from tests.conftest import TEST_TIER
 from tools.chaos import Chaos
 
-CYCLES = int(os.environ.get("AGENTOS_CHAOS_CYCLES", "15"))
+CYCLES = int(os.environ.get("AGENTOS_CHAOS_CYCLES", "10"))
 
 
 @pytest.mark.timeout(600)

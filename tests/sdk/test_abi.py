@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sdk import abi
+from tests.conftest import DEEP
 
 msgpack_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**64), 2**64) | st.floats() | st.text(max_size=20)
@@ -61,7 +62,7 @@ def test_request_id_is_recovered_from_bad_requests() -> None:
     assert type(abi.request_id_of(abi.encode([1, True]))) is int
 
 
-@settings(max_examples=3000, deadline=None)
+@settings(max_examples=1000 * DEEP, deadline=None)
 @given(st.binary(max_size=300))
 def test_any_bytes_decode_or_raise_abi_error(data: bytes) -> None:
     try:
@@ -71,7 +72,7 @@ def test_any_bytes_decode_or_raise_abi_error(data: bytes) -> None:
     assert isinstance(req, abi.Request) and req.v == abi.ABI_VERSION
 
 
-@settings(max_examples=2000, deadline=None)
+@settings(max_examples=800 * DEEP, deadline=None)
 @given(msgpack_values, st.sampled_from([abi.SpawnArgs, abi.SendArgs, abi.WaitArgs, abi.LogsArgs,
                                         abi.KillArgs, abi.AgentRef, abi.NoArgs]))
 def test_any_value_decodes_as_args_or_raises_abi_error(value: object, kind: type) -> None:

@@ -29,6 +29,7 @@ from sdk.tokens import (
     parse_unverified,
     resource_matches,
 )
+from tests.conftest import DEEP
 
 KEY = bytes(range(32))
 OTHER_KEY = bytes(range(1, 33))
@@ -642,13 +643,13 @@ def only_token_errors(token: object) -> None:
         attenuate(token, ("exp", NOW))  # type: ignore[arg-type]
 
 
-@settings(max_examples=1500, deadline=None)
+@settings(max_examples=500 * DEEP, deadline=None)
 @given(st.one_of(st.text(), st.binary(), st.builds("aos1.{}".format, st.text()), st.integers()))
 def test_garbage_raises_only_token_error(token: object) -> None:
     only_token_errors(token)
 
 
-@settings(max_examples=1500, deadline=None)
+@settings(max_examples=500 * DEEP, deadline=None)
 @given(
     st.one_of(
         st.binary(max_size=300),

@@ -19,6 +19,7 @@ from sdk.ring import (
     SubmissionProducer,
     format_ring,
 )
+from tests.conftest import DEEP
 
 # Counters that wrap within a run, and anywhere else.
 starts = st.one_of(st.sampled_from([0, 2**32 - 1, 2**32 - 2, 2**32 - 7, 2**31 - 3]),
@@ -116,6 +117,6 @@ class RingModels(RuleBasedStateMachine):
         assert not self.sq_consumer.quarantined and not self.cq_producer.quarantined
 
 
-RingModels.TestCase.settings = settings(max_examples=150, stateful_step_count=60,
+RingModels.TestCase.settings = settings(max_examples=80 * DEEP, stateful_step_count=60,
                                         deadline=None)
 TestRingModels = RingModels.TestCase

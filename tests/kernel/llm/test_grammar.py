@@ -20,6 +20,7 @@ from kernel.llm.chat import parse_reply, render
 from kernel.llm.engine import Engine, SamplingParams
 from kernel.llm.grammar import GrammarError, Grammars, check, grammar_for, sampling_params
 from sdk import abi
+from tests.conftest import DEEP
 from tests.tinymodel import tiny_model, tiny_tokenizer
 
 TOK = tiny_tokenizer()
@@ -83,7 +84,7 @@ SCHEMAS = st.recursive(_leaf(), _containers, max_leaves=6)
 OBJECTS = _containers(SCHEMAS).filter(lambda s: s["type"] == "object")
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=10 * DEEP, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(SCHEMAS, st.integers(0, 2**32), st.sampled_from([0.0, 1.0]))
 def test_every_output_validates_against_the_drawn_schema(schema: dict[str, Any], seed: int,
                                                          temperature: float) -> None:

@@ -37,11 +37,12 @@ from kernel.llm.sched import (
     Scheduler,
     make_scheduler,
 )
+from tests.conftest import DEEP
 
 AGENTS = [f"agent:{i}" for i in range(4)]
 PMAX = 3  # priorities are drawn from 0..PMAX: the P of the priority bound
 EPS = 1e-9
-MACHINE = settings(max_examples=100, stateful_step_count=50, deadline=None,
+MACHINE = settings(max_examples=50 * DEEP, stateful_step_count=50, deadline=None,
                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 
 JOB = st.tuples(  # agent, prompt_tokens, max_tokens, priority, weight
