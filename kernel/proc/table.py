@@ -19,6 +19,7 @@ import resource
 import signal
 import stat
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from kernel.proc import sandbox
 from kernel.proc.logs import LogPump
 from kernel.proc.sandbox import LAYER_EXIT, Report
 from kernel.proc.spawner import AgentSpec, Extras, Sandboxes, SpawnHook
+from kernel.proc.zygote import ZygoteChild, Zygotes
 from sdk import abi
 from sdk.tokens import Rule
 
@@ -102,7 +104,7 @@ def exit_status(returncode: int) -> int:
 class Live:
     agent_id: int
     name: str
-    popen: subprocess.Popen[bytes]
+    popen: subprocess.Popen[bytes] | ZygoteChild
     pidfd: int
     spec: AgentSpec
     uid: int | None = None  # its own uid (standard and strict tiers)
@@ -135,6 +137,11 @@ class ProcessTable:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft != hard:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        # Warm templates the sandboxed agents fork from (kernel/proc/zygote.py).
+        self.zygotes: Zygotes | None = None
+        if kernel.config.zygote and self.sandboxes.can_isolate:
+            self.zygotes = Zygotes(log)
+            self.zygotes.prestart(kernel.config.agent_python or sys.executable)
 
     # --- recovery ----------------------------------------------------------------------------
 
@@ -337,10 +344,17 @@ class ProcessTable:
             with self.k.identities.lock:
                 if uid is not None:
                     self.k.identities.register_uid(uid, agent_id)
-                popen = subprocess.Popen(launch.argv, pass_fds=launch.pass_fds,
-                                         stdin=subprocess.DEVNULL, stdout=child_ends[0],
-                                         stderr=child_ends[1], env={}, cwd="/",
-                                         start_new_session=True)
+                popen: subprocess.Popen[bytes] | ZygoteChild | None = None
+                if self.zygotes is not None:
+                    popen = self.zygotes.spawn(
+                        launch.agent_argv[0], spec.tier, launch.agent_argv,
+                        launch.policy.to_json(), launch.report_w, child_ends[0],
+                        child_ends[1], launch.policy.keep_fds)
+                if popen is None:
+                    popen = subprocess.Popen(launch.argv, pass_fds=launch.pass_fds,
+                                             stdin=subprocess.DEVNULL, stdout=child_ends[0],
+                                             stderr=child_ends[1], env={}, cwd="/",
+                                             start_new_session=True)
                 if uid is None:
                     self.k.identities.register(popen.pid, agent_id)
         except OSError as exc:
@@ -677,4 +691,6 @@ class ProcessTable:
                 self._signal(live, signal.SIGKILL)
                 rc = live.popen.wait()
             self._reaped(live, rc)
+        if self.zygotes is not None:
+            self.zygotes.stop()
 
