@@ -458,7 +458,7 @@ class Launcher:
         ruleset = (report.step("landlock", build_landlock, policy, "namespaces" in layers)
                    if "landlock" in layers else None)
         routes = report.step(layers[0], open_forwards, policy) if policy.forwards else []
-        bpf = (report.step("seccomp", seccomp.agent_filter, bool(routes))
+        bpf = (report.step("seccomp", self.make_filter, bool(routes))
                if "seccomp" in layers else None)
         if "rlimits" in layers:
             applied["rlimits"] = report.step("rlimits", set_rlimits, policy.limits)
@@ -498,6 +498,9 @@ class Launcher:
 
     def tie_to_parent(self, ppid: int) -> None:
         die_with_parent(ppid)
+
+    def make_filter(self, inet: bool) -> seccomp.Filter:
+        return seccomp.agent_filter(inet)
 
     def start(self) -> NoReturn:
         """Report, then become the agent's program."""

@@ -324,6 +324,7 @@ class ProcessTable:
             uid = self.sandboxes.allocate_uid(
                 agent_id, {lv.uid for lv in self.live.values() if lv.uid is not None})
         extras = Extras()
+        t0 = time.perf_counter()
         try:
             for hook in self.spawn_hooks:
                 hook(agent_id, extras)
@@ -332,6 +333,7 @@ class ProcessTable:
             self._failed_start(agent_id, by, str(exc), None)
             raise
         launch = prepared.launch
+        t1 = time.perf_counter()
         pumps: list[LogPump] = []
         child_ends: list[int] = []
         append = os.O_WRONLY | os.O_CREAT | os.O_APPEND
@@ -370,11 +372,15 @@ class ProcessTable:
         finally:
             for fd in child_ends:
                 os.close(fd)
+        t2 = time.perf_counter()
         try:
             report = launch.report(timeout=15)
         except Exception as exc:  # never leave a started process untracked
             report = Report(False, spec.tier, error=f"reading the launcher's report: {exc}")
         launch.close()
+        log.debug("start timings", extra={"agent": agent_id, "zygote": isinstance(
+            popen, ZygoteChild), "prepare_ms": round((t1 - t0) * 1000, 1), "fork_ms": round(
+            (t2 - t1) * 1000, 1), "report_ms": round((time.perf_counter() - t2) * 1000, 1)})
         live = Live(agent_id, spec.name, popen, os.pidfd_open(popen.pid), spec, uid,
                     prepared.policy.home or "", prepared.socket_dir, pumps)
         if not report.ok:

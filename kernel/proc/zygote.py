@@ -72,9 +72,12 @@ def serve() -> NoReturn:
     if os.getppid() != kernel_pid:
         os._exit(1)
     _preload()
+    from kernel.proc import seccomp
     from kernel.proc.launch import namespace_ids
 
     base_path = list(sys.path)
+    # Compiled once: a child loads its copy (libseccomp's context is plain memory).
+    filters = {inet: seccomp.agent_filter(inet) for inet in (False, True)}
     host = namespace_ids()
     own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
     # Children's read end of the life pipe sees POLLHUP once the zygote (its write end) is gone.
@@ -109,7 +112,7 @@ def serve() -> NoReturn:
                 pid = _fork(header, fds, libc, own_pidns, {
                     "control": control, "life": (life_r, life_w),
                     "wake": (wake_r, wake_w), "pidns": own_pidns, "host": host,
-                    "base_path": base_path})
+                    "base_path": base_path, "filters": filters})
                 _send(control, {"id": header.get("id"), "pid": pid})
             except Exception as exc:
                 _send(control, {"id": header.get("id") if isinstance(header, dict) else None,
@@ -196,6 +199,7 @@ def _child(tier: str, fds: list[int], targets: list[int], zygote: dict[str, Any]
     forked.life = zygote["life"][0]
     forked.extra_keep = frozenset({forked.life})
     forked.base_path = zygote["base_path"]
+    forked.filters = zygote["filters"]
     forked.run()
 
 
@@ -207,6 +211,10 @@ def _forked_class() -> type:
 
         life = -1
         base_path: list[str] = []
+        filters: dict[bool, Any] = {}
+
+        def make_filter(self, inet: bool) -> Any:
+            return self.filters[inet]
 
         def inside(self) -> dict[str, Any]:
             made = mounts.enter(self.policy, launch._launcher_paths())
