@@ -381,7 +381,8 @@ class ProcessTable:
         log.debug("start timings", extra={"agent": agent_id, "zygote": isinstance(
             popen, ZygoteChild), "prepare_ms": round((t1 - t0) * 1000, 1), "fork_ms": round(
             (t2 - t1) * 1000, 1), "report_ms": round((time.perf_counter() - t2) * 1000, 1)})
-        live = Live(agent_id, spec.name, popen, os.pidfd_open(popen.pid), spec, uid,
+        pidfd = popen.pidfd if isinstance(popen, ZygoteChild) else os.pidfd_open(popen.pid)
+        live = Live(agent_id, spec.name, popen, pidfd, spec, uid,
                     prepared.policy.home or "", prepared.socket_dir, pumps)
         if not report.ok:
             self._kill_now(live)

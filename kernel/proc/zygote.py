@@ -113,7 +113,16 @@ def serve() -> NoReturn:
                     "control": control, "life": (life_r, life_w),
                     "wake": (wake_r, wake_w), "pidns": own_pidns, "host": host,
                     "base_path": base_path, "filters": filters})
-                _send(control, {"id": header.get("id"), "pid": pid})
+                # A pidfd made before the loop can reap the child: the kernel's handle on
+                # exactly this process, whatever happens to the pid.
+                pidfd = os.pidfd_open(pid)
+                try:
+                    socket.send_fds(control, [json.dumps({"id": header.get("id"),
+                                                          "pid": pid}).encode()], [pidfd])
+                except OSError:
+                    os._exit(0)
+                finally:
+                    os.close(pidfd)
             except Exception as exc:
                 _send(control, {"id": header.get("id") if isinstance(header, dict) else None,
                                 "error": f"{type(exc).__name__}: {exc}"})
@@ -241,6 +250,12 @@ def _forked_class() -> type:
             argv = a.argv
             if argv[:3] != [sys.executable, "-m", "sdk.runner"] or len(argv) < 4:
                 report.fail(launch.LaunchExit.EXEC, f"zygote: cannot run {argv[:3]} in-process")
+            # The uid change made us non-dumpable (root-owned /proc/self); an exec would have
+            # reset that, so do what it does: the agent's own uid may read its own /proc.
+            import ctypes
+
+            ctypes.CDLL(None).prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE
+            report.applied = {"zygote": True, **report.applied}  # `ps` says how it started
             report.send({"event": "exec", "tier": policy.tier, "layers": report.applied,
                          "pid": os.getpid()})
             if a.report_fd is not None:
@@ -354,7 +369,7 @@ class Zygote:
         assert self.sock is not None
         self.sock.settimeout(timeout)
         try:
-            data = self.sock.recv(MESSAGE)
+            data, fds, _, _ = socket.recv_fds(self.sock, MESSAGE, 1)
         except TimeoutError:
             return False
         except OSError:
@@ -368,7 +383,11 @@ class Zygote:
         elif "exit" in record:
             self.exits[int(record["exit"])] = int(record["status"])
         elif "id" in record:
+            record["fds"] = fds
             self.replies[int(record["id"])] = record
+            return True
+        for fd in fds:
+            os.close(fd)
         return True
 
     def _lost(self) -> None:
@@ -411,9 +430,11 @@ class Zygote:
                 reply = self.replies.pop(ident)
         finally:
             os.close(memfd)
-        if "error" in reply:
-            raise ZygoteError(reply["error"])
-        return ZygoteChild(self, int(reply["pid"]))
+        if "error" in reply or len(reply["fds"]) != 1:
+            for fd in reply["fds"]:
+                os.close(fd)
+            raise ZygoteError(reply.get("error", "no pidfd with the reply"))
+        return ZygoteChild(self, int(reply["pid"]), reply["fds"][0])
 
     def status(self, pid: int, timeout: float | None) -> int | None:
         """The wait status of a child the zygote reaped; -SIGKILL's once the zygote is gone
@@ -441,9 +462,10 @@ class Zygote:
 class ZygoteChild:
     """What the process table needs of a Popen, for an agent the zygote forked."""
 
-    def __init__(self, zygote: Zygote, pid: int) -> None:
+    def __init__(self, zygote: Zygote, pid: int, pidfd: int) -> None:
         self.zygote = zygote
         self.pid = pid
+        self.pidfd = pidfd  # the kernel's to keep and close
         self.returncode: int | None = None
 
     def poll(self) -> int | None:
