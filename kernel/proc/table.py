@@ -183,7 +183,7 @@ class ProcessTable:
 
     def refused_peer(self, uid: int, pid: int) -> None:
         """The ZAP handler refused a connection (called on its thread): audit it on the loop."""
-        if getattr(self.k, "_post_fd", -1) >= 0:
+        if getattr(self.k, "calls", None) is not None:
             self.k.calls.post(lambda: self.k.guard.deny(
                 f"uid:{uid}", "connect", None, f"pid {pid} is no running agent and no user"))
 
