@@ -72,6 +72,22 @@ def rollup_kb(pid: int) -> tuple[int, int]:
     return fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0), fields.get("Pss", 0)
 
 
+def fd_count(pid: int) -> int:
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return 0
+
+
+def nofile(pid: int) -> int:
+    """The hard RLIMIT_NOFILE of `pid` (what the kernel lifts its soft limit to)."""
+    with open(f"/proc/{pid}/limits") as f:
+        for line in f:
+            if line.startswith("Max open files"):
+                return int(line.split()[4])
+    return 0
+
+
 def processes() -> dict[int, tuple[int, int]]:
     """pid -> (real uid, parent pid) of every process."""
     found = {}
@@ -219,6 +235,7 @@ def main() -> int:
             print(f"{0:>5}          {p50:.2f} / {p99:.2f} ms", flush=True)
             running: list[int] = []
             held = 0
+            fds_before = fd_count(kernel.pid)
             start = time.monotonic()
             while len(running) < args.max:
                 for _ in range(min(args.step, args.max - len(running))):
@@ -235,6 +252,12 @@ def main() -> int:
                     break
             fill_s = time.monotonic() - start
             free = shutil.disk_usage(state).free
+            per_agent = (fd_count(kernel.pid) - fds_before) / max(1, len(running))
+            limit = nofile(kernel.pid)
+            print(f"\nkernel fds: {per_agent:.1f} per idle agent (pidfd, log pipes and files, "
+                  f"endpoint listener and connection, rings, door and egress listeners); "
+                  f"RLIMIT_NOFILE {limit} caps the kernel at ~{int(limit / per_agent)} agents"
+                  if per_agent else "")
             kill_all(conn, running)
             print(f"\nfilled to {len(running)} agents in {fill_s:.0f} s; {free >> 30} GiB free "
                   "disk after")
