@@ -11,6 +11,7 @@ exponential backoff until a crash-loop cap; a new kernel reconciles the table th
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -133,6 +134,9 @@ class ProcessTable:
         # environment to an agent's start, a reap hook releases them when it ends.
         self.spawn_hooks: list[SpawnHook] = []
         self.reap_hooks: list[Callable[[int], None]] = [self.sandboxes.release]
+        # Run once an agent is running (its launcher reported): the kernel drops what it only
+        # held to pass on.
+        self.start_hooks: list[Callable[[int], None]] = []
         # Each agent holds a pidfd, two pipes and an endpoint: lift the soft fd limit.
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft != hard:
@@ -341,8 +345,9 @@ class ProcessTable:
             for stream in ("stdout", "stderr"):
                 read_end, write_end = os.pipe2(os.O_CLOEXEC)
                 child_ends.append(write_end)
-                log_fd = self.k.state.open_log(agent_id, stream, append)
-                pumps.append(LogPump(agent_id, stream, read_end, log_fd, prepared.log_bytes))
+                pumps.append(LogPump(agent_id, stream, read_end,
+                                     functools.partial(self.k.state.open_log, agent_id, stream,
+                                                       append), prepared.log_bytes))
             with self.k.identities.lock:
                 if uid is not None:
                     self.k.identities.register_uid(uid, agent_id)
@@ -394,6 +399,8 @@ class ProcessTable:
             self._failed_start(agent_id, by, report.error, report)
             raise Fault(code, f"agent {agent_id} could not start: {report.error}")
         self.live[agent_id] = live
+        for hook in self.start_hooks:
+            hook(agent_id)
         self._by_fd[live.pidfd] = live
         self.k.poller.register(live.pidfd, 1)  # POLLIN: the process has exited
         for pump in pumps:
