@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import sys
@@ -92,7 +91,8 @@ def test_forked_agents_share_nothing_and_reach_nothing(zkernel: KernelProcess,
         # No fd of the template (its control socket, pipes, pid namespace): stdio and the
         # agent's own rings (memfds, eventfds) only.
         for found in (a, b):
-            rings = set(re.findall(r"\d+", found["rings"]))
+            rings = {str(fd) for fd in found["rings"]}
+            assert len(rings) == 4
             stray = {fd: what for fd, what in found["fds"].items()
                      if int(fd) > 2 and what in ("pipe", "socket", "dir", "other")
                      and fd not in rings}
@@ -161,3 +161,23 @@ def test_the_exec_launcher_still_runs_agents_with_the_zygote_off(base: Path) -> 
             assert zygote_pid(k) is None
     finally:
         k.stop()
+
+
+def test_an_idle_agent_costs_the_kernel_at_most_12_fds(zkernel: KernelProcess) -> None:
+    """pidfd, two log pipes, its endpoint's listener and connection, its door and egress
+    listeners, the two ring mappings' fds and doorbells, its uid lease: what bounds how many
+    agents a kernel holds under RLIMIT_NOFILE (no log files, no passed ring memfds kept)."""
+    assert zkernel.proc is not None
+    kernel_fds = f"/proc/{zkernel.proc.pid}/fd"
+    with zkernel.connect() as conn:
+        first = conn.proc.spawn(IDLE, name="fd-first")  # whatever a first start sets up
+        assert wait_until(lambda: conn.proc.logs(first).data)
+        before = len(os.listdir(kernel_fds))
+        ids = [conn.proc.spawn(IDLE, name=f"fd-{i}") for i in range(3)]
+        for agent_id in ids:
+            assert wait_until(lambda a=agent_id: conn.proc.logs(a).data)
+        per_agent = (len(os.listdir(kernel_fds)) - before) / len(ids)
+        for agent_id in (first, *ids):
+            conn.proc.kill(agent_id, grace=0)
+            conn.proc.wait(agent_id, timeout=30)
+    assert per_agent <= 12, per_agent

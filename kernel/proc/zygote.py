@@ -34,6 +34,9 @@ COVERED = ("strict", "standard")  # tiers with an agent uid; the others use the 
 CLONE_NEWPID = 0x20000000
 MAX_FDS = 64  # fds one request may carry (policy, report, stdout, stderr, the agent's own)
 MESSAGE = 65536
+# Preloaded modules whose import reads the environment (the rings an agent inherited, their spin
+# time): imported again in each child once its own environment is in place.
+FRESH = ("sdk.ringpath",)
 
 
 # --- inside the zygote ---------------------------------------------------------------------
@@ -269,6 +272,7 @@ def run_agent(argv: list[str], env: dict[str, str], base_path: list[str]) -> int
     """What `python -m sdk.runner ARGV` would do, in this already warm interpreter: the
     agent's environment, path, stdio and a fresh RNG, then the runner; the exit status."""
     import atexit
+    import importlib
     import io
     import random
 
@@ -285,6 +289,9 @@ def run_agent(argv: list[str], env: dict[str, str], base_path: list[str]) -> int
                                   errors="backslashreplace")
     sys.__stdin__, sys.__stdout__, sys.__stderr__ = sys.stdin, sys.stdout, sys.stderr
     random.seed()  # register_at_fork does too; this says so where a reader looks
+    # Modules that read the environment when imported saw the template's empty one.
+    for name in FRESH:
+        importlib.reload(sys.modules[name])
     atexit._clear()
     if os.getpid() == 1:
         # pid 1 of its namespace ignores signals it has no handler for, even SIGTERM from the
@@ -333,6 +340,8 @@ class Zygote:
         self.replies: dict[int, dict[str, Any]] = {}
         self.lock = threading.RLock()
         self._next = 0
+        self.failures = 0  # deaths in a row, each soon after its start
+        self.retry_at = 0.0  # no restart before this (monotonic)
 
     def start(self) -> None:
         """Fork-exec the template (it becomes ready a few hundred ms later)."""
@@ -507,8 +516,20 @@ class Zygotes:
             self.prestart(python)
             zygote = self.by_python[python]
         if not zygote.alive():
+            now = time.monotonic()
+            if now < zygote.retry_at:  # it keeps dying (say, an interpreter without pyzmq)
+                self.log.info("the zygote is down; this agent starts through the exec launcher",
+                              extra={"python": python, "retry_in": round(zygote.retry_at - now)})
+                return None
+            # Restarts back off from 1 s to a minute while it dies young; the exec launcher
+            # starts agents meanwhile.
+            young = now - zygote.started < 60
+            zygote.failures = zygote.failures + 1 if young else 0
+            zygote.retry_at = now + min(60.0, 2.0 ** zygote.failures) if young else 0.0
             self.log.warning("the zygote died; restarting it, and this agent starts through "
-                             "the exec launcher", extra={"python": python, "zygote": zygote.pid})
+                             "the exec launcher", extra={"python": python, "zygote": zygote.pid,
+                                                          "code": zygote.popen.returncode
+                                                          if zygote.popen else None})
             zygote.stop()
             zygote.start()
             return None

@@ -14,6 +14,7 @@ import stat
 import sys
 
 import sdk
+from sdk import ringpath
 
 neighbour_pid, neighbour_id = int(sys.argv[1]), int(sys.argv[2])
 found: dict[str, object] = {}
@@ -34,7 +35,9 @@ def kind(fd: int) -> str | None:
 
 found["fds"] = {fd: k for fd in range(1024) if (k := kind(fd)) is not None}
 found["env"] = sorted(os.environ)
-found["rings"] = os.environ.get("AGENTOS_RINGS", "")
+spec = ringpath._claim.spec  # the rings it inherited (sdk takes them out of the environment)
+found["rings"] = [spec.submission, spec.completion, spec.submission_doorbell,
+                  spec.completion_doorbell] if spec else []
 found["token"] = os.environ.get("AGENTOS_TOKEN", "")
 found["random"] = random.getrandbits(64)
 found["urandom"] = os.urandom(8).hex()
