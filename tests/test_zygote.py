@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from kernel.proc import sandbox
+from kernel.proc.table import FDS_PER_AGENT
 from tests.conftest import ROOT, TEST_TIER, KernelProcess, wait_until
 
 PROBE = str(ROOT / "tests" / "hostile" / "zygote_probe.py")
@@ -163,7 +164,7 @@ def test_the_exec_launcher_still_runs_agents_with_the_zygote_off(base: Path) -> 
         k.stop()
 
 
-def test_an_idle_agent_costs_the_kernel_at_most_12_fds(zkernel: KernelProcess) -> None:
+def test_an_idle_agent_costs_the_kernel_at_most_fds_per_agent(zkernel: KernelProcess) -> None:
     """pidfd, two log pipes, its endpoint's listener and connection, its door and egress
     listeners, the two ring mappings' fds and doorbells, its uid lease: what bounds how many
     agents a kernel holds under RLIMIT_NOFILE (no log files, no passed ring memfds kept)."""
@@ -180,4 +181,4 @@ def test_an_idle_agent_costs_the_kernel_at_most_12_fds(zkernel: KernelProcess) -
         for agent_id in (first, *ids):
             conn.proc.kill(agent_id, grace=0)
             conn.proc.wait(agent_id, timeout=30)
-    assert per_agent <= 12, per_agent
+    assert per_agent <= FDS_PER_AGENT, per_agent

@@ -50,6 +50,13 @@ _SQL_LIVE = "state IN ('starting', 'running', 'suspended', 'restarting')"
 _INFO_COLUMNS = ("id, name, state, path, pid, started_at, ended_at, exit_status, {result}, "
                  "sandbox, layers, uid, restart, restarts, log_dropped")
 _LAYER_STATUSES = {int(status) for status in LAYER_EXIT.values()}
+# The kernel's fds per running sandboxed agent: its pidfd, two log pipes, its endpoint's listener
+# and connection, its HTTP door and egress listeners, two ring mappings and two doorbells, its
+# uid lease (tests/test_zygote.py checks it); what the kernel holds besides; the agent count
+# below which a boot warns that RLIMIT_NOFILE is the ceiling.
+FDS_PER_AGENT = 12
+FDS_BASE = 256
+SCALE_AGENTS = 2000
 
 
 def process_start_time(pid: int) -> int | None:
@@ -141,6 +148,11 @@ class ProcessTable:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft != hard:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        if hard != resource.RLIM_INFINITY:
+            room = (hard - FDS_BASE) // FDS_PER_AGENT
+            (log.warning if room < SCALE_AGENTS else log.info)(
+                "open-file limit", extra={"nofile": hard, "agents_it_holds": room,
+                                          "raise_with": "LimitNOFILE= or ulimit -Hn"})
         # Warm templates the sandboxed agents fork from (kernel/proc/zygote.py).
         self.zygotes: Zygotes | None = None
         if kernel.config.zygote and self.sandboxes.can_isolate:
