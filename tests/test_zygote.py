@@ -108,6 +108,10 @@ def test_forked_agents_share_nothing_and_reach_nothing(zkernel: KernelProcess,
         dump = memory(conn.proc.info(b_id).pid)
         assert b["token"].encode() in dump
         assert token_a not in dump
+        # Nor in the template's: it passed both starts on without reading them.
+        template = memory(zygote_pid(zkernel) or 0)
+        assert len(template) > 1 << 20
+        assert token_a not in template and b["token"].encode() not in template
         assert conn.proc.info(a_id).state == "running"
         for agent_id in (a_id, b_id):
             conn.proc.kill(agent_id, grace=0)
