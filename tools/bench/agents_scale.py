@@ -254,7 +254,7 @@ def main() -> int:
             free = shutil.disk_usage(state).free
             per_agent = (fd_count(kernel.pid) - fds_before) / max(1, len(running))
             limit = nofile(kernel.pid)
-            print(f"\nkernel fds: {per_agent:.1f} per idle agent (pidfd, log pipes and files, "
+            print(f"\nkernel fds: {per_agent:.1f} per idle agent (pidfd, log pipes, "
                   f"endpoint listener and connection, rings, door and egress listeners); "
                   f"RLIMIT_NOFILE {limit} caps the kernel at ~{int(limit / per_agent)} agents"
                   if per_agent else "")
