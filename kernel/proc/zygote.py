@@ -110,6 +110,7 @@ def serve() -> NoReturn:
                 os._exit(0)
             if not data:
                 os._exit(0)  # the kernel closed its end
+            header = None
             try:
                 header = json.loads(data)
                 pid = _fork(header, fds, libc, own_pidns, {
@@ -153,7 +154,7 @@ def _fork(header: dict[str, Any], fds: list[int], libc: Any, own_pidns: int,
         raise ValueError(f"bad request: tier {tier}, {len(fds)} fds for {len(targets)} targets")
     new_pidns = "namespaces" in TIERS[tier]
     if new_pidns and libc.unshare(CLONE_NEWPID) != 0:
-        raise OSError(ctypes_errno(), "unshare(CLONE_NEWPID)")
+        raise OSError(_errno(), "unshare(CLONE_NEWPID)")
     try:
         pid = os.fork()
     except BaseException:
@@ -161,13 +162,16 @@ def _fork(header: dict[str, Any], fds: list[int], libc: Any, own_pidns: int,
             libc.setns(own_pidns, CLONE_NEWPID)
         raise
     if pid == 0:
-        _child(tier, fds, targets, zygote)
+        try:
+            _child(tier, fds, targets, zygote)
+        finally:
+            os._exit(127)  # never back into the zygote's loop as a second zygote
     if new_pidns and libc.setns(own_pidns, CLONE_NEWPID) != 0:
         os._exit(1)  # a zygote whose next children would share this agent's pid namespace
     return pid
 
 
-def ctypes_errno() -> int:
+def _errno() -> int:
     import ctypes
 
     return ctypes.get_errno()
