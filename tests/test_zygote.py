@@ -16,7 +16,7 @@ import pytest
 
 from kernel.proc import sandbox
 from kernel.proc.table import FDS_PER_AGENT
-from tests.conftest import ROOT, TEST_TIER, KernelProcess, wait_until
+from tests.conftest import ROOT, TEST_TIER, KernelProcess, process_memory, wait_until
 
 PROBE = str(ROOT / "tests" / "hostile" / "zygote_probe.py")
 IDLE = str(ROOT / "tests" / "agents" / "idle.py")
@@ -64,22 +64,6 @@ def probe(conn, tier: str, name: str, neighbour_pid: int, neighbour_id: int) -> 
     return agent_id, json.loads(conn.proc.logs(agent_id).data.splitlines()[0])
 
 
-def memory(pid: int) -> bytes:
-    """Every writable mapping of `pid` (the template's heap included), read as root."""
-    chunks = []
-    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", 0) as mem:
-        for line in maps:
-            addr, perms = line.split()[:2]
-            if perms.startswith("rw"):
-                start, end = (int(x, 16) for x in addr.split("-"))
-                try:
-                    mem.seek(start)
-                    chunks.append(mem.read(end - start))
-                except (OSError, OverflowError, ValueError):
-                    continue
-    return b"".join(chunks)
-
-
 @pytest.mark.parametrize("tier", TIERS)
 def test_forked_agents_share_nothing_and_reach_nothing(zkernel: KernelProcess,
                                                        tier: str) -> None:
@@ -104,11 +88,11 @@ def test_forked_agents_share_nothing_and_reach_nothing(zkernel: KernelProcess,
         # The neighbour's token is nowhere in B's memory; B's own is (the scan works).
         token_a = a["token"].encode()
         assert len(token_a) > 20
-        dump = memory(conn.proc.info(b_id).pid)
+        dump = process_memory(conn.proc.info(b_id).pid)
         assert b["token"].encode() in dump
         assert token_a not in dump
         # Nor in the template's: it passed both starts on without reading them.
-        template = memory(zygote_pid(zkernel) or 0)
+        template = process_memory(zygote_pid(zkernel) or 0)
         assert len(template) > 1 << 20
         assert token_a not in template and b["token"].encode() not in template
         assert conn.proc.info(a_id).state == "running"
