@@ -114,8 +114,7 @@ def serve() -> NoReturn:
             try:
                 header = json.loads(data)
                 pid = _fork(header, fds, libc, own_pidns, {
-                    "control": control, "life": (life_r, life_w),
-                    "wake": (wake_r, wake_w), "pidns": own_pidns, "host": host,
+                    "control": control, "life": (life_r, life_w), "host": host,
                     "base_path": base_path, "filters": filters})
                 # A pidfd made before the loop can reap the child: the kernel's handle on
                 # exactly this process, whatever happens to the pid.
