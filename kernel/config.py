@@ -223,6 +223,10 @@ class Config:
     # through the host's permissions, so a runtime under a 0700 directory (a pyenv in /root)
     # needs one elsewhere, with the SDK's dependencies (msgspec, pyzmq, posix_ipc).
     agent_python: str | None = None
+    # Start standard and strict agents by forking a warm, pre-imported template per agent
+    # interpreter (kernel/proc/zygote.py) instead of exec'ing the launcher and Python for each:
+    # a fraction of the spawn time and memory. false: every agent through the exec launcher.
+    zygote: bool = True
     # Per-agent uids/gids (kernel as root): base + agent id, modulo the count.
     agent_uid_base: int = 200000
     agent_uid_count: int = 65536

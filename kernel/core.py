@@ -92,6 +92,7 @@ class Kernel:
         self.rings = Rings(self)
         self.ringdoor = RingDoor(self)
         self.procs.spawn_hooks.append(self.rings.on_spawn)
+        self.procs.start_hooks.append(self.rings.on_started)
         self.procs.reap_hooks.append(self.rings.drop)
         self.remote = Remote(self)
         self.bridge = Bridge(self)  # every HTTP front end's calls, the agents' own doors too

@@ -171,6 +171,35 @@ def run_calls(k: KernelProcess, name: str, calls: list, caps: tuple[str, ...] = 
         return info.result
 
 
+def process_memory(pid: int) -> bytes:
+    """Every writable mapping of `pid`, read as root."""
+    chunks = []
+    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", 0) as mem:
+        for line in maps:
+            addr, perms = line.split()[:2]
+            if perms.startswith("rw"):
+                start, end = (int(x, 16) for x in addr.split("-"))
+                try:
+                    mem.seek(start)
+                    chunks.append(mem.read(end - start))
+                except (OSError, OverflowError, ValueError):
+                    continue
+    return b"".join(chunks)
+
+
+def agent_token(pid: int) -> str:
+    """A running agent's token, as an attacker who got hold of it would have it: from its
+    exec'd environment, or (an agent forked from the zygote, whose /proc/PID/environ is the
+    template's empty one) from the environment strings in its memory."""
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        found = [e for e in f.read().split(b"\0") if e.startswith(b"AGENTOS_TOKEN=")]
+    if not found:
+        memory = process_memory(pid)
+        start = memory.index(b"AGENTOS_TOKEN=")
+        found = [memory[start:memory.index(b"\0", start)]]
+    return found[0].split(b"=", 1)[1].decode()
+
+
 def wait_until(predicate: Callable[[], object], timeout: float = 10.0,
                interval: float = 0.02) -> bool:
     deadline = time.monotonic() + timeout

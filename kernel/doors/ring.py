@@ -304,7 +304,13 @@ class _Segment:
     def close(self) -> None:
         self.map.close()
         self.unlink()
-        os.close(self.fd)
+        self.release_fd()
+
+    def release_fd(self) -> None:
+        """Close the fd (the mapping keeps the segment: Python's mmap holds a dup of its own)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 class RingPair:
@@ -405,13 +411,25 @@ class RingPair:
         """SQ segment, CQ segment, SQ doorbell, CQ doorbell: for `Popen(pass_fds=...)`, which
         keeps their numbers in the child, so `spec()` is valid there as it stands."""
         sq, cq = self._segments
+        if sq.fd < 0 or cq.fd < 0:
+            raise RingError("the segments were handed over already")
         return (self._fd(sq.fd), cq.fd, *self._doorbells)
+
+    def handed_over(self) -> None:
+        """The agent holds the segments now: the kernel keeps its mappings, not the fds it
+        passed (an fd per segment per agent is what runs a kernel of thousands of agents out
+        of RLIMIT_NOFILE). `fds()` and `spec()` of memfd segments are void from here on."""
+        if not self.named:
+            for segment in self._segments:
+                segment.release_fd()
 
     def spec(self) -> RingSpec:
         """What the agent attaches with (`sdk.ring.AgentRings.attach`)."""
         geo = self.geometry
         sq, cq = self._segments
         if not self.named:
+            if sq.fd < 0 or cq.fd < 0:
+                raise RingError("the segments were handed over already")
             return RingSpec(geo.capacity, geo.slot_size, self._fd(sq.fd), cq.fd,
                             *self._doorbells)
         if sq.name is None or cq.name is None:

@@ -137,6 +137,13 @@ class Rings:
             extras.fds.extend(fds)
             extras.env[layout.ENV_RINGS] = spec
 
+    def on_started(self, agent_id: int) -> None:
+        """The process table's start hook: the agent inherited its segments; the kernel keeps
+        only its mappings and doorbells."""
+        ring = self._by_agent.get(agent_id)
+        if ring is not None:
+            ring.pair.handed_over()
+
     def counts_of(self, agent_id: int | None) -> dict[str, int]:
         """An agent's own ring figures (none for a caller without rings of its own)."""
         ring = self._by_agent.get(agent_id) if agent_id is not None else None

@@ -400,6 +400,8 @@ def bwrap_argv(bwrap: str, policy: Policy, command: Sequence[str]) -> list[str]:
 # --- the launch -----------------------------------------------------------------------------
 
 class Launcher:
+    extra_keep: frozenset[int] = frozenset()  # fds a forked launcher needs until it starts
+
     def __init__(self, policy: Policy, args: Args, report: Reporter) -> None:
         self.policy = policy
         self.args = args
@@ -436,7 +438,7 @@ class Launcher:
         policy, a, report = self.policy, self.args, self.report
         layers = policy.layers
         ppid = os.getppid()
-        keep = {0, 1, 2, *policy.keep_fds}
+        keep = {0, 1, 2, *policy.keep_fds, *self.extra_keep}
         if a.report_fd is not None:
             keep.add(a.report_fd)
         outer = "namespaces" in layers and a.inside is None
@@ -449,14 +451,14 @@ class Launcher:
             self.enter_namespaces(ppid)
         applied = report.applied
         if "namespaces" in layers:
-            applied["namespaces"] = report.step("namespaces", check_inside, a.inside or "")
+            applied["namespaces"] = report.step("namespaces", self.inside)
         if "unshare" in layers:
             applied["unshare"] = report.step("unshare", unshare_ipc_and_net)
         # Build the Landlock rules and the seccomp filter while root can still open every path.
         ruleset = (report.step("landlock", build_landlock, policy, "namespaces" in layers)
                    if "landlock" in layers else None)
         routes = report.step(layers[0], open_forwards, policy) if policy.forwards else []
-        bpf = (report.step("seccomp", seccomp.agent_filter, bool(routes))
+        bpf = (report.step("seccomp", self.make_filter, bool(routes))
                if "seccomp" in layers else None)
         if "rlimits" in layers:
             applied["rlimits"] = report.step("rlimits", set_rlimits, policy.limits)
@@ -465,7 +467,7 @@ class Launcher:
             applied["identity"] = report.step("identity", become, policy.uid, policy.gid)
             report.step("identity", check_home, policy.home, policy.uid)
         try:
-            die_with_parent(ppid)
+            self.tie_to_parent(ppid)
         except Exception as exc:
             report.fail(LaunchExit.PARENT, str(exc))
         os.umask(0o077)
@@ -486,9 +488,26 @@ class Launcher:
             bpf.release()
         if routes:
             applied["bridge"] = report.step(layers[0], start_relay, routes, a.report_fd)
+        self.start()
+
+    # The steps a forked launcher (kernel/proc/zygote.py) does its own way.
+
+    def inside(self) -> dict[str, Any]:
+        """The namespaces bwrap made, checked."""
+        return check_inside(self.args.inside or "")
+
+    def tie_to_parent(self, ppid: int) -> None:
+        die_with_parent(ppid)
+
+    def make_filter(self, inet: bool) -> seccomp.Filter:
+        return seccomp.agent_filter(inet)
+
+    def start(self) -> NoReturn:
+        """Report, then become the agent's program."""
+        a, policy, report = self.args, self.policy, self.report
         if a.report_fd is not None:
             os.set_inheritable(a.report_fd, False)  # closes at exec: the agent cannot forge it
-        report.send({"event": "exec", "tier": policy.tier, "layers": applied,
+        report.send({"event": "exec", "tier": policy.tier, "layers": report.applied,
                      "pid": os.getpid()})
         try:
             os.execve(a.argv[0], a.argv, policy.env)

@@ -9,19 +9,27 @@ disk. Each readiness event reads a bounded amount, so a flooding agent gets back
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 READ_BUDGET = 256 * 1024  # bytes taken from one pipe per loop iteration
 CHUNK = 64 * 1024
 
 
 class LogPump:
-    def __init__(self, agent_id: int, stream: str, read_fd: int, log_fd: int, cap: int) -> None:
+    def __init__(self, agent_id: int, stream: str, read_fd: int, open_log: Callable[[], int],
+                 cap: int) -> None:
         self.agent_id = agent_id
         self.stream = stream
         self.fd = read_fd
-        self.log_fd = log_fd
+        # The log file is opened only while there is something to write: an idle agent costs
+        # the kernel its pipe, not a file too (fds are what limits how many agents it holds).
+        self.open_log = open_log
+        log_fd = open_log()
+        try:
+            self.size = os.fstat(log_fd).st_size  # a restarted agent appends to the same log
+        finally:
+            os.close(log_fd)
         self.cap = cap
-        self.size = os.fstat(log_fd).st_size  # a restarted agent appends to the same log
         self.dropped = 0
         self.capped = False  # the cap was reached during this run (audited once)
         os.set_blocking(read_fd, False)
@@ -32,32 +40,37 @@ class LogPump:
 
     def pump(self, budget: int = READ_BUDGET) -> bool:
         """Move what the pipe holds, at most `budget` bytes; False once the writers are gone."""
-        while budget > 0:
-            try:
-                data = os.read(self.fd, min(CHUNK, budget))
-            except BlockingIOError:
-                return True
-            except OSError:
-                return False
-            if not data:
-                return False
-            budget -= len(data)
-            room = max(0, self.cap - self.size)
-            keep = data[:room]
-            if keep:
+        log_fd = -1
+        try:
+            while budget > 0:
                 try:
-                    os.write(self.log_fd, keep)
-                    self.size += len(keep)
+                    data = os.read(self.fd, min(CHUNK, budget))
+                except BlockingIOError:
+                    return True
                 except OSError:
-                    keep = b""  # the disk is full or the log is gone: drop, never stall
-            if len(keep) < len(data):
-                self.dropped += len(data) - len(keep)
-                self.capped = True
-        return True
+                    return False
+                if not data:
+                    return False
+                budget -= len(data)
+                room = max(0, self.cap - self.size)
+                keep = data[:room]
+                if keep:
+                    try:
+                        if log_fd < 0:
+                            log_fd = self.open_log()
+                        os.write(log_fd, keep)
+                        self.size += len(keep)
+                    except OSError:
+                        keep = b""  # the disk is full or the log is gone: drop, never stall
+                if len(keep) < len(data):
+                    self.dropped += len(data) - len(keep)
+                    self.capped = True
+            return True
+        finally:
+            if log_fd >= 0:
+                os.close(log_fd)
 
     def close(self) -> None:
-        for name in ("fd", "log_fd"):
-            fd = getattr(self, name)
-            if fd >= 0:
-                os.close(fd)
-                setattr(self, name, -1)
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

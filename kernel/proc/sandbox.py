@@ -527,6 +527,9 @@ class Launch:
 
     def __init__(self, policy: Policy, argv: Sequence[str], python: str = sys.executable) -> None:
         launch_argv(policy, argv)  # refuse a bad policy or argv before making any fd
+        self.policy = policy
+        self.agent_argv = list(argv)
+        self.python = python
         # A memfd, not a file or argv: the policy's env carries the agent's token.
         self.policy_fd = os.memfd_create("agentos-policy", os.MFD_CLOEXEC)
         self.report_fd, self._report_w = os.pipe2(os.O_CLOEXEC)
@@ -536,6 +539,11 @@ class Launch:
         self.argv = launch_argv(policy, argv, policy_fd=self.policy_fd,
                                 report_fd=self._report_w, python=python)
         self.pass_fds = (self.policy_fd, self._report_w, *policy.keep_fds)
+
+    @property
+    def report_w(self) -> int:
+        """The launcher's end of the report pipe (a zygote start hands it over by fd)."""
+        return self._report_w
 
     def spawned(self) -> None:
         """The child holds its copies now: close ours, so EOF means the launcher is gone."""

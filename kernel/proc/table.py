@@ -11,6 +11,7 @@ exponential backoff until a crash-loop cap; a new kernel reconciles the table th
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ import resource
 import signal
 import stat
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,6 +36,7 @@ from kernel.proc import sandbox, venvs
 from kernel.proc.logs import LogPump
 from kernel.proc.sandbox import LAYER_EXIT, Report
 from kernel.proc.spawner import AgentSpec, Extras, Sandboxes, SpawnHook
+from kernel.proc.zygote import ZygoteChild, Zygotes
 from sdk import abi
 from sdk.tokens import Rule
 
@@ -47,6 +50,13 @@ _SQL_LIVE = "state IN ('starting', 'running', 'suspended', 'restarting')"
 _INFO_COLUMNS = ("id, name, state, path, pid, started_at, ended_at, exit_status, {result}, "
                  "sandbox, layers, uid, restart, restarts, log_dropped, model, venv")
 _LAYER_STATUSES = {int(status) for status in LAYER_EXIT.values()}
+# The kernel's fds per running sandboxed agent: its pidfd, two log pipes, its endpoint's listener
+# and connection, its HTTP door and egress listeners, two ring mappings and two doorbells, its
+# uid lease (tests/kernel/proc/test_zygote.py checks it); what the kernel holds besides; the agent count
+# below which a boot warns that RLIMIT_NOFILE is the ceiling.
+FDS_PER_AGENT = 12
+FDS_BASE = 256
+SCALE_AGENTS = 2000
 
 
 def process_start_time(pid: int) -> int | None:
@@ -102,7 +112,7 @@ def exit_status(returncode: int) -> int:
 class Live:
     agent_id: int
     name: str
-    popen: subprocess.Popen[bytes]
+    popen: subprocess.Popen[bytes] | ZygoteChild
     pidfd: int
     spec: AgentSpec
     uid: int | None = None  # its own uid (standard and strict tiers)
@@ -131,10 +141,23 @@ class ProcessTable:
         # environment to an agent's start, a reap hook releases them when it ends.
         self.spawn_hooks: list[SpawnHook] = []
         self.reap_hooks: list[Callable[[int], None]] = [self.sandboxes.release]
+        # Run once an agent is running (its launcher reported): the kernel drops what it only
+        # held to pass on.
+        self.start_hooks: list[Callable[[int], None]] = []
         # Each agent holds a pidfd, two pipes and an endpoint: lift the soft fd limit.
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft != hard:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        if hard != resource.RLIM_INFINITY:
+            room = (hard - FDS_BASE) // FDS_PER_AGENT
+            (log.warning if room < SCALE_AGENTS else log.info)(
+                "open-file limit", extra={"nofile": hard, "agents_it_holds": room,
+                                          "raise_with": "LimitNOFILE= or ulimit -Hn"})
+        # Warm templates the sandboxed agents fork from (kernel/proc/zygote.py).
+        self.zygotes: Zygotes | None = None
+        if kernel.config.zygote and self.sandboxes.can_isolate:
+            self.zygotes = Zygotes(log)
+            self.zygotes.prestart(kernel.config.agent_python or sys.executable)
 
     # --- recovery ----------------------------------------------------------------------------
 
@@ -332,6 +355,7 @@ class ProcessTable:
             uid = self.sandboxes.allocate_uid(
                 agent_id, {lv.uid for lv in self.live.values() if lv.uid is not None})
         extras = Extras()
+        t0 = time.perf_counter()
         try:
             for hook in self.spawn_hooks:
                 hook(agent_id, extras)
@@ -340,6 +364,7 @@ class ProcessTable:
             self._failed_start(agent_id, by, str(exc), None)
             raise
         launch = prepared.launch
+        t1 = time.perf_counter()
         pumps: list[LogPump] = []
         child_ends: list[int] = []
         append = os.O_WRONLY | os.O_CREAT | os.O_APPEND
@@ -347,15 +372,23 @@ class ProcessTable:
             for stream in ("stdout", "stderr"):
                 read_end, write_end = os.pipe2(os.O_CLOEXEC)
                 child_ends.append(write_end)
-                log_fd = self.k.state.open_log(agent_id, stream, append)
-                pumps.append(LogPump(agent_id, stream, read_end, log_fd, prepared.log_bytes))
+                pumps.append(LogPump(agent_id, stream, read_end,
+                                     functools.partial(self.k.state.open_log, agent_id, stream,
+                                                       append), prepared.log_bytes))
             with self.k.identities.lock:
                 if uid is not None:
                     self.k.identities.register_uid(uid, agent_id)
-                popen = subprocess.Popen(launch.argv, pass_fds=launch.pass_fds,
-                                         stdin=subprocess.DEVNULL, stdout=child_ends[0],
-                                         stderr=child_ends[1], env={}, cwd="/",
-                                         start_new_session=True)
+                popen: subprocess.Popen[bytes] | ZygoteChild | None = None
+                if self.zygotes is not None:
+                    popen = self.zygotes.spawn(
+                        launch.agent_argv[0], spec.tier, launch.agent_argv,
+                        launch.policy.to_json(), launch.report_w, child_ends[0],
+                        child_ends[1], launch.policy.keep_fds)
+                if popen is None:
+                    popen = subprocess.Popen(launch.argv, pass_fds=launch.pass_fds,
+                                             stdin=subprocess.DEVNULL, stdout=child_ends[0],
+                                             stderr=child_ends[1], env={}, cwd="/",
+                                             start_new_session=True)
                 if uid is None:
                     self.k.identities.register(popen.pid, agent_id)
         except OSError as exc:
@@ -371,12 +404,17 @@ class ProcessTable:
         finally:
             for fd in child_ends:
                 os.close(fd)
+        t2 = time.perf_counter()
         try:
             report = launch.report(timeout=15)
         except Exception as exc:  # never leave a started process untracked
             report = Report(False, spec.tier, error=f"reading the launcher's report: {exc}")
         launch.close()
-        live = Live(agent_id, spec.name, popen, os.pidfd_open(popen.pid), spec, uid,
+        log.debug("start timings", extra={"agent": agent_id, "zygote": isinstance(
+            popen, ZygoteChild), "prepare_ms": round((t1 - t0) * 1000, 1), "fork_ms": round(
+            (t2 - t1) * 1000, 1), "report_ms": round((time.perf_counter() - t2) * 1000, 1)})
+        pidfd = popen.pidfd if isinstance(popen, ZygoteChild) else os.pidfd_open(popen.pid)
+        live = Live(agent_id, spec.name, popen, pidfd, spec, uid,
                     prepared.policy.home or "", prepared.socket_dir, pumps)
         if not report.ok:
             self._kill_now(live)
@@ -388,6 +426,8 @@ class ProcessTable:
             self._failed_start(agent_id, by, report.error, report)
             raise Fault(code, f"agent {agent_id} could not start: {report.error}")
         self.live[agent_id] = live
+        for hook in self.start_hooks:
+            hook(agent_id)
         self._by_fd[live.pidfd] = live
         self.k.poller.register(live.pidfd, 1)  # POLLIN: the process has exited
         for pump in pumps:
@@ -692,4 +732,6 @@ class ProcessTable:
                 self._signal(live, signal.SIGKILL)
                 rc = live.popen.wait()
             self._reaped(live, rc)
+        if self.zygotes is not None:
+            self.zygotes.stop()
 

@@ -13,7 +13,7 @@ import zmq
 
 import sdk
 from sdk import abi
-from tests.conftest import ROOT, KernelProcess, agent, wait_until
+from tests.conftest import ROOT, KernelProcess, agent, agent_token, wait_until
 
 
 def _audit(kernel: KernelProcess, event: str) -> list[tuple]:
@@ -91,9 +91,7 @@ def test_ipc_recv_times_out_and_send_to_nobody_is_enoent(admin: sdk.Connection) 
 def test_stolen_tokens_are_refused(kernel: KernelProcess, admin: sdk.Connection) -> None:
     victim = admin.proc.spawn(agent("blocker"), name="victim")
     assert wait_until(lambda: admin.proc.logs(victim).data == b"blocking\n")
-    with open(f"/proc/{admin.proc.info(victim).pid}/environ", "rb") as f:
-        environ = f.read().split(b"\0")
-    victim_token = next(e for e in environ if e.startswith(b"AGENTOS_TOKEN=")).split(b"=", 1)[1]
+    victim_token = agent_token(admin.proc.info(victim).pid).encode()
     admin_token = (kernel.state_dir / "admin.token").read_text().strip()
     for stolen in (victim_token.decode(), admin_token):
         thief = admin.proc.spawn(agent("thief"), name="thief", argv=[stolen])

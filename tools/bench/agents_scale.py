@@ -2,6 +2,7 @@
 sandboxed agents one kernel holds while still answering sys.null quickly.
 
     .venv/bin/python tools/bench/agents_scale.py [--spawns 30] [--max 300] [--step 25]
+                                                 [--zygote on|off] [--tiers strict]
 
 Boots a kernel in a fresh state dir. For each tier this machine applies (none, standard,
 strict) it spawns `--spawns` idle agents one after another, timing the `proc.spawn` call (the
@@ -9,8 +10,12 @@ kernel prepares the home and endpoint, starts the launcher, which applies every 
 the agent) and the time until the agent's own first syscall. Then it keeps adding idle agents of
 the strongest tier in steps up to `--max`, measuring sys.null p99 from an admin connection
 after each step; `max_agents` is the largest count still under 5 ms. RSS is the agent's
-processes (its uid), summed; the strict tier's two bwrap processes are reported apart. Last line:
-`RESULT spawn_p50_ms=… rss_mb=… max_agents=…`.
+processes (its uid), summed; the strict tier's two bwrap processes are reported apart. RSS
+counts every page the agent maps, shared or not; what an agent really costs the machine is its
+USS (pages no other process maps) and PSS (shared pages divided among their sharers), from
+/proc/PID/smaps_rollup: with the zygote (kernel/proc/zygote.py, `--zygote on`, the default) most
+of an agent's interpreter is the template's pages, shared copy-on-write. Last line:
+`RESULT spawn_p50_ms=… uss_mb=… pss_mb=… rss_mb=… max_agents=…`.
 """
 
 from __future__ import annotations
@@ -50,6 +55,36 @@ def rss_kb(pid: int) -> int:
                     return int(line.split()[1])
     except OSError:
         pass
+    return 0
+
+
+def rollup_kb(pid: int) -> tuple[int, int]:
+    """(USS, PSS) in kB of one process, from smaps_rollup (USS = private clean + dirty)."""
+    fields: dict[str, int] = {}
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 2 and parts[1].isdigit():
+                    fields[parts[0].rstrip(":")] = int(parts[1])
+    except OSError:
+        return 0, 0
+    return fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0), fields.get("Pss", 0)
+
+
+def fd_count(pid: int) -> int:
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return 0
+
+
+def nofile(pid: int) -> int:
+    """The hard RLIMIT_NOFILE of `pid` (what the kernel lifts its soft limit to)."""
+    with open(f"/proc/{pid}/limits") as f:
+        for line in f:
+            if line.startswith("Max open files"):
+                return int(line.split()[4])
     return 0
 
 
@@ -104,25 +139,35 @@ def spawn_series(conn: sdk.Connection, tier: str, n: int) -> tuple[list[float], 
     return spawn_ms, ready_ms, ids
 
 
-def agent_rss(conn: sdk.Connection, ids: list[int]) -> tuple[float, float]:
-    """(MB of the agents' own processes, MB of launcher processes around them) per agent."""
+def agent_rss(conn: sdk.Connection, ids: list[int]) -> tuple[float, float, float, float]:
+    """Per agent, in MB: RSS of its own processes, RSS of launcher processes around them (the
+    strict tier's bwrap), and the USS and PSS of its own processes plus those launchers."""
     procs = processes()
-    own = around = 0
+    own = around = uss = pss = 0
     for agent_id in ids:
         info = conn.proc.info(agent_id)
         if info.uid is not None:
             mine = [p for p, (uid, _) in procs.items() if uid == info.uid]
             own += sum(rss_kb(p) for p in mine)
+            for p in mine:
+                u, s = rollup_kb(p)
+                uss, pss = uss + u, pss + s
             # bwrap's monitor and init (root) sit between the kernel and the agent.
             chain, p = [], procs.get(mine[0], (0, 0))[1] if mine else 0
             while p and p in procs and procs[p][0] == 0 and len(chain) < 2:
                 chain.append(p)
                 p = procs[p][1]
-            if info.sandbox == "strict":
+            if info.sandbox == "strict" and "zygote" not in info.layers:
                 around += sum(rss_kb(c) for c in chain)
+                for c in chain:
+                    u, s = rollup_kb(c)
+                    uss, pss = uss + u, pss + s
         else:
             own += rss_kb(info.pid)
-    return own / len(ids) / 1024, around / len(ids) / 1024
+            u, s = rollup_kb(info.pid)
+            uss, pss = uss + u, pss + s
+    n = len(ids) * 1024
+    return own / n, around / n, uss / n, pss / n
 
 
 def kill_all(conn: sdk.Connection, ids: list[int]) -> None:
@@ -137,6 +182,10 @@ def main() -> int:
     p.add_argument("--spawns", type=int, default=30, help="spawns timed per tier")
     p.add_argument("--max", type=int, default=300, help="stop adding agents here")
     p.add_argument("--step", type=int, default=25, help="agents added between measurements")
+    p.add_argument("--zygote", choices=("on", "off"), default="on",
+                   help="start agents from the zygote (kernel config `zygote`), or exec each")
+    p.add_argument("--tiers", default="none,standard,strict",
+                   help="the tiers whose spawns are timed (comma-separated)")
     p.add_argument("--stop-early", action="store_true",
                    help="stop at the first step over 5 ms (by default it fills to --max and "
                         "reports the largest count under 5 ms: on a shared machine one noisy "
@@ -145,7 +194,7 @@ def main() -> int:
 
     probe = sandbox.probe()
     tiers = []
-    for tier in ("none", "standard", "strict"):
+    for tier in args.tiers.split(","):
         try:
             sandbox.plan(tier, probe)
             tiers.append(tier)
@@ -155,12 +204,15 @@ def main() -> int:
     base = Path(tempfile.mkdtemp(prefix="agentos-scale-"))
     base.chmod(0o711)  # agents of their own uids pass through to their homes
     state = base / "state"
-    kernel = boot_kernel(state, "--log-level", "warning", "--sandbox", best, attempts=300)
+    config = base / "kernel.toml"
+    config.write_text(f"[kernel]\nzygote = {'true' if args.zygote == 'on' else 'false'}\n")
+    kernel = boot_kernel(state, "--log-level", "warning", "--sandbox", best, "--config",
+                         str(config), attempts=300)
     try:
         results: dict[str, dict[str, float]] = {}
         with sdk.connect(state_dir=state, timeout=60) as conn:
             print(f"{'tier':<9} {'spawn p50':>10} {'spawn p99':>10} {'ready p50':>10} "
-                  f"{'ready p99':>10} {'RSS/agent':>10} {'+bwrap':>8}")
+                  f"{'ready p99':>10} {'RSS/agent':>10} {'+bwrap':>8} {'USS':>8} {'PSS':>8}")
             for tier in tiers:
                 try:
                     spawn_ms, ready_ms, ids = spawn_series(conn, tier, args.spawns)
@@ -170,19 +222,20 @@ def main() -> int:
                         conn.proc.kill(agent_id, grace=0)
                     continue
                 time.sleep(0.5)  # let the agents settle into their idle wait
-                rss, around = agent_rss(conn, ids)
+                rss, around, uss, pss = agent_rss(conn, ids)
                 kill_all(conn, ids)
                 results[tier] = {"p50": pct(spawn_ms, 50), "p99": pct(spawn_ms, 99),
-                                 "rss": rss}
+                                 "rss": rss, "uss": uss, "pss": pss}
                 print(f"{tier:<9} {pct(spawn_ms, 50):>8.1f}ms {pct(spawn_ms, 99):>8.1f}ms "
                       f"{pct(ready_ms, 50):>8.1f}ms {pct(ready_ms, 99):>8.1f}ms "
-                      f"{rss:>8.1f}MB {around:>6.1f}MB", flush=True)
+                      f"{rss:>8.1f}MB {around:>6.1f}MB {uss:>6.1f}MB {pss:>6.1f}MB", flush=True)
 
             print(f"\nidle {best} agents   sys.null p50/p99 (admin connection, best of 3)")
             p50, p99 = null_latency(conn)
             print(f"{0:>5}          {p50:.2f} / {p99:.2f} ms", flush=True)
             running: list[int] = []
             held = 0
+            fds_before = fd_count(kernel.pid)
             start = time.monotonic()
             while len(running) < args.max:
                 for _ in range(min(args.step, args.max - len(running))):
@@ -199,12 +252,18 @@ def main() -> int:
                     break
             fill_s = time.monotonic() - start
             free = shutil.disk_usage(state).free
+            per_agent = (fd_count(kernel.pid) - fds_before) / max(1, len(running))
+            limit = nofile(kernel.pid)
+            print(f"\nkernel fds: {per_agent:.1f} per idle agent (pidfd, log pipes, "
+                  f"endpoint listener and connection, rings, door and egress listeners); "
+                  f"RLIMIT_NOFILE {limit} caps the kernel at ~{int(limit / per_agent)} agents"
+                  if per_agent else "")
             kill_all(conn, running)
             print(f"\nfilled to {len(running)} agents in {fill_s:.0f} s; {free >> 30} GiB free "
                   "disk after")
         spawn = results[best]
-        print(f"RESULT spawn_p50_ms={spawn['p50']:.1f} rss_mb={spawn['rss']:.1f} "
-              f"max_agents={held}")
+        print(f"RESULT spawn_p50_ms={spawn['p50']:.1f} uss_mb={spawn['uss']:.1f} "
+              f"pss_mb={spawn['pss']:.1f} rss_mb={spawn['rss']:.1f} max_agents={held}")
         return 0
     except Exception:
         tail = (base / "kernel.log").read_text(errors="replace").splitlines()[-40:]

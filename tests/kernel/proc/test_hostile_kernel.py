@@ -25,7 +25,7 @@ import sdk
 from kernel.access.audit import AuditLog
 from kernel.db import Database
 from kernel.proc import sandbox
-from tests.conftest import AGENTS, TESTS, KernelProcess, agent, wait_until
+from tests.conftest import AGENTS, TESTS, KernelProcess, agent, agent_token, wait_until
 from tests.kernel.proc.test_sandbox import sdk_python
 from tests.kernel.proc.test_sandbox_hostile import host_sysv_objects
 
@@ -129,9 +129,7 @@ def test_escapes_through_the_kernel_fail(hk: KernelProcess, tcp_port: int, tier:
         home = hk.state_dir / "agents" / str(victim) / "home"
         (home / "notes").write_text("private")
         os.chown(home / "notes", vinfo.uid, vinfo.uid)
-        with open(f"/proc/{vinfo.pid}/environ", "rb") as f:  # a token that leaked somehow
-            stolen = next(e for e in f.read().split(b"\0")
-                          if e.startswith(b"AGENTOS_TOKEN=")).split(b"=", 1)[1].decode()
+        stolen = agent_token(vinfo.pid)  # a token that leaked somehow
         targets = {"key": str(hk.state_dir / "secret.key"), "db": str(hk.state_dir / "kernel.db"),
                    "admin_token": str(hk.state_dir / "admin.token"), "state": str(hk.state_dir),
                    "other_home": str(home), "other_pid": vinfo.pid, "tcp_port": tcp_port,

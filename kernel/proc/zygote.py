@@ -1,0 +1,554 @@
+"""The zygote: a warm, pre-imported agent template that forks each new agent (Android's zygote).
+
+One zygote per agent interpreter, started by the kernel as root with an empty environment and
+a control socket. It imports the launcher and the SDK's runtime (msgspec, pyzmq, the `sdk`
+package), freezes its heap for the collector, and then only forks. It never reads an agent's
+policy, argv or token: each request carries file descriptors (a memfd holding argv and policy,
+the report pipe, stdout, stderr, the agent's own fds) and a header of non-secret numbers, so
+nothing of one agent is ever in the template's memory for the next to inherit. The child reads
+its memfd, applies its tier's layers exactly as the exec launcher does (kernel/proc/launch.py;
+for strict it is forked as pid 1 of a fresh pid namespace and builds the rest with
+kernel/proc/mounts.py), and then runs `sdk.runner` in-process instead of exec'ing Python.
+
+The kernel side (`Zygote`) hands a start to the zygote and gets the agent's host pid back; the
+zygote, the agents' parent, reports each exit status over the same socket.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, NoReturn
+
+from kernel.proc.sandbox import PROJECT_ROOT, TIERS
+
+BOOT = ("import sys;sys.path.insert(0,sys.argv.pop(1));"
+        "from kernel.proc.zygote import serve;serve()")
+COVERED = ("strict", "standard")  # tiers with an agent uid; the others use the exec launcher
+CLONE_NEWPID = 0x20000000
+MAX_FDS = 64  # fds one request may carry (policy, report, stdout, stderr, the agent's own)
+MESSAGE = 65536
+# Preloaded modules whose import reads the environment (the rings an agent inherited, their spin
+# time): imported again in each child once its own environment is in place.
+FRESH = ("sdk.ringpath",)
+
+
+# --- inside the zygote ---------------------------------------------------------------------
+
+def _preload() -> None:
+    """What every agent imports before its own code: paid once, shared copy-on-write."""
+    import asyncio  # noqa: F401
+    import json  # noqa: F401
+    import random  # noqa: F401
+
+    import msgspec  # noqa: F401
+    import zmq  # noqa: F401
+
+    import sdk
+    import sdk.runner  # noqa: F401
+    from kernel.proc import forward, landlock, launch, mounts, seccomp  # noqa: F401
+
+
+def _send(sock: socket.socket, record: dict[str, Any]) -> None:
+    try:
+        sock.send(json.dumps(record).encode())
+    except OSError:
+        os._exit(0)  # the kernel is gone: so are we (and, by PDEATHSIG, our agents)
+
+
+def serve() -> NoReturn:
+    """The zygote's loop: argv = [control fd, kernel pid]."""
+    import ctypes
+    import gc
+    import select
+
+    control = socket.socket(fileno=int(sys.argv[1]))
+    kernel_pid = int(sys.argv[2])
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG: die with the kernel
+    if os.getppid() != kernel_pid:
+        os._exit(1)
+    _preload()
+    from kernel.proc import seccomp
+    from kernel.proc.launch import namespace_ids
+
+    base_path = list(sys.path)
+    # Compiled once: a child loads its copy (libseccomp's context is plain memory).
+    filters = {inet: seccomp.agent_filter(inet) for inet in (False, True)}
+    host = namespace_ids()
+    own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+    # Children's read end of the life pipe sees POLLHUP once the zygote (its write end) is gone.
+    life_r, life_w = os.pipe2(os.O_CLOEXEC)
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    signal.set_wakeup_fd(wake_w)
+    gc.freeze()  # the template's objects never move into a generation a child's gc touches
+    _send(control, {"ready": os.getpid()})
+    poller = select.poll()
+    poller.register(control, select.POLLIN)
+    poller.register(wake_r, select.POLLIN)
+    while True:
+        for fd, _ in poller.poll():
+            if fd == wake_r:
+                while True:
+                    try:
+                        if not os.read(wake_r, 4096):
+                            break
+                    except BlockingIOError:
+                        break
+                _reap(control)
+                continue
+            try:
+                data, fds, _, _ = socket.recv_fds(control, MESSAGE, MAX_FDS)
+            except OSError:
+                os._exit(0)
+            if not data:
+                os._exit(0)  # the kernel closed its end
+            header = None
+            try:
+                header = json.loads(data)
+                pid = _fork(header, fds, libc, own_pidns, {
+                    "control": control, "life": (life_r, life_w), "host": host,
+                    "base_path": base_path, "filters": filters})
+                # A pidfd made before the loop can reap the child: the kernel's handle on
+                # exactly this process, whatever happens to the pid.
+                pidfd = os.pidfd_open(pid)
+                try:
+                    socket.send_fds(control, [json.dumps({"id": header.get("id"),
+                                                          "pid": pid}).encode()], [pidfd])
+                except OSError:
+                    os._exit(0)
+                finally:
+                    os.close(pidfd)
+            except Exception as exc:
+                _send(control, {"id": header.get("id") if isinstance(header, dict) else None,
+                                "error": f"{type(exc).__name__}: {exc}"})
+            finally:
+                for fd in fds:
+                    os.close(fd)
+
+
+def _reap(control: socket.socket) -> None:
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        _send(control, {"exit": pid, "status": status})
+
+
+def _fork(header: dict[str, Any], fds: list[int], libc: Any, own_pidns: int,
+          zygote: dict[str, Any]) -> int:
+    tier = header["tier"]
+    targets = [int(t) for t in header["targets"]]
+    if tier not in COVERED or len(fds) != 4 + len(targets):
+        raise ValueError(f"bad request: tier {tier}, {len(fds)} fds for {len(targets)} targets")
+    new_pidns = "namespaces" in TIERS[tier]
+    if new_pidns and libc.unshare(CLONE_NEWPID) != 0:
+        raise OSError(_errno(), "unshare(CLONE_NEWPID)")
+    try:
+        pid = os.fork()
+    except BaseException:
+        if new_pidns:
+            libc.setns(own_pidns, CLONE_NEWPID)
+        raise
+    if pid == 0:
+        try:
+            _child(tier, fds, targets, zygote)
+        finally:
+            os._exit(127)  # never back into the zygote's loop as a second zygote
+    if new_pidns and libc.setns(own_pidns, CLONE_NEWPID) != 0:
+        os._exit(1)  # a zygote whose next children would share this agent's pid namespace
+    return pid
+
+
+def _errno() -> int:
+    import ctypes
+
+    return ctypes.get_errno()
+
+
+def _child(tier: str, fds: list[int], targets: list[int], zygote: dict[str, Any]) -> NoReturn:
+    """The new agent, as root, holding the zygote's fds and this request's."""
+    import fcntl
+
+    from kernel.proc import launch
+    from kernel.proc.sandbox import LaunchExit
+
+    report = launch.Reporter(None)
+    try:
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        os.close(zygote["life"][1])
+        os.close(zygote["control"].detach())  # the kernel's line to the zygote, not ours
+        # Everything this request brought moves above every number it must land on.
+        floor = max([*targets, *fds, 2]) + 1
+        moved = [fcntl.fcntl(fd, fcntl.F_DUPFD, floor) for fd in fds]
+        memfd, report_fd, out, err, *keep = moved
+        report.fd = report_fd
+        null = os.open("/dev/null", os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(out, 1)
+        os.dup2(err, 2)
+        for fd, target in zip(keep, targets, strict=True):
+            os.dup2(fd, target)
+        text = b""
+        while chunk := os.pread(memfd, 65536, len(text)):
+            text += chunk
+        line, _, policy_text = text.partition(b"\n")
+        args = launch.Args(argv=json.loads(line), policy_text=policy_text.decode(),
+                           report_fd=report_fd, inside=zygote["host"])
+        policy = launch.load_policy(args)
+    except Exception as exc:
+        report.fail(LaunchExit.POLICY, f"zygote: {exc}")
+    report.tier = policy.tier
+    forked = _forked_class()(policy, args, report)
+    forked.life = zygote["life"][0]
+    forked.extra_keep = frozenset({forked.life})
+    forked.base_path = zygote["base_path"]
+    forked.filters = zygote["filters"]
+    forked.run()
+
+
+def _forked_class() -> type:
+    from kernel.proc import launch, mounts
+
+    class Forked(launch.Launcher):
+        """The exec launcher's steps, with namespaces made in-process and no exec at the end."""
+
+        life = -1
+        base_path: list[str] = []
+        filters: dict[bool, Any] = {}
+
+        def make_filter(self, inet: bool) -> Any:
+            return self.filters[inet]
+
+        def inside(self) -> dict[str, Any]:
+            made = mounts.enter(self.policy, launch._launcher_paths())
+            launch.check_inside(self.args.inside or "")
+            return made
+
+        def tie_to_parent(self, ppid: int) -> None:
+            import ctypes
+            import select
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(1, signal.SIGKILL, 0, 0, 0) != 0:
+                raise OSError(ctypes.get_errno(), "PR_SET_PDEATHSIG")
+            # In a fresh pid namespace getppid() says 0: the life pipe says whether the zygote
+            # (our parent) outlived the uid change that cleared PDEATHSIG.
+            poller = select.poll()
+            poller.register(self.life, select.POLLIN)
+            if poller.poll(0):
+                raise RuntimeError("the zygote died during launch")
+            os.close(self.life)
+
+        def start(self) -> NoReturn:
+            a, policy, report = self.args, self.policy, self.report
+            argv = a.argv
+            if argv[:3] != [sys.executable, "-m", "sdk.runner"] or len(argv) < 4:
+                report.fail(launch.LaunchExit.EXEC, f"zygote: cannot run {argv[:3]} in-process")
+            # The uid change made us non-dumpable (root-owned /proc/self); an exec would have
+            # reset that, so do what it does: the agent's own uid may read its own /proc.
+            import ctypes
+
+            ctypes.CDLL(None).prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE
+            report.applied = {"zygote": True, **report.applied}  # `ps` says how it started
+            report.send({"event": "exec", "tier": policy.tier, "layers": report.applied,
+                         "pid": os.getpid()})
+            if a.report_fd is not None:
+                os.close(a.report_fd)
+            os._exit(run_agent(argv[3:], policy.env, self.base_path))
+
+    return Forked
+
+
+def run_agent(argv: list[str], env: dict[str, str], base_path: list[str]) -> int:
+    """What `python -m sdk.runner ARGV` would do, in this already warm interpreter: the
+    agent's environment, path, stdio and a fresh RNG, then the runner; the exit status."""
+    import atexit
+    import importlib
+    import io
+    import random
+
+    os.environ.clear()
+    os.environ.update(env)
+    sys.path[:] = [os.getcwd(), *[p for p in env.get("PYTHONPATH", "").split(":") if p],
+                   *[p for p in base_path if p != str(PROJECT_ROOT)]]
+    sys.dont_write_bytecode = bool(env.get("PYTHONDONTWRITEBYTECODE"))
+    unbuffered = bool(env.get("PYTHONUNBUFFERED"))
+    sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False))
+    sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), write_through=unbuffered,
+                                  line_buffering=not unbuffered)
+    sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), write_through=True,
+                                  errors="backslashreplace")
+    sys.__stdin__, sys.__stdout__, sys.__stderr__ = sys.stdin, sys.stdout, sys.stderr
+    random.seed()  # register_at_fork does too; this says so where a reader looks
+    # Modules that read the environment when imported saw the template's empty one.
+    for name in FRESH:
+        importlib.reload(sys.modules[name])
+    atexit._clear()
+    if os.getpid() == 1:
+        # pid 1 of its namespace ignores signals it has no handler for, even SIGTERM from the
+        # kernel: end the way bwrap's init reports a signal death (128 + N).
+        signal.signal(signal.SIGTERM, lambda sig, _: os._exit(128 + sig))
+    from sdk import runner
+
+    try:
+        code: object = runner.main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    except BaseException:
+        sys.excepthook(*sys.exc_info())
+        code = 1
+    try:
+        threading._shutdown()  # type: ignore[attr-defined]
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BaseException:
+        pass
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code & 0xFF
+    print(code, file=sys.stderr, flush=True)
+    return 1
+
+
+# --- the kernel's side ---------------------------------------------------------------------
+
+class ZygoteError(Exception):
+    """The zygote cannot start this agent: the caller uses the exec launcher instead."""
+
+
+class Zygote:
+    """The kernel's handle on one zygote process (one per agent interpreter)."""
+
+    def __init__(self, python: str) -> None:
+        self.python = python
+        self.popen: subprocess.Popen[bytes] | None = None
+        self.sock: socket.socket | None = None
+        self.ready = False
+        self.started = 0.0
+        self.exits: dict[int, int] = {}
+        self.replies: dict[int, dict[str, Any]] = {}
+        self.lock = threading.RLock()
+        self._next = 0
+        self.failures = 0  # deaths in a row, each soon after its start
+        self.retry_at = 0.0  # no restart before this (monotonic)
+
+    def start(self) -> None:
+        """Fork-exec the template (it becomes ready a few hundred ms later)."""
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self.popen = subprocess.Popen(
+                [self.python, "-I", "-c", BOOT, str(PROJECT_ROOT), str(theirs.fileno()),
+                 str(os.getpid())], pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, env={}, cwd="/", start_new_session=True)
+        finally:
+            theirs.close()
+        self.sock, self.ready, self.started = mine, False, time.monotonic()
+        self.exits.clear()
+        self.replies.clear()
+
+    @property
+    def pid(self) -> int | None:
+        return self.popen.pid if self.popen is not None else None
+
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None and self.sock is not None
+
+    def wait_ready(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        with self.lock:
+            while not self.ready and self.alive():
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._pump(left):
+                    break
+        return self.ready
+
+    def _pump(self, timeout: float | None) -> bool:
+        """Read one message (waiting up to `timeout`); False on timeout or a dead zygote."""
+        assert self.sock is not None
+        self.sock.settimeout(timeout)
+        try:
+            data, fds, _, _ = socket.recv_fds(self.sock, MESSAGE, 1)
+        except TimeoutError:
+            return False
+        except OSError:
+            data = b""
+        if not data:
+            self._lost()
+            return False
+        record = json.loads(data)
+        if "ready" in record:
+            self.ready = True
+        elif "exit" in record:
+            self.exits[int(record["exit"])] = int(record["status"])
+        elif "id" in record:
+            record["fds"] = fds
+            self.replies[int(record["id"])] = record
+            return True
+        for fd in fds:
+            os.close(fd)
+        return True
+
+    def _lost(self) -> None:
+        """The zygote is gone: its agents died with it (PDEATHSIG)."""
+        self.ready = False
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        if self.popen is not None:
+            try:
+                self.popen.wait(5)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+
+    def spawn(self, tier: str, argv: list[str], policy_json: str, report_fd: int,
+              stdout: int, stderr: int, keep: tuple[int, ...]) -> ZygoteChild:
+        memfd = os.memfd_create("agentos-start", os.MFD_CLOEXEC)
+        try:
+            data = json.dumps(argv).encode() + b"\n" + policy_json.encode()
+            while data:
+                data = data[os.write(memfd, data):]
+            with self.lock:
+                if not self.ready or self.sock is None:
+                    raise ZygoteError("the zygote is not ready")
+                self._next += 1
+                ident = self._next
+                header = json.dumps({"id": ident, "tier": tier, "targets": list(keep)})
+                try:
+                    socket.send_fds(self.sock, [header.encode()],
+                                    [memfd, report_fd, stdout, stderr, *keep])
+                except OSError as exc:
+                    self._lost()
+                    raise ZygoteError(f"the zygote is gone: {exc}") from None
+                deadline = time.monotonic() + 10
+                while ident not in self.replies:
+                    left = deadline - time.monotonic()
+                    if left <= 0 or not self._pump(left):
+                        raise ZygoteError("no answer from the zygote")
+                reply = self.replies.pop(ident)
+        finally:
+            os.close(memfd)
+        if "error" in reply or len(reply["fds"]) != 1:
+            for fd in reply["fds"]:
+                os.close(fd)
+            raise ZygoteError(reply.get("error", "no pidfd with the reply"))
+        return ZygoteChild(self, int(reply["pid"]), reply["fds"][0])
+
+    def status(self, pid: int, timeout: float | None) -> int | None:
+        """The wait status of a child the zygote reaped; -SIGKILL's once the zygote is gone
+        (PDEATHSIG took its children with it); None on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self.lock:
+            while pid not in self.exits:
+                if self.sock is None:
+                    return -signal.SIGKILL
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return None
+                self._pump(left)
+            return os.waitstatus_to_exitcode(self.exits.pop(pid))
+
+    def stop(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        if self.popen is not None and self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait()
+
+
+class ZygoteChild:
+    """What the process table needs of a Popen, for an agent the zygote forked."""
+
+    def __init__(self, zygote: Zygote, pid: int, pidfd: int) -> None:
+        self.zygote = zygote
+        self.pid = pid
+        self.pidfd = pidfd  # the kernel's to keep and close
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self.returncode = self.zygote.status(self.pid, 0)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            self.returncode = self.zygote.status(self.pid, timeout)
+            if self.returncode is None:
+                raise subprocess.TimeoutExpired(f"agent pid {self.pid}", timeout or 0)
+        return self.returncode
+
+
+class Zygotes:
+    """The kernel's zygotes, one per agent interpreter, started at boot and restarted when one
+    dies; a start the zygotes cannot take (another tier, a zygote down or restarting) returns
+    None and goes to the exec launcher, which says so in the log."""
+
+    READY_WAIT = 5.0  # the first start after boot waits this long for the template to warm up
+
+    def __init__(self, log: Any) -> None:
+        self.log = log
+        self.by_python: dict[str, Zygote] = {}
+
+    def prestart(self, python: str) -> None:
+        if python not in self.by_python:
+            zygote = Zygote(python)
+            zygote.start()
+            self.by_python[python] = zygote
+
+    def spawn(self, python: str, tier: str, argv: list[str], policy_json: str, report_fd: int,
+              stdout: int, stderr: int, keep: tuple[int, ...]) -> ZygoteChild | None:
+        if tier not in COVERED:
+            return None
+        zygote = self.by_python.get(python)
+        if zygote is None:
+            self.prestart(python)
+            zygote = self.by_python[python]
+        if not zygote.alive():
+            now = time.monotonic()
+            if now < zygote.retry_at:  # it keeps dying (say, an interpreter without pyzmq)
+                self.log.info("the zygote is down; this agent starts through the exec launcher",
+                              extra={"python": python, "retry_in": round(zygote.retry_at - now)})
+                return None
+            # Restarts back off from 1 s to a minute while it dies young; the exec launcher
+            # starts agents meanwhile.
+            young = now - zygote.started < 60
+            zygote.failures = zygote.failures + 1 if young else 0
+            zygote.retry_at = now + min(60.0, 2.0 ** zygote.failures) if young else 0.0
+            self.log.warning("the zygote died; restarting it, and this agent starts through "
+                             "the exec launcher", extra={"python": python, "zygote": zygote.pid,
+                                                          "code": zygote.popen.returncode
+                                                          if zygote.popen else None})
+            zygote.stop()
+            zygote.start()
+            return None
+        if not zygote.ready:
+            waited = time.monotonic() - zygote.started
+            if not zygote.wait_ready(max(0.0, self.READY_WAIT - waited)):
+                self.log.warning("the zygote is not ready; this agent starts through the exec "
+                                 "launcher", extra={"python": python, "zygote": zygote.pid})
+                return None
+        try:
+            return zygote.spawn(tier, argv, policy_json, report_fd, stdout, stderr, keep)
+        except ZygoteError as exc:
+            self.log.warning("the zygote could not start an agent; the exec launcher does",
+                             extra={"python": python, "error": str(exc)})
+            return None
+
+    def stop(self) -> None:
+        for zygote in self.by_python.values():
+            zygote.stop()

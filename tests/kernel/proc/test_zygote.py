@@ -1,0 +1,171 @@
+"""The zygote launcher: agents forked from one warm template share nothing and reach nothing;
+a dead zygote is restarted while starts fall back to the exec launcher."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kernel.proc import sandbox
+from kernel.proc.table import FDS_PER_AGENT
+from tests.conftest import ROOT, TEST_TIER, KernelProcess, process_memory, wait_until
+
+PROBE = str(ROOT / "tests" / "hostile" / "zygote_probe.py")
+IDLE = str(ROOT / "tests" / "agents" / "idle.py")
+TIERS = [t for t in ("standard", "strict") if TEST_TIER == "strict" or t == TEST_TIER]
+if "standard" in TIERS and sandbox.unreachable_dir(os.path.realpath(sys.executable), 65534,
+                                                   65534):
+    TIERS.remove("standard")  # this Python is out of an agent uid's reach outside bwrap
+
+pytestmark = pytest.mark.skipif(TEST_TIER == "none", reason="agents get no uid of their own")
+
+
+@pytest.fixture
+def base() -> Iterator[Path]:
+    """A state dir every agent uid can pass through (the standard tier sees the host's)."""
+    path = Path(tempfile.mkdtemp(prefix="agentos-zygote-"))
+    path.chmod(0o711)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def boot(base: Path, zygote: bool) -> KernelProcess:
+    config = base / "kernel.toml"
+    config.write_text(f"[kernel]\nzygote = {str(zygote).lower()}\nhome_bytes = 0\n")
+    k = KernelProcess(base / "state")
+    k.extra_args = ["--config", str(config)]
+    return k.start()
+
+
+@pytest.fixture(scope="module")
+def zkernel() -> Iterator[KernelProcess]:
+    path = Path(tempfile.mkdtemp(prefix="agentos-zygote-"))
+    path.chmod(0o711)
+    k = boot(path, True)
+    yield k
+    k.stop()
+    k.unmount_homes()
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def probe(conn, tier: str, name: str, neighbour_pid: int, neighbour_id: int) -> tuple[int, dict]:
+    agent_id = conn.proc.spawn(PROBE, name=name, sandbox=tier,
+                               argv=[str(neighbour_pid), str(neighbour_id)])
+    assert wait_until(lambda: conn.proc.logs(agent_id).data, timeout=30), \
+        conn.proc.logs(agent_id, "stderr").data.decode()
+    return agent_id, json.loads(conn.proc.logs(agent_id).data.splitlines()[0])
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_forked_agents_share_nothing_and_reach_nothing(zkernel: KernelProcess,
+                                                       tier: str) -> None:
+    with zkernel.connect() as conn:
+        a_id, a = probe(conn, tier, f"a-{tier}", os.getpid(), 0)
+        a_pid = conn.proc.info(a_id).pid
+        b_id, b = probe(conn, tier, f"b-{tier}", a_pid, a_id)
+        for agent_id in (a_id, b_id):
+            assert "zygote" in conn.proc.info(agent_id).layers
+        # No fd of the template (its control socket, pipes, pid namespace): stdio and the
+        # agent's own rings (memfds, eventfds) only.
+        for found in (a, b):
+            rings = {str(fd) for fd in found["rings"]}
+            assert len(rings) == 4
+            stray = {fd: what for fd, what in found["fds"].items()
+                     if int(fd) > 2 and fd not in rings}
+            assert not stray, (stray, found["rings"])
+        assert a["env"] == b["env"] and a["token"] != b["token"]
+        assert a["random"] != b["random"] and a["urandom"] != b["urandom"]
+        for attack in ("kill", "mem", "environ", "ptrace", "endpoint"):
+            assert b[attack] != "ok", (attack, b)
+        # The neighbour's token is nowhere in B's memory; B's own is (the scan works).
+        token_a = a["token"].encode()
+        assert len(token_a) > 20
+        dump = process_memory(conn.proc.info(b_id).pid)
+        assert b["token"].encode() in dump
+        assert token_a not in dump
+        # Nor in the template's: it passed both starts on without reading them.
+        template = process_memory(zygote_pid(zkernel) or 0)
+        assert len(template) > 1 << 20
+        assert token_a not in template and b["token"].encode() not in template
+        assert conn.proc.info(a_id).state == "running"
+        for agent_id in (a_id, b_id):
+            conn.proc.kill(agent_id, grace=0)
+            assert conn.proc.wait(agent_id, timeout=30).state == "killed"
+
+
+def zygote_pid(k: KernelProcess) -> int | None:
+    assert k.proc is not None
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    cmd = f.read()
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            if b"kernel.proc.zygote" in cmd and ppid == k.proc.pid:
+                return int(entry)
+    return None
+
+
+def test_a_dead_zygote_is_restarted_and_starts_fall_back(base: Path) -> None:
+    k = boot(base, True)
+    try:
+        with k.connect() as conn:
+            first = conn.proc.spawn(IDLE, name="first")
+            assert "zygote" in conn.proc.info(first).layers
+            pid = zygote_pid(k)
+            assert pid is not None
+            os.kill(pid, signal.SIGKILL)
+            # Its agents die with it (PDEATHSIG) and are reaped as killed.
+            assert conn.proc.wait(first, timeout=30).state == "killed"
+            fallback = conn.proc.spawn(IDLE, name="fallback")
+            info = conn.proc.info(fallback)
+            assert info.state == "running" and "zygote" not in info.layers
+            assert "the zygote died" in k.log()
+            assert wait_until(lambda: zygote_pid(k) not in (None, pid), timeout=10)
+            later = conn.proc.spawn(IDLE, name="later")
+            assert "zygote" in conn.proc.info(later).layers
+    finally:
+        k.stop()
+
+
+def test_the_exec_launcher_still_runs_agents_with_the_zygote_off(base: Path) -> None:
+    k = boot(base, False)
+    try:
+        with k.connect() as conn:
+            agent_id, found = probe(conn, TEST_TIER, "plain", os.getpid(), 0)
+            assert "zygote" not in conn.proc.info(agent_id).layers
+            assert found["kill"] != "ok" and found["ptrace"] != "ok"
+            assert zygote_pid(k) is None
+    finally:
+        k.stop()
+
+
+def test_an_idle_agent_costs_the_kernel_at_most_fds_per_agent(zkernel: KernelProcess) -> None:
+    """pidfd, two log pipes, its endpoint's listener and connection, its door and egress
+    listeners, the two ring mappings' fds and doorbells, its uid lease: what bounds how many
+    agents a kernel holds under RLIMIT_NOFILE (no log files, no passed ring memfds kept)."""
+    assert zkernel.proc is not None
+    kernel_fds = f"/proc/{zkernel.proc.pid}/fd"
+    with zkernel.connect() as conn:
+        first = conn.proc.spawn(IDLE, name="fd-first")  # whatever a first start sets up
+        assert wait_until(lambda: conn.proc.logs(first).data)
+        before = len(os.listdir(kernel_fds))
+        ids = [conn.proc.spawn(IDLE, name=f"fd-{i}") for i in range(3)]
+        for agent_id in ids:
+            assert wait_until(lambda a=agent_id: conn.proc.logs(a).data)
+        per_agent = (len(os.listdir(kernel_fds)) - before) / len(ids)
+        for agent_id in (first, *ids):
+            conn.proc.kill(agent_id, grace=0)
+            conn.proc.wait(agent_id, timeout=30)
+    assert per_agent <= FDS_PER_AGENT, per_agent
