@@ -3,8 +3,11 @@ concurrency, approvals, privilege groups, restart durability, key rotation and t
 
 from __future__ import annotations
 
+import calendar
+import json
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -106,8 +109,15 @@ def test_killing_an_agent_revokes_its_token(admin: sdk.Connection) -> None:
 def test_group_template_is_granted_at_spawn(akernel: KernelProcess, admin: sdk.Connection) -> None:
     run = akernel.cli("run", "--group", "grouped", "--wait", agent("grouped"))
     assert run.returncode == 0, run.stderr
-    assert "budget bytes=100" in run.stdout and "exp " in run.stdout
-    assert "allow caps.inspect sys.*" in run.stdout or "caps.inspect" in run.stdout
+    aud, allow, exp, budget = json.loads(run.stdout)  # the caveats, in order
+    agent_id = int(aud.removeprefix("aud agent:"))
+    # Every agent's own rules, then the group's template: nothing else.
+    assert allow.split() == ["allow", "sys.*", "proc.exit", f"proc.info@proc/{agent_id}",
+                             "ipc.recv", "memory.*@mem/agent/grouped", "fs.*@fs/agent/grouped",
+                             "caps.inspect", "sys.*"]
+    expires = calendar.timegm(time.strptime(exp, "exp %Y-%m-%dT%H:%M:%SZ"))
+    assert 0 < expires - time.time() <= 600  # the group's ttl
+    assert budget.startswith("budget bytes=100 (counter ")
     bad = akernel.cli("run", "--group", "nonesuch", agent("grouped"))
     assert bad.returncode == 1 and "ENOENT" in bad.stderr
 
