@@ -151,6 +151,9 @@ class Clock:
     def time(self) -> float:
         return self.now
 
+    def monotonic(self) -> float:
+        return self.now
+
     def __getattr__(self, name: str) -> object:
         return getattr(time, name)
 
@@ -626,3 +629,33 @@ def test_key_rotation_retires_every_token_also_after_restart(host: Host) -> None
     assert host.use(new, "sys.null", "agent:1") is None
     with pytest.raises((Fault, TokenError)):
         delegate(host, "agent:1", old, "agent:2")
+
+
+def test_denials_are_audited_at_a_bounded_rate_per_principal(
+        host: Host, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A flood of denials costs at most `audit_denials_per_s` audit records a second per
+    principal; the next record says how many were left out, and a neighbour's first denial is
+    recorded whatever the flood."""
+    clock = Clock()
+    monkeypatch.setattr(guard_module, "time", clock)
+    host.config.audit_denials_per_s = 5.0
+    token = host.access.mint("agent:1", caps=["sys.null"])
+
+    def denials(principal: str) -> list[dict]:
+        return [r for r in host.audit.rows(limit=10**6)
+                if r["event"] == "deny" and r["principal"] == principal]
+
+    for _ in range(50):
+        assert host.use(token, "sys.stats", "agent:1") == abi.ErrorCode.EPERM
+    assert len(denials("agent:1")) == 5
+    assert host.use(token, "sys.null", "agent:2") == abi.ErrorCode.EPERM
+    [neighbour] = denials("agent:2")
+    assert neighbour["detail"]["reason"] == "audience mismatch"
+    assert neighbour["detail"]["suppressed_before"] == 45  # left out since the last record
+    clock.now += 0.2  # one more denial's worth for agent:1
+    assert host.use(token, "sys.stats", "agent:1") == abi.ErrorCode.EPERM
+    assert host.use(token, "sys.stats", "agent:1") == abi.ErrorCode.EPERM
+    flood = denials("agent:1")
+    assert len(flood) == 6 and flood[-1]["detail"]["call"] == "sys.stats"
+    assert flood[-1]["detail"]["suppressed_before"] == 0
+    assert host.guard.suppressed == 1
