@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import calendar
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -248,3 +249,37 @@ def test_audit_cli_shows_and_verifies_and_detects_truncation(fresh_kernel: Kerne
     edited = fresh_kernel.cli("audit", "--verify", "--json")
     assert edited.returncode == 1 and '"broken_at": 1' in edited.stdout
 
+
+
+def test_caps_export_signs_the_presented_token(akernel: KernelProcess,
+                                               admin: sdk.Connection) -> None:
+    """`caps.export` (SDK and CLI): an Ed25519 snapshot of the caller's own token, for its own
+    principal, that verifies with the one public key and allows no more than that token."""
+    from kernel.access.export import check_export, verify_export
+    from sdk.caps import attenuate
+
+    me = f"user:{os.getuid()}"
+    start = admin.audit.verify().rows  # audit seqs run 1..rows
+    exported = admin.caps.export(ttl=30)
+    claims = verify_export(exported.token, exported.public_key)
+    admin_id = claims["tid"]
+    assert claims["aud"] == [me] and 0 < claims["exp"] - time.time() <= 30
+    assert check_export(claims, "proc.kill", "proc/1", me) is None  # the admin's "*"
+    assert check_export(claims, "proc.kill", "proc/1", "agent:1") == "audience mismatch"
+    admin_token = (akernel.state_dir / "admin.token").read_text().strip()
+    narrow = attenuate(admin_token, caps=["caps.export", "sys.null"], ttl=20)
+    with sdk.connect(state_dir=akernel.state_dir, token=narrow, timeout=10) as conn:
+        small = conn.caps.export(ttl=3600)
+    claims = verify_export(small.token, small.public_key)
+    assert small.public_key == exported.public_key  # one signing key per kernel
+    assert claims["exp"] - time.time() <= 20  # never outlives the token it snapshots
+    assert check_export(claims, "sys.null", None, me) is None
+    assert check_export(claims, "proc.kill", "proc/1", me) == "not allowed: proc.kill@proc/1"
+    out = akernel.cli("caps", "export", "--ttl", "60", "--json")
+    assert out.returncode == 0, out.stderr
+    cli = json.loads(out.stdout)
+    assert cli["public_key"] == exported.public_key
+    assert verify_export(cli["token"], cli["public_key"])["tid"] == admin_id
+    assert (akernel.state_dir / "export.key").stat().st_mode & 0o077 == 0
+    recorded = [r for r in admin.audit.read(since=start) if r.event == "export"]
+    assert [(r.principal, r.detail["token"]) for r in recorded] == [(me, admin_id)] * 3
