@@ -482,7 +482,8 @@ class ProcessTable:
         self.k.db.write("UPDATE agents SET state=?, exit_status=?, ended_at=?, "
                         "log_dropped=log_dropped+? WHERE id=?",
                         (state, status, time.time(), dropped, live.agent_id))
-        self.k.audit.append("kernel", "exit", agent=live.agent_id, status=status, state=state)
+        self.k.audit.append("kernel", "exit", agent=live.agent_id, status=status, state=state,
+                            restart_in=delay if delay is not None and delay >= 0 else None)
         log.info("agent ended", extra={"agent": live.agent_id, "state": state, "status": status})
         self.k.cancel_calls_of(live.agent_id)
         self.k.access.agent_ended(live.agent_id)  # a restart is granted a fresh token
