@@ -260,10 +260,10 @@ class AccessMachine(RuleBasedStateMachine):
         return True
 
     @initialize(target=tokens, budgets=st.lists(st.none() | st.integers(0, 4), min_size=3,
-                                                max_size=3))
-    def roots(self, budgets: list[int | None]) -> MultipleResults[Tok]:
+                                                max_size=3), ttl=TTLS)
+    def roots(self, budgets: list[int | None], ttl: float | None) -> MultipleResults[Tok]:
         """Every run starts with a root token for each principal, three trees to work in."""
-        return multiple(*(self.mint(holder, set(RULES), budget, False, None)
+        return multiple(*(self.mint(holder, set(RULES), budget, False, ttl)
                           for holder, budget in zip(PRINCIPALS, budgets, strict=True)))
 
     @rule(target=tokens, holder=st.sampled_from(PRINCIPALS),
