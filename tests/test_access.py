@@ -345,7 +345,10 @@ class AccessMachine(RuleBasedStateMachine):
 
     @rule(tok=tokens, data=st.data())
     def use(self, tok: Tok, data: st.DataObject) -> None:
-        # Mostly well-aimed uses (the holder, a right it has), so budgets and revocation bite.
+        # Mostly well-aimed uses (the holder, a right it has), so budgets and revocation bite;
+        # often of the newest token, the deepest in its tree.
+        if data.draw(st.booleans()):
+            tok = self.all[-1]
         aimed = [r for r in REQUESTS if tok.allows(r)]
         for _ in range(data.draw(st.integers(1, 3))):
             who = data.draw(st.sampled_from([tok.holder] * 4 + PRINCIPALS))
