@@ -1,6 +1,7 @@
 """The access manager's algebra, in process, on a real database: a Hypothesis state machine over
-mint / delegate / attenuate / revoke / use / restart, plus tampering, the audit anchor and the
-Ed25519 export."""
+mint / delegate / attenuate / revoke (as any holder) / use / tick (expiry) / restart / key
+rotation that checks the kernel's own budget counters, plus fixed cases for each rule, tampering,
+the denial-audit rate limit, the audit anchor and the Ed25519 export."""
 
 from __future__ import annotations
 
