@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import functools
+import json
+import re
+from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -65,3 +68,30 @@ def tiny_model(seed: int = 0, *, layers: int = 2, std: float = 0.5) -> LlamaForC
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
     return model
+
+
+def tiny_embedder(directory: Path, seed: int = 0) -> Path:
+    """A random BERT shaped like all-minilm-l6-v2 where the embedder is read from (hidden size
+    384, the same files and manifest a pull leaves in `.embedders/all-minilm-l6-v2/`) but one
+    layer deep, with a WordPiece vocabulary of the corpus's words and letters: about 2 MB."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    from sdk import models as cache
+
+    target = cache.embedder_dir(directory)
+    target.mkdir(parents=True)
+    words = sorted({w for line in CORPUS for w in re.findall(r"\w+", line.lower())})
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)] + list("0123456789")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *letters,
+             *(f"##{c}" for c in letters), *(w for w in words if w not in letters)]
+    (target / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(target / "vocab.txt"), do_lower_case=True).save_pretrained(
+        target)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=384, num_hidden_layers=1,
+                        num_attention_heads=4, intermediate_size=64, max_position_embeddings=256)
+    torch.manual_seed(seed)
+    BertModel(config).eval().save_pretrained(target)
+    files = {p.name: cache.sha256(p) for p in target.iterdir()}
+    (target / cache.EMBEDDER_MANIFEST).write_text(json.dumps(
+        {"name": cache.EMBEDDER, "wheel": "tests", "version": "0", "files": files}))
+    return target

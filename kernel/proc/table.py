@@ -52,8 +52,8 @@ _INFO_COLUMNS = ("id, name, state, path, pid, started_at, ended_at, exit_status,
 _LAYER_STATUSES = {int(status) for status in LAYER_EXIT.values()}
 # The kernel's fds per running sandboxed agent: its pidfd, two log pipes, its endpoint's listener
 # and connection, its HTTP door and egress listeners, two ring mappings and two doorbells, its
-# uid lease (tests/kernel/proc/test_zygote.py checks it); what the kernel holds besides; the agent count
-# below which a boot warns that RLIMIT_NOFILE is the ceiling.
+# uid lease (tests/kernel/proc/test_zygote.py checks it); what the kernel holds besides; the agent
+# count below which a boot warns that RLIMIT_NOFILE is the ceiling.
 FDS_PER_AGENT = 12
 FDS_BASE = 256
 SCALE_AGENTS = 2000
@@ -537,7 +537,8 @@ class ProcessTable:
         self.k.db.write("UPDATE agents SET state=?, exit_status=?, ended_at=?, "
                         "log_dropped=log_dropped+? WHERE id=?",
                         (state, status, time.time(), dropped, live.agent_id))
-        self.k.audit.append("kernel", "exit", agent=live.agent_id, status=status, state=state)
+        self.k.audit.append("kernel", "exit", agent=live.agent_id, status=status, state=state,
+                            restart_in=delay if delay is not None and delay >= 0 else None)
         log.info("agent ended", extra={"agent": live.agent_id, "state": state, "status": status})
         self.k.cancel_calls_of(live.agent_id)
         self.k.access.agent_ended(live.agent_id)  # a restart is granted a fresh token

@@ -3,8 +3,12 @@ concurrency, approvals, privilege groups, restart durability, key rotation and t
 
 from __future__ import annotations
 
+import calendar
+import json
+import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -106,8 +110,15 @@ def test_killing_an_agent_revokes_its_token(admin: sdk.Connection) -> None:
 def test_group_template_is_granted_at_spawn(akernel: KernelProcess, admin: sdk.Connection) -> None:
     run = akernel.cli("run", "--group", "grouped", "--wait", agent("grouped"))
     assert run.returncode == 0, run.stderr
-    assert "budget bytes=100" in run.stdout and "exp " in run.stdout
-    assert "allow caps.inspect sys.*" in run.stdout or "caps.inspect" in run.stdout
+    aud, allow, exp, budget = json.loads(run.stdout)  # the caveats, in order
+    agent_id = int(aud.removeprefix("aud agent:"))
+    # Every agent's own rules, then the group's template: nothing else.
+    assert allow.split() == ["allow", "sys.*", "proc.exit", f"proc.info@proc/{agent_id}",
+                             "ipc.recv", "memory.*@mem/agent/grouped", "fs.*@fs/agent/grouped",
+                             "caps.inspect", "sys.*"]
+    expires = calendar.timegm(time.strptime(exp, "exp %Y-%m-%dT%H:%M:%SZ"))
+    assert 0 < expires - time.time() <= 600  # the group's ttl
+    assert budget.startswith("budget bytes=100 (counter ")
     bad = akernel.cli("run", "--group", "nonesuch", agent("grouped"))
     assert bad.returncode == 1 and "ENOENT" in bad.stderr
 
@@ -238,3 +249,37 @@ def test_audit_cli_shows_and_verifies_and_detects_truncation(fresh_kernel: Kerne
     edited = fresh_kernel.cli("audit", "--verify", "--json")
     assert edited.returncode == 1 and '"broken_at": 1' in edited.stdout
 
+
+
+def test_caps_export_signs_the_presented_token(akernel: KernelProcess,
+                                               admin: sdk.Connection) -> None:
+    """`caps.export` (SDK and CLI): an Ed25519 snapshot of the caller's own token, for its own
+    principal, that verifies with the one public key and allows no more than that token."""
+    from kernel.access.export import check_export, verify_export
+    from sdk.caps import attenuate
+
+    me = f"user:{os.getuid()}"
+    start = admin.audit.verify().rows  # audit seqs run 1..rows
+    exported = admin.caps.export(ttl=30)
+    claims = verify_export(exported.token, exported.public_key)
+    admin_id = claims["tid"]
+    assert claims["aud"] == [me] and 0 < claims["exp"] - time.time() <= 30
+    assert check_export(claims, "proc.kill", "proc/1", me) is None  # the admin's "*"
+    assert check_export(claims, "proc.kill", "proc/1", "agent:1") == "audience mismatch"
+    admin_token = (akernel.state_dir / "admin.token").read_text().strip()
+    narrow = attenuate(admin_token, caps=["caps.export", "sys.null"], ttl=20)
+    with sdk.connect(state_dir=akernel.state_dir, token=narrow, timeout=10) as conn:
+        small = conn.caps.export(ttl=3600)
+    claims = verify_export(small.token, small.public_key)
+    assert small.public_key == exported.public_key  # one signing key per kernel
+    assert claims["exp"] - time.time() <= 20  # never outlives the token it snapshots
+    assert check_export(claims, "sys.null", None, me) is None
+    assert check_export(claims, "proc.kill", "proc/1", me) == "not allowed: proc.kill@proc/1"
+    out = akernel.cli("caps", "export", "--ttl", "60", "--json")
+    assert out.returncode == 0, out.stderr
+    cli = json.loads(out.stdout)
+    assert cli["public_key"] == exported.public_key
+    assert verify_export(cli["token"], cli["public_key"])["tid"] == admin_id
+    assert (akernel.state_dir / "export.key").stat().st_mode & 0o077 == 0
+    recorded = [r for r in admin.audit.read(since=start) if r.event == "export"]
+    assert [(r.principal, r.detail["token"]) for r in recorded] == [(me, admin_id)] * 3

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,19 +11,13 @@ import pytest
 
 import sdk
 from sdk.remote import CurveKeys, keygen
-from tests.conftest import KernelProcess
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.conftest import KernelProcess, agent
 
 
 @pytest.fixture(scope="module")
 def tk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KernelProcess]:
     k = KernelProcess(tmp_path_factory.mktemp("remote") / "state")
-    k.extra_args = ["--listen", f"tcp://127.0.0.1:{free_port()}"]
+    k.extra_args = ["--listen", "tcp://127.0.0.1:0"]  # the kernel binds a port; grants name it
     k.start()
     yield k
     assert k.stop() == 0
@@ -45,7 +38,11 @@ def test_registered_key_is_its_principal(tk: KernelProcess) -> None:
     keys = CurveKeys(grant["server_key"], public, secret)
     with sdk.connect(grant["endpoint"], grant["token"], curve=keys, timeout=10) as conn:
         assert conn.sys.null() is None
-        assert isinstance(conn.proc.ps(), list)
+        with tk.connect() as admin:
+            aid = admin.proc.spawn(agent("exits"), argv=["0"], name="seen-remotely")
+            admin.proc.wait(aid, timeout=30)
+            assert conn.proc.ps() == admin.proc.ps()  # the same table, over either door
+        assert aid in [a.id for a in conn.proc.ps()]
         with pytest.raises(sdk.PermissionDenied):
             conn.proc.kill(1)  # not granted
     # The admin's token names user:<uid>; over this key the caller is remote:laptop.

@@ -197,6 +197,21 @@ def test_fair_share_lifts_an_idle_agent_so_idling_is_not_banked() -> None:
     assert sum(batch[0] in b for batch in batches) == 3  # alternates, not b five times over
 
 
+def test_fair_share_does_not_bank_a_paused_agents_waiting_time() -> None:
+    """A paused agent is out of the race like an idle one: on resume it is lifted to the
+    lowest counter still racing, not let to catch up on everything served meanwhile."""
+    bench = Bench(make_scheduler("fair"))
+    a = [bench.submit("a", prompt=2, max_tokens=1) for _ in range(10)]
+    b = [bench.submit("b", prompt=2, max_tokens=1) for _ in range(10)]
+    bench.sched.paused.add("a")
+    assert all(batch[0] in b for batch in bench.run(5))
+    bench.sched.paused.discard("a")
+    c = [bench.submit("c", prompt=2, max_tokens=1) for _ in range(5)]
+    batches = bench.run(9)
+    served = [sum(batch[0] in jobs for batch in batches) for jobs in (a, b, c)]
+    assert served == [3, 3, 3]  # round the three, not a five times over
+
+
 def test_fair_share_lifts_to_the_last_counter_when_nobody_is_backlogged() -> None:
     sched = FairShare()
     sched.submit(Job(0, "a", 0.0, 4, 1), 0.0)

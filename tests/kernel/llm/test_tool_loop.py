@@ -8,6 +8,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from sdk.tools import run_tools
@@ -116,9 +117,17 @@ def test_tiny_model_loop_is_deterministic_and_never_crashes(tiny_kernel: KernelP
     with tiny_kernel.connect(timeout=60) as conn:
         second = run_tools(conn, [{"role": "user", "content": "What is 6 times 7?"}],
                                      ["calculator", "time"], max_steps=2, max_tokens=12)
-    # Greedy: the same conversation, step for step, whoever runs the loop.
-    assert (first["answer"], first["steps"], first["errors"]) == (
-        second.answer, second.steps, second.errors)
+    # Greedy: the same conversation, step for step, whoever runs the loop: every turn's role,
+    # everything the model said (text and calls), what was fed back as errors.
+    def turns(messages: list) -> list:
+        return [(m["role"], m.get("content") if m["role"] != "tool" else m.get("tool_call_id"),
+                 m.get("tool_calls")) for m in messages]
+
+    assert turns(first["messages"]) == turns(msgspec.to_builtins(second.messages))
+    assert (first["answer"], first["steps"], first["calls"], first["errors"]) == (
+        second.answer, second.steps, second.tool_calls, second.errors)
+    assert first["messages"][0] == {"role": "user", "content": "What is 6 times 7?"}
+    assert sum(m["role"] == "assistant" for m in first["messages"]) == first["steps"]
     assert 1 <= first["steps"] <= 2
     assert first["answer"] is not None or first["steps"] == 2
 

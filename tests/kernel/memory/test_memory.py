@@ -183,3 +183,66 @@ def test_minilm_finds_paraphrases(tmp_path: Path) -> None:
             assert money[0].id == ids[1]
     finally:
         k.stop()
+
+
+@pytest.fixture(scope="module")
+def embedder_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model cache holding a random MiniLM-shaped BERT where the real one would be pulled."""
+    from tests.tinymodel import tiny_embedder
+
+    root = tmp_path_factory.mktemp("models")
+    tiny_embedder(root)
+    return root
+
+
+def test_minilm_embedder_pools_over_the_mask_only(embedder_cache: Path) -> None:
+    """The real embedder's code on the fixture: each row of a padded batch equals the same text
+    embedded alone (mean over its own tokens, L2-normalised), across sub-batches."""
+    import numpy as np
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from kernel.memory.embed import MiniLMEmbedder
+    from sdk import models
+
+    directory = models.installed_embedder(embedder_cache)
+    assert directory is not None
+    texts = ["the agent calls a tool", "memory", "", "x " * 400,
+             "the kernel manages storage and tools for every agent before it plans"]
+    embedder = MiniLMEmbedder(directory)
+    embedder.batch = 2  # three sub-batches, each padded to its longest text
+    rows = embedder.embed(texts)
+    assert rows.shape == (len(texts), 384) and rows.dtype == np.float32
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    model = AutoModel.from_pretrained(directory).eval()
+    for text, row in zip(texts, rows, strict=True):
+        ids = tokenizer([text], truncation=True, max_length=256, return_tensors="pt")
+        with torch.inference_mode():
+            alone = model(**ids).last_hidden_state[0].mean(0)
+        expected = (alone / alone.norm()).numpy()
+        assert np.allclose(row, expected, atol=1e-5), text[:20]
+    assert embedder.embed([]).shape == (0, 384)
+
+
+def test_kernel_searches_with_the_minilm_embedder(tmp_path: Path, embedder_cache: Path) -> None:
+    """`memory_embedder = "minilm"` loads the pulled model from the cache and embeds on the
+    worker thread: a stored text is its own nearest neighbour."""
+    config = tmp_path / "kernel.toml"
+    config.write_text('[kernel]\nmemory_embedder = "minilm"\n')
+    k = KernelProcess(tmp_path / "state", env={"AGENTOS_MODEL_DIR": str(embedder_cache)})
+    k.extra_args = ["--config", str(config)]
+    k.start()
+    try:
+        with k.connect(timeout=120) as c:
+            ns = "t/tiny-minilm"
+            texts = ["the agent calls a tool", "memory storage and access",
+                     "answer briefly and stop when you are done"]
+            ids = [c.memory.add(text, namespace=ns) for text in texts]
+            for text, mid in zip(texts, ids, strict=True):
+                hits = c.memory.search(text, k=3, namespace=ns, mode="vector")
+                assert hits[0].id == mid and hits[0].match == "vector"
+                assert hits[0].score > 0.999 and hits[1].score < hits[0].score
+            assert c.sys.stats().memory["embedded"] >= 3
+        assert "embedder loaded" in k.log() and str(embedder_cache) in k.log()
+    finally:
+        k.stop()

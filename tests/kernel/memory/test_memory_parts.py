@@ -103,6 +103,29 @@ def test_lruk_is_scan_resistant() -> None:
         assert lru.evict(skip=i)[0] != "hot"
 
 
+def test_lruk_forget_history_bounds_only_cold_keys() -> None:
+    """The manager calls `forget_history` when too many evicted keys are remembered: the oldest
+    cold histories go, resident keys keep theirs, and a forgotten key returns as a stranger."""
+    lru = LRUK(2)
+    for key in "abcdef":
+        lru.access(key, 1)
+        lru.access(key)
+    for key in "abcd":
+        assert lru.remove(key, forget=False) == 1
+    assert lru.remembered == 6
+    lru.forget_history(keep=1)
+    assert lru.remembered == 3 and set(lru) == {"e", "f"}  # e, f and the newest cold key, d
+    lru.forget_history(keep=5)
+    assert lru.remembered == 3  # nothing to forget
+    lru.access("a", 1)  # forgotten: one access, so it is the first to go
+    lru.access("d", 1)  # remembered: this is its second access, its history counts
+    assert lru.evict() == ("a", 1)
+    # d ranks by its 2nd-last access (tick 8, before it was evicted), not as a newcomer.
+    assert lru.peek_victim() == (8, 14, "d")
+    lru.forget_history(keep=0)
+    assert lru.remembered == len(lru) == 3
+
+
 @given(st.integers(1, 300), st.integers(1, 20), st.integers(0, 2**31))
 @settings(max_examples=30, deadline=None)
 def test_index_matches_brute_force(n: int, k: int, seed: int) -> None:

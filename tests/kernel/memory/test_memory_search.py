@@ -113,21 +113,25 @@ def big(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KernelProcess]:
 def test_loop_answers_while_the_index_loads(big: KernelProcess) -> None:
     """The first search of a 40k namespace loads it on the index thread: meanwhile the call
     is parked and other calls complete."""
-    async def main() -> tuple[int, bool, list[abi.MemoryHit]]:
+    async def main() -> tuple[list[str], abi.Stats, list[abi.MemoryHit]]:
         async with sdk.connect_async(state_dir=big.state_dir, timeout=60) as conn:
-            search = asyncio.ensure_future(conn.memory.search("filler 7", k=3, namespace=NS))
-            answered, saw_parked = 0, False
-            while not search.done():
-                stats = await conn.sys.stats()
-                if search.done():
-                    break
-                saw_parked |= stats.calls_parked >= 1
-                await conn.sys.null()
-                answered += 1
-            return answered, saw_parked, await search
+            # Sent in this order, one right after the other: the kernel reads the stats and
+            # the null while the load runs, however short it is (it takes milliseconds, the
+            # loop's next read microseconds). A loop that loaded inline would answer the
+            # search first.
+            calls = {"search": asyncio.ensure_future(
+                         conn.memory.search("filler 7", k=3, namespace=NS)),
+                     "stats": asyncio.ensure_future(conn.sys.stats()),
+                     "null": asyncio.ensure_future(conn.sys.null())}
+            order: list[str] = []
+            for name, call in calls.items():
+                call.add_done_callback(lambda _, name=name: order.append(name))
+            await asyncio.gather(*calls.values())
+            return order, calls["stats"].result(), calls["search"].result()
 
-    answered, saw_parked, hits = asyncio.run(main())
-    assert saw_parked and answered >= 1
+    order, stats, hits = asyncio.run(main())
+    assert order.index("search") == 2, order  # answered last: it was parked
+    assert stats.calls_parked >= 1
     assert len(hits) == 3 and all(h.match == "vector" for h in hits)
     with big.connect() as c:
         memory = c.sys.stats().memory
