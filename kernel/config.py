@@ -227,6 +227,9 @@ class Config:
     # interpreter (kernel/proc/zygote.py) instead of exec'ing the launcher and Python for each:
     # a fraction of the spawn time and memory. false: every agent through the exec launcher.
     zygote: bool = True
+    # At most this many templates (one per distinct agent interpreter: each user-built venv
+    # has its own, ~40 MB each); agents of further interpreters start through the exec launcher.
+    zygotes_max: int = 4
     # Per-agent uids/gids (kernel as root): base + agent id, modulo the count.
     agent_uid_base: int = 200000
     agent_uid_count: int = 65536

@@ -156,7 +156,7 @@ class ProcessTable:
         # Warm templates the sandboxed agents fork from (kernel/proc/zygote.py).
         self.zygotes: Zygotes | None = None
         if kernel.config.zygote and self.sandboxes.can_isolate:
-            self.zygotes = Zygotes(log)
+            self.zygotes = Zygotes(log, kernel.config.zygotes_max)
             self.zygotes.prestart(kernel.config.agent_python or sys.executable)
 
     # --- recovery ----------------------------------------------------------------------------

@@ -500,8 +500,9 @@ class Zygotes:
 
     READY_WAIT = 5.0  # the first start after boot waits this long for the template to warm up
 
-    def __init__(self, log: Any) -> None:
+    def __init__(self, log: Any, limit: int = 4) -> None:
         self.log = log
+        self.limit = limit  # templates at most (config zygotes_max); each holds ~40 MB
         self.by_python: dict[str, Zygote] = {}
 
     def prestart(self, python: str) -> None:
@@ -515,6 +516,11 @@ class Zygotes:
         if tier not in COVERED:
             return None
         zygote = self.by_python.get(python)
+        if zygote is None and len(self.by_python) >= self.limit:
+            self.log.info("no zygote for this interpreter (zygotes_max reached); this agent "
+                          "starts through the exec launcher",
+                          extra={"python": python, "zygotes": len(self.by_python)})
+            return None
         if zygote is None:
             self.prestart(python)
             zygote = self.by_python[python]

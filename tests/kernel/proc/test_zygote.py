@@ -169,3 +169,24 @@ def test_an_idle_agent_costs_the_kernel_at_most_fds_per_agent(zkernel: KernelPro
             conn.proc.kill(agent_id, grace=0)
             conn.proc.wait(agent_id, timeout=30)
     assert per_agent <= FDS_PER_AGENT, per_agent
+
+
+def test_templates_are_bounded_and_further_interpreters_use_the_exec_launcher() -> None:
+    """Each distinct agent interpreter (every user-built venv has its own) would get a ~40 MB
+    template: past `zygotes_max` its agents start through the exec launcher instead, and no
+    template is started for it."""
+    from kernel.config import Config
+    from kernel.proc.zygote import Zygotes
+
+    said: list[str] = []
+
+    class Log:
+        def info(self, message: str, **_: object) -> None:
+            said.append(message)
+
+        warning = info
+
+    assert Config().zygotes_max == 4
+    zygotes = Zygotes(Log(), limit=0)
+    assert zygotes.spawn(sys.executable, "strict", [], "{}", -1, -1, -1, ()) is None
+    assert zygotes.by_python == {} and "zygotes_max" in said[0]
