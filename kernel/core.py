@@ -47,7 +47,6 @@ from kernel.switchboard import Switchboard
 from kernel.syscalls import SYSCALLS
 from kernel.tools.core import ToolManager
 from sdk import abi
-from sdk.tokens import Rule
 
 log = logging.getLogger("kernel")
 
@@ -75,15 +74,19 @@ class Kernel:
         self.state.open()
         self.db = Database(self.state.db_path)
         self.audit = AuditLog(self.db, self.state.root / "audit.head")
-        self.authority = TokenAuthority(self.state.secret_key())
-        self.guard = Guard(self)
+        c, calls = self.config, self.calls
+        self.access = AccessManager(config=c, db=self.db, audit=self.audit,
+                                    authority=TokenAuthority(self.state.secret_key()),
+                                    key_path=self.state.key_path,
+                                    admin_token=self.state.admin_token_path)
+        self.guard = Guard(access=self.access, audit=self.audit, config=c)
         self.identities = Identities({os.geteuid(), 0, *self.config.allowed_uids},
                                      range(self.config.agent_uid_base,
                                            self.config.agent_uid_base
                                            + self.config.agent_uid_count))
-        # Rooms name what they use; each gets `calls`, never the kernel (but for the process
-        # table and the doors, the kernel's own limbs: they register fds on its poller).
-        c, calls = self.config, self.calls
+        # Rooms name what they use (the switchboard, `calls`, and the rooms they need), never
+        # the kernel; the process table and the doors, the kernel's own limbs, register fds on
+        # its poller.
         self.memory = MemoryManager(calls=calls, config=c, db=self.db, state=self.state)
         self.procs = ProcessTable(self)
         self.identities.on_refused = self.procs.refused_peer
@@ -97,7 +100,7 @@ class Kernel:
         self.remote = Remote(self)
         self.bridge = Bridge(self)  # every HTTP front end's calls, the agents' own doors too
         self.agentdoor = AgentDoor(self)
-        self.access = AccessManager(self, self.procs.agent_named)
+        self.access.agent_named = self.procs.agent_named
         self.egress = Egress(self)  # each agent's proxy to the network it was granted
         self.approvals = Approvals(access=self.access, audit=self.audit, calls=calls, config=c,
                                    db=self.db)
@@ -131,7 +134,7 @@ class Kernel:
         self._start_http()
         signal.signal(signal.SIGTERM, self._on_stop_signal)
         signal.signal(signal.SIGINT, self._on_stop_signal)
-        self._write_admin_token()
+        self.access.write_admin_token()
         self.db.commit()
         # What boot built (modules, managers, tables) lives as long as the kernel: out of the
         # collector's full passes, which any agent's allocations set off, so a pass scans only
@@ -142,13 +145,6 @@ class Kernel:
                                         "sandbox": self.procs.sandboxes.describe()})
         self.notifier.notify("READY=1", f"MAINPID={os.getpid()}",
                              "STATUS=answering syscalls")
-
-    def _write_admin_token(self) -> None:
-        uid = os.geteuid()
-        token = self.authority.mint(f"user:{uid}", [Rule("*")])
-        self.access.record(token)
-        self.audit.append("kernel", "grant", subject=f"user:{uid}", rules=["*"], to="admin.token")
-        write_private(self.state.admin_token_path, (token + "\n").encode())
 
     def _start_http(self) -> None:
         """The HTTP front end (`--http HOST:PORT`), off by default; its address goes to

@@ -15,14 +15,18 @@ from sdk.abi import ErrorCode
 from sdk.tokens import TokenError
 
 if TYPE_CHECKING:
-    from kernel.core import Kernel
+    from kernel.access.audit import AuditLog
+    from kernel.access.manager import AccessManager
+    from kernel.config import Config
 
 log = logging.getLogger("kernel.access")
 
 
 class Guard:
-    def __init__(self, kernel: Kernel) -> None:
-        self.kernel = kernel
+    def __init__(self, *, access: AccessManager, audit: AuditLog, config: Config) -> None:
+        self.access = access
+        self.audit = audit
+        self.config = config
         self._buckets: dict[str, tuple[float, float]] = {}  # principal -> (tokens, last refill)
         self.suppressed = 0
 
@@ -35,7 +39,7 @@ class Guard:
             cap = token
         else:
             try:
-                cap = self.kernel.authority.verify(token)
+                cap = self.access.authority.verify(token)
             except TokenError as exc:
                 self.deny(caller.principal, op, resource, f"invalid token: {exc.reason}")
                 raise Fault(ErrorCode.EPERM, f"invalid token: {exc.reason}") from None
@@ -44,7 +48,7 @@ class Guard:
             self.deny(caller.principal, op, resource, reason, token_id=cap.token_id)
             raise Fault(ErrorCode.EPERM, f"{op}: {reason}")
         try:
-            self.kernel.access.admit(cap, op)  # revocation, one-shot, budgets
+            self.access.admit(cap, op)  # revocation, one-shot, budgets
         except Fault as exc:
             self.deny(caller.principal, op, resource, exc.message, token_id=cap.token_id)
             raise
@@ -52,7 +56,7 @@ class Guard:
 
     def deny(self, principal: str, op: str, resource: str | None, reason: str,
              token_id: str | None = None) -> None:
-        rate = self.kernel.config.audit_denials_per_s
+        rate = self.config.audit_denials_per_s
         now = time.monotonic()
         tokens, last = self._buckets.get(principal, (rate, now))
         tokens = min(rate, tokens + (now - last) * rate)
@@ -65,6 +69,6 @@ class Guard:
             self._buckets.clear()
         log.warning("denied", extra={"principal": principal, "call": op, "resource": resource,
                                      "reason": reason})
-        self.kernel.audit.append(principal, "deny", call=op, resource=resource, reason=reason,
+        self.audit.append(principal, "deny", call=op, resource=resource, reason=reason,
                                  token=token_id, suppressed_before=self.suppressed)
         self.suppressed = 0

@@ -28,6 +28,7 @@ goes through its store (`store.py`: the SQLite tables and the key file).
 from __future__ import annotations
 
 import logging
+import os
 import re
 import secrets
 import time
@@ -38,12 +39,17 @@ from kernel.access.rules import Capability, grantable
 from kernel.access.store import AccessStore
 from kernel.access.tokens import TokenAuthority
 from kernel.call import Call, Fault
+from kernel.state import write_private
 from sdk import abi
 from sdk.syscalls import known_op
 from sdk.tokens import Rule, TokenError
 
 if TYPE_CHECKING:
-    from kernel.config import GroupConfig
+    from pathlib import Path
+
+    from kernel.access.audit import AuditLog
+    from kernel.config import Config, GroupConfig
+    from kernel.db import Database
 
 log = logging.getLogger("kernel.access")
 
@@ -56,14 +62,22 @@ _TOOL_FAMILIES = ("tool.", "tools.")
 
 
 class AccessManager:
-    """`agent_named` resolves a running agent's name to its id (None if no agent by that name
-    runs): the one thing the manager needs from the process table."""
+    """Holds the token authority (its key rotates here) and what a token cannot hold: the
+    chain, revocations, budgets, nonces. It is given what it uses: `agent_named` resolves a
+    running agent's name to its id (None if none runs by that name; the one thing it needs
+    from the process table, set once that exists), `admin_token` where the admin's token is
+    written again when the key rotates (None: not written)."""
 
-    def __init__(self, kernel: Any,
+    def __init__(self, *, config: Config, db: Database, audit: AuditLog,
+                 authority: TokenAuthority, key_path: Path, admin_token: Path | None = None,
                  agent_named: Callable[[str], int | None] = lambda name: None) -> None:
-        self.k = kernel
-        self.store = AccessStore(kernel.db, kernel.state.key_path)
-        self._agent_named = agent_named
+        self.config = config
+        self.db = db
+        self.audit = audit
+        self.authority = authority
+        self.admin_token = admin_token
+        self.store = AccessStore(db, key_path)
+        self.agent_named = agent_named
         self._chains: dict[str, tuple[str, ...]] = {}  # token id -> itself and its ancestors
         self._revoked = self.store.revoked()
         self._used: dict[str, int] = self.store.budgets()
@@ -226,16 +240,16 @@ class AccessManager:
     def record(self, token: str) -> Capability:
         """Enter a freshly minted token in the derivation tree: only a recorded token is
         admitted, so every token the kernel mints passes here."""
-        cap = self.k.authority.verify(token)
+        cap = self.authority.verify(token)
         self.store.record(cap)
         return cap
 
     def _group(self, name: str | None) -> GroupConfig | None:
         if name is None:
             return None
-        group = self.k.config.groups.get(name)
+        group = self.config.groups.get(name)
         if group is None:
-            known = ", ".join(self.k.config.groups) or "none"
+            known = ", ".join(self.config.groups) or "none"
             raise Fault(abi.ErrorCode.ENOENT, f"no privilege group {name!r} (configured: {known})")
         return group
 
@@ -270,7 +284,7 @@ class AccessManager:
     def _mint(self, subject: str, rules: list[Rule], *, expires_at: float | None,
               parent_id: str | None, extra: list[tuple[str, object]]) -> tuple[str, Capability]:
         try:
-            token = self.k.authority.mint(subject, rules, expires_at=expires_at,
+            token = self.authority.mint(subject, rules, expires_at=expires_at,
                                           parent_id=parent_id, extra=extra)
         except ValueError as exc:
             raise Fault(abi.ErrorCode.EINVAL, f"cannot mint: {exc}") from None
@@ -324,14 +338,14 @@ class AccessManager:
         token, cap = self._mint(subject, rules, expires_at=time.time() + ttl if ttl else None,
                                 parent_id=None, extra=self._extra(group, budgets=budgets,
                                                                   once=once))
-        self.k.audit.append("kernel", "grant", token=cap.token_id, subject=subject,
+        self.audit.append("kernel", "grant", token=cap.token_id, subject=subject,
                             group=group_name, rules=[str(r) for r in rules])
         return token
 
     def _principal(self, to: str) -> str:
         if _PRINCIPAL_RE.fullmatch(to):
             return to
-        agent_id = self._agent_named(to)
+        agent_id = self.agent_named(to)
         if agent_id is None:
             raise Fault(abi.ErrorCode.ENOENT, f"no running agent named {to!r}")
         return f"agent:{agent_id}"
@@ -342,7 +356,7 @@ class AccessManager:
             assert call.capability is not None
             return call.capability
         try:
-            cap = self.k.authority.verify(token)
+            cap = self.authority.verify(token)
         except TokenError as exc:
             raise Fault(abi.ErrorCode.EPERM, f"invalid token: {exc.reason}") from None
         if any(aud != call.caller.principal for aud in cap.audiences):
@@ -368,7 +382,7 @@ class AccessManager:
                                         approval=args.requires_approval)
         token, cap = self._mint(to, child_rules, expires_at=expires_at,
                                 parent_id=parent.token_id, extra=extra)
-        self.k.audit.append(call.caller.principal, "delegate", parent=parent.token_id,
+        self.audit.append(call.caller.principal, "delegate", parent=parent.token_id,
                             token=cap.token_id, to=to, rules=[str(r) for r in child_rules],
                             budgets=args.budgets, once=args.once, group=args.group)
         return abi.Grant(token=token, id=cap.token_id, audience=to, expires_at=cap.expires_at)
@@ -386,7 +400,7 @@ class AccessManager:
         for tid in fresh:
             self.store.revoke(tid, now)
         self._revoked.update(tree)
-        self.k.audit.append(by, "revoke", token=token_id, derived=len(tree) - 1, reason=reason)
+        self.audit.append(by, "revoke", token=token_id, derived=len(tree) - 1, reason=reason)
         self._tell(tree)
         return len(fresh)
 
@@ -425,13 +439,25 @@ class AccessManager:
         Running agents lose their access with it; a new admin token is written."""
         key = secrets.token_bytes(32)
         self.store.write_key(key)
-        self.k.authority = TokenAuthority(key)
+        self.authority = TokenAuthority(key)
         old = self.store.revoke_all(time.time())
         self._revoked.update(old)
         self._tell(old)
-        self.k.audit.append(by, "rotate-key", key_id=self.k.authority.key_id.hex(),
-                            invalidated=len(old))
-        self.k._write_admin_token()
+        self.audit.append(by, "rotate-key", key_id=self.authority.key_id.hex(),
+                          invalidated=len(old))
+        self.write_admin_token()
+
+    def write_admin_token(self) -> None:
+        """A fresh `allow *` token for the kernel's own uid, recorded, audited and written to
+        the state dir (0600) where the admin's CLI finds it."""
+        if self.admin_token is None:
+            return
+        uid = os.geteuid()
+        token = self.authority.mint(f"user:{uid}", [Rule("*")])
+        self.record(token)
+        self.audit.append("kernel", "grant", subject=f"user:{uid}", rules=["*"],
+                          to=self.admin_token.name)
+        write_private(self.admin_token, (token + "\n").encode())
 
     # --- inspection ---------------------------------------------------------------------------
 

@@ -211,7 +211,7 @@ class Egress:
     def open(self, agent_id: int, uid: int, socket_dir: Path, key: str) -> Path:
         """Bind the agent's proxy socket in its endpoint directory; `key` is the agent's own
         token, which connections without `Proxy-Authorization` stand on."""
-        cap = self.k.authority.verify(key)
+        cap = self.k.access.authority.verify(key)
         path = socket_dir / SOCKET_NAME
         if path.exists() or path.is_symlink():
             path.unlink()
@@ -450,7 +450,7 @@ class Egress:
             return cap
         principal = f"agent:{agent_id}"
         try:
-            given = self.k.authority.verify(token)  # a function of the token and the key alone
+            given = self.k.access.authority.verify(token)  # the token and the key alone
         except TokenError as exc:
             self._deny(agent_id, None, f"invalid token: {exc.reason}")
             raise Refused(407, f"invalid token: {exc.reason}") from None

@@ -175,7 +175,7 @@ class Remote:
         self.k.access.check_grant(call.capability, rules)
         principal = PREFIX + args.name
         granted = [Rule("sys.*"), *rules]
-        token = self.k.authority.mint(principal, granted)
+        token = self.k.access.authority.mint(principal, granted)
         self.k.access.record(token)
         self.keys.set(args.name, args.key)
         self.k.audit.append(call.caller.principal, "add-key", subject=principal, key=args.key,

@@ -20,7 +20,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -64,13 +63,12 @@ def verification(tmp: Path) -> dict[str, float]:
     out["verify_cached"] = per_call_us(lambda: auth.verify(token), 20000)
 
     db = Database(tmp / "bench.db")
-    host = SimpleNamespace(db=db, authority=auth, config=Config(state_dir=tmp),
-                           audit=AuditLog(db, None),
-                           state=SimpleNamespace(key_path=tmp / "secret.key"))
-    host.access = AccessManager(host)
-    guard = Guard(host)
+    config, audit = Config(state_dir=tmp), AuditLog(db, None)
+    access = AccessManager(config=config, db=db, audit=audit, authority=auth,
+                           key_path=tmp / "secret.key")
+    guard = Guard(access=access, audit=audit, config=config)
     caller = Caller("agent:1", None)
-    host.access.record(base)
+    access.record(base)
     out["check_cached"] = per_call_us(
         lambda: guard.check(token, "sys.null", None, caller), 20000)
     db.close()
@@ -85,7 +83,7 @@ if sys.argv[1] == "off":
     cap = None
     def check(self, token, op, resource, caller):
         global cap
-        cap = cap or self.kernel.authority.verify(token)
+        cap = cap or self.access.authority.verify(token)
         return cap
     guard.Guard.check = check
 sys.exit(boot.main(["--state-dir", sys.argv[2], "--log-level", "warning"]))

@@ -164,7 +164,7 @@ class Bridge:
             raise Refused(401, "missing bearer token: send 'Authorization: Bearer <token>' "
                           "(mint one with `agentos token http NAME`)", "invalid_api_key")
         try:
-            cap = self.k.authority.verify(token)
+            cap = self.k.access.authority.verify(token)
         except TokenError as exc:
             self._deny("http:?", f"invalid token: {exc.reason}", None)
             raise Refused(401, f"invalid token: {exc.reason}", "invalid_api_key") from None
@@ -192,7 +192,7 @@ class Bridge:
             raise Refused(401, "missing bearer token: the agent's key is in $OPENAI_API_KEY",
                           "invalid_api_key")
         try:
-            cap = self.k.authority.verify(token)
+            cap = self.k.access.authority.verify(token)
         except TokenError as exc:
             self._deny(principal, f"invalid token: {exc.reason}", None)
             raise Refused(401, f"invalid token: {exc.reason}", "invalid_api_key") from None

@@ -12,7 +12,6 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import msgspec
 import pytest
@@ -62,19 +61,19 @@ class Host:
         # the fsyncs that would only slow the state machine down.
         self.db.conn.execute("PRAGMA synchronous=OFF")
         self.audit = AuditLog(self.db, self.root / "audit.head" if self.anchor else None)
-        key = self.state_key()
-        self.authority = TokenAuthority(key)
         self.config = Config(state_dir=self.root)
-        self.state = SimpleNamespace(key_path=self.root / "secret.key", root=self.root)
-        self.access = AccessManager(self)
-        self.guard = Guard(self)
+        self.access = AccessManager(config=self.config, db=self.db, audit=self.audit,
+                                    authority=TokenAuthority(self.state_key()),
+                                    key_path=self.root / "secret.key")
+        self.guard = Guard(access=self.access, audit=self.audit, config=self.config)
+
+    @property
+    def authority(self) -> TokenAuthority:
+        return self.access.authority  # a key rotation replaces it
 
     def state_key(self) -> bytes:
         path = self.root / "secret.key"  # written by a key rotation
         return path.read_bytes() if path.exists() else KEY
-
-    def _write_admin_token(self) -> None:
-        """What `rotate_key` asks of the kernel; no admin token is needed here."""
 
     def commit(self) -> None:
         self.db.commit()
