@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TextIO
 
 ENV_DIR = "AGENTOS_VENV_DIR"  # where built environments are kept
-FORMAT = "2"  # part of the hash: a change in how environments are built makes new ones
+FORMAT = "3"  # part of the hash: a change in how environments are built makes new ones
 SDK_MODULES = ("msgspec", "zmq", "posix_ipc")
 DONE = ".agentos-built"  # written last: an environment without it is half built
 
@@ -145,7 +145,10 @@ def _make(python: str, work: Path, requirements: str, cwd: Path, log: TextIO) ->
         listed = work / "agentos-requirements.txt"
         listed.write_text(requirements)
         if uv:
-            command = [uv, "pip", "install", "--python", target, "-r", str(listed)]
+            # Compiled now, as pip does: the agent's read-only environment could not keep the
+            # .pyc files, and each start would compile every module again (seconds).
+            command = [uv, "pip", "install", "--compile-bytecode", "--python", target, "-r",
+                       str(listed)]
         else:
             # pip runs from here against the environment (`--python`): none is put in it.
             command = [sys.executable, "-m", "pip", "--python", target, "install",
