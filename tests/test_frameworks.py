@@ -145,3 +145,17 @@ def test_a_framework_agent_without_llm_chat_is_refused(world: World, name: str) 
     _, steps = run(world, name, ["llm.models"], {})
     assert steps["chat"]["status"] == 403, steps["chat"]
     assert "llm.chat" in steps["chat"]["message"], steps["chat"]
+
+
+def test_the_demos_openai_program_streams_its_answer(world: World) -> None:
+    """userland/agents/openai_chat, as `make demo` runs it (with SmolLM2 there)."""
+    argv = [sys.executable, "-m", "userland.cli", "--state-dir", str(world.kernel.state_dir),
+            "run", "--wait", "--name", "openai-chat", "--cap", "llm.chat", "--model", "tiny",
+            str(ROOT / "userland" / "agents" / "openai_chat" / "agent.py"), "--", "hi"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env=world.env)
+    assert done.returncode == 0, done.stderr
+    with world.kernel.connect() as admin:
+        (mine,) = [a for a in admin.proc.ps() if a.name == "openai-chat" and a.venv]
+        out = admin.proc.logs(mine.id, "stdout").data.decode()
+    assert out.endswith("\n") and out.strip(), out
