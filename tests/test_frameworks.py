@@ -26,6 +26,7 @@ from userland import venvs
 
 pytestmark = [
     pytest.mark.frameworks,
+    pytest.mark.timeout(300),  # a machine's first run builds the environment inside the test
     pytest.mark.skipif(TEST_TIER != "strict", reason="the strict tier: the agents' own network "
                        "namespace, and code under pytest's 0700 tmp reachable"),
 ]
