@@ -3,11 +3,11 @@
 `agentos run` calls `build` for an agent that brings dependencies (`--requirements FILE`, or a
 `requirements.txt` or `pyproject.toml` beside its code): the environment is made once per
 requirements text and interpreter (their hash names it) under the cache dir, with uv where
-it is installed, else `python -m venv` and pip, showing their progress on stderr; then the
-kernel runs the agent with its interpreter, bound read-only into the sandbox
-(kernel/proc/venvs.py says what it checks). The build runs here and not in the kernel
-because installing a package runs that package's code: as the user it can do what the user
-can, in the kernel it would run as root.
+it is installed (on PATH or beside this interpreter), else `python -m venv` and pip, showing
+their progress on stderr; then the kernel runs the agent with its interpreter, bound read-only
+into the sandbox (kernel/proc/venvs.py says what it checks). The build runs here and not in
+the kernel because installing a package runs that package's code: as the user it can do what
+the user can, in the kernel it would run as root.
 
 The SDK and its dependencies (msgspec, pyzmq, posix-ipc) are not installed again: an
 `agentos-sdk.pth` adds the site dir where this interpreter has them, after the environment's
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TextIO
 
 ENV_DIR = "AGENTOS_VENV_DIR"  # where built environments are kept
-FORMAT = "2"  # part of the hash: a change in how environments are built makes new ones
+FORMAT = "3"  # part of the hash: a change in how environments are built makes new ones
 SDK_MODULES = ("msgspec", "zmq", "posix_ipc")
 DONE = ".agentos-built"  # written last: an environment without it is half built
 
@@ -127,8 +127,15 @@ def build(requirements: str, cwd: Path, python: str | None = None,
     return final
 
 
+def _uv() -> str | None:
+    """uv on PATH, else beside this interpreter (a dev install of agentos has it in its .venv,
+    which `.venv/bin/python -m ...` does not put on PATH)."""
+    beside = Path(sys.executable).parent / "uv"
+    return shutil.which("uv") or (str(beside) if os.access(beside, os.X_OK) else None)
+
+
 def _make(python: str, work: Path, requirements: str, cwd: Path, log: TextIO) -> None:
-    uv = shutil.which("uv")
+    uv = _uv()
     if uv:
         _run([uv, "venv", "--quiet", "--python", python, str(work)], cwd, log)
     else:
@@ -138,7 +145,10 @@ def _make(python: str, work: Path, requirements: str, cwd: Path, log: TextIO) ->
         listed = work / "agentos-requirements.txt"
         listed.write_text(requirements)
         if uv:
-            command = [uv, "pip", "install", "--python", target, "-r", str(listed)]
+            # Compiled now, as pip does: the agent's read-only environment could not keep the
+            # .pyc files, and each start would compile every module again (seconds).
+            command = [uv, "pip", "install", "--compile-bytecode", "--python", target, "-r",
+                       str(listed)]
         else:
             # pip runs from here against the environment (`--python`): none is put in it.
             command = [sys.executable, "-m", "pip", "--python", target, "install",

@@ -3,7 +3,7 @@ from the requirements beside the agent (once; cached by their hash), the kernel 
 with its interpreter, bound read-only: the agent imports its package and cannot write a byte
 of its environment. A broken requirements file starts nothing; the kernel refuses an
 environment others could change. Offline: the package is a wheel made here, installed with
-pip's --no-index --find-links."""
+--no-index --find-links (pip's or uv's, whichever builds)."""
 
 from __future__ import annotations
 
@@ -62,7 +62,8 @@ def offline(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     base = tmp_path_factory.mktemp("venvs")
     make_wheel(base / "wheels")
     return {**os.environ, venvs.ENV_DIR: str(base / "cache"), "PIP_NO_INDEX": "1",
-            "PIP_FIND_LINKS": str(base / "wheels")}
+            "PIP_FIND_LINKS": str(base / "wheels"), "UV_NO_INDEX": "1",
+            "UV_FIND_LINKS": str(base / "wheels")}
 
 
 def agent_dir(parent: Path, requirements: str) -> Path:
@@ -112,7 +113,7 @@ def test_a_broken_requirements_file_starts_nothing(
 
 def test_a_built_venv_is_reused(offline: dict[str, str], tmp_path: Path,
                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in (venvs.ENV_DIR, "PIP_NO_INDEX", "PIP_FIND_LINKS"):
+    for name in (venvs.ENV_DIR, "PIP_NO_INDEX", "PIP_FIND_LINKS", "UV_NO_INDEX", "UV_FIND_LINKS"):
         monkeypatch.setenv(name, offline[name])
     (tmp_path / "pyproject.toml").write_text(
         '[project]\nname = "x"\ndependencies = ["tinydep==1.0"]\n')
