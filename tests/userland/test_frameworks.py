@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, TEST_TIER, KernelProcess, agent, wait_until
+from tests.conftest import ROOT, TEST_TIER, TESTS, KernelProcess, agent, wait_until
 from userland import venvs
 
 pytestmark = [
@@ -31,7 +31,7 @@ pytestmark = [
                        "namespace, and code under pytest's 0700 tmp reachable"),
 ]
 
-FRAMEWORKS = Path(__file__).resolve().parent / "frameworks"
+FRAMEWORKS = TESTS / "frameworks"
 
 
 @dataclass
