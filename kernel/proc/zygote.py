@@ -346,19 +346,28 @@ class Zygote:
         self.failures = 0  # deaths in a row, each soon after its start
         self.retry_at = 0.0  # no restart before this (monotonic)
 
-    def start(self) -> None:
-        """Fork-exec the template (it becomes ready a few hundred ms later)."""
+    def start(self) -> str | None:
+        """Fork-exec the template (it becomes ready a few hundred ms later). An interpreter
+        that cannot be run is not the kernel's failure: the error is returned (None when
+        started), the zygote stays down and its agents go to the exec launcher, which
+        refuses them with its own clear error."""
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.started = time.monotonic()
         try:
             self.popen = subprocess.Popen(
                 [self.python, "-I", "-c", BOOT, str(PROJECT_ROOT), str(theirs.fileno()),
                  str(os.getpid())], pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL, env={}, cwd="/", start_new_session=True)
+        except OSError as exc:
+            mine.close()
+            self.popen, self.sock, self.ready = None, None, False
+            return f"{self.python}: {exc.strerror or exc}"
         finally:
             theirs.close()
-        self.sock, self.ready, self.started = mine, False, time.monotonic()
+        self.sock, self.ready = mine, False
         self.exits.clear()
         self.replies.clear()
+        return None
 
     @property
     def pid(self) -> int | None:
@@ -508,7 +517,10 @@ class Zygotes:
     def prestart(self, python: str) -> None:
         if python not in self.by_python:
             zygote = Zygote(python)
-            zygote.start()
+            error = zygote.start()
+            if error is not None:
+                self.log.warning("the zygote cannot start; agents start through the exec "
+                                 "launcher", extra={"python": python, "error": error})
             self.by_python[python] = zygote
 
     def spawn(self, python: str, tier: str, argv: list[str], policy_json: str, report_fd: int,
