@@ -87,8 +87,11 @@ def _version(python: str) -> str:
     return done.stdout.strip()
 
 
-def key(requirements: str, python: str, version: str) -> str:
-    text = "\0".join((FORMAT, requirements, os.path.realpath(python), version))
+def key(requirements: str, python: str, version: str, links: list[str]) -> str:
+    """The environment's name: what it is built from, and the agentos installation its
+    `agentos-sdk.pth` links to (`links`), so a moved or removed checkout gets a new one."""
+    text = "\0".join((FORMAT, requirements, os.path.realpath(python), version,
+                      *map(os.path.realpath, links)))
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
@@ -102,7 +105,7 @@ def build(requirements: str, cwd: Path, python: str | None = None,
         raise BuildError(f"{python} is Python {version.split()[0]}; the agent's interpreter "
                          f"must be the SDK's own version, {sys.version.split()[0]}")
     root = cache_dir()
-    final = root / key(requirements, python, version)
+    final = root / key(requirements, python, version, _sdk_dirs())
     if (final / DONE).is_file():
         print(f"agentos: venv {final} (built before)", file=log, flush=True)
         return final

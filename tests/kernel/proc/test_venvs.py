@@ -153,3 +153,14 @@ def test_the_kernel_refuses_a_venv_others_could_change(kernel: KernelProcess,
                                  (plain, sdk.NotFound, "not a virtual environment")):
             with pytest.raises(error, match=why):
                 admin.proc.spawn(str(code), name="refused", argv=["[]"], venv=str(venv))
+
+
+def test_an_environment_is_named_by_the_installation_it_links_to() -> None:
+    """An environment links to the agentos installation that built it (its agentos-sdk.pth);
+    one built from a checkout since moved or removed must not be found again by the same
+    requirements: its name (the cache key) covers the installation's paths."""
+    from userland import venvs
+
+    here = venvs.key("tinydep==1.0\n", sys.executable, "3.11.7", venvs._sdk_dirs())
+    assert here == venvs.key("tinydep==1.0\n", sys.executable, "3.11.7", venvs._sdk_dirs())
+    assert here != venvs.key("tinydep==1.0\n", sys.executable, "3.11.7", ["/gone/site-packages"])
