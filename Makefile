@@ -12,4 +12,4 @@ lint: bootstrap
 	.venv/bin/python tools/testlint.py
 
 test: bootstrap lint
-	.venv/bin/python -m pytest -q
+	.venv/bin/python -m pytest -q --durations=25
