@@ -73,11 +73,13 @@ class LocalBackend:
     blocking = False  # there is computing to do whenever a generation is in flight
 
     def __init__(self, config: ModelConfig) -> None:
-        from kernel.llm.engine import Engine
-
         started = time.monotonic()
         self.config = config
+        # First the model: one that is not in the store, or whose files are damaged, is
+        # refused in milliseconds, before torch and transformers are imported (seconds).
         self.model, self.tokenizer, self.device = load_model(config)
+        from kernel.llm.engine import Engine
+
         self.engine = Engine(self.model, self.tokenizer, max_batch=config.max_batch,
                              prefill_chunk=config.prefill_chunk, device=self.device)
         self.sched = make_scheduler(config.scheduler, budget=token_budget(config.agent_max_tokens),
