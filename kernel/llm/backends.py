@@ -35,14 +35,21 @@ class Unavailable(Exception):
     """The model cannot take requests now (its server is unhealthy): EAGAIN, retry later."""
 
 
-def load_model(config: ModelConfig) -> tuple[Any, Any, str]:
-    """(model, tokenizer, device) for a cache name, a local HF directory or a .gguf file."""
+def check_files(config: ModelConfig) -> None:
+    """A store model that is missing, or has a missing or truncated file, fails here, with
+    the error that names its repair, before torch is imported."""
     source = Path(config.source).expanduser()
-    local = source.is_absolute() or source.exists()
-    if not local:
+    if not (source.is_absolute() or source.exists()):
         from sdk.models import ModelStore as Cache
 
-        Cache().checked(config.source)  # a missing or truncated file fails before torch loads
+        Cache().checked(config.source)
+
+
+def load_model(config: ModelConfig) -> tuple[Any, Any, str]:
+    """(model, tokenizer, device) for a cache name, a local HF directory or a .gguf file."""
+    check_files(config)
+    source = Path(config.source).expanduser()
+    local = source.is_absolute() or source.exists()
     import torch
 
     from kernel.llm.store import ModelStore, resolve_device
@@ -75,11 +82,15 @@ class LocalBackend:
     def __init__(self, config: ModelConfig) -> None:
         started = time.monotonic()
         self.config = config
-        # First the model: one that is not in the store, or whose files are damaged, is
-        # refused in milliseconds, before torch and transformers are imported (seconds).
-        self.model, self.tokenizer, self.device = load_model(config)
+        # A model that is not in the store, or whose files are damaged, is refused in
+        # milliseconds, before torch and transformers are imported (seconds). Then the engine
+        # is imported before the model is loaded: transformers' lazy module is not safe to
+        # import from two model threads at once by any other path (two models preloading
+        # failed with "cannot import name 'AutoModelForCausalLM'").
+        check_files(config)
         from kernel.llm.engine import Engine
 
+        self.model, self.tokenizer, self.device = load_model(config)
         self.engine = Engine(self.model, self.tokenizer, max_batch=config.max_batch,
                              prefill_chunk=config.prefill_chunk, device=self.device)
         self.sched = make_scheduler(config.scheduler, budget=token_budget(config.agent_max_tokens),

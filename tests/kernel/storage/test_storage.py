@@ -148,18 +148,22 @@ def test_share_mints_a_narrowed_delegated_capability(fk: KernelProcess) -> None:
             ["fs.write", {"path": "shared/report.txt", "data": "x", "owner": "sharer",
                           "token": t}],
             ["fs.read", {"path": "shared/report.txt", "owner": "sharer"}],  # its own token
-        ])])
+            ["ipc.send", {"to": "sharer", "data": "done"}],
+        ])], caps=["ipc.send@ipc/sharer"])
+        # The sharer waits for bob to be done: a share is derived from the sharer's token, and
+        # the sharer's end revokes its tokens and what was derived from them.
         sharer = run_calls(fk, "sharer", [
             ["fs.share", {"path": "theirs.txt", "to": "bob-fs", "owner": "other"}],
             ["fs.share", {"path": "shared", "to": "nobody-here"}],
             ["fs.share", {"path": "shared", "to": "bob-fs", "rights": ["fs.read", "fs.list"]}],
             ["ipc.send", {"to": "bob-fs", "data": "$last"}],
+            ["ipc.recv", {"timeout_ms": 30000}],
         ], caps=("ipc.send@ipc/bob-fs",))
-        assert [s.get("err") for s in sharer] == ["EPERM", "ENOENT", None, None]
+        assert [s.get("err") for s in sharer] == ["EPERM", "ENOENT", None, None, None], sharer
         token = sharer[2]["ok"]
         info = admin.proc.wait(bob, timeout=60)
         assert info.exit_status == 0, admin.proc.logs(bob, "stderr").data.decode()
-    uses = info.result[1:]
+    uses = info.result[1:-1]
     assert uses[0] == {"ok": "for bob"}
     assert [e["path"] for e in uses[1]["ok"]] == ["shared/report.txt"]
     assert [u.get("err") for u in uses[2:]] == ["EPERM", "EPERM", "EPERM"]
