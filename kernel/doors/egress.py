@@ -37,7 +37,6 @@ import base64
 import binascii
 import ipaddress
 import logging
-import os
 import socket
 import struct
 import threading
@@ -51,6 +50,7 @@ from urllib.parse import urlsplit
 
 from kernel.access.rules import Capability
 from kernel.call import Fault
+from kernel.doors.transport import agent_listener
 from sdk import abi, endpoints
 from sdk.tokens import TokenError
 
@@ -213,18 +213,7 @@ class Egress:
         token, which connections without `Proxy-Authorization` stand on."""
         cap = self.k.access.authority.verify(key)
         path = socket_dir / SOCKET_NAME
-        if path.exists() or path.is_symlink():
-            path.unlink()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.bind(str(path))
-            os.chown(path, os.geteuid(), uid, follow_symlinks=False)
-            os.chmod(path, 0o660)
-            sock.listen(64)
-            sock.setblocking(False)
-        except OSError:
-            sock.close()
-            raise
+        sock = agent_listener(path, uid)
         loop = self._start()
 
         async def serve() -> None:

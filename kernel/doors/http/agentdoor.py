@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import socket
 import struct
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from kernel.doors.transport import agent_listener
 
 if TYPE_CHECKING:
     from kernel.core import Kernel
@@ -106,18 +107,7 @@ class AgentDoor:
     def open(self, agent_id: int, uid: int, socket_dir: Path) -> Path:
         """Bind the agent's door in its endpoint directory (from the kernel's loop)."""
         path = socket_dir / SOCKET_NAME
-        if path.exists() or path.is_symlink():
-            path.unlink()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.bind(str(path))
-            os.chown(path, os.geteuid(), uid, follow_symlinks=False)
-            os.chmod(path, 0o660)
-            sock.listen(64)
-            sock.setblocking(False)
-        except OSError:
-            sock.close()
-            raise
+        sock = agent_listener(path, uid)
         loop = self._start()
         protocol = _protocol(self.keeper, agent_id, uid)
         config, state = self._config, self._state
