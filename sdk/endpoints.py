@@ -28,8 +28,8 @@ _LABEL_RE = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-def resource(host: str, port: int) -> str:
-    """The request resource of a connection to `host` (canonical) on `port`."""
+def resource(host: str, port: int | str) -> str:
+    """The request resource of a connection to `host` (canonical) on `port` (or `*`: any)."""
     return f"{PREFIX}[{host}]:{port}" if ":" in host else f"{PREFIX}{host}:{port}"
 
 

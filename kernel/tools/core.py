@@ -497,5 +497,4 @@ def _endpoint(tool: str, arg: str, kind: str, value: str) -> str:
         host = endpoints.canonical_host(host)
     except ValueError as exc:
         raise Fault(abi.ErrorCode.EINVAL, f"{tool}: {arg}: {exc}") from None
-    return (f"{endpoints.PREFIX}[{host}]:{port}" if ":" in host
-            else f"{endpoints.PREFIX}{host}:{port}")
+    return endpoints.resource(host, port)
