@@ -34,6 +34,7 @@ from pathlib import Path
 import msgspec
 
 import sdk
+from kernel.proc import homes
 
 ROOT = Path(__file__).resolve().parent.parent
 AGENT = ROOT / "tools" / "chaos_agent.py"
@@ -127,7 +128,8 @@ class Chaos:
                                          cwd=ROOT)
         while True:
             if self.proc.poll() is not None:
-                raise ChaosFailure(f"kernel exited {self.proc.returncode} at boot")
+                raise ChaosFailure(f"kernel exited {self.proc.returncode} at boot; its log "
+                                   f"ends:\n{self.log_tail()}")
             try:
                 with sdk.connect(state_dir=self.state, timeout=1.0) as conn:
                     conn.sys.null()
@@ -136,6 +138,13 @@ class Chaos:
                 if time.monotonic() - started > 60:
                     raise ChaosFailure("kernel not answering 60 s after boot") from None
                 time.sleep(0.01)
+
+    def log_tail(self, lines: int = 20) -> str:
+        path = self.state.parent / f"{self.state.name}.log"
+        try:
+            return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError as exc:
+            return f"(no log: {exc})"
 
     def kill(self) -> None:
         assert self.proc is not None
@@ -428,7 +437,12 @@ def main(argv: list[str] | None = None) -> int:
         state = args.state_dir or Path(tmp) / "state"
         chaos = Chaos(state, seed=args.seed, tier=args.sandbox,
                       log=lambda line: print(line, file=sys.stderr, flush=True))
-        report = chaos.run(args.cycles, None if args.minutes is None else args.minutes * 60)
+        try:
+            report = chaos.run(args.cycles, None if args.minutes is None else args.minutes * 60)
+        finally:
+            # A kernel that died for good (a failed run) left its agents' homes mounted.
+            if (state / "agents").is_dir():
+                homes.detach_stale(state / "agents")
         print(json.dumps(report.figures()))
     return 0
 
