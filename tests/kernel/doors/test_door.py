@@ -127,7 +127,7 @@ def test_a_connection_flood_is_bounded_per_agent(door: KernelProcess) -> None:
                 admin.proc.kill(flooder)
             except sdk.SyscallError:
                 pass
-    # At most agent_door_connections (16) are held at once; on a loaded machine uvicorn's
-    # keep-alive timeout may close an idle one meanwhile and admit another in its place.
-    assert 16 <= result["held"] < 24, result
+    # agent_door_connections (16) are held at once, no more (17: the door closed one at its
+    # keep-alive timeout and admitted the next before its FIN reached the flooder).
+    assert 16 <= result["held"] <= 17, result
     assert result["refused"] >= 1 and result["after"] == 200, result
