@@ -85,13 +85,18 @@ class Kernel:
                                            self.config.agent_uid_base
                                            + self.config.agent_uid_count))
         # Rooms name what they use (the switchboard, `calls`, and the rooms they need), never
-        # the kernel; the process table and the doors, the kernel's own limbs, register fds on
-        # its poller.
+        # the kernel; the process table and the doors register fds on the loop's poller.
+        self.poller = zmq.Poller()
         self.memory = MemoryManager(calls=calls, config=c, db=self.db, state=self.state)
-        self.procs = ProcessTable(self)
+        self.llm = LLMCore(calls=calls, config=c)
+        self.procs = ProcessTable(access=self.access, audit=self.audit, calls=calls, config=c,
+                                  db=self.db, guard=self.guard, identities=self.identities,
+                                  llm=self.llm, memory=self.memory, poller=self.poller,
+                                  state=self.state)
         self.identities.on_refused = self.procs.refused_peer
         self.ipc = Mailboxes(calls=calls, config=c, db=self.db, procs=self.procs)
-        self.llm = LLMCore(calls=calls, config=c)
+        self.procs.exit_hooks.append(self.cancel_calls_of)
+        self.procs.end_hooks.append(self.ipc.drop)
         self.rings = Rings(self)
         self.ringdoor = RingDoor(self)
         self.procs.spawn_hooks.append(self.rings.on_spawn)
@@ -113,9 +118,11 @@ class Kernel:
         self.access.recover()
         self.db.commit()
 
-        self.poller = zmq.Poller()
         self.front = RouterDoor(self)
-        self.router = self.front.socket  # agents' own endpoints are bound on it at spawn
+        # Each sandboxed agent's own endpoint is bound on the ROUTER at its start, and its own
+        # OpenAI door and egress proxy opened beside it.
+        self.procs.sandboxes.attach(router=self.front.socket, agentdoor=self.agentdoor,
+                                    egress=self.egress)
         if self.config.listen:
             self.remote.open(self.config.listen)
         if self.config.rings:

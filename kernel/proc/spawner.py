@@ -29,7 +29,14 @@ from kernel.proc.uids import UidLeases
 from sdk import abi, layout
 
 if TYPE_CHECKING:
-    from kernel.core import Kernel
+    import zmq
+
+    from kernel.access.audit import AuditLog
+    from kernel.config import Config
+    from kernel.db import Database
+    from kernel.doors.egress import Egress
+    from kernel.doors.http.agentdoor import AgentDoor
+    from kernel.state import StateDir
 
 log = logging.getLogger("kernel.proc")
 
@@ -90,19 +97,30 @@ class Prepared:
 
 
 class Sandboxes:
-    def __init__(self, kernel: Kernel) -> None:
-        self.k = kernel
+    def __init__(self, *, audit: AuditLog, config: Config, db: Database,
+                 state: StateDir) -> None:
+        self.audit, self.config, self.db, self.state = audit, config, db, state
+        # The doors that serve each agent on its own sockets; the kernel builds them after the
+        # process table (they attest peers through it) and hands them over with `attach`.
+        self.router: zmq.Socket | None = None
+        self.agentdoor: AgentDoor | None = None
+        self.egress: Egress | None = None
         self.probe = sandbox.probe()
-        self.agent_uids = range(kernel.config.agent_uid_base,
-                                kernel.config.agent_uid_base + kernel.config.agent_uid_count)
+        self.agent_uids = range(config.agent_uid_base,
+                                config.agent_uid_base + config.agent_uid_count)
         self.quota_missing = homes.unavailable()
         self.leases = UidLeases()  # host-wide: no other kernel's agent shares a uid with ours
         # Agents with uids of their own while they run: their uid and home, for the reap.
         self._started: dict[int, tuple[int, Path]] = {}
         if self.can_isolate and self.quota_missing is None:
-            stale = homes.detach_stale(kernel.state.agents)
+            stale = homes.detach_stale(state.agents)
             if stale:
                 log.warning("unmounted homes a previous kernel left", extra={"count": len(stale)})
+
+    def attach(self, *, router: zmq.Socket, agentdoor: AgentDoor, egress: Egress) -> None:
+        """The ROUTER that binds each agent's `kernel.sock`, and the two services that serve
+        each agent on a socket of its own: its OpenAI door and its egress proxy."""
+        self.router, self.agentdoor, self.egress = router, agentdoor, egress
 
     @property
     def can_isolate(self) -> bool:
@@ -124,7 +142,7 @@ class Sandboxes:
     def tier(self, requested: str | None, caller_tier: str | None) -> str:
         """The tier to start in: the request, else the kernel's default (never weaker than the
         spawning agent's own); refused (ENOSYS) when this machine cannot apply it."""
-        tier = requested or self.k.config.sandbox
+        tier = requested or self.config.sandbox
         if requested is None and caller_tier is not None and (
                 STRENGTH[caller_tier] > STRENGTH[tier]):
             tier = caller_tier
@@ -171,9 +189,9 @@ class Sandboxes:
     def effective(self, overrides: dict[str, int]) -> dict[str, int | None]:
         """The limits an agent runs with: Limits' defaults, the config's, then its own."""
         values: dict[str, int | None] = dataclasses.asdict(Limits())
-        values[LOG_LIMIT] = self.k.config.log_bytes
-        values[HOME_LIMIT] = self.k.config.home_bytes
-        values.update(self.k.config.agent_limits)
+        values[LOG_LIMIT] = self.config.log_bytes
+        values[HOME_LIMIT] = self.config.home_bytes
+        values.update(self.config.agent_limits)
         values.update(overrides)
         if not values[HOME_LIMIT]:
             values[HOME_LIMIT] = None  # no quota: more than any quota a parent could pass on
@@ -181,8 +199,8 @@ class Sandboxes:
 
     def allocate_uid(self, agent_id: int, in_use: set[int]) -> int:
         """A uid leased host-wide for the agent until it is over (restarts keep it)."""
-        return sandbox.allocate_uid(agent_id, self.k.config.agent_uid_base,
-                                    self.k.config.agent_uid_count, in_use, skip_busy=True,
+        return sandbox.allocate_uid(agent_id, self.config.agent_uid_base,
+                                    self.config.agent_uid_count, in_use, skip_busy=True,
                                     take=lambda uid: self.leases.take(uid, agent_id))
 
     def claim_lost(self, agent_id: int, uid: int) -> bool:
@@ -200,11 +218,11 @@ class Sandboxes:
         log_bytes = int(values.pop(LOG_LIMIT) or 0)
         home_bytes = values.pop(HOME_LIMIT)
         limits = Limits(**values)  # type: ignore[arg-type]
-        agent_dir = self.k.state.agent_dir(spec.agent_id, home=uid is None)
+        agent_dir = self.state.agent_dir(spec.agent_id, home=uid is None)
         home = agent_dir / "home"
         socket_dir = None
         if uid is None:
-            endpoint = f"ipc://{self.k.state.socket_path}"
+            endpoint = f"ipc://{self.state.socket_path}"
         else:
             sandbox.prepare_socket_dir(agent_dir, uid)
             sandbox.prepare_home(home, uid, uid)
@@ -242,11 +260,11 @@ class Sandboxes:
         env.update(extras.env)
         # spec.path is the code's real path, checked at this start (ProcessTable._check_code).
         code_dir = os.path.dirname(spec.path)
-        python = self.k.config.agent_python or sys.executable
+        python = self.config.agent_python or sys.executable
         try:
             # The kernel's own runtime stays readable under a venv: the SDK's dependencies
             # come from it (the venv's agentos-sdk.pth, userland/venvs.py).
-            venv = (venvs.check(spec.venv, self.k.config, self.k.state.root, again=True)
+            venv = (venvs.check(spec.venv, self.config, self.state.root, again=True)
                     if spec.venv else None)
             readable = (sandbox.default_readable(code_dir, *(venv.readable if venv else ()),
                                                  python=python) if uid is not None else ())
@@ -301,16 +319,16 @@ class Sandboxes:
         # Its own token narrowed to its own audience: worth nothing at any other door.
         key = attenuate(token, ("aud", f"agent:{spec.agent_id}"))
         forwards = {}
-        if self.k.config.agent_door:
-            path = self.k.agentdoor.open(spec.agent_id, uid, socket_dir)
+        if self.config.agent_door:
+            path = self.agentdoor.open(spec.agent_id, uid, socket_dir)
             url = f"http://127.0.0.1:{PORTS['door']}"
             env.update({"OPENAI_BASE_URL": f"{url}/v1", "OPENAI_API_KEY": key,
                         # AIOS's Cerebrum client sends no headers: the key rides in the path.
                         "AIOS_KERNEL_URL": f"{url}/aios/{key}",
                         "AGENTOS_HTTP_SOCKET": str(path)})
             forwards[str(PORTS["door"])] = str(path)
-        if self.k.config.egress:
-            path = self.k.egress.open(spec.agent_id, uid, socket_dir, key)
+        if self.config.egress:
+            path = self.egress.open(spec.agent_id, uid, socket_dir, key)
             proxy = f"http://127.0.0.1:{PORTS['proxy']}"
             for name in ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY"):
                 env[name] = env[name.lower()] = proxy
@@ -349,7 +367,7 @@ class Sandboxes:
     def _reown(self, agent_id: int, home: Path, uid: int) -> None:
         """A restart under another uid than its last run (that one still busy on the host)
         finds its files its own again."""
-        rows = self.k.db.read("SELECT uid FROM agents WHERE id=?", (agent_id,))
+        rows = self.db.read("SELECT uid FROM agents WHERE id=?", (agent_id,))
         previous = rows[0][0] if rows else None
         if previous is not None and previous != uid:
             changed = homes.reown(home, previous, uid)
@@ -385,7 +403,7 @@ class Sandboxes:
         if removed:
             log.warning("removed SysV IPC objects of an agent's uid",
                         extra={"agent": agent_id, "uid": uid, "removed": removed})
-            self.k.audit.append("kernel", "sysv-removed", agent=agent_id, uid=uid, **removed)
+            self.audit.append("kernel", "sysv-removed", agent=agent_id, uid=uid, **removed)
 
     def ended(self, agent_id: int, uid: int | None = None) -> None:
         """The agent is over for good (not restarting): its home is kept, locked down, or
@@ -393,13 +411,13 @@ class Sandboxes:
         reap of this kernel cleared."""
         if uid is not None and self.can_isolate and self.leases.held(uid):
             self._remove_sysv(agent_id, uid)
-        rows = self.k.db.read("SELECT state FROM agents WHERE id=?", (agent_id,))
+        rows = self.db.read("SELECT state FROM agents WHERE id=?", (agent_id,))
         if rows and rows[0][0] == "restarting":
             return  # stopped by a shutdown: the next kernel starts it again, home and all
         self.leases.release(agent_id)
-        home = self.k.state.agents / str(agent_id) / "home"
+        home = self.state.agents / str(agent_id) / "home"
         try:
-            if self.k.config.home_at_exit == "remove":
+            if self.config.home_at_exit == "remove":
                 homes.remove(home)
             elif self.can_isolate:
                 homes.lock_down(home)
@@ -409,7 +427,7 @@ class Sandboxes:
     # --- per-agent endpoints -----------------------------------------------------------------
 
     def endpoints_dir(self) -> Path:
-        return self.k.state.run / "agents"
+        return self.state.run / "agents"
 
     def bind_endpoint(self, agent_id: int, gid: int) -> Path:
         parent = self.endpoints_dir()
@@ -423,24 +441,24 @@ class Sandboxes:
         sandbox.prepare_socket_dir(path, gid)
         if sock.exists() or sock.is_symlink():
             sock.unlink()  # a stale endpoint from a dead kernel
-        self.k.router.bind(f"ipc://{sock}")
+        self.router.bind(f"ipc://{sock}")
         os.chown(sock, os.geteuid(), gid, follow_symlinks=False)
         os.chmod(sock, 0o660)
         return path
 
     def unbind_endpoint(self, socket_dir: Path) -> None:
         if socket_dir.name.isdigit():
-            self.k.agentdoor.close(int(socket_dir.name))
-            self.k.egress.close(int(socket_dir.name))
+            self.agentdoor.close(int(socket_dir.name))
+            self.egress.close(int(socket_dir.name))
         sock = socket_dir / "kernel.sock"
         try:
-            self.k.router.unbind(f"ipc://{sock}")
+            self.router.unbind(f"ipc://{sock}")
         except Exception as exc:  # zmq.ZMQError: already gone; never fail a reap over it
             log.warning("unbind failed", extra={"endpoint": str(sock), "error": str(exc)})
         shutil.rmtree(socket_dir, ignore_errors=True)
 
     def describe(self) -> dict[str, Any]:
         return {"available": self.available(), "missing": self.probe.missing,
-                "default": self.k.config.sandbox, "landlock_abi": self.probe.landlock_abi,
+                "default": self.config.sandbox, "landlock_abi": self.probe.landlock_abi,
                 "home_quota": self.quota_missing or "ext4 image per home",
-                "home_at_exit": self.k.config.home_at_exit}
+                "home_at_exit": self.config.home_at_exit}

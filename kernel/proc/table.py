@@ -41,7 +41,18 @@ from sdk import abi
 from sdk.tokens import Rule
 
 if TYPE_CHECKING:
-    from kernel.core import Kernel
+    import zmq
+
+    from kernel.access.audit import AuditLog
+    from kernel.access.guard import Guard
+    from kernel.access.manager import AccessManager
+    from kernel.call import Calls
+    from kernel.config import Config
+    from kernel.db import Database
+    from kernel.doors.transport import Identities
+    from kernel.llm.core import LLMCore
+    from kernel.memory.manager import MemoryManager
+    from kernel.state import StateDir
 
 log = logging.getLogger("kernel.proc")
 
@@ -127,16 +138,26 @@ class Live:
 
 
 class ProcessTable:
-    def __init__(self, kernel: Kernel) -> None:
-        self.k = kernel
+    """Rooms it names: the switchboard (`calls`), access (grants, tokens), the models (a spawn
+    names one; a suspended agent's generations pause), and the kernel's poller, on which it
+    registers each agent's pidfd and log pipes (the loop hands them back to `on_exit_fd`).
+    What other rooms keep per agent is theirs to drop: `exit_hooks` run at each exit (a restart
+    follows or not), `end_hooks` once the agent is over for good."""
+
+    def __init__(self, *, access: AccessManager, audit: AuditLog, calls: Calls, config: Config,
+                 db: Database, guard: Guard, identities: Identities, llm: LLMCore,
+                 memory: MemoryManager, poller: zmq.Poller, state: StateDir) -> None:
+        self.access, self.audit, self.calls, self.config, self.db = access, audit, calls, config, db
+        self.guard, self.identities, self.llm = guard, identities, llm
+        self.poller, self.state = poller, state
         self.live: dict[int, Live] = {}
         self._by_fd: dict[int, Live] = {}
         self._pumps: dict[int, tuple[Live, LogPump]] = {}
         self._waiters: dict[int, dict[Call, None]] = {}  # keyed by call: O(1) cancel
         self._pending: dict[int, AgentSpec] = {}  # waiting out a restart backoff
         self._streak: dict[int, int] = {}  # restarts in a row, each soon after its start
-        self.sandboxes = Sandboxes(kernel)
-        self.names = names.Names(db=kernel.db, guard=kernel.guard, memory=kernel.memory)
+        self.sandboxes = Sandboxes(audit=audit, config=config, db=db, state=state)
+        self.names = names.Names(db=db, guard=guard, memory=memory)
         # Other subsystems' per-agent resources (the syscall rings): a spawn hook adds fds and
         # environment to an agent's start, a reap hook releases them when it ends.
         self.spawn_hooks: list[SpawnHook] = []
@@ -144,6 +165,8 @@ class ProcessTable:
         # Run once an agent is running (its launcher reported): the kernel drops what it only
         # held to pass on.
         self.start_hooks: list[Callable[[int], None]] = []
+        self.exit_hooks: list[Callable[[int], None]] = []  # its calls in flight are cancelled
+        self.end_hooks: list[Callable[[int], None]] = []  # its mailbox goes
         # Each agent holds a pidfd, two pipes and an endpoint: lift the soft fd limit.
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft != hard:
@@ -155,9 +178,9 @@ class ProcessTable:
                                           "raise_with": "LimitNOFILE= or ulimit -Hn"})
         # Warm templates the sandboxed agents fork from (kernel/proc/zygote.py).
         self.zygotes: Zygotes | None = None
-        if kernel.config.zygote and self.sandboxes.can_isolate:
-            self.zygotes = Zygotes(log, kernel.config.zygotes_max)
-            self.zygotes.prestart(kernel.config.agent_python or sys.executable)
+        if config.zygote and self.sandboxes.can_isolate:
+            self.zygotes = Zygotes(log, config.zygotes_max)
+            self.zygotes.prestart(config.agent_python or sys.executable)
 
     # --- recovery ----------------------------------------------------------------------------
 
@@ -165,7 +188,7 @@ class ProcessTable:
         """Crash-only start: agents the table still calls live belonged to a dead kernel. Any
         still running are killed (every process of their uid; or same pid and start time);
         then each is restarted if its policy says so, else marked lost."""
-        rows = self.k.db.read(f"SELECT id, pid, pid_start, uid, restart FROM agents "
+        rows = self.db.read(f"SELECT id, pid, pid_start, uid, restart FROM agents "
                               f"WHERE {_SQL_LIVE}")
         now = time.time()
         for agent_id, pid, pid_start, uid, restart in rows:
@@ -184,23 +207,23 @@ class ProcessTable:
                 except PermissionError:
                     log.warning("cannot kill orphaned agent",
                                 extra={"agent": agent_id, "pid": pid})
-            self.k.audit.append("kernel", "lost", agent=agent_id, pid=pid, restart=restart)
+            self.audit.append("kernel", "lost", agent=agent_id, pid=pid, restart=restart)
             if restart in ("always", "on-failure"):
-                self.k.db.write("UPDATE agents SET state='restarting' WHERE id=?", (agent_id,))
+                self.db.write("UPDATE agents SET state='restarting' WHERE id=?", (agent_id,))
                 self._pending[agent_id] = self._spec(agent_id)
-                self.k.calls.after(0, lambda a=agent_id: self._restart(a))
+                self.calls.after(0, lambda a=agent_id: self._restart(a))
                 continue
-            self.k.db.write("UPDATE agents SET state='lost', ended_at=? WHERE id=?",
+            self.db.write("UPDATE agents SET state='lost', ended_at=? WHERE id=?",
                             (now, agent_id))
-            self.k.db.write("DELETE FROM messages WHERE receiver=?", (agent_id,))
+            self.db.write("DELETE FROM messages WHERE receiver=?", (agent_id,))
             self.sandboxes.ended(agent_id, uid)
         if rows:
             log.warning("agents lost by the previous kernel", extra={"count": len(rows)})
 
     def refused_peer(self, uid: int, pid: int) -> None:
         """The ZAP handler refused a connection (called on its thread): audit it on the loop."""
-        if self.k.calls.post_fd >= 0:  # not once the kernel has stopped
-            self.k.calls.post(lambda: self.k.guard.deny(
+        if self.calls.post_fd >= 0:  # not once the kernel has stopped
+            self.calls.post(lambda: self.guard.deny(
                 f"uid:{uid}", "connect", None, f"pid {pid} is no running agent and no user"))
 
     # --- queries -----------------------------------------------------------------------------
@@ -226,7 +249,7 @@ class ProcessTable:
         return len(self.live)
 
     def _row(self, agent_id: int, with_result: bool = True) -> abi.AgentInfo:
-        rows = self.k.db.read(
+        rows = self.db.read(
             f"SELECT {_INFO_COLUMNS.format(result='result')} FROM agents WHERE id=?",
             (agent_id,))
         if not rows:
@@ -250,12 +273,12 @@ class ProcessTable:
         return self._row(agent_id)
 
     def ps(self) -> list[abi.AgentInfo]:
-        rows = self.k.db.read(
+        rows = self.db.read(
             f"SELECT {_INFO_COLUMNS.format(result='NULL')} FROM agents ORDER BY id")
         return [self._info(r, False) for r in rows]
 
     def _spec(self, agent_id: int) -> AgentSpec:
-        name, path, argv, caps, tier, limits, restart, group, by, model, venv = self.k.db.read(
+        name, path, argv, caps, tier, limits, restart, group, by, model, venv = self.db.read(
             "SELECT name, path, argv, caps, sandbox, limits, restart, grp, spawned_by, model, "
             "venv FROM agents WHERE id=?", (agent_id,))[0]
         return AgentSpec(agent_id, name, path, json.loads(argv), json.loads(caps),
@@ -266,7 +289,7 @@ class ProcessTable:
 
     def spawn(self, caller_principal: str, cap: Capability, args: abi.SpawnArgs) -> int:
 
-        if self.k.calls.draining:
+        if self.calls.draining:
             raise Fault(abi.ErrorCode.EAGAIN, "the kernel is shutting down")
         if not os.path.isabs(args.path):
             raise Fault(abi.ErrorCode.EINVAL, f"path must be absolute: {args.path}")
@@ -282,15 +305,15 @@ class ProcessTable:
             raise Fault(abi.ErrorCode.EBUSY, f"an agent named {name!r} is already running")
         self.names.check(caller_principal, cap, name)
         # The syscall checked the privilege group (`AccessManager.check_group`) already.
-        self.k.access.check_grant(cap, self.k.access.rules(args.caps))
+        self.access.check_grant(cap, self.access.rules(args.caps))
         tier = self.sandboxes.tier(args.sandbox, parent.spec.tier if parent else None)
         limits = self.sandboxes.limits(args.limits, parent.spec.limits if parent else None)
-        if args.model is not None and self.k.llm.resolve(args.model) not in self.k.llm.workers:
+        if args.model is not None and self.llm.resolve(args.model) not in self.llm.workers:
             raise Fault(abi.ErrorCode.ENOENT, f"no model {args.model!r} (served: "
-                        f"{self.k.llm.served()})")
+                        f"{self.llm.served()})")
         venv = self._venv(args.venv, parent)
 
-        cur = self.k.db.write(
+        cur = self.db.write(
             "INSERT INTO agents (name, path, argv, caps, spawned_by, state, sandbox, limits, "
             "restart, grp, model, venv) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
             (name, str(path), json.dumps(args.argv), json.dumps(args.caps), caller_principal,
@@ -314,7 +337,7 @@ class ProcessTable:
         if parent is not None and requested != parent.spec.venv:
             raise Fault(abi.ErrorCode.EPERM, "an agent may start a child only in its own "
                         "virtual environment")
-        return venvs.check(requested, self.k.config, self.k.state.root).path
+        return venvs.check(requested, self.config, self.state.root).path
 
     def _check_code(self, spawner: str, path: str) -> None:
         """Run at every start, the first and each restart: `path` (the code's real path when
@@ -330,11 +353,11 @@ class ProcessTable:
         kind, _, ident = spawner.partition(":")
         if kind != "agent":
             return  # users and the kernel's other doors may start any code
-        rows = self.k.db.read("SELECT path FROM agents WHERE id=?", (int(ident),))
+        rows = self.db.read("SELECT path FROM agents WHERE id=?", (int(ident),))
         # The spawner's own path was stored resolved and is not resolved again: a symlink
         # swapped into it since must not widen what its children may reach.
         roots = [os.path.dirname(rows[0][0]) if rows else "",
-                 str(self.k.state.agents / ident / "home")]
+                 str(self.state.agents / ident / "home")]
         if not any(root and (path == root or path.startswith(root.rstrip("/") + "/"))
                    for root in roots):
             raise Fault(abi.ErrorCode.EPERM, f"{path} is outside what {spawner} can read")
@@ -349,7 +372,7 @@ class ProcessTable:
             self._failed_start(agent_id, by, exc.message, None)
             raise
         granted = baseline_rules(agent_id, spec.name) + [Rule.parse(text) for text in spec.caps]
-        token, token_id = self.k.access.grant_agent(agent_id, granted, spec.group)
+        token, token_id = self.access.grant_agent(agent_id, granted, spec.group)
         uid = None
         if "identity" in sandbox.TIERS[spec.tier]:
             uid = self.sandboxes.allocate_uid(
@@ -373,11 +396,11 @@ class ProcessTable:
                 read_end, write_end = os.pipe2(os.O_CLOEXEC)
                 child_ends.append(write_end)
                 pumps.append(LogPump(agent_id, stream, read_end,
-                                     functools.partial(self.k.state.open_log, agent_id, stream,
+                                     functools.partial(self.state.open_log, agent_id, stream,
                                                        append), prepared.log_bytes))
-            with self.k.identities.lock:
+            with self.identities.lock:
                 if uid is not None:
-                    self.k.identities.register_uid(uid, agent_id)
+                    self.identities.register_uid(uid, agent_id)
                 popen: subprocess.Popen[bytes] | ZygoteChild | None = None
                 if self.zygotes is not None:
                     popen = self.zygotes.spawn(
@@ -390,11 +413,11 @@ class ProcessTable:
                                              stderr=child_ends[1], env={}, cwd="/",
                                              start_new_session=True)
                 if uid is None:
-                    self.k.identities.register(popen.pid, agent_id)
+                    self.identities.register(popen.pid, agent_id)
         except OSError as exc:
-            with self.k.identities.lock:
+            with self.identities.lock:
                 if uid is not None:
-                    self.k.identities.unregister_uid(uid)
+                    self.identities.unregister_uid(uid)
             for pump in pumps:
                 pump.close()
             launch.close()
@@ -429,18 +452,18 @@ class ProcessTable:
         for hook in self.start_hooks:
             hook(agent_id)
         self._by_fd[live.pidfd] = live
-        self.k.poller.register(live.pidfd, 1)  # POLLIN: the process has exited
+        self.poller.register(live.pidfd, 1)  # POLLIN: the process has exited
         for pump in pumps:
             self._pumps[pump.fd] = (live, pump)
-            self.k.poller.register(pump.fd, 1)
+            self.poller.register(pump.fd, 1)
         layers = json.dumps({"ok": True, "tier": report.tier, "layers": report.layers})
         pid = agent_pid(popen.pid, uid)
-        self.k.db.write("UPDATE agents SET pid=?, pid_start=?, state='running', started_at=?, "
+        self.db.write("UPDATE agents SET pid=?, pid_start=?, state='running', started_at=?, "
                         "token_id=?, uid=?, layers=?, ended_at=NULL, exit_status=NULL, "
                         "result=NULL WHERE id=?",
                         (pid, process_start_time(pid), time.time(), token_id, uid, layers,
                          agent_id))
-        self.k.audit.append(by, "spawn", agent=agent_id, name=spec.name, path=spec.path,
+        self.audit.append(by, "spawn", agent=agent_id, name=spec.name, path=spec.path,
                             pid=pid, uid=uid, sandbox=report.summary(),
                             rules=[str(r) for r in granted])
         log.info("spawned", extra={"agent": agent_id, "agent_name": spec.name,
@@ -452,10 +475,10 @@ class ProcessTable:
         if report is not None:
             layers = json.dumps({"ok": False, "tier": report.tier, "layers": report.layers,
                                  "status": report.status, "error": report.error})
-        self.k.db.write("UPDATE agents SET state='failed', ended_at=?, layers=? WHERE id=?",
+        self.db.write("UPDATE agents SET state='failed', ended_at=?, layers=? WHERE id=?",
                         (time.time(), layers, agent_id))
-        self.k.audit.append(by, "spawn-failed", agent=agent_id, error=error)
-        self.k.access.agent_ended(agent_id)  # the token minted for it must not outlive it
+        self.audit.append(by, "spawn-failed", agent=agent_id, error=error)
+        self.access.agent_ended(agent_id)  # the token minted for it must not outlive it
         log.warning("agent could not start", extra={"agent": agent_id, "error": error})
 
     # --- exit, restart, wait, kill -----------------------------------------------------------
@@ -473,7 +496,7 @@ class ProcessTable:
     def _close_pump(self, pump: LogPump) -> None:
         if not pump.closed:
             if self._pumps.pop(pump.fd, None) is not None:  # a failed start never polled it
-                self.k.poller.unregister(pump.fd)
+                self.poller.unregister(pump.fd)
             pump.close()
 
     def _release(self, agent_id: int, socket_dir: Path | None) -> None:
@@ -489,11 +512,11 @@ class ProcessTable:
         """Whatever the agent held besides its row: every process of its uid, its identity,
         its log pipes (drained first), its endpoint, other subsystems' resources. Returns the
         bytes its logs dropped."""
-        with self.k.identities.lock:
+        with self.identities.lock:
             if live.uid is not None:
-                self.k.identities.unregister_uid(live.uid)
+                self.identities.unregister_uid(live.uid)
             else:
-                self.k.identities.unregister(live.popen.pid)
+                self.identities.unregister(live.popen.pid)
         if live.uid is not None:
             sandbox.kill_uid(live.uid)  # a double-forked child outlives nothing
         dropped = 0
@@ -502,49 +525,50 @@ class ProcessTable:
                 pump.pump(budget=1 << 24)
             dropped += pump.dropped
             if pump.capped:
-                self.k.audit.append("kernel", "log-capped", agent=live.agent_id,
+                self.audit.append("kernel", "log-capped", agent=live.agent_id,
                                     stream=pump.stream, cap=pump.cap, dropped=pump.dropped)
             self._close_pump(pump)
         self._release(live.agent_id, live.socket_dir)
         if live.suspended:
-            self.k.llm.pause(f"agent:{live.agent_id}", False)
+            self.llm.pause(f"agent:{live.agent_id}", False)
         return dropped
 
     def _reaped(self, live: Live, returncode: int) -> None:
         self._by_fd.pop(live.pidfd, None)
-        self.k.poller.unregister(live.pidfd)
+        self.poller.unregister(live.pidfd)
         os.close(live.pidfd)
         del self.live[live.agent_id]
         dropped = self._cleanup(live)
         if "namespaces" in sandbox.TIERS[live.spec.tier] and 128 < returncode <= 128 + 64:
             returncode = 128 - returncode  # bwrap exits 128+N when its child died of signal N
         if live.finished_off and returncode == -signal.SIGKILL:
-            self.k.audit.append("kernel", "finished-off", agent=live.agent_id,
-                                grace=self.k.config.kill_grace)
+            self.audit.append("kernel", "finished-off", agent=live.agent_id,
+                                grace=self.config.kill_grace)
             returncode = 0
         state = "killed" if returncode < 0 else "exited"
         status = exit_status(returncode)
         delay = self._restart_delay(live, status)
         if delay == -1:
             state = "failed"
-            self.k.audit.append("kernel", "crash-loop", agent=live.agent_id,
+            self.audit.append("kernel", "crash-loop", agent=live.agent_id,
                                 restarts=self._streak.pop(live.agent_id, 0) - 1)
         elif delay is not None:
             state = "restarting"
-        elif (self.k.calls.draining and not live.stopping and live.spec.restart != "no"
+        elif (self.calls.draining and not live.stopping and live.spec.restart != "no"
               and not (live.spec.restart == "on-failure" and status == 0)):
             state = "restarting"  # stopped by the shutdown: the next kernel restarts it
-        self.k.db.write("UPDATE agents SET state=?, exit_status=?, ended_at=?, "
+        self.db.write("UPDATE agents SET state=?, exit_status=?, ended_at=?, "
                         "log_dropped=log_dropped+? WHERE id=?",
                         (state, status, time.time(), dropped, live.agent_id))
-        self.k.audit.append("kernel", "exit", agent=live.agent_id, status=status, state=state,
+        self.audit.append("kernel", "exit", agent=live.agent_id, status=status, state=state,
                             restart_in=delay if delay is not None and delay >= 0 else None)
         log.info("agent ended", extra={"agent": live.agent_id, "state": state, "status": status})
-        self.k.cancel_calls_of(live.agent_id)
-        self.k.access.agent_ended(live.agent_id)  # a restart is granted a fresh token
+        for hook in self.exit_hooks:
+            hook(live.agent_id)
+        self.access.agent_ended(live.agent_id)  # a restart is granted a fresh token
         if delay is not None and delay >= 0:
             self._pending[live.agent_id] = live.spec
-            self.k.calls.after(delay, lambda: self._restart(live.agent_id))
+            self.calls.after(delay, lambda: self._restart(live.agent_id))
             return
         self._streak.pop(live.agent_id, None)
         self._ended(live.agent_id)
@@ -552,22 +576,23 @@ class ProcessTable:
     def _ended(self, agent_id: int) -> None:
         """The agent is over for good: its mailbox and LLM accounting go, its home is kept or
         removed, its waiters get its final row."""
-        self.k.ipc.drop(agent_id)
-        self.k.llm.agent_ended(f"agent:{agent_id}")
+        for hook in self.end_hooks:
+            hook(agent_id)
+        self.llm.agent_ended(f"agent:{agent_id}")
         self.sandboxes.ended(agent_id)
         waiters = self._waiters.pop(agent_id, {})
         if waiters:
             info = self._row(agent_id)
             for call in waiters:
-                self.k.calls.reply(call, info)
+                self.calls.reply(call, info)
 
     def _restart_delay(self, live: Live, status: int) -> float | None:
         """Seconds until the agent's restart, None for no restart, -1 for a crash loop."""
         policy = live.spec.restart
-        if (policy == "no" or live.stopping or self.k.calls.draining
+        if (policy == "no" or live.stopping or self.calls.draining
                 or (policy == "on-failure" and status == 0)):
             return None
-        cfg = self.k.config
+        cfg = self.config
         streak = 0 if time.monotonic() - live.started >= cfg.restart_window else (
             self._streak.get(live.agent_id, 0))
         if streak >= cfg.restart_max:
@@ -580,18 +605,18 @@ class ProcessTable:
         spec = self._pending.pop(agent_id, None)
         if spec is None:
             return  # killed while waiting
-        if self.k.calls.draining:
-            self.k.db.write("UPDATE agents SET state='killed' WHERE id=?", (agent_id,))
+        if self.calls.draining:
+            self.db.write("UPDATE agents SET state='killed' WHERE id=?", (agent_id,))
             self._ended(agent_id)
             return
-        self.k.db.write("UPDATE agents SET restarts=restarts+1 WHERE id=?", (agent_id,))
+        self.db.write("UPDATE agents SET restarts=restarts+1 WHERE id=?", (agent_id,))
         try:
             self._start(spec, "kernel")
         except Fault as exc:
             log.warning("restart failed", extra={"agent": agent_id, "error": exc.message})
             self._ended(agent_id)
             return
-        self.k.audit.append("kernel", "restart", agent=agent_id)
+        self.audit.append("kernel", "restart", agent=agent_id)
 
     def wait(self, call: Call, args: abi.WaitArgs) -> Any:
         info = self._row(args.id)
@@ -600,27 +625,27 @@ class ProcessTable:
         waiters = self._waiters.setdefault(args.id, {})
         waiters[call] = None
         call.on_cancel.append(lambda: waiters.pop(call, None))
-        return self.k.calls.park(call, args.timeout_ms)
+        return self.calls.park(call, args.timeout_ms)
 
     def kill(self, caller_principal: str, agent_id: int, grace: float) -> None:
         live = self.live.get(agent_id)
         if live is None:
             self._row(agent_id)  # ENOENT for an agent that never existed
             if self._pending.pop(agent_id, None) is not None:
-                self.k.audit.append(caller_principal, "kill", agent=agent_id, grace=grace)
-                self.k.db.write("UPDATE agents SET state='killed' WHERE id=?", (agent_id,))
+                self.audit.append(caller_principal, "kill", agent=agent_id, grace=grace)
+                self.db.write("UPDATE agents SET state='killed' WHERE id=?", (agent_id,))
                 self._streak.pop(agent_id, None)
                 self._ended(agent_id)
                 return
             raise Fault(abi.ErrorCode.ENOENT, f"agent {agent_id} is not running")
-        self.k.audit.append(caller_principal, "kill", agent=agent_id, grace=grace)
+        self.audit.append(caller_principal, "kill", agent=agent_id, grace=grace)
         live.stopping = True
         self._terminate(live, grace)
 
     def _terminate(self, live: Live, grace: float) -> None:
         self._signal(live, signal.SIGTERM if grace > 0 else signal.SIGKILL)
         if grace > 0:
-            self.k.calls.after(grace, lambda: self._signal(live, signal.SIGKILL))
+            self.calls.after(grace, lambda: self._signal(live, signal.SIGKILL))
 
     def _signal(self, live: Live, sig: int) -> None:
         if self.live.get(live.agent_id) is not live:
@@ -656,9 +681,9 @@ class ProcessTable:
             raise Fault(abi.ErrorCode.EBUSY, f"agent {agent_id} is already suspended")
         self._send(live, signal.SIGSTOP)
         live.suspended = True
-        self.k.llm.pause(f"agent:{agent_id}", True)
-        self.k.db.write("UPDATE agents SET state='suspended' WHERE id=?", (agent_id,))
-        self.k.audit.append(caller_principal, "suspend", agent=agent_id)
+        self.llm.pause(f"agent:{agent_id}", True)
+        self.db.write("UPDATE agents SET state='suspended' WHERE id=?", (agent_id,))
+        self.audit.append(caller_principal, "suspend", agent=agent_id)
 
     def resume(self, caller_principal: str, agent_id: int) -> None:
         live = self._running(agent_id)
@@ -666,9 +691,9 @@ class ProcessTable:
             raise Fault(abi.ErrorCode.EBUSY, f"agent {agent_id} is not suspended")
         self._send(live, signal.SIGCONT)
         live.suspended = False
-        self.k.llm.pause(f"agent:{agent_id}", False)
-        self.k.db.write("UPDATE agents SET state='running' WHERE id=?", (agent_id,))
-        self.k.audit.append(caller_principal, "resume", agent=agent_id)
+        self.llm.pause(f"agent:{agent_id}", False)
+        self.db.write("UPDATE agents SET state='running' WHERE id=?", (agent_id,))
+        self.audit.append(caller_principal, "resume", agent=agent_id)
 
     def _running(self, agent_id: int) -> Live:
         live = self.live.get(agent_id)
@@ -680,13 +705,13 @@ class ProcessTable:
     def exit(self, agent_id: int, result: Any) -> None:
         """The agent declares itself done: record its result; it must exit within the grace."""
         blob = msgspec.msgpack.encode(result)
-        if len(blob) > self.k.config.result_bytes:
+        if len(blob) > self.config.result_bytes:
             raise Fault(abi.ErrorCode.EINVAL, f"result is {len(blob)} bytes, over the "
-                         f"{self.k.config.result_bytes}-byte limit")
-        self.k.db.write("UPDATE agents SET result=? WHERE id=?", (blob, agent_id))
+                         f"{self.config.result_bytes}-byte limit")
+        self.db.write("UPDATE agents SET result=? WHERE id=?", (blob, agent_id))
         live = self.live[agent_id]
         live.exiting = True
-        self.k.calls.after(self.k.config.kill_grace, lambda: self._finish_off(live))
+        self.calls.after(self.config.kill_grace, lambda: self._finish_off(live))
 
     def _finish_off(self, live: Live) -> None:
         """An agent that reported its result but is still exiting after the grace (a slow
@@ -699,7 +724,7 @@ class ProcessTable:
     def logs(self, args: abi.LogsArgs) -> abi.LogChunk:
         self._row(args.id, with_result=False)
         try:
-            with open(self.k.state.open_log(args.id, args.stream, os.O_RDONLY), "rb") as f:
+            with open(self.state.open_log(args.id, args.stream, os.O_RDONLY), "rb") as f:
                 if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
                     raise OSError("not a regular file")
                 f.seek(args.offset)
@@ -708,7 +733,7 @@ class ProcessTable:
         except FileNotFoundError:
             data, size = b"", 0
         except OSError as exc:  # ELOOP from O_NOFOLLOW: something replaced the log
-            self.k.audit.append("kernel", "log-tampered", agent=args.id, stream=args.stream,
+            self.audit.append("kernel", "log-tampered", agent=args.id, stream=args.stream,
                                 error=str(exc))
             raise Fault(abi.ErrorCode.EPERM, f"log of agent {args.id} was tampered with") from None
         end = args.offset + len(data)
