@@ -31,6 +31,7 @@ they have no fd, so the loop could only wait on them through a thread per agent.
 
 from __future__ import annotations
 
+import ctypes
 import enum
 import fcntl
 import mmap
@@ -255,6 +256,35 @@ class CompletionProducer(_Ring):
         return n
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_long)
+
+
+def map_shared(fd: int, size: int) -> mmap.mmap:
+    """A shared read-write mapping of `fd` that holds no fd of its own. `mmap.mmap(fd)` keeps a
+    dup of `fd` as long as the mapping lives (until Python 3.13's `trackfd=False`): two per
+    agent's rings, which is what ran a kernel of 2,000 agents out of RLIMIT_NOFILE. Here Python
+    maps anonymous memory of the size (no fd) and the segment's pages replace it at the same
+    address (MAP_FIXED, atomic): the object is an ordinary mmap (bounds-checked, unmapped by
+    `close`, ValueError once closed) over the segment."""
+    segment = mmap.mmap(-1, size)
+    try:
+        view = (ctypes.c_char * size).from_buffer(segment)
+        address = ctypes.addressof(view)
+        del view  # no export left, so `close` can unmap it later
+        got = _libc.mmap(address, size, mmap.PROT_READ | mmap.PROT_WRITE,
+                         mmap.MAP_SHARED | 0x10, fd, 0)  # 0x10: MAP_FIXED
+        if got != address:
+            err = ctypes.get_errno()
+            raise OSError(err, f"mmap of a ring segment: {os.strerror(err)}")
+    except BaseException:
+        segment.close()
+        raise
+    return segment
+
+
 @dataclass
 class _Segment:
     """One mapped ring segment and the fd behind it."""
@@ -284,7 +314,7 @@ class _Segment:
             os.fchmod(fd, 0o600)  # shm_open applies the umask; a memfd starts at 0777
             if owner_uid is not None:
                 os.fchown(fd, owner_uid, -1)
-            segment_map = mmap.mmap(fd, geometry.size)
+            segment_map = map_shared(fd, geometry.size)
         except BaseException:
             os.close(fd)
             if name is not None:
@@ -307,7 +337,7 @@ class _Segment:
         self.release_fd()
 
     def release_fd(self) -> None:
-        """Close the fd (the mapping keeps the segment: Python's mmap holds a dup of its own)."""
+        """Close the fd (the mapping keeps the segment, and holds no fd: `map_shared`)."""
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

@@ -186,3 +186,36 @@ def test_spec_is_validated_when_decoded() -> None:
     with pytest.raises(RingError):
         AgentRings.attach(RingSpec(capacity=8, slot_size=64,
                                    submission="/agentos-" + "0" * 32, completion=4))
+
+
+def test_a_handed_over_pair_holds_only_its_doorbells() -> None:
+    """The kernel's fds per agent: once its rings are handed over, two doorbells and no
+    segment fd (Python's mmap of an fd keeps a dup of it; `map_shared` does not), while the
+    mapping still is the segment the agent maps."""
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    before = open_fds()
+    pairs = [RingPair.create(8, 256) for _ in range(5)]
+    for pair in pairs:
+        pair.handed_over()
+    assert open_fds() - before == 2 * len(pairs)
+    for pair in pairs:
+        pair.close()
+    assert open_fds() == before
+
+    from kernel.doors.ring import map_shared
+
+    fd = os.memfd_create("probe", os.MFD_CLOEXEC)
+    os.ftruncate(fd, 8192)
+    mapped = map_shared(fd, 8192)
+    other = __import__("mmap").mmap(fd, 8192)  # an independent mapping of the same segment
+    os.close(fd)
+    mapped[4096:4101] = b"hello"
+    assert other[4096:4101] == b"hello"
+    other[0:3] = b"abc"
+    assert mapped[0:3] == b"abc"
+    mapped.close()
+    other.close()
+    with pytest.raises(ValueError):
+        mapped[0]
