@@ -62,10 +62,11 @@ _INFO_COLUMNS = ("id, name, state, path, pid, started_at, ended_at, exit_status,
                  "sandbox, layers, uid, restart, restarts, log_dropped, model, venv")
 _LAYER_STATUSES = {int(status) for status in LAYER_EXIT.values()}
 # The kernel's fds per running sandboxed agent: its pidfd, two log pipes, its endpoint's listener
-# and connection, its HTTP door and egress listeners, two ring mappings and two doorbells, its
-# uid lease (tests/kernel/proc/test_zygote.py checks it); what the kernel holds besides; the agent
-# count below which a boot warns that RLIMIT_NOFILE is the ceiling.
-FDS_PER_AGENT = 12
+# and connection, its HTTP door and egress listeners, two ring doorbells (the rings' mappings
+# hold no fd: kernel/doors/ring.py map_shared; uid leases share one: kernel/proc/uids.py),
+# measured by tests/kernel/proc/test_zygote.py; what the kernel holds besides; the agent count
+# below which a boot warns that RLIMIT_NOFILE is the ceiling.
+FDS_PER_AGENT = 9
 FDS_BASE = 256
 SCALE_AGENTS = 2000
 

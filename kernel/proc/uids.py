@@ -4,8 +4,11 @@ A reap kills every process of the agent's uid, so a uid must belong to one agent
 from its allocation until its last cleanup. Looking for processes of a uid (what
 `sandbox.allocate_uid` does) is not enough: between an agent's exit and its kernel's reap,
 another kernel sees the uid idle, takes it, and the first kernel's reap kills its new owner.
-A lease is an exclusive `flock` on `/run/agentos/uids/<uid>`, held by the kernel process as
-long as the uid is its own; the kernel's death releases it, so a crashed kernel leaks none.
+A lease is an exclusive open-file-description lock (`F_OFD_SETLK`) on byte `<uid>` of one file,
+`/run/agentos/uids.lock`, held by the kernel as long as the uid is its own; the kernel's death
+releases it, so a crashed kernel leaks none. One fd holds every lease of a kernel (a file and an
+fd per uid would cost an fd per agent, and fds are what bound how many agents a kernel holds);
+OFD locks of two kernels conflict, those of one never do, so the kernel keeps its own set too.
 """
 
 from __future__ import annotations
@@ -13,26 +16,29 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import struct
 from pathlib import Path
 
 log = logging.getLogger("kernel.proc")
 
-LEASE_DIR = Path("/run/agentos/uids")
+LEASE_FILE = Path("/run/agentos/uids.lock")
+F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)  # Linux's number, where Python lacks the name
+
+
+def _lock(fd: int, kind: int, uid: int) -> None:
+    """`kind` (F_WRLCK or F_UNLCK) on byte `uid`; BlockingIOError if another holds it. struct
+    flock: l_type, l_whence (shorts), l_start, l_len (off_t), l_pid (0 for OFD locks)."""
+    fcntl.fcntl(fd, F_OFD_SETLK, struct.pack("hhqqi4x", kind, os.SEEK_SET, uid, 1, 0))
 
 
 class UidLeases:
     """The uids this kernel holds, by owner (an agent id or a tool's key)."""
 
-    def __init__(self, directory: Path = LEASE_DIR) -> None:
-        self.directory = directory
-        self._fds: dict[int, int] = {}  # uid -> the open lock file
+    def __init__(self, path: Path = LEASE_FILE) -> None:
+        self.path = path
+        self._fd = -1  # the lock file, opened at the first lease
+        self._uids: set[int] = set()
         self._owner: dict[object, int] = {}  # owner -> uid
-        self._ready = False
-
-    def _open_dir(self) -> None:
-        if not self._ready:
-            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            self._ready = True
 
     def take(self, uid: int, owner: object) -> bool:
         """Lease `uid` for `owner`; False if another kernel holds it. Taking a uid this kernel
@@ -40,36 +46,37 @@ class UidLeases:
         held = self._owner.get(owner)
         if held == uid:
             return True
-        if uid in self._fds:
+        if uid in self._uids:
             return False  # this kernel's, for another owner
-        self._open_dir()
-        fd = os.open(self.directory / str(uid), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        if self._fd < 0:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return False
+            _lock(self._fd, fcntl.F_WRLCK, uid)
+        except (BlockingIOError, PermissionError):
+            return False  # EAGAIN or EACCES: another kernel's
         if held is not None:
             self.release(owner)  # an owner holds one uid at a time
-        self._fds[uid] = fd
+        self._uids.add(uid)
         self._owner[owner] = uid
         return True
 
     def release(self, owner: object) -> None:
-        """The owner is over: its uid may go to anyone. The lock file stays (unlinking it
-        would race with a kernel about to lock it)."""
+        """The owner is over: its uid may go to anyone."""
         uid = self._owner.pop(owner, None)
         if uid is not None:
-            os.close(self._fds.pop(uid))
+            self._uids.discard(uid)
+            _lock(self._fd, fcntl.F_UNLCK, uid)
 
     def held(self, uid: int) -> bool:
-        return uid in self._fds
+        return uid in self._uids
 
     def __len__(self) -> int:
-        return len(self._fds)
+        return len(self._uids)
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        if self._fd >= 0:
+            os.close(self._fd)  # every lease with it
+            self._fd = -1
+        self._uids.clear()
         self._owner.clear()

@@ -153,8 +153,8 @@ def test_the_exec_launcher_still_runs_agents_with_the_zygote_off(base: Path) -> 
 
 def test_an_idle_agent_costs_the_kernel_at_most_fds_per_agent(zkernel: KernelProcess) -> None:
     """pidfd, two log pipes, its endpoint's listener and connection, its door and egress
-    listeners, the two ring mappings' fds and doorbells, its uid lease: what bounds how many
-    agents a kernel holds under RLIMIT_NOFILE (no log files, no passed ring memfds kept)."""
+    listeners, its two ring doorbells: what bounds how many agents a kernel holds under
+    RLIMIT_NOFILE (no log files, no ring segment fds, no fd per uid lease)."""
     assert zkernel.proc is not None
     kernel_fds = f"/proc/{zkernel.proc.pid}/fd"
     with zkernel.connect() as conn:
