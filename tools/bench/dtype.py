@@ -7,8 +7,9 @@ SmolLM2 from the model store, once per dtype, each in an engine of its own (no k
 benchmark's agents' prompts (tools/bench/workload.py: shared system prompt, agent i's question)
 run greedy as one batch in each dtype, then `--single` of them one at a time (the latency a lone
 agent sees). A later turn's history holds the float32 reply, so both dtypes always get the same
-prompts. Prints tok/s and tok per CPU-second of each dtype, how many outputs are identical token
-for token, the mean common prefix in tokens, and a last RESULT line.
+prompts. Prints tok/s and tok per CPU-second of each dtype (with --threads 1 on a shared
+machine, the second is the steadier), how many outputs are identical token for token, the mean
+common prefix in tokens, and a last RESULT line.
 """
 
 from __future__ import annotations
@@ -117,23 +118,32 @@ def main() -> int:
     prefixes = [common_prefix(a, b) for a, b in pairs]
     lengths = [len(a) for a, _ in pairs]
     print(f"\n{'dtype':<9} {'batch':>5} {'tokens':>6} {'tok/s':>7} {'tok/cpu-s':>9}")
-    rate = {}
+    rate, per_cpu = {}, {}
     for label, table, batch in (("batched", batched, args.prompts), ("single", single, 1)):
         for dtype in dtypes:
             t = table[dtype]
             if not t["tokens"]:
                 continue
             rate[label, dtype] = t["tokens"] / t["wall"]
+            per_cpu[label, dtype] = t["tokens"] / t["cpu"]
             print(f"{dtype:<9} {batch:>5} {t['tokens']:>6} {rate[label, dtype]:7.1f} "
-                  f"{t['tokens'] / t['cpu']:9.1f}")
-    print(f"\ngreedy outputs identical fp32 vs bf16: {same}/{len(pairs)} "
+                  f"{per_cpu[label, dtype]:9.1f}")
+    print()
+    for turn in range(args.turns):
+        part = pairs[turn * args.prompts:(turn + 1) * args.prompts]
+        print(f"turn {turn + 1}: identical {sum(a == b for a, b in part)}/{len(part)}, common "
+              f"prefix mean {statistics.mean(common_prefix(a, b) for a, b in part):.1f} tokens")
+    print(f"greedy outputs identical fp32 vs bf16: {same}/{len(pairs)} "
           f"({100 * same / len(pairs):.0f}%); common prefix mean {statistics.mean(prefixes):.1f}"
           f" of {statistics.mean(lengths):.1f} fp32 tokens, median {statistics.median(prefixes)}")
     line = (f"RESULT identical={100 * same / len(pairs):.0f}% "
             f"common_prefix_mean={statistics.mean(prefixes):.1f} "
             f"fp32_tok_s={rate['batched', 'float32']:.1f} "
             f"bf16_tok_s={rate['batched', 'bfloat16']:.1f} "
-            f"speedup_bf16={rate['batched', 'bfloat16'] / rate['batched', 'float32']:.2f}")
+            f"speedup_bf16={rate['batched', 'bfloat16'] / rate['batched', 'float32']:.2f} "
+            # per CPU-second: the steadier figure on a shared machine
+            f"speedup_bf16_cpu="
+            f"{per_cpu['batched', 'bfloat16'] / per_cpu['batched', 'float32']:.2f}")
     if ("single", "float32") in rate:
         line += (f" single_fp32_tok_s={rate['single', 'float32']:.1f}"
                  f" single_bf16_tok_s={rate['single', 'bfloat16']:.1f}")
