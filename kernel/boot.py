@@ -13,6 +13,7 @@ from pathlib import Path
 from kernel.config import Config, parse_model_flag
 from kernel.state import StateError
 from sdk import layout
+from sdk.models import DTYPES
 
 log = logging.getLogger("kernel")
 
@@ -32,6 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "config: --alias gpt-4o-mini=smollm2")
     p.add_argument("--scheduler", choices=("fifo", "rr", "priority", "fair", "las"),
                    help="LLM scheduling policy for every model (default fair)")
+    p.add_argument("--dtype", choices=DTYPES,
+                   help="what every local model computes in (default auto: bfloat16 where the "
+                        "CPU or GPU runs it natively, else float32)")
     p.add_argument("--preload", action="store_true", default=None,
                    help="load the models at boot, not at their first request")
     p.add_argument("--listen", metavar="tcp://HOST:PORT",
@@ -95,6 +99,8 @@ def daemonize(args: argparse.Namespace, state: Path) -> int:
         child_argv += ["--model", model]
     if args.scheduler:
         child_argv += ["--scheduler", args.scheduler]
+    if args.dtype:
+        child_argv += ["--dtype", args.dtype]
     if args.preload:
         child_argv += ["--preload"]
     if args.listen:
@@ -159,9 +165,9 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError(f"bad --alias {text!r}: want NAME=MODEL")
             config.aliases[alias] = target
         config.model_aliases()
-        if args.scheduler:
-            for model in config.models.values():
-                model.scheduler = args.scheduler
+        for model in config.models.values():
+            model.scheduler = args.scheduler or model.scheduler
+            model.dtype = args.dtype or model.dtype
     except (OSError, ValueError, TypeError) as exc:
         print(f"agentos: EINVAL: bad configuration: {exc}", file=sys.stderr)
         return 2

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from sdk import layout
+from sdk.models import DTYPES
 from sdk.syscalls import known_op
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # sdk.abi.Name's pattern: a model's name
@@ -25,7 +26,10 @@ class ModelConfig:
     # base URL of an OpenAI-compatible server (`http://host:port/v1`).
     source: str = ""
     device: str = "auto"  # cpu | cuda:N | auto
-    dtype: str = "float32"  # float32 | bfloat16 | auto
+    # What the model computes in, whatever its weights are stored in: float32 | bfloat16 |
+    # float16 | auto (bfloat16 where the device computes it natively: a CUDA GPU with bf16, a
+    # CPU with AVX512-BF16 or AMX; float32 elsewhere), resolved once when the model loads.
+    dtype: str = "auto"
     scheduler: str = "fair"  # fifo | rr | priority | fair | las
     scheduler_options: dict[str, Any] = field(default_factory=dict)
     # 64: at 32, half of 64 concurrent agents wait a whole call for a row (vLLM's CPU build
@@ -64,6 +68,14 @@ class ModelConfig:
     def remote(self) -> bool:
         return self.source.startswith(("http://", "https://"))
 
+    @property
+    def stored(self) -> str | None:
+        """Its model-store name; None when it comes from a directory, a .gguf or a server."""
+        if self.remote:
+            return None
+        source = Path(self.source).expanduser()
+        return None if source.is_absolute() or source.exists() else self.source
+
     @classmethod
     def parse(cls, name: str, table: dict[str, Any]) -> ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)} - {"name"}
@@ -73,6 +85,9 @@ class ModelConfig:
         config = cls(name=name, **table)
         if not config.source:
             config.source = name
+        if config.dtype not in DTYPES:
+            raise ValueError(f"[models.{name}]: bad dtype {config.dtype!r}: one of "
+                             f"{', '.join(DTYPES)}")
         return config
 
 

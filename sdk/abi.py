@@ -225,9 +225,13 @@ class ModelInfo(msgspec.Struct, frozen=True, omit_defaults=True):
     name: str
     backend: str  # local | openai
     device: str | None = None
-    dtype: str | None = None
+    dtype: str | None = None  # as configured: float32 | bfloat16 | float16 | auto
     default: bool = False
     aliases: list[str] = []  # other names it answers to (kernel config `[aliases]`)
+    # What the loaded model computes in (`auto` resolved for its device); None until it has
+    # loaded, and for a remote model.
+    running_dtype: str | None = None
+    stored: str | None = None  # its model-store name; None: a directory, a .gguf or a server
 
 
 class AgentInfo(msgspec.Struct, frozen=True, omit_defaults=True):

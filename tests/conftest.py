@@ -55,12 +55,18 @@ class KernelProcess:
         self.extra_args: list[str] = []
         self.module = "kernel"  # what `python -m` runs: a test may wrap the kernel's main
         self.prefix: list[str] = []  # a command the kernel runs under (setpriv, as systemd would)
+        # Its models compute in float32 whatever the CPU (the kernel's default, `auto`, is
+        # bfloat16 on one with AVX512-BF16): greedy outputs compared with float32 references,
+        # or across batch compositions, are the same on every machine. None: no --dtype flag,
+        # the config's and the kernel's default hold (the tests of `auto`).
+        self.dtype: str | None = "float32"
 
     def start(self, wait: bool = True) -> KernelProcess:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the kernel
         self.proc = subprocess.Popen(
             [*self.prefix, sys.executable, "-m", self.module, "--state-dir", str(self.state_dir),
-             "--log-format", "text", "--sandbox", TEST_TIER, *self.extra_args],
+             "--log-format", "text", "--sandbox", TEST_TIER,
+             *(["--dtype", self.dtype] if self.dtype else []), *self.extra_args],
             stdout=self._log, stderr=self._log, env=self.env, cwd=ROOT)
         if wait:
             self.wait_ready()

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from functools import partial
 
+import sdk
+from sdk import abi, layout
 from sdk.models import DTYPES, ENV_MODEL_DIR, ModelNotFound, ModelStore, StoreError, check_name
 from userland.subcommand import JSON_HELP, subcommand
 
@@ -65,17 +67,50 @@ def cmd_pull(args: argparse.Namespace) -> int:
         raise
 
 
+def _served(args: argparse.Namespace) -> dict[str, list[abi.ModelInfo]]:
+    """The running kernel's models by the store name each loads from ({} with no kernel): what
+    a stored model runs in is the kernel's to say (`auto` resolves when a model loads)."""
+    try:
+        with sdk.connect(state_dir=layout.state_dir(getattr(args, "state_dir", None)),
+                         timeout=5.0) as conn:
+            infos = conn.llm.models()
+    except sdk.SyscallError:
+        return {}
+    served: dict[str, list[abi.ModelInfo]] = {}
+    for info in infos:
+        if info.stored is not None:
+            served.setdefault(info.stored, []).append(info)
+    return served
+
+
+def _runs(name: str, infos: list[abi.ModelInfo]) -> str:
+    """What the kernel computes a stored model in: `bfloat16`, `unloaded` until its first
+    request, `-` when no kernel serves it; another served name or device says so."""
+    cells = []
+    for info in infos:
+        cell = info.running_dtype or "unloaded"
+        if info.device not in (None, "cpu"):
+            cell += f"@{info.device}"
+        cells.append(cell if info.name == name else f"{info.name}={cell}")
+    return ",".join(cells) or "-"
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     try:
         models = _store(args).list()
     except (StoreError, OSError) as exc:
         return _error(exc)
+    served = _served(args)
     if args.json:
-        print(json.dumps([m.to_dict() for m in models]))
+        print(json.dumps([{**m.to_dict(), "served": [
+            {"name": i.name, "device": i.device, "running_dtype": i.running_dtype}
+            for i in served.get(m.name, [])]} for m in models]))
         return 0
-    print(f"{'NAME':<16} {'PARAMS':>7} {'DTYPE':<9} {'SIZE':>9}  {'CREATED':<20}  SOURCE")
+    print(f"{'NAME':<16} {'PARAMS':>7} {'STORED':<9} {'RUNS':<9} {'SIZE':>9}  {'CREATED':<20}  "
+          "SOURCE")
     for m in models:
-        print(f"{m.name:<16} {_params(m.params):>7} {m.dtype:<9} {_size(m.size):>9}  "
+        print(f"{m.name:<16} {_params(m.params):>7} {m.dtype:<9} "
+              f"{_runs(m.name, served.get(m.name, [])):<9} {_size(m.size):>9}  "
               f"{m.created:<20}  {_source(m.source)}")
     return 0
 
@@ -132,7 +167,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--force", action="store_true", help="replace a model already stored")
     sp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
-    sp = command("list", cmd_list, "list the stored models")
+    sp = command("list", cmd_list, "list the stored models: the dtype each is stored in and, "
+                 "for those the running kernel serves, the one it computes in (RUNS)")
     sp.add_argument("--json", action="store_true", help=JSON_HELP)
 
     sp = command("rm", cmd_rm, "remove a model from the store")

@@ -48,13 +48,16 @@ class Sample:
     at: float
     stats: abi.Stats
     agents: list[abi.AgentInfo]
+    models: dict[str, abi.ModelInfo] = field(default_factory=dict)
     procs: dict[int, tuple[float, int] | None] = field(default_factory=dict)
 
 
 def sample(conn: sdk.Connection) -> Sample:
     stats = conn.sys.stats()
     agents = [a for a in conn.proc.ps() if a.state in ("starting", "running")]
-    return Sample(time.monotonic(), stats, agents, {a.id: _proc_sample(a.pid) for a in agents})
+    models = {m.name: m for m in conn.llm.models()}
+    return Sample(time.monotonic(), stats, agents, models,
+                  {a.id: _proc_sample(a.pid) for a in agents})
 
 
 def _mb(n: float) -> str:
@@ -88,12 +91,17 @@ def render(now: Sample, before: Sample | None) -> Group:
                        _mb(proc[1]) if proc else "-", calls, str(tokens))
 
     llm = Table(title="LLM", title_justify="left", expand=True)
-    for col in ("MODEL", "WAITING", "RUNNING", "PREEMPTED", "BATCH", "TOK/S", "TOKENS",
+    for col in ("MODEL", "DTYPE", "WAITING", "RUNNING", "PREEMPTED", "BATCH", "TOK/S", "TOKENS",
                 "PREEMPTIONS", "KV"):
-        llm.add_column(col, justify="left" if col == "MODEL" else "right")
-    for name in sorted(set(s.models) | set(s.llm_usage)):
+        llm.add_column(col, justify="left" if col in ("MODEL", "DTYPE") else "right",
+                       min_width=8 if col == "DTYPE" else None)  # bfloat16, whole at 80 columns
+    for name in sorted(set(s.models) | set(s.llm_usage) | set(now.models)):
         m, u = s.models.get(name, {}), s.llm_usage.get(name, {})
-        llm.add_row(name, f"{m.get('queued', m.get('waiting', 0)):.0f}",
+        info = now.models.get(name)
+        # What a local model computes in once loaded (`auto` resolved); before, what was asked.
+        dtype = ("-" if info is None or info.backend != "local"
+                 else info.running_dtype or f"({info.dtype})")
+        llm.add_row(name, dtype, f"{m.get('queued', m.get('waiting', 0)):.0f}",
                     f"{m.get('running', m.get('in_flight', 0)):.0f}",
                     f"{m.get('preempted', 0):.0f}", f"{m.get('batch_capacity', 0):.0f}",
                     f"{m.get('tokens_per_s', u.get('tokens_per_s', 0)):.1f}",

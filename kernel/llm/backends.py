@@ -45,32 +45,32 @@ def check_files(config: ModelConfig) -> None:
         Cache().checked(config.source)
 
 
-def load_model(config: ModelConfig) -> tuple[Any, Any, str]:
-    """(model, tokenizer, device) for a cache name, a local HF directory or a .gguf file."""
+def load_model(config: ModelConfig) -> tuple[Any, Any, str, str]:
+    """(model, tokenizer, device, dtype) for a cache name, a local HF directory or a .gguf
+    file; `dtype` is what it computes in, `auto` resolved here, once, for its device."""
     check_files(config)
     source = Path(config.source).expanduser()
     local = source.is_absolute() or source.exists()
     import torch
 
-    from kernel.llm.store import ModelStore, resolve_device
+    from kernel.llm.store import ModelStore, resolve_device, resolve_dtype
 
     torch.set_num_threads(config.threads or os.cpu_count() or 1)
     device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
     if local:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
-                 "float16": torch.float16}.get(config.dtype, "auto")
         kwargs: dict[str, Any] = {"gguf_file": source.name} if source.suffix == ".gguf" else {}
         where = source.parent if kwargs else source
         tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=True, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(where, local_files_only=True, dtype=dtype,
-                                                     **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(where, local_files_only=True,
+                                                     dtype=getattr(torch, dtype), **kwargs)
         model.to(device).eval()
-        return model, tokenizer, device
-    model, tokenizer = ModelStore().load(config.source, device=device, dtype=config.dtype)
-    return model, tokenizer, device
+    else:
+        model, tokenizer = ModelStore().load(config.source, device=device, dtype=dtype)
+    return model, tokenizer, device, str(model.dtype).removeprefix("torch.")
 
 
 class LocalBackend:
@@ -90,14 +90,15 @@ class LocalBackend:
         check_files(config)
         from kernel.llm.engine import Engine
 
-        self.model, self.tokenizer, self.device = load_model(config)
+        self.model, self.tokenizer, self.device, self.dtype = load_model(config)
         self.engine = Engine(self.model, self.tokenizer, max_batch=config.max_batch,
                              prefill_chunk=config.prefill_chunk, device=self.device)
         self.sched = make_scheduler(config.scheduler, budget=token_budget(config.agent_max_tokens),
                                     **config.scheduler_options)
         self.pressure = MemoryPressure(int(config.kv_budget_mb * 2**20), config.max_batch)
         log.info("model loaded", extra={"model": config.name, "device": self.device,
-                                        "dtype": config.dtype, "scheduler": config.scheduler,
+                                        "dtype": self.dtype, "dtype_asked": config.dtype,
+                                        "scheduler": config.scheduler,
                                         "seconds": round(time.monotonic() - started, 3)})
 
     def admit(self, gen: Generation) -> None:
@@ -198,7 +199,7 @@ class RemoteBackend:
         self.remote = RemoteModel(config.source.rstrip("/"), config.remote_model or config.name,
                                   api_key=key, timeout=config.remote_idle_s)
         self.sched = make_scheduler("fifo", budget=token_budget(config.agent_max_tokens))
-        self.device = None
+        self.device = self.dtype = None
         self._wake = wake
         self._args: dict[int, abi.ChatArgs] = {}  # admitted, not yet streaming
         self._cancel: dict[int, threading.Event] = {}  # streaming

@@ -74,7 +74,8 @@ class LLMCore:
         default = self.config.default_model
         return [abi.ModelInfo(name=name, backend="openai" if w.config.remote else "local",
                               device=w.device, dtype=w.config.dtype, default=name == default,
-                              aliases=sorted(a for a, t in self.aliases.items() if t == name))
+                              aliases=sorted(a for a, t in self.aliases.items() if t == name),
+                              running_dtype=w.dtype, stored=w.config.stored)
                 for name, w in self.workers.items()]
 
     def dependencies(self) -> list[abi.DependencyInfo]:

@@ -54,21 +54,63 @@ def resolve_device(device: str = "auto") -> str:
     return device
 
 
+# x86 CPU flags of native bf16 arithmetic: AVX512-BF16 dot products, AMX bf16 tiles.
+_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+def cpu_runs_bf16() -> bool:
+    """True when this CPU computes bf16 natively (AVX512-BF16 or AMX-BF16) and torch's CPU
+    kernels run at the AVX512 level (ATEN_CPU_CAPABILITY may hold them lower). Without that,
+    bf16 is converted to float32 around every operation: slower than float32 itself."""
+    import torch
+
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        return False
+    probe = getattr(torch.cpu, "get_capabilities", None)  # torch's cpuinfo, since torch 2.7
+    if probe is not None:
+        capabilities = probe()
+        return any(capabilities.get(flag) for flag in _BF16_FLAGS)
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f
+                          if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return not _BF16_FLAGS.isdisjoint(flags)
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """`auto` is bfloat16 where `device` computes it natively (a CUDA GPU with bf16, a CPU with
+    AVX512-BF16 or AMX), else float32; any other dtype is itself, checked."""
+    import torch
+
+    if dtype != "auto":
+        _torch_dtype(dtype)
+        return dtype
+    if torch.device(device).type == "cuda":
+        with torch.cuda.device(device):
+            native = torch.cuda.is_bf16_supported(including_emulation=False)
+    else:
+        native = cpu_runs_bf16()
+    return "bfloat16" if native else "float32"
+
+
 class ModelStore(models.ModelStore):
     """The model cache, plus what needs torch: pulling (converting) and loading."""
 
     def load(self, name: str, device: str = "cpu", dtype: str = "float32"
              ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
         """(model, tokenizer) from the store, never from the network; sizes are checked first
-        (`verify` hashes every file)."""
-        directory, manifest = self.checked(name)
+        (`verify` hashes every file). `auto` computes in what the device runs best
+        (`resolve_dtype`), whatever dtype the weights are stored in."""
+        directory, _ = self.checked(name)
         # Set before transformers is first imported, as huggingface_hub reads it at import time;
         # local_files_only below covers the case where it was imported already.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         target = resolve_device(device)
-        torch_dtype = _torch_dtype(manifest["dtype"] if dtype == "auto" else dtype)
+        torch_dtype = _torch_dtype(resolve_dtype(dtype, target))
         with _transformers_quiet():
             model = AutoModelForCausalLM.from_pretrained(
                 directory, dtype=torch_dtype, device_map=target, local_files_only=True)

@@ -71,6 +71,7 @@ class ModelWorker(threading.Thread):
         self.loads = 0  # load attempts (a failed load is tried again once its files change)
         self._failed_files: object = None  # the source's files when the load failed
         self.device: str | None = None
+        self.dtype: str | None = None  # what the loaded model computes in (auto resolved)
         self.gens: dict[int, Generation] = {}
         self.published: dict[str, float] = {}  # replaced whole, so readers never see a half
         self._published_at = 0.0
@@ -196,7 +197,7 @@ class ModelWorker(threading.Thread):
         from kernel.llm.backends import LocalBackend
 
         backend = LocalBackend(self.config)
-        self.device = backend.device
+        self.device, self.dtype = backend.device, backend.dtype
         if backend.engine.max_len < 1 << 30:  # the engine's own figure, once it is known
             self.context = backend.engine.max_len
             self.max_prompt_bytes = max_prompt_bytes(self.config, self.context)

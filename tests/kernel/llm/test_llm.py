@@ -38,7 +38,11 @@ def llm_kernel(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> Iter
 def test_models_lists_the_served_model(llm_kernel: KernelProcess) -> None:
     with llm_kernel.connect() as conn:
         (info,) = conn.llm.models()
-    assert info.name == "tiny" and info.backend == "local" and info.default
+        assert info.name == "tiny" and info.backend == "local" and info.default
+        # Once loaded (--preload), in what KernelProcess pins; from a directory, not the store.
+        assert wait_until(lambda: conn.llm.models()[0].running_dtype is not None, timeout=60)
+        (info,) = conn.llm.models()
+    assert (info.dtype, info.running_dtype, info.stored) == ("float32", "float32", None)
 
 
 def test_greedy_chat_equals_plain_generate(llm_kernel: KernelProcess, tiny_dir: Path) -> None:

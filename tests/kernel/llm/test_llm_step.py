@@ -24,7 +24,9 @@ from tests.conftest import wait_until
 
 
 def _config(tiny_dir: Path, **options: object) -> ModelConfig:
-    return ModelConfig(name="tiny", source=str(tiny_dir), **options)  # type: ignore[arg-type]
+    """float32, as the transformers reference its outputs are compared with."""
+    return ModelConfig(name="tiny", source=str(tiny_dir), dtype="float32",
+                       **options)  # type: ignore[arg-type]
 
 
 def _gen(gen_id: int, text: str = "hello there", agent: str = "agent:1", tokenizer: object = None,

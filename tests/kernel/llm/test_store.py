@@ -223,7 +223,7 @@ def test_load_dtype_and_device(pulled: ModelStore, monkeypatch: pytest.MonkeyPat
     import torch
 
     assert pulled.load("tiny", dtype="bfloat16")[0].dtype == torch.bfloat16
-    assert pulled.load("tiny", dtype="auto")[0].dtype == torch.float32
+    assert pulled.load("tiny")[0].dtype == torch.float32
     with pytest.raises(ValueError, match="bad dtype"):
         pulled.load("tiny", dtype="int3")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -234,15 +234,23 @@ def test_load_dtype_and_device(pulled: ModelStore, monkeypatch: pytest.MonkeyPat
     assert resolve_device("auto") == "cuda:0"
 
 
-def test_stored_dtype(store: ModelStore, tiny: Tiny) -> None:
+def test_stored_dtype(store: ModelStore, tiny: Tiny, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`auto` is what the device computes natively, whatever the weights are stored in: bf16
+    weights on a CPU without bf16 load as float32, float32 weights on one with it as bf16."""
     import torch
 
     store.pull("tiny", source=tiny.directory, dtype="bfloat16", progress=False)
     assert store.info("tiny").dtype == "bfloat16"
+    monkeypatch.setattr(store_module, "cpu_runs_bf16", lambda: True)
     model, _ = store.load("tiny", dtype="auto")
     assert model.dtype == torch.bfloat16
-    assert torch.equal(_logits(model.float(), tiny.input_ids),
-                       _logits(store.load("tiny")[0], tiny.input_ids))
+    monkeypatch.setattr(store_module, "cpu_runs_bf16", lambda: False)
+    upcast, _ = store.load("tiny", dtype="auto")
+    assert upcast.dtype == torch.float32
+    assert torch.equal(_logits(model.float(), tiny.input_ids), _logits(upcast, tiny.input_ids))
+    store.pull("tiny", source=tiny.directory, force=True, progress=False)
+    monkeypatch.setattr(store_module, "cpu_runs_bf16", lambda: True)
+    assert store.load("tiny", dtype="auto")[0].dtype == torch.bfloat16
 
 
 # --- integrity -----------------------------------------------------------------------------
