@@ -99,6 +99,7 @@ class Run:
                 "wait_mean_s": statistics.fmean(waits) if waits else None,
                 "wait_p99_s": pct(waits, 99), "jain": jain(done) if done else None,
                 "identical": self.identical, "matched_calls": self.matched,
+                "preemptions": sum(c.get("preemptions", 0) for c in self.all_calls()),
                 "spawn_s": self.spawn_s}
 
 

@@ -35,5 +35,6 @@ class Recorded:
         self.calls.append({"prompt": key, "text": reply.message.content or "",
                            "tokens": reply.usage.completion_tokens,
                            "latency": time.perf_counter() - start,
-                           "queued": reply.queued_ms / 1000, "ttft": reply.ttft_ms / 1000})
+                           "queued": reply.queued_ms / 1000, "ttft": reply.ttft_ms / 1000,
+                           "preemptions": reply.preemptions})
         return reply
