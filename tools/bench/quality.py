@@ -169,7 +169,8 @@ def main() -> int:
         if args.json:
             args.json.write_text(json.dumps(
                 {"items": [x["task_id"] for x in items], "answers": answers, "scores": scores,
-                 "systems": [r.summary() for r in runs.values()], "result": line}, indent=1))
+                 "systems": [r.summary() for r in runs.values()], "result": line,
+                 "calls": {name: r.calls for name, r in runs.items()}}, indent=1))
         print(line, flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
