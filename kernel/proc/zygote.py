@@ -377,11 +377,16 @@ class Zygote:
         return self.popen is not None and self.popen.poll() is None and self.sock is not None
 
     def wait_ready(self, timeout: float) -> bool:
+        """Whether the template is ready, waiting up to `timeout` for it. Its "ready" message
+        is read even at timeout 0: one that came after the first start's wait (a loaded
+        machine) would otherwise never be read, and every later agent would go to the exec
+        launcher."""
         deadline = time.monotonic() + timeout
         with self.lock:
             while not self.ready and self.alive():
-                left = deadline - time.monotonic()
-                if left <= 0 or not self._pump(left):
+                # At least a millisecond: a zero timeout makes the socket non-blocking, and
+                # _pump takes its BlockingIOError for a lost zygote.
+                if not self._pump(max(deadline - time.monotonic(), 0.001)):
                     break
         return self.ready
 

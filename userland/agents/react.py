@@ -78,7 +78,11 @@ def parse(reply: str) -> tuple[str, str] | None:
 class ReAct(Agent):
     def run(self, task: str) -> dict[str, Any]:
         opts = options(sys.argv[1:])
-        task = " ".join(opts.task)
+        return self.solve(" ".join(opts.task), opts)
+
+    def solve(self, task: str, opts: argparse.Namespace) -> dict[str, Any]:
+        """The loop itself, for `opts` as `options` parses them (tools/bench/agents.py runs it
+        in-process too, its model calls made directly: the benchmark's baseline)."""
         tools = {"calculator": self.calculator, "list_files": self.list_files,
                  "read_file": self.read_file, "search_memory": self.search_memory}
         messages = [{"role": "system", "content": SYSTEM},

@@ -45,8 +45,13 @@ def _plain(text: str) -> str:
 
 class Reflexion(Agent):
     def run(self, task: str) -> dict[str, Any]:
-        self.opts = opts = options(sys.argv[1:])
-        task = " ".join(opts.task)
+        opts = options(sys.argv[1:])
+        return self.solve(" ".join(opts.task), opts)
+
+    def solve(self, task: str, opts: argparse.Namespace) -> dict[str, Any]:
+        """The attempts themselves, for `opts` as `options` parses them (tools/bench/quality.py
+        runs it in-process too, its model calls made directly)."""
+        self.opts = opts
         # Attempts are filed under the task's text (case and punctuation aside).
         key = hashlib.sha256(_plain(task).encode()).hexdigest()[:16]
         past = self.past_attempts(key)

@@ -190,3 +190,18 @@ def test_templates_are_bounded_and_further_interpreters_use_the_exec_launcher() 
     zygotes = Zygotes(Log(), limit=0)
     assert zygotes.spawn(sys.executable, "strict", [], "{}", -1, -1, -1, ()) is None
     assert zygotes.by_python == {} and "zygotes_max" in said[0]
+
+
+def test_a_template_that_warms_up_after_the_first_wait_is_used_once_ready() -> None:
+    """The first spawn after boot waits READY_WAIT for the template; on a loaded machine it
+    can take longer. Its "ready" is still read by a later, zero-timeout check, so later agents
+    fork from it instead of all going to the exec launcher for the kernel's life."""
+    from kernel.proc.zygote import Zygote
+
+    zygote = Zygote(sys.executable)
+    assert zygote.start() is None
+    try:
+        assert not zygote.wait_ready(0)  # just started: not yet ready, and no wait for it
+        assert wait_until(lambda: zygote.wait_ready(0), timeout=60)
+    finally:
+        zygote.stop()
