@@ -45,7 +45,9 @@ def test_the_harness_reports_every_system_and_rq1_at_a_tiny_n(tiny_dir: Path,
         assert 1 / 3 <= s["jain"] <= 1.0 and s["wait_mean_s"] >= 0
     # Every agent's one prompt is the same with and without the kernel, so all three match.
     assert systems["agentos/fair"]["matched_calls"] == 3
-    assert systems["agentos/fair"]["identical"] == result["identical"]
+    assert abs(systems["agentos/fair"]["identical"] - result["identical"]) < 1e-3
+    # Both sides computed in the one dtype the harness resolved (greedy texts can match).
+    assert "dtype float32" in out.stdout or "dtype bfloat16" in out.stdout
     assert systems["direct"]["identical"] is None
 
 

@@ -450,6 +450,25 @@ def result_line(n: int, runs: dict[str, Run], policy: str) -> str:
             f" policy={ours.system.split('/')[1] if ours else 'n/a'}")
 
 
+def load_model(directory: Path | None, dtype: str) -> tuple[str, Any, Any, list[str], Path]:
+    """The model both sides run (a directory, or SmolLM2 from the cache) in one dtype, `auto`
+    resolved here as the kernel resolves it: (dtype, model, tokenizer, the kernel's flags,
+    its directory)."""
+    from kernel.llm.store import ModelStore, resolve_dtype
+
+    dtype = resolve_dtype(dtype, "cpu")
+    if directory is not None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).eval()
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        flags = ["--model", f"bench={directory}"]
+    else:
+        model, tokenizer = ModelStore().load("smollm2", dtype=dtype)
+        directory, flags = ModelStore().path("smollm2"), []
+    return dtype, model, tokenizer, [*flags, "--dtype", dtype], directory
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--agents", default="250,500,1000,2000", help="comma list of N")
@@ -461,6 +480,9 @@ def main() -> int:
     p.add_argument("--direct-cap-s", type=float, default=300.0,
                    help="stop the direct baseline after this long (reported as throughput)")
     p.add_argument("--seed", type=int, default=22, help="the agents' tasks")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="what every system computes in; auto is resolved here, once, as the "
+                        "kernel resolves it, so greedy texts can match")
     p.add_argument("--model", type=Path, metavar="DIR",
                    help="a model directory (default: smollm2 from the model cache)")
     p.add_argument("--vllm", type=Path, metavar="VENV",
@@ -480,23 +502,13 @@ def main() -> int:
     unknown = [x for x in policies if x not in POLICIES]
     if unknown:
         p.error(f"no policy {', '.join(unknown)}; the kernel has {', '.join(POLICIES)}")
-    if args.model:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype="float32").eval()
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-        model_flags, model_dir = ["--model", f"bench={args.model}"], args.model
-    else:
-        from kernel.llm.store import ModelStore
-
-        model, tokenizer = ModelStore().load("smollm2")
-        model_flags, model_dir = [], ModelStore().path("smollm2")
+    dtype, model, tokenizer, model_flags, model_dir = load_model(args.model, args.dtype)
     tier = strongest_tier()
     work = Path(tempfile.mkdtemp(prefix="agentos-agents-"))
     work.chmod(0o711)  # agents of their own uids pass through to their homes and files
     agent_file = agent_dir(work)
     print(f"ReAct agents, {args.steps} steps, {args.max_tokens} tokens per call, agents in the "
-          f"{tier} tier; policies {', '.join(policies)}", flush=True)
+          f"{tier} tier; policies {', '.join(policies)}; dtype {dtype}", flush=True)
     report: dict[str, Any] = {"steps": args.steps, "max_tokens": args.max_tokens,
                               "tier": tier, "runs": {}}
     try:

@@ -112,6 +112,8 @@ def main() -> int:
     p.add_argument("--tries", type=int, default=1, help="Reflexion's attempts per item")
     p.add_argument("--max-tokens", type=int, default=192, help="per model call")
     p.add_argument("--policy", default="fair", help="the kernel's scheduling policy")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="what both sides compute in (auto: resolved once, as the kernel does)")
     p.add_argument("--model", type=Path, metavar="DIR",
                    help="a model directory (default: smollm2 from the model cache)")
     p.add_argument("--data", type=Path, help="HumanEval.jsonl(.gz) (default: the wheel's)")
@@ -120,17 +122,7 @@ def main() -> int:
     items = problems(data_file(args.data), args.items)
     argvs = [argv(problem, args.tries, args.max_tokens) for problem in items]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if args.model:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype="float32").eval()
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-        model_flags = ["--model", f"bench={args.model}"]
-    else:
-        from kernel.llm.store import ModelStore
-
-        model, tokenizer = ModelStore().load("smollm2")
-        model_flags = []
+    dtype, model, tokenizer, model_flags, _ = bench.load_model(args.model, args.dtype)
     tier = bench.strongest_tier()
     work = Path(tempfile.mkdtemp(prefix="agentos-quality-"))
     work.chmod(0o711)
@@ -138,7 +130,8 @@ def main() -> int:
         agent_file = bench.agent_dir(work, "reflexion_agent.py", "reflexion.py")
         k = len(items)
         print(f"HumanEval, first {k} problems; Reflexion, {args.tries} tries, "
-              f"{args.max_tokens} tokens per call; agents in the {tier} tier", flush=True)
+              f"{args.max_tokens} tokens per call; agents in the {tier} tier; dtype {dtype}",
+              flush=True)
         direct = bench.Direct(model, tokenizer, cap_s=1e9)
         runs: dict[str, bench.Run] = {
             "direct": bench.in_process("direct", k, argvs, direct.chat,
