@@ -1,7 +1,5 @@
 """`python -m kernel`: boot the agentos kernel in the foreground."""
 
-import sys
+from kernel.boot import exit_now, main
 
-from kernel.boot import main
-
-sys.exit(main())
+exit_now(main())

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sys
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -54,6 +53,6 @@ def _dump(signum: int, frame: Any) -> None:
 signal.signal(signal.SIGUSR1, _dump)
 
 if __name__ == "__main__":
-    from kernel.boot import main
+    from kernel.boot import exit_now, main
 
-    sys.exit(main())
+    exit_now(main())  # as `python -m kernel` ends

@@ -145,9 +145,10 @@ def agent(name: str) -> str:
     return str(AGENTS / f"{name}.py")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random model and tokenizer saved for `--model tiny=PATH` (a few MB)."""
+    """A tiny random model and tokenizer saved for `--model tiny=PATH` (a few MB); one for the
+    whole run: tests read it, and copy it to change it."""
     from tests.tinymodel import tiny_model, tiny_tokenizer
 
     path = tmp_path_factory.mktemp("tiny") / "model"
@@ -164,6 +165,19 @@ def require_smollm2() -> None:
         ModelStore().path("smollm2")
     except ModelNotFound:
         pytest.skip("smollm2 is not cached (agentos model pull smollm2)")
+
+
+@pytest.fixture(scope="session")
+def smollm2_kernel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KernelProcess]:
+    """One kernel serving the real model (the default, preloaded) with an HTTP door, shared by
+    the integration tests: SmolLM2 takes seconds to load, so a run loads it once. Skips the
+    test unless the model is cached."""
+    require_smollm2()
+    k = KernelProcess(tmp_path_factory.mktemp("smollm2") / "state")
+    k.extra_args = ["--preload", "--http", "127.0.0.1:0"]
+    k.start()
+    yield k
+    assert k.stop() == 0
 
 
 def run_calls(k: KernelProcess, name: str, calls: list, caps: tuple[str, ...] = ()) -> list:

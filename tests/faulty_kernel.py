@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import ctypes
 import os
-import sys
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
-from kernel.boot import main
+from kernel.boot import exit_now, main
 from kernel.memory import manager
 from kernel.memory.embed import HashEmbedder
 
@@ -51,4 +50,4 @@ _make = manager.make_embedder
 manager.make_embedder = lambda name: SlowableEmbedder(slow=True) if name == "hash-slow" else \
     _make(name)
 threading.Thread(target=_killer, name="fault-killer", daemon=True).start()
-sys.exit(main())
+exit_now(main())  # as `python -m kernel` ends

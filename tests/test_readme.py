@@ -21,7 +21,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,13 +123,12 @@ def _own_activate(work: Path) -> None:
 def model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> Path:
     """A model store holding the tiny model as `smollm2`, so `agentos model pull smollm2`
     finds it there and returns at once, as it does once the real one is pulled."""
-    from sdk.models import ModelStore
+    from kernel.llm.store import ModelStore
 
+    # In this process, which has torch imported already (tiny_dir): a `model pull` subprocess
+    # would spend seconds importing it again (the CLI's pull has tests of its own).
     store = tmp_path_factory.mktemp("models")
-    done = subprocess.run([sys.executable, "-m", "kernel.llm.store", "pull", "smollm2", "--from",
-                           str(tiny_dir), "--cache-dir", str(store), "--quiet"],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert done.returncode == 0, done.stderr
+    ModelStore(store).pull("smollm2", source=tiny_dir, progress=False)
     assert ModelStore(store).path("smollm2")
     return store
 

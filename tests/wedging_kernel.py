@@ -31,6 +31,6 @@ def _wedging_null(k: Any, call: Any, args: Any) -> Any:
 SYSCALLS["sys.null"] = dataclasses.replace(_null, handler=_wedging_null)
 
 if __name__ == "__main__":
-    from kernel.boot import main
+    from kernel.boot import exit_now, main
 
-    sys.exit(main())
+    exit_now(main())  # as `python -m kernel` ends

@@ -424,4 +424,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # The pull is done and synced (or failed and cleaned up): skip the interpreter's teardown,
+    # which frees torch's and transformers' objects one by one (seconds).
+    os._exit(code)

@@ -6,6 +6,7 @@ import os
 import signal
 import sqlite3
 import time
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -50,14 +51,22 @@ def test_exit_statuses(admin: sdk.Connection) -> None:
     assert admin.proc.wait(plain, timeout=30).exit_status == 3
 
 
-def test_an_agent_finished_off_after_proc_exit_exited_cleanly(admin: sdk.Connection) -> None:
-    """It declared itself done; the kernel's SIGKILL after the grace is cleanup, not failure."""
-    info = admin.proc.wait(admin.proc.spawn(agent("lingers")), timeout=60)
-    assert (info.state, info.exit_status, info.result) == ("exited", 0, {"done": True})
-    rows, since = [], 0
-    while batch := admin.audit.read(since=since):
-        rows, since = rows + batch, batch[-1].seq
-    assert any(r.event == "finished-off" and r.detail.get("agent") == info.id for r in rows)
+def test_an_agent_finished_off_after_proc_exit_exited_cleanly(fresh_kernel: KernelProcess,
+                                                             tmp_path: Path) -> None:
+    """It declared itself done; the kernel's SIGKILL after the grace is cleanup, not failure.
+    (A kernel of its own with a short grace: the default 5 s would only be waited out.)"""
+    config = tmp_path / "kernel.toml"
+    config.write_text("[kernel]\nkill_grace = 1.0\n")
+    fresh_kernel.extra_args = ["--config", str(config)]
+    fresh_kernel.start()
+    with fresh_kernel.connect() as admin:
+        info = admin.proc.wait(admin.proc.spawn(agent("lingers")), timeout=60)
+        assert (info.state, info.exit_status, info.result) == ("exited", 0, {"done": True})
+        rows, since = [], 0
+        while batch := admin.audit.read(since=since):
+            rows, since = rows + batch, batch[-1].seq
+    assert any(r.event == "finished-off" and r.detail.get("agent") == info.id
+               and r.detail.get("grace") == 1.0 for r in rows)
 
 
 def test_async_agent(admin: sdk.Connection) -> None:

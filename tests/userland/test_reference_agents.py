@@ -1,7 +1,8 @@
 """The reference agents of userland/agents, end to end on real kernels: the tiny random model
 for the mechanics that do not depend on what a model says, a scripted OpenAI-compatible model
-where they do (a ReAct trace that calls tools; a worker whose model call hangs), and SmolLM2
-(integration) for the real thing."""
+where they do (a ReAct trace that calls tools; a worker whose model call hangs) or where a
+kernel boots twice (the assistant's restart: no torch to import), and SmolLM2 (integration)
+for the real thing."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import sdk
-from tests.conftest import ROOT, KernelProcess, require_smollm2
+from tests.conftest import ROOT, KernelProcess
 
 AGENTS = ROOT / "userland" / "agents"
 REACT_CAPS = ["llm.chat", "tools.call@tool/calculator"]
@@ -248,8 +249,10 @@ def test_planner_reports_a_worker_that_never_answers_at_its_deadline(
 # --- the assistant ----------------------------------------------------------------------------
 
 def test_assistant_remembers_across_a_kernel_restart(fresh_kernel: KernelProcess,
-                                                     tiny_dir: Path) -> None:
-    fresh_kernel.extra_args = ["--model", f"tiny={tiny_dir}"]
+                                                     scripted: str) -> None:
+    # What it remembers does not depend on what the model says: the scripted model answers
+    # at once and needs no torch in either kernel (the README's tour runs it on a local one).
+    fresh_kernel.extra_args = ["--model", f"script={scripted}"]
     fresh_kernel.start()
     argv = ["--max-tokens", "8"]
     first = run(fresh_kernel, "assistant", [*argv, "My name is Ada."], ["llm.chat"]).result
@@ -271,15 +274,8 @@ def test_assistant_remembers_across_a_kernel_restart(fresh_kernel: KernelProcess
 # --- SmolLM2 ----------------------------------------------------------------------------------
 
 @pytest.mark.integration
-def test_react_on_smollm2_ends_cleanly(tmp_path: Path) -> None:
-    require_smollm2()
-    k = KernelProcess(tmp_path / "state")
-    k.extra_args = ["--preload"]
-    k.start()
-    try:
-        out = run(k, "react", ["What is 17 * 23?"], REACT_CAPS, timeout=600).result
-    finally:
-        assert k.stop() == 0
+def test_react_on_smollm2_ends_cleanly(smollm2_kernel: KernelProcess) -> None:
+    out = run(smollm2_kernel, "react", ["What is 17 * 23?"], REACT_CAPS, timeout=600).result
     print(json.dumps(out, indent=1))  # what SmolLM2 did (pytest -s shows it)
     assert 1 <= out["steps"] <= 6
     for step in out["trace"]:  # every step but a finish got an observation

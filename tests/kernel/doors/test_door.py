@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -91,19 +90,15 @@ def test_the_host_loopback_is_out_of_reach(door: KernelProcess) -> None:
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
     accepted: list[object] = []
-    listener.settimeout(8)
-
-    def accept() -> None:
-        try:
-            accepted.append(listener.accept())
-        except OSError:
-            pass
-
-    t = threading.Thread(target=accept)
-    t.start()
     _, steps = run_agent(door, ["llm.*"], {"probe": ["127.0.0.1", port], "sockets": True},
                          name="prober")
-    t.join()
+    # The probe's connect returned before the agent ended: a connection it made is in the
+    # listener's backlog by now (accept returns it even once closed), so a short look suffices.
+    listener.settimeout(0.5)
+    try:
+        accepted.append(listener.accept())
+    except OSError:
+        pass
     listener.close()
     assert "error" in steps["probe"] and not accepted
     # The filter lets it make TCP sockets for its own loopback, and no other family.

@@ -15,7 +15,7 @@ import pytest
 
 import sdk
 from kernel.llm.chat import parse_reply
-from tests.conftest import KernelProcess, agent, require_smollm2, wait_until
+from tests.conftest import KernelProcess, agent, wait_until
 
 HELLO = [{"role": "user", "content": "hello there"}]
 
@@ -31,6 +31,32 @@ def _boot(state: Path, *flags: str, env: dict[str, str] | None = None) -> Kernel
 def llm_kernel(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> Iterator[KernelProcess]:
     k = _boot(tmp_path_factory.mktemp("llm") / "state", "--model", f"tiny={tiny_dir}",
               "--preload")
+    yield k
+    assert k.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def limited(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> Iterator[KernelProcess]:
+    """One kernel for the tests of per-model limits: the tiny model under four names, each
+    with the one setting its test is about (the limits are per model, so none sees another's):
+    `quota` a lifetime token budget, `tight` a KV budget that forces preemption, `capped` two
+    calls in flight per agent, `refusing` a chat template that raises. One boot, not four."""
+    import shutil
+
+    tmp = tmp_path_factory.mktemp("limited")
+    refusing = tmp / "refusing"
+    shutil.copytree(tiny_dir, refusing)
+    template = refusing / "chat_template.jinja"
+    template.write_text("{% for m in messages %}{% if m['role'] == m['content'] %}"
+                        "{{ raise_exception('roles are not content') }}{% endif %}{% endfor %}"
+                        + template.read_text())
+    config = tmp / "kernel.toml"
+    config.write_text(f'[models.quota]\nsource = "{tiny_dir}"\nagent_max_tokens = 40\n'
+                      f'[models.tight]\nsource = "{tiny_dir}"\nkv_budget_mb = 0.1\n'
+                      'prefill_chunk = 16\n'
+                      f'[models.capped]\nsource = "{tiny_dir}"\nagent_max_concurrent = 2\n'
+                      f'[models.refusing]\nsource = "{refusing}"\n')
+    k = _boot(tmp / "state", "--config", str(config), "--preload")
     yield k
     assert k.stop() == 0
 
@@ -192,18 +218,12 @@ def test_missing_model_names_the_pull_command(tmp_path: Path) -> None:
         assert k.stop() == 0
 
 
-def test_token_budget_is_equota(tmp_path: Path, tiny_dir: Path) -> None:
-    config = tmp_path / "kernel.toml"
-    config.write_text(f'[models.tiny]\nsource = "{tiny_dir}"\nagent_max_tokens = 40\n')
-    k = _boot(tmp_path / "state", "--config", str(config))
-    try:
-        with k.connect() as conn:
-            conn.llm.chat(HELLO, max_tokens=4)
-            with pytest.raises(sdk.QuotaExceeded):
-                for _ in range(5):
-                    conn.llm.chat(HELLO, max_tokens=4)
-    finally:
-        assert k.stop() == 0
+def test_token_budget_is_equota(limited: KernelProcess) -> None:
+    with limited.connect() as conn:
+        conn.llm.chat(HELLO, model="quota", max_tokens=4)
+        with pytest.raises(sdk.QuotaExceeded):
+            for _ in range(5):
+                conn.llm.chat(HELLO, model="quota", max_tokens=4)
 
 
 def test_tool_call_parsing_is_robust() -> None:
@@ -306,30 +326,24 @@ def test_remote_models_get_the_structure_and_refusals_are_einval(tmp_path: Path)
 
 
 @pytest.mark.integration
-def test_smollm2_end_to_end(tmp_path: Path) -> None:
-    require_smollm2()
-    k = _boot(tmp_path / "state", "--preload")
-    try:
-        with k.connect(timeout=120) as conn:
-            result = conn.llm.chat([{"role": "user", "content": "What is 2+2?"}], max_tokens=24)
-            as_json = conn.llm.chat([{"role": "user", "content": "Give the capital of France."}],
-                                    max_tokens=40, json=True)
-        assert "4" in result.message.content
-        assert isinstance(json.loads(as_json.message.content), dict)
-    finally:
-        assert k.stop() == 0
+def test_smollm2_end_to_end(smollm2_kernel: KernelProcess) -> None:
+    with smollm2_kernel.connect(timeout=120) as conn:
+        result = conn.llm.chat([{"role": "user", "content": "What is 2+2?"}], max_tokens=24)
+        as_json = conn.llm.chat([{"role": "user", "content": "Give the capital of France."}],
+                                max_tokens=40, json=True)
+    assert "4" in result.message.content
+    assert isinstance(json.loads(as_json.message.content), dict)
 
 
 @pytest.mark.integration
-def test_smollm2_structured_output_and_forced_tool_calls(tmp_path: Path) -> None:
+def test_smollm2_structured_output_and_forced_tool_calls(smollm2_kernel: KernelProcess) -> None:
     """SmolLM2 alone rarely calls a tool or fits a schema (tools/bench/structured.py); under
     the grammar it always does, through the SDK and through LangChain at the door."""
     import jsonschema
     from langchain_openai import ChatOpenAI
     from pydantic import BaseModel, ConfigDict
 
-    require_smollm2()
-    k = _boot(tmp_path / "state", "--preload", "--http", "127.0.0.1:0")
+    k = smollm2_kernel
     weather = {"type": "function", "function": {
         "name": "get_weather", "description": "Current weather in a city",
         "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
@@ -337,57 +351,49 @@ def test_smollm2_structured_output_and_forced_tool_calls(tmp_path: Path) -> None
     city = {"type": "object", "properties": {"name": {"type": "string"},
                                              "country": {"type": "string"}},
             "required": ["name", "country"], "additionalProperties": False}
-    try:
-        with k.connect(timeout=120) as conn:
-            r = conn.llm.chat([{"role": "user", "content": "What's the weather in Paris?"}],
-                              tools=[weather], tool_choice="required", max_tokens=64)
-            (call,) = r.message.tool_calls
-            assert json.loads(call.function.arguments)["city"]
-            r = conn.llm.chat([{"role": "user", "content": "Name the capital of Italy and "
-                                "its country, as JSON."}], json_schema=city, max_tokens=64)
-            jsonschema.validate(json.loads(r.message.content), city)
-        out = k.cli("token", "mint", "--for", "http:lc", "--cap", "llm.*")
-        url = f"http://{(k.state_dir / 'run' / 'http').read_text().strip()}/v1"
+    with k.connect(timeout=120) as conn:
+        r = conn.llm.chat([{"role": "user", "content": "What's the weather in Paris?"}],
+                          tools=[weather], tool_choice="required", max_tokens=64)
+        (call,) = r.message.tool_calls
+        assert json.loads(call.function.arguments)["city"]
+        r = conn.llm.chat([{"role": "user", "content": "Name the capital of Italy and "
+                            "its country, as JSON."}], json_schema=city, max_tokens=64)
+        jsonschema.validate(json.loads(r.message.content), city)
+    out = k.cli("token", "mint", "--for", "http:lc", "--cap", "llm.*")
+    url = f"http://{(k.state_dir / 'run' / 'http').read_text().strip()}/v1"
 
-        class City(BaseModel):
-            model_config = ConfigDict(extra="forbid")
-            name: str
-            country: str
+    class City(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        name: str
+        country: str
 
-        llm = ChatOpenAI(base_url=url, api_key=out.stdout.strip(), model="smollm2",
-                         temperature=0, max_tokens=64, max_retries=0)
-        for method in ("function_calling", "json_schema"):
-            got = llm.with_structured_output(City, method=method).invoke(
-                "Name the capital of France and its country.")
-            assert isinstance(got, City) and got.name, method
-    finally:
-        assert k.stop() == 0
+    llm = ChatOpenAI(base_url=url, api_key=out.stdout.strip(), model="smollm2",
+                     temperature=0, max_tokens=64, max_retries=0)
+    for method in ("function_calling", "json_schema"):
+        got = llm.with_structured_output(City, method=method).invoke(
+            "Name the capital of France and its country.")
+        assert isinstance(got, City) and got.name, method
 
 
 
-def test_memory_pressure_preempts_by_recompute_and_keeps_outputs(tmp_path: Path,
-                                                                  tiny_dir: Path) -> None:
-    config = tmp_path / "kernel.toml"
-    config.write_text(f'[models.tiny]\nsource = "{tiny_dir}"\nkv_budget_mb = 0.1\n'
-                      'prefill_chunk = 16\n')
-    k = _boot(tmp_path / "state", "--config", str(config), "--preload")
+def test_memory_pressure_preempts_by_recompute_and_keeps_outputs(
+        limited: KernelProcess) -> None:
     questions = [[{"role": "user", "content": f"question {i} " + "padding " * 40}]
                  for i in range(6)]
 
     async def together() -> list[str]:
-        async with sdk.connect_async(state_dir=k.state_dir) as conn:
-            replies = await asyncio.gather(*(conn.llm.chat(q, max_tokens=60) for q in questions))
+        async with sdk.connect_async(state_dir=limited.state_dir) as conn:
+            replies = await asyncio.gather(*(conn.llm.chat(q, model="tight", max_tokens=60)
+                                             for q in questions))
         return [r.message.content for r in replies]
 
-    try:
-        batched = asyncio.run(together())
-        with k.connect() as conn:
-            stats = conn.sys.stats().models["tiny"]
-            alone = [conn.llm.chat(q, max_tokens=60).message.content for q in questions]
-        assert stats["memory_preemptions"] > 0 and stats["batch_capacity"] >= 1
-        assert batched == alone
-    finally:
-        assert k.stop() == 0
+    batched = asyncio.run(together())
+    with limited.connect() as conn:
+        stats = conn.sys.stats().models["tight"]
+        alone = [conn.llm.chat(q, model="tight", max_tokens=60).message.content
+                 for q in questions]
+    assert stats["memory_preemptions"] > 0 and stats["batch_capacity"] >= 1
+    assert batched == alone
 
 
 def test_agent_streams_arrive_through_its_completion_ring(llm_kernel: KernelProcess) -> None:
@@ -461,16 +467,13 @@ def test_huge_prompts_are_refused_fast_and_never_hold_a_neighbour(tmp_path: Path
     assert grown < 250, grown
 
 
-def test_concurrent_calls_per_agent_are_capped_before_queueing(tmp_path: Path,
-                                                               tiny_dir: Path) -> None:
+def test_concurrent_calls_per_agent_are_capped_before_queueing(limited: KernelProcess) -> None:
     from sdk import abi
 
-    config = tmp_path / "kernel.toml"
-    config.write_text(f'[models.tiny]\nsource = "{tiny_dir}"\nagent_max_concurrent = 2\n')
-    k = _boot(tmp_path / "state", "--config", str(config), "--preload")
+    k = limited
     # Generations that cannot end early: all of a burst's are in flight together.
-    long = abi.ChatArgs(messages=[abi.ChatMessage("user", "hello there")], max_tokens=16,
-                        ignore_eos=True)
+    long = abi.ChatArgs(messages=[abi.ChatMessage("user", "hello there")], model="capped",
+                        max_tokens=16, ignore_eos=True)
 
     async def burst(n: int) -> list[str]:
         async with sdk.connect_async(state_dir=k.state_dir) as conn:
@@ -482,19 +485,16 @@ def test_concurrent_calls_per_agent_are_capped_before_queueing(tmp_path: Path,
                     return exc.code.name
             return sorted(await asyncio.gather(*(one() for _ in range(n))))
 
-    try:
-        assert asyncio.run(burst(5)) == ["EAGAIN"] * 3 + ["ok"] * 2
-        assert asyncio.run(burst(2)) == ["ok"] * 2  # the count went back down
-        with k.connect() as conn:  # streams cancelled early release their places too
-            for _ in range(3):
-                stream = conn.stream("llm.chat", abi.ChatArgs(
-                    messages=long.messages, max_tokens=16, ignore_eos=True, stream=True),
-                    abi.ChatDelta, abi.ChatResult)
-                next(iter(stream))
-                stream.close()
-        assert asyncio.run(burst(2)) == ["ok"] * 2
-    finally:
-        assert k.stop() == 0
+    assert asyncio.run(burst(5)) == ["EAGAIN"] * 3 + ["ok"] * 2
+    assert asyncio.run(burst(2)) == ["ok"] * 2  # the count went back down
+    with k.connect() as conn:  # streams cancelled early release their places too
+        for _ in range(3):
+            stream = conn.stream("llm.chat", abi.ChatArgs(
+                messages=long.messages, model="capped", max_tokens=16, ignore_eos=True,
+                stream=True), abi.ChatDelta, abi.ChatResult)
+            next(iter(stream))
+            stream.close()
+    assert asyncio.run(burst(2)) == ["ok"] * 2
 
 
 def test_prompt_bytes_counts_every_text_and_stops_past_the_limit() -> None:
@@ -515,22 +515,10 @@ def test_prompt_bytes_counts_every_text_and_stops_past_the_limit() -> None:
     assert 100 < prompt_bytes(huge, 100) <= 100 + 2000  # stopped at the first message over
 
 
-def test_a_template_that_refuses_the_messages_is_einval(tmp_path: Path, tiny_dir: Path) -> None:
+def test_a_template_that_refuses_the_messages_is_einval(limited: KernelProcess) -> None:
     """Chat templates raise on conversations they do not accept (roles out of order...); that
     used to be an exception on the worker thread, which ended it and hung every later call."""
-    import shutil
-
-    model = tmp_path / "model"
-    shutil.copytree(tiny_dir, model)
-    template = model / "chat_template.jinja"
-    template.write_text("{% for m in messages %}{% if m['role'] == m['content'] %}"
-                        "{{ raise_exception('roles are not content') }}{% endif %}{% endfor %}"
-                        + template.read_text())
-    k = _boot(tmp_path / "state", "--model", f"tiny={model}", "--preload")
-    try:
-        with k.connect() as conn:
-            with pytest.raises(sdk.InvalidArgument, match="roles are not content"):
-                conn.llm.chat([{"role": "user", "content": "user"}])
-            assert conn.llm.chat(HELLO, max_tokens=4).usage.completion_tokens >= 1
-    finally:
-        assert k.stop() == 0
+    with limited.connect() as conn:
+        with pytest.raises(sdk.InvalidArgument, match="roles are not content"):
+            conn.llm.chat([{"role": "user", "content": "user"}], model="refusing")
+        assert conn.llm.chat(HELLO, model="refusing", max_tokens=4).usage.completion_tokens >= 1

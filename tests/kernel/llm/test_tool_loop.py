@@ -12,7 +12,7 @@ import msgspec
 import pytest
 
 from sdk.tools import run_tools
-from tests.conftest import KernelProcess, agent, require_smollm2
+from tests.conftest import KernelProcess, agent
 
 LOOP_CAPS = ["llm.chat", "tools.list", "tools.call@tool/calculator", "tools.call@tool/time"]
 
@@ -138,13 +138,8 @@ def test_run_tools_refuses_unknown_kernel_tools(tiny_kernel: KernelProcess) -> N
 
 
 @pytest.mark.integration
-def test_smollm2_uses_the_calculator(tmp_path: Path) -> None:
-    require_smollm2()
-    k = _boot(tmp_path / "state", "--preload")
-    try:
-        out = _loop(k, "4 64 Use the calculator tool to compute 123 * 456.")
-    finally:
-        assert k.stop() == 0
+def test_smollm2_uses_the_calculator(smollm2_kernel: KernelProcess) -> None:
+    out = _loop(smollm2_kernel, "4 64 Use the calculator tool to compute 123 * 456.")
     assert 1 <= out["steps"] <= 4  # whatever a 135M model does, the loop ends cleanly
     if out["calls"]:
         results = [m["content"] for m in out["messages"] if m["role"] == "tool"]
