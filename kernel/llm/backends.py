@@ -144,7 +144,12 @@ class LocalBackend:
             time.sleep(0.001)  # everything waits on a budget or a slot: do not spin hot
             return events
         # run: one ragged forward pass over exactly the planned batch.
-        outputs = self.engine.step([job.id for job in plan.run])
+        # A token budget lets an agent's jobs into a step one token each (sched/budget.py), so
+        # theirs take no speculative drafts.
+        budget = self.sched.budget
+        capped = budget.caps() if budget is not None else {}
+        outputs = self.engine.step([job.id for job in plan.run],
+                                   one_token={job.id for job in plan.run if job.agent in capped})
         # postprocess: account each job's service, report its progress and its end.
         self._postprocess(plan.run, outputs, events)
         return events

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 import torch
@@ -85,14 +86,15 @@ class Engine:
             raise ValueError(f"prompt token outside the vocabulary of {self.vocab}")
         self._seqs[seq_id] = Sequence(seq_id, prompt_ids, params, self.tokenizer, self.device)
 
-    def step(self, run: list[int]) -> dict[int, StepOutput]:
+    def step(self, run: list[int], one_token: Collection[int] = ()) -> dict[int, StepOutput]:
         """One iteration over exactly the sequences in `run`.
 
         New and resumed sequences get a row and are prefilled, at most `prefill_chunk` pending
         tokens each, so a long prompt delays the others by one chunk, not by its whole length.
         Decoding sequences produce one token each, or several when a speculative draft is
-        accepted (greedy rows, batches of at most `speculate_max_batch` decoders). Finished
-        sequences leave the engine.
+        accepted (greedy rows, batches of at most `speculate_max_batch` decoders), except
+        those named in `one_token` (a caller's per-step token budget). Finished sequences leave
+        the engine.
         """
         seqs = self._lookup(run)
         self._counts["steps"] += 1
@@ -103,7 +105,7 @@ class Engine:
                 if s.pending > 1:
                     self._extend(s)
             decoders = [s for s in seqs if s.pending == 1]
-            drafts = self._drafts(decoders)
+            drafts = self._drafts([s for s in decoders if s.id not in one_token])
             leaders, followers = _share([s for s in seqs if s.pending > 1])
             # One pass feeds the decoders and the leaders; the followers then copy what the
             # leaders computed and split again, and the new leaders get a second pass. A third
@@ -234,7 +236,7 @@ class Engine:
 
     def _drafts(self, decoders: list[Sequence]) -> dict[int, list[int]]:
         """Speculative drafts (speculate.propose) for the greedy, unconstrained decoders, when
-        there are at most `speculate_max_batch` decoders; none reach past max_tokens or the
+        there are at most `speculate_max_batch` of them; none reach past max_tokens or the
         model's context."""
         drafts: dict[int, list[int]] = {}
         if not 0 < len(decoders) <= self.speculate_max_batch:

@@ -167,11 +167,25 @@ def test_random_repetitive_prompts_are_token_identical(rng: random.Random, n: in
     assert spec == plain
 
 
-def test_the_config_key_is_off_by_default_and_checked() -> None:
-    assert ModelConfig("m").speculate_max_batch == 0
+def test_the_config_key_defaults_to_small_batches_and_is_checked() -> None:
+    assert ModelConfig("m").speculate_max_batch == 8
     assert ModelConfig.parse("m", {"speculate_max_batch": 4}).speculate_max_batch == 4
     for bad in (-1, 1.5, "4"):
         with pytest.raises(ValueError, match="speculate_max_batch"):
             ModelConfig.parse("m", {"speculate_max_batch": bad})
     with pytest.raises(ValueError, match="speculate"):
         Engine(MODEL, TOK, speculate_max_batch=-1)
+
+
+def test_rows_named_one_token_never_speculate() -> None:
+    e = Engine(MODEL, TOK, prefix_cache_tokens=0, speculate_max_batch=8)
+    for i, (p, params) in REQUESTS.items():
+        e.add(i, p, params)
+    got: dict[int, list[int]] = {i: [] for i in REQUESTS}
+    while len(got[0]) < 60:
+        for i, o in e.step(sorted(i for i in REQUESTS if len(got[i]) < 60),
+                           one_token={0}).items():
+            assert i != 0 or len(o.new_tokens) <= 1
+            got[i] += o.new_tokens
+    assert got[0] == run(REQUESTS, 0)[0][0][0]
+    assert e.stats()["spec_accepted"] > 0  # the others did speculate
