@@ -37,9 +37,10 @@ class ModelConfig:
     max_batch: int = 64
     prefill_chunk: int = 256
     # Speculative decoding by prompt lookup (greedy requests copy from their own context): on
-    # in steps with at most this many decoding rows; 0: off. 8: +18-60% tok per CPU-second at
-    # 1-8 agents, the same at 16 (docs/benchmarks.md); at 16 rows it cost 13%.
-    speculate_max_batch: int = 8
+    # in steps with at most this many decoding rows; 0: off. 4 gave 1.2-1.7x tok per CPU-second
+    # at 1-4 agents (docs/benchmarks.md), but off by default: in bfloat16 greedy outputs then
+    # differ from the unspeculated engine's (as they do between alone and batched).
+    speculate_max_batch: int = 0
     # KV memory the model's sequences may hold (running rows plus preemption snapshots), in
     # MiB; 0: no limit beyond max_batch. Over it, the batch shrinks and switched-out sequences
     # drop their KV (recomputed on resume) instead of keeping a snapshot.

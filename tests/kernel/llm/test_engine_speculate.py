@@ -167,8 +167,8 @@ def test_random_repetitive_prompts_are_token_identical(rng: random.Random, n: in
     assert spec == plain
 
 
-def test_the_config_key_defaults_to_small_batches_and_is_checked() -> None:
-    assert ModelConfig("m").speculate_max_batch == 8
+def test_the_config_key_is_off_by_default_and_checked() -> None:
+    assert ModelConfig("m").speculate_max_batch == 0
     assert ModelConfig.parse("m", {"speculate_max_batch": 4}).speculate_max_batch == 4
     for bad in (-1, 1.5, "4"):
         with pytest.raises(ValueError, match="speculate_max_batch"):
