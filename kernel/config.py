@@ -36,6 +36,11 @@ class ModelConfig:
     # runs 64 at once in the benchmark); a B=64 decode step costs less per token than B=32.
     max_batch: int = 64
     prefill_chunk: int = 256
+    # Speculative decoding by prompt lookup (greedy requests copy from their own context): on
+    # in steps with at most this many decoding rows; 0: off. 4 gave 1.2-1.7x tok per CPU-second
+    # at 1-4 agents (docs/benchmarks.md), but off by default: in bfloat16 greedy outputs then
+    # differ from the unspeculated engine's (as they do between alone and batched).
+    speculate_max_batch: int = 0
     # KV memory the model's sequences may hold (running rows plus preemption snapshots), in
     # MiB; 0: no limit beyond max_batch. Over it, the batch shrinks and switched-out sequences
     # drop their KV (recomputed on resume) instead of keeping a snapshot.
@@ -88,6 +93,9 @@ class ModelConfig:
         if config.dtype not in DTYPES:
             raise ValueError(f"[models.{name}]: bad dtype {config.dtype!r}: one of "
                              f"{', '.join(DTYPES)}")
+        if type(config.speculate_max_batch) is not int or config.speculate_max_batch < 0:
+            raise ValueError(f"[models.{name}]: speculate_max_batch must be an integer >= 0 "
+                             "(0: off)")
         return config
 
 

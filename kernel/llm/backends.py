@@ -92,7 +92,8 @@ class LocalBackend:
 
         self.model, self.tokenizer, self.device, self.dtype = load_model(config)
         self.engine = Engine(self.model, self.tokenizer, max_batch=config.max_batch,
-                             prefill_chunk=config.prefill_chunk, device=self.device)
+                             prefill_chunk=config.prefill_chunk, device=self.device,
+                             speculate_max_batch=config.speculate_max_batch)
         self.sched = make_scheduler(config.scheduler, budget=token_budget(config.agent_max_tokens),
                                     **config.scheduler_options)
         self.pressure = MemoryPressure(int(config.kv_budget_mb * 2**20), config.max_batch)
@@ -134,7 +135,8 @@ class LocalBackend:
                 "sched_agents": len(self.sched.agents())}
 
     def step(self) -> list[Event]:
-        """One iteration, one token for every generation in the batch: what became of each."""
+        """One iteration, one token for every generation in the batch (several for one whose
+        speculative draft was accepted): what became of each."""
         # schedule: the policy picks the batch within the places KV memory leaves (sched/).
         plan = self.pressure.schedule(self.sched, time.monotonic(), self._kv_held)
         events = self._switch(plan)
@@ -142,7 +144,12 @@ class LocalBackend:
             time.sleep(0.001)  # everything waits on a budget or a slot: do not spin hot
             return events
         # run: one ragged forward pass over exactly the planned batch.
-        outputs = self.engine.step([job.id for job in plan.run])
+        # A token budget lets an agent's jobs into a step one token each (sched/budget.py), so
+        # theirs take no speculative drafts.
+        budget = self.sched.budget
+        capped = budget.caps() if budget is not None else {}
+        outputs = self.engine.step([job.id for job in plan.run],
+                                   one_token={job.id for job in plan.run if job.agent in capped})
         # postprocess: account each job's service, report its progress and its end.
         self._postprocess(plan.run, outputs, events)
         return events
@@ -174,7 +181,7 @@ class LocalBackend:
                 append(Started(job.id, job.first_run or now, out.reused))
             # A token means the whole prompt is in; otherwise a chunk of it went in this step.
             done = job.prompt_tokens if out.new_tokens else min(out.computed, job.prompt_tokens)
-            account(job.id, max(0, done - job.prefilled), 1 if out.new_tokens else 0, now)
+            account(job.id, max(0, done - job.prefilled), len(out.new_tokens), now)
             append(Delta(job.id, out.text_delta, len(out.new_tokens)))
             if out.finished:
                 self.sched.finish(job.id, now)

@@ -2,12 +2,16 @@
 
     .venv/bin/python tools/bench/engine.py [--agents 16,64] [--turns 2] [--max-tokens 32]
                                            [--max-batch 64] [--dtype float32] [--profile]
+                                           [--speculate 0,4]
 
 No kernel, no processes, no scheduler policy: N closed-loop agents (shared system prompt, own
 growing history, greedy) whose calls join the batch first come first served, up to
 `--max-batch`, one `engine.step` per iteration. Prints aggregate tok/s (also per CPU-second of
 the process: on a shared machine, with --threads 1, the steadier figure), p50 time to first token
 and call latency, and where the step time went (forward passes by kind, sampling, the rest).
+`--speculate` lists speculate_max_batch values to run each agent count with (0: off), A/B in
+one process: the inter-token latency (p50 over calls of (call - TTFT) / (tokens - 1)), the
+share of drafted tokens accepted, and whether the greedy texts equal the first value's.
 For iterating on the engine; the end-to-end comparison with other systems is llm.py.
 """
 
@@ -33,7 +37,8 @@ def prompt(tokenizer, history: list[dict]) -> list[int]:
 
 
 class Timer:
-    """Wraps the runner's forward to add up seconds by kind of pass (decode, prefill, mixed)."""
+    """Wraps the runner's forward to add up seconds by kind of pass (decode, prefill, mixed);
+    a speculating row's verify chunk counts as decoding."""
 
     def __init__(self, runner) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
@@ -42,9 +47,10 @@ class Timer:
         inner = runner.forward
 
         def forward(lo, decode_cols, decode_tokens, chunks):
-            decode, sizes = len(decode_tokens), [len(c.tokens) for c in chunks]
+            decode = len(decode_tokens) + sum(len(c.tokens) for c in chunks if c.verify)
+            sizes = [len(c.tokens) for c in chunks if not c.verify]
             kind = "decode" if not sizes else "prefill" if not decode else "mixed"
-            sizes = [1] * decode + sizes
+            sizes = [decode, *sizes]
             t0 = time.perf_counter()
             out = inner(lo, decode_cols, decode_tokens, chunks)
             self.seconds[kind] += time.perf_counter() - t0
@@ -67,7 +73,7 @@ def run(engine, tokenizer, n: int, turns: int, max_tokens: int, max_batch: int) 
     arrival: dict[int, float] = {}
     first: dict[int, float] = {}
     reply: dict[int, list[int]] = {}
-    ttfts, latencies, tokens = [], [], 0
+    ttfts, latencies, itls, tokens = [], [], [], 0
     ids = iter(range(10**9))
 
     def submit(agent: int, now: float) -> None:
@@ -100,6 +106,8 @@ def run(engine, tokenizer, n: int, turns: int, max_tokens: int, max_batch: int) 
                 agent = owner[rid]
                 ttfts.append(first[rid] - arrival[rid])
                 latencies.append(now - arrival[rid])
+                if len(reply[rid]) > 1:
+                    itls.append((now - first[rid]) / (len(reply[rid]) - 1))
                 text = tokenizer.decode(reply[rid], skip_special_tokens=True)
                 texts[(agent, turn[agent])] = text.strip()
                 histories[agent].append({"role": "assistant", "content": text})
@@ -113,6 +121,8 @@ def run(engine, tokenizer, n: int, turns: int, max_tokens: int, max_batch: int) 
     return {"n": n, "tok_s": tokens / makespan, "makespan": makespan, "cpu": cpu,
             "tok_cpu_s": tokens / cpu,
             "ttft": statistics.median(ttfts), "lat": statistics.median(latencies),
+            "itl": statistics.median(itls) if itls else 0.0,
+            "accept": stats["spec_accepted"] / max(1, stats["spec_drafted"]),
             "steps": stats["steps"], "forwards": stats["forwards"],
             "prefill": stats["prefill_tokens"], "hit": stats["prefix_hit_rate"],
             "split": {k: (timer.seconds[k], timer.calls[k], timer.tokens[k])
@@ -130,6 +140,8 @@ def main() -> int:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--profile", action="store_true", help="print torch's op profile of a run")
+    p.add_argument("--speculate", default="0",
+                   help="speculate_max_batch values, each a run per agent count (0: off)")
     args = p.parse_args()
 
     import torch
@@ -141,13 +153,15 @@ def main() -> int:
     model, tokenizer = ModelStore().load("smollm2", dtype=args.dtype)
     print(f"dtype={args.dtype} threads={args.threads} max_batch={args.max_batch} "
           f"turns={args.turns} max_tokens={args.max_tokens}")
-    print(f"{'agents':>6} {'tok/s':>7} {'tok/cpu-s':>9} {'makespan':>8} {'ttft50':>7} "
-          f"{'lat50':>6} {'steps':>5} {'fwds':>5} {'prefill':>7} {'hit':>5}  "
-          "time split (s / passes / tokens)")
+    print(f"{'agents':>6} {'spec':>4} {'tok/s':>7} {'tok/cpu-s':>9} {'makespan':>8} "
+          f"{'ttft50':>7} {'itl50':>6} {'lat50':>6} {'accept':>6} {'steps':>5} {'fwds':>5} "
+          f"{'prefill':>7} {'hit':>5}  time split (s / passes / tokens)")
     baseline: dict | None = None
-    for n in (int(x) for x in args.agents.split(",")):
+    specs = [int(spec) for spec in args.speculate.split(",")]
+    runs = [(int(n), spec) for n in args.agents.split(",") for spec in specs]
+    for n, spec in runs:
         engine = Engine(model, tokenizer, max_batch=args.max_batch,
-                        prefill_chunk=args.prefill_chunk)
+                        prefill_chunk=args.prefill_chunk, speculate_max_batch=spec)
         if args.profile:
             from torch.profiler import ProfilerActivity, profile
 
@@ -156,17 +170,18 @@ def main() -> int:
         else:
             r = run(engine, tokenizer, n, args.turns, args.max_tokens, args.max_batch)
         split = "  ".join(f"{k} {s:.1f}/{c}/{t}" for k, (s, c, t) in r["split"].items())
-        print(f"{n:>6} {r['tok_s']:7.1f} {r['tok_cpu_s']:9.1f} {r['makespan']:7.1f}s "
-              f"{r['ttft']:6.2f}s {r['lat']:5.2f}s {r['steps']:>5} {r['forwards']:>5} "
-              f"{r['prefill']:>7} {r['hit']:5.2f}  {split}  other {r['other']:.1f}")
+        print(f"{n:>6} {spec:>4} {r['tok_s']:7.1f} {r['tok_cpu_s']:9.1f} {r['makespan']:7.1f}s "
+              f"{r['ttft']:6.2f}s {1000 * r['itl']:4.0f}ms {r['lat']:5.2f}s {r['accept']:6.2f} "
+              f"{r['steps']:>5} {r['forwards']:>5} {r['prefill']:>7} {r['hit']:5.2f}  {split}  "
+              f"other {r['other']:.1f}")
         if args.profile:
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
-        if baseline is None:
-            baseline = r
+        if baseline is None or (len(specs) > 1 and spec == specs[0]):
+            baseline = r | {"spec": spec}  # with several values: each agent count's first
         else:
             same = sum(r["texts"].get(k) == v for k, v in baseline["texts"].items())
-            print(f"       greedy texts equal to the {baseline['n']}-agent run's, same agents: "
-                  f"{same}/{len(baseline['texts'])}")
+            print(f"       greedy texts equal to the {baseline['n']}-agent spec "
+                  f"{baseline['spec']} run's, same agents: {same}/{len(baseline['texts'])}")
     return 0
 
 

@@ -4,7 +4,8 @@ The engine is mechanism only: a scheduler (kernel/llm/sched) decides which seque
 step; the engine runs exactly those, one token-level iteration at a time.
 
     engine = Engine(model, tokenizer, max_batch=64, prefill_chunk=256,
-                    prefix_cache_tokens=16384, device="cpu", dtype=None)
+                    prefix_cache_tokens=16384, device="cpu", dtype=None,
+                    speculate_max_batch=0, speculate_tokens=5)
     engine.add(seq_id, prompt_ids, SamplingParams(temperature=0.0, top_p=1.0, top_k=0,
                max_tokens=256, stop=[], seed=None, ignore_eos=False,
                constraint=None))       # queued, not running
@@ -22,6 +23,13 @@ step; the engine runs exactly those, one token-level iteration at a time.
   the end of the prompt produces nothing (empty StepOutput). Sequences not named keep their
   rows (KV in place) and simply do not advance. A finished sequence leaves the engine: its KV
   goes to the prefix cache and its id is forgotten.
+- Speculative decoding (`speculate_max_batch` > 0; speculate.py): in a step with at most that
+  many decoding rows, each greedy unconstrained one not named in `step(run, one_token=ids)`
+  feeds its pending token plus up to `speculate_tokens` tokens copied from after the latest
+  earlier occurrence of its last 3 (2, 1) tokens, as a verify chunk of the same ragged pass;
+  it emits the draft's longest prefix the model's argmax agrees with and the model's next
+  token (so a StepOutput may hold several tokens), and its row is cut back to the accepted KV.
+  Greedy output is that of one-token steps (up to the summation-order caveat below).
 - Finish: EOS from the tokenizer or generation config ("stop"; the EOS id is in new_tokens, not
   in the text) unless `ignore_eos`; a stop string in the generated text ("stop"; the text is cut
   before it, and text that could be the start of a stop string is held back until it is not);

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 import torch
 from transformers import PreTrainedModel
 
+from kernel.llm.engine import speculate
 from kernel.llm.engine.prefix import PrefixCache
 from kernel.llm.engine.ragged import Chunk
 from kernel.llm.engine.runner import ModelRunner
@@ -20,6 +22,8 @@ SHARED_HEAD = 16
 # Upper bound on the tokens of one forward pass, to bound activations: a step whose prefill
 # chunks add up to more runs them in several passes.
 MAX_FORWARD_TOKENS = 8192
+# Draft tokens a speculating row proposes at most (speculate.py).
+SPECULATE_TOKENS = 5
 
 
 class Engine:
@@ -31,10 +35,13 @@ class Engine:
 
     def __init__(self, model: PreTrainedModel, tokenizer: Any, *, max_batch: int = 64,
                  prefill_chunk: int = 256, prefix_cache_tokens: int = 16384,
-                 device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None
+                 device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
+                 speculate_max_batch: int = 0, speculate_tokens: int = SPECULATE_TOKENS
                  ) -> None:
         if max_batch < 1 or prefill_chunk < 1 or prefix_cache_tokens < 0:
             raise ValueError("max_batch and prefill_chunk must be >= 1, the cache size >= 0")
+        if speculate_max_batch < 0 or speculate_tokens < 1:
+            raise ValueError("speculate_max_batch must be >= 0, speculate_tokens >= 1")
         self.device = torch.device(device)
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
@@ -51,6 +58,10 @@ class Engine:
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
+        # Steps with at most this many decoding rows speculate (0: never): a small batch
+        # leaves the pass memory-bound, so verifying a few more tokens per row is nearly free.
+        self.speculate_max_batch = speculate_max_batch
+        self.speculate_tokens = speculate_tokens
         self.vocab = config.vocab_size
         self.max_len = getattr(config, "max_position_embeddings", None) or 1 << 30
         self.eos = _eos_ids(tokenizer, model)
@@ -58,7 +69,7 @@ class Engine:
         self._counts = dict.fromkeys(
             ("steps", "forwards", "prefill_tokens", "tokens_generated", "prefix_lookups",
              "prefix_hits", "prefix_tokens_looked_up", "prefix_tokens_reused", "preemptions",
-             "resumed_from_snapshot"), 0)
+             "resumed_from_snapshot", "spec_rows", "spec_drafted", "spec_accepted"), 0)
 
     # -- the contract -----------------------------------------------------------------------
 
@@ -75,12 +86,15 @@ class Engine:
             raise ValueError(f"prompt token outside the vocabulary of {self.vocab}")
         self._seqs[seq_id] = Sequence(seq_id, prompt_ids, params, self.tokenizer, self.device)
 
-    def step(self, run: list[int]) -> dict[int, StepOutput]:
+    def step(self, run: list[int], one_token: Collection[int] = ()) -> dict[int, StepOutput]:
         """One iteration over exactly the sequences in `run`.
 
         New and resumed sequences get a row and are prefilled, at most `prefill_chunk` pending
         tokens each, so a long prompt delays the others by one chunk, not by its whole length.
-        Decoding sequences produce one token each. Finished sequences leave the engine.
+        Decoding sequences produce one token each, or several when a speculative draft is
+        accepted (greedy rows, batches of at most `speculate_max_batch` decoders), except
+        those named in `one_token` (a caller's per-step token budget). Finished sequences leave
+        the engine.
         """
         seqs = self._lookup(run)
         self._counts["steps"] += 1
@@ -91,15 +105,16 @@ class Engine:
                 if s.pending > 1:
                     self._extend(s)
             decoders = [s for s in seqs if s.pending == 1]
+            drafts = self._drafts([s for s in decoders if s.id not in one_token])
             leaders, followers = _share([s for s in seqs if s.pending > 1])
             # One pass feeds the decoders and the leaders; the followers then copy what the
             # leaders computed and split again, and the new leaders get a second pass. A third
             # round would trade more passes for the same work: the rest wait a step.
-            ready = self._run(decoders, leaders)
+            ready, verified = self._run(decoders, leaders, drafts)
             for s in followers:
                 self._extend(s)
             leaders, followers = _share(followers)
-            ready += self._run([], leaders)
+            ready += self._run([], leaders, {})[0]
             for s in followers:
                 self._extend(s)
             if ready:
@@ -107,6 +122,8 @@ class Engine:
                                 [s.params for s, _ in ready], [s.generator for s, _ in ready])
                 for (s, _), token in zip(ready, tokens, strict=True):
                     self._emit(s, token, outputs[s.id])
+            for s, draft, rows in verified:
+                self._verify(s, draft, rows, outputs[s.id])
         for s in seqs:
             outputs[s.id].computed, outputs[s.id].reused = s.computed, s.reused
         return outputs
@@ -217,20 +234,48 @@ class Engine:
         s.reused += cached - s.computed
         s.computed = cached
 
-    def _run(self, decoders: list[Sequence], prefills: list[Sequence]
-             ) -> list[tuple[Sequence, torch.Tensor]]:
-        """Feed each decoder its pending token and each prefilling sequence its next chunk, in
-        as few passes as MAX_FORWARD_TOKENS allows (one, normally); publish the new prefill KV.
-        Returns the sequences with no pending tokens left, with their last logits."""
+    def _drafts(self, decoders: list[Sequence]) -> dict[int, list[int]]:
+        """Speculative drafts (speculate.propose) for the greedy, unconstrained decoders, when
+        there are at most `speculate_max_batch` of them; none reach past max_tokens or the
+        model's context."""
+        drafts: dict[int, list[int]] = {}
+        if not 0 < len(decoders) <= self.speculate_max_batch:
+            return drafts
+        for s in decoders:
+            if not s.params.greedy or s.params.constraint is not None:
+                continue
+            room = min(self.speculate_tokens, s.params.max_tokens - s.generated - 1,
+                       self.max_len - len(s.tokens) - 1)
+            draft = speculate.propose(s.tokens, room)
+            if draft:
+                drafts[s.id] = draft
+        return drafts
+
+    def _run(self, decoders: list[Sequence], prefills: list[Sequence],
+             drafts: dict[int, list[int]]
+             ) -> tuple[list[tuple[Sequence, torch.Tensor]],
+                        list[tuple[Sequence, list[int], torch.Tensor]]]:
+        """Feed each decoder its pending token (and its draft, if it has one) and each
+        prefilling sequence its next chunk, in as few passes as MAX_FORWARD_TOKENS allows (one,
+        normally); publish the new prefill KV. Returns the sequences with no pending tokens
+        left, with their last logits, and the drafting decoders with their drafts and the
+        logits after each fed token (to be checked by `_verify`)."""
         ready: list[tuple[Sequence, torch.Tensor]] = []
+        verified: list[tuple[Sequence, list[int], torch.Tensor]] = []
         if not decoders and not prefills:
-            return ready
+            return ready, verified
+        # A drafting decoder is a short chunk of its own, like a prefill's, in the first pass.
+        drafting = [s for s in decoders if s.id in drafts]
+        decoders = [s for s in decoders if s.id not in drafts]
         (lo,) = self.slots.arrange([[s.id for s in decoders]])
         decoders = sorted(decoders, key=lambda s: self.slots.row(s.id))
         for group in _batches(decoders, prefills, self.prefill_chunk):
             chunks = [Chunk(self.slots.row(s.id), s.computed,
-                            s.tokens[s.computed:s.computed + min(s.pending, self.prefill_chunk)])
-                      for s in group]
+                            [s.tokens[s.computed], *drafts[s.id]], verify=True)
+                      for s in drafting]
+            chunks += [Chunk(self.slots.row(s.id), s.computed,
+                             s.tokens[s.computed:s.computed + min(s.pending, self.prefill_chunk)])
+                       for s in group]
             logits = self.runner.forward(lo, [s.computed for s in decoders],
                                          [s.tokens[s.computed] for s in decoders], chunks)
             self._counts["forwards"] += 1
@@ -238,15 +283,41 @@ class Engine:
                 s.computed += 1
                 self.slots.set_length(s.id, s.computed)
             ready += zip(decoders, logits[:len(decoders)], strict=True)
-            for s, chunk, row in zip(group, chunks, logits[len(decoders):], strict=True):
+            at = len(decoders)
+            for s, chunk in zip(drafting, chunks, strict=False):
+                n = len(chunk.tokens)
+                # Held until _verify rolls the row back to what was accepted.
+                self.slots.set_length(s.id, s.computed + n)
+                verified.append((s, drafts[s.id], logits[at:at + n]))
+                at += n
+            for s, chunk, row in zip(group, chunks[len(drafting):], logits[at:], strict=True):
                 s.computed += len(chunk.tokens)
                 self.slots.set_length(s.id, s.computed)
                 self._counts["prefill_tokens"] += len(chunk.tokens)
                 if s.pending == 0:
                     ready.append((s, row))
                 self._publish(s)
-            decoders = []  # fed in the first pass
-        return ready
+            decoders, drafting = [], []  # fed in the first pass
+        return ready, verified
+
+    def _verify(self, s: Sequence, draft: list[int], logits: torch.Tensor,
+                out: StepOutput) -> None:
+        """Emit the longest prefix of the draft that greedy decoding agrees with and the
+        model's token after it; the row keeps the KV of the accepted tokens only."""
+        greedy = logits.float().argmax(dim=-1).tolist()  # sample()'s choice for greedy rows
+        tokens = speculate.accept(draft, greedy)
+        c = self._counts
+        c["spec_rows"] += 1
+        c["spec_drafted"] += len(draft)
+        c["spec_accepted"] += len(tokens) - 1
+        s.computed += 1  # the pending token
+        for i, token in enumerate(tokens):
+            if i:
+                s.computed += 1  # the previous token was the draft's: its KV is in the row
+            self._emit(s, token, out)
+            if out.finished:
+                return
+        self.slots.set_length(s.id, s.computed)
 
     def _emit(self, s: Sequence, token: int, out: StepOutput) -> None:
         """Append a sampled token; report it and any text; finish the sequence if it is done."""

@@ -22,11 +22,14 @@ ATTENTION = "agentos_ragged"
 
 @dataclass
 class Chunk:
-    """A run of one row's pending tokens: they go to columns start.. of the row."""
+    """A run of one row's pending tokens: they go to columns start.. of the row. A `verify`
+    chunk (a decoding row's pending token and a speculative draft) wants the logits after each
+    of its tokens, not only after the last."""
 
     row: int
     start: int
     tokens: list[int]
+    verify: bool = False
 
 
 @dataclass
@@ -84,11 +87,13 @@ class Ragged:
                                    for j in range(len(c.tokens))]
 
     def last_tokens(self) -> list[int]:
-        """Packed index of each decode row's token and each chunk's last token."""
+        """Packed index of each decode row's token and each chunk's last token (every token of
+        a verify chunk), in packing order: the tokens whose logits the pass returns."""
         at, last = self.rows, list(range(self.rows))
         for c in self.chunks:
+            first = at if c.verify else at + len(c.tokens) - 1
             at += len(c.tokens)
-            last.append(at - 1)
+            last.extend(range(first, at))
         return last
 
 

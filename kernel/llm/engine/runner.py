@@ -16,7 +16,8 @@ from kernel.llm.engine.slots import SlotCache
 
 class ModelRunner:
     """Feeds decode rows one token each and prefill chunks their tokens, all in one pass, and
-    returns the logits after each decode token and after each chunk's last token.
+    returns the logits after each decode token and after each chunk's last token (after every
+    token of a verify chunk).
 
     The tokens are packed into one [1, T] sequence with their own positions, so the linear
     layers see T tokens and no padding; ragged.attention keeps each token to its own row.
@@ -36,7 +37,8 @@ class ModelRunner:
     def forward(self, lo: int, decode_cols: list[int], decode_tokens: list[int],
                 chunks: list[Chunk]) -> torch.Tensor:
         """Rows lo.. take decode_tokens[i] at column decode_cols[i]; each chunk's tokens go to
-        its row from its start. Returns logits [len(decode_tokens) + len(chunks), vocab]."""
+        its row from its start. Returns logits [len(decode_tokens) + len(chunks), vocab], with a
+        verify chunk counting as its number of tokens."""
         device = self.slots.device
         r = Ragged(lo, decode_cols, decode_tokens, chunks, device)
         self.slots.reserve(r.columns)

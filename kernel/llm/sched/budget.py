@@ -34,7 +34,8 @@ class Budget:
     """Counts each agent's jobs in flight and tokens served against its limits.
 
     A job's whole prompt is committed when it is admitted (it cannot be half-served usefully),
-    and each job in a batch generates at most one token per step. So an agent's room is
+    and each job in a batch generates at most one token per step (the local backend keeps
+    speculative decoding off for the jobs of an agent with a token limit). So an agent's room is
     limit - used - unprefilled prompts, and letting at most `room` of its jobs into a step keeps
     it within budget however the engine chunks prefill. An agent with no room left can never
     generate again: the scheduler stops its jobs.

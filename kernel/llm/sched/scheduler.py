@@ -92,7 +92,8 @@ class Scheduler(ABC):
         """Record the service a running job got in the last step.
 
         `prefill` counts prompt tokens prefilled for the first time (recomputing a preempted
-        context is the engine's cost, not the agent's service); `decode` is 0 or 1.
+        context is the engine's cost, not the agent's service); `decode` counts the tokens
+        generated: 0 or 1, or more when the engine accepted a speculative draft.
         """
         self._tick(now)
         job = self._running.get(job_id)
@@ -100,12 +101,11 @@ class Scheduler(ABC):
             raise KeyError(f"job {job_id} is not running")
         if not 0 <= prefill <= job.prompt_tokens - job.prefilled:
             raise ValueError(f"job {job_id}: prefill {prefill} is outside its unprefilled prompt")
-        if decode not in (0, 1):
-            raise ValueError(f"job {job_id}: a step generates 0 or 1 tokens, not {decode}")
-        if decode and (job.prefilled + prefill < job.prompt_tokens
-                       or job.generated >= job.max_tokens):
-            raise ValueError(f"job {job_id}: cannot generate before its prompt is prefilled"
-                             " or beyond max_tokens")
+        if not 0 <= decode <= job.max_tokens - job.generated:
+            raise ValueError(f"job {job_id}: {decode} tokens generated, outside 0.."
+                             f"{job.max_tokens - job.generated} (max_tokens)")
+        if decode and job.prefilled + prefill < job.prompt_tokens:
+            raise ValueError(f"job {job_id}: cannot generate before its prompt is prefilled")
         job.prefilled += prefill
         job.generated += decode
         job.slice_used += prefill + decode

@@ -349,8 +349,10 @@ def test_jobs_and_calls_are_validated() -> None:
     with pytest.raises(KeyError):
         sched.account(0, 1, 0, 0.0)  # still waiting
     sched.schedule(0.0, 1)
-    with pytest.raises(ValueError, match="0 or 1"):
-        sched.account(0, 3, 2, 0.0)
+    with pytest.raises(ValueError, match="max_tokens"):
+        sched.account(0, 3, 3, 0.0)  # a step may give several tokens, not past max_tokens
+    with pytest.raises(ValueError, match="max_tokens"):
+        sched.account(0, 3, -1, 0.0)
     with pytest.raises(ValueError, match="prompt"):
         sched.account(0, 4, 0, 0.0)
     with pytest.raises(ValueError, match="before its prompt"):
