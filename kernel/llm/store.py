@@ -11,6 +11,7 @@ import hashlib
 import os
 import shutil
 import sys
+import threading
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -58,10 +59,23 @@ def resolve_device(device: str = "auto") -> str:
 _BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 
 
+_probe_lock = threading.Lock()
+_probed: list[bool] = []  # the answer, once
+
+
 def cpu_runs_bf16() -> bool:
     """True when this CPU computes bf16 natively (AVX512-BF16 or AMX-BF16) and torch's CPU
     kernels run at the AVX512 level (ATEN_CPU_CAPABILITY may hold them lower). Without that,
-    bf16 is converted to float32 around every operation: slower than float32 itself."""
+    bf16 is converted to float32 around every operation: slower than float32 itself. Probed
+    once per process under a lock: models loading on two worker threads at once asked torch's
+    CPU probe together, and one of them could get float32 (seen in the full suite)."""
+    with _probe_lock:
+        if not _probed:
+            _probed.append(_probe_bf16())
+        return _probed[0]
+
+
+def _probe_bf16() -> bool:
     import torch
 
     if torch.backends.cpu.get_cpu_capability() != "AVX512":

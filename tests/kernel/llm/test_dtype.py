@@ -41,9 +41,9 @@ def test_the_probe_reads_the_cpus_bf16_flags(monkeypatch: pytest.MonkeyPatch) ->
         flags = set(next(line for line in f if line.startswith("flags")).split(":")[1].split())
     native = (torch.backends.cpu.get_cpu_capability() == "AVX512"
               and bool(flags & {"avx512_bf16", "amx_bf16"}))
-    assert store.cpu_runs_bf16() is native
+    assert store.cpu_runs_bf16() is native and store._probe_bf16() is native
     monkeypatch.delattr(torch.cpu, "get_capabilities", raising=False)
-    assert store.cpu_runs_bf16() is native
+    assert store._probe_bf16() is native  # the uncached probe, through /proc/cpuinfo
 
 
 @pytest.mark.parametrize("native", [True, False], ids=["cpu-with-bf16", "cpu-without-bf16"])
