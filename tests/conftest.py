@@ -236,3 +236,14 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter,
     seed = getattr(config.option, "randomly_seed", None)
     if isinstance(seed, int):
         terminalreporter.write_line(f"test order: --randomly-seed={seed} replays it")
+
+
+@pytest.fixture(autouse=True)
+def _umask_per_test() -> Iterator[None]:
+    """Each test starts with the umask the run started with: a kernel booted in this process
+    (`StateDir.open` sets 077, as the kernel's process must) would otherwise leave it for every
+    later test, whose files (an agent's code, a model) its agents' uids then cannot read."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    yield
+    os.umask(umask)
