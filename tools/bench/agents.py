@@ -36,7 +36,6 @@ import random
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -49,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from kernelproc import boot_kernel  # noqa: E402
+from kernelproc import boot_kernel, serving  # noqa: E402
 from recorder import Recorded  # noqa: E402
 
 import sdk  # noqa: E402
@@ -352,7 +351,7 @@ def agentos(policy: str, n: int, argvs: list[list[str]], work: Path, tier: str,
     kernel = boot_kernel(state, "--preload", "--scheduler", policy, "--sandbox", tier,
                          "--log-level", "warning", *model_flags)
     run = Run(f"agentos/{policy}", n)
-    try:
+    with serving(kernel, base / "kernel.log", grace=120, tail=30):
         with sdk.connect(state_dir=state, timeout=3600) as conn:
             conn.llm.chat([{"role": "user", "content": "hi"}], max_tokens=2)  # warm
             zygote = warm_zygote(conn, tier)
@@ -386,16 +385,6 @@ def agentos(policy: str, n: int, argvs: list[list[str]], work: Path, tier: str,
             run.completion[i] = result["end"] - wall0
             run.results[i] = result
         return run
-    except Exception:
-        tail = (base / "kernel.log").read_text(errors="replace").splitlines()[-30:]
-        print("kernel log (last lines):", *tail, sep="\n", file=sys.stderr)
-        raise
-    finally:
-        kernel.send_signal(signal.SIGTERM)
-        try:
-            kernel.wait(120)
-        except subprocess.TimeoutExpired:
-            kernel.kill()
 
 
 def compare(direct: Run, other: Run) -> None:

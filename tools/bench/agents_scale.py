@@ -23,9 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from kernelproc import boot_kernel  # noqa: E402
+from kernelproc import boot_kernel, serving  # noqa: E402
 
 import sdk  # noqa: E402
 from kernel.proc import sandbox  # noqa: E402
@@ -209,72 +207,64 @@ def main() -> int:
     kernel = boot_kernel(state, "--log-level", "warning", "--sandbox", best, "--config",
                          str(config), attempts=300)
     try:
-        results: dict[str, dict[str, float]] = {}
-        with sdk.connect(state_dir=state, timeout=60) as conn:
-            print(f"{'tier':<9} {'spawn p50':>10} {'spawn p99':>10} {'ready p50':>10} "
-                  f"{'ready p99':>10} {'RSS/agent':>10} {'+bwrap':>8} {'USS':>8} {'PSS':>8}")
-            for tier in tiers:
-                try:
-                    spawn_ms, ready_ms, ids = spawn_series(conn, tier, args.spawns)
-                except sdk.PermissionDenied as exc:  # e.g. an interpreter agent uids can't reach
-                    print(f"{tier:<9} cannot start agents here: {exc}", flush=True)
-                    for agent_id in [a.id for a in conn.proc.ps() if a.state == "running"]:
-                        conn.proc.kill(agent_id, grace=0)
-                    continue
-                time.sleep(0.5)  # let the agents settle into their idle wait
-                rss, around, uss, pss = agent_rss(conn, ids)
-                kill_all(conn, ids)
-                results[tier] = {"p50": pct(spawn_ms, 50), "p99": pct(spawn_ms, 99),
-                                 "rss": rss, "uss": uss, "pss": pss}
-                print(f"{tier:<9} {pct(spawn_ms, 50):>8.1f}ms {pct(spawn_ms, 99):>8.1f}ms "
-                      f"{pct(ready_ms, 50):>8.1f}ms {pct(ready_ms, 99):>8.1f}ms "
-                      f"{rss:>8.1f}MB {around:>6.1f}MB {uss:>6.1f}MB {pss:>6.1f}MB", flush=True)
+        with serving(kernel, base / "kernel.log"):
+            results: dict[str, dict[str, float]] = {}
+            with sdk.connect(state_dir=state, timeout=60) as conn:
+                print(f"{'tier':<9} {'spawn p50':>10} {'spawn p99':>10} {'ready p50':>10} "
+                      f"{'ready p99':>10} {'RSS/agent':>10} {'+bwrap':>8} {'USS':>8} {'PSS':>8}")
+                for tier in tiers:
+                    try:
+                        spawn_ms, ready_ms, ids = spawn_series(conn, tier, args.spawns)
+                    except sdk.PermissionDenied as exc:  # an interpreter agent uids cannot reach
+                        print(f"{tier:<9} cannot start agents here: {exc}", flush=True)
+                        for agent_id in [a.id for a in conn.proc.ps() if a.state == "running"]:
+                            conn.proc.kill(agent_id, grace=0)
+                        continue
+                    time.sleep(0.5)  # let the agents settle into their idle wait
+                    rss, around, uss, pss = agent_rss(conn, ids)
+                    kill_all(conn, ids)
+                    results[tier] = {"p50": pct(spawn_ms, 50), "p99": pct(spawn_ms, 99),
+                                     "rss": rss, "uss": uss, "pss": pss}
+                    print(f"{tier:<9} {pct(spawn_ms, 50):>8.1f}ms {pct(spawn_ms, 99):>8.1f}ms "
+                          f"{pct(ready_ms, 50):>8.1f}ms {pct(ready_ms, 99):>8.1f}ms "
+                          f"{rss:>8.1f}MB {around:>6.1f}MB {uss:>6.1f}MB {pss:>6.1f}MB", flush=True)
 
-            print(f"\nidle {best} agents   sys.null p50/p99 (admin connection, best of 3)")
-            p50, p99 = null_latency(conn)
-            print(f"{0:>5}          {p50:.2f} / {p99:.2f} ms", flush=True)
-            running: list[int] = []
-            held = 0
-            fds_before = fd_count(kernel.pid)
-            start = time.monotonic()
-            while len(running) < args.max:
-                for _ in range(min(args.step, args.max - len(running))):
-                    agent_id = conn.proc.spawn(IDLE, sandbox=best, name=f"idle-{len(running)}")
-                    running.append(agent_id)
-                for agent_id in running[-args.step:]:
-                    wait_ready(conn, agent_id)
-                time.sleep(0.2)
+                print(f"\nidle {best} agents   sys.null p50/p99 (admin connection, best of 3)")
                 p50, p99 = null_latency(conn)
-                print(f"{len(running):>5}          {p50:.2f} / {p99:.2f} ms", flush=True)
-                if p99 < P99_LIMIT_MS:
-                    held = len(running)
-                elif args.stop_early:
-                    break
-            fill_s = time.monotonic() - start
-            free = shutil.disk_usage(state).free
-            per_agent = (fd_count(kernel.pid) - fds_before) / max(1, len(running))
-            limit = nofile(kernel.pid)
-            print(f"\nkernel fds: {per_agent:.1f} per idle agent (pidfd, log pipes, "
-                  f"endpoint listener and connection, rings, door and egress listeners); "
-                  f"RLIMIT_NOFILE {limit} caps the kernel at ~{int(limit / per_agent)} agents"
-                  if per_agent else "")
-            kill_all(conn, running)
-            print(f"\nfilled to {len(running)} agents in {fill_s:.0f} s; {free >> 30} GiB free "
-                  "disk after")
-        spawn = results[best]
-        print(f"RESULT spawn_p50_ms={spawn['p50']:.1f} uss_mb={spawn['uss']:.1f} "
-              f"pss_mb={spawn['pss']:.1f} rss_mb={spawn['rss']:.1f} max_agents={held}")
-        return 0
-    except Exception:
-        tail = (base / "kernel.log").read_text(errors="replace").splitlines()[-40:]
-        print("kernel log (last lines):", *tail, sep="\n", file=sys.stderr)
-        raise
+                print(f"{0:>5}          {p50:.2f} / {p99:.2f} ms", flush=True)
+                running: list[int] = []
+                held = 0
+                fds_before = fd_count(kernel.pid)
+                start = time.monotonic()
+                while len(running) < args.max:
+                    for _ in range(min(args.step, args.max - len(running))):
+                        agent_id = conn.proc.spawn(IDLE, sandbox=best, name=f"idle-{len(running)}")
+                        running.append(agent_id)
+                    for agent_id in running[-args.step:]:
+                        wait_ready(conn, agent_id)
+                    time.sleep(0.2)
+                    p50, p99 = null_latency(conn)
+                    print(f"{len(running):>5}          {p50:.2f} / {p99:.2f} ms", flush=True)
+                    if p99 < P99_LIMIT_MS:
+                        held = len(running)
+                    elif args.stop_early:
+                        break
+                fill_s = time.monotonic() - start
+                free = shutil.disk_usage(state).free
+                per_agent = (fd_count(kernel.pid) - fds_before) / max(1, len(running))
+                limit = nofile(kernel.pid)
+                print(f"\nkernel fds: {per_agent:.1f} per idle agent (pidfd, log pipes, "
+                      f"endpoint listener and connection, rings, door and egress listeners); "
+                      f"RLIMIT_NOFILE {limit} caps the kernel at ~{int(limit / per_agent)} agents"
+                      if per_agent else "")
+                kill_all(conn, running)
+                print(f"\nfilled to {len(running)} agents in {fill_s:.0f} s; {free >> 30} GiB free "
+                      "disk after")
+            spawn = results[best]
+            print(f"RESULT spawn_p50_ms={spawn['p50']:.1f} uss_mb={spawn['uss']:.1f} "
+                  f"pss_mb={spawn['pss']:.1f} rss_mb={spawn['rss']:.1f} max_agents={held}")
+            return 0
     finally:
-        kernel.send_signal(signal.SIGTERM)
-        try:
-            kernel.wait(30)
-        except subprocess.TimeoutExpired:
-            kernel.kill()
         shutil.rmtree(base, ignore_errors=True)
 
 

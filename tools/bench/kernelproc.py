@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,3 +39,22 @@ def wait_answering(state: Path, proc: subprocess.Popen[bytes],
             if time.monotonic() > deadline or proc.poll() is not None:
                 raise RuntimeError("kernel did not start") from None
             time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def serving(kernel: subprocess.Popen[bytes], log: Path, grace: float = 30.0,
+            tail: int = 40) -> Iterator[subprocess.Popen[bytes]]:
+    """The body runs while `kernel` serves; an exception out of it prints the last `tail`
+    lines of `log` first; either way the kernel is stopped (SIGTERM, SIGKILL after `grace`)."""
+    try:
+        yield kernel
+    except Exception:
+        lines = log.read_text(errors="replace").splitlines()[-tail:]
+        print("kernel log (last lines):", *lines, sep="\n", file=sys.stderr)
+        raise
+    finally:
+        kernel.send_signal(signal.SIGTERM)
+        try:
+            kernel.wait(grace)
+        except subprocess.TimeoutExpired:
+            kernel.kill()
