@@ -65,6 +65,7 @@ class Call:
     on_reply: list[Callable[[Any], None]] = field(default_factory=list)  # given the result
     started: float = field(default_factory=time.monotonic)  # for the latency histograms
     deadline: Timer | None = None  # the timer that fails it with ETIMEDOUT, while parked
+    parked: bool = False  # held by `Calls.park` at some point (most calls never are)
 
 
 class Calls(Protocol):

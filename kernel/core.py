@@ -64,6 +64,8 @@ class Kernel:
         self._callers: dict[str, Caller] = {}  # principal -> Caller (immutable, so shared)
         self.http: Any = None  # the HTTP front end's server thread, when --http is given
         self.doors: list[Door] = []  # polled in this order each loop iteration
+        self._polled: list[Door] = []  # those of them with sockets or fds of the loop's
+        self._flushed: list[Door] = []  # those that publish a batch's replies
         self._door_of: dict[type, Door] = {}  # route type -> the door its replies go out by
 
     # --- boot and shutdown -------------------------------------------------------------------
@@ -170,6 +172,10 @@ class Kernel:
 
     def _open_door(self, door: Door) -> None:
         self.doors.append(door)
+        if door.overrides("on_ready"):
+            self._polled.append(door)
+        if door.overrides("flush"):
+            self._flushed.append(door)
         if door.routes is not None:
             self._door_of[door.routes] = door
 
@@ -204,7 +210,7 @@ class Kernel:
     def step(self, timeout_ms: int | None) -> None:
         """One loop iteration; the unit the watchdog vouches for."""
         ready = self.rings.wait(self.poller, timeout_ms)  # spins on busy rings, else polls
-        for door in self.doors:
+        for door in self._polled:
             door.on_ready(ready)
         if self._wake_r in ready:
             try:
@@ -386,6 +392,6 @@ class Kernel:
             door = door_of.get(type(route))
             if door is not None:  # None: a door closed at shutdown (HTTP) had this call
                 door.deliver(route, reply)
-        for door in self.doors:
+        for door in self._flushed:
             door.flush()
 

@@ -154,6 +154,7 @@ class Switchboard:
         if held is None:
             held = self._parked[call.caller.principal] = {}
         held[call] = None
+        call.parked = True
         # A client that reuses a request id while the first is parked finds only the last.
         self._by_request[(call.route, call.id)] = call
         if timeout_ms is not None and call.deadline is None:
@@ -162,6 +163,8 @@ class Switchboard:
         return PENDING
 
     def _unpark(self, call: Call) -> None:
+        if not call.parked:  # answered as it ran: nothing to undo (the common case)
+            return
         held = self._parked.get(call.caller.principal)
         if held is not None:
             held.pop(call, None)

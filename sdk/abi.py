@@ -530,13 +530,28 @@ def decode_request(data: bytes) -> Request:
     return req
 
 
-_arg_decoders: dict[Any, msgspec.msgpack.Decoder] = {}
+# One decoder per type: `msgspec.msgpack.decode(raw, type=kind)` rebuilds its type description
+# on every call (~0.8 µs even for `None`, more for containers of structs), which costs more
+# than most decodes. The types come from the signature table, so the cache stays small; it is
+# bounded anyway for callers that decode types of their own.
+_decoders: dict[Any, msgspec.msgpack.Decoder] = {}
+_DECODERS_MAX = 1024
+
+
+def _decoder(kind: Any) -> msgspec.msgpack.Decoder:
+    try:
+        return _decoders[kind]
+    except KeyError:
+        decoder = msgspec.msgpack.Decoder(kind)
+        if len(_decoders) < _DECODERS_MAX:
+            _decoders[kind] = decoder
+        return decoder
+    except TypeError:  # an unhashable annotation: built each time
+        return msgspec.msgpack.Decoder(kind)
 
 
 def decode_args(raw: msgspec.Raw, kind: type[Args]) -> Args:
-    decoder = _arg_decoders.get(kind)
-    if decoder is None:  # one per type: building a decoder costs more than most decodes
-        decoder = _arg_decoders[kind] = msgspec.msgpack.Decoder(kind)
+    decoder = _decoder(kind)
     try:
         return decoder.decode(raw)
     except _DECODE_ERRORS as exc:
@@ -551,8 +566,9 @@ def decode_response(data: bytes) -> Reply | Error:
 
 
 def decode_result(raw: msgspec.Raw, kind: Any = Any) -> Any:
+    decoder = _decoder(kind)
     try:
-        return msgspec.msgpack.decode(raw, type=kind)
+        return decoder.decode(raw)
     except _DECODE_ERRORS as exc:
         raise AbiError(f"malformed result: {exc}") from None
 

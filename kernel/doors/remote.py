@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from kernel.call import Call, Fault
-from kernel.doors import BATCH, DOOR_BUDGET_S
+from kernel.doors import BATCH, DOOR_BUDGET_S, Door
 from kernel.doors.transport import CurveZapHandler, open_curve_router
 from kernel.state import write_private
 from sdk import abi
@@ -87,7 +87,7 @@ class KeyRegistry:
             self._keys = keys
 
 
-class Remote:
+class Remote(Door):
     """The registry always; the tcp:// door when the kernel listens."""
 
     def __init__(self, kernel: Kernel) -> None:
@@ -160,9 +160,6 @@ class Remote:
                 self.router.send_multipart([route[4:], frame], zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass  # gone, or not reading its replies
-
-    def flush(self) -> None:
-        pass
 
     # --- the registry's syscalls -------------------------------------------------------------
 

@@ -28,6 +28,7 @@ import msgspec
 import zmq
 
 from kernel.call import Call, Fault
+from kernel.doors import Door
 from sdk import abi
 
 if TYPE_CHECKING:
@@ -48,7 +49,7 @@ class _Ticket:
     expires: float
 
 
-class RingDoor:
+class RingDoor(Door):
     """A door (kernel/doors/__init__.py) that takes no calls of its own: it hands out rings,
     whose calls come in and go out through `Rings`."""
 
@@ -121,12 +122,6 @@ class RingDoor:
             self.k.rings.close_ring(held.ring)
 
     # --- the Unix socket ---------------------------------------------------------------------
-
-    def deliver(self, route: bytes, reply: Any) -> None:
-        raise AssertionError("the ring door has no routes")
-
-    def flush(self) -> None:
-        pass
 
     def on_ready(self, ready: Mapping[Any, int]) -> None:
         listener = self.listener

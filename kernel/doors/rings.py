@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
+from kernel.doors import Door
 from kernel.doors.ring import RingError, RingFault, RingPair, fence
 from sdk import abi, layout
 from sdk.ringpath import encode_spec, fragments
@@ -68,7 +69,7 @@ class AgentRing:
         self.limit = self.pair.geometry.payload_capacity
 
 
-class Rings:
+class Rings(Door):
     """Every live agent's rings, keyed by agent, doorbell fd and reply route: a door
     (kernel/doors/__init__.py) whose routes are `RingRoute`s."""
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
-from kernel.doors import BATCH, DOOR_BUDGET_S
+from kernel.doors import BATCH, DOOR_BUDGET_S, Door
 from kernel.doors.transport import ZapHandler, open_router
 from sdk import abi
 
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("kernel.doors.router")
 
 
-class RouterDoor:
+class RouterDoor(Door):
     routes = bytes
 
     def __init__(self, kernel: Kernel) -> None:
@@ -69,9 +69,6 @@ class RouterDoor:
             self.socket.send_multipart([route, reply], zmq.NOBLOCK)
         except zmq.ZMQError:
             pass  # the peer is gone or not reading; its reply is lost with it
-
-    def flush(self) -> None:
-        pass
 
     def close(self) -> None:
         self.socket.close(linger=0)

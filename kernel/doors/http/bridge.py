@@ -32,6 +32,7 @@ import msgspec
 
 from kernel.access.rules import Capability
 from kernel.call import Call, Caller, LocalRoute
+from kernel.doors import Door
 from sdk import abi
 from sdk.tokens import TokenError
 
@@ -244,7 +245,7 @@ class Bridge:
         self.k.calls.fail(call, abi.ErrorCode.ECANCELED, "the HTTP client went away")
 
 
-class HttpDoor:
+class HttpDoor(Door):
     """The door (kernel/doors/__init__.py) of every HTTP front end, the `--http` listener and
     the agents' own doors alike: one bridge, so one route space. Its calls' routes are
     `LocalRoute`s, whose outcomes go to the sinks the bridge registered, as structs; it polls
@@ -255,19 +256,10 @@ class HttpDoor:
     def __init__(self, bridge: Bridge) -> None:
         self.bridge = bridge
 
-    def on_ready(self, ready: Mapping[Any, int]) -> None:
-        pass
-
     def deliver(self, route: bytes, reply: Any) -> None:
         sink = self.bridge.sinks.get(route)
         if sink is not None:
             sink(reply)
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 class Failed(Exception):
