@@ -75,7 +75,8 @@ class Kernel:
         self.state.traversable = os.geteuid() == 0  # agents of their own uids pass through
         self.state.open()
         self.db = Database(self.state.db_path)
-        self.audit = AuditLog(self.db, self.state.root / "audit.head")
+        self.audit = AuditLog(self.db, self.state.root / "audit.head",
+                              self.state.root / "audit.verified")
         c, calls = self.config, self.calls
         self.access = AccessManager(config=c, db=self.db, audit=self.audit,
                                     authority=TokenAuthority(self.state.secret_key()),

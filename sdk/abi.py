@@ -425,6 +425,12 @@ class AuditArgs(Args):
     limit: Annotated[int, msgspec.Meta(ge=1, le=10000)] = 1000
 
 
+class AuditVerifyArgs(Args):
+    # False: only the rows added since the last intact verify (its checkpoint row must still
+    # hash the same); True: every row from the genesis.
+    full: bool = True
+
+
 class AuditRecord(msgspec.Struct, frozen=True):
     seq: int
     ts: float

@@ -84,7 +84,7 @@ SIGNATURES: dict[str, Signature] = _table(
     Signature("approvals.approve", abi.ApprovalRef, None),
     Signature("approvals.deny", abi.ApprovalRef, None),
     Signature("audit.read", abi.AuditArgs, list[abi.AuditRecord]),
-    Signature("audit.verify", abi.NoArgs, abi.AuditReport),
+    Signature("audit.verify", abi.AuditVerifyArgs, abi.AuditReport),
     # memory: memories searched by meaning, per namespace
     Signature("memory.add", abi.MemoryAddArgs, int, resource=_MEM),
     Signature("memory.get", abi.MemoryRef, abi.Memory, resource=_MEM),

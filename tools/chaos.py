@@ -76,6 +76,7 @@ class Report:
     recovery_s: list[float] = field(default_factory=list)
     reconcile_s: list[float] = field(default_factory=list)
     leaks: dict[str, list[int]] = field(default_factory=dict)  # what -> count after each cycle
+    audit_rows: int = 0  # rows of the audit chain verified whole at the end
 
     def figures(self) -> dict:
         def pct(values: list[float], q: float) -> float:
@@ -88,7 +89,8 @@ class Report:
                 "recovery_ms_p99": pct(self.recovery_s, 0.99),
                 "reconcile_ms_p50": pct(self.reconcile_s, 0.5),
                 "reconcile_ms_p99": pct(self.reconcile_s, 0.99),
-                "leaks_max": {k: max(v) for k, v in self.leaks.items()}}
+                "leaks_max": {k: max(v) for k, v in self.leaks.items()},
+                "audit_rows": self.audit_rows}
 
 
 def _sha(data: bytes | str) -> str:
@@ -285,7 +287,7 @@ class Chaos:
         """Through a new kernel: revoked tokens refused, live ones accepted, the audit chain
         intact, the restart=always agents running again; seconds until they all were."""
         started = time.monotonic()
-        report = conn.audit.verify()
+        report = conn.audit.verify(full=False)  # the rows of this cycle; all at the end
         if not report.intact:
             raise ChaosFailure(f"audit chain broken at seq {report.broken_at}")
         for tid, token in self.rng.sample(new.revoked, min(5, len(new.revoked))):
@@ -406,8 +408,12 @@ class Chaos:
                 if last:
                     break
             self.boot()
-            with sdk.connect(state_dir=self.state, timeout=10) as conn:
+            with sdk.connect(state_dir=self.state, timeout=600) as conn:
                 self.check_online(conn, self.acks)
+                whole = conn.audit.verify(full=True)  # every row, once, at the end
+                if not whole.intact:
+                    raise ChaosFailure(f"audit chain broken at seq {whole.broken_at}")
+                self.report.audit_rows = whole.rows
             self.check_leaks()
         finally:
             self.stop()

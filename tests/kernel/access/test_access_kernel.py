@@ -238,6 +238,9 @@ def test_audit_cli_shows_and_verifies_and_detects_truncation(fresh_kernel: Kerne
     assert shown.returncode == 0 and "delegate" in shown.stdout and "revoke" in shown.stdout
     verified = fresh_kernel.cli("audit", "--verify")
     assert verified.returncode == 0 and "intact" in verified.stdout
+    quick = fresh_kernel.cli("audit", "--verify", "--quick")  # from the checkpoint just left
+    assert quick.returncode == 0 and "intact" in quick.stdout
+    assert (state / "audit.verified").exists()
     db = sqlite3.connect(state / "kernel.db")
     db.execute("DELETE FROM audit WHERE seq = (SELECT MAX(seq) FROM audit)")
     db.commit()
