@@ -261,6 +261,7 @@ class Kernel:
             os.close(fd)
         self.calls.close()
         self.front.close()
+        self.audit.close()
         self.db.close()
         self.state.close()
         log.info("kernel stopped", extra={"syscalls": sum(self.calls.counts.values())})

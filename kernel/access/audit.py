@@ -4,7 +4,10 @@ The chain's head (newest seq and hash) is also anchored in a file outside the da
 every commit that added rows (`anchor`), so deleting the newest rows, which leaves a valid
 shorter chain, is detected too (`verify`). A crash between the commit and the anchor leaves the
 anchor one batch behind, which verifies; rows of that last batch are the only ones whose
-truncation could go unnoticed.
+truncation could go unnoticed. The file holds two checksummed slots written in turn, each with
+one `pwrite` and `fdatasync` (0.8 ms here, against 3.9 ms for a replace-by-rename with its two
+fsyncs, paid by every batch that audits something: every spawn); a torn write spoils only the
+slot being written, and the other is the previous batch's head.
 
 Verifying is a `Verification`, done in slices (the syscall runs one per loop turn, so a long
 chain never stalls the loop). A full one re-hashes every row from the genesis; a quick one
@@ -19,7 +22,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +42,33 @@ def _digest(prev: str, seq: int, ts: float, principal: str, event: str, detail: 
     return hashlib.sha256(record.encode()).hexdigest()
 
 
+_SLOT = 128  # bytes per anchor slot: "write seq hash crc32", space-padded, newline-ended
+
+
+def _slot(write: int, seq: int, digest: str) -> bytes:
+    body = f"{write} {seq} {digest}"
+    return f"{body} {zlib.crc32(body.encode()):08x}".encode().ljust(_SLOT - 1) + b"\n"
+
+
+def _read_anchor(data: bytes) -> tuple[int, str]:
+    """The (seq, hash) of the valid slot written last (by its write count, not its seq: the
+    head an anchor names need not only grow); a file of the older one-line form reads too."""
+    best: tuple[int, int, str] | None = None
+    for start in range(0, max(len(data), 1), _SLOT):
+        words = data[start:start + _SLOT].split()
+        try:
+            if len(words) == 2 and len(data) < _SLOT:  # "seq hash" (before the slots)
+                return int(words[0]), words[1].decode()
+            write, seq, digest = int(words[0]), int(words[1]), words[2].decode()
+            crc = int(words[3], 16)
+        except (ValueError, IndexError, UnicodeDecodeError):
+            continue
+        valid = len(words) == 4 and zlib.crc32(f"{write} {seq} {digest}".encode()) == crc
+        if valid and (best is None or write > best[0]):
+            best = (write, seq, digest)
+    return (best[1], best[2]) if best is not None else (-1, "unreadable")
+
+
 class AuditLog:
     """Each row carries the hash of the previous one, so editing or deleting any row breaks
     every hash after it (`verify`)."""
@@ -47,6 +79,8 @@ class AuditLog:
         self.anchor_path = anchor_path
         self.checkpoint_path = checkpoint_path
         self.generation = 0  # bumped by `reload`: rows a verification read may be gone
+        self._anchor_fd: int | None = None  # the anchor file, once this kernel wrote it
+        self._writes = 0  # anchor writes since the file was last replaced (slot: its parity)
         self.reload()
         self._anchored = self.anchored()[0]
 
@@ -62,22 +96,50 @@ class AuditLog:
         return self._seq
 
     def anchored(self) -> tuple[int, str]:
-        """The (seq, hash) last written outside the database; (0, GENESIS) if none."""
+        """The (seq, hash) last written outside the database; (0, GENESIS) if none, (-1,
+        "unreadable") if the file holds no valid anchor."""
         if self.anchor_path is None:
             return 0, GENESIS
         try:
-            seq, digest = self.anchor_path.read_text().split()
-            return int(seq), digest
+            data = self.anchor_path.read_bytes()
         except FileNotFoundError:
             return 0, GENESIS
-        except ValueError:
-            return -1, "unreadable"
+        return _read_anchor(data)
 
     def anchor(self) -> None:
         """Record the committed head outside the database; call after each commit."""
         if self.anchor_path is not None and self._seq != self._anchored:
-            write_private(self.anchor_path, f"{self._seq} {self._last}\n".encode())
+            self._write_anchor(self._seq, self._last)
             self._anchored = self._seq
+
+    def _write_anchor(self, seq: int, digest: str) -> None:
+        assert self.anchor_path is not None
+        fd = self._anchor_fd
+        if fd is not None:
+            try:  # still the file at the path (not removed or replaced behind our back)?
+                same = os.path.samestat(os.fstat(fd), os.stat(self.anchor_path,
+                                                              follow_symlinks=False))
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
+                fd = self._anchor_fd = None
+        if fd is None:
+            # The first anchor of this kernel (or after the file changed): both slots, by an
+            # atomic replace, so an old-format file or a torn one is never written in place.
+            self._writes = 1
+            write_private(self.anchor_path, _slot(0, seq, digest) + _slot(1, seq, digest))
+            self._anchor_fd = os.open(self.anchor_path,
+                                      os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            return
+        self._writes += 1
+        os.pwrite(fd, _slot(self._writes, seq, digest), (self._writes % 2) * _SLOT)
+        os.fdatasync(fd)
+
+    def close(self) -> None:
+        if self._anchor_fd is not None:
+            os.close(self._anchor_fd)
+            self._anchor_fd = None
 
     def append(self, principal: str, event: str, **detail: Any) -> int:
         self._seq += 1

@@ -158,3 +158,41 @@ def test_the_loop_answers_a_neighbour_while_a_long_chain_is_verified(fresh_kerne
     start, end = span
     middle = [t for t in answered if start + 0.2 * (end - start) < t < end - 0.2 * (end - start)]
     assert len(middle) >= 10, (len(middle), end - start)
+
+
+# --- the anchor file: two checksummed slots ---------------------------------------------------
+
+
+def test_the_anchor_alternates_slots_and_a_torn_slot_leaves_the_other(tmp_path: Path) -> None:
+    log = _log(tmp_path, 3)
+    _append(log, 2, start=3)
+    _append(log, 2, start=5)
+    head = tmp_path / "audit.head"
+    data = head.read_bytes()
+    assert len(data) == 256 and log.anchored()[0] == 7
+    newest = 0 if data[:128].split()[1] == b"7" else 1
+    assert data[(1 - newest) * 128:].split()[1] == b"5"  # the batch before, in the other slot
+    torn = bytearray(data)
+    torn[newest * 128 + 20:newest * 128 + 40] = b"\0" * 20  # a write cut short
+    head.write_bytes(bytes(torn))
+    assert log.anchored() == (5, log.db.read("SELECT hash FROM audit WHERE seq=5")[0][0])
+    assert log.verify() is None  # one batch behind verifies, as after a crash
+    head.write_bytes(b"\0" * 256)
+    assert log.anchored() == (-1, "unreadable") and log.verify() is not None
+
+
+def test_an_anchor_of_the_one_line_form_still_reads(tmp_path: Path) -> None:
+    log = _log(tmp_path, 4)
+    digest = log.db.read("SELECT hash FROM audit WHERE seq=4")[0][0]
+    (tmp_path / "audit.head").write_text(f"4 {digest}\n")
+    assert log.anchored() == (4, digest) and log.verify() is None
+
+
+def test_an_anchor_file_removed_or_replaced_is_written_again(tmp_path: Path) -> None:
+    log = _log(tmp_path, 2)
+    (tmp_path / "audit.head").unlink()
+    _append(log, 1, start=2)
+    assert log.anchored()[0] == 3
+    (tmp_path / "audit.head").write_text("junk")  # another inode at the path
+    _append(log, 1, start=3)
+    assert log.anchored()[0] == 4 and log.verify() is None
