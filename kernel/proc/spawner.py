@@ -112,6 +112,7 @@ class Sandboxes:
         self.leases = UidLeases()  # host-wide: no other kernel's agent shares a uid with ours
         # Agents with uids of their own while they run: their uid and home, for the reap.
         self._started: dict[int, tuple[int, Path]] = {}
+        self.spares: homes.Spares | None = None  # formatted home images, from the first home
         if self.can_isolate and self.quota_missing is None:
             stale = homes.detach_stale(state.agents)
             if stale:
@@ -356,8 +357,10 @@ class Sandboxes:
             raise Fault(abi.ErrorCode.ENOSYS, f"home quota unavailable: {self.quota_missing}; "
                         "set home_bytes = 0 (config, or --limit home_bytes=0) to run agents "
                         "without one")
+        if self.spares is None and size == self.config.home_bytes:
+            self.spares = homes.Spares(self.state.root / "home-spares", size)
         try:
-            homes.mount(home, size, uid, uid)
+            homes.mount(home, size, uid, uid, self.spares)
         except OSError as exc:
             code = {errno.EDQUOT: abi.ErrorCode.EQUOTA,
                     errno.EINVAL: abi.ErrorCode.EINVAL}.get(exc.errno or 0, abi.ErrorCode.EIO)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from kernel.proc import homes, sandbox
+from tests.conftest import wait_until
 
 REASON = homes.unavailable()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"home quotas: {REASON}")
@@ -107,3 +108,53 @@ def test_a_planted_image_is_refused(home: Path) -> None:
     out = subprocess.run(["losetup", "-j", "/etc/passwd"], capture_output=True, text=True)
     assert out.stdout == ""
     (home.parent / homes.IMAGE).unlink()
+
+
+def test_mount_attaches_the_loop_device_itself_and_it_detaches_with_the_mount(
+        home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No `mount` process on the spawn's path: LOOP_CONFIGURE and mount(2) directly."""
+    ran = []
+    real_run = homes._run
+    monkeypatch.setattr(homes, "_run", lambda *argv, **kw: (ran.append(argv[0]),
+                                                            real_run(*argv, **kw)))
+    homes.mount(home, 8 << 20, UID, UID)
+    assert homes.is_mounted(home) and ran == ["mkfs.ext4"]
+    image = home.parent / homes.IMAGE
+    attached = subprocess.run(["losetup", "-j", str(image)], capture_output=True, text=True)
+    assert str(image) in attached.stdout
+    with open("/proc/self/mountinfo") as f:
+        line = next(line for line in f if line.split()[4] == str(home))
+    assert "nosuid" in line and "nodev" in line and " ext4 " in line
+    homes.lock_down(home)
+    detached = subprocess.run(["losetup", "-j", str(image)], capture_output=True, text=True)
+    assert detached.stdout == ""  # autoclear: nothing left attached
+
+
+def test_mount_falls_back_to_the_mount_tool(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_loop_configure(image: Path, where: Path) -> None:
+        raise OSError(errno.EINVAL, "LOOP_CONFIGURE: no such ioctl (Linux < 5.8)")
+
+    monkeypatch.setattr(homes, "_mount_loop", no_loop_configure)
+    homes.mount(home, 8 << 20, UID, UID)
+    assert homes.is_mounted(home) and os.listdir(home) == ["lost+found"]
+
+
+def test_spares_are_formatted_ahead_and_taken_by_rename(home: Path) -> None:
+    spares_dir = home.parent.parent / "spares"
+    spares_dir.mkdir(mode=0o700)
+    (spares_dir / "dead.tmp").write_bytes(b"half made")  # a dead kernel's
+    (spares_dir / "old.img").write_bytes(b"x" * 4096)  # another size
+    spares = homes.Spares(spares_dir, 8 << 20, count=2)
+    try:
+        assert wait_until(lambda: len(spares.ready()) == 2, timeout=30)
+        assert sorted(os.listdir(spares_dir)) == spares.ready()  # the leftovers are gone
+        assert not spares.take(16 << 20, home.parent / "other.img")  # not its size
+        homes.mount(home, 8 << 20, UID, UID, spares)
+        assert spares.taken == 1 and homes.is_mounted(home)
+        st = home.stat()
+        assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (UID, UID, 0o700)
+        assert os.listdir(home) == ["lost+found"]
+        assert 4 <= fill(home, 16) < 8
+        assert wait_until(lambda: len(spares.ready()) == 2 and spares.made == 3, timeout=30)
+    finally:
+        spares.close()
