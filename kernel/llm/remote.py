@@ -34,6 +34,7 @@ def _calls(calls: list[abi.ToolCall] | None) -> list[dict[str, Any]] | None:
 # The longest server-sent event line read from a server: a broken or hostile one could send a
 # line without end, and the whole line is held before it is parsed.
 MAX_EVENT_BYTES = 1 << 20
+REST_BYTES = 1 << 16  # the most read after `[DONE]` to keep a connection for reuse
 
 
 class RemoteError(Exception):
@@ -159,7 +160,8 @@ class RemoteModel:
                     raise RemoteError(f"{self.base_url} answered {status}: {detail}",
                                       refused=400 <= status < 500 and status not in (
                                           401, 403, 404, 408, 429))
-                for line in _lines(resp, self.base_url):
+                lines = _lines(resp, self.base_url)
+                for line in lines:
                     if cancelled.is_set():
                         return
                     line = line.strip()
@@ -167,6 +169,7 @@ class RemoteModel:
                         continue
                     data = line[5:].strip()
                     if data == b"[DONE]":
+                        _finish(resp, lines)
                         return
                     try:
                         chunk = json.loads(data)
@@ -256,6 +259,23 @@ def _head(resp: httpx.Response, limit: int) -> bytes:
         if len(got) >= limit:
             break
     return got[:limit]
+
+
+def _finish(resp: httpx.Response, lines: Iterator[bytes]) -> None:
+    """Read a framed response (chunked, or of known length) to its end after `[DONE]`, so its
+    connection goes back to the pool for the next request; at most REST_BYTES more. A stream
+    that ends with the connection is closed anyway: nothing to read."""
+    if "content-length" not in resp.headers and \
+            resp.headers.get("transfer-encoding", "").lower() != "chunked":
+        return
+    rest = 0
+    try:
+        for line in lines:
+            rest += len(line)
+            if rest > REST_BYTES:
+                return
+    except (httpx.HTTPError, OSError, RemoteError):
+        pass  # the reply is whole; only the connection is lost
 
 
 def _lines(resp: httpx.Response, where: str) -> Iterator[bytes]:
