@@ -385,10 +385,13 @@ class Flight:
     def resumable(self) -> bool:
         """Whether another replica can go on from what was streamed with the output the first
         would have given: greedy, and unconstrained (a grammar would start over on the
-        continuation), so the continuation is the same function of the same text."""
+        continuation), so the continuation is the same function of the same text; and that
+        text whole characters (a U+FFFD stands for bytes of a character cut between tokens,
+        which the server would read back as other tokens)."""
         a = self.args
         return (a.temperature == 0 and not a.tools and a.json_schema is None and a.regex is None
-                and a.choice is None and a.response_format == "text")
+                and a.choice is None and a.response_format == "text"
+                and not any("\ufffd" in piece for piece in self.sent))
 
     def request(self) -> abi.ChatArgs:
         """What the next attempt asks: the call itself, or, once text was streamed, the call
@@ -410,7 +413,8 @@ class Flight:
             message += "; no other healthy replica to retry it on"
         if self.sent:
             why = ("and no other healthy replica to resume it on" if self.resumable() else
-                   "and only greedy, unconstrained calls are resumed elsewhere")
+                   "and only greedy, unconstrained calls whose text so far is whole "
+                   "characters are resumed elsewhere")
             message += (f"; {len(self.sent)} pieces (about as many tokens) were already "
                         f"streamed, {why}: the reply is cut short")
         return code, message

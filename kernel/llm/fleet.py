@@ -142,6 +142,7 @@ class Router:
         log.warning("remote replica unhealthy", extra={"model": self.name, "replica": replica.url,
                                                         "reason": why})
         replica.kick.set()
+        self._wake()
 
     def _watch(self, replica: Replica) -> None:
         """The replica's health thread: a periodic `GET /models` while it is healthy; after it

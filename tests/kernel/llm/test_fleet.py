@@ -341,8 +341,24 @@ def test_a_sampled_call_cut_mid_stream_fails_saying_what_was_delivered(
         assert streamed[1] == "w0 w1 "
         assert "2 pieces" in end.message and "cut short" in end.message
         assert "only greedy" in end.message
+    finally:
+        backend.close()
+
+
+def test_a_greedy_call_cut_inside_a_character_is_not_resumed(fakes: list[Fake]) -> None:
+    """Text with a U+FFFD (a character cut between tokens) would be read back as other tokens:
+    the continuation would not be the uninterrupted reply's, so the call fails instead."""
+    WORDS[1] = "\ufffd "
+    for fake in fakes:
+        fake.mode, fake.cut = "reset", 2
+    backend, wakes = _backend(fakes)
+    try:
+        ends, _ = _run(backend, wakes, _gen(1))
+        assert isinstance(ends[1], Failed) and "whole characters" in ends[1].message
+        assert sum(len(f.bodies) for f in fakes) == 1
         assert sum(len(f.bodies) for f in fakes) == 1  # not sent again
     finally:
+        WORDS[1] = "w1 "
         backend.close()
 
 
@@ -479,3 +495,19 @@ def test_no_server_is_eio_unreached_and_silence_is_etimedout(fakes: list[Fake]) 
     with pytest.raises(RemoteError) as caught:
         RemoteModel(fakes[0].url, "m", timeout=0.3).run(args, Hangup(), lambda t: None)
     assert caught.value.timed_out and caught.value.code == abi.ErrorCode.ETIMEDOUT
+
+
+def test_the_openai_door_takes_continue_final_message_only_after_an_assistant_turn() -> None:
+    from kernel.doors.http.openai import Refused, chat_args
+
+    user = {"role": "user", "content": "hi"}
+    partial = {"role": "assistant", "content": "w0 "}
+    args = chat_args({"messages": [user, partial], "continue_final_message": True,
+                      "add_generation_prompt": False})
+    assert args.continue_final and args.messages[-1].content == "w0 "
+    for body in ({"messages": [user], "continue_final_message": True},
+                 {"messages": [user, partial], "continue_final_message": True,
+                  "add_generation_prompt": True}):
+        with pytest.raises(Refused):
+            chat_args(body)
+    assert not chat_args({"messages": [user, partial]}).continue_final
