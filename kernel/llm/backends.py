@@ -210,7 +210,6 @@ class RemoteBackend:
                                  timeout=config.remote_idle_s, max_connections=rc.max_concurrency)
             replicas.append(Replica(i, remote, rc.max_concurrency))
         self.router = Router(config.name, replicas, wake, config.health_interval_s)
-        self.remote = replicas[0].remote  # a fleet of one: its server
         self.sched = make_scheduler("fifo", budget=token_budget(config.agent_max_tokens))
         self.device = self.dtype = None
         self._wake = wake
@@ -243,8 +242,10 @@ class RemoteBackend:
 
     def admit(self, gen: Generation) -> None:
         if self.error is not None:
-            raise Unavailable(f"model {self.config.name!r}: its server {self.config.source} is "
-                              f"unhealthy ({self.error}); probing it, retry later")
+            where = (f"its server {self.config.source} is" if len(self.router.replicas) == 1
+                     else "every replica is")
+            raise Unavailable(f"model {self.config.name!r}: {where} unhealthy ({self.error}); "
+                              "probing, retry later")
         self.sched.submit(Job(gen.id, gen.agent, gen.arrival, 0, gen.args.max_tokens,
                               priority=gen.args.priority), time.monotonic())
         self._admitted[gen.id] = Flight(gen.id, gen.agent, gen.args)
@@ -339,7 +340,12 @@ class RemoteBackend:
             exc = RemoteError(f"{replica.url}: {exc!r}")
         flight.error = exc
         if exc.refused or exc.reported:  # the request itself, or the server said it failed
-            self._end(flight, events, Failed(flight.id, exc.code, str(exc)))
+            code, message = exc.code, str(exc)
+            if flight.sent:  # its resume failed (a server without continue_final_message)
+                code, message = abi.ErrorCode.EIO, (
+                    f"{message}; {len(flight.sent)} pieces (about as many tokens) were already "
+                    "streamed and resuming the reply failed: the reply is cut short")
+            self._end(flight, events, Failed(flight.id, code, message))
             return
         self.router.failed(replica, str(exc))
         flight.tried.add(replica)

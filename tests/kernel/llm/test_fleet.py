@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import http.server
 import json
+import re
 import socket
 import struct
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -45,6 +47,7 @@ class Fake(http.server.ThreadingHTTPServer):
         self.cut = 2
         self.drip_s = 0.0
         self.probe_ok = True
+        self.no_continue = False  # refuse continue_final_message, as llama.cpp would (400)
         self.bodies: list[dict[str, Any]] = []
         self.peers: list[int] = []  # client ports, one per request
         self.hung_up = threading.Event()  # a stalled stream's client closed it
@@ -77,6 +80,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         srv.bodies.append(body)
         srv.peers.append(self.client_address[1])
+        if srv.no_continue and body.get("continue_final_message"):
+            srv.mode = "refuse"
         if srv.mode in ("refuse", "fail"):
             text = b"no such thing" if srv.mode == "refuse" else b"overloaded"
             self.send_response(400 if srv.mode == "refuse" else 503)
@@ -329,6 +334,23 @@ def test_a_greedy_call_cut_mid_stream_is_resumed_elsewhere_with_the_same_output(
         backend.close()
 
 
+def test_a_resume_the_other_server_refuses_is_eio_saying_what_was_delivered(
+        fakes: list[Fake]) -> None:
+    first, second = fakes
+    first.mode, first.cut = "reset", 2
+    second.no_continue = True
+    backend, wakes = _backend(fakes)
+    try:
+        ends, streamed = _run(backend, wakes, _gen(1))
+        end = ends[1]
+        assert isinstance(end, Failed) and end.code == abi.ErrorCode.EIO, end
+        assert streamed[1] == "w0 w1 " and "400" in end.message
+        assert "2 pieces" in end.message and "resuming the reply failed" in end.message
+        assert _replica(backend, second).healthy  # a refusal is not an outage
+    finally:
+        backend.close()
+
+
 def test_a_sampled_call_cut_mid_stream_fails_saying_what_was_delivered(
         fakes: list[Fake]) -> None:
     for fake in fakes:
@@ -511,3 +533,17 @@ def test_the_openai_door_takes_continue_final_message_only_after_an_assistant_tu
         with pytest.raises(Refused):
             chat_args(body)
     assert not chat_args({"messages": [user, partial]}).continue_final
+
+
+def test_the_configs_in_docs_fleets_md_load(tmp_path: Path) -> None:
+    from kernel.config import Config
+
+    text = (Path(__file__).parents[3] / "docs" / "fleets.md").read_text()
+    blocks = re.findall(r"^```toml\n(.*?)^```", text, re.S | re.M)
+    assert blocks
+    for i, block in enumerate(blocks):
+        (tmp_path / f"{i}.toml").write_text(block)
+        config = Config.load(tmp_path / f"{i}.toml")
+        fleet_ = config.models["smollm2"]
+        assert fleet_.remote and len(fleet_.fleet()) == 2
+        assert fleet_.fleet()[1].api_key_env == "VLLM_B_KEY"
