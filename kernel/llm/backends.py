@@ -341,14 +341,20 @@ class RemoteBackend:
         flight.error = exc
         if exc.refused or exc.reported:  # the request itself, or the server said it failed
             code, message = exc.code, str(exc)
-            if flight.sent:  # its resume failed (a server without continue_final_message)
-                code, message = abi.ErrorCode.EIO, (
-                    f"{message}; {len(flight.sent)} pieces (about as many tokens) were already "
-                    "streamed and resuming the reply failed: the reply is cut short")
+            if flight.sent:  # say what the caller got (a refused resume is not its EINVAL)
+                how = " and resuming it on another replica failed" if flight.base else ""
+                code = abi.ErrorCode.EIO
+                message += (f"; {len(flight.sent)} pieces (about as many tokens) were already "
+                            f"streamed{how}: the reply is cut short")
             self._end(flight, events, Failed(flight.id, code, message))
             return
         self.router.failed(replica, str(exc))
         flight.tried.add(replica)
+        if len(flight.sent) >= flight.args.max_tokens:  # it broke after its last token
+            text = "".join(flight.sent)
+            self._end(flight, events, Finished(flight.id, "length", text=text, usage=abi.Usage(
+                0, len(flight.sent))))
+            return
         if flight.sent and not flight.resumable():
             self._end(flight, events, Failed(flight.id, *flight.failure(self.config.name)))
             return

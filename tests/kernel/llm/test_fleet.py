@@ -109,17 +109,23 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             words = WORDS[len(done.split()):][:body["max_tokens"]]
         for i, word in enumerate(words):
             if srv.mode == "reset" and i == srv.cut:
-                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                                           struct.pack("ii", 1, 0))
-                self.connection.close()
-                self.close_connection = True
+                self._reset()
                 return
             self._send(_event({"choices": [{"index": 0, "delta": {"content": word}}]}))
             time.sleep(srv.drip_s)
+        if srv.mode == "reset" and srv.cut >= len(words):  # after the last word, before the end
+            self._reset()
+            return
         self._send(_event({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
                            "usage": {"prompt_tokens": 3, "completion_tokens": len(words)}}))
         self._send(b"data: [DONE]\n\n")
         self._send(b"")
+
+    def _reset(self) -> None:
+        """RST: SO_LINGER with a zero timeout, then close."""
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.connection.close()
+        self.close_connection = True
 
     def _send(self, data: bytes) -> None:
         """One HTTP/1.1 chunk (empty: the last)."""
@@ -345,8 +351,21 @@ def test_a_resume_the_other_server_refuses_is_eio_saying_what_was_delivered(
         end = ends[1]
         assert isinstance(end, Failed) and end.code == abi.ErrorCode.EIO, end
         assert streamed[1] == "w0 w1 " and "400" in end.message
-        assert "2 pieces" in end.message and "resuming the reply failed" in end.message
+        assert "2 pieces" in end.message and "resuming it on another replica failed" in end.message
         assert _replica(backend, second).healthy  # a refusal is not an outage
+    finally:
+        backend.close()
+
+
+def test_a_call_cut_after_its_last_token_ends_at_its_length(fakes: list[Fake]) -> None:
+    first, second = fakes
+    first.mode, first.cut = "reset", 3
+    backend, wakes = _backend(fakes)
+    try:
+        ends, streamed = _run(backend, wakes, _gen(1, max_tokens=3, temperature=0.5))
+        end = ends[1]
+        assert isinstance(end, Finished) and end.reason == "length", end
+        assert end.text == streamed[1] == "".join(WORDS[:3]) and not second.bodies
     finally:
         backend.close()
 
