@@ -18,6 +18,34 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # sdk.abi.Name's pattern: a m
 
 
 @dataclass
+class ReplicaConfig:
+    """One server of a fleet model: an entry of `replicas = [...]` in `[models.NAME]`."""
+
+    url: str  # an OpenAI-compatible base URL, `http://host:port/v1`
+    max_concurrency: int = 16  # calls streaming on it at once
+    api_key_env: str | None = None  # the variable holding its API key
+
+    @classmethod
+    def parse(cls, model: str, i: int, table: Any, defaults: ModelConfig) -> ReplicaConfig:
+        where = f"[models.{model}] replicas[{i}]"
+        if not isinstance(table, dict):
+            raise ValueError(f"{where}: want a table {{url = ..., max_concurrency = ...}}")
+        unknown = sorted(set(table) - {"url", "max_concurrency", "api_key_env"})
+        if unknown:
+            raise ValueError(f"{where}: unknown keys: {', '.join(unknown)}")
+        url = table.get("url")
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise ValueError(f"{where}: url must be an http(s):// base URL (the local engine "
+                             "cannot be a replica)")
+        replica = cls(url=url.rstrip("/"),
+                      max_concurrency=table.get("max_concurrency", defaults.max_concurrency),
+                      api_key_env=table.get("api_key_env", defaults.api_key_env))
+        if type(replica.max_concurrency) is not int or replica.max_concurrency < 1:
+            raise ValueError(f"{where}: max_concurrency must be an integer >= 1")
+        return replica
+
+
+@dataclass
 class ModelConfig:
     """One model the kernel serves: `[models.NAME]` in the config file."""
 
@@ -68,10 +96,24 @@ class ModelConfig:
     # Seconds the server may stay silent (connecting, or mid-stream) before the request fails
     # with ETIMEDOUT and the server is marked unhealthy until a probe finds it answering.
     remote_idle_s: float = 60.0
+    # A fleet: several OpenAI-compatible servers serving this model (kernel/llm/fleet.py), each
+    # `{url = "...", max_concurrency = N, api_key_env = "..."}` (the last two default to the
+    # model's). A plain URL `source` is a fleet of one. Remote servers only: the local engine
+    # is not a replica.
+    replicas: list[ReplicaConfig] = field(default_factory=list)
+    # Seconds between health checks (`GET {url}/models`) of a healthy replica; 0: checked only
+    # after a call breaks on it.
+    health_interval_s: float = 10.0
 
     @property
     def remote(self) -> bool:
-        return self.source.startswith(("http://", "https://"))
+        return bool(self.replicas) or self.source.startswith(("http://", "https://"))
+
+    def fleet(self) -> list[ReplicaConfig]:
+        """The servers of a remote model: its replicas, or its one `source` URL."""
+        if self.replicas:
+            return self.replicas
+        return [ReplicaConfig(self.source.rstrip("/"), self.max_concurrency, self.api_key_env)]
 
     @property
     def stored(self) -> str | None:
@@ -87,7 +129,17 @@ class ModelConfig:
         unknown = sorted(set(table) - known)
         if unknown:
             raise ValueError(f"[models.{name}]: unknown keys: {', '.join(unknown)}")
-        config = cls(name=name, **table)
+        config = cls(name=name, **{k: v for k, v in table.items() if k != "replicas"})
+        replicas = table.get("replicas", [])
+        if not isinstance(replicas, list):
+            raise ValueError(f"[models.{name}]: replicas must be a list of tables")
+        config.replicas = [ReplicaConfig.parse(name, i, r, config)
+                           for i, r in enumerate(replicas)]
+        if config.replicas and config.source:
+            raise ValueError(f"[models.{name}]: a fleet lists its servers in replicas, with no "
+                             f"source ({config.source!r}); the local engine is not a replica")
+        if config.replicas and not config.source:
+            config.source = config.replicas[0].url  # what the model is shown as
         if not config.source:
             config.source = name
         if config.dtype not in DTYPES:

@@ -194,6 +194,9 @@ class ChatArgs(Args):
     priority: Annotated[int, msgspec.Meta(ge=-100, le=100)] = 0
     stream: bool = False
     ignore_eos: bool = False  # generate max_tokens whatever the model says (vLLM's extension)
+    # The last message is the assistant's unfinished reply: go on with it rather than start a
+    # new one (vLLM's `continue_final_message`); how a fleet resumes a greedy call elsewhere.
+    continue_final: bool = False
 
 
 class CancelArgs(Args):

@@ -4,6 +4,7 @@ that the model's worker applies."""
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import queue
@@ -13,8 +14,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import msgspec
+
 from kernel.config import ModelConfig
 from kernel.llm.events import Delta, Event, Failed, Finished, Started
+from kernel.llm.fleet import Replica, Router
 from kernel.llm.remote import Hangup, RemoteError, RemoteModel
 from kernel.llm.sched import Job, MemoryPressure, Plan, make_scheduler, token_budget
 from sdk import abi
@@ -24,12 +28,6 @@ if TYPE_CHECKING:
     from kernel.llm.worker import Generation
 
 log = logging.getLogger("kernel.llm")
-
-# A remote server found broken is probed this long after, then twice as long each time it
-# still does not answer, up to the cap.
-PROBE_FIRST_S = 0.5
-PROBE_MAX_S = 30.0
-
 
 class Unavailable(Exception):
     """The model cannot take requests now (its server is unhealthy): EAGAIN, retry later."""
@@ -193,54 +191,71 @@ class LocalBackend:
 
 
 class RemoteBackend:
-    """An OpenAI-compatible server: the scheduler admits requests (up to `max_concurrency` in
-    flight, FIFO: a remote stream cannot be paused and resumed, so nothing is preempted); each
-    admitted request streams on its own thread, which queues its events for the next `step`
-    and calls `wake` so the worker runs it."""
+    """A fleet of OpenAI-compatible servers (kernel/llm/fleet.py). The scheduler admits requests
+    (FIFO: a remote stream cannot be paused and resumed, so nothing is preempted) up to what the
+    healthy replicas can stream at once; the router picks each one's replica; each streams on
+    its own thread, which queues what it got for the next `step` and calls `wake` so the worker
+    runs it. A call whose replica fails is failed over (`_failover`): retried elsewhere if
+    nothing was streamed yet, resumed elsewhere if it was greedy, else failed, typed, saying
+    how much was delivered. Never a silent truncation."""
 
-    blocking = True  # the worker waits for the server's events
+    blocking = True  # the worker waits for the servers' events
 
     def __init__(self, config: ModelConfig, wake: Callable[[], None]) -> None:
-        key = os.environ.get(config.api_key_env) if config.api_key_env else None
         self.config = config
-        self.remote = RemoteModel(config.source.rstrip("/"), config.remote_model or config.name,
-                                  api_key=key, timeout=config.remote_idle_s)
+        replicas = []
+        for i, rc in enumerate(config.fleet()):
+            key = os.environ.get(rc.api_key_env) if rc.api_key_env else None
+            remote = RemoteModel(rc.url, config.remote_model or config.name, api_key=key,
+                                 timeout=config.remote_idle_s, max_connections=rc.max_concurrency)
+            replicas.append(Replica(i, remote, rc.max_concurrency))
+        self.router = Router(config.name, replicas, wake, config.health_interval_s)
         self.sched = make_scheduler("fifo", budget=token_budget(config.agent_max_tokens))
         self.device = self.dtype = None
         self._wake = wake
-        self._args: dict[int, abi.ChatArgs] = {}  # admitted, not yet streaming
-        self._cancel: dict[int, threading.Event] = {}  # streaming
-        self._reported: queue.SimpleQueue[Event] = queue.SimpleQueue()  # by the stream threads
-        # Health: a stream that breaks (EIO, ETIMEDOUT) marks the server unhealthy; requests are
-        # refused (EAGAIN) until a probe thread finds it answering again.
-        self._health = threading.Lock()
-        self.error: str | None = None  # why it is unhealthy; None: healthy
-        self.outages = 0  # times it went unhealthy
-        self._closed = threading.Event()
+        self._admitted: dict[int, Flight] = {}  # admitted, not yet scheduled
+        self._flights: dict[int, Flight] = {}  # scheduled: streaming or waiting for a replica
+        self._ready: collections.deque[Flight] = collections.deque()  # waiting for a replica
+        self._reported: queue.SimpleQueue[tuple[int, int, str, Any]] = queue.SimpleQueue()
+        self.failovers = 0  # calls retried or resumed on another replica
+
+    @property
+    def error(self) -> str | None:
+        """Why no call can be taken (every replica drained); None while one is healthy."""
+        return self.router.error()
+
+    @property
+    def outages(self) -> int:
+        return self.router.outages()
 
     def stats(self) -> dict[str, float]:
-        return {"in_flight": len(self._cancel), "waiting": len(self.sched.waiting()),
+        return {"in_flight": len(self._flights), "waiting": len(self.sched.waiting()),
                 "sched_agents": len(self.sched.agents()), "healthy": float(self.error is None),
-                "outages": self.outages}
+                "outages": self.outages, "failovers": self.failovers,
+                **self.router.figures()}
 
     def close(self) -> None:
-        self._closed.set()
-        for event in list(self._cancel.values()):
-            event.set()
+        for flight in self._flights.values():
+            if flight.hangup is not None:
+                flight.hangup.set()
+        self.router.close()
 
     def admit(self, gen: Generation) -> None:
         if self.error is not None:
-            raise Unavailable(f"model {self.config.name!r}: its server {self.config.source} is "
-                              f"unhealthy ({self.error}); probing it, retry later")
+            where = (f"its server {self.config.source} is" if len(self.router.replicas) == 1
+                     else "every replica is")
+            raise Unavailable(f"model {self.config.name!r}: {where} unhealthy ({self.error}); "
+                              "probing, retry later")
         self.sched.submit(Job(gen.id, gen.agent, gen.arrival, 0, gen.args.max_tokens,
                               priority=gen.args.priority), time.monotonic())
-        self._args[gen.id] = gen.args
+        self._admitted[gen.id] = Flight(gen.id, gen.agent, gen.args)
 
     def cancel(self, gen_id: int) -> None:
-        self._args.pop(gen_id, None)
-        event = self._cancel.pop(gen_id, None)
-        if event is not None:
-            event.set()
+        self._admitted.pop(gen_id, None)
+        flight = self._flights.pop(gen_id, None)
+        if flight is not None and flight.hangup is not None:
+            flight.hangup.set()
+            self.router.end(flight.replica, served=False)
         try:
             self.sched.finish(gen_id, time.monotonic())
         except KeyError:
@@ -248,71 +263,170 @@ class RemoteBackend:
 
     def forget_agent(self, agent: str) -> None:
         self.sched.forget_agent(agent)
+        self.router.forget_agent(agent)
 
     def step(self) -> list[Event]:
-        """What the streams did since the last step; then the admitted start streaming."""
-        # postprocess what the streams reported.
+        """What the streams did since the last step; then the scheduled get a replica each."""
         events: list[Event] = []
-        while True:
+        while True:  # postprocess what the streams reported
             try:
-                event = self._reported.get_nowait()
+                gen_id, attempt, kind, value = self._reported.get_nowait()
             except queue.Empty:
                 break
-            if event.id not in self._cancel:
-                continue  # cancelled meanwhile
-            if isinstance(event, (Finished, Failed)):
-                del self._cancel[event.id]
-                self.sched.finish(event.id, time.monotonic())
-            events.append(event)
-        # schedule, and run: start a stream for each request admitted.
-        plan = self.sched.schedule(time.monotonic(), self.config.max_concurrency)
+            flight = self._flights.get(gen_id)
+            if flight is None or flight.attempt != attempt:
+                continue  # cancelled meanwhile, or an attempt already failed over
+            if kind == "delta":
+                flight.sent.append(value)
+                events.append(Delta(gen_id, value))
+                continue
+            self.router.end(flight.replica, served=kind == "done")
+            flight.hangup = None  # its stream is over: nothing to cancel until the next
+            if kind == "done":
+                events.append(self._finished(flight, *value))
+            else:
+                self._failover(flight, value, events)
+        # schedule: the policy picks what runs, within what the healthy replicas can take.
+        plan = self.sched.schedule(time.monotonic(), self.router.capacity())
         for job in plan.run:
-            if job.id in self._cancel:
+            flight = self._admitted.pop(job.id, None)
+            if flight is None:
                 continue
             events.append(Started(job.id, time.monotonic()))
-            cancelled = self._cancel[job.id] = Hangup()
-            threading.Thread(target=self._stream, args=(job.id, self._args.pop(job.id),
-                                                        cancelled),
-                             name=f"remote-{job.id}", daemon=True).start()
+            self._flights[job.id] = flight
+            self._ready.append(flight)
+        # route and run: each waiting call streams on the replica the router picks.
+        waiting, self._ready = self._ready, collections.deque()
+        for flight in waiting:
+            if flight.id not in self._flights:
+                continue  # cancelled
+            replica = self.router.pick(flight.agent, avoid=flight.tried)
+            if replica is not None:
+                self._launch(flight, replica)
+            elif self.router.usable(avoid=flight.tried):
+                self._ready.append(flight)  # a healthy replica is full: wait for room
+            else:
+                self._end(flight, events, Failed(flight.id, *flight.failure(self.config.name)))
         return events
 
-    def _stream(self, gen_id: int, args: abi.ChatArgs, cancelled: threading.Event) -> None:
-        def report(event: Event) -> None:
-            self._reported.put(event)
+    def _launch(self, flight: Flight, replica: Replica) -> None:
+        self.router.begin(replica, flight.agent)
+        flight.replica, flight.attempt = replica, flight.attempt + 1
+        flight.hangup = Hangup()
+        threading.Thread(target=self._stream, args=(flight.id, flight.attempt, replica.remote,
+                                                    flight.request(), flight.hangup),
+                         name=f"remote-{flight.id}", daemon=True).start()
+
+    def _end(self, flight: Flight, events: list[Event], event: Event) -> None:
+        self._flights.pop(flight.id, None)
+        self.sched.finish(flight.id, time.monotonic())
+        events.append(event)
+
+    def _finished(self, flight: Flight, text: str, reason: str, calls: list[abi.ToolCall],
+                  usage: abi.Usage) -> Finished:
+        self._flights.pop(flight.id, None)
+        self.sched.finish(flight.id, time.monotonic())
+        if flight.base:  # resumed: what earlier replicas streamed comes first
+            text = "".join(flight.sent[:flight.base]) + text
+            usage = abi.Usage(usage.prompt_tokens, usage.completion_tokens + flight.base)
+        return Finished(flight.id, reason, text=text, tool_calls=calls or None, usage=usage)
+
+    def _failover(self, flight: Flight, exc: BaseException, events: list[Event]) -> None:
+        """The call's replica failed it: retry it elsewhere if nothing was streamed, resume it
+        elsewhere if it is greedy, else fail it saying how much the caller got."""
+        replica = flight.replica
+        if not isinstance(exc, RemoteError):
+            log.error("remote stream failed", exc_info=exc, extra={"model": self.config.name})
+            exc = RemoteError(f"{replica.url}: {exc!r}")
+        flight.error = exc
+        if exc.refused or exc.reported:  # the request itself, or the server said it failed
+            code, message = exc.code, str(exc)
+            if flight.sent:  # say what the caller got (a refused resume is not its EINVAL)
+                how = " and resuming it on another replica failed" if flight.base else ""
+                code = abi.ErrorCode.EIO
+                message += (f"; {len(flight.sent)} pieces (about as many tokens) were already "
+                            f"streamed{how}: the reply is cut short")
+            self._end(flight, events, Failed(flight.id, code, message))
+            return
+        self.router.failed(replica, str(exc))
+        flight.tried.add(replica)
+        if len(flight.sent) >= flight.args.max_tokens:  # it broke after its last token
+            text = "".join(flight.sent)
+            self._end(flight, events, Finished(flight.id, "length", text=text, usage=abi.Usage(
+                0, len(flight.sent))))
+            return
+        if flight.sent and not flight.resumable():
+            self._end(flight, events, Failed(flight.id, *flight.failure(self.config.name)))
+            return
+        self.failovers += 1
+        flight.base = len(flight.sent)
+        log.warning("remote call failed over", extra={
+            "model": self.config.name, "replica": replica.url, "reason": str(exc),
+            "streamed": flight.base, "how": "resume" if flight.base else "retry"})
+        self._ready.append(flight)
+
+    def _stream(self, gen_id: int, attempt: int, remote: RemoteModel, args: abi.ChatArgs,
+                hangup: Hangup) -> None:
+        def report(kind: str, value: Any) -> None:
+            self._reported.put((gen_id, attempt, kind, value))
             self._wake()
 
         try:
-            text, reason, calls, usage = self.remote.run(
-                args, cancelled, lambda text: report(Delta(gen_id, text)))
-        except RemoteError as exc:
-            if not (exc.refused or exc.reported):
-                self._broken(str(exc))
-            report(Failed(gen_id, exc.code, str(exc)))
+            result = remote.run(args, hangup, lambda text: report("delta", text))
+        except Exception as exc:  # RemoteError, or a bug: failed over on the worker thread
+            report("error", exc)
             return
-        except Exception as exc:
-            log.exception("remote stream failed", extra={"model": self.config.name})
-            self._broken(repr(exc))
-            report(Failed(gen_id, abi.ErrorCode.EIO, f"{self.config.source}: {exc!r}"))
-            return
-        report(Finished(gen_id, reason, text=text, tool_calls=calls or None, usage=usage))
+        report("done", result)
 
-    def _broken(self, why: str) -> None:
-        """Mark the server unhealthy (once per outage) and start probing it."""
-        with self._health:
-            if self.error is not None or self._closed.is_set():
-                return
-            self.error, self.outages = why, self.outages + 1
-        log.warning("remote model unhealthy", extra={"model": self.config.name, "reason": why})
-        threading.Thread(target=self._probe, name=f"probe-{self.config.name}",
-                         daemon=True).start()
 
-    def _probe(self) -> None:
-        wait = PROBE_FIRST_S
-        while not self._closed.wait(wait):
-            if self.remote.probe(timeout=min(self.remote.timeout, 5.0)):
-                with self._health:
-                    self.error = None
-                log.info("remote model healthy again", extra={"model": self.config.name})
-                self._wake()
-                return
-            wait = min(wait * 2, PROBE_MAX_S)
+class Flight:
+    """One call of a remote model, across the replicas it runs on (worker thread only)."""
+
+    def __init__(self, id: int, agent: str, args: abi.ChatArgs) -> None:
+        self.id = id
+        self.agent = agent
+        self.args = args
+        self.replica: Replica | None = None  # where it streams now
+        self.hangup: Hangup | None = None  # its stream's cancellation
+        self.attempt = 0  # streams started; reports of earlier ones are stale
+        self.sent: list[str] = []  # text pieces streamed to the caller, over all attempts
+        self.base = 0  # pieces streamed before the current attempt (a resume's prefix)
+        self.tried: set[Replica] = set()  # replicas it failed on: not tried again
+        self.error: RemoteError | None = None  # the last failure
+
+    def resumable(self) -> bool:
+        """Whether another replica can go on from what was streamed with the output the first
+        would have given: greedy, and unconstrained (a grammar would start over on the
+        continuation), so the continuation is the same function of the same text; and that
+        text whole characters (a U+FFFD stands for bytes of a character cut between tokens,
+        which the server would read back as other tokens)."""
+        a = self.args
+        return (a.temperature == 0 and not a.tools and a.json_schema is None and a.regex is None
+                and a.choice is None and a.response_format == "text"
+                and not any("\ufffd" in piece for piece in self.sent))
+
+    def request(self) -> abi.ChatArgs:
+        """What the next attempt asks: the call itself, or, once text was streamed, the call
+        plus that text as the assistant's unfinished message, to be continued."""
+        if not self.sent:
+            return self.args
+        partial = abi.ChatMessage(role="assistant", content="".join(self.sent))
+        return msgspec.structs.replace(
+            self.args, messages=[*self.args.messages, partial], continue_final=True,
+            max_tokens=max(1, self.args.max_tokens - len(self.sent)))
+
+    def failure(self, model: str) -> tuple[abi.ErrorCode, str]:
+        """The error that ends it: its last replica's, saying what the caller already got."""
+        exc = self.error
+        if exc is None:
+            return abi.ErrorCode.EAGAIN, f"model {model!r}: no healthy replica; retry later"
+        code, message = exc.code, str(exc)
+        if len(self.tried) > 0 and not self.sent:
+            message += "; no other healthy replica to retry it on"
+        if self.sent:
+            why = ("and no other healthy replica to resume it on" if self.resumable() else
+                   "and only greedy, unconstrained calls whose text so far is whole "
+                   "characters are resumed elsewhere")
+            message += (f"; {len(self.sent)} pieces (about as many tokens) were already "
+                        f"streamed, {why}: the reply is cut short")
+        return code, message

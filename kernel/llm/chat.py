@@ -58,9 +58,13 @@ def template_messages(args: abi.ChatArgs) -> list[dict[str, Any]]:
 
 
 def render(tokenizer: Any, args: abi.ChatArgs) -> list[int]:
-    """Token ids of the prompt, ending where the assistant's reply starts."""
-    ids = tokenizer.apply_chat_template(template_messages(args), add_generation_prompt=True,
-                                        tokenize=True)
+    """Token ids of the prompt, ending where the assistant's reply starts (or, to continue
+    one, where its last message's text ends)."""
+    if args.continue_final and args.messages[-1].role != "assistant":
+        raise ValueError("continue_final needs an assistant message last")
+    extra = ({"continue_final_message": True} if args.continue_final else
+             {"add_generation_prompt": True})
+    ids = tokenizer.apply_chat_template(template_messages(args), tokenize=True, **extra)
     if isinstance(ids, dict) or hasattr(ids, "input_ids"):
         ids = ids["input_ids"]
     return list(ids)

@@ -88,6 +88,12 @@ class LLMCore:
             restarts = getattr(backend, "outages", 0) if w.config.remote else max(0, w.loads - 1)
             out.append(abi.DependencyInfo("model", name, "unhealthy" if outage else w.state,
                                           restarts, outage or w.failed))
+            router = getattr(backend, "router", None)
+            if router is not None and len(router.replicas) > 1:  # a fleet: each replica too
+                out += [abi.DependencyInfo("replica", f"{name}#{r.index}",
+                                           "ready" if r.healthy else "unhealthy", r.outages,
+                                           f"{r.url}: {r.error}" if r.error else r.url)
+                        for r in router.replicas]
         return out
 
     def stats(self) -> dict[str, dict[str, float]]:

@@ -1,21 +1,23 @@
 """A model behind any OpenAI-compatible server (vLLM, Ollama, llama.cpp, another agentos).
 
 One streamed `POST {base}/chat/completions` per request, read as server-sent events, so tokens
-reach the agent as the server produces them and a cancelled request closes its connection. A
+reach the agent as the server produces them and a cancelled request closes its connection (the
+server sees the client go and frees the request's slot). Each server has one pooled httpx client
+(kept-alive connections reused across requests); its timeout is an idle limit, applied to the
+connect and to every read of the stream. A
 stream that breaks (reset, garbage, silence past the idle limit, an end before `[DONE]`) raises
 RemoteError: a reply cut short is never passed off as a finished one.
 """
 
 from __future__ import annotations
 
-import http.client
 import json
 import socket
 import threading
-import urllib.parse
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
+
+import httpx
 
 from sdk import abi
 
@@ -32,6 +34,7 @@ def _calls(calls: list[abi.ToolCall] | None) -> list[dict[str, Any]] | None:
 # The longest server-sent event line read from a server: a broken or hostile one could send a
 # line without end, and the whole line is held before it is parsed.
 MAX_EVENT_BYTES = 1 << 20
+REST_BYTES = 1 << 16  # the most read after `[DONE]` to keep a connection for reuse
 
 
 class RemoteError(Exception):
@@ -40,11 +43,12 @@ class RemoteError(Exception):
     it stayed silent past the idle limit."""
 
     def __init__(self, message: str, refused: bool = False, timed_out: bool = False,
-                 reported: bool = False) -> None:
+                 reported: bool = False, unreached: bool = False) -> None:
         super().__init__(message)
         self.refused = refused
         self.timed_out = timed_out
         self.reported = reported  # the server sent an error event: it is up, the request failed
+        self.unreached = unreached  # no connection: the server never saw the request
 
     @property
     def code(self) -> abi.ErrorCode:
@@ -86,20 +90,28 @@ class Hangup(threading.Event):
                 pass  # already closed
 
 
-@dataclass
 class RemoteModel:
-    base_url: str  # e.g. http://127.0.0.1:8000/v1
-    model: str  # the server's name for it
-    api_key: str | None = None
-    timeout: float = 600.0  # seconds of silence (connecting or mid-stream) before ETIMEDOUT
+    """One OpenAI-compatible server, with its own pooled httpx client: keep-alive connections
+    are reused across requests, up to `max_connections` open at once."""
 
-    def _connection(self) -> tuple[http.client.HTTPConnection, str]:
-        url = urllib.parse.urlsplit(self.base_url)
-        if url.scheme not in ("http", "https"):
-            raise RemoteError(f"unsupported URL scheme in {self.base_url!r}")
-        cls = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
-        conn = cls(url.hostname or "localhost", url.port, timeout=self.timeout)
-        return conn, url.path.rstrip("/")
+    def __init__(self, base_url: str, model: str, api_key: str | None = None,
+                 timeout: float = 600.0, max_connections: int = 16) -> None:
+        self.base_url = base_url.rstrip("/")  # e.g. http://127.0.0.1:8000/v1
+        self.model = model  # the server's name for it
+        self.api_key = api_key
+        self.timeout = timeout  # seconds of silence (connecting or mid-stream): ETIMEDOUT
+        if not self.base_url.startswith(("http://", "https://")):
+            raise RemoteError(f"unsupported URL scheme in {base_url!r}")
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        # The probe takes a connection of its own: one over the requests' limit.
+        self.client = httpx.Client(
+            headers=headers, timeout=httpx.Timeout(timeout),
+            limits=httpx.Limits(max_connections=max_connections + 1,
+                                max_keepalive_connections=max_connections + 1),
+            trust_env=False)
+
+    def close(self) -> None:
+        self.client.close()
 
     def body(self, args: abi.ChatArgs) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -113,6 +125,8 @@ class RemoteModel:
         }
         if args.stop:
             body["stop"] = args.stop
+        if args.continue_final:  # vLLM's spelling: go on with the last (assistant) message
+            body["continue_final_message"], body["add_generation_prompt"] = True, False
         if args.seed is not None:
             body["seed"] = args.seed
         # The structure asked for, as OpenAI and vLLM spell it: the server enforces it.
@@ -133,56 +147,57 @@ class RemoteModel:
 
     def stream(self, args: abi.ChatArgs, cancelled: threading.Event) -> Iterator[dict[str, Any]]:
         """The server's stream chunks (parsed JSON), until `[DONE]` or cancellation."""
-        conn, path = self._connection()
-        headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
         try:
-            conn.request("POST", f"{path}/chat/completions", json.dumps(self.body(args)), headers)
-            if isinstance(cancelled, Hangup):
-                cancelled.attach(conn.sock)
-            resp = conn.getresponse()
-            if resp.status != 200:
-                detail = resp.read(4096).decode(errors="replace")
-                raise RemoteError(f"{self.base_url} answered {resp.status}: {detail}",
-                                  refused=400 <= resp.status < 500 and resp.status not in (
-                                      401, 403, 404, 408, 429))
-            while line := resp.readline(MAX_EVENT_BYTES + 1):
-                if cancelled.is_set():
-                    return
-                if len(line) > MAX_EVENT_BYTES:
-                    raise RemoteError(f"{self.base_url} sent an event over {MAX_EVENT_BYTES} "
-                                      "bytes")
-                line = line.strip()
-                if not line.startswith(b"data:"):
-                    continue
-                data = line[5:].strip()
-                if data == b"[DONE]":
-                    return
-                try:
-                    chunk = json.loads(data)
-                except ValueError:
-                    chunk = None
-                if not isinstance(chunk, dict):
-                    raise RemoteError(f"{self.base_url} sent a malformed event")
-                if chunk.get("error"):  # how OpenAI-compatible servers fail a started stream
-                    error = chunk["error"]
-                    detail = error.get("message") if isinstance(error, dict) else error
-                    raise RemoteError(f"{self.base_url} failed the request mid-stream: "
-                                      f"{str(detail)[:500]}", reported=True)
-                yield chunk
-            if not cancelled.is_set():
-                raise _Unfinished(f"{self.base_url} closed the stream before it finished "
-                                  "(no [DONE]): the reply is cut short")
-        except TimeoutError:
+            with self.client.stream("POST", f"{self.base_url}/chat/completions",
+                                    json=self.body(args),
+                                    headers={"Accept": "text/event-stream"}) as resp:
+                if isinstance(cancelled, Hangup):
+                    stream = resp.extensions.get("network_stream")
+                    cancelled.attach(stream.get_extra_info("socket") if stream else None)
+                if resp.status_code != 200:
+                    detail = _head(resp, 4096).decode(errors="replace")
+                    status = resp.status_code
+                    raise RemoteError(f"{self.base_url} answered {status}: {detail}",
+                                      refused=400 <= status < 500 and status not in (
+                                          401, 403, 404, 408, 429))
+                lines = _lines(resp, self.base_url)
+                for line in lines:
+                    if cancelled.is_set():
+                        return
+                    line = line.strip()
+                    if not line.startswith(b"data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == b"[DONE]":
+                        _finish(resp, lines)
+                        return
+                    try:
+                        chunk = json.loads(data)
+                    except ValueError:
+                        chunk = None
+                    if not isinstance(chunk, dict):
+                        raise RemoteError(f"{self.base_url} sent a malformed event")
+                    if chunk.get("error"):  # how OpenAI-compatible servers fail a started stream
+                        error = chunk["error"]
+                        detail = error.get("message") if isinstance(error, dict) else error
+                        raise RemoteError(f"{self.base_url} failed the request mid-stream: "
+                                          f"{str(detail)[:500]}", reported=True)
+                    yield chunk
+                if not cancelled.is_set():
+                    raise _Unfinished(f"{self.base_url} closed the stream before it finished "
+                                      "(no [DONE]): the reply is cut short")
+        except httpx.TimeoutException:
+            if cancelled.is_set():
+                return
             raise RemoteError(f"{self.base_url} sent nothing for {self.timeout:g} s",
                               timed_out=True) from None
-        except (OSError, http.client.HTTPException) as exc:
+        except httpx.ConnectError as exc:
+            raise RemoteError(f"{self.base_url}: cannot connect: {exc}",
+                              unreached=True) from None
+        except (httpx.HTTPError, OSError) as exc:
             if cancelled.is_set():
                 return  # its socket was shut by the cancellation
             raise RemoteError(f"{self.base_url}: {exc!r}") from None
-        finally:
-            conn.close()
 
     def run(self, args: abi.ChatArgs, cancelled: threading.Event,
             on_delta: Callable[[str], None]) -> tuple[str, str, list[abi.ToolCall], abi.Usage]:
@@ -231,14 +246,47 @@ class RemoteModel:
     def probe(self, timeout: float) -> bool:
         """Whether the server answers HTTP at all (`GET {base}/models`; any status below 500)."""
         try:
-            conn, path = self._connection()
-        except RemoteError:
+            return self.client.get(f"{self.base_url}/models", timeout=timeout).status_code < 500
+        except (httpx.HTTPError, OSError):
             return False
-        conn.timeout = timeout
-        try:
-            conn.request("GET", f"{path}/models")
-            return conn.getresponse().status < 500
-        except (OSError, http.client.HTTPException):
-            return False
-        finally:
-            conn.close()
+
+
+def _head(resp: httpx.Response, limit: int) -> bytes:
+    """At most `limit` bytes of an error answer's body (a server may send a long one)."""
+    got = b""
+    for piece in resp.iter_bytes():
+        got += piece
+        if len(got) >= limit:
+            break
+    return got[:limit]
+
+
+def _finish(resp: httpx.Response, lines: Iterator[bytes]) -> None:
+    """Read a framed response (chunked, or of known length) to its end after `[DONE]`, so its
+    connection goes back to the pool for the next request; at most REST_BYTES more. A stream
+    that ends with the connection is closed anyway: nothing to read."""
+    if "content-length" not in resp.headers and \
+            resp.headers.get("transfer-encoding", "").lower() != "chunked":
+        return
+    rest = 0
+    try:
+        for line in lines:
+            rest += len(line)
+            if rest > REST_BYTES:
+                return
+    except (httpx.HTTPError, OSError, RemoteError):
+        pass  # the reply is whole; only the connection is lost
+
+
+def _lines(resp: httpx.Response, where: str) -> Iterator[bytes]:
+    """The body's lines, each at most MAX_EVENT_BYTES: a broken or hostile server could send a
+    line without end, and a whole line is held before it is parsed."""
+    held = b""
+    for piece in resp.iter_bytes():
+        held += piece
+        *lines, held = held.split(b"\n")
+        yield from lines
+        if len(held) > MAX_EVENT_BYTES:
+            raise RemoteError(f"{where} sent an event over {MAX_EVENT_BYTES} bytes")
+    if held:
+        yield held

@@ -80,6 +80,7 @@ class ModelWorker(threading.Thread):
         self.generated = 0
         self._window: collections.deque[tuple[float, int]] = collections.deque()
         self._want_load = threading.Event()
+        self._woken = False  # the backend called for the worker since it last published
         self._stopping = False
         self.paused: set[str] = set()  # shared with the backend's scheduler once loaded
         self.ended: set[str] = set()  # agents over for good, forgotten once their calls are gone
@@ -144,8 +145,12 @@ class ModelWorker(threading.Thread):
                         or self.backend.blocking)
             if self._stopping:
                 break
-            if not self.gens and self.published.get("generations"):
-                self._publish()  # the last ones were cancelled: say so, no step will
+            if not self.gens and (self.published.get("generations") or self._woken):
+                # The last ones were cancelled, or the backend's state changed while idle (a
+                # replica drained or back): say so, no step will.
+                self._woken = False
+                if getattr(self, "backend", None) is not None and self.failed is None:
+                    self._publish(every=0.0)
             if self.gens and self.failed is None:
                 try:
                     self._apply(self.backend.step())
@@ -215,6 +220,8 @@ class ModelWorker(threading.Thread):
                 return
             if kind == "submit":
                 self._admit(value)
+            elif kind == "wake":
+                self._woken = True
             elif kind == "reload":
                 self._try_load()
             elif kind == "cancel":

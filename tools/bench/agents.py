@@ -285,7 +285,7 @@ def remote_chat(url: str, name: str) -> Any:
     """Calls to an OpenAI-compatible server (vLLM), through the kernel's own client."""
     from kernel.llm.remote import RemoteModel
 
-    remote = RemoteModel(url, name)
+    remote = RemoteModel(url, name, max_connections=1024)  # every agent at once: no pool wait
 
     def chat(messages: list[dict[str, Any]], model: str | None = None, max_tokens: int = 256,
              stop: list[str] | None = None, **_: Any) -> abi.ChatResult:

@@ -264,7 +264,7 @@ def vllm(url: str, n: int, turns: int, max_tokens: int) -> Run:
     from kernel.llm.remote import RemoteModel
     from sdk import abi
 
-    remote = RemoteModel(url, "smollm2")
+    remote = RemoteModel(url, "smollm2", max_connections=n)  # one per agent: no pool wait
 
     def call(history: list[dict]) -> tuple[str, int, float]:
         first: list[float] = []

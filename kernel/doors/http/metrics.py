@@ -111,7 +111,15 @@ class _Snapshot:
         preempt = CounterMetricFamily("agentos_llm_preemptions", "Generations switched out",
                                       labels=["model", "reason"])
         kv = GaugeMetricFamily("agentos_llm_kv_bytes", "KV cache bytes held", labels=["model"])
+        replicas = GaugeMetricFamily(
+            "agentos_llm_replica", "A fleet model's replicas (kernel/llm/fleet.py): healthy, "
+            "outstanding, max_concurrency, served, failures, outages",
+            labels=["model", "replica", "figure"])
         for model, m in sorted(s.models.items()):
+            for key, value in m.items():
+                if key.startswith("replica."):  # replica.N.FIGURE
+                    _, index, figure = key.split(".", 2)
+                    replicas.add_metric([model, index, figure], value)
             for state, key in (("waiting", "queued"), ("waiting", "waiting"),
                                ("running", "running"), ("running", "in_flight"),
                                ("preempted", "preempted")):
@@ -123,7 +131,7 @@ class _Snapshot:
                 preempt.add_metric([model, "memory"], m["memory_preemptions"])
             if "kv_bytes" in m:
                 kv.add_metric([model], m["kv_bytes"])
-        yield from (queue, preempt, kv)
+        yield from (queue, preempt, kv, replicas)
         # The memory manager's RAM tier (gauges) and its counters since boot.
         memory = GaugeMetricFamily("agentos_memory", "Memory manager: resident memories, RAM "
                                    "bytes, indexed namespaces, embedded/evicted/reloaded so far",

@@ -94,7 +94,8 @@ def chat_args(body: Any) -> abi.ChatArgs:
     unknown = sorted(set(body) - _IGNORED - set(_GUIDED) - {
         "model", "messages", "temperature", "top_p", "top_k", "max_tokens",
         "max_completion_tokens", "stop", "seed", "response_format", "tools", "tool_choice",
-        "parallel_tool_calls", "stream", "n", "priority", "ignore_eos"})
+        "parallel_tool_calls", "stream", "n", "priority", "ignore_eos",
+        "continue_final_message", "add_generation_prompt"})
     if unknown:
         raise bad(f"unsupported fields: {', '.join(unknown)}", unknown[0])
     args: dict[str, Any] = {"messages": [_message(m, i) for i, m in enumerate(messages)]}
@@ -105,6 +106,15 @@ def chat_args(body: Any) -> abi.ChatArgs:
     for key in ("top_p", "top_k", "seed", "priority", "ignore_eos"):
         if body.get(key) is not None:
             args[key] = body[key]
+    # vLLM's extension, how a fleet resumes a reply on another replica: go on with the last
+    # (assistant) message; `add_generation_prompt` may only say the same thing.
+    if body.get("continue_final_message"):
+        if body.get("add_generation_prompt", False) is not False:
+            raise bad("continue_final_message needs add_generation_prompt false",
+                      "add_generation_prompt")
+        if not isinstance(messages[-1], dict) or messages[-1].get("role") != "assistant":
+            raise bad("continue_final_message needs an assistant message last", "messages")
+        args["continue_final"] = True
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     if max_tokens is not None:
         args["max_tokens"] = max_tokens
