@@ -104,6 +104,10 @@ class ModelConfig:
     # Seconds between health checks (`GET {url}/models`) of a healthy replica; 0: checked only
     # after a call breaks on it.
     health_interval_s: float = 10.0
+    # Whether an agent's calls go back to the replica that took its previous one (its prefix is
+    # cached there); false: every call to the least loaded replica (to measure what affinity
+    # buys: tools/bench/fleet.py).
+    affinity: bool = True
 
     @property
     def remote(self) -> bool:
@@ -145,6 +149,8 @@ class ModelConfig:
         if config.dtype not in DTYPES:
             raise ValueError(f"[models.{name}]: bad dtype {config.dtype!r}: one of "
                              f"{', '.join(DTYPES)}")
+        if type(config.affinity) is not bool:
+            raise ValueError(f"[models.{name}]: affinity must be true or false")
         if type(config.speculate_max_batch) is not int or config.speculate_max_batch < 0:
             raise ValueError(f"[models.{name}]: speculate_max_batch must be an integer >= 0 "
                              "(0: off)")

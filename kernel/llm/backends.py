@@ -209,7 +209,8 @@ class RemoteBackend:
             remote = RemoteModel(rc.url, config.remote_model or config.name, api_key=key,
                                  timeout=config.remote_idle_s, max_connections=rc.max_concurrency)
             replicas.append(Replica(i, remote, rc.max_concurrency))
-        self.router = Router(config.name, replicas, wake, config.health_interval_s)
+        self.router = Router(config.name, replicas, wake, config.health_interval_s,
+                             config.affinity)
         self.sched = make_scheduler("fifo", budget=token_budget(config.agent_max_tokens))
         self.device = self.dtype = None
         self._wake = wake

@@ -64,8 +64,9 @@ class Router:
     """Picks a replica per call, counts their work, drains the failing and probes them back."""
 
     def __init__(self, name: str, replicas: list[Replica], wake: Callable[[], None],
-                 health_interval_s: float = 10.0) -> None:
+                 health_interval_s: float = 10.0, affinity: bool = True) -> None:
         self.name = name
+        self.affinity = affinity  # False: least loaded only (the config's `affinity = false`)
         self.replicas = replicas
         self.health_interval_s = health_interval_s  # 0: checked only after a failure
         self._wake = wake
@@ -82,7 +83,7 @@ class Router:
     def pick(self, agent: str, avoid: Iterable[Replica] = ()) -> Replica | None:
         """The replica for the agent's next call, or None if no healthy one has room."""
         avoid = set(avoid)
-        held = self._affinity.get(agent)
+        held = self._affinity.get(agent) if self.affinity else None
         if (held is not None and held.healthy and held.outstanding < held.max_concurrency
                 and held not in avoid):
             return held

@@ -236,6 +236,26 @@ def test_the_router_keeps_an_agent_on_its_replica_else_picks_the_least_loaded() 
         router.close()
 
 
+def test_with_affinity_off_every_call_goes_to_the_least_loaded_replica() -> None:
+    config = ModelConfig.parse("m", {"replicas": [{"url": "http://a/v1"}], "affinity": False})
+    assert config.affinity is False and ModelConfig.parse("m", {}).affinity is True
+    with pytest.raises(ValueError, match="affinity must be true or false"):
+        ModelConfig.parse("m", {"affinity": "no"})
+    replicas = [Replica(i, RemoteModel(f"http://127.0.0.1:9/r{i}/v1", "m"), 2) for i in (0, 1)]
+    router = Router("m", replicas, wake=lambda: None, health_interval_s=0, affinity=False)
+    r0, r1 = replicas
+    try:
+        router.begin(r0, "a")
+        router.end(r0, served=True)
+        router.begin(r0, "b")  # r0 is busier now: a's next call leaves its last replica
+        assert router.pick("a") is r1
+        router.begin(r1, "a")
+        router.end(r1, served=True)
+        assert router.pick("a") is r1  # and goes where the load is least, not back to r0
+    finally:
+        router.close()
+
+
 def test_a_fleet_is_configured_as_replicas() -> None:
     config = ModelConfig.parse("m", {"replicas": [
         {"url": "http://a:8000/v1/", "max_concurrency": 4, "api_key_env": "A_KEY"},
