@@ -274,14 +274,14 @@ class Config:
     http_header_bytes: int = 64 * 1024
     http_body_bytes: int = 4 * 1024 * 1024
     # The door inside every sandbox (kernel/doors/http/agentdoor.py): the OpenAI and AIOS APIs on
-    # each strict or standard agent's own socket, relayed to 127.0.0.1:8080 of its network
-    # namespace with OPENAI_BASE_URL and OPENAI_API_KEY set; connections per agent (beyond:
+    # 127.0.0.1:8080 of each strict or standard agent's own network namespace (served by the
+    # kernel) with OPENAI_BASE_URL and OPENAI_API_KEY set; connections per agent (beyond:
     # 503, closed) and over all agents.
     agent_door: bool = True
     agent_door_connections: int = 16
     agent_door_total: int = 1024
     # The egress proxy (kernel/doors/egress.py): HTTP CONNECT and plain HTTP on each strict or
-    # standard agent's own socket, relayed to 127.0.0.1:3128 of its namespace with HTTPS_PROXY,
+    # standard agent's 127.0.0.1:3128 of its namespace (served by the kernel) with HTTPS_PROXY,
     # HTTP_PROXY and ALL_PROXY set; each connection needs net.connect@HOST:PORT. Connections
     # open per agent (beyond: 429, closed) and over all agents; seconds to send the request
     # head, to resolve and to connect; ports plain HTTP is never forwarded to (CONNECT only).

@@ -1,9 +1,9 @@
 """The egress proxy: an agent's only way to the network, one `net.connect@HOST:PORT` at a time.
 
-Each strict or standard agent gets `run/agents/<id>/proxy.sock` beside its door (root:agent-gid
-0660 in the 0710 directory only its uid may pass; the peer's uid, SO_PEERCRED, must be its
-uid), relayed from 127.0.0.1:3128 inside its own network namespace (kernel/proc/forward.py),
-with HTTPS_PROXY, HTTP_PROXY and ALL_PROXY (and lowercase) pointing there. Whoever connects is
+Each strict or standard agent gets a proxy on 127.0.0.1:3128 of its own network namespace,
+with HTTPS_PROXY, HTTP_PROXY and ALL_PROXY (and lowercase) pointing there: its launcher binds
+the listener in the namespace and hands it to the kernel, which serves it here (a socket stays
+in the namespace it was made in; only the agent's processes are in it). Whoever connects is
 that agent: nothing the agent says names it. It speaks HTTP CONNECT (a TCP tunnel, for https)
 and plain HTTP forwarding (`GET http://host/path`, sent on as `Connection: close`); for each
 connection
@@ -38,19 +38,16 @@ import binascii
 import ipaddress
 import logging
 import socket
-import struct
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 from kernel.access.rules import Capability
 from kernel.call import Fault
-from kernel.doors.transport import agent_listener
 from sdk import abi, endpoints
 from sdk.tokens import TokenError
 
@@ -59,7 +56,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kernel.doors.egress")
 
-SOCKET_NAME = "proxy.sock"
 OP = "net.connect"
 HEAD_BYTES = 16 * 1024  # a request line and headers longer than this: 431
 CHUNK = 64 * 1024
@@ -109,15 +105,6 @@ class Tunnel:
             self.task.cancel()
         for w in self.writers:
             w.close()
-
-
-def _peer_uid(writer: asyncio.StreamWriter) -> int | None:
-    sock = writer.get_extra_info("socket")
-    try:
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    except (OSError, AttributeError):
-        return None
-    return int(struct.unpack("3i", creds)[1])
 
 
 def parse_head(head: bytes) -> tuple[str, str, list[tuple[str, str]]]:
@@ -208,25 +195,24 @@ class Egress:
             self._thread.start()
         return self.loop
 
-    def open(self, agent_id: int, uid: int, socket_dir: Path, key: str) -> Path:
-        """Bind the agent's proxy socket in its endpoint directory; `key` is the agent's own
-        token, which connections without `Proxy-Authorization` stand on."""
+    def open(self, agent_id: int, sock: socket.socket, key: str) -> None:
+        """Serve the agent's proxy on `sock`, the listener its launcher bound on 127.0.0.1:3128
+        in the agent's own namespace (only the agent's processes reach it); `key` is the
+        agent's own token, which connections without `Proxy-Authorization` stand on."""
         cap = self.k.access.authority.verify(key)
-        path = socket_dir / SOCKET_NAME
-        sock = agent_listener(path, uid)
+        sock.setblocking(False)
         loop = self._start()
 
         async def serve() -> None:
             self._caps[agent_id] = cap
 
             async def on_connect(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-                await self._connection(agent_id, uid, r, w)
+                await self._connection(agent_id, r, w)
 
-            self._servers[agent_id] = await asyncio.start_unix_server(
+            self._servers[agent_id] = await asyncio.start_server(
                 on_connect, sock=sock, limit=HEAD_BYTES)
 
         asyncio.run_coroutine_threadsafe(serve(), loop).result(timeout=10)
-        return path
 
     def close(self, agent_id: int) -> None:
         """The agent is over: stop serving its socket and end its tunnels."""
@@ -307,12 +293,8 @@ class Egress:
         self.k.calls.post(lambda: self.k.guard.deny(f"agent:{agent_id}", OP, target, reason,
                                               token_id=token_id))
 
-    async def _connection(self, agent_id: int, uid: int, reader: asyncio.StreamReader,
+    async def _connection(self, agent_id: int, reader: asyncio.StreamReader,
                           writer: asyncio.StreamWriter) -> None:
-        if _peer_uid(writer) != uid:  # the directory's modes keep others out; this is the proof
-            log.warning("egress: a stranger's connection refused", extra={"agent": agent_id})
-            writer.close()
-            return
         tunnels = self._open.setdefault(agent_id, set())
         limit = self.k.config.egress_connections
         if len(tunnels) >= limit or self.total >= self.k.config.egress_total:

@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import threading
 from collections.abc import Callable
-from pathlib import Path
 
 import zmq
 from zmq.utils import z85
@@ -209,23 +207,4 @@ def open_curve_router(ctx: zmq.Context, endpoint: str, secret_key: bytes) -> zmq
     sock.sndhwm = 10000
     sock.rcvhwm = 10000
     sock.bind(endpoint)
-    return sock
-
-
-def agent_listener(path: Path, gid: int) -> socket.socket:
-    """A non-blocking Unix stream listener at `path` in an agent's endpoint directory, which
-    only the kernel and that agent (group `gid`, mode 0660) may connect to; a stale socket
-    left there by a dead kernel is replaced. For the agent's own HTTP door and egress proxy."""
-    if path.exists() or path.is_symlink():
-        path.unlink()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(str(path))
-        os.chown(path, os.geteuid(), gid, follow_symlinks=False)
-        os.chmod(path, 0o660)
-        sock.listen(64)
-        sock.setblocking(False)
-    except OSError:
-        sock.close()
-        raise
     return sock

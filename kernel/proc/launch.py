@@ -8,6 +8,7 @@ import os
 import resource
 import shutil
 import signal
+import socket
 import stat
 import sys
 from collections.abc import Callable, Sequence
@@ -103,6 +104,16 @@ class Reporter:
             os.write(self.fd, (json.dumps(record) + "\n").encode())
         except OSError:
             pass  # nobody listens: the exit status still says what happened
+
+    def send_fds(self, record: dict[str, Any], fds: list[int]) -> None:
+        """One message with fds attached (SCM_RIGHTS): the report fd is a socket."""
+        if self.fd is None:
+            raise RuntimeError("no report socket to hand the listeners over on")
+        sock = socket.socket(fileno=self.fd)
+        try:
+            socket.send_fds(sock, [(json.dumps(record) + "\n").encode()], fds)
+        finally:
+            sock.detach()
 
     def fail(self, status: LaunchExit, message: str) -> NoReturn:
         try:
@@ -286,30 +297,22 @@ def build_landlock(policy: Policy, private_tmp: bool) -> landlock.Ruleset:
 
 
 def open_forwards(policy: Policy) -> list[tuple[Any, str]]:
-    """The in-sandbox bridge's listeners, bound as root in the agent's own namespace (the
-    standard tier's loopback is down until this brings it up)."""
+    """The kernel's services' listeners (door, proxy), bound as root on 127.0.0.1 of the
+    agent's own namespace (the standard tier's loopback is down until this brings it up)."""
     if "unshare" in policy.layers:
         forward.loopback_up()
-    return [(forward.listen(int(port)), path) for port, path in policy.forwards.items()]
+    return [(forward.listen(int(port)), name) for port, name in policy.forwards.items()]
 
 
-def start_relay(routes: list[tuple[Any, str]], report_fd: int | None) -> dict[str, Any]:
-    """Fork the bridge's relay, under every layer the agent is under, as the agent's child
-    (it dies with the agent); the agent keeps none of the listeners."""
+def hand_over(routes: list[tuple[Any, str]], report: Reporter) -> dict[str, Any]:
+    """Give the listeners to the kernel, which serves them itself (a socket stays in the
+    namespace it was made in, whoever holds it); the agent keeps none of them."""
     ports = sorted(listener.getsockname()[1] for listener, _ in routes)
-    ppid = os.getpid()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            if report_fd is not None:
-                os.close(report_fd)
-            die_with_parent(ppid)
-            forward.serve(routes)
-        finally:
-            os._exit(1)
+    report.send_fds({"listeners": [name for _, name in routes]},
+                    [listener.fileno() for listener, _ in routes])
     for listener, _ in routes:
         listener.close()
-    return {"ports": ports, "relay_pid": pid}
+    return {"ports": ports, "served_by": "kernel"}
 
 
 def namespace_ids() -> str:
@@ -458,6 +461,8 @@ class Launcher:
         ruleset = (report.step("landlock", build_landlock, policy, "namespaces" in layers)
                    if "landlock" in layers else None)
         routes = report.step(layers[0], open_forwards, policy) if policy.forwards else []
+        if routes:
+            applied["bridge"] = report.step(layers[0], hand_over, routes, report)
         bpf = (report.step("seccomp", self.make_filter, bool(routes))
                if "seccomp" in layers else None)
         if "rlimits" in layers:
@@ -486,8 +491,6 @@ class Launcher:
             applied["seccomp"] = {"arch": os.uname().machine, "rules": bpf.rules,
                                   "other_abis": "killed"}
             bpf.release()
-        if routes:
-            applied["bridge"] = report.step(layers[0], start_relay, routes, a.report_fd)
         self.start()
 
     # The steps a forked launcher (kernel/proc/zygote.py) does its own way.

@@ -12,6 +12,7 @@ import pwd
 import select
 import shutil
 import signal
+import socket
 import stat
 import sys
 import time
@@ -19,6 +20,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+FORWARDED = ("door", "proxy")  # the kernel services a sandbox may have listeners for
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -124,8 +127,9 @@ class Policy:
     # path -> [device, inode] the kernel resolved and checked: the launcher grants a pinned
     # path only if it opens that very file (kernel/proc/resolve.py).
     pins: dict[str, list[int]] = field(default_factory=dict)
-    # port -> Unix socket: loopback listeners in the agent's own network namespace relayed to
-    # the kernel (kernel/proc/forward.py). Only where it has one (strict, standard).
+    # port -> service: loopback listeners in the agent's own network namespace, handed to the
+    # kernel, which serves them (kernel/proc/forward.py). Only where it has one (strict,
+    # standard).
     forwards: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -160,10 +164,10 @@ class Policy:
                 raise ValueError(f"bad pin {path!r}: {ident!r}")
         if self.forwards and not {"namespaces", "unshare"} & set(self.layers):
             raise ValueError(f"tier {self.tier} has no network namespace to forward ports in")
-        for port, path in self.forwards.items():
+        for port, name in self.forwards.items():
             if not (isinstance(port, str) and port.isdigit() and 0 < int(port) < 65536
-                    and _is_clean_path(path)):
-                raise ValueError(f"bad forward {port!r} -> {path!r}")
+                    and name in FORWARDED):
+                raise ValueError(f"bad forward {port!r} -> {name!r}")
         for name, value in dataclasses.asdict(self.limits).items():
             if value is not None and (not _is_int(value) or value < 0):
                 raise ValueError(f"limit {name} must be a non-negative int, got {value!r}")
@@ -465,6 +469,14 @@ class Report:
     pid: int | None = None  # as the launcher saw it: inside its pid namespace in strict
     status: int | None = None  # a LaunchExit on failure
     error: str = ""
+    # The in-sandbox listeners the launcher handed over (name -> fd, now the kernel's): the
+    # agent's door and egress proxy on 127.0.0.1 of its own network namespace.
+    listeners: dict[str, int] = field(default_factory=dict, repr=False)
+
+    def close_listeners(self) -> None:
+        for fd in self.listeners.values():
+            os.close(fd)
+        self.listeners.clear()
 
     def summary(self) -> str:
         """One line for `agentos ps`."""
@@ -497,29 +509,68 @@ def parse_report(line: bytes | str) -> Report | None:
     return None
 
 
+LISTENERS_MAX = 4  # fds a launcher may hand over (the door and the proxy today)
+
+
 def read_report(fd: int, timeout: float = 10.0) -> Report:
-    """Wait for the launcher's final line. The strict tier's bwrap keeps the pipe open for
-    the agent's life, so a final line, not EOF, ends the wait."""
+    """Wait for the launcher's final line. The strict tier's bwrap keeps the socket open for
+    the agent's life, so a final line, not EOF, ends the wait. A `listeners` line before it
+    carries the in-sandbox listeners' fds (SCM_RIGHTS), which the report then holds."""
     deadline = time.monotonic() + timeout
     buf = b""
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return Report(False, error=f"no report from the launcher within {timeout:g}s")
-        # poll, not select: a kernel holding many agents has fds above FD_SETSIZE (1024).
-        poller = select.poll()
-        poller.register(fd, select.POLLIN)
-        if not poller.poll(left * 1000):
-            continue
-        chunk = os.read(fd, 65536)
-        if not chunk:
-            return Report(False, error="the launcher ended without a report")
-        buf += chunk
-        *lines, buf = buf.split(b"\n")
-        for line in lines:
-            report = parse_report(line)
-            if report is not None:
-                return report
+    listeners: dict[str, int] = {}
+    sock = socket.socket(fileno=fd)
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                report = Report(False, error=f"no report from the launcher within {timeout:g}s")
+                break
+            # poll, not select: a kernel holding many agents has fds above FD_SETSIZE (1024).
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            if not poller.poll(left * 1000):
+                continue
+            chunk, fds, _flags, _addr = socket.recv_fds(sock, 65536, LISTENERS_MAX)
+            if fds:
+                _take_listeners(chunk, fds, listeners)
+                continue
+            if not chunk:
+                report = Report(False, error="the launcher ended without a report")
+                break
+            buf += chunk
+            *lines, buf = buf.split(b"\n")
+            found = next((r for r in map(parse_report, lines) if r is not None), None)
+            if found is not None:
+                report = found
+                break
+    except BaseException:
+        for held in listeners.values():
+            os.close(held)
+        raise
+    finally:
+        sock.detach()  # the fd stays the caller's (Launch.close)
+    if report.ok:
+        report.listeners = listeners
+    else:
+        for held in listeners.values():
+            os.close(held)
+    return report
+
+
+def _take_listeners(chunk: bytes, fds: list[int], into: dict[str, int]) -> None:
+    """One hand-over message: a JSON line naming its fds in order. Anything else, or fds past
+    the names, is closed."""
+    try:
+        names = json.loads(chunk)["listeners"]
+    except (ValueError, KeyError, TypeError):
+        names = []
+    for i, fd in enumerate(fds):
+        name = names[i] if i < len(names) and isinstance(names[i], str) else None
+        if name is None or name in into or len(into) >= LISTENERS_MAX:
+            os.close(fd)
+        else:
+            into[name] = fd
 
 
 class Launch:
@@ -532,7 +583,10 @@ class Launch:
         self.python = python
         # A memfd, not a file or argv: the policy's env carries the agent's token.
         self.policy_fd = os.memfd_create("agentos-policy", os.MFD_CLOEXEC)
-        self.report_fd, self._report_w = os.pipe2(os.O_CLOEXEC)
+        # A socket, not a pipe: the launcher hands the in-sandbox listeners over on it (one
+        # message per send, so a hand-over and its names arrive together).
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.report_fd, self._report_w = ours.detach(), theirs.detach()
         data = policy.to_json().encode()
         while data:
             data = data[os.write(self.policy_fd, data):]

@@ -15,6 +15,7 @@ import errno
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -113,6 +114,7 @@ class Sandboxes:
         # Agents with uids of their own while they run: their uid and home, for the reap.
         self._started: dict[int, tuple[int, Path]] = {}
         self.spares: homes.Spares | None = None  # formatted home images, from the first home
+        self._keys: dict[int, str] = {}  # the door/proxy key of agents being started
         if self.can_isolate and self.quota_missing is None:
             stale = homes.detach_stale(state.agents)
             if stale:
@@ -308,10 +310,12 @@ class Sandboxes:
 
     def bridge(self, spec: AgentSpec, token: str, socket_dir: Path | None, uid: int | None,
                env: dict[str, str]) -> dict[str, str]:
-        """The kernel's services inside the sandbox, each served on the agent's own socket and
-        relayed from 127.0.0.1 in its network namespace, their addresses and key in the
-        environment the agent's code starts with: the HTTP door (kernel/doors/http/
-        agentdoor.py) and the egress proxy (kernel/doors/egress.py). The ports to relay."""
+        """The kernel's services inside the sandbox, on 127.0.0.1 of the agent's own network
+        namespace, their addresses and key in the environment the agent's code starts with:
+        the HTTP door (kernel/doors/http/agentdoor.py) and the egress proxy
+        (kernel/doors/egress.py). The launcher binds their listeners in the namespace and
+        hands them to the kernel (`adopt`), which serves them itself. The ports to bind, by
+        service."""
         if socket_dir is None or uid is None or spec.tier not in ("strict", "standard"):
             return {}
         from kernel.proc.forward import PORTS
@@ -321,22 +325,37 @@ class Sandboxes:
         key = attenuate(token, ("aud", f"agent:{spec.agent_id}"))
         forwards = {}
         if self.config.agent_door:
-            path = self.agentdoor.open(spec.agent_id, uid, socket_dir)
             url = f"http://127.0.0.1:{PORTS['door']}"
             env.update({"OPENAI_BASE_URL": f"{url}/v1", "OPENAI_API_KEY": key,
                         # AIOS's Cerebrum client sends no headers: the key rides in the path.
-                        "AIOS_KERNEL_URL": f"{url}/aios/{key}",
-                        "AGENTOS_HTTP_SOCKET": str(path)})
-            forwards[str(PORTS["door"])] = str(path)
+                        "AIOS_KERNEL_URL": f"{url}/aios/{key}"})
+            forwards[str(PORTS["door"])] = "door"
         if self.config.egress:
-            path = self.egress.open(spec.agent_id, uid, socket_dir, key)
             proxy = f"http://127.0.0.1:{PORTS['proxy']}"
             for name in ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY"):
                 env[name] = env[name.lower()] = proxy
             # The door is on the namespace's own loopback: never through the proxy.
             env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost,::1"
-            forwards[str(PORTS["proxy"])] = str(path)
+            forwards[str(PORTS["proxy"])] = "proxy"
+        if forwards:
+            self._keys[spec.agent_id] = key
         return forwards
+
+    def adopt(self, agent_id: int, listeners: dict[str, int]) -> None:
+        """Serve the listeners an agent's launcher bound in its namespace and handed over:
+        whoever connects to them is in that namespace, so is the agent. Closes any it does
+        not serve."""
+        key = self._keys.pop(agent_id, None)
+        for name, fd in list(listeners.items()):
+            sock = socket.socket(fileno=fd)
+            del listeners[name]
+            if name == "door" and self.config.agent_door and self.agentdoor is not None:
+                self.agentdoor.open(agent_id, sock)
+            elif (name == "proxy" and self.config.egress and self.egress is not None
+                  and key is not None):
+                self.egress.open(agent_id, sock, key)
+            else:
+                sock.close()
 
     @staticmethod
     def pins(tier: str, paths: tuple[str, ...]) -> dict[str, list[int]]:
@@ -451,6 +470,7 @@ class Sandboxes:
 
     def unbind_endpoint(self, socket_dir: Path) -> None:
         if socket_dir.name.isdigit():
+            self._keys.pop(int(socket_dir.name), None)
             self.agentdoor.close(int(socket_dir.name))
             self.egress.close(int(socket_dir.name))
         sock = socket_dir / "kernel.sock"

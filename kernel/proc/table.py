@@ -450,6 +450,7 @@ class ProcessTable:
             self._failed_start(agent_id, by, report.error, report)
             raise Fault(code, f"agent {agent_id} could not start: {report.error}")
         self.live[agent_id] = live
+        self.sandboxes.adopt(agent_id, report.listeners)  # its door and proxy, served here
         for hook in self.start_hooks:
             hook(agent_id)
         self._by_fd[live.pidfd] = live

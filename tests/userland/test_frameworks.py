@@ -39,7 +39,7 @@ class World:
     kernel: KernelProcess
     env: dict[str, str]  # the CLI's: the venv cache
     urls: dict[str, str]  # host: the host's loopback; outside: an address not granted
-    neighbour: str  # another agent's door socket
+    neighbour: str  # another agent's endpoint socket (its door is in its own namespace)
     accepted: list[str] = field(default_factory=list)  # what reached the listeners
 
 

@@ -1,16 +1,16 @@
-"""The HTTP door inside every sandbox: the OpenAI and AIOS routes on each agent's own Unix
-socket, where a request is that agent's call.
+"""The HTTP door inside every sandbox: the OpenAI and AIOS routes on 127.0.0.1:8080 of each
+agent's own network namespace, where a request is that agent's call.
 
-Each agent with a uid of its own gets `run/agents/<id>/http.sock` beside its ZeroMQ endpoint
-(root:agent-gid 0660 in the 0710 directory only its uid may pass, bound into the strict
-sandbox): whoever connects there is the agent, and the peer's uid (SO_PEERCRED) must be its
-uid. Inside the sandbox a relay (kernel/proc/forward.py) listens on 127.0.0.1:8080 of the
-agent's own network namespace and forwards to it, so `OPENAI_BASE_URL` is an ordinary URL and
-no TCP reaches the host. The bearer key must be a token for this very agent (its audience is
-`agent:<id>`, the key `OPENAI_API_KEY` holds is its own token narrowed to that audience):
-another agent's key, a forged or expired one is a 401, audited. The calls then go through the
-same bridge, access check, scheduler, budgets and audit as the agent's SDK calls, under its
-own principal, so `agentos top` counts them as the agent's.
+The agent's launcher binds the listener as root in the agent's fresh namespace and hands it to
+the kernel over its report socket (kernel/proc/launch.py `hand_over`); the kernel serves it on
+this door's thread. A socket stays in the namespace it was made in, whoever holds it, and only
+the agent's own processes are in that namespace: whoever connects is the agent. So
+`OPENAI_BASE_URL` is an ordinary URL, no TCP reaches the host, and no relay process sits between
+(one ran per agent before: 2.5 MB of unique memory and a hop per request). The bearer key must be
+a token for this very agent (its audience is `agent:<id>`, the key `OPENAI_API_KEY` holds is its
+own token narrowed to that audience): another agent's key, a forged or expired one is a 401,
+audited. The calls then go through the same bridge, access check, scheduler, budgets and audit
+as the agent's SDK calls, under its own principal, so `agentos top` counts them as the agent's.
 
 Connections are bounded per agent (`agent_door_connections`; a flood from one agent gets 503s
 and leaves its neighbours' doors alone) and in total, with the HTTP front end's header, body
@@ -23,23 +23,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import struct
 import threading
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-from kernel.doors.transport import agent_listener
 
 if TYPE_CHECKING:
     from kernel.core import Kernel
 
 log = logging.getLogger("kernel.doors.http")
 
-SOCKET_NAME = "http.sock"
 AGENT_SCOPE_KEY = "agentos.agent"  # the ASGI scope entry naming the door's agent
 
 
-def _protocol(keeper: Any, agent_id: int, uid: int) -> type:
+def _protocol(keeper: Any, agent_id: int) -> type:
     """The connection class of one agent's door (uvicorn and Starlette load with the door,
     not with the kernel)."""
     from kernel.doors.http.limits import GuardedHttp
@@ -48,18 +43,7 @@ def _protocol(keeper: Any, agent_id: int, uid: int) -> type:
         """A connection at the agent's door: counted under the agent, its scope naming it."""
 
         def peer_key(self, transport: asyncio.BaseTransport) -> str | None:
-            sock = transport.get_extra_info("socket")
-            try:
-                creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                        struct.calcsize("3i"))
-            except (OSError, AttributeError):
-                return None
-            peer_uid = struct.unpack("3i", creds)[1]
-            if peer_uid != uid:  # the directory's modes keep others out; this is the proof
-                log.warning("agent door: a stranger's connection refused",
-                            extra={"agent": agent_id, "peer_uid": peer_uid})
-                return None
-            return f"agent:{agent_id}"
+            return f"agent:{agent_id}"  # the listener is in the agent's namespace alone
 
         def on_headers_complete(self) -> None:
             self.scope[AGENT_SCOPE_KEY] = agent_id  # type: ignore[index]
@@ -104,12 +88,12 @@ class AgentDoor:
             self._thread.start()
         return self.loop
 
-    def open(self, agent_id: int, uid: int, socket_dir: Path) -> Path:
-        """Bind the agent's door in its endpoint directory (from the kernel's loop)."""
-        path = socket_dir / SOCKET_NAME
-        sock = agent_listener(path, uid)
+    def open(self, agent_id: int, sock: socket.socket) -> None:
+        """Serve the agent's door on `sock`, the listener its launcher bound in the agent's
+        namespace (from the kernel's loop; connections made before wait in its backlog)."""
+        sock.setblocking(False)
         loop = self._start()
-        protocol = _protocol(self.keeper, agent_id, uid)
+        protocol = _protocol(self.keeper, agent_id)
         config, state = self._config, self._state
 
         def factory() -> asyncio.Protocol:
@@ -118,8 +102,8 @@ class AgentDoor:
         async def serve() -> None:
             self._servers[agent_id] = await loop.create_server(factory, sock=sock)
 
+        # Waited for, so a `close` posted after it finds the server to close.
         asyncio.run_coroutine_threadsafe(serve(), loop).result(timeout=10)
-        return path
 
     def close(self, agent_id: int) -> None:
         """Stop serving the agent's door and drop its open connections (the agent is over)."""

@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -304,8 +305,14 @@ def test_launch_argv_isolates_the_launcher() -> None:
         sandbox.launch_argv(policy, ["true"])
 
 
+def _report_pair() -> tuple[int, int]:
+    """The kernel's and the launcher's ends of a report socket (as `Launch` makes them)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    return ours.detach(), theirs.detach()
+
+
 def test_read_report_lines_eof_and_timeout() -> None:
-    r, w = os.pipe()
+    r, w = _report_pair()
     os.write(w, b'{"event": "progress"}\n{"event": "exec", "tier": "standard", "layers": '
                 b'{"identity": {"uid": 7, "gid": 7}, "landlock": {"abi": 7}, "nnp": true}, '
                 b'"pid": 42}\n')
@@ -318,6 +325,35 @@ def test_read_report_lines_eof_and_timeout() -> None:
     assert not sandbox.read_report(r, timeout=0.05).ok  # nothing more: times out
     os.close(w)
     assert "without a report" in sandbox.read_report(r, timeout=5).error
+    os.close(r)
+
+
+def test_read_report_takes_the_handed_over_listeners_and_closes_the_rest() -> None:
+    r, w = _report_pair()
+    listeners = [socket.socket() for _ in range(4)]
+    sock = socket.socket(fileno=w)
+    # Names for two of the three fds: the third is closed, not kept.
+    socket.send_fds(sock, [b'{"listeners": ["door", "proxy"]}\n'],
+                    [s.fileno() for s in listeners[:3]])
+    socket.send_fds(sock, [b'not json\n'], [listeners[3].fileno()])  # no names: closed
+    os.write(w, b'{"event": "exec", "tier": "strict", "layers": {}, "pid": 9}\n')
+    report = sandbox.read_report(r, timeout=5)
+    assert report.ok and set(report.listeners) == {"door", "proxy"}
+    for fd in report.listeners.values():
+        assert os.fstat(fd)  # ours now: open, a duplicate of what was sent
+    before = len(os.listdir("/proc/self/fd"))
+    report.close_listeners()
+    assert len(os.listdir("/proc/self/fd")) == before - 2 and not report.listeners
+    # A refused launch: whatever it handed over is closed with the report.
+    socket.send_fds(sock, [b'{"listeners": ["door"]}\n'], [listeners[0].fileno()])
+    os.write(w, b'{"event": "error", "status": 116, "error": "landlock: no"}\n')
+    before = len(os.listdir("/proc/self/fd"))
+    failed = sandbox.read_report(r, timeout=5)
+    assert not failed.ok and not failed.listeners
+    assert len(os.listdir("/proc/self/fd")) == before
+    for s in listeners:
+        s.close()
+    sock.close()
     os.close(r)
 
 
