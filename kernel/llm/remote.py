@@ -244,11 +244,14 @@ class RemoteModel:
         return finish
 
     def probe(self, timeout: float) -> bool:
-        """Whether the server answers HTTP at all (`GET {base}/models`; any status below 500)."""
+        """Whether the server answers HTTP at all (`GET {base}/models`): any status but a
+        server error. 501 counts as up: it is how a server without that route says so (the
+        stdlib's http.server answers every GET it has no handler for with it)."""
         try:
-            return self.client.get(f"{self.base_url}/models", timeout=timeout).status_code < 500
+            status = self.client.get(f"{self.base_url}/models", timeout=timeout).status_code
         except (httpx.HTTPError, OSError):
             return False
+        return status < 500 or status == 501
 
 
 def _head(resp: httpx.Response, limit: int) -> bytes:

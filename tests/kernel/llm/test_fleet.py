@@ -514,6 +514,35 @@ def test_a_failing_health_check_drains_an_idle_replica(fakes: list[Fake]) -> Non
 
 # --- the client (kernel/llm/remote.py) ------------------------------------------------------------
 
+
+def test_a_server_without_a_models_route_is_up_and_one_failing_is_down() -> None:
+    """The health probe judges liveness: 404 or 501 (no such route, as http.server answers a
+    GET it has no handler for) is a live server; a 5xx error or no answer is not."""
+    status = {"code": 501}
+
+    class PostOnly(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if status["code"] == 501:
+                self.send_error(501)  # what BaseHTTPRequestHandler does without a do_GET
+            else:
+                self.send_response(status["code"])
+                self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), PostOnly)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    remote = RemoteModel(f"http://127.0.0.1:{server.server_address[1]}/v1", "m")
+    try:
+        for code, up in ((501, True), (404, True), (200, True), (500, False), (503, False)):
+            status["code"] = code
+            assert remote.probe(5.0) is up, code
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert remote.probe(1.0) is False  # nobody there any more
+
 def test_cancelling_closes_the_stream_so_the_server_frees_its_slot(fakes: list[Fake]) -> None:
     fake = fakes[0]
     fake.mode = "stall"
