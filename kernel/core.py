@@ -63,9 +63,10 @@ class Kernel:
         self.calls = Switchboard(config.agent_calls_in_flight, config.user_calls_in_flight)
         self._callers: dict[str, Caller] = {}  # principal -> Caller (immutable, so shared)
         self.http: Any = None  # the HTTP front end's server thread, when --http is given
-        self.doors: list[Door] = []  # polled in this order each loop iteration
-        self._polled: list[Door] = []  # those of them with sockets or fds of the loop's
-        self._flushed: list[Door] = []  # those that publish a batch's replies
+        # The doors, in the order the loop polls them: those with sockets or fds of the
+        # loop's, and those that publish a batch's replies (`Door.overrides`).
+        self._polled: list[Door] = []
+        self._flushed: list[Door] = []
         self._door_of: dict[type, Door] = {}  # route type -> the door its replies go out by
 
     # --- boot and shutdown -------------------------------------------------------------------
@@ -172,7 +173,6 @@ class Kernel:
         write_private(self.state.run / "http", f"{host}:{self.http.port()}\n".encode())
 
     def _open_door(self, door: Door) -> None:
-        self.doors.append(door)
         if door.overrides("on_ready"):
             self._polled.append(door)
         if door.overrides("flush"):

@@ -254,9 +254,10 @@ class Connection:
                 return box.popleft()
             wait = -1 if deadline is None else max(0.0, deadline - time.monotonic())
             with self._holding(timeout=wait) as got:
-                if not got or box:
-                    if not got and not box and deadline is not None \
-                            and time.monotonic() >= deadline:
+                if box:
+                    continue
+                if not got:  # another thread read all along and filed nothing for us
+                    if deadline is not None and time.monotonic() >= deadline:
                         raise KernelUnavailable(f"{name}: no reply from the kernel in time")
                     continue
                 if self._lost:

@@ -10,19 +10,12 @@ text, its tokens, latency, time queued in the kernel and time to first token.
 from __future__ import annotations
 
 import sys
-import time
 from typing import Any
 
 from react import ReAct, options  # beside this file; the runner puts it on sys.path
-from recorder import Recorded  # the same recorder the harness's in-process systems use
+from recorder import run_recorded  # the recorder the harness's in-process systems use
 
 
 class BenchReAct(ReAct):
     def run(self, task: str) -> dict[str, Any]:
-        opts = options(sys.argv[1:])
-        self.ipc.recv()  # the start signal: every agent begins together
-        recorder = Recorded(self.llm.chat)
-        self.llm = recorder  # ReAct calls self.llm.chat(...) only
-        out = self.solve(" ".join(opts.task), opts)
-        return {"calls": recorder.calls, "answer": out["answer"], "steps": out["steps"],
-                "end": time.time()}
+        return run_recorded(self, options(sys.argv[1:]), ("answer", "steps"))

@@ -38,3 +38,14 @@ class Recorded:
                            "queued": reply.queued_ms / 1000, "ttft": reply.ttft_ms / 1000,
                            "preemptions": reply.preemptions})
         return reply
+
+
+def run_recorded(agent: Any, opts: Any, keys: tuple[str, ...]) -> dict[str, Any]:
+    """A reference agent's run for the benchmarks: wait for the "go" that starts every agent
+    together, solve the task with each model call recorded, and report the calls, `keys` of
+    the agent's own outcome and when it ended. The agent calls `self.llm.chat(...)` only."""
+    agent.ipc.recv()
+    recorder = Recorded(agent.llm.chat)
+    agent.llm = recorder
+    out = agent.solve(" ".join(opts.task), opts)
+    return {"calls": recorder.calls, **{k: out[k] for k in keys}, "end": time.time()}

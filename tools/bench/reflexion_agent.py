@@ -7,19 +7,12 @@ Argv: reflexion.py's own. Returns {"calls": [...], "answer", "passed", "end"}.
 from __future__ import annotations
 
 import sys
-import time
 from typing import Any
 
-from recorder import Recorded  # beside this file; the runner puts it on sys.path
+from recorder import run_recorded  # beside this file; the runner puts it on sys.path
 from reflexion import Reflexion, options
 
 
 class BenchReflexion(Reflexion):
     def run(self, task: str) -> dict[str, Any]:
-        opts = options(sys.argv[1:])
-        self.ipc.recv()  # the start signal: every agent begins together
-        recorder = Recorded(self.llm.chat)
-        self.llm = recorder  # Reflexion calls self.llm.chat(...) only
-        out = self.solve(" ".join(opts.task), opts)
-        return {"calls": recorder.calls, "answer": out["answer"], "passed": out["passed"],
-                "end": time.time()}
+        return run_recorded(self, options(sys.argv[1:]), ("answer", "passed"))
