@@ -107,7 +107,8 @@ class Server:
             import sdk
 
             with sdk.connect(state_dir=self.state, timeout=30) as conn:
-                return conn.sys.stats().models[MODEL]["prefill_tokens"]
+                # A replica publishes its figures once its worker has run: none yet, none computed.
+                return conn.sys.stats().models.get(MODEL, {}).get("prefill_tokens", 0.0)
         try:  # vLLM v1's counters: prompt tokens looked up in, and found in, its prefix cache
             text = httpx.get(f"{self.url.removesuffix('/v1')}/metrics", timeout=10).text
         except httpx.HTTPError:
