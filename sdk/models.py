@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import zipfile
 from collections.abc import Callable, Iterator
@@ -44,6 +45,12 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _CHUNK = 1 << 20
 # Entries in the root that belong to a pull or a removal in progress, never to a model.
 _STAGING_PREFIXES = (".pull-", ".rm-")
+
+# transformers builds a model under `torch.set_default_dtype(dtype)`: one setting for the whole
+# process, so two models loading on two threads at once (a bfloat16 LLM, a float32 LLM or
+# embedder) could swap dtypes, and the last to restore it could leave bfloat16 as every thread's
+# default. Whoever builds a model in a process holds this (reentrant) lock while it does.
+loading = threading.RLock()
 
 # A step's progress callback: units done so far, and the total once it is known.
 Report = Callable[..., None]

@@ -59,12 +59,15 @@ def load_model(config: ModelConfig) -> tuple[Any, Any, str, str]:
     if local:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from sdk.models import loading
+
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         kwargs: dict[str, Any] = {"gguf_file": source.name} if source.suffix == ".gguf" else {}
         where = source.parent if kwargs else source
-        tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=True, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(where, local_files_only=True,
-                                                     dtype=getattr(torch, dtype), **kwargs)
+        with loading:  # one model built at a time: see sdk.models.loading
+            tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=True, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(where, local_files_only=True,
+                                                         dtype=getattr(torch, dtype), **kwargs)
         model.to(device).eval()
     else:
         model, tokenizer = ModelStore().load(config.source, device=device, dtype=dtype)

@@ -125,7 +125,7 @@ class ModelStore(models.ModelStore):
 
         target = resolve_device(device)
         torch_dtype = _torch_dtype(resolve_dtype(dtype, target))
-        with _transformers_quiet():
+        with models.loading, _transformers_quiet():
             model = AutoModelForCausalLM.from_pretrained(
                 directory, dtype=torch_dtype, device_map=target, local_files_only=True)
             tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
@@ -240,7 +240,7 @@ def _convert(source: Path, is_gguf: bool, out: Path, dtype: str, steps: _Steps) 
         with steps.step("read tokenizer"):
             tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True, **extra)
         what = "dequantise" if is_gguf else "load"
-        with (steps.step(f"{what} to {dtype}", unit="tensors") as report,
+        with (models.loading, steps.step(f"{what} to {dtype}", unit="tensors") as report,
               _gguf_tensor_progress(report)):
             model = AutoModelForCausalLM.from_pretrained(
                 directory, dtype=_torch_dtype(dtype) if dtype != "auto" else "auto",

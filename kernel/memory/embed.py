@@ -15,6 +15,8 @@ from typing import Protocol
 
 import numpy as np
 
+from sdk.models import loading
+
 log = logging.getLogger("kernel.memory")
 
 DIM = 384  # all-MiniLM-L6-v2's width; the hashing embedder matches it
@@ -78,8 +80,10 @@ class MiniLMEmbedder:
 
         if self.threads:  # process-wide: only for a process that runs nothing else (benchmarks)
             torch.set_num_threads(self.threads)
-        self._tokenizer = AutoTokenizer.from_pretrained(self.directory, local_files_only=True)
-        self._model = AutoModel.from_pretrained(self.directory, local_files_only=True).eval()
+        with loading:  # one model built at a time in a process: see sdk.models.loading
+            self._tokenizer = AutoTokenizer.from_pretrained(self.directory, local_files_only=True)
+            self._model = AutoModel.from_pretrained(self.directory, local_files_only=True,
+                                                    dtype=torch.float32).eval()
         log.info("embedder loaded", extra={"embedder": self.name, "dir": str(self.directory)})
 
     def embed(self, texts: list[str]) -> np.ndarray:

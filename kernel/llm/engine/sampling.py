@@ -127,7 +127,8 @@ def _draw(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) 
         sorted_probs = sorted_probs * keep
         cdf = torch.cumsum(sorted_probs, dim=0)
     # Exactly one uniform draw per token, so a request's stream advances the same way whether it
-    # runs alone, batched, or is preempted and resumed.
-    u = torch.rand((), generator=gen, device=logits.device) * cdf[-1]
+    # runs alone, batched, or is preempted and resumed. Its dtype is explicit: torch's default
+    # is one setting per process, and a model loading on another thread changes it a moment.
+    u = torch.rand((), generator=gen, dtype=torch.float32, device=logits.device) * cdf[-1]
     idx = int(torch.searchsorted(cdf, u.reshape(1), right=True).clamp_(max=cdf.numel() - 1))
     return int(order[idx])

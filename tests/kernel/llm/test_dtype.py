@@ -158,3 +158,66 @@ def test_model_list_without_a_kernel_runs_nothing(auto_kernel: tuple[KernelProce
     assert listed.returncode == 0, listed.stderr
     name, _, stored, runs = listed.stdout.splitlines()[1].split()[:4]
     assert (name, stored, runs) == ("tiny", "float32", "-")
+
+
+def test_models_loading_at_once_each_get_their_own_dtype(
+        tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """transformers loads a model under `torch.set_default_dtype(dtype)`, which is one setting
+    for the whole process: two models loading on two worker threads at once (a bfloat16 one
+    and a float32 one, as the kernel's preload does) made the float32 model's weights
+    bfloat16 (seen in CI). Loads are one at a time, and the global default stays float32.
+    Each switch of the default is slowed a little so that the threads interleave every run."""
+    import threading
+    import time
+
+    import torch
+
+    from kernel.llm.backends import load_model
+
+    switch = torch.set_default_dtype
+
+    def slow_switch(dtype: torch.dtype) -> None:
+        switch(dtype)
+        time.sleep(0.01)
+
+    monkeypatch.setattr(torch, "set_default_dtype", slow_switch)
+
+    got: dict[str, list[str]] = {"bfloat16": [], "float32": []}
+    start = threading.Barrier(2)
+
+    def load(dtype: str) -> None:
+        config = ModelConfig("tiny", source=str(tiny_dir), dtype=dtype)
+        start.wait()
+        for _ in range(5):
+            got[dtype].append(load_model(config)[3])
+
+    threads = [threading.Thread(target=load, args=(d,)) for d in got]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == {d: [d] * 5 for d in got}
+    assert torch.get_default_dtype() == torch.float32
+
+
+def test_sampling_does_not_depend_on_the_processs_default_dtype() -> None:
+    """A model loading on another thread changes torch's default dtype for a moment; a sampled
+    token drawn meanwhile must be the one drawn at any other time."""
+    import torch
+
+    from kernel.llm.engine import SamplingParams
+    from kernel.llm.engine.sampling import make_generator, sample
+
+    logits = torch.randn(1, 500, generator=torch.Generator().manual_seed(1))
+    params = SamplingParams(temperature=0.9, top_p=0.95, seed=7)
+
+    def draws() -> list[int]:
+        gen = make_generator(params, logits.device)
+        return [sample(logits, [params], [gen])[0] for _ in range(300)]
+
+    plain = draws()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        assert draws() == plain
+    finally:
+        torch.set_default_dtype(torch.float32)
