@@ -320,7 +320,7 @@ class _Segment:
             if name is not None:
                 posix_ipc.unlink_shared_memory(name)
             raise
-        format_ring(segment_map, geometry)
+        format_ring(segment_map, geometry, zeroed=True)  # new memfds and shm objects read as 0
         return cls(fd, segment_map, name)
 
     def unlink(self) -> None:

@@ -220,6 +220,27 @@ def test_advancing_the_tail_without_writing_is_a_fault_with_nothing_to_recover()
     assert faults[0].data == b""
 
 
+@settings(max_examples=300, deadline=None)
+@given(capacity=st.sampled_from([1, 2, 8, 256]),
+       start=st.one_of(st.integers(0, COUNTER_MASK),
+                       st.integers(0, 300).map(lambda k: (COUNTER_MASK - k) & COUNTER_MASK)))
+def test_a_zeroed_segment_formats_without_touching_its_slots(capacity: int, start: int) -> None:
+    """`zeroed` formatting (new memfds: the kernel's default) writes only the header and the
+    slot of position 2**32 - 1 when the first lap reaches it: every slot still reads as
+    unpublished for the whole first lap, wrap included, as with the full stamp."""
+    geometry = Geometry(capacity, 16)
+    full, zeroed = bytearray(geometry.size), bytearray(geometry.size)
+    format_ring(full, geometry, start)
+    format_ring(zeroed, geometry, start, zeroed=True)
+    for buf in (full, zeroed):
+        for pos in range(start, start + capacity):
+            seq = U32.unpack_from(buf, HEADER_BYTES + (pos & geometry.mask) * 16)[0]
+            assert seq != (pos + 1) & COUNTER_MASK, (buf is zeroed, pos)
+    stamped = {i for i in range(capacity) if any(zeroed[HEADER_BYTES + i * 16:][:16])}
+    wraps = (COUNTER_MASK - start) & COUNTER_MASK < capacity
+    assert stamped == ({COUNTER_MASK & geometry.mask} if wraps else set())
+
+
 def test_quarantine_after_max_faults_and_then_nothing() -> None:
     buf = bytearray(GEOMETRY.size)
     format_ring(buf, GEOMETRY)

@@ -45,13 +45,14 @@ class RingModels(RuleBasedStateMachine):
     producer, agent consumer), each checked entry for entry against a deque."""
 
     @initialize(capacity=st.sampled_from([1, 2, 4, 8]), slot_size=st.sampled_from([16, 24, 64]),
-                sq_start=starts, cq_start=starts)
-    def setup(self, capacity: int, slot_size: int, sq_start: int, cq_start: int) -> None:
+                sq_start=starts, cq_start=starts, zeroed=st.booleans())
+    def setup(self, capacity: int, slot_size: int, sq_start: int, cq_start: int,
+              zeroed: bool) -> None:
         self.geometry = Geometry(capacity, slot_size)
         self.sq_buf = bytearray(self.geometry.size)
         self.cq_buf = bytearray(self.geometry.size)
-        format_ring(self.sq_buf, self.geometry, sq_start)
-        format_ring(self.cq_buf, self.geometry, cq_start)
+        format_ring(self.sq_buf, self.geometry, sq_start, zeroed=zeroed)
+        format_ring(self.cq_buf, self.geometry, cq_start, zeroed=zeroed)
         self.sq_producer = SubmissionProducer(self.sq_buf, capacity, slot_size)
         self.sq_consumer = SubmissionConsumer(self.sq_buf, capacity, slot_size, start=sq_start)
         self.cq_producer = CompletionProducer(self.cq_buf, capacity, slot_size, start=cq_start)
