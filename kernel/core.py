@@ -40,6 +40,7 @@ from kernel.ipc import Mailboxes
 from kernel.llm.core import LLMCore
 from kernel.memory.manager import MemoryManager
 from kernel.notify import Notifier
+from kernel.poller import Poller
 from kernel.proc.table import ProcessTable
 from kernel.state import StateDir, StateError, write_private
 from kernel.storage.manager import StorageManager
@@ -90,7 +91,7 @@ class Kernel:
                                            + self.config.agent_uid_count))
         # Rooms name what they use (the switchboard, `calls`, and the rooms they need), never
         # the kernel; the process table and the doors register fds on the loop's poller.
-        self.poller = zmq.Poller()
+        self.poller = Poller()  # zmq sockets by zmq_poll, every plain fd by one epoll set
         self.memory = MemoryManager(calls=calls, config=c, db=self.db, state=self.state)
         self.llm = LLMCore(calls=calls, config=c)
         self.procs = ProcessTable(access=self.access, audit=self.audit, calls=calls, config=c,
@@ -261,6 +262,7 @@ class Kernel:
             os.close(fd)
         self.calls.close()
         self.front.close()
+        self.poller.close()
         self.audit.close()
         self.db.close()
         self.state.close()

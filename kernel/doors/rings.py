@@ -34,6 +34,7 @@ from sdk.ringpath import encode_spec, fragments
 
 if TYPE_CHECKING:
     from kernel.core import Kernel
+    from kernel.poller import Poller
     from kernel.proc.spawner import Extras
 
 log = logging.getLogger("kernel.doors.rings")
@@ -197,7 +198,7 @@ class Rings(Door):
 
     # --- polling without doorbells -------------------------------------------------------------
 
-    def wait(self, poller: zmq.Poller, timeout_ms: int | None) -> dict[Any, int]:
+    def wait(self, poller: Poller, timeout_ms: int | None) -> dict[Any, int]:
         """The loop's wait: what `poller` finds ready within `timeout_ms`. While rings are
         being polled it spins on their tails instead (yielding the CPU each turn), looking at
         the other doors every `POLL_DOORS_S`; when the polling window ends it clears the

@@ -41,7 +41,6 @@ from sdk import abi
 from sdk.tokens import Rule
 
 if TYPE_CHECKING:
-    import zmq
 
     from kernel.access.audit import AuditLog
     from kernel.access.guard import Guard
@@ -52,6 +51,7 @@ if TYPE_CHECKING:
     from kernel.doors.transport import Identities
     from kernel.llm.core import LLMCore
     from kernel.memory.manager import MemoryManager
+    from kernel.poller import Poller
     from kernel.state import StateDir
 
 log = logging.getLogger("kernel.proc")
@@ -147,7 +147,7 @@ class ProcessTable:
 
     def __init__(self, *, access: AccessManager, audit: AuditLog, calls: Calls, config: Config,
                  db: Database, guard: Guard, identities: Identities, llm: LLMCore,
-                 memory: MemoryManager, poller: zmq.Poller, state: StateDir) -> None:
+                 memory: MemoryManager, poller: Poller, state: StateDir) -> None:
         self.access, self.audit, self.calls, self.config, self.db = access, audit, calls, config, db
         self.guard, self.identities, self.llm = guard, identities, llm
         self.poller, self.state = poller, state
