@@ -48,6 +48,7 @@ from urllib.parse import urlsplit
 
 from kernel.access.rules import Capability
 from kernel.call import Fault
+from kernel.doors.served import Served
 from sdk import abi, endpoints
 from sdk.tokens import TokenError
 
@@ -174,7 +175,7 @@ class Egress:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         # The proxy thread's, after setup: servers, each agent's own capability, open tunnels.
-        self._servers: dict[int, asyncio.base_events.Server] = {}
+        self._served = Served("egress proxy")
         self._caps: dict[int, Capability] = {}
         self._open: dict[int, set[Tunnel]] = {}
         # Tokens revoked lately, oldest first (id -> when): a tunnel whose check passed just
@@ -203,31 +204,31 @@ class Egress:
         sock.setblocking(False)
         loop = self._start()
 
-        async def serve() -> None:
+        async def start() -> asyncio.base_events.Server:
             self._caps[agent_id] = cap
 
             async def on_connect(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
                 await self._connection(agent_id, r, w)
 
-            self._servers[agent_id] = await asyncio.start_server(
-                on_connect, sock=sock, limit=HEAD_BYTES)
+            try:
+                return await asyncio.start_server(on_connect, sock=sock, limit=HEAD_BYTES)
+            except BaseException:
+                sock.close()
+                raise
 
-        asyncio.run_coroutine_threadsafe(serve(), loop).result(timeout=10)
+        self._served.open(loop, agent_id, start)
 
     def close(self, agent_id: int) -> None:
         """The agent is over: stop serving its socket and end its tunnels."""
         if self.loop is None:
             return
 
-        def stop() -> None:
-            server = self._servers.pop(agent_id, None)
-            if server is not None:
-                server.close()
+        def end() -> None:
             self._caps.pop(agent_id, None)
             for tunnel in list(self._open.get(agent_id, ())):
                 tunnel.end("the agent ended")
 
-        self.loop.call_soon_threadsafe(stop)
+        self._served.close(self.loop, agent_id, end)
 
     def _revoked(self, ids: frozenset[str]) -> None:
         """On the kernel loop (`AccessManager.watchers`): end the tunnels standing on them."""
@@ -253,12 +254,12 @@ class Egress:
         self.loop.call_soon_threadsafe(end)
 
     def figures(self) -> dict[str, Any]:
-        return {"agents": len(self._servers), "open": self.total, **self.counts}
+        return {"agents": len(self._served), "open": self.total, **self.counts}
 
     def stop(self) -> None:
         if self.loop is None:
             return
-        for agent_id in list(self._servers):
+        for agent_id in self._served.opened():
             self.close(agent_id)
         self.loop.call_soon_threadsafe(self.loop.stop)
         if self._thread is not None:

@@ -26,6 +26,8 @@ import socket
 import threading
 from typing import TYPE_CHECKING, Any
 
+from kernel.doors.served import Served
+
 if TYPE_CHECKING:
     from kernel.core import Kernel
 
@@ -66,7 +68,7 @@ class AgentDoor:
                                  c.http_header_bytes, c.http_body_bytes)
         self.loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._servers: dict[int, asyncio.base_events.Server] = {}  # loop thread only
+        self._served = Served("OpenAI door")
         self._config: Any = None
         self._state: Any = None
 
@@ -90,7 +92,8 @@ class AgentDoor:
 
     def open(self, agent_id: int, sock: socket.socket) -> None:
         """Serve the agent's door on `sock`, the listener its launcher bound in the agent's
-        namespace (from the kernel's loop; connections made before wait in its backlog)."""
+        namespace (from the kernel's loop, without waiting for the door's thread: connections
+        made before it serves wait in the listener's backlog)."""
         sock.setblocking(False)
         loop = self._start()
         protocol = _protocol(self.keeper, agent_id)
@@ -99,34 +102,34 @@ class AgentDoor:
         def factory() -> asyncio.Protocol:
             return protocol(config=config, server_state=state, app_state={}, _loop=loop)
 
-        async def serve() -> None:
-            self._servers[agent_id] = await loop.create_server(factory, sock=sock)
+        async def start() -> asyncio.base_events.Server:
+            try:
+                return await loop.create_server(factory, sock=sock)
+            except BaseException:
+                sock.close()
+                raise
 
-        # Waited for, so a `close` posted after it finds the server to close.
-        asyncio.run_coroutine_threadsafe(serve(), loop).result(timeout=10)
+        self._served.open(loop, agent_id, start)
 
     def close(self, agent_id: int) -> None:
         """Stop serving the agent's door and drop its open connections (the agent is over)."""
         if self.loop is None:
             return
 
-        def stop() -> None:
-            server = self._servers.pop(agent_id, None)
-            if server is not None:
-                server.close()
+        def drop() -> None:
             for conn in list(self._state.connections):
                 if getattr(conn, "agent_id", None) == agent_id:
                     conn.shutdown()
 
-        self.loop.call_soon_threadsafe(stop)
+        self._served.close(self.loop, agent_id, drop)
 
     def figures(self) -> dict[str, Any]:
-        return {**self.keeper.figures(), "agents": len(self._servers)}
+        return {**self.keeper.figures(), "agents": len(self._served)}
 
     def stop(self) -> None:
         if self.loop is None:
             return
-        for agent_id in list(self._servers):
+        for agent_id in self._served.opened():
             self.close(agent_id)
         self.loop.call_soon_threadsafe(self.loop.stop)
         if self._thread is not None:
