@@ -132,9 +132,11 @@ class Chaos:
             flags += ["--sandbox", self.tier]
         with open(self.state.parent / f"{self.state.name}.log", "ab") as log:
             started, self.booted_at = time.monotonic(), time.time()
+            # PYTHONFAULTHANDLER: a kernel that does not answer is aborted with its stacks
+            # written to the log, as systemd's watchdog does to the service.
             self.proc = subprocess.Popen([sys.executable, "-m", "kernel", "--state-dir",
                                           str(self.state), *flags], stdout=log, stderr=log,
-                                         cwd=ROOT)
+                                         cwd=ROOT, env={**os.environ, "PYTHONFAULTHANDLER": "1"})
         while True:
             if self.proc.poll() is not None:
                 raise ChaosFailure(f"kernel exited {self.proc.returncode} at boot; its log "
@@ -145,7 +147,13 @@ class Chaos:
                 return time.monotonic() - started
             except sdk.SyscallError:
                 if time.monotonic() - started > 60:
-                    raise ChaosFailure("kernel not answering 60 s after boot") from None
+                    self.proc.send_signal(signal.SIGABRT)
+                    try:
+                        self.proc.wait(10)
+                    except subprocess.TimeoutExpired:
+                        pass
+                    raise ChaosFailure("kernel not answering 60 s after boot; aborted, its log "
+                                       f"ends:\n{self.log_tail(80)}") from None
                 time.sleep(0.01)
 
     def log_tail(self, lines: int = 20) -> str:

