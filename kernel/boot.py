@@ -164,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
             if not (sep and alias and target):
                 raise ValueError(f"bad --alias {text!r}: want NAME=MODEL")
             config.aliases[alias] = target
-        config.model_aliases()
+        config.check_routes()
         for model in config.models.values():
             model.scheduler = args.scheduler or model.scheduler
             model.dtype = args.dtype or model.dtype

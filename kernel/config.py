@@ -166,6 +166,60 @@ def parse_model_flag(text: str) -> ModelConfig:
 
 
 @dataclass
+class RouteRule:
+    """One rule of a route: the call goes to `model` if it fits every limit the rule names."""
+
+    model: str
+    max_prompt_bytes: int | None = None  # the prompt's text, counted as for max_prompt_bytes
+    max_tokens: int | None = None  # the call's max_tokens
+
+    def fits(self, prompt_bytes: int, max_tokens: int) -> bool:
+        return ((self.max_prompt_bytes is None or prompt_bytes <= self.max_prompt_bytes)
+                and (self.max_tokens is None or max_tokens <= self.max_tokens))
+
+
+@dataclass
+class RouteConfig:
+    """A model name that picks one of several served models per call: `[routes.NAME]`,
+    `rules = [{model = "small", max_prompt_bytes = 4000}, {model = "large"}]`. The first rule
+    the call fits takes it; the last names no limit, so every call lands somewhere."""
+
+    name: str
+    rules: list[RouteRule]
+
+    @classmethod
+    def parse(cls, name: str, table: Any) -> RouteConfig:
+        where = f"[routes.{name}]"
+        if not isinstance(table, dict) or set(table) != {"rules"}:
+            raise ValueError(f"{where}: want rules = [{{model = ..., max_prompt_bytes = ...}}, "
+                             "...]")
+        rules = table["rules"]
+        if not isinstance(rules, list) or not rules:
+            raise ValueError(f"{where}: rules must be a non-empty list of tables")
+        parsed = []
+        for i, rule in enumerate(rules):
+            known = {f.name for f in dataclasses.fields(RouteRule)}
+            if not isinstance(rule, dict) or not isinstance(rule.get("model"), str):
+                raise ValueError(f"{where} rules[{i}]: want a table with model = NAME")
+            unknown = sorted(set(rule) - known)
+            if unknown:
+                raise ValueError(f"{where} rules[{i}]: unknown keys: {', '.join(unknown)} "
+                                 f"(known: {', '.join(sorted(known))})")
+            for key in known - {"model"}:
+                if key in rule and (type(rule[key]) is not int or rule[key] < 1):
+                    raise ValueError(f"{where} rules[{i}]: {key} must be an integer >= 1")
+            parsed.append(RouteRule(**rule))
+        last = parsed[-1]
+        if last.max_prompt_bytes is not None or last.max_tokens is not None:
+            raise ValueError(f"{where}: the last rule must name no limit (where calls that fit "
+                             "no other rule go)")
+        return cls(name=name, rules=parsed)
+
+    def pick(self, prompt_bytes: int, max_tokens: int) -> str:
+        return next(r.model for r in self.rules if r.fits(prompt_bytes, max_tokens))
+
+
+@dataclass
 class GroupConfig:
     """A privilege group (AIOS's term): `[groups.NAME]`, a named template of caveats that
     `agentos run --group NAME` and `agentos token mint --group NAME` grant."""
@@ -297,6 +351,10 @@ class Config:
     # model's own `aliases` list (`model_aliases()`): every door and the SDK resolve a name
     # through them before anything else, so capabilities and accounting see the served name.
     aliases: dict[str, str] = field(default_factory=dict)
+    # Names that pick a served model per call by the call's size (`[routes.NAME]`, above;
+    # docs/fleets.md): resolved like an alias, before the capability check, so a call needs
+    # `llm.chat` on the model its route picked.
+    routes: dict[str, RouteConfig] = field(default_factory=dict)
     # Agent sandbox (kernel/proc/spawner.py): the tier an agent gets unless `run --sandbox`
     # asks for another (none | standard | strict); a tier this machine cannot apply is refused.
     sandbox: str = "strict"
@@ -377,6 +435,26 @@ class Config:
                                  f"{target!r}")
         return merged
 
+    def check_routes(self) -> dict[str, str]:
+        """Check the aliases (returned, as model_aliases) and the routes: a route's name is no
+        served model's or alias's, and each rule names a served model or an alias of one
+        (stored as the served name, so the pick needs no second lookup). ValueError."""
+        from sdk.abi import MAX_NAME_CHARS
+
+        aliases = self.model_aliases()
+        for name, route in self.routes.items():
+            if not (_NAME.fullmatch(name) and len(name) <= MAX_NAME_CHARS):
+                raise ValueError(f"[routes.{name}]: bad name (letters, digits, '_.-')")
+            if name in self.models or name in aliases:
+                raise ValueError(f"[routes.{name}]: {name!r} is already a served model's or an "
+                                 "alias's name")
+            for i, rule in enumerate(route.rules):
+                rule.model = aliases.get(rule.model, rule.model)
+                if rule.model not in self.models:
+                    raise ValueError(f"[routes.{name}] rules[{i}]: {rule.model!r} is not served "
+                                     f"(served: {', '.join(self.models) or 'none'})")
+        return aliases
+
     @classmethod
     def load(cls, path: Path | None, **overrides: Any) -> Config:
         """Defaults, then the TOML file's `[kernel]` and `[models.*]` tables, then non-None
@@ -386,7 +464,8 @@ class Config:
             with open(path, "rb") as f:
                 document = tomllib.load(f)
             table = document.get("kernel", {})
-            known = {f.name for f in dataclasses.fields(cls)} - {"models", "groups", "aliases"}
+            known = {f.name for f in dataclasses.fields(cls)} - {
+                "models", "groups", "aliases", "routes"}
             unknown = sorted(set(table) - known)
             if unknown:
                 raise ValueError(f"{path}: unknown [kernel] keys: {', '.join(unknown)}")
@@ -396,6 +475,9 @@ class Config:
                                     for name, t in document["models"].items()}
             if "aliases" in document:
                 values["aliases"] = dict(document["aliases"])
+            if "routes" in document:
+                values["routes"] = {name: RouteConfig.parse(name, t)
+                                    for name, t in document["routes"].items()}
             if "groups" in document:
                 values["groups"] = {name: GroupConfig.parse(name, t)
                                     for name, t in document["groups"].items()}
@@ -408,7 +490,7 @@ class Config:
             values["egress_connect_only"] = tuple(values["egress_connect_only"])
         config = cls(**values)
         config.check_sandbox()
-        config.model_aliases()
+        config.check_routes()
         return config
 
     def check_sandbox(self) -> None:

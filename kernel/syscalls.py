@@ -172,7 +172,7 @@ def _ipc(k: Kernel, args: Any, caller: Caller) -> str:
 
 
 def _model(k: Kernel, args: Any, caller: Caller) -> str:
-    return f"llm/{k.llm.resolve(args.model)}"
+    return f"llm/{k.llm.resolve(args.model, args)}"
 
 
 def remote_add_key(k: Kernel, call: Call, args: abi.KeyArgs) -> abi.RemoteGrant:

@@ -226,7 +226,7 @@ class ChatDelta(msgspec.Struct, frozen=True):
 
 class ModelInfo(msgspec.Struct, frozen=True, omit_defaults=True):
     name: str
-    backend: str  # local | openai
+    backend: str  # local | openai | route (a name that picks one of `picks` per call)
     device: str | None = None
     dtype: str | None = None  # as configured: float32 | bfloat16 | float16 | auto
     default: bool = False
@@ -235,6 +235,7 @@ class ModelInfo(msgspec.Struct, frozen=True, omit_defaults=True):
     # loaded, and for a remote model.
     running_dtype: str | None = None
     stored: str | None = None  # its model-store name; None: a directory, a .gguf or a server
+    picks: list[str] = []  # a route's models, in its rules' order (kernel config `[routes]`)
 
 
 class AgentInfo(msgspec.Struct, frozen=True, omit_defaults=True):

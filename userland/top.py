@@ -95,7 +95,8 @@ def render(now: Sample, before: Sample | None) -> Group:
                 "PREEMPTIONS", "KV"):
         llm.add_column(col, justify="left" if col in ("MODEL", "DTYPE") else "right",
                        min_width=8 if col == "DTYPE" else None)  # bfloat16, whole at 80 columns
-    for name in sorted(set(s.models) | set(s.llm_usage) | set(now.models)):
+    routes = sorted(n for n, info in now.models.items() if info.backend == "route")
+    for name in sorted((set(s.models) | set(s.llm_usage) | set(now.models)) - set(routes)):
         m, u = s.models.get(name, {}), s.llm_usage.get(name, {})
         info = now.models.get(name)
         # What a local model computes in once loaded (`auto` resolved); before, what was asked.
@@ -109,6 +110,15 @@ def render(now: Sample, before: Sample | None) -> Group:
                     f"{m.get('preemptions', 0) + m.get('memory_preemptions', 0):.0f}",
                     _mb(m.get("kv_bytes", 0)))
 
+    # Names that pick a model per call (config [routes]): how many calls each sent where.
+    routed = Table(title="routes", title_justify="left", expand=True)
+    for col in ("ROUTE", "CALLS", "SENT TO"):
+        routed.add_column(col, justify="right" if col == "CALLS" else "left")
+    for name in routes:
+        m = s.models.get(name, {})
+        routed.add_row(name, f"{m.get('calls', 0):.0f}", ", ".join(
+            f"{model} {m.get(f'route.{model}', 0):.0f}" for model in now.models[name].picks))
+
     callers = Table(title="callers (HTTP keys and users)", title_justify="left", expand=True)
     for col in ("PRINCIPAL", "SYSCALLS", "ERRORS", "DENIALS", "TOKENS"):
         callers.add_column(col, justify="left" if col == "PRINCIPAL" else "right")
@@ -117,8 +127,8 @@ def render(now: Sample, before: Sample | None) -> Group:
             callers.add_row(principal, f"{row['syscalls']:.0f}", f"{row['errors']:.0f}",
                             f"{row['denials']:.0f}",
                             f"{row['prompt_tokens'] + row['completion_tokens']:.0f}")
-    return Group(head, agents, llm, callers, _dependencies(s.dependencies),
-                 _memory_line(s.memory))
+    return Group(head, agents, llm, *([routed] if routes else []), callers,
+                 _dependencies(s.dependencies), _memory_line(s.memory))
 
 
 def _dependencies(deps: list[abi.DependencyInfo]) -> Table:

@@ -34,8 +34,11 @@ class LLMCore:
         self.config = config
         self.workers: dict[str, ModelWorker] = {
             name: ModelWorker(model, calls.post) for name, model in config.models.items()}
-        # Other names for served models (config `[aliases]` and each model's `aliases`).
-        self.aliases = config.model_aliases()
+        # Other names for served models (config `[aliases]` and each model's `aliases`), and
+        # names that pick one per call (`[routes.NAME]`), with the calls each route sent where.
+        self.aliases = config.check_routes()
+        self.routes = config.routes
+        self.routed: dict[str, Counter[str]] = {name: Counter() for name in self.routes}
         self._ids = itertools.count(1)
         # llm.chat calls in flight by (model, principal): counted from admission to the reply
         # or failure, so a cap holds whatever stage (prompter, scheduler, engine) they are in.
@@ -53,14 +56,25 @@ class LLMCore:
         for worker in self.workers.values():
             worker.join(timeout=10)
 
-    def resolve(self, name: str | None) -> str:
+    def resolve(self, name: str | None, args: abi.ChatArgs | None = None) -> str:
         """The served model a requested name means: none is the default model, an alias the
-        model it names; any other name stays as it is (`chat` refuses it, listing the served).
+        model it names, a route the model its rules pick for `args` (without args, the route's
+        own name); any other name stays as it is (`chat` refuses it, listing the served).
         Every door resolves here, before the capability check, so `llm.chat@llm/NAME` and the
-        accounts always see the served name: an alias never widens a right."""
+        accounts always see the served name: an alias or a route never widens a right."""
         if name is None:
             return self.config.default_model or ""
-        return name if name in self.workers else self.aliases.get(name, name)
+        if name in self.workers:
+            return name
+        route = self.routes.get(name)
+        if route is not None and args is not None:
+            limit = max((r.max_prompt_bytes or 0) for r in route.rules)
+            return route.pick(prompt_bytes(args, limit), args.max_tokens)
+        return self.aliases.get(name, name)
+
+    def known(self, name: str) -> bool:
+        """Whether calls may name `name`: a served model, an alias or a route."""
+        return name in self.workers or name in self.aliases or name in self.routes
 
     def served(self) -> str:
         """What is served, for an error message: each model with its aliases."""
@@ -68,6 +82,7 @@ class LLMCore:
         for name in self.workers:
             aliases = sorted(a for a, target in self.aliases.items() if target == name)
             names.append(f"{name} (alias {', '.join(aliases)})" if aliases else name)
+        names += [f"{name} (route)" for name in self.routes]
         return ", ".join(names) or "none"
 
     def models(self) -> list[abi.ModelInfo]:
@@ -76,7 +91,10 @@ class LLMCore:
                               device=w.device, dtype=w.config.dtype, default=name == default,
                               aliases=sorted(a for a, t in self.aliases.items() if t == name),
                               running_dtype=w.dtype, stored=w.config.stored)
-                for name, w in self.workers.items()]
+                for name, w in self.workers.items()] + [
+                abi.ModelInfo(name=name, backend="route",
+                              picks=list(dict.fromkeys(r.model for r in route.rules)))
+                for name, route in self.routes.items()]
 
     def dependencies(self) -> list[abi.DependencyInfo]:
         """Each model's state: unloaded, loading, ready, failed (its load; the reason), or
@@ -111,10 +129,13 @@ class LLMCore:
             quiet = now - row.pop("published_at", now)  # nothing was generated since
             row["tokens_per_s"] = made / span if span >= 0.5 and quiet <= RATE_WINDOW_S else 0.0
             out[name] = row
+        for name, picked in self.routed.items():  # route.MODEL: the calls it sent there
+            out[name] = {"calls": float(sum(picked.values())),
+                         **{f"route.{model}": float(n) for model, n in picked.items()}}
         return out
 
     def chat(self, call: Call, args: abi.ChatArgs) -> Any:
-        name = self.resolve(args.model)
+        name = self.resolve(args.model, args)
         worker = self.workers.get(name)
         if worker is None:
             raise Fault(abi.ErrorCode.ENOENT, f"no model {name!r} (served: {self.served()})")
@@ -156,6 +177,8 @@ class LLMCore:
         self.calls.offload(call)
         worker.submit(gen)
         self.calls.counts[f"llm.model.{name}"] += 1
+        if args.model in self.routed:
+            self.routed[args.model][name] += 1
         return self.calls.park(call, call.timeout_ms)
 
     def _release(self, key: tuple[str, str]) -> None:

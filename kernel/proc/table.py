@@ -309,7 +309,7 @@ class ProcessTable:
         self.access.check_grant(cap, self.access.rules(args.caps))
         tier = self.sandboxes.tier(args.sandbox, parent.spec.tier if parent else None)
         limits = self.sandboxes.limits(args.limits, parent.spec.limits if parent else None)
-        if args.model is not None and self.llm.resolve(args.model) not in self.llm.workers:
+        if args.model is not None and not self.llm.known(args.model):
             raise Fault(abi.ErrorCode.ENOENT, f"no model {args.model!r} (served: "
                         f"{self.llm.served()})")
         venv = self._venv(args.venv, parent)

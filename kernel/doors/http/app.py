@@ -206,7 +206,7 @@ class Routes:
                 return openai_error(exc)
             return StreamingResponse(self._replay(cid, result, include_usage),
                                      media_type="text/event-stream")
-        model = self.k.llm.resolve(args.model)
+        model = self.k.llm.resolve(args.model, args)
         return StreamingResponse(self._stream(ex, cid, model, include_usage),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
@@ -262,7 +262,7 @@ class Routes:
             if query_type != "llm":
                 return await self._query_op(request, key, query_type, body.get("query_data"))
             args = aios.llm_args(body.get("query_data"),
-                                 [*self.k.llm.workers, *self.k.llm.aliases])
+                                 [*self.k.llm.workers, *self.k.llm.aliases, *self.k.llm.routes])
             started = time.time()
             result = await self.bridge.call(key, "llm.chat", args, abi.ChatResult,
                                             gone=disconnected(request))

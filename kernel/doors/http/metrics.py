@@ -115,11 +115,15 @@ class _Snapshot:
             "agentos_llm_replica", "A fleet model's replicas (kernel/llm/fleet.py): healthy, "
             "outstanding, max_concurrency, served, failures, outages",
             labels=["model", "replica", "figure"])
+        routed = CounterMetricFamily("agentos_llm_routed", "llm.chat calls a route (config "
+                                     "[routes]) sent to each model", labels=["route", "model"])
         for model, m in sorted(s.models.items()):
             for key, value in m.items():
                 if key.startswith("replica."):  # replica.N.FIGURE
                     _, index, figure = key.split(".", 2)
                     replicas.add_metric([model, index, figure], value)
+                elif key.startswith("route."):  # route.MODEL, in a route's row
+                    routed.add_metric([model, key.removeprefix("route.")], value)
             for state, key in (("waiting", "queued"), ("waiting", "waiting"),
                                ("running", "running"), ("running", "in_flight"),
                                ("preempted", "preempted")):
@@ -131,7 +135,7 @@ class _Snapshot:
                 preempt.add_metric([model, "memory"], m["memory_preemptions"])
             if "kv_bytes" in m:
                 kv.add_metric([model], m["kv_bytes"])
-        yield from (queue, preempt, kv, replicas)
+        yield from (queue, preempt, kv, replicas, routed)
         # The memory manager's RAM tier (gauges) and its counters since boot.
         memory = GaugeMetricFamily("agentos_memory", "Memory manager: resident memories, RAM "
                                    "bytes, indexed namespaces, embedded/evicted/reloaded so far",

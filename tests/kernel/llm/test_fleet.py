@@ -612,6 +612,11 @@ def test_the_configs_in_docs_fleets_md_load(tmp_path: Path) -> None:
     for i, block in enumerate(blocks):
         (tmp_path / f"{i}.toml").write_text(block)
         config = Config.load(tmp_path / f"{i}.toml")
+        if config.routes:  # the routes section's example
+            assert config.routes["auto"].pick(8000, 256) == "small"
+            assert config.routes["auto"].pick(8001, 256) == "large"
+            assert config.routes["auto"].pick(10, 257) == "large"
+            continue
         fleet_ = config.models["smollm2"]
         assert fleet_.remote and len(fleet_.fleet()) == 2
         assert fleet_.fleet()[1].api_key_env == "VLLM_B_KEY"

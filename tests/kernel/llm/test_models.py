@@ -1,7 +1,8 @@
 """Model names from elsewhere (issue 18.2): aliases from the kernel's config answer at every
 door (SDK, OpenAI, AIOS), capabilities and accounts see the served name, an unknown name is a
 404 (NotFound in the SDK) that lists what is served, and `agentos run --model` sets an agent's
-default model."""
+default model. Routes (issue 23.4): a name whose rules pick a served model per call, resolved
+before the capability check like an alias, counted in `sys.stats`, /metrics and `agentos top`."""
 
 from __future__ import annotations
 
@@ -13,14 +14,15 @@ import httpx2 as httpx
 import pytest
 
 import sdk
-from kernel.config import Config, ModelConfig
+from kernel.config import Config, ModelConfig, RouteConfig
 from tests.conftest import TEST_TIER, KernelProcess, agent
 
 
 @pytest.fixture(scope="module")
 def named(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> Iterator[KernelProcess]:
     """Two served models (the same tiny weights): `tiny`, also called gpt-4o-mini (its own
-    `aliases`), and `other`, called gpt-3.5-turbo (the `[aliases]` table)."""
+    `aliases`), and `other`, called gpt-3.5-turbo (the `[aliases]` table); and a route `auto`
+    that sends prompts of up to 40 bytes to tiny (by its alias), the rest to other."""
     tmp = tmp_path_factory.mktemp("models")
     config = tmp / "kernel.toml"
     config.write_text(f"""
@@ -34,6 +36,8 @@ aliases = ["gpt-4o-mini"]
 source = "{tiny_dir}"
 [aliases]
 "gpt-3.5-turbo" = "other"
+[routes.auto]
+rules = [{{model = "gpt-4o-mini", max_prompt_bytes = 40}}, {{model = "other"}}]
 """)
     k = KernelProcess(tmp / "state")
     k.extra_args = ["--config", str(config)]
@@ -67,7 +71,7 @@ def test_config_refuses_aliases_that_hide_or_miss_a_model() -> None:
 def test_the_sdk_answers_an_alias_from_its_model_and_names_what_is_served(
         named: KernelProcess) -> None:
     with named.connect() as admin:
-        listed = {m.name: m.aliases for m in admin.llm.models()}
+        listed = {m.name: m.aliases for m in admin.llm.models() if m.backend != "route"}
         assert listed == {"tiny": ["gpt-4o-mini"], "other": ["gpt-3.5-turbo"]}
         messages = [{"role": "user", "content": "hi"}]
         assert admin.llm.chat(messages, model="gpt-4o-mini", max_tokens=2).model == "tiny"
@@ -101,7 +105,7 @@ def test_the_openai_door_resolves_aliases_and_404s_the_unknown(named: KernelProc
         listed = client.get("/v1/models").json()["data"]
         assert {(m["id"], m["root"]) for m in listed} == {
             ("tiny", "tiny"), ("other", "other"), ("gpt-4o-mini", "tiny"),
-            ("gpt-3.5-turbo", "other")}
+            ("gpt-3.5-turbo", "other"), ("auto", "auto")}
         assert client.get("/v1/models/gpt-4o-mini").json()["root"] == "tiny"
         missing = client.get("/v1/models/gpt-5")
         assert missing.status_code == 404 and "tiny" in missing.json()["error"]["message"]
@@ -119,6 +123,91 @@ def test_the_openai_door_resolves_aliases_and_404s_the_unknown(named: KernelProc
         # A name no model can have (a hub path) is unknown too, not a malformed request.
         hub = client.post("/v1/chat/completions", json=chat_body("meta-llama/Llama-3.1-8B"))
         assert hub.status_code == 404 and "served: tiny" in hub.json()["error"]["message"]
+
+
+def test_config_refuses_routes_that_hide_a_name_miss_a_model_or_leave_calls_nowhere() -> None:
+    models = {"a": ModelConfig("a", aliases=["x"]), "b": ModelConfig("b")}
+
+    def route(*rules: dict) -> RouteConfig:
+        return RouteConfig.parse("r", {"rules": list(rules)})
+
+    config = Config(models=models, routes={"r": route({"model": "x", "max_prompt_bytes": 9},
+                                                      {"model": "b"})})
+    config.check_routes()
+    assert [rule.model for rule in config.routes["r"].rules] == ["a", "b"]  # x is a's alias
+    assert config.routes["r"].pick(9, 256) == "a" and config.routes["r"].pick(10, 256) == "b"
+    for table, why in (({"rules": []}, "non-empty"),
+                       ({"rules": [{"model": "a", "max_prompt_bytes": 5}]}, "last rule"),
+                       ({"rules": [{"model": "a", "min_bytes": 5}, {"model": "b"}]},
+                        "unknown keys: min_bytes"),
+                       ({"rules": [{"model": "a", "max_tokens": 0}, {"model": "b"}]}, ">= 1"),
+                       ({"rules": [{"model": "a", "max_tokens": "9"}, {"model": "b"}]}, ">= 1"),
+                       ({"rules": [{"max_tokens": 9}]}, "model = NAME"),
+                       ({"rule": []}, "want rules")):
+        with pytest.raises(ValueError, match=why):
+            RouteConfig.parse("r", table)
+    for name, rules, why in (("a", [{"model": "b"}], "already a served model's"),
+                             ("x", [{"model": "b"}], "already a served model's"),
+                             ("r", [{"model": "nope"}], "not served"),
+                             ("bad/name", [{"model": "b"}], "bad name")):
+        with pytest.raises(ValueError, match=why):
+            Config(models=models, routes={name: RouteConfig.parse(name, {"rules": rules})}
+                   ).check_routes()
+
+
+def test_a_route_picks_by_prompt_size_at_every_door_and_counts_where_it_sent(
+        named: KernelProcess) -> None:
+    import io
+    import time
+
+    from rich.console import Console
+
+    from kernel.doors.http.metrics import render
+    from userland import top
+
+    short, long = [{"role": "user", "content": "hi"}], [{"role": "user", "content": "x" * 41}]
+    with named.connect() as admin:
+        before = admin.sys.stats().models.get("auto", {})
+        assert admin.llm.chat(short, model="auto", max_tokens=2).model == "tiny"
+        assert admin.llm.chat(long, model="auto", max_tokens=2).model == "other"
+        (info,) = [m for m in admin.llm.models() if m.name == "auto"]
+        assert (info.backend, info.picks) == ("route", ["tiny", "other"])
+    url, auth = http_key(named, "llm.*", name="routes")
+    with httpx.Client(base_url=url, headers=auth, timeout=60) as client:
+        body = {**chat_body("auto"), "messages": long}
+        reply = client.post("/v1/chat/completions", json=body)
+        assert reply.status_code == 200 and reply.json()["model"] == "other", reply.text
+        stream = client.post("/v1/chat/completions", json={**chat_body("auto"), "stream": True})
+        first = json.loads(stream.text.split("data: ", 2)[1].split("\n")[0])
+        assert first["model"] == "tiny", stream.text
+    with named.connect() as admin:
+        stats = admin.sys.stats()
+        models = {m.name: m for m in admin.llm.models()}
+    now = stats.models["auto"]
+    sent = {key: now[key] - before.get(key, 0) for key in now}
+    assert sent == {"calls": 4, "route.tiny": 2, "route.other": 2}, now
+    text = render(stats, {"open": 0, "peers": 0, "accepted": 0, "refused": {}}).decode()
+    assert f'agentos_llm_routed_total{{model="other",route="auto"}} {now["route.other"]}' in text
+    console = Console(file=io.StringIO(), width=200)
+    console.print(top.render(top.Sample(time.monotonic(), stats, [], models), None))
+    row = next(line for line in console.file.getvalue().splitlines() if " auto " in line)
+    assert f"tiny {now['route.tiny']:.0f}, other {now['route.other']:.0f}" in row, row
+
+
+def test_a_route_never_widens_a_right(named: KernelProcess) -> None:
+    """A key for `tiny` alone may call `auto` while the route picks tiny, and gets 403 naming
+    llm/other when it picks other; a key for `auto` alone reaches neither."""
+    url, auth = http_key(named, "llm.chat@llm/tiny", name="narrow-route")
+    with httpx.Client(base_url=url, headers=auth, timeout=60) as client:
+        ok = client.post("/v1/chat/completions", json=chat_body("auto"))
+        assert ok.status_code == 200 and ok.json()["model"] == "tiny", ok.text
+        body = {**chat_body("auto"), "messages": [{"role": "user", "content": "x" * 41}]}
+        refused = client.post("/v1/chat/completions", json=body)
+        assert refused.status_code == 403 and "llm/other" in refused.text, refused.text
+    url, auth = http_key(named, "llm.chat@llm/auto", name="route-only")
+    with httpx.Client(base_url=url, headers=auth, timeout=60) as client:
+        refused = client.post("/v1/chat/completions", json=chat_body("auto"))
+        assert refused.status_code == 403 and "llm/tiny" in refused.text, refused.text
 
 
 def test_the_aios_door_resolves_aliases_and_404s_the_unknown(named: KernelProcess) -> None:
@@ -177,4 +266,4 @@ def test_an_unmodified_openai_script_in_the_sandbox_gets_its_model_by_alias(
         mine = [a for a in admin.proc.ps() if a.name == "oai-alias"][-1]
         out = json.loads(admin.proc.logs(mine.id, "stdout").data.decode())
     assert out["asked"] == "gpt-3.5-turbo" and out["answered"] == "other", out
-    assert out["listed"] == ["gpt-3.5-turbo", "gpt-4o-mini", "other", "tiny"]
+    assert out["listed"] == ["auto", "gpt-3.5-turbo", "gpt-4o-mini", "other", "tiny"]
