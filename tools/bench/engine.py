@@ -2,7 +2,7 @@
 
     .venv/bin/python tools/bench/engine.py [--agents 16,64] [--turns 2] [--max-tokens 32]
                                            [--max-batch 64] [--dtype float32] [--profile]
-                                           [--speculate 0,4]
+                                           [--speculate 0,4] [--compile] [--int8]
 
 No kernel, no processes, no scheduler policy: N closed-loop agents (shared system prompt, own
 growing history, greedy) whose calls join the batch first come first served, up to
@@ -12,6 +12,10 @@ and call latency, and where the step time went (forward passes by kind, sampling
 `--speculate` lists speculate_max_batch values to run each agent count with (0: off), A/B in
 one process: the inter-token latency (p50 over calls of (call - TTFT) / (tokens - 1)), the
 share of drafted tokens accepted, and whether the greedy texts equal the first value's.
+`--compile` runs every configuration again after compiling each decoder layer's MLP and norms
+with torch.compile (inductor, dynamic shapes; attention stays eager, it is the ragged kernel),
+`--int8` with the linear layers quantized to int8: the same A/B against the eager runs (tokens
+per CPU-second, inter-token latency, greedy texts equal), and the time each took to make.
 For iterating on the engine; the end-to-end comparison with other systems is llm.py.
 """
 
@@ -130,6 +134,44 @@ def run(engine, tokenizer, n: int, turns: int, max_tokens: int, max_batch: int) 
             "other": step_time - forward, "texts": texts}
 
 
+def compile_blocks(model) -> float:
+    """Compile each decoder layer's MLP and RMS norms in place (the work between attentions:
+    matmuls and the elementwise ops inductor can fuse); returns the seconds the first forward
+    pass will not include (compiling happens at the first call of each shape class)."""
+    t0 = time.perf_counter()
+    for layer in model.model.layers:
+        for name in ("mlp", "input_layernorm", "post_attention_layernorm"):
+            getattr(layer, name).compile(dynamic=True)
+    return time.perf_counter() - t0
+
+
+def prepare(variant: str, model, tokenizer, args):
+    """The model for a variant's runs, made and warmed (its compile or quantization time
+    printed, not counted in the runs)."""
+    import copy
+
+    import torch
+
+    from kernel.llm.engine import Engine
+
+    t0 = time.perf_counter()
+    if variant == "compiled":
+        model = copy.deepcopy(model)
+        compile_blocks(model)
+        what = "mlp + norms compiled (inductor, dynamic shapes)"
+    else:
+        if args.dtype != "float32":
+            raise SystemExit("--int8 quantizes float32 linear layers: use --dtype float32")
+        model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear},
+                                                       dtype=torch.qint8)
+        what = "linear layers int8 (dynamic quantization)"
+    warm = Engine(model, tokenizer, max_batch=args.max_batch, prefill_chunk=args.prefill_chunk)
+    for agents in (1, 2):  # one decode token a pass; several (a compile's shape classes)
+        run(warm, tokenizer, agents, 1, 4, args.max_batch)
+    print(f"{what}: made and warmed in {time.perf_counter() - t0:.1f} s")
+    return model
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--agents", default="16,64")
@@ -142,6 +184,11 @@ def main() -> int:
     p.add_argument("--profile", action="store_true", help="print torch's op profile of a run")
     p.add_argument("--speculate", default="0",
                    help="speculate_max_batch values, each a run per agent count (0: off)")
+    p.add_argument("--compile", action="store_true",
+                   help="then every run again with the decoder layers' MLPs and norms compiled")
+    p.add_argument("--int8", action="store_true",
+                   help="then every run again with int8 linear layers (torch's dynamic "
+                        "quantization: int8 weights, activations quantized per pass; float32)")
     args = p.parse_args()
 
     import torch
@@ -158,8 +205,14 @@ def main() -> int:
           f"{'prefill':>7} {'hit':>5}  time split (s / passes / tokens)")
     baseline: dict | None = None
     specs = [int(spec) for spec in args.speculate.split(",")]
-    runs = [(int(n), spec) for n in args.agents.split(",") for spec in specs]
-    for n, spec in runs:
+    plain = [(int(n), spec) for n in args.agents.split(",") for spec in specs]
+    variants = ["eager"] + (["compiled"] if args.compile else []) + (["int8"] if args.int8 else [])
+    eager: dict[tuple[int, int], dict] = {}
+    models = {"eager": model}
+    for variant, (n, spec) in ((v, r) for v in variants for r in plain):
+        if variant not in models:
+            models[variant] = prepare(variant, models["eager"], tokenizer, args)
+        model = models[variant]
         engine = Engine(model, tokenizer, max_batch=args.max_batch,
                         prefill_chunk=args.prefill_chunk, speculate_max_batch=spec)
         if args.profile:
@@ -170,12 +223,22 @@ def main() -> int:
         else:
             r = run(engine, tokenizer, n, args.turns, args.max_tokens, args.max_batch)
         split = "  ".join(f"{k} {s:.1f}/{c}/{t}" for k, (s, c, t) in r["split"].items())
-        print(f"{n:>6} {spec:>4} {r['tok_s']:7.1f} {r['tok_cpu_s']:9.1f} {r['makespan']:7.1f}s "
+        tag = f"{spec}{variant[0]}" if variant != "eager" else str(spec)
+        print(f"{n:>6} {tag:>4} {r['tok_s']:7.1f} {r['tok_cpu_s']:9.1f} {r['makespan']:7.1f}s "
               f"{r['ttft']:6.2f}s {1000 * r['itl']:4.0f}ms {r['lat']:5.2f}s {r['accept']:6.2f} "
               f"{r['steps']:>5} {r['forwards']:>5} {r['prefill']:>7} {r['hit']:5.2f}  {split}  "
               f"other {r['other']:.1f}")
         if args.profile:
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+        if variant != "eager":
+            before = eager[(n, spec)]
+            same = sum(r["texts"].get(k) == v for k, v in before["texts"].items())
+            print(f"       {variant} vs eager: {r['tok_cpu_s'] / before['tok_cpu_s']:.2f}x tok per "
+                  f"CPU-s, {r['tok_s'] / before['tok_s']:.2f}x tok/s, itl "
+                  f"{r['itl'] / max(before['itl'], 1e-9):.2f}x; greedy texts equal: "
+                  f"{same}/{len(before['texts'])}")
+            continue
+        eager[(n, spec)] = r
         if baseline is None or (len(specs) > 1 and spec == specs[0]):
             baseline = r | {"spec": spec}  # with several values: each agent count's first
         else:
