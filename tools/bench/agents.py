@@ -514,12 +514,16 @@ def main() -> int:
             if args.vllm:
                 from llm import start_vllm
 
-                server, url = start_vllm(args.vllm, model_dir, work)
-                try:
-                    runs["vllm"] = in_process("vllm", n, argvs, remote_chat(url, "smollm2"))
-                finally:
-                    server.send_signal(signal.SIGTERM)
-                    server.wait(60)
+                try:  # a server that fails says so; the systems measured still print
+                    server, url = start_vllm(args.vllm, model_dir, work, dtype)
+                except RuntimeError as exc:
+                    print(f"  vllm: not measured: {exc}", flush=True)
+                else:
+                    try:
+                        runs["vllm"] = in_process("vllm", n, argvs, remote_chat(url, "smollm2"))
+                    finally:
+                        server.send_signal(signal.SIGTERM)
+                        server.wait(60)
             if "direct" in runs:
                 for name, r in runs.items():
                     if name != "direct":
