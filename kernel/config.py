@@ -64,6 +64,9 @@ class ModelConfig:
     # runs 64 at once in the benchmark); a B=64 decode step costs less per token than B=32.
     max_batch: int = 64
     prefill_chunk: int = 256
+    # Linear layers on weights laid out once for oneDNN, each only where its products are bit
+    # for bit the plain ones (kernel/llm/engine/packed.py: bfloat16 on a CPU); false: never.
+    pack_weights: bool = True
     # Speculative decoding by prompt lookup (greedy requests copy from their own context): on
     # in steps with at most this many decoding rows; 0: off. 4 gave 1.2-1.7x tok per CPU-second
     # at 1-4 agents (docs/benchmarks.md), but off by default: in bfloat16 greedy outputs then

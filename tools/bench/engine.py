@@ -2,7 +2,7 @@
 
     .venv/bin/python tools/bench/engine.py [--agents 16,64] [--turns 2] [--max-tokens 32]
                                            [--max-batch 64] [--dtype float32] [--profile]
-                                           [--speculate 0,4] [--compile] [--int8]
+                                           [--speculate 0,4] [--pack] [--compile] [--int8]
 
 No kernel, no processes, no scheduler policy: N closed-loop agents (shared system prompt, own
 growing history, greedy) whose calls join the batch first come first served, up to
@@ -12,9 +12,11 @@ and call latency, and where the step time went (forward passes by kind, sampling
 `--speculate` lists speculate_max_batch values to run each agent count with (0: off), A/B in
 one process: the inter-token latency (p50 over calls of (call - TTFT) / (tokens - 1)), the
 share of drafted tokens accepted, and whether the greedy texts equal the first value's.
-`--compile` runs every configuration again after compiling each decoder layer's MLP and norms
-with torch.compile (inductor, dynamic shapes; attention stays eager, it is the ragged kernel),
-`--int8` with the linear layers quantized to int8: the same A/B against the eager runs (tokens
+The eager runs use the model as loaded; the kernel also packs its linear layers for oneDNN,
+and `--pack` runs every configuration again that way. `--compile` runs them again after
+compiling each decoder layer's MLP and norms with torch.compile (inductor, dynamic shapes;
+attention stays eager, it is the ragged kernel), `--int8` with the linear layers quantized to
+int8: each the same A/B against the eager runs (tokens
 per CPU-second, inter-token latency, greedy texts equal), and the time each took to make.
 For iterating on the engine; the end-to-end comparison with other systems is llm.py.
 """
@@ -155,7 +157,12 @@ def prepare(variant: str, model, tokenizer, args):
     from kernel.llm.engine import Engine
 
     t0 = time.perf_counter()
-    if variant == "compiled":
+    if variant == "packed":
+        from kernel.llm.engine.packed import pack_linears
+
+        model = copy.deepcopy(model)
+        what = f"{pack_linears(model)} linear layers packed for oneDNN (as the kernel does)"
+    elif variant == "compiled":
         model = copy.deepcopy(model)
         compile_blocks(model)
         what = "mlp + norms compiled (inductor, dynamic shapes)"
@@ -184,6 +191,9 @@ def main() -> int:
     p.add_argument("--profile", action="store_true", help="print torch's op profile of a run")
     p.add_argument("--speculate", default="0",
                    help="speculate_max_batch values, each a run per agent count (0: off)")
+    p.add_argument("--pack", action="store_true",
+                   help="then every run again with the linear layers packed as the kernel "
+                        "packs them (kernel/llm/engine/packed.py)")
     p.add_argument("--compile", action="store_true",
                    help="then every run again with the decoder layers' MLPs and norms compiled")
     p.add_argument("--int8", action="store_true",
@@ -206,7 +216,8 @@ def main() -> int:
     baseline: dict | None = None
     specs = [int(spec) for spec in args.speculate.split(",")]
     plain = [(int(n), spec) for n in args.agents.split(",") for spec in specs]
-    variants = ["eager"] + (["compiled"] if args.compile else []) + (["int8"] if args.int8 else [])
+    variants = ["eager"] + [v for v, on in (("packed", args.pack), ("compiled", args.compile),
+                                            ("int8", args.int8)) if on]
     eager: dict[tuple[int, int], dict] = {}
     models = {"eager": model}
     for variant, (n, spec) in ((v, r) for v in variants for r in plain):
