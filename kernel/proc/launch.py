@@ -11,6 +11,7 @@ import signal
 import socket
 import stat
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,6 +97,12 @@ class Reporter:
         self.fd = fd
         self.tier = ""
         self.applied: dict[str, Any] = {}
+        self.ms: dict[str, float] = {}  # milliseconds spent in each layer's steps
+        self.started = time.perf_counter()
+
+    def timings(self) -> dict[str, float]:
+        """Each layer's milliseconds, and `total` since the launcher began: the exec report's."""
+        return {**self.ms, "total": round((time.perf_counter() - self.started) * 1000, 2)}
 
     def send(self, record: dict[str, Any]) -> None:
         if self.fd is None:
@@ -127,12 +134,16 @@ class Reporter:
     def step(self, layer: str, fn: Callable[..., T], *args: Any) -> T:
         """Run one layer's step; any failure is fatal, with that layer's exit status (a path
         the launcher refuses to grant is the policy's fault, not the layer's)."""
+        started = time.perf_counter()
         try:
             return fn(*args)
         except Refused as exc:
             self.fail(LaunchExit.POLICY, f"policy: {exc}")
         except Exception as exc:
             self.fail(LAYER_EXIT[layer], f"{layer}: {exc}")
+        finally:
+            self.ms[layer] = round(self.ms.get(layer, 0.0)
+                                   + (time.perf_counter() - started) * 1000, 2)
 
 
 def load_policy(args: Args) -> Policy:
@@ -511,7 +522,7 @@ class Launcher:
         if a.report_fd is not None:
             os.set_inheritable(a.report_fd, False)  # closes at exec: the agent cannot forge it
         report.send({"event": "exec", "tier": policy.tier, "layers": report.applied,
-                     "pid": os.getpid()})
+                     "pid": os.getpid(), "ms": report.timings()})
         try:
             os.execve(a.argv[0], a.argv, policy.env)
         except OSError as exc:

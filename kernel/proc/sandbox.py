@@ -487,6 +487,7 @@ class Report:
     # The in-sandbox listeners the launcher handed over (name -> fd, now the kernel's): the
     # agent's door and egress proxy on 127.0.0.1 of its own network namespace.
     listeners: dict[str, int] = field(default_factory=dict, repr=False)
+    ms: dict[str, float] = field(default_factory=dict)  # the launcher's time in each layer
 
     def close_listeners(self) -> None:
         for fd in self.listeners.values():
@@ -517,7 +518,9 @@ def parse_report(line: bytes | str) -> Report | None:
     if not isinstance(record, dict):
         return None
     if record.get("event") == "exec":
-        return Report(True, record.get("tier", ""), record.get("layers", {}), record.get("pid"))
+        ms = record.get("ms")
+        return Report(True, record.get("tier", ""), record.get("layers", {}), record.get("pid"),
+                      ms=ms if isinstance(ms, dict) else {})
     if record.get("event") == "error":
         return Report(False, record.get("tier", ""), record.get("layers", {}),
                       status=record.get("status"), error=record.get("error", ""))

@@ -436,7 +436,8 @@ class ProcessTable:
         launch.close()
         log.debug("start timings", extra={"agent": agent_id, "zygote": isinstance(
             popen, ZygoteChild), "prepare_ms": round((t1 - t0) * 1000, 1), "fork_ms": round(
-            (t2 - t1) * 1000, 1), "report_ms": round((time.perf_counter() - t2) * 1000, 1)})
+            (t2 - t1) * 1000, 1), "report_ms": round((time.perf_counter() - t2) * 1000, 1),
+            "layers_ms": report.ms})
         pidfd = popen.pidfd if isinstance(popen, ZygoteChild) else os.pidfd_open(popen.pid)
         live = Live(agent_id, spec.name, popen, pidfd, spec, uid,
                     prepared.policy.home or "", prepared.socket_dir, pumps)

@@ -263,7 +263,7 @@ def _forked_class() -> type:
             ctypes.CDLL(None).prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE
             report.applied = {"zygote": True, **report.applied}  # `ps` says how it started
             report.send({"event": "exec", "tier": policy.tier, "layers": report.applied,
-                         "pid": os.getpid()})
+                         "pid": os.getpid(), "ms": report.timings()})
             if a.report_fd is not None:
                 os.close(a.report_fd)
             os._exit(run_agent(argv[3:], policy.env, self.base_path))

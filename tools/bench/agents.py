@@ -34,7 +34,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import statistics
 import sys
 import tempfile
@@ -512,7 +511,7 @@ def main() -> int:
                 runs[f"agentos/{policy}"] = agentos(policy, n, argvs, work, tier, model_flags,
                                                     agent_file)
             if args.vllm:
-                from llm import start_vllm
+                from llm import start_vllm, stop_vllm
 
                 try:  # a server that fails says so; the systems measured still print
                     server, url = start_vllm(args.vllm, model_dir, work, dtype)
@@ -522,8 +521,7 @@ def main() -> int:
                     try:
                         runs["vllm"] = in_process("vllm", n, argvs, remote_chat(url, "smollm2"))
                     finally:
-                        server.send_signal(signal.SIGTERM)
-                        server.wait(60)
+                        stop_vllm(server)
             if "direct" in runs:
                 for name, r in runs.items():
                     if name != "direct":

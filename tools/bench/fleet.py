@@ -118,8 +118,22 @@ class Server:
         return (figures.get("vllm:prefix_cache_queries_total", float("nan"))
                 - figures.get("vllm:prefix_cache_hits_total", 0.0))
 
+    def kill(self) -> None:
+        """SIGKILL, as a replica's machine dying would: a vLLM server with its whole process
+        group (its engine core and worker would otherwise live on, orphaned)."""
+        if self.state is None:
+            from llm import stop_vllm
+
+            stop_vllm(self.proc, signal.SIGKILL, grace=0)
+        else:
+            self.proc.send_signal(signal.SIGKILL)
+
     def stop(self) -> None:
-        if self.proc.poll() is None:
+        if self.state is None:
+            from llm import stop_vllm
+
+            stop_vllm(self.proc)
+        elif self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(60)
@@ -290,7 +304,7 @@ def failover(front: Path, url: str, keys: list[str], servers: list[Server], firs
 
     def killer() -> None:
         kill_now.wait()
-        servers[1].proc.send_signal(signal.SIGKILL)
+        servers[1].kill()
         killed_at.append(time.perf_counter())
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

@@ -244,7 +244,7 @@ def start_vllm(venv: Path, model_dir: Path, log_dir: Path,
                              "--model", str(model_dir), "--served-model-name", "smollm2",
                              "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype,
                              "--max-model-len", "2048", "--max-num-seqs", "64"],
-                            stdout=log, stderr=log, env=env)
+                            stdout=log, stderr=log, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}/v1"
     for _ in range(600):
         if proc.poll() is not None:
@@ -256,6 +256,24 @@ def start_vllm(venv: Path, model_dir: Path, log_dir: Path,
             time.sleep(1)
     proc.kill()
     raise RuntimeError("vLLM did not start in 10 minutes")
+
+
+def stop_vllm(proc: subprocess.Popen, sig: int = signal.SIGTERM, grace: float = 60) -> None:
+    """Stop a server from start_vllm with its whole process group: the API server's engine
+    core and worker are processes of their own, and outlive a signal to the server alone (an
+    orphaned worker held 6 GB and a share of the CPU through later benchmarks)."""
+    try:
+        os.killpg(proc.pid, sig)
+        proc.wait(grace)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of the group
+    except ProcessLookupError:
+        pass
+    proc.wait()
 
 
 def vllm(url: str, n: int, turns: int, max_tokens: int) -> Run:
@@ -366,8 +384,7 @@ def main() -> int:
             kernel.send_signal(signal.SIGTERM)
             kernel.wait(60)
         if server is not None:
-            server.send_signal(signal.SIGTERM)
-            server.wait(60)
+            stop_vllm(server)
     n = max(results)
     runs = results[n]
     line = f"\nsummary agents={n}"

@@ -429,6 +429,7 @@ def test_none_tier_scrubs_env_and_fds(base: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     seen = json.loads(proc.stdout)
     assert report.ok and report.layers == {} and report.tier == "none"
+    assert set(report.ms) == {"total"} and report.ms["total"] > 0  # no layers, its whole time
     assert seen["env"].get("ONLY") == "this" and "SECRET" not in seen["env"]
     assert stray not in seen["fds"] and kept in seen["fds"]
     # 0-2, the kept fd, and the one listdir itself opened: the policy and report fds are gone.
