@@ -317,9 +317,7 @@ class ModelWorker(threading.Thread):
         usage = event.usage or abi.Usage(len(gen.prompt_ids), gen.completion_tokens,
                                          gen.cached_tokens)
         started = gen.started or now
-        # Publish before replying: a caller that reads sys.stats after its reply must find
-        # its call counted (a fleet's served figures lagged a reply by a publish, seen in CI).
-        self._publish(every=0.0)
+        self._publish_first()
         gen.on_done(abi.ChatResult(
             model=self.config.name, message=message, finish_reason=reason, usage=usage,
             queued_ms=round((started - gen.arrival) * 1000, 3),
@@ -328,9 +326,14 @@ class ModelWorker(threading.Thread):
 
     def _fail(self, gen: Generation, code: abi.ErrorCode, message: str) -> None:
         self.gens.pop(gen.id, None)
-        if getattr(self, "backend", None) is not None and self.failed is None:
-            self._publish(every=0.0)  # as _finish: the figures first, then the answer
+        self._publish_first()
         gen.on_error(code, message)
+
+    def _publish_first(self) -> None:
+        """Publish before answering a call: a caller that reads sys.stats after its answer must
+        find the call counted (a fleet's served count lagged an answer, seen in make test)."""
+        if getattr(self, "backend", None) is not None and self.failed is None:
+            self._publish(every=0.0)
 
 
 def files_of(config: ModelConfig) -> object:

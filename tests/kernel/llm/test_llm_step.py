@@ -279,3 +279,26 @@ def test_remote_streams_report_through_the_next_step() -> None:
         assert backend.sched.agents() == set()
     finally:
         server.shutdown()
+
+
+def test_a_calls_figures_are_published_before_its_answer(tiny_dir: Path) -> None:
+    """Whoever reads sys.stats after an answer finds the call in the figures: the worker
+    publishes, then answers (a fleet's served count once lagged an answer)."""
+    worker = ModelWorker(_config(tiny_dir), post=lambda fn: fn())  # not started: no thread
+
+    class Backend:
+        served = 0.0
+
+        def stats(self) -> dict[str, float]:
+            return {"served": self.served}
+
+    worker.backend = Backend()
+    seen: list[float | None] = []
+    for i, finish in enumerate((True, False), start=1):
+        gen = _gen(i)
+        gen.on_done = lambda _, : seen.append(worker.published.get("served"))
+        gen.on_error = lambda *_: seen.append(worker.published.get("served"))
+        worker.gens = {i: gen}
+        worker.backend.served = float(i)  # what the step that ended the call counted
+        worker._apply([Finished(i, "stop") if finish else Failed(i, abi.ErrorCode.EIO, "x")])
+    assert seen == [1.0, 2.0]
