@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 import tomllib
@@ -217,6 +218,12 @@ class RouteConfig:
             raise ValueError(f"{where}: the last rule must name no limit (where calls that fit "
                              "no other rule go)")
         return cls(name=name, rules=parsed)
+
+    @functools.cached_property
+    def prompt_limit(self) -> int:
+        """Past this many prompt bytes no rule's limit can tell two prompts apart: counting
+        may stop there."""
+        return max((r.max_prompt_bytes or 0) for r in self.rules)
 
     def pick(self, prompt_bytes: int, max_tokens: int) -> str:
         return next(r.model for r in self.rules if r.fits(prompt_bytes, max_tokens))

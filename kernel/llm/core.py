@@ -68,8 +68,7 @@ class LLMCore:
             return name
         route = self.routes.get(name)
         if route is not None and args is not None:
-            limit = max((r.max_prompt_bytes or 0) for r in route.rules)
-            return route.pick(prompt_bytes(args, limit), args.max_tokens)
+            return route.pick(prompt_bytes(args, route.prompt_limit), args.max_tokens)
         return self.aliases.get(name, name)
 
     def known(self, name: str) -> bool:

@@ -16,8 +16,8 @@ The eager runs use the model as loaded; the kernel also packs its linear layers 
 and `--pack` runs every configuration again that way. `--compile` runs them again after
 compiling each decoder layer's MLP and norms with torch.compile (inductor, dynamic shapes;
 attention stays eager, it is the ragged kernel), `--int8` with the linear layers quantized to
-int8: each the same A/B against the eager runs (tokens
-per CPU-second, inter-token latency, greedy texts equal), and the time each took to make.
+int8: each the same A/B against the eager runs (tokens per CPU-second, inter-token
+latency, greedy texts equal), and the time each took to make.
 For iterating on the engine; the end-to-end comparison with other systems is llm.py.
 """
 
@@ -136,15 +136,13 @@ def run(engine, tokenizer, n: int, turns: int, max_tokens: int, max_batch: int) 
             "other": step_time - forward, "texts": texts}
 
 
-def compile_blocks(model) -> float:
+def compile_blocks(model) -> None:
     """Compile each decoder layer's MLP and RMS norms in place (the work between attentions:
-    matmuls and the elementwise ops inductor can fuse); returns the seconds the first forward
-    pass will not include (compiling happens at the first call of each shape class)."""
-    t0 = time.perf_counter()
+    matmuls and the elementwise ops inductor can fuse); compiling itself happens at the first
+    call of each shape class, in `prepare`'s warm-up."""
     for layer in model.model.layers:
         for name in ("mlp", "input_layernorm", "post_attention_layernorm"):
             getattr(layer, name).compile(dynamic=True)
-    return time.perf_counter() - t0
 
 
 def prepare(variant: str, model, tokenizer, args):
@@ -167,8 +165,6 @@ def prepare(variant: str, model, tokenizer, args):
         compile_blocks(model)
         what = "mlp + norms compiled (inductor, dynamic shapes)"
     else:
-        if args.dtype != "float32":
-            raise SystemExit("--int8 quantizes float32 linear layers: use --dtype float32")
         model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear},
                                                        dtype=torch.qint8)
         what = "linear layers int8 (dynamic quantization)"
@@ -200,6 +196,8 @@ def main() -> int:
                    help="then every run again with int8 linear layers (torch's dynamic "
                         "quantization: int8 weights, activations quantized per pass; float32)")
     args = p.parse_args()
+    if args.int8 and args.dtype != "float32":  # before the eager runs, not after them
+        p.error("--int8 quantizes float32 linear layers: use --dtype float32")
 
     import torch
 

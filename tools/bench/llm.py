@@ -265,9 +265,7 @@ def stop_vllm(proc: subprocess.Popen, sig: int = signal.SIGTERM, grace: float = 
     try:
         os.killpg(proc.pid, sig)
         proc.wait(grace)
-    except ProcessLookupError:
-        pass
-    except subprocess.TimeoutExpired:
+    except (ProcessLookupError, subprocess.TimeoutExpired):
         pass
     try:
         os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of the group

@@ -15,13 +15,9 @@ they are. The original weight is dropped unless another module shares it (a tied
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-log = logging.getLogger("kernel.llm")
 
 _PROBE_ROWS = (1, 37)  # a decode step's one row, and a prefill's many (odd: no aligned case)
 
