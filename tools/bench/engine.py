@@ -2,7 +2,7 @@
 
     .venv/bin/python tools/bench/engine.py [--agents 16,64] [--turns 2] [--max-tokens 32]
                                            [--max-batch 64] [--dtype float32] [--profile]
-                                           [--speculate 0,4] [--pack] [--compile] [--int8]
+                                           [--speculate 0,4] [--pack] [--lean] [--compile] [--int8]
 
 No kernel, no processes, no scheduler policy: N closed-loop agents (shared system prompt, own
 growing history, greedy) whose calls join the batch first come first served, up to
@@ -12,12 +12,13 @@ and call latency, and where the step time went (forward passes by kind, sampling
 `--speculate` lists speculate_max_batch values to run each agent count with (0: off), A/B in
 one process: the inter-token latency (p50 over calls of (call - TTFT) / (tokens - 1)), the
 share of drafted tokens accepted, and whether the greedy texts equal the first value's.
-The eager runs use the model as loaded; the kernel also packs its linear layers for oneDNN,
-and `--pack` runs every configuration again that way. `--compile` runs them again after
-compiling each decoder layer's MLP and norms with torch.compile (inductor, dynamic shapes;
-attention stays eager, it is the ragged kernel), `--int8` with the linear layers quantized to
-int8: each the same A/B against the eager runs (tokens per CPU-second, inter-token
-latency, greedy texts equal), and the time each took to make.
+The eager runs use the model as loaded, through transformers' forward; `--pack` runs every
+configuration again with the linear layers packed for oneDNN, and `--lean` as the kernel runs
+a Llama: projections fused, layers packed, the pass through lean.py. `--compile` runs them
+again after compiling each decoder layer's MLP and norms with torch.compile (inductor,
+dynamic shapes; attention stays eager, it is the ragged kernel), `--int8` with the linear
+layers quantized to int8: each the same A/B against the eager runs (tokens per CPU-second,
+inter-token latency, greedy texts equal), and the time each took to make.
 For iterating on the engine; the end-to-end comparison with other systems is llm.py.
 """
 
@@ -159,7 +160,14 @@ def prepare(variant: str, model, tokenizer, args):
         from kernel.llm.engine.packed import pack_linears
 
         model = copy.deepcopy(model)
-        what = f"{pack_linears(model)} linear layers packed for oneDNN (as the kernel does)"
+        what = f"{pack_linears(model)} linear layers packed for oneDNN"
+    elif variant == "lean":
+        from kernel.llm.engine.packed import fuse_projections, pack_linears
+
+        model = copy.deepcopy(model)
+        fused = fuse_projections(model)
+        what = (f"{fused} projections fused, {pack_linears(model)} linear layers packed, the "
+                f"lean pass (as the kernel runs it)")
     elif variant == "compiled":
         model = copy.deepcopy(model)
         compile_blocks(model)
@@ -168,7 +176,8 @@ def prepare(variant: str, model, tokenizer, args):
         model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear},
                                                        dtype=torch.qint8)
         what = "linear layers int8 (dynamic quantization)"
-    warm = Engine(model, tokenizer, max_batch=args.max_batch, prefill_chunk=args.prefill_chunk)
+    warm = Engine(model, tokenizer, max_batch=args.max_batch, prefill_chunk=args.prefill_chunk,
+                  lean=variant == "lean")
     for agents in (1, 2):  # one decode token a pass; several (a compile's shape classes)
         run(warm, tokenizer, agents, 1, 4, args.max_batch)
     print(f"{what}: made and warmed in {time.perf_counter() - t0:.1f} s")
@@ -190,6 +199,9 @@ def main() -> int:
     p.add_argument("--pack", action="store_true",
                    help="then every run again with the linear layers packed as the kernel "
                         "packs them (kernel/llm/engine/packed.py)")
+    p.add_argument("--lean", action="store_true",
+                   help="then every run again as the kernel runs a Llama: q/k/v and gate/up "
+                        "fused, layers packed, the pass through kernel/llm/engine/lean.py")
     p.add_argument("--compile", action="store_true",
                    help="then every run again with the decoder layers' MLPs and norms compiled")
     p.add_argument("--int8", action="store_true",
@@ -214,7 +226,8 @@ def main() -> int:
     baseline: dict | None = None
     specs = [int(spec) for spec in args.speculate.split(",")]
     plain = [(int(n), spec) for n in args.agents.split(",") for spec in specs]
-    variants = ["eager"] + [v for v, on in (("packed", args.pack), ("compiled", args.compile),
+    variants = ["eager"] + [v for v, on in (("packed", args.pack), ("lean", args.lean),
+                                            ("compiled", args.compile),
                                             ("int8", args.int8)) if on]
     eager: dict[tuple[int, int], dict] = {}
     models = {"eager": model}
@@ -223,7 +236,8 @@ def main() -> int:
             models[variant] = prepare(variant, models["eager"], tokenizer, args)
         model = models[variant]
         engine = Engine(model, tokenizer, max_batch=args.max_batch,
-                        prefill_chunk=args.prefill_chunk, speculate_max_batch=spec)
+                        prefill_chunk=args.prefill_chunk, speculate_max_batch=spec,
+                        lean=variant == "lean")
         if args.profile:
             from torch.profiler import ProfilerActivity, profile
 

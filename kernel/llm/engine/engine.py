@@ -36,8 +36,8 @@ class Engine:
     def __init__(self, model: PreTrainedModel, tokenizer: Any, *, max_batch: int = 64,
                  prefill_chunk: int = 256, prefix_cache_tokens: int = 16384,
                  device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
-                 speculate_max_batch: int = 0, speculate_tokens: int = SPECULATE_TOKENS
-                 ) -> None:
+                 speculate_max_batch: int = 0, speculate_tokens: int = SPECULATE_TOKENS,
+                 lean: bool = True) -> None:
         if max_batch < 1 or prefill_chunk < 1 or prefix_cache_tokens < 0:
             raise ValueError("max_batch and prefill_chunk must be >= 1, the cache size >= 0")
         if speculate_max_batch < 0 or speculate_tokens < 1:
@@ -54,7 +54,7 @@ class Engine:
         self.slots = SlotCache(config.num_hidden_layers, kv_heads, head_dim, self.model.dtype,
                                self.device)
         self.prefix = PrefixCache(prefix_cache_tokens)
-        self.runner = ModelRunner(self.model, self.slots)
+        self.runner = ModelRunner(self.model, self.slots, lean=lean)
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk

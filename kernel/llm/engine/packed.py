@@ -11,6 +11,15 @@ A layer is packed only if its packed product is bit for bit the plain one on pro
 one and of many rows, so greedy outputs stay identical: in bfloat16 on this CPU every layer
 qualifies; in float32 none does (oneDNN's sum order differs from MKL's), and they are left as
 they are. The original weight is dropped unless another module shares it (a tied embedding).
+
+Before packing, `fuse_projections` concatenates the products that read the same input — a
+Llama layer's q, k and v projections, and its MLP's gate and up — into one layer each
+(`qkv_proj`, `gate_up_proj`), again only where the fused product's columns are bit for bit the
+separate ones. At one row the three small q/k/v products cost 2.4x the fused one in bfloat16
+here (70 vs 29 µs), gate and up 1.5x (85 vs 58 µs): at a few agents each call's fixed cost is
+a good part of its time. The old layers become slices of the fused one's output, so the model's
+own forward still computes the same (a little slower: it runs the fused product once per
+slice); the engine's lean pass (lean.py) calls the fused layers once.
 """
 
 from __future__ import annotations
@@ -68,6 +77,81 @@ def pack_linears(model: nn.Module) -> int:
                 module.weight = None  # the packed copy is the layer's weight from here
             packed += 1
     return packed
+
+
+class _Slice(nn.Module):
+    """A projection fused into another: columns start..end of the fused layer's output."""
+
+    def __init__(self, fused: nn.Linear, start: int, end: int) -> None:
+        super().__init__()
+        self.__dict__["fused"] = fused  # not a submodule: the parent holds it once
+        self.start, self.end = start, end
+        self.in_features, self.out_features = fused.in_features, end - start
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fused(x)[..., self.start:self.end]
+
+    def extra_repr(self) -> str:
+        return f"columns {self.start}..{self.end} of the fused projection"
+
+
+# (parent's attribute for the fused layer, the projections it replaces), per module kind.
+_FUSIONS = (("qkv_proj", ("q_proj", "k_proj", "v_proj")),
+            ("gate_up_proj", ("gate_proj", "up_proj")))
+
+
+def fuse_projections(model: nn.Module) -> int:
+    """Fuse each module's q/k/v and gate/up `nn.Linear`s that read the same input into one
+    layer, where its product equals theirs bit for bit; the count of fused layers made.
+    Fusing twice is a no-op; weights already packed (dropped) are left alone."""
+    fused_count = 0
+    generator = torch.Generator().manual_seed(1)
+    shared = _shared_weights(model)
+    with torch.no_grad():
+        for module in list(model.modules()):
+            for name, parts in _FUSIONS:
+                layers = [getattr(module, part, None) for part in parts]
+                if hasattr(module, name) or not all(
+                        type(m) is nn.Linear and m.weight is not None
+                        and "forward" not in m.__dict__ and id(m.weight) not in shared
+                        for m in layers):
+                    continue
+                fused = _fused(layers, generator)
+                if fused is None:
+                    continue
+                setattr(module, name, fused)
+                start = 0
+                for part, layer in zip(parts, layers, strict=True):
+                    setattr(module, part, _Slice(fused, start, start + layer.out_features))
+                    start += layer.out_features
+                fused_count += 1
+    return fused_count
+
+
+def _fused(layers: list[nn.Linear], generator: torch.Generator) -> nn.Linear | None:
+    """One layer computing `layers` side by side, or None where they cannot be fused or the
+    fused product's columns differ from theirs on the probes."""
+    first = layers[0]
+    weights = [m.weight for m in layers]
+    if (len({(w.dtype, w.device, w.shape[1]) for w in weights}) != 1
+            or len({m.bias is None for m in layers}) != 1):
+        return None
+    fused = nn.Linear(first.in_features, sum(m.out_features for m in layers),
+                      bias=first.bias is not None, device=first.weight.device,
+                      dtype=first.weight.dtype)
+    fused.weight.copy_(_concat_weights(weights))
+    if first.bias is not None:
+        fused.bias.copy_(torch.cat([m.bias for m in layers]))
+    fused.requires_grad_(first.weight.requires_grad)
+    for rows in _PROBE_ROWS:
+        x = torch.randn(1, rows, first.in_features, generator=generator).to(first.weight.dtype)
+        if not torch.equal(fused(x), torch.cat([m(x) for m in layers], dim=-1)):
+            return None
+    return fused
+
+
+def _concat_weights(weights: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat(weights)
 
 
 def _shared_weights(model: nn.Module) -> set[int]:

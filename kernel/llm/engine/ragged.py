@@ -50,10 +50,16 @@ class Ragged:
     calls: int = field(init=False, default=0)  # layers that ran `attention` in this pass
     decode_mask: torch.Tensor | None = field(init=False, default=None)
     chunk_masks: list[torch.Tensor] = field(init=False, default_factory=list)
+    # The decode rows' KV destinations, made once per pass for every layer's write.
+    decode_rows_at: torch.Tensor | None = field(init=False, default=None)
+    decode_cols_at: torch.Tensor | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         if self.decode_cols:
             cols = torch.tensor(self.decode_cols, device=self.device)
+            self.decode_cols_at = cols
+            self.decode_rows_at = torch.arange(self.lo, self.lo + len(self.decode_cols),
+                                               device=self.device)
             # Row r's query sees its columns 0..cols[r]: its past and itself.
             self.decode_mask = (torch.arange(self.decode_len, device=self.device)[None, :]
                                 <= cols[:, None])[:, None, None, :]
@@ -103,9 +109,11 @@ def write(r: Ragged, layer: int, keys: torch.Tensor, values: torch.Tensor) -> No
     kv = r.kv
     assert kv is not None
     n = r.rows
-    if n:
-        rows = torch.arange(r.lo, r.lo + n, device=kv.device)
-        cols = torch.tensor(r.decode_cols, device=kv.device)
+    if n == 1:
+        kv[layer, 0, r.lo, :, r.decode_cols[0]] = keys[0, :, 0]
+        kv[layer, 1, r.lo, :, r.decode_cols[0]] = values[0, :, 0]
+    elif n:
+        rows, cols = r.decode_rows_at, r.decode_cols_at
         kv[layer, 0, rows, :, cols] = keys[0, :, :n].transpose(0, 1)
         kv[layer, 1, rows, :, cols] = values[0, :, :n].transpose(0, 1)
     at = n
@@ -148,7 +156,7 @@ def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
             enable_gqa=True)
         out.append(o[0].transpose(0, 1))
         at = end
-    return torch.cat(out)[None], None
+    return (out[0] if len(out) == 1 else torch.cat(out))[None], None
 
 
 AttentionInterface.register(ATTENTION, attention)

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
+from kernel.llm.engine import lean as lean_module
 from kernel.llm.engine.ragged import ATTENTION, Chunk, Ragged
 from kernel.llm.engine.slots import SlotCache
 
@@ -21,11 +22,14 @@ class ModelRunner:
 
     The tokens are packed into one [1, T] sequence with their own positions, so the linear
     layers see T tokens and no padding; ragged.attention keeps each token to its own row.
+    A Llama runs the pass through lean.py (the same operations without transformers' per-layer
+    Python); `lean=False`, or any other model, through the model's own forward.
     """
 
-    def __init__(self, model: PreTrainedModel, slots: SlotCache) -> None:
+    def __init__(self, model: PreTrainedModel, slots: SlotCache, *, lean: bool = True) -> None:
         self.model = model
         self.slots = slots
+        self.lean = lean_module.LeanLlama(model) if lean and lean_module.supports(model) else None
         self.layers = model.config.get_text_config(decoder=True).num_hidden_layers
         # transformers renamed past_key_values to cache; accept models from either side.
         params = inspect.signature(model.forward).parameters
@@ -45,16 +49,24 @@ class ModelRunner:
         ids = torch.tensor([r.token_ids()], device=device)
         positions = torch.tensor([r.positions()], device=device)
         keep = torch.tensor(r.last_tokens(), device=device)
+        if self.lean is not None:
+            with self.slots.bound(r):
+                logits = self.lean(r, ids, positions, keep)
+            self._check(r)
+            return logits
         with self.slots.bound(r), _implementation(self.model.config, ATTENTION):
             out = self.model(input_ids=ids, position_ids=positions, attention_mask=self._mask,
                              use_cache=True, logits_to_keep=keep, ragged=r,
                              **{self._cache_arg: self.slots})
+        self._check(r)
+        return out.logits[0]
+
+    def _check(self, r: Ragged) -> None:
         if r.calls != self.layers:
             # A model whose attention bypasses transformers' interface would have attended
             # across the packed rows: refuse rather than return its logits.
             raise RuntimeError(f"the model ran the ragged attention in {r.calls} of "
                                f"{self.layers} layers; its attention is not supported")
-        return out.logits[0]
 
 
 @contextmanager

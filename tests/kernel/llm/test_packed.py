@@ -83,3 +83,45 @@ def test_a_tied_weight_is_kept_and_the_others_dropped() -> None:
     ids = torch.tensor([prompts()[0]])
     with torch.no_grad():
         assert torch.equal(model(ids).logits, before(ids).logits)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fusing_projections_changes_no_logit_and_no_token(dtype: torch.dtype) -> None:
+    """q/k/v and gate/up become one layer each; the model's own forward (through the slices)
+    and the engine's lean pass (through the fused layers) compute what they did."""
+    plain = tiny_model(0).to(dtype)
+    model = copy.deepcopy(plain)
+    layers = plain.config.num_hidden_layers
+    assert packing.fuse_projections(model) == 2 * layers
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    assert type(attn.qkv_proj) is nn.Linear and type(mlp.gate_up_proj) is nn.Linear
+    assert isinstance(attn.q_proj, packing._Slice) and isinstance(mlp.up_proj, packing._Slice)
+    assert packing.fuse_projections(model) == 0  # twice: nothing more
+    ids = torch.tensor([prompts()[1]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, plain(ids).logits)
+    assert greedy(model, prompts()) == greedy(plain, prompts())
+    # Packing after fusing packs the fused layers: 4 per decoder layer and the head.
+    if dtype is torch.bfloat16:
+        assert packing.pack_linears(model) == 4 * layers + 1
+        assert greedy(model, prompts()) == greedy(plain, prompts())
+
+
+def test_projections_whose_fused_product_differs_stay_apart(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The probe keeps fusing honest: a fused weight off by a factor (as a kernel that sums
+    a wider matrix in another order would be) fuses nothing."""
+    monkeypatch.setattr(packing, "_concat_weights",
+                        lambda weights: torch.cat(weights) * 1.0625)
+    model = tiny_model(0).to(torch.bfloat16)
+    assert packing.fuse_projections(model) == 0
+    attn = model.model.layers[0].self_attn
+    assert type(attn.q_proj) is nn.Linear and not hasattr(attn, "qkv_proj")
+
+
+def test_packed_projections_are_not_fused() -> None:
+    """Fusing reads the layers' weights: once packing has dropped them it leaves them be."""
+    model = tiny_model(0).to(torch.bfloat16)
+    packing.pack_linears(model)
+    assert packing.fuse_projections(model) == 0
+    assert greedy(model, prompts()) == greedy(tiny_model(0).to(torch.bfloat16), prompts())
