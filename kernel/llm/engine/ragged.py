@@ -37,8 +37,10 @@ class Ragged:
     """One pass's layout: decode rows lo.. feed one token each (`decode_tokens`, at columns
     `decode_cols`), packed first in row order; then each prefill chunk's tokens in order.
 
-    The masks are built once per pass here, not once per layer. `kv` is the slot store's
-    tensor while the pass runs (SlotCache.bound sets it).
+    The masks are built once per pass here, not once per layer, as the additive masks SDPA
+    would make of boolean ones at every call (0 where a query sees a key, -inf where not, in
+    the model's dtype: the same sums, without a `where` per layer and call). `kv` is the slot
+    store's tensor while the pass runs (SlotCache.bound sets it).
     """
 
     lo: int
@@ -46,6 +48,7 @@ class Ragged:
     decode_tokens: list[int]
     chunks: list[Chunk]
     device: torch.device
+    dtype: torch.dtype = torch.float32
     kv: torch.Tensor | None = field(init=False, default=None)
     calls: int = field(init=False, default=0)  # layers that ran `attention` in this pass
     decode_mask: torch.Tensor | None = field(init=False, default=None)
@@ -61,13 +64,19 @@ class Ragged:
             self.decode_rows_at = torch.arange(self.lo, self.lo + len(self.decode_cols),
                                                device=self.device)
             # Row r's query sees its columns 0..cols[r]: its past and itself.
-            self.decode_mask = (torch.arange(self.decode_len, device=self.device)[None, :]
-                                <= cols[:, None])[:, None, None, :]
+            self.decode_mask = self._additive(
+                (torch.arange(self.decode_len, device=self.device)[None, :]
+                 <= cols[:, None])[:, None, None, :])
         for c in self.chunks:
             n = len(c.tokens)
             keys = torch.arange(c.start + n, device=self.device)
             queries = torch.arange(c.start, c.start + n, device=self.device)
-            self.chunk_masks.append((keys[None, :] <= queries[:, None])[None, None])
+            self.chunk_masks.append(self._additive((keys[None, :] <= queries[:, None])[None, None]))
+
+    def _additive(self, sees: torch.Tensor) -> torch.Tensor:
+        """What SDPA makes of a boolean mask (torch's convert_boolean_attn_mask)."""
+        return torch.where(sees, 0.0, torch.scalar_tensor(float("-inf"), dtype=self.dtype,
+                                                          device=self.device))
 
     @property
     def rows(self) -> int:

@@ -44,7 +44,7 @@ class ModelRunner:
         its row from its start. Returns logits [len(decode_tokens) + len(chunks), vocab], with a
         verify chunk counting as its number of tokens."""
         device = self.slots.device
-        r = Ragged(lo, decode_cols, decode_tokens, chunks, device)
+        r = Ragged(lo, decode_cols, decode_tokens, chunks, device, self.slots.dtype)
         self.slots.reserve(r.columns)
         ids = torch.tensor([r.token_ids()], device=device)
         positions = torch.tensor([r.positions()], device=device)

@@ -119,3 +119,30 @@ def test_slot_store_arrange_and_remove_keep_rows_intact() -> None:
     for i in (1, 2, 3, 5):
         slots.remove(i)
     assert slots.reserved_bytes == 0 and len(slots) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ragged_masks_give_sdpa_the_sums_of_boolean_masks(dtype: torch.dtype) -> None:
+    """The pass builds additive masks once instead of handing SDPA boolean ones per layer:
+    the attention must come out bit for bit as it did with the boolean masks."""
+    import torch.nn.functional as F
+
+    from kernel.llm.engine.ragged import Chunk, Ragged
+
+    g = torch.Generator().manual_seed(7)
+    cols, chunk = [40, 3, 599], Chunk(row=3, start=520, tokens=list(range(80)))
+    r = Ragged(0, cols, [1, 2, 3], [chunk], torch.device("cpu"), dtype)
+    length = r.decode_len
+    sees = torch.arange(length)[None, :] <= torch.tensor(cols)[:, None]
+    q, k, v = (torch.randn(3, 2, 3, 64, generator=g).to(dtype),
+               *(torch.randn(3, 2, length, 64, generator=g).to(dtype) for _ in range(2)))
+    assert r.decode_mask is not None and r.decode_mask.dtype == dtype
+    assert torch.equal(F.scaled_dot_product_attention(q, k, v, attn_mask=r.decode_mask),
+                       F.scaled_dot_product_attention(q, k, v, attn_mask=sees[:, None, None]))
+    keys, queries = torch.arange(600), torch.arange(520, 600)
+    causal = (keys[None, :] <= queries[:, None])[None, None]
+    q, k, v = (torch.randn(1, 6, 80, 64, generator=g).to(dtype),
+               *(torch.randn(1, 2, 600, 64, generator=g).to(dtype) for _ in range(2)))
+    assert torch.equal(
+        F.scaled_dot_product_attention(q, k, v, attn_mask=r.chunk_masks[0], enable_gqa=True),
+        F.scaled_dot_product_attention(q, k, v, attn_mask=causal, enable_gqa=True))
