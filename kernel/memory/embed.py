@@ -58,6 +58,23 @@ class HashEmbedder:
         return out / np.where(norms == 0, 1.0, norms)
 
 
+def one_torch_thread() -> None:
+    """Make torch ops on the calling thread single-threaded, leaving other threads alone.
+
+    A two-thread int8 scan waits for its slower thread, so when another process holds a core
+    it took 16 ms instead of 4 (measured at 100k, end to end). torch's thread count is
+    OpenMP's, per thread, but `set_num_threads` also sets the default that threads not yet
+    using torch start from: put that back from a throwaway thread."""
+    import torch
+
+    default = torch.get_num_threads()  # also fixes this thread's own OpenMP setting now
+    torch.set_num_threads(1)
+    if default != 1:
+        restore = threading.Thread(target=torch.set_num_threads, args=(default,))
+        restore.start()
+        restore.join()
+
+
 class MiniLMEmbedder:
     """sentence-transformers/all-MiniLM-L6-v2 through transformers: mean pooling over the
     attention mask, then L2 normalisation (what its modules.json prescribes)."""
@@ -73,6 +90,7 @@ class MiniLMEmbedder:
         self.threads = threads
         self._model = self._tokenizer = None
         self._lock = threading.Lock()
+        self._single: set[int] = set()  # threads made single-threaded for torch
 
     def _load(self) -> None:
         import torch
@@ -92,6 +110,12 @@ class MiniLMEmbedder:
         with self._lock:
             if self._model is None:
                 self._load()
+            if self.threads is None and threading.get_ident() not in self._single:
+                # Not a second OpenMP team beside the LLM's: libgomp stops spinning its idle
+                # workers once it manages more threads than there are cores, and every model
+                # step then pays futex wakes (1.2-1.3x a step on 2 cores; docs/benchmarks.md).
+                one_torch_thread()
+                self._single.add(threading.get_ident())
             rows = []
             with torch.inference_mode():
                 for start in range(0, len(texts), self.batch):

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from kernel.memory.embed import DIM, words
+from kernel.memory.embed import DIM, one_torch_thread, words
 from kernel.memory.index import SHORTLIST, VectorIndex
 
 log = logging.getLogger("kernel.memory")
@@ -75,23 +75,6 @@ def keyword_terms(query: str) -> str | None:
 
 
 Change = tuple[int, int, np.ndarray | None]  # (commit count when made, memory id, vector)
-
-
-def one_torch_thread() -> None:
-    """Make torch ops on the calling thread single-threaded, leaving other threads alone.
-
-    A two-thread int8 scan waits for its slower thread, so when another process holds a core
-    it took 16 ms instead of 4 (measured at 100k, end to end). torch's thread count is
-    OpenMP's, per thread, but `set_num_threads` also sets the default that threads not yet
-    using torch start from: put that back from a throwaway thread."""
-    import torch
-
-    default = torch.get_num_threads()  # also fixes this thread's own OpenMP setting now
-    torch.set_num_threads(1)
-    if default != 1:
-        restore = threading.Thread(target=torch.set_num_threads, args=(default,))
-        restore.start()
-        restore.join()
 
 
 class Stopping(Exception):

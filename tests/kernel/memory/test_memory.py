@@ -224,6 +224,45 @@ def test_minilm_embedder_pools_over_the_mask_only(embedder_cache: Path) -> None:
     assert embedder.embed([]).shape == (0, 384)
 
 
+def test_the_embedder_thread_adds_no_openmp_team(embedder_cache: Path) -> None:
+    """An embedding thread that ran torch on all cores would keep an OpenMP team beside the
+    LLM's, and libgomp then stops spinning idle workers: every model step pays futex wakes.
+    The embedder's thread computes single-threaded: embedding from a new thread that stays
+    alive adds that thread to the process and no OpenMP worker with it."""
+    import os
+    import threading
+
+    import torch
+
+    from kernel.memory.embed import MiniLMEmbedder
+    from sdk import models
+
+    if torch.get_num_threads() < 2:
+        pytest.skip("one core: torch makes no OpenMP team to leave out")
+    directory = models.installed_embedder(embedder_cache)
+    assert directory is not None
+    embedder = MiniLMEmbedder(directory)
+    warm = threading.Thread(target=embedder.embed, args=(["load the model, the tokenizer"] * 64,))
+    warm.start()
+    warm.join()  # its pools made and, with the thread, ended
+    before = len(os.listdir("/proc/self/task"))
+    embedded, release = threading.Event(), threading.Event()
+
+    def embed_and_stay() -> None:
+        embedder.embed(["the agent calls a tool"] * 64)
+        embedded.set()
+        release.wait()
+
+    thread = threading.Thread(target=embed_and_stay)
+    thread.start()
+    try:
+        assert embedded.wait(60)
+        assert len(os.listdir("/proc/self/task")) == before + 1
+    finally:
+        release.set()
+        thread.join()
+
+
 def test_kernel_searches_with_the_minilm_embedder(tmp_path: Path, embedder_cache: Path) -> None:
     """`memory_embedder = "minilm"` loads the pulled model from the cache and embeds on the
     worker thread: a stored text is its own nearest neighbour."""
