@@ -77,6 +77,11 @@ class ModelConfig:
     # MiB; 0: no limit beyond max_batch. Over it, the batch shrinks and switched-out sequences
     # drop their KV (recomputed on resume) instead of keeping a snapshot.
     kv_budget_mb: float = 0.0
+    # Host memory, in MiB, for the KV of past prompts and replies that later calls reuse (the
+    # prefix cache: shared system prompts, each agent's growing history). 2048 holds ~93k
+    # tokens of SmolLM2 in bfloat16: the histories of ~600 ReAct agents at once; with fewer,
+    # agents' second calls find their history evicted and prefill it again.
+    prefix_cache_mb: float = 2048.0
     threads: int | None = None  # torch intra-op threads; None: all cores
     default: bool = False
     # Other names this model answers to (`aliases = ["gpt-4o-mini"]`): what third-party code
@@ -155,6 +160,10 @@ class ModelConfig:
                              f"{', '.join(DTYPES)}")
         if type(config.affinity) is not bool:
             raise ValueError(f"[models.{name}]: affinity must be true or false")
+        if (type(config.prefix_cache_mb) not in (int, float)
+                or not 0 <= config.prefix_cache_mb < float("inf")):
+            raise ValueError(f"[models.{name}]: prefix_cache_mb must be a number >= 0 (0: no "
+                             "prefix cache)")
         if type(config.speculate_max_batch) is not int or config.speculate_max_batch < 0:
             raise ValueError(f"[models.{name}]: speculate_max_batch must be an integer >= 0 "
                              "(0: off)")

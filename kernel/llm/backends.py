@@ -100,7 +100,8 @@ class LocalBackend:
         packed = pack_linears(self.model) if config.pack_weights else 0
         self.engine = Engine(self.model, self.tokenizer, max_batch=config.max_batch,
                              prefill_chunk=config.prefill_chunk, device=self.device,
-                             speculate_max_batch=config.speculate_max_batch)
+                             speculate_max_batch=config.speculate_max_batch,
+                             prefix_cache_bytes=int(config.prefix_cache_mb * 2**20))
         self.sched = make_scheduler(config.scheduler, budget=token_budget(config.agent_max_tokens),
                                     **config.scheduler_options)
         self.pressure = MemoryPressure(int(config.kv_budget_mb * 2**20), config.max_batch)

@@ -37,7 +37,7 @@ class Engine:
                  prefill_chunk: int = 256, prefix_cache_tokens: int = 16384,
                  device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
                  speculate_max_batch: int = 0, speculate_tokens: int = SPECULATE_TOKENS,
-                 lean: bool = True) -> None:
+                 lean: bool = True, prefix_cache_bytes: int | None = None) -> None:
         if max_batch < 1 or prefill_chunk < 1 or prefix_cache_tokens < 0:
             raise ValueError("max_batch and prefill_chunk must be >= 1, the cache size >= 0")
         if speculate_max_batch < 0 or speculate_tokens < 1:
@@ -53,6 +53,8 @@ class Engine:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         self.slots = SlotCache(config.num_hidden_layers, kv_heads, head_dim, self.model.dtype,
                                self.device)
+        if prefix_cache_bytes is not None:  # a budget in bytes: as many tokens as it holds
+            prefix_cache_tokens = max(0, prefix_cache_bytes) // self.slots.token_bytes
         self.prefix = PrefixCache(prefix_cache_tokens)
         self.runner = ModelRunner(self.model, self.slots, lean=lean)
         self.tokenizer = tokenizer

@@ -146,3 +146,29 @@ def test_ragged_masks_give_sdpa_the_sums_of_boolean_masks(dtype: torch.dtype) ->
     assert torch.equal(
         F.scaled_dot_product_attention(q, k, v, attn_mask=r.chunk_masks[0], enable_gqa=True),
         F.scaled_dot_product_attention(q, k, v, attn_mask=causal, enable_gqa=True))
+
+
+def test_the_prefix_cache_is_sized_in_bytes_from_the_model_config() -> None:
+    """`prefix_cache_mb` becomes as many tokens as fit: none at 0 (a repeated prompt is
+    computed again), all of it with room (the second call reuses the first's KV)."""
+    from kernel.config import ModelConfig
+    from kernel.llm.engine import Engine
+    from tests.tinymodel import tiny_model
+
+    assert ModelConfig("m").prefix_cache_mb == 2048.0
+    assert ModelConfig.parse("m", {"prefix_cache_mb": 64}).prefix_cache_mb == 64
+    for bad in (-1, "1024", True, float("inf")):
+        with pytest.raises(ValueError, match="prefix_cache_mb"):
+            ModelConfig.parse("m", {"prefix_cache_mb": bad})
+    tok, model = tiny_tokenizer(), tiny_model(0)
+    prompt = list(range(5, 45))
+    reused = []
+    for budget in (0, 2**20):
+        engine = Engine(model, tok, prefix_cache_bytes=budget)
+        assert engine.prefix.capacity == budget // engine.slots.token_bytes
+        for seq in (1, 2):
+            engine.add(seq, prompt, SamplingParams(max_tokens=2, ignore_eos=True))
+            while not engine.step([seq])[seq].finished:
+                pass
+        reused.append(engine.stats()["prefix_tokens_reused"])
+    assert reused[0] == 0 and reused[1] >= len(prompt) - 1
