@@ -55,8 +55,8 @@ class _Layer:
     attn: nn.Module  # ragged.attention reads its layer_idx
     norm1: nn.Module
     qkv: Callable[[torch.Tensor], torch.Tensor]  # one product, or three concatenated
-    q_width: int  # qkv's output: q's columns, then k's, then v's
-    k_width: int
+    heads: int  # query heads: qkv's output is q's columns, then k's, then v's
+    qk_width: int  # q's and k's columns
     o: nn.Module
     norm2: nn.Module
     gate_up: Callable[[torch.Tensor], torch.Tensor]
@@ -90,8 +90,9 @@ class LeanLlama:
             attn=attn, norm1=layer.input_layernorm,
             qkv=fused_qkv if fused_qkv is not None else _concat(attn.q_proj, attn.k_proj,
                                                                 attn.v_proj),
-            q_width=attn.config.num_attention_heads * d,
-            k_width=attn.config.num_key_value_heads * d, o=attn.o_proj,
+            heads=attn.config.num_attention_heads,
+            qk_width=(attn.config.num_attention_heads + attn.config.num_key_value_heads) * d,
+            o=attn.o_proj,
             norm2=layer.post_attention_layernorm,
             gate_up=fused_gu if fused_gu is not None else _concat(mlp.gate_proj, mlp.up_proj),
             inter=mlp.intermediate_size, act=mlp.act_fn, down=mlp.down_proj,
@@ -106,15 +107,13 @@ class LeanLlama:
         for L in self.layers:
             residual = h
             x = _rms(L.norm1, h)
-            q_width, k_width = L.q_width, L.k_width
             qkv = L.qkv(x)
             # q and k rotated in one go: the same elementwise operations on each element as
             # apply_rotary_pos_emb's two calls, in half the calls.
-            qk = qkv[..., :q_width + k_width].view(1, tokens, -1, L.head_dim).transpose(1, 2)
+            qk = qkv[..., :L.qk_width].view(1, tokens, -1, L.head_dim).transpose(1, 2)
             qk = (qk * cos) + (_rotate_half(qk) * sin)
-            heads = q_width // L.head_dim
-            q, k = qk[:, :heads], qk[:, heads:]
-            v = qkv[..., q_width + k_width:].view(1, tokens, -1, L.head_dim).transpose(1, 2)
+            q, k = qk[:, :L.heads], qk[:, L.heads:]
+            v = qkv[..., L.qk_width:].view(1, tokens, -1, L.head_dim).transpose(1, 2)
             ragged.write(r, L.attn.layer_idx, k, v)
             out, _ = ragged.attention(L.attn, q, k, v, None, L.scaling, ragged=r)
             h = residual + L.o(out.reshape(1, tokens, -1).contiguous())
