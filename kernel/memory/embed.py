@@ -90,7 +90,7 @@ class MiniLMEmbedder:
         self.threads = threads
         self._model = self._tokenizer = None
         self._lock = threading.Lock()
-        self._single: set[int] = set()  # threads made single-threaded for torch
+        self._thread = threading.local()  # .single: this thread's torch made single-threaded
 
     def _load(self) -> None:
         import torch
@@ -110,12 +110,12 @@ class MiniLMEmbedder:
         with self._lock:
             if self._model is None:
                 self._load()
-            if self.threads is None and threading.get_ident() not in self._single:
+            if self.threads is None and not getattr(self._thread, "single", False):
                 # Not a second OpenMP team beside the LLM's: libgomp stops spinning its idle
                 # workers once it manages more threads than there are cores, and every model
                 # step then pays futex wakes (1.2-1.3x a step on 2 cores; docs/benchmarks.md).
                 one_torch_thread()
-                self._single.add(threading.get_ident())
+                self._thread.single = True
             rows = []
             with torch.inference_mode():
                 for start in range(0, len(texts), self.batch):
