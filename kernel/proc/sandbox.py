@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kernel.proc import signaller
+
 FORWARDED = ("door", "proxy")  # the kernel services a sandbox may have listeners for
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -644,10 +646,13 @@ class Launch:
 
 def kill_uid(uid: int, sig: int = signal.SIGKILL) -> None:
     """Signal every process of a dedicated agent uid, whatever session, process group or pid
-    namespace it moved to: a child becomes that uid and calls kill(-1, sig)."""
+    namespace it moved to: a child becomes that uid and calls kill(-1, sig) — a child of the
+    small signal helper (kernel/proc/signaller.py), not of the caller, where it can."""
     if uid <= 0 or uid == os.getuid():
         raise ValueError(f"refusing to signal every process of uid {uid}")
-    pid = os.fork()
+    if signaller.HELPER.signal_uid(uid, sig):
+        return
+    pid = os.fork()  # the helper is down: the kernel itself, at the cost signaller.py gives
     if pid == 0:
         try:
             os.setgroups([])
