@@ -135,6 +135,10 @@ class LocalBackend:
     def forget_agent(self, agent: str) -> None:
         self.sched.forget_agent(agent)
 
+    def idle(self) -> None:
+        """No generation in flight (called about every 0.5 s while so)."""
+        self.engine.idle()
+
     def stats(self) -> dict[str, float]:
         engine = self.engine.stats()
         keys = ("running", "preempted", "queued", "kv_bytes", "kv_slot_bytes", "steps",
@@ -245,6 +249,9 @@ class RemoteBackend:
                 "sched_agents": len(self.sched.agents()), "healthy": float(self.error is None),
                 "outages": self.outages, "failovers": self.failovers,
                 **self.router.figures()}
+
+    def idle(self) -> None:
+        pass  # the servers hold their own memory
 
     def close(self) -> None:
         for flight in self._flights.values():

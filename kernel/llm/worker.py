@@ -151,6 +151,8 @@ class ModelWorker(threading.Thread):
                 self._woken = False
                 if getattr(self, "backend", None) is not None and self.failed is None:
                     self._publish(every=0.0)
+            elif not self.gens and getattr(self, "backend", None) is not None and not self.failed:
+                self.backend.idle()
             if self.gens and self.failed is None:
                 try:
                     self._apply(self.backend.step())

@@ -161,6 +161,10 @@ class Engine:
             self.slots.remove(s.id)
         s.snapshot = None
 
+    def idle(self, now: float | None = None) -> None:
+        """Nothing to run: the KV store gives back memory it has held unused long enough."""
+        self.slots.trim(now)
+
     def stats(self) -> dict[str, int | float]:
         by_status = {status: 0 for status in Status}
         for s in self._seqs.values():

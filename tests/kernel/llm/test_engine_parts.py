@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 import torch
 
 from kernel.llm.engine.prefix import PrefixCache
 from kernel.llm.engine.sampling import SamplingParams, make_generator, sample
-from kernel.llm.engine.slots import SlotCache
+from kernel.llm.engine.slots import HOLD_S, SlotCache
 from kernel.llm.engine.text import TextStream
 from tests.tinymodel import tiny_tokenizer
 
@@ -118,7 +119,40 @@ def test_slot_store_arrange_and_remove_keep_rows_intact() -> None:
         assert torch.equal(slots.read(i, 0, 3 + i), torch.full((1, 2, 1, 3 + i, 1), float(i)))
     for i in (1, 2, 3, 5):
         slots.remove(i)
-    assert slots.reserved_bytes == 0 and len(slots) == 0
+    assert len(slots) == 0
+    slots.trim(now=time.monotonic() + HOLD_S)
+    assert slots.reserved_bytes == 0
+
+
+def test_slot_store_keeps_its_buffer_until_mostly_empty_for_a_while() -> None:
+    """Agents in a closed loop empty and refill the store every turn: it must not reallocate
+    (fresh pages, faulted in and zeroed) each time, only once it has been mostly empty for
+    HOLD_S; then it shrinks (rows to twice those used, columns to twice the longest)."""
+    slots = SlotCache(layers=1, kv_heads=1, head_dim=1, dtype=torch.float32,
+                      device=torch.device("cpu"))
+    for i in range(32):
+        slots.add(i)
+        slots.load(i, torch.full((1, 2, 1, 600, 1), float(i)), 0)
+    buffer, reserved = slots._buf.data_ptr(), slots.reserved_bytes
+    for i in range(32):  # a turn ends: every row leaves...
+        slots.remove(i)
+    for i in range(32, 64):  # ...and the next turn's come back
+        slots.add(i)
+        slots.load(i, torch.full((1, 2, 1, 600, 1), float(i)), 0)
+    assert slots._buf.data_ptr() == buffer and slots.reserved_bytes == reserved
+    t0 = time.monotonic()
+    for i in range(32, 62):
+        slots.remove(i)
+    slots.trim(now=t0 + HOLD_S / 2)
+    assert slots.reserved_bytes == reserved  # mostly empty, not for long enough
+    slots.add(99)  # busy again: the wait starts over
+    slots.remove(99)
+    slots.trim(now=t0 + HOLD_S)
+    assert slots.reserved_bytes == reserved
+    slots.trim(now=time.monotonic() + 2 * HOLD_S)
+    assert slots._rows == 4 and slots.reserved_bytes < reserved
+    for i in (62, 63):
+        assert torch.equal(slots.read(i, 0, 600), torch.full((1, 2, 1, 600, 1), float(i)))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
