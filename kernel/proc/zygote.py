@@ -37,20 +37,33 @@ MESSAGE = 65536
 # Preloaded modules whose import reads the environment (the rings an agent inherited, their spin
 # time): imported again in each child once its own environment is in place.
 FRESH = ("sdk.ringpath",)
+# The modules a forked agent finds imported (set in the template; read by tests).
+PRELOADED: frozenset[str] = frozenset()
 
 
 # --- inside the zygote ---------------------------------------------------------------------
 
 def _preload() -> None:
     """What every agent imports before its own code: paid once, shared copy-on-write."""
+    # The standard library the SDK and the reference agents (userland/agents) import: a
+    # module imported after the fork is the agent's own memory, ~1 MB for a ReAct agent's.
+    import argparse  # noqa: F401
     import asyncio  # noqa: F401
+    import difflib  # noqa: F401
+    import hashlib  # noqa: F401
+    import hmac  # noqa: F401
     import json  # noqa: F401
+    import pkgutil  # noqa: F401
     import random  # noqa: F401
+    import re  # noqa: F401
+    import secrets  # noqa: F401
 
     import msgspec  # noqa: F401
     import zmq  # noqa: F401
 
     import sdk
+    import sdk.batch
+    import sdk.families  # every syscall family's module: a connection imports them all
     import sdk.runner  # noqa: F401
     from kernel.proc import forward, landlock, launch, mounts, seccomp  # noqa: F401
 
@@ -88,6 +101,8 @@ def serve() -> NoReturn:
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.signal(signal.SIGCHLD, lambda *_: None)
     signal.set_wakeup_fd(wake_w)
+    global PRELOADED
+    PRELOADED = frozenset(sys.modules)
     gc.freeze()  # the template's objects never move into a generation a child's gc touches
     _send(control, {"ready": os.getpid()})
     poller = select.poll()

@@ -20,6 +20,7 @@ from tests.conftest import ROOT, TEST_TIER, KernelProcess, process_memory, wait_
 
 PROBE = str(ROOT / "tests" / "hostile" / "zygote_probe.py")
 IDLE = str(ROOT / "tests" / "agents" / "idle.py")
+IMPORTS = str(ROOT / "tests" / "agents" / "imports.py")
 TIERS = [t for t in ("standard", "strict") if TEST_TIER == "strict" or t == TEST_TIER]
 if "standard" in TIERS and sandbox.unreachable_dir(os.path.realpath(sys.executable), 65534,
                                                    65534):
@@ -169,6 +170,20 @@ def test_an_idle_agent_costs_the_kernel_at_most_fds_per_agent(zkernel: KernelPro
             conn.proc.kill(agent_id, grace=0)
             conn.proc.wait(agent_id, timeout=30)
     assert per_agent <= FDS_PER_AGENT, per_agent
+
+
+def test_an_agent_imports_no_sdk_module_after_the_fork(zkernel: KernelProcess) -> None:
+    """A module imported after the fork is the agent's own memory (~0.2 MB each: 2.4 MB of an
+    idle agent's 8 MB was the SDK's syscall families, imported at connect): the template
+    preloads what every agent's connection imports."""
+    with zkernel.connect() as conn:
+        agent_id = conn.proc.spawn(IMPORTS, name="imports", sandbox=TIERS[0])
+        info = conn.proc.wait(agent_id, timeout=60)
+        assert "zygote" in info.layers, info.layers
+        after_fork = json.loads(conn.proc.logs(agent_id).data.splitlines()[0])
+    assert after_fork is not None  # forked: the template said what it had
+    assert [m for m in after_fork if m == "sdk" or m.startswith("sdk.")] == []
+    assert not {"argparse", "secrets", "hmac", "hashlib", "re"} & set(after_fork)
 
 
 def test_templates_are_bounded_and_further_interpreters_use_the_exec_launcher() -> None:
