@@ -88,6 +88,25 @@ def _signal_uid(message: bytes) -> int:
 
 # --- the kernel's side -----------------------------------------------------------------------
 
+def start_helper(python: str, boot: str) -> tuple[subprocess.Popen[bytes], socket.socket]:
+    """Exec one of the kernel's helpers (this one, the zygote): `python -I -c boot` with the
+    project root, its end of a SOCK_SEQPACKET pair and the kernel's pid as arguments, an empty
+    environment, no stdio, a session of its own. Not a fork of the kernel: Popen execs through
+    vfork where it can. Returns the process and the kernel's end; OSError if it cannot run."""
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        popen = subprocess.Popen(
+            [python, "-I", "-c", boot, str(PROJECT_ROOT), str(theirs.fileno()),
+             str(os.getpid())], pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, env={}, cwd="/", start_new_session=True)
+    except OSError:
+        mine.close()
+        raise
+    finally:
+        theirs.close()
+    return popen, mine
+
+
 class Signaller:
     """The kernel's handle on the helper: started on first use, started again when it has died
     (not sooner than RESTART_AFTER_S after a start that failed or a helper that soon died)."""
@@ -133,20 +152,12 @@ class Signaller:
     def _start(self) -> bool:
         if time.monotonic() - self.failed_at < RESTART_AFTER_S:
             return False
-        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            # Not a fork of the kernel: Popen execs through vfork where it can.
-            self.popen = subprocess.Popen(
-                [self.python, "-I", "-c", BOOT, str(PROJECT_ROOT), str(theirs.fileno()),
-                 str(os.getpid())], pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL, env={}, cwd="/", start_new_session=True)
+            self.popen, mine = start_helper(self.python, BOOT)
         except OSError as exc:
-            mine.close()
             self.started_at = time.monotonic()
             self._fail(f"cannot start: {exc.strerror or exc}")
             return False
-        finally:
-            theirs.close()
         mine.settimeout(TIMEOUT_S)
         self.sock = mine
         self.started_at = time.monotonic()

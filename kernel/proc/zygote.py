@@ -27,6 +27,7 @@ import time
 from typing import Any, NoReturn
 
 from kernel.proc.sandbox import PROJECT_ROOT, TIERS
+from kernel.proc.signaller import start_helper
 
 BOOT = ("import sys;sys.path.insert(0,sys.argv.pop(1));"
         "from kernel.proc.zygote import serve;serve()")
@@ -366,19 +367,12 @@ class Zygote:
         that cannot be run is not the kernel's failure: the error is returned (None when
         started), the zygote stays down and its agents go to the exec launcher, which
         refuses them with its own clear error."""
-        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.started = time.monotonic()
         try:
-            self.popen = subprocess.Popen(
-                [self.python, "-I", "-c", BOOT, str(PROJECT_ROOT), str(theirs.fileno()),
-                 str(os.getpid())], pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL, env={}, cwd="/", start_new_session=True)
+            self.popen, mine = start_helper(self.python, BOOT)
         except OSError as exc:
-            mine.close()
             self.popen, self.sock, self.ready = None, None, False
             return f"{self.python}: {exc.strerror or exc}"
-        finally:
-            theirs.close()
         self.sock, self.ready = mine, False
         self.exits.clear()
         self.replies.clear()
