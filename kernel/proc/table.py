@@ -406,7 +406,7 @@ class ProcessTable:
                 if self.zygotes is not None:
                     popen = self.zygotes.spawn(
                         launch.agent_argv[0], spec.tier, launch.agent_argv,
-                        launch.policy.to_json(), launch.report_w, child_ends[0],
+                        launch.policy_json, launch.report_w, child_ends[0],
                         child_ends[1], launch.policy.keep_fds)
                 if popen is None:
                     popen = subprocess.Popen(launch.argv, pass_fds=launch.pass_fds,
