@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import errno
 import functools
 import json
@@ -235,8 +236,11 @@ def test_probe_names_only_known_layers() -> None:
 def test_policy_round_trips_through_json() -> None:
     policy = Policy(tier="strict", uid=200001, gid=200001, home="/h", readable=("/usr",),
                     writable=("/w",), socket_dir="/s", limits=Limits(cpu_seconds=5),
-                    keep_fds=(5, 6), env={"A": "b"})
+                    keep_fds=(5, 6), env={"A": "b"}, pins={"/usr": [1, 2]},
+                    forwards={"8080": "door"})
     assert Policy.from_json(policy.to_json()) == policy
+    # The shallow writer says what a deep copy (dataclasses.asdict) would.
+    assert policy.to_json() == json.dumps(dataclasses.asdict(policy), separators=(",", ":"))
 
 
 @pytest.mark.parametrize("change", [
