@@ -671,20 +671,9 @@ def kill_uid(uid: int, sig: int = signal.SIGKILL) -> None:
     small signal helper (kernel/proc/signaller.py), not of the caller, where it can."""
     if uid <= 0 or uid == os.getuid():
         raise ValueError(f"refusing to signal every process of uid {uid}")
-    if signaller.HELPER.signal_uid(uid, sig):
-        return
-    pid = os.fork()  # the helper is down: the kernel itself, at the cost signaller.py gives
-    if pid == 0:
-        try:
-            os.setgroups([])
-            os.setresuid(uid, uid, uid)
-            # A few rounds: a process forked while the kernel walked the task list is caught by
-            # the next; RLIMIT_NPROC bounds how many there can be.
-            for _ in range(4):
-                os.kill(-1, sig)
-        finally:
-            os._exit(0)
-    os.waitpid(pid, 0)
+    if not signaller.HELPER.signal_uid(uid, sig):
+        # The helper is down: the kernel forks itself, at the cost signaller.py gives.
+        signaller.fork_and_signal(uid, sig)
 
 
 _IPC_RMID = 0

@@ -36,7 +36,9 @@ BOOT = ("import sys;sys.path.insert(0,sys.argv.pop(1));"
         "from kernel.proc.signaller import serve;serve()")
 REQUEST = struct.Struct("!II")  # uid, signal
 REPLY = struct.Struct("!i")  # the child's exit status: 0, an errno, or -signal
-ROUNDS = 4  # kill(-1) rounds: a process forked while one walked the task list meets the next
+# kill(-1) rounds: a process forked while one walked the task list meets the next (RLIMIT_NPROC
+# bounds how many there can be).
+ROUNDS = 4
 TIMEOUT_S = 10.0
 RESTART_AFTER_S = 10.0  # after a failure, the next start is tried no sooner than this
 
@@ -68,6 +70,12 @@ def _signal_uid(message: bytes) -> int:
     uid, sig = REQUEST.unpack(message)
     if uid == 0 or uid == os.getuid() or not 0 < sig < signal.NSIG:
         return 1  # EPERM: never every process of root's (or our own) uid
+    return fork_and_signal(uid, sig)
+
+
+def fork_and_signal(uid: int, sig: int) -> int:
+    """Fork a child that drops to `uid` and calls kill(-1, sig); its exit status (0, or the
+    errno that stopped it). The helper's way, and the kernel's own where the helper is down."""
     pid = os.fork()
     if pid == 0:
         try:
