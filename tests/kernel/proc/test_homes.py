@@ -144,11 +144,12 @@ def test_spares_are_formatted_ahead_and_taken_by_rename(home: Path) -> None:
     spares_dir.mkdir(mode=0o700)
     (spares_dir / "dead.tmp").write_bytes(b"half made")  # a dead kernel's
     (spares_dir / "old.img").write_bytes(b"x" * 4096)  # another size
-    spares = homes.Spares(spares_dir, 8 << 20, count=2)
+    (spares_dir / "dead.mnt").write_bytes(b"x" * (8 << 20))  # one it had mounted ahead
+    spares = homes.Spares(spares_dir, 8 << 20, count=2, mounted=0)
     try:
         assert wait_until(lambda: len(spares.ready()) == 2, timeout=30)
         assert sorted(os.listdir(spares_dir)) == spares.ready()  # the leftovers are gone
-        assert not spares.take(16 << 20, home.parent / "other.img")  # not its size
+        assert spares.take(16 << 20, home.parent / "other.img") is None  # not its size
         homes.mount(home, 8 << 20, UID, UID, spares)
         assert spares.taken == 1 and homes.is_mounted(home)
         st = home.stat()
@@ -158,3 +159,48 @@ def test_spares_are_formatted_ahead_and_taken_by_rename(home: Path) -> None:
         assert wait_until(lambda: len(spares.ready()) == 2 and spares.made == 3, timeout=30)
     finally:
         spares.close()
+
+
+def loops() -> dict[str, str]:
+    """Each attached loop device's image (its path as it is now) -> the device."""
+    found = {}
+    for name in os.listdir("/sys/block"):
+        try:
+            found[Path(f"/sys/block/{name}/loop/backing_file").read_text().strip()] = \
+                f"/dev/{name}"
+        except OSError:
+            continue
+    return found
+
+
+def test_homes_mounted_ahead_are_moved_into_place_and_freed_with_the_spares(home: Path) -> None:
+    """A spare mounted ahead is on no path until a spawn takes it: then it is the home's
+    filesystem, with the quota, flags and owner a home mounted at the spawn gets; closing the
+    spares unmounts the others, and their loop devices detach."""
+    spares_dir = home.parent.parent / "spares"
+    spares_dir.mkdir(mode=0o700)
+    spares = homes.Spares(spares_dir, 8 << 20, count=1, mounted=2)
+    try:
+        if not wait_until(lambda: len(spares._mounted) == 2, timeout=30):
+            pytest.skip("no fsopen/fsmount here: homes are not mounted ahead")
+        ahead = {str(path) for path, _ in spares._mounted}
+        devices = [loops()[path] for path in ahead]  # KeyError: not attached
+        with open("/proc/self/mountinfo") as f:
+            table = f.read()
+        assert not [d for d in devices if f" {d} " in table]  # detached: on no path
+        homes.mount(home, 8 << 20, UID, UID, spares)
+        assert spares.taken == 1 and homes.is_mounted(home)
+        image = str(home.parent / homes.IMAGE)
+        assert loops()[image] in devices  # one of those mounted ahead, moved into place
+        with open("/proc/self/mountinfo") as f:
+            line = next(line for line in f if line.split()[4] == str(home))
+        assert "nosuid" in line and "nodev" in line and " ext4 " in line
+        st = home.stat()
+        assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (UID, UID, 0o700)
+        assert os.listdir(home) == ["lost+found"]
+        assert 4 <= fill(home, 16) < 8
+    finally:
+        left = {str(path) for path, _ in spares._mounted}
+        spares.close()
+    assert left and wait_until(lambda: not left & set(loops()), timeout=10)
+    assert not {str(p) for p in spares_dir.iterdir()} & set(loops())
