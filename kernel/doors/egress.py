@@ -176,7 +176,7 @@ class Egress:
         self._thread: threading.Thread | None = None
         # The proxy thread's, after setup: servers, each agent's own capability, open tunnels.
         self._served = Served("egress proxy")
-        self._caps: dict[int, Capability] = {}
+        self._caps: dict[int, Capability | str] = {}  # a str: its key, verified at first use
         self._open: dict[int, set[Tunnel]] = {}
         # Tokens revoked lately, oldest first (id -> when): a tunnel whose check passed just
         # before its token was revoked, still resolving or dialling, must not start relaying.
@@ -200,12 +200,13 @@ class Egress:
         """Serve the agent's proxy on `sock`, the listener its launcher bound on 127.0.0.1:3128
         in the agent's own namespace (only the agent's processes reach it); `key` is the
         agent's own token, which connections without `Proxy-Authorization` stand on."""
-        cap = self.k.access.authority.verify(key)
         sock.setblocking(False)
         loop = self._start()
 
         async def start() -> asyncio.base_events.Server:
-            self._caps[agent_id] = cap
+            # Verified at its first connection, here, off the kernel's loop: most agents
+            # never make one, and a spawn need not wait for it.
+            self._caps[agent_id] = key
 
             async def on_connect(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
                 await self._connection(agent_id, r, w)
@@ -419,6 +420,14 @@ class Egress:
         if token is None:
             if cap is None:
                 raise Refused(403, "this agent has ended")
+            if isinstance(cap, str):  # its own key, not verified yet
+                try:
+                    cap = self.k.access.authority.verify(cap)
+                except TokenError as exc:
+                    self._deny(agent_id, None, f"invalid token: {exc.reason}")
+                    raise Refused(407, f"invalid token: {exc.reason}") from None
+                if agent_id in self._caps:
+                    self._caps[agent_id] = cap
             return cap
         principal = f"agent:{agent_id}"
         try:
