@@ -6,9 +6,16 @@ package), freezes its heap for the collector, and then only forks. It never read
 policy, argv or token: each request carries file descriptors (a memfd holding argv and policy,
 the report pipe, stdout, stderr, the agent's own fds) and a header of non-secret numbers, so
 nothing of one agent is ever in the template's memory for the next to inherit. The child reads
-its memfd, applies its tier's layers exactly as the exec launcher does (kernel/proc/launch.py;
-for strict it is forked as pid 1 of a fresh pid namespace and builds the rest with
-kernel/proc/mounts.py), and then runs `sdk.runner` in-process instead of exec'ing Python.
+its memfd, applies its tier's layers exactly as the exec launcher does (kernel/proc/launch.py),
+and then runs `sdk.runner` in-process instead of exec'ing Python.
+
+Strict agents start from a *spare*: a child forked ahead, as pid 1 of a fresh pid namespace,
+that has already made its other namespaces and the part of its root every agent shares
+(kernel/proc/mounts.py `prepare`) and waits, holding nothing of any agent, for the request the
+zygote forwards to it; it then adds the agent's own paths (`finish`) and applies the remaining
+layers. The zygote answers the kernel at once and forks the next spare after. A spare needs
+open_tree(2) (Linux 5.2; Landlock needs 5.13): without it the zygote does not take strict
+agents, and the exec launcher (bubblewrap) starts them.
 
 The kernel side (`Zygote`) hands a start to the zygote and gets the agent's host pid back; the
 zygote, the agents' parent, reports each exit status over the same socket.
@@ -33,6 +40,7 @@ BOOT = ("import sys;sys.path.insert(0,sys.argv.pop(1));"
         "from kernel.proc.zygote import serve;serve()")
 COVERED = ("strict", "standard")  # tiers with an agent uid; the others use the exec launcher
 CLONE_NEWPID = 0x20000000
+SPARE_NICE = 19  # a spare's while it prepares, before an agent is handed to it
 MAX_FDS = 64  # fds one request may carry (policy, report, stdout, stderr, the agent's own)
 MESSAGE = 65536
 # Preloaded modules whose import reads the environment (the rings an agent inherited, their spin
@@ -89,14 +97,19 @@ def serve() -> NoReturn:
     if os.getppid() != kernel_pid:
         os._exit(1)
     _preload()
-    from kernel.proc import seccomp
-    from kernel.proc.launch import namespace_ids
+    from kernel.proc import mounts, seccomp
+    from kernel.proc.launch import _launcher_paths, namespace_ids
+    from kernel.proc.sandbox import default_readable
 
     base_path = list(sys.path)
     # Compiled once: a child loads its copy (libseccomp's context is plain memory).
     filters = {inet: seccomp.agent_filter(inet) for inet in (False, True)}
     host = namespace_ids()
     own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+    host_mnt = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+    tiers = [t for t in COVERED if "namespaces" not in TIERS[t] or mounts.can_open_trees()]
+    # What every agent of this interpreter reads: a spare builds it before its agent is known.
+    shared = mounts.shared(default_readable(python=sys.executable), _launcher_paths())
     # Children's read end of the life pipe sees POLLHUP once the zygote (its write end) is gone.
     life_r, life_w = os.pipe2(os.O_CLOEXEC)
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -105,7 +118,13 @@ def serve() -> NoReturn:
     global PRELOADED
     PRELOADED = frozenset(sys.modules)
     gc.freeze()  # the template's objects never move into a generation a child's gc touches
-    _send(control, {"ready": os.getpid()})
+    zygote = {"control": control, "life": (life_r, life_w), "host": host,
+              "base_path": base_path, "filters": filters, "host_mnt": host_mnt,
+              "shared": shared}
+    spares = Spares(libc, own_pidns, zygote)
+    _send(control, {"ready": os.getpid(), "tiers": tiers})
+    if "strict" in tiers:
+        spares.make()
     poller = select.poll()
     poller.register(control, select.POLLIN)
     poller.register(wake_r, select.POLLIN)
@@ -118,7 +137,7 @@ def serve() -> NoReturn:
                             break
                     except BlockingIOError:
                         break
-                _reap(control)
+                _reap(control, spares)
                 continue
             try:
                 data, fds, _, _ = socket.recv_fds(control, MESSAGE, MAX_FDS)
@@ -127,14 +146,19 @@ def serve() -> NoReturn:
             if not data:
                 os._exit(0)  # the kernel closed its end
             header = None
+            handed = False
             try:
                 header = json.loads(data)
-                pid = _fork(header, fds, libc, own_pidns, {
-                    "control": control, "life": (life_r, life_w), "host": host,
-                    "base_path": base_path, "filters": filters})
-                # A pidfd made before the loop can reap the child: the kernel's handle on
-                # exactly this process, whatever happens to the pid.
-                pidfd = os.pidfd_open(pid)
+                tier, targets = _request(header, fds)
+                if tier not in tiers:
+                    raise ValueError(f"this zygote does not start {tier} agents")
+                if "namespaces" in TIERS[tier]:
+                    pid, pidfd = spares.hand(data, fds)
+                else:
+                    pid = _fork(tier, targets, fds, zygote)
+                    # A pidfd made before the loop can reap the child: the kernel's handle on
+                    # exactly this process, whatever happens to the pid.
+                    pidfd = os.pidfd_open(pid)
                 try:
                     socket.send_fds(control, [json.dumps({"id": header.get("id"),
                                                           "pid": pid}).encode()], [pidfd])
@@ -142,15 +166,18 @@ def serve() -> NoReturn:
                     os._exit(0)
                 finally:
                     os.close(pidfd)
+                handed = "namespaces" in TIERS[tier]
             except Exception as exc:
                 _send(control, {"id": header.get("id") if isinstance(header, dict) else None,
                                 "error": f"{type(exc).__name__}: {exc}"})
             finally:
                 for fd in fds:
                     os.close(fd)
+            if handed:
+                spares.make()  # the next strict agent's, made while this one starts
 
 
-def _reap(control: socket.socket) -> None:
+def _reap(control: socket.socket, spares: Spares) -> None:
     while True:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
@@ -158,32 +185,102 @@ def _reap(control: socket.socket) -> None:
             return
         if pid == 0:
             return
-        _send(control, {"exit": pid, "status": status})
+        if not spares.reaped(pid):  # a spare that died waiting was nobody's agent yet
+            _send(control, {"exit": pid, "status": status})
 
 
-def _fork(header: dict[str, Any], fds: list[int], libc: Any, own_pidns: int,
-          zygote: dict[str, Any]) -> int:
+def _request(header: dict[str, Any], fds: list[int]) -> tuple[str, list[int]]:
     tier = header["tier"]
     targets = [int(t) for t in header["targets"]]
     if tier not in COVERED or len(fds) != 4 + len(targets):
         raise ValueError(f"bad request: tier {tier}, {len(fds)} fds for {len(targets)} targets")
-    new_pidns = "namespaces" in TIERS[tier]
-    if new_pidns and libc.unshare(CLONE_NEWPID) != 0:
-        raise OSError(_errno(), "unshare(CLONE_NEWPID)")
-    try:
-        pid = os.fork()
-    except BaseException:
-        if new_pidns:
-            libc.setns(own_pidns, CLONE_NEWPID)
-        raise
+    return tier, targets
+
+
+def _fork(tier: str, targets: list[int], fds: list[int], zygote: dict[str, Any]) -> int:
+    """A child for a tier without namespaces, started now."""
+    pid = os.fork()
     if pid == 0:
         try:
             _child(tier, fds, targets, zygote)
         finally:
             os._exit(127)  # never back into the zygote's loop as a second zygote
-    if new_pidns and libc.setns(own_pidns, CLONE_NEWPID) != 0:
-        os._exit(1)  # a zygote whose next children would share this agent's pid namespace
     return pid
+
+
+class Spares:
+    """The namespaced tier's next child, forked ahead (pid 1 of its own pid namespace) and
+    prepared (`mounts.prepare`); `hand` gives it the next request. At most one at a time."""
+
+    def __init__(self, libc: Any, own_pidns: int, zygote: dict[str, Any]) -> None:
+        self.libc = libc
+        self.own_pidns = own_pidns
+        self.zygote = zygote
+        self.pid = 0
+        self.pidfd = -1
+        self.sock: socket.socket | None = None
+
+    def make(self) -> None:
+        if self.sock is not None:
+            return
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        # Made in the background: the agent starting now comes first, and the spare prepares
+        # at this nice value until `hand` gives it an agent.
+        os.setpriority(os.PRIO_PROCESS, 0, SPARE_NICE)
+        try:
+            if self.libc.unshare(CLONE_NEWPID) != 0:
+                raise OSError(_errno(), "unshare(CLONE_NEWPID)")
+            try:
+                pid = os.fork()
+            except BaseException:
+                self.libc.setns(self.own_pidns, CLONE_NEWPID)
+                raise
+            if pid == 0:
+                try:
+                    mine.close()
+                    _spare(theirs, self.zygote)
+                finally:
+                    os._exit(127)  # never back into the zygote's loop as a second zygote
+            if self.libc.setns(self.own_pidns, CLONE_NEWPID) != 0:
+                os._exit(1)  # a zygote whose next children would share this pid namespace
+        except BaseException:
+            mine.close()
+            raise
+        finally:
+            theirs.close()
+            os.setpriority(os.PRIO_PROCESS, 0, 0)
+        self.pid, self.pidfd, self.sock = pid, os.pidfd_open(pid), mine
+
+    def hand(self, data: bytes, fds: list[int]) -> tuple[int, int]:
+        """Give the spare this request (the kernel's header and fds, as they came); its pid
+        and pidfd, which the caller sends on and closes."""
+        for _ in range(2):  # a spare that died waiting (OOM, say): make another, once
+            self.make()
+            assert self.sock is not None
+            try:
+                os.setpriority(os.PRIO_PROCESS, self.pid, 0)  # an agent's now
+                socket.send_fds(self.sock, [data], fds)
+            except OSError:
+                self._drop()
+                continue
+            pid, pidfd = self.pid, self.pidfd
+            self.sock.close()
+            self.pid, self.pidfd, self.sock = 0, -1, None
+            return pid, pidfd
+        raise RuntimeError("no spare could take the request")
+
+    def reaped(self, pid: int) -> bool:
+        """Whether `pid` was the waiting spare (now gone)."""
+        if self.sock is None or pid != self.pid:
+            return False
+        self._drop()
+        return True
+
+    def _drop(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            os.close(self.pidfd)
+        self.pid, self.pidfd, self.sock = 0, -1, None
 
 
 def _errno() -> int:
@@ -192,7 +289,41 @@ def _errno() -> int:
     return ctypes.get_errno()
 
 
-def _child(tier: str, fds: list[int], targets: list[int], zygote: dict[str, Any]) -> NoReturn:
+def _leave_zygote(zygote: dict[str, Any]) -> None:
+    """A new child's first steps: none of the zygote's own lines stay open in it."""
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    os.close(zygote["life"][1])
+    os.close(zygote["control"].detach())  # the kernel's line to the zygote, not ours
+
+
+def _spare(sock: socket.socket, zygote: dict[str, Any]) -> NoReturn:
+    """A strict agent-to-be: prepare what every agent shares, then wait for the request. A
+    failed preparation is reported as the namespaces layer's failure once an agent asks."""
+    import ctypes
+
+    from kernel.proc import mounts
+
+    _leave_zygote(zygote)
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG: die with it
+    zygote["null"] = os.open("/dev/null", os.O_RDONLY)  # the host's: the agent's stdin
+    try:
+        zygote["prepared"], zygote["unready"] = mounts.prepare(zygote["shared"]), None
+    except Exception as exc:
+        zygote["prepared"], zygote["unready"] = None, f"{type(exc).__name__}: {exc}"
+    try:
+        data, fds, _, _ = socket.recv_fds(sock, MESSAGE, MAX_FDS)
+    except OSError:
+        os._exit(0)
+    if not data:
+        os._exit(0)  # the zygote is gone, or stopped
+    sock.close()
+    header = json.loads(data)
+    _child(header["tier"], fds, [int(t) for t in header["targets"]], zygote, spare=True)
+
+
+def _child(tier: str, fds: list[int], targets: list[int], zygote: dict[str, Any],
+           spare: bool = False) -> NoReturn:
     """The new agent, as root, holding the zygote's fds and this request's."""
     import fcntl
 
@@ -201,16 +332,20 @@ def _child(tier: str, fds: list[int], targets: list[int], zygote: dict[str, Any]
 
     report = launch.Reporter(None)
     try:
-        signal.set_wakeup_fd(-1)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        os.close(zygote["life"][1])
-        os.close(zygote["control"].detach())  # the kernel's line to the zygote, not ours
-        # Everything this request brought moves above every number it must land on.
+        if not spare:
+            _leave_zygote(zygote)
+        # Everything this request brought, and what the child keeps of the zygote's, moves
+        # above every number it must land on.
         floor = max([*targets, *fds, 2]) + 1
+        life = fcntl.fcntl(zygote["life"][0], fcntl.F_DUPFD_CLOEXEC, floor)
+        host_mnt = fcntl.fcntl(zygote["host_mnt"], fcntl.F_DUPFD_CLOEXEC, floor)
+        prepared = zygote.get("prepared")
+        if prepared is not None:
+            prepared.mnt = fcntl.fcntl(prepared.mnt, fcntl.F_DUPFD_CLOEXEC, floor)
         moved = [fcntl.fcntl(fd, fcntl.F_DUPFD, floor) for fd in fds]
         memfd, report_fd, out, err, *keep = moved
         report.fd = report_fd
-        null = os.open("/dev/null", os.O_RDONLY)
+        null = zygote["null"] if spare else os.open("/dev/null", os.O_RDONLY)
         os.dup2(null, 0)
         os.dup2(out, 1)
         os.dup2(err, 2)
@@ -222,15 +357,21 @@ def _child(tier: str, fds: list[int], targets: list[int], zygote: dict[str, Any]
         line, _, policy_text = text.partition(b"\n")
         args = launch.Args(argv=json.loads(line), policy_text=policy_text.decode(),
                            report_fd=report_fd, inside=zygote["host"])
-        policy = launch.load_policy(args)
+        policy = launch.load_policy(args, check_paths=not spare)
     except Exception as exc:
         report.fail(LaunchExit.POLICY, f"zygote: {exc}")
     report.tier = policy.tier
+    if "namespaces" not in policy.layers:
+        os.close(host_mnt)  # only the namespaces layer reads the host's mounts
+        host_mnt = -1
     forked = _forked_class()(policy, args, report)
-    forked.life = zygote["life"][0]
-    forked.extra_keep = frozenset({forked.life})
+    forked.life = life
+    forked.host_mnt = host_mnt
+    forked.extra_keep = frozenset({life, host_mnt, prepared.mnt if prepared else -1} - {-1})
     forked.base_path = zygote["base_path"]
     forked.filters = zygote["filters"]
+    forked.prepared = prepared
+    forked.unready = zygote.get("unready")
     forked.run()
 
 
@@ -241,14 +382,23 @@ def _forked_class() -> type:
         """The exec launcher's steps, with namespaces made in-process and no exec at the end."""
 
         life = -1
+        host_mnt = -1
         base_path: list[str] = []
         filters: dict[bool, Any] = {}
+        prepared: Any = None  # mounts.Prepared, a spare's
+        unready: str | None = None
 
         def make_filter(self, inet: bool) -> Any:
             return self.filters[inet]
 
         def inside(self) -> dict[str, Any]:
-            made = mounts.enter(self.policy, launch._launcher_paths())
+            try:
+                if self.prepared is None:
+                    raise RuntimeError(f"preparing the sandbox: {self.unready}")
+                made = mounts.finish(self.policy, launch._launcher_paths(), self.prepared,
+                                     self.host_mnt)
+            finally:
+                os.close(self.host_mnt)  # the host's mount namespace: never the agent's
             launch.check_inside(self.args.inside or "")
             return made
 
@@ -354,6 +504,8 @@ class Zygote:
         self.popen: subprocess.Popen[bytes] | None = None
         self.sock: socket.socket | None = None
         self.ready = False
+        self.tiers: tuple[str, ...] = ()  # what it starts, from its ready message
+        self.said_tiers = False
         self.started = 0.0
         self.exits: dict[int, int] = {}
         self.replies: dict[int, dict[str, Any]] = {}
@@ -373,7 +525,7 @@ class Zygote:
         except OSError as exc:
             self.popen, self.sock, self.ready = None, None, False
             return f"{self.python}: {exc.strerror or exc}"
-        self.sock, self.ready = mine, False
+        self.sock, self.ready, self.said_tiers = mine, False, False
         self.exits.clear()
         self.replies.clear()
         return None
@@ -415,6 +567,7 @@ class Zygote:
         record = json.loads(data)
         if "ready" in record:
             self.ready = True
+            self.tiers = tuple(record.get("tiers", ()))
         elif "exit" in record:
             self.exits[int(record["exit"])] = int(record["status"])
         elif "id" in record:
@@ -574,6 +727,14 @@ class Zygotes:
                 self.log.warning("the zygote is not ready; this agent starts through the exec "
                                  "launcher", extra={"python": python, "zygote": zygote.pid})
                 return None
+        if tier not in zygote.tiers:
+            if not zygote.said_tiers:  # a kernel without open_tree(2), say: once a start
+                zygote.said_tiers = True
+                self.log.warning("the zygote does not start this tier's agents here; they "
+                                 "start through the exec launcher",
+                                 extra={"python": python, "tier": tier,
+                                        "zygote_tiers": list(zygote.tiers)})
+            return None
         try:
             return zygote.spawn(tier, argv, policy_json, report_fd, stdout, stderr, keep)
         except ZygoteError as exc:

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import sqlite3
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -92,10 +93,15 @@ def test_forked_agents_share_nothing_and_reach_nothing(zkernel: KernelProcess,
         dump = process_memory(conn.proc.info(b_id).pid)
         assert b["token"].encode() in dump
         assert token_a not in dump
-        # Nor in the template's: it passed both starts on without reading them.
+        # Nor in the template's: it passed both starts on without reading them; nor in the
+        # spare waiting for the next strict agent, forked from it since.
         template = process_memory(zygote_pid(zkernel) or 0)
         assert len(template) > 1 << 20
         assert token_a not in template and b["token"].encode() not in template
+        for spare in spare_pids(zkernel):
+            memory = process_memory(spare)
+            assert len(memory) > 1 << 20
+            assert token_a not in memory and b["token"].encode() not in memory
         assert conn.proc.info(a_id).state == "running"
         for agent_id in (a_id, b_id):
             conn.proc.kill(agent_id, grace=0)
@@ -116,6 +122,47 @@ def zygote_pid(k: KernelProcess) -> int | None:
             if b"kernel.proc.zygote" in cmd and ppid == k.proc.pid:
                 return int(entry)
     return None
+
+
+def spare_pids(k: KernelProcess) -> list[int]:
+    """The zygote's children that are no agent yet: root's, waiting for the next strict
+    agent (kernel/proc/zygote.py `Spares`)."""
+    zygote = zygote_pid(k)
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/status") as f:
+                    fields = dict(line.split(":", 1) for line in f if ":" in line)
+            except OSError:
+                continue
+            if int(fields["PPid"]) == zygote and int(fields["Uid"].split()[0]) == 0:
+                found.append(int(entry))
+    return found
+
+
+@pytest.mark.skipif("strict" not in TIERS, reason="spares are the strict tier's")
+def test_strict_agents_start_prepared_and_a_dead_spare_is_replaced(zkernel: KernelProcess) -> None:
+    """A strict agent starts from a spare that made its namespaces and shared root ahead;
+    a spare killed while it waits is nobody's exit, and the next start makes another."""
+    with zkernel.connect() as conn:
+        first = conn.proc.spawn(IDLE, name="spare-first", sandbox="strict")
+        assert "zygote" in conn.proc.info(first).layers
+        with sqlite3.connect(zkernel.state_dir / "kernel.db") as db:
+            [(text,)] = db.execute("SELECT layers FROM agents WHERE id=?", (first,))
+        assert json.loads(text)["layers"]["namespaces"]["prepared"] > 5
+        assert wait_until(lambda: len(spare_pids(zkernel)) == 1, timeout=10)
+        [spare] = spare_pids(zkernel)
+        os.kill(spare, signal.SIGKILL)
+        assert wait_until(lambda: spare not in spare_pids(zkernel), timeout=10)
+        second = conn.proc.spawn(IDLE, name="spare-second", sandbox="strict")
+        info = conn.proc.info(second)
+        assert info.state == "running" and "zygote" in (info.layers or "")
+        assert wait_until(lambda: conn.proc.logs(second).data, timeout=30)
+        assert conn.proc.info(first).state == "running"  # the spare's death was not its
+        for agent_id in (first, second):
+            conn.proc.kill(agent_id, grace=0)
+            assert conn.proc.wait(agent_id, timeout=30).state == "killed"
 
 
 def test_a_dead_zygote_is_restarted_and_starts_fall_back(base: Path) -> None:
