@@ -22,13 +22,11 @@ class LogPump:
         self.stream = stream
         self.fd = read_fd
         # The log file is opened only while there is something to write: an idle agent costs
-        # the kernel its pipe, not a file too (fds are what limits how many agents it holds).
+        # the kernel its pipe, not a file too (fds are what limits how many agents it holds),
+        # and a spawn does not wait for a file to be made (`logs` reads a missing one as
+        # empty).
         self.open_log = open_log
-        log_fd = open_log()
-        try:
-            self.size = os.fstat(log_fd).st_size  # a restarted agent appends to the same log
-        finally:
-            os.close(log_fd)
+        self.size = -1  # what the log holds, read at the first write (a restart appends)
         self.cap = cap
         self.dropped = 0
         self.capped = False  # the cap was reached during this run (audited once)
@@ -52,16 +50,19 @@ class LogPump:
                 if not data:
                     return False
                 budget -= len(data)
-                room = max(0, self.cap - self.size)
-                keep = data[:room]
-                if keep:
-                    try:
+                keep = b""
+                try:
+                    if self.size < self.cap:  # or not known yet (-1)
                         if log_fd < 0:
                             log_fd = self.open_log()
-                        os.write(log_fd, keep)
-                        self.size += len(keep)
-                    except OSError:
-                        keep = b""  # the disk is full or the log is gone: drop, never stall
+                        if self.size < 0:
+                            self.size = os.fstat(log_fd).st_size
+                        keep = data[:max(0, self.cap - self.size)]
+                        if keep:
+                            os.write(log_fd, keep)
+                            self.size += len(keep)
+                except OSError:
+                    keep = b""  # the disk is full or the log is gone: drop, never stall
                 if len(keep) < len(data):
                     self.dropped += len(data) - len(keep)
                     self.capped = True
