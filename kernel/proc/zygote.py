@@ -121,10 +121,10 @@ def serve() -> NoReturn:
     zygote = {"control": control, "life": (life_r, life_w), "host": host,
               "base_path": base_path, "filters": filters, "host_mnt": host_mnt,
               "shared": shared}
-    spares = Spares(libc, own_pidns, zygote)
+    spares = Spares(libc, own_pidns, zygote, control)
     _send(control, {"ready": os.getpid(), "tiers": tiers})
     if "strict" in tiers:
-        spares.make()
+        spares.offer()
     poller = select.poll()
     poller.register(control, select.POLLIN)
     poller.register(wake_r, select.POLLIN)
@@ -146,14 +146,21 @@ def serve() -> NoReturn:
             if not data:
                 os._exit(0)  # the kernel closed its end
             header = None
-            handed = False
+            spared = False
             try:
                 header = json.loads(data)
+                if isinstance(header, dict) and "took" in header:
+                    # The kernel gave the spare it held an agent: offer the next.
+                    spares.took(int(header["took"]))
+                    spared = True
+                    continue
                 tier, targets = _request(header, fds)
                 if tier not in tiers:
                     raise ValueError(f"this zygote does not start {tier} agents")
                 if "namespaces" in TIERS[tier]:
-                    pid, pidfd = spares.hand(data, fds)
+                    # The kernel held no spare (none made yet, or it died): one made now.
+                    pid, pidfd = spares.fresh(data, fds)
+                    spared = True
                 else:
                     pid = _fork(tier, targets, fds, zygote)
                     # A pidfd made before the loop can reap the child: the kernel's handle on
@@ -166,15 +173,14 @@ def serve() -> NoReturn:
                     os._exit(0)
                 finally:
                     os.close(pidfd)
-                handed = "namespaces" in TIERS[tier]
             except Exception as exc:
                 _send(control, {"id": header.get("id") if isinstance(header, dict) else None,
                                 "error": f"{type(exc).__name__}: {exc}"})
             finally:
                 for fd in fds:
                     os.close(fd)
-            if handed:
-                spares.make()  # the next strict agent's, made while this one starts
+                if spared:
+                    spares.offer()  # the next strict agent's, made while this one starts
 
 
 def _reap(control: socket.socket, spares: Spares) -> None:
@@ -185,8 +191,9 @@ def _reap(control: socket.socket, spares: Spares) -> None:
             return
         if pid == 0:
             return
-        if not spares.reaped(pid):  # a spare that died waiting was nobody's agent yet
-            _send(control, {"exit": pid, "status": status})
+        spares.reaped(pid)
+        # Every exit, a spare's too: the kernel knows whether it had given it an agent.
+        _send(control, {"exit": pid, "status": status})
 
 
 def _request(header: dict[str, Any], fds: list[int]) -> tuple[str, list[int]]:
@@ -209,23 +216,25 @@ def _fork(tier: str, targets: list[int], fds: list[int], zygote: dict[str, Any])
 
 
 class Spares:
-    """The namespaced tier's next child, forked ahead (pid 1 of its own pid namespace) and
-    prepared (`mounts.prepare`); `hand` gives it the next request. At most one at a time."""
+    """The namespaced tier's children, forked ahead (pid 1 of a pid namespace of their own)
+    and prepared (`mounts.prepare`). The next one is offered to the kernel, which hands it
+    the next strict start itself (its pid, a pidfd and its end of the spare's socket), so a
+    start needs no round trip through the zygote; the kernel's `took` asks for another. A
+    start the kernel sends here (it held none) gets one forked there and then."""
 
-    def __init__(self, libc: Any, own_pidns: int, zygote: dict[str, Any]) -> None:
+    def __init__(self, libc: Any, own_pidns: int, zygote: dict[str, Any],
+                 control: socket.socket) -> None:
         self.libc = libc
         self.own_pidns = own_pidns
         self.zygote = zygote
-        self.pid = 0
-        self.pidfd = -1
-        self.sock: socket.socket | None = None
+        self.control = control
+        self.offered = 0  # the pid of the spare the kernel holds, until it takes it or dies
 
-    def make(self) -> None:
-        if self.sock is not None:
-            return
+    def _fork(self) -> tuple[int, socket.socket]:
+        """A new spare, preparing: its pid and our end of the socket it waits on."""
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         # Made in the background: the agent starting now comes first, and the spare prepares
-        # at this nice value until `hand` gives it an agent.
+        # at this nice value until it is given an agent.
         os.setpriority(os.PRIO_PROCESS, 0, SPARE_NICE)
         try:
             if self.libc.unshare(CLONE_NEWPID) != 0:
@@ -249,38 +258,41 @@ class Spares:
         finally:
             theirs.close()
             os.setpriority(os.PRIO_PROCESS, 0, 0)
-        self.pid, self.pidfd, self.sock = pid, os.pidfd_open(pid), mine
+        return pid, mine
 
-    def hand(self, data: bytes, fds: list[int]) -> tuple[int, int]:
-        """Give the spare this request (the kernel's header and fds, as they came); its pid
-        and pidfd, which the caller sends on and closes."""
-        for _ in range(2):  # a spare that died waiting (OOM, say): make another, once
-            self.make()
-            assert self.sock is not None
-            try:
-                os.setpriority(os.PRIO_PROCESS, self.pid, 0)  # an agent's now
-                socket.send_fds(self.sock, [data], fds)
-            except OSError:
-                self._drop()
-                continue
-            pid, pidfd = self.pid, self.pidfd
-            self.sock.close()
-            self.pid, self.pidfd, self.sock = 0, -1, None
-            return pid, pidfd
-        raise RuntimeError("no spare could take the request")
+    def offer(self) -> None:
+        """Give the kernel the next spare, unless it holds one."""
+        if self.offered:
+            return
+        pid, mine = self._fork()
+        pidfd = os.pidfd_open(pid)
+        try:
+            socket.send_fds(self.control, [json.dumps({"spare": pid}).encode()],
+                            [pidfd, mine.fileno()])
+        except OSError:
+            os._exit(0)  # the kernel is gone
+        finally:
+            os.close(pidfd)
+            mine.close()
+        self.offered = pid
 
-    def reaped(self, pid: int) -> bool:
-        """Whether `pid` was the waiting spare (now gone)."""
-        if self.sock is None or pid != self.pid:
-            return False
-        self._drop()
-        return True
+    def fresh(self, data: bytes, fds: list[int]) -> tuple[int, int]:
+        """A spare forked now and given this request (the kernel's header and fds, as they
+        came): its pid and pidfd, which the caller sends on and closes."""
+        pid, mine = self._fork()
+        try:
+            os.setpriority(os.PRIO_PROCESS, pid, 0)  # an agent's already
+            socket.send_fds(mine, [data], fds)
+        finally:
+            mine.close()
+        return pid, os.pidfd_open(pid)
 
-    def _drop(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
-            os.close(self.pidfd)
-        self.pid, self.pidfd, self.sock = 0, -1, None
+    def took(self, pid: int) -> None:
+        if pid == self.offered:
+            self.offered = 0
+
+    def reaped(self, pid: int) -> None:
+        self.took(pid)  # an offered spare that died: the next request offers another
 
 
 def _errno() -> int:
@@ -318,8 +330,12 @@ def _spare(sock: socket.socket, zygote: dict[str, Any]) -> NoReturn:
     if not data:
         os._exit(0)  # the zygote is gone, or stopped
     sock.close()
-    header = json.loads(data)
-    _child(header["tier"], fds, [int(t) for t in header["targets"]], zygote, spare=True)
+    try:
+        tier, targets = _request(json.loads(data), fds)
+    except (ValueError, KeyError, TypeError) as exc:
+        os.write(2, f"agentos zygote: a spare refused its request: {exc}\n".encode())
+        os._exit(127)
+    _child(tier, fds, targets, zygote, spare=True)
 
 
 def _child(tier: str, fds: list[int], targets: list[int], zygote: dict[str, Any],
@@ -509,6 +525,8 @@ class Zygote:
         self.started = 0.0
         self.exits: dict[int, int] = {}
         self.replies: dict[int, dict[str, Any]] = {}
+        # The spare it offered for the next strict start: pid, pidfd, our end of its socket.
+        self.spare: tuple[int, int, socket.socket] | None = None
         self.lock = threading.RLock()
         self._next = 0
         self.failures = 0  # deaths in a row, each soon after its start
@@ -528,6 +546,7 @@ class Zygote:
         self.sock, self.ready, self.said_tiers = mine, False, False
         self.exits.clear()
         self.replies.clear()
+        self._drop_spare()
         return None
 
     @property
@@ -552,12 +571,16 @@ class Zygote:
         return self.ready
 
     def _pump(self, timeout: float | None) -> bool:
-        """Read one message (waiting up to `timeout`); False on timeout or a dead zygote."""
+        """Read one message (waiting up to `timeout`; 0: only one already there); False on
+        timeout, with nothing there, or a dead zygote."""
         assert self.sock is not None
-        self.sock.settimeout(timeout)
+        if timeout == 0:
+            self.sock.setblocking(False)
+        else:
+            self.sock.settimeout(timeout)
         try:
-            data, fds, _, _ = socket.recv_fds(self.sock, MESSAGE, 1)
-        except TimeoutError:
+            data, fds, _, _ = socket.recv_fds(self.sock, MESSAGE, 2)
+        except (TimeoutError, BlockingIOError):
             return False
         except OSError:
             data = b""
@@ -569,7 +592,15 @@ class Zygote:
             self.ready = True
             self.tiers = tuple(record.get("tiers", ()))
         elif "exit" in record:
-            self.exits[int(record["exit"])] = int(record["status"])
+            pid = int(record["exit"])
+            if self.spare is not None and self.spare[0] == pid:
+                self._drop_spare()  # it died waiting: nobody's agent
+            else:
+                self.exits[pid] = int(record["status"])
+        elif "spare" in record and len(fds) == 2:
+            self._drop_spare()
+            self.spare = (int(record["spare"]), fds[0], socket.socket(fileno=fds[1]))
+            return True
         elif "id" in record:
             record["fds"] = fds
             self.replies[int(record["id"])] = record
@@ -578,9 +609,40 @@ class Zygote:
             os.close(fd)
         return True
 
+    def _drop_spare(self) -> None:
+        if self.spare is not None:
+            _, pidfd, sock = self.spare
+            self.spare = None
+            os.close(pidfd)
+            sock.close()
+
+    def _take_spare(self, header: bytes, fds: list[int]) -> ZygoteChild | None:
+        """Hand a strict start to the spare the zygote offered, if one is here and alive:
+        no round trip through the zygote. Then ask it for the next."""
+        while self._pump(0):  # its offer, exits: whatever came since
+            pass
+        if self.spare is None or self.sock is None:
+            return None
+        pid, pidfd, sock = self.spare
+        self.spare = None
+        try:
+            os.setpriority(os.PRIO_PROCESS, pid, 0)  # an agent's from here: full priority
+            socket.send_fds(sock, [header], fds)
+        except OSError:  # it died (the zygote reports its exit): the zygote starts this one
+            os.close(pidfd)
+            return None
+        finally:
+            sock.close()
+        try:
+            self.sock.send(json.dumps({"took": pid}).encode())
+        except OSError:
+            pass  # the zygote is gone, and the agent with it (PDEATHSIG): its pidfd says so
+        return ZygoteChild(self, pid, pidfd)
+
     def _lost(self) -> None:
         """The zygote is gone: its agents died with it (PDEATHSIG)."""
         self.ready = False
+        self._drop_spare()
         if self.sock is not None:
             self.sock.close()
             self.sock = None
@@ -601,6 +663,14 @@ class Zygote:
             with self.lock:
                 if not self.ready or self.sock is None:
                     raise ZygoteError("the zygote is not ready")
+                if "namespaces" in TIERS[tier]:
+                    child = self._take_spare(
+                        json.dumps({"tier": tier, "targets": list(keep)}).encode(),
+                        [memfd, report_fd, stdout, stderr, *keep])
+                    if child is not None:
+                        return child
+                    if self.sock is None:
+                        raise ZygoteError("the zygote is gone")
                 self._next += 1
                 ident = self._next
                 header = json.dumps({"id": ident, "tier": tier, "targets": list(keep)})
@@ -639,6 +709,7 @@ class Zygote:
             return os.waitstatus_to_exitcode(self.exits.pop(pid))
 
     def stop(self) -> None:
+        self._drop_spare()
         if self.sock is not None:
             self.sock.close()
             self.sock = None
