@@ -30,11 +30,12 @@ def _trusted_dir(fd: int) -> bool:
     return st.st_uid in (0, os.geteuid()) and not st.st_mode & 0o022
 
 
-def open_path(path: str) -> int:
+def open_path(path: str, parents: list[bool] | None = None) -> int:
     """An O_PATH fd on absolute `path`, reached through real directories and trusted symlinks
     only. Raises OSError: ELOOP for a symlink that could have been planted (or too many),
     ENOENT, ENOTDIR, EACCES as the walk meets them (the message names the component; callers
-    name the path)."""
+    name the path). `parents`, if given, gets whether each directory the walk passed through
+    is one only root (or this process's uid) may change."""
     if not path.startswith("/"):
         raise OSError(errno.EINVAL, "not an absolute path")
     todo = [p for p in reversed(path.split("/")) if p not in ("", ".")]
@@ -47,6 +48,8 @@ def open_path(path: str) -> int:
                 if len(stack) > 1:
                     os.close(stack.pop())
                 continue
+            if parents is not None:
+                parents.append(_trusted_dir(stack[-1]))
             fd = os.open(part, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=stack[-1])
             mode = os.fstat(fd).st_mode
             if stat.S_ISLNK(mode):
@@ -82,11 +85,19 @@ def identity(fd: int) -> list[int]:
 
 def pin(path: str) -> list[int]:
     """The identity of what `open_path` reaches at `path` now (OSError naming `path`)."""
+    return pin_trusted(path)[0]
+
+
+def pin_trusted(path: str) -> tuple[list[int], bool]:
+    """`pin(path)`, and whether only root could make the path reach something else (every
+    directory on the walk is root's, or this process's uid's, and no one else may write it):
+    such a pin stays true until root itself changes the tree."""
+    parents: list[bool] = []
     try:
-        fd = open_path(path)
+        fd = open_path(path, parents)
     except OSError as exc:
         raise OSError(exc.errno, f"{path}: {exc.strerror}") from None
     try:
-        return identity(fd)
+        return identity(fd), all(parents)
     finally:
         os.close(fd)

@@ -18,6 +18,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,9 @@ _ENV_PASSTHROUGH = ("LANG", "LC_ALL", "TZ")
 _PATH = "/usr/local/bin:/usr/bin:/bin"
 # Set to an agent's default model (`agentos run --model`): the SDK's, the common convention's
 # and the OpenAI Agents SDK's variable.
+# Pins of paths only root can change, reused this long (kernel/proc/resolve.py pin_trusted);
+# at most this many kept.
+PIN_TTL, PINS_CACHED = 2.0, 256
 MODEL_ENV = (layout.ENV_MODEL, "OPENAI_MODEL", "OPENAI_DEFAULT_MODEL")
 # The project root, so an agent finds `sdk` even when agentos runs from a source checkout.
 SDK_ROOT = str(Path(sandbox.PROJECT_ROOT))
@@ -115,6 +119,7 @@ class Sandboxes:
         self._started: dict[int, tuple[int, Path]] = {}
         self.spares: homes.Spares | None = None  # formatted home images, from the first home
         self._keys: dict[int, str] = {}  # the door/proxy key of agents being started
+        self._pins: dict[str, tuple[list[int], float]] = {}  # path -> (pin, until)
         if self.can_isolate and self.quota_missing is None:
             stale = homes.detach_stale(state.agents)
             if stale:
@@ -357,15 +362,28 @@ class Sandboxes:
             else:
                 sock.close()
 
-    @staticmethod
-    def pins(tier: str, paths: tuple[str, ...]) -> dict[str, list[int]]:
+    def pins(self, tier: str, paths: tuple[str, ...]) -> dict[str, list[int]]:
         """What each path Landlock will grant is now, reached as the launcher will reach it
         (no symlink an agent could have planted): the launcher grants only these files, so
         a path swapped after this check (for a symlink to `/`, say) is refused, whoever
-        resolves it, the launcher or bubblewrap."""
+        resolves it, the launcher or bubblewrap. A path only root could change (the system's
+        and the runtime's, not a home) is walked again after PIN_TTL seconds, not at every
+        spawn."""
         if "landlock" not in sandbox.TIERS[tier]:
             return {}
-        return {path: resolve.pin(path) for path in paths}
+        now = time.monotonic()
+        pins = {}
+        for path in paths:
+            cached = self._pins.get(path)
+            if cached is not None and cached[1] > now:
+                pins[path] = cached[0]
+                continue
+            pins[path], trusted = resolve.pin_trusted(path)
+            if trusted:
+                if len(self._pins) >= PINS_CACHED:
+                    self._pins.clear()
+                self._pins[path] = (pins[path], now + PIN_TTL)
+        return pins
 
     # --- homes and leftovers -----------------------------------------------------------------
 

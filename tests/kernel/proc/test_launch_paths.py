@@ -10,6 +10,7 @@ import os
 import subprocess
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -76,7 +77,26 @@ def swap(home: Path, target: str) -> None:
 
 
 def pinned(tier: str, policy: Policy) -> Policy:
-    return replace(policy, pins=Sandboxes.pins(tier, (policy.home or "", *policy.readable)))
+    fresh = SimpleNamespace(_pins={})  # what Sandboxes.pins keeps between spawns: nothing yet
+    return replace(policy, pins=Sandboxes.pins(fresh, tier,  # type: ignore[arg-type]
+                                               (policy.home or "", *policy.readable)))
+
+
+def test_pins_are_reused_only_where_root_alone_could_change_them(base: Path) -> None:  # noqa: F811
+    """The kernel walks the system's paths again only every PIN_TTL seconds, never a path
+    in a directory another uid may write: a code directory swapped between two spawns is
+    walked again and refused."""
+    kept = SimpleNamespace(_pins={})
+    home = parent_home(base)
+    paths = ("/usr", str(home / "sub"))
+    first = Sandboxes.pins(kept, "strict", paths)  # type: ignore[arg-type]
+    assert resolve.pin_trusted("/usr") == (first["/usr"], True)
+    assert resolve.pin_trusted(str(home / "sub"))[1] is False
+    assert set(kept._pins) == {"/usr"}
+    swap(home, "/")
+    with pytest.raises(OSError) as err:
+        Sandboxes.pins(kept, "strict", paths)  # type: ignore[arg-type]
+    assert err.value.errno == errno.ELOOP
 
 
 @needs_root
