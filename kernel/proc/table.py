@@ -433,6 +433,9 @@ class ProcessTable:
             report = launch.report(timeout=15)
         except Exception as exc:  # never leave a started process untracked
             report = Report(False, spec.tier, error=f"reading the launcher's report: {exc}")
+        finally:
+            if isinstance(popen, ZygoteChild):
+                popen.started()
         launch.close()
         log.debug("start timings", extra={"agent": agent_id, "zygote": isinstance(
             popen, ZygoteChild), "prepare_ms": round((t1 - t0) * 1000, 1), "fork_ms": round(

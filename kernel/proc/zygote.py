@@ -633,11 +633,18 @@ class Zygote:
             return None
         finally:
             sock.close()
-        try:
-            self.sock.send(json.dumps({"took": pid}).encode())
-        except OSError:
-            pass  # the zygote is gone, and the agent with it (PDEATHSIG): its pidfd says so
-        return ZygoteChild(self, pid, pidfd)
+        return ZygoteChild(self, pid, pidfd, spare=True)
+
+    def took(self, pid: int) -> None:
+        """Ask for the next spare: the one offered has done its agent's layers (made any
+        sooner, the next spare's namespaces and mounts take the CPU and the kernel's mount
+        lock from that agent's start: ~1.5 ms of a strict spawn here)."""
+        with self.lock:
+            if self.sock is not None:
+                try:
+                    self.sock.send(json.dumps({"took": pid}).encode())
+                except OSError:
+                    pass  # the zygote is gone, and the agent with it (PDEATHSIG)
 
     def _lost(self) -> None:
         """The zygote is gone: its agents died with it (PDEATHSIG)."""
@@ -721,11 +728,19 @@ class Zygote:
 class ZygoteChild:
     """What the process table needs of a Popen, for an agent the zygote forked."""
 
-    def __init__(self, zygote: Zygote, pid: int, pidfd: int) -> None:
+    def __init__(self, zygote: Zygote, pid: int, pidfd: int, spare: bool = False) -> None:
         self.zygote = zygote
         self.pid = pid
         self.pidfd = pidfd  # the kernel's to keep and close
         self.returncode: int | None = None
+        self._spare = spare  # the zygote's offered spare: it makes the next once told
+
+    def started(self) -> None:
+        """Its launcher reported (layers applied, or refused): the zygote may make the next
+        spare now."""
+        if self._spare:
+            self._spare = False
+            self.zygote.took(self.pid)
 
     def poll(self) -> int | None:
         if self.returncode is None:
