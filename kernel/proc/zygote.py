@@ -11,9 +11,10 @@ and then runs `sdk.runner` in-process instead of exec'ing Python.
 
 Strict agents start from a *spare*: a child forked ahead, as pid 1 of a fresh pid namespace,
 that has already made its other namespaces and the part of its root every agent shares
-(kernel/proc/mounts.py `prepare`) and waits, holding nothing of any agent, for the request the
-zygote forwards to it; it then adds the agent's own paths (`finish`) and applies the remaining
-layers. The zygote answers the kernel at once and forks the next spare after. A spare needs
+(kernel/proc/mounts.py `prepare`) and waits, holding nothing of any agent, for its start. The
+zygote offers each spare to the kernel (its pid, a pidfd, its socket), which hands it the next
+strict start directly and, once that start has reported, asks for the next spare; the spare
+adds the agent's own paths (`finish`) and applies the remaining layers. A spare needs
 open_tree(2) (Linux 5.2; Landlock needs 5.13): without it the zygote does not take strict
 agents, and the exec launcher (bubblewrap) starts them.
 
@@ -278,7 +279,10 @@ class Spares:
 
     def fresh(self, data: bytes, fds: list[int]) -> tuple[int, int]:
         """A spare forked now and given this request (the kernel's header and fds, as they
-        came): its pid and pidfd, which the caller sends on and closes."""
+        came): its pid and pidfd, which the caller sends on and closes. The kernel held no
+        spare when it sent this, so the next `offer` makes one (an offer it had not read yet
+        is dropped when the new one comes, and that spare exits)."""
+        self.offered = 0
         pid, mine = self._fork()
         try:
             os.setpriority(os.PRIO_PROCESS, pid, 0)  # an agent's already
@@ -527,6 +531,7 @@ class Zygote:
         self.replies: dict[int, dict[str, Any]] = {}
         # The spare it offered for the next strict start: pid, pidfd, our end of its socket.
         self.spare: tuple[int, int, socket.socket] | None = None
+        self._dropped: set[int] = set()  # spares let go of, whose exits are nobody's
         self.lock = threading.RLock()
         self._next = 0
         self.failures = 0  # deaths in a row, each soon after its start
@@ -547,6 +552,7 @@ class Zygote:
         self.exits.clear()
         self.replies.clear()
         self._drop_spare()
+        self._dropped.clear()
         return None
 
     @property
@@ -595,6 +601,8 @@ class Zygote:
             pid = int(record["exit"])
             if self.spare is not None and self.spare[0] == pid:
                 self._drop_spare()  # it died waiting: nobody's agent
+            if pid in self._dropped:
+                self._dropped.discard(pid)
             else:
                 self.exits[pid] = int(record["status"])
         elif "spare" in record and len(fds) == 2:
@@ -610,11 +618,14 @@ class Zygote:
         return True
 
     def _drop_spare(self) -> None:
+        """Let go of the spare held (it exits once its socket closes: its exit is nobody's)."""
         if self.spare is not None:
-            _, pidfd, sock = self.spare
+            pid, pidfd, sock = self.spare
             self.spare = None
             os.close(pidfd)
             sock.close()
+            if len(self._dropped) < 64:
+                self._dropped.add(pid)
 
     def _take_spare(self, header: bytes, fds: list[int]) -> ZygoteChild | None:
         """Hand a strict start to the spare the zygote offered, if one is here and alive:
@@ -630,6 +641,8 @@ class Zygote:
             socket.send_fds(sock, [header], fds)
         except OSError:  # it died (the zygote reports its exit): the zygote starts this one
             os.close(pidfd)
+            if len(self._dropped) < 64:
+                self._dropped.add(pid)
             return None
         finally:
             sock.close()
