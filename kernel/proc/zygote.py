@@ -41,7 +41,8 @@ BOOT = ("import sys;sys.path.insert(0,sys.argv.pop(1));"
         "from kernel.proc.zygote import serve;serve()")
 COVERED = ("strict", "standard")  # tiers with an agent uid; the others use the exec launcher
 CLONE_NEWPID = 0x20000000
-SPARE_NICE = 19  # a spare's while it prepares, before an agent is handed to it
+SPARE_NICE = 19  # a spare's while it waits for an agent (where it may set it back: CAP_SYS_NICE)
+CAP_SYS_NICE = 23
 MAX_FDS = 64  # fds one request may carry (policy, report, stdout, stderr, the agent's own)
 MESSAGE = 65536
 # Preloaded modules whose import reads the environment (the rings an agent inherited, their spin
@@ -121,7 +122,8 @@ def serve() -> NoReturn:
     gc.freeze()  # the template's objects never move into a generation a child's gc touches
     zygote = {"control": control, "life": (life_r, life_w), "host": host,
               "base_path": base_path, "filters": filters, "host_mnt": host_mnt,
-              "shared": shared}
+              "shared": shared, "nice": os.getpriority(os.PRIO_PROCESS, 0),
+              "renice": _capable(CAP_SYS_NICE)}
     spares = Spares(libc, own_pidns, zygote, control)
     _send(control, {"ready": os.getpid(), "tiers": tiers})
     if "strict" in tiers:
@@ -231,12 +233,10 @@ class Spares:
         self.control = control
         self.offered = 0  # the pid of the spare the kernel holds, until it takes it or dies
 
-    def _fork(self) -> tuple[int, socket.socket]:
-        """A new spare, preparing: its pid and our end of the socket it waits on."""
+    def _fork(self, ahead: bool) -> tuple[int, socket.socket]:
+        """A new spare, preparing (in the background if `ahead`): its pid and our end of the
+        socket it waits on."""
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        # Made in the background: the agent starting now comes first, and the spare prepares
-        # at this nice value until it is given an agent.
-        os.setpriority(os.PRIO_PROCESS, 0, SPARE_NICE)
         try:
             if self.libc.unshare(CLONE_NEWPID) != 0:
                 raise OSError(_errno(), "unshare(CLONE_NEWPID)")
@@ -248,7 +248,7 @@ class Spares:
             if pid == 0:
                 try:
                     mine.close()
-                    _spare(theirs, self.zygote)
+                    _spare(theirs, self.zygote, ahead)
                 finally:
                     os._exit(127)  # never back into the zygote's loop as a second zygote
             if self.libc.setns(self.own_pidns, CLONE_NEWPID) != 0:
@@ -258,14 +258,13 @@ class Spares:
             raise
         finally:
             theirs.close()
-            os.setpriority(os.PRIO_PROCESS, 0, 0)
         return pid, mine
 
     def offer(self) -> None:
         """Give the kernel the next spare, unless it holds one."""
         if self.offered:
             return
-        pid, mine = self._fork()
+        pid, mine = self._fork(ahead=True)
         pidfd = os.pidfd_open(pid)
         try:
             socket.send_fds(self.control, [json.dumps({"spare": pid}).encode()],
@@ -283,9 +282,8 @@ class Spares:
         spare when it sent this, so the next `offer` makes one (an offer it had not read yet
         is dropped when the new one comes, and that spare exits)."""
         self.offered = 0
-        pid, mine = self._fork()
+        pid, mine = self._fork(ahead=False)
         try:
-            os.setpriority(os.PRIO_PROCESS, pid, 0)  # an agent's already
             socket.send_fds(mine, [data], fds)
         finally:
             mine.close()
@@ -305,6 +303,15 @@ def _errno() -> int:
     return ctypes.get_errno()
 
 
+def _capable(cap: int) -> bool:
+    """Whether this process has capability `cap` in its effective set."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> cap & 1)
+    return False
+
+
 def _leave_zygote(zygote: dict[str, Any]) -> None:
     """A new child's first steps: none of the zygote's own lines stay open in it."""
     signal.set_wakeup_fd(-1)
@@ -313,15 +320,22 @@ def _leave_zygote(zygote: dict[str, Any]) -> None:
     os.close(zygote["control"].detach())  # the kernel's line to the zygote, not ours
 
 
-def _spare(sock: socket.socket, zygote: dict[str, Any]) -> NoReturn:
+def _spare(sock: socket.socket, zygote: dict[str, Any], ahead: bool) -> NoReturn:
     """A strict agent-to-be: prepare what every agent shares, then wait for the request. A
-    failed preparation is reported as the namespaces layer's failure once an agent asks."""
+    failed preparation is reported as the namespaces layer's failure once an agent asks.
+    Made `ahead`, it is background work until then: the agent starting meanwhile comes first
+    (where it can set its priority back after: raising a nice value needs no privilege,
+    lowering it needs CAP_SYS_NICE, which a service may lack, and an agent left at 19 would
+    run there)."""
     import ctypes
 
     from kernel.proc import mounts
 
     _leave_zygote(zygote)
     ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG: die with it
+    niced = ahead and zygote["renice"]
+    if niced:
+        os.setpriority(os.PRIO_PROCESS, 0, SPARE_NICE)
     zygote["null"] = os.open("/dev/null", os.O_RDONLY)  # the host's: the agent's stdin
     try:
         zygote["prepared"], zygote["unready"] = mounts.prepare(zygote["shared"]), None
@@ -334,6 +348,8 @@ def _spare(sock: socket.socket, zygote: dict[str, Any]) -> NoReturn:
     if not data:
         os._exit(0)  # the zygote is gone, or stopped
     sock.close()
+    if niced:
+        os.setpriority(os.PRIO_PROCESS, 0, zygote["nice"])  # an agent's now
     try:
         tier, targets = _request(json.loads(data), fds)
     except (ValueError, KeyError, TypeError) as exc:
@@ -637,7 +653,12 @@ class Zygote:
         pid, pidfd, sock = self.spare
         self.spare = None
         try:
-            os.setpriority(os.PRIO_PROCESS, pid, 0)  # an agent's from here: full priority
+            # Back to full priority even if it is still preparing (it sets that itself too,
+            # once it reads this; the zygote's capabilities are the kernel's).
+            os.setpriority(os.PRIO_PROCESS, pid, os.getpriority(os.PRIO_PROCESS, 0))
+        except OSError:
+            pass
+        try:
             socket.send_fds(sock, [header], fds)
         except OSError:  # it died (the zygote reports its exit): the zygote starts this one
             os.close(pidfd)

@@ -124,6 +124,11 @@ def zygote_pid(k: KernelProcess) -> int | None:
     return None
 
 
+def nice(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[16])
+
+
 def spare_pids(k: KernelProcess) -> list[int]:
     """The zygote's children that are no agent yet: root's, waiting for the next strict
     agent (kernel/proc/zygote.py `Spares`)."""
@@ -153,6 +158,9 @@ def test_strict_agents_start_prepared_and_a_dead_spare_is_replaced(zkernel: Kern
         assert json.loads(text)["layers"]["namespaces"]["prepared"] > 5
         assert wait_until(lambda: len(spare_pids(zkernel)) == 1, timeout=10)
         [spare] = spare_pids(zkernel)
+        # A spare waits in the background; the agent it becomes runs at its own nice value.
+        assert nice(spare) == 19
+        assert nice(conn.proc.info(first).pid) == sandbox.Limits().nice
         os.kill(spare, signal.SIGKILL)
         assert wait_until(lambda: spare not in spare_pids(zkernel), timeout=10)
         second = conn.proc.spawn(IDLE, name="spare-second", sandbox="strict")
