@@ -38,6 +38,8 @@ CAPABILITIES = {
     "CAP_SYS_ADMIN": "bubblewrap's and the standard tier's namespaces and mounts; loop-mounted "
                      "home quotas",
     "CAP_NET_ADMIN": "bringing up loopback in each agent's fresh network namespace",
+    "CAP_SYS_CHROOT": "a prepared strict agent's one visit to the host's mount namespace "
+                      "(setns) for its own paths",
     "CAP_CHOWN": "handing homes, endpoint directories and sockets to the agents' uids",
     "CAP_FOWNER": "locking down a home the agent owns when it ends",
     "CAP_DAC_OVERRIDE": "reaching into agents' 0700 homes (lock-down, re-owning at a restart)",

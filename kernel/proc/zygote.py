@@ -15,8 +15,9 @@ that has already made its other namespaces and the part of its root every agent 
 zygote offers each spare to the kernel (its pid, a pidfd, its socket), which hands it the next
 strict start directly and, once that start has reported, asks for the next spare; the spare
 adds the agent's own paths (`finish`) and applies the remaining layers. A spare needs
-open_tree(2) (Linux 5.2; Landlock needs 5.13): without it the zygote does not take strict
-agents, and the exec launcher (bubblewrap) starts them.
+open_tree(2) (Linux 5.2; Landlock needs 5.13) and CAP_SYS_CHROOT (setns into a mount
+namespace): without them the zygote does not take strict agents, and the exec launcher
+(bubblewrap) starts them.
 
 The kernel side (`Zygote`) hands a start to the zygote and gets the agent's host pid back; the
 zygote, the agents' parent, reports each exit status over the same socket.
@@ -42,7 +43,7 @@ BOOT = ("import sys;sys.path.insert(0,sys.argv.pop(1));"
 COVERED = ("strict", "standard")  # tiers with an agent uid; the others use the exec launcher
 CLONE_NEWPID = 0x20000000
 SPARE_NICE = 19  # a spare's while it waits for an agent (where it may set it back: CAP_SYS_NICE)
-CAP_SYS_NICE = 23
+CAP_SYS_CHROOT, CAP_SYS_ADMIN, CAP_SYS_NICE = 18, 21, 23
 MAX_FDS = 64  # fds one request may carry (policy, report, stdout, stderr, the agent's own)
 MESSAGE = 65536
 # Preloaded modules whose import reads the environment (the rings an agent inherited, their spin
@@ -109,7 +110,11 @@ def serve() -> NoReturn:
     host = namespace_ids()
     own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
     host_mnt = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
-    tiers = [t for t in COVERED if "namespaces" not in TIERS[t] or mounts.can_open_trees()]
+    # A spare reads its agent's paths in the host's mount namespace: open_tree(2), and setns
+    # into a mount namespace (CAP_SYS_ADMIN and CAP_SYS_CHROOT). Without, bubblewrap.
+    spares_ok = (mounts.can_open_trees() and _capable(CAP_SYS_ADMIN)
+                 and _capable(CAP_SYS_CHROOT))
+    tiers = [t for t in COVERED if "namespaces" not in TIERS[t] or spares_ok]
     # What every agent of this interpreter reads: a spare builds it before its agent is known.
     shared = mounts.shared(default_readable(python=sys.executable), _launcher_paths())
     # Children's read end of the life pipe sees POLLHUP once the zygote (its write end) is gone.

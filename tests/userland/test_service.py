@@ -141,7 +141,8 @@ def test_the_units_capabilities_and_no_new_privs_run_strict_agents(tmp_path: Pat
     except sandbox.SandboxUnavailable as exc:
         pytest.skip(str(exc))
     numbers = {"CAP_CHOWN": 0, "CAP_DAC_OVERRIDE": 1, "CAP_FOWNER": 3, "CAP_KILL": 5,
-               "CAP_SETGID": 6, "CAP_SETUID": 7, "CAP_NET_ADMIN": 12, "CAP_SYS_ADMIN": 21}
+               "CAP_SETGID": 6, "CAP_SETUID": 7, "CAP_NET_ADMIN": 12, "CAP_SYS_CHROOT": 18,
+               "CAP_SYS_ADMIN": 21}
     have = _bounding_set()
     keep = [cap for cap in CAPABILITIES if have >> numbers[cap] & 1]
     k = KernelProcess(tmp_path / "state")
@@ -184,3 +185,32 @@ def test_the_unit_under_a_real_systemd() -> None:
     figures = trial()
     assert figures["sandbox_missing"] == {} and figures["watchdog"]["restarts"] == 1
     assert figures["stop"] == {"status": 0, "homes_left_mounted": 0}
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
+                    reason="needs root and setpriv (util-linux)")
+def test_without_cap_sys_chroot_strict_agents_start_through_bubblewrap(tmp_path: Path) -> None:
+    """A zygote that cannot enter the host's mount namespace (an older unit's bounding set)
+    takes no strict starts: they go to the exec launcher, the log says so once, and the agent
+    runs."""
+    try:
+        sandbox.plan("strict", sandbox.probe())
+    except sandbox.SandboxUnavailable as exc:
+        pytest.skip(str(exc))
+    k = KernelProcess(tmp_path / "state")
+    k.prefix = ["setpriv", "--bounding-set", "-sys_chroot", "--inh-caps", "-sys_chroot", "--"]
+    k.start()
+    try:
+        with k.connect() as conn:
+            first, second = (conn.proc.spawn(agent("blocker"), sandbox="strict", name=name)
+                             for name in ("first", "second"))
+            for agent_id in (first, second):
+                assert wait_until(lambda a=agent_id: conn.proc.logs(a).data == b"blocking\n",
+                                  30), conn.proc.logs(agent_id, "stderr").data
+                assert "zygote" not in (conn.proc.info(agent_id).layers or "")
+                conn.proc.kill(agent_id, grace=0)
+                assert conn.proc.wait(agent_id, timeout=30).state == "killed"
+        assert k.log().count("does not start this tier's agents here") == 1
+    finally:
+        k.stop()
+        k.unmount_homes()
