@@ -22,6 +22,7 @@ from tests.conftest import ROOT, TEST_TIER, KernelProcess, process_memory, wait_
 PROBE = str(ROOT / "tests" / "hostile" / "zygote_probe.py")
 IDLE = str(ROOT / "tests" / "agents" / "idle.py")
 IMPORTS = str(ROOT / "tests" / "agents" / "imports.py")
+ORPHANER = str(ROOT / "tests" / "agents" / "orphaner.py")
 TIERS = [t for t in ("standard", "strict") if TEST_TIER == "strict" or t == TEST_TIER]
 if "standard" in TIERS and sandbox.unreachable_dir(os.path.realpath(sys.executable), 65534,
                                                    65534):
@@ -171,6 +172,39 @@ def test_strict_agents_start_prepared_and_a_dead_spare_is_replaced(zkernel: Kern
         for agent_id in (first, second):
             conn.proc.kill(agent_id, grace=0)
             assert conn.proc.wait(agent_id, timeout=30).state == "killed"
+
+
+def uid_processes(uid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/status") as f:
+                    fields = dict(line.split(":", 1) for line in f if ":" in line)
+            except OSError:
+                continue
+            if int(fields["Uid"].split()[0]) == uid and not fields["State"].strip().startswith(
+                    "Z"):
+                found.append(int(entry))
+    return found
+
+
+@pytest.mark.skipif("strict" not in TIERS, reason="the strict tier's own pid namespace")
+@pytest.mark.parametrize("grace", [0, 2])
+def test_ending_a_strict_agent_by_its_pid_1_ends_every_process_of_it(
+        zkernel: KernelProcess, grace: float) -> None:
+    """A strict agent from the zygote is signalled through its pid 1's pidfd, not by a scan
+    of every process on the host: its orphaned grandchild, which ignores SIGTERM, still
+    ends with it (the namespace dies with its pid 1), SIGTERM or SIGKILL."""
+    with zkernel.connect() as conn:
+        a = conn.proc.spawn(ORPHANER, name=f"orphaner-{grace}", sandbox="strict")
+        assert wait_until(lambda: conn.proc.logs(a).data == b"ready\n", timeout=30), \
+            conn.proc.logs(a, "stderr").data
+        uid = conn.proc.info(a).uid
+        assert uid is not None and len(uid_processes(uid)) == 2  # the agent, its grandchild
+        conn.proc.kill(a, grace=grace)
+        assert conn.proc.wait(a, timeout=30).state == "killed"
+    assert wait_until(lambda: not uid_processes(uid), timeout=5), uid_processes(uid)
 
 
 def test_a_dead_zygote_is_restarted_and_starts_fall_back(base: Path) -> None:
