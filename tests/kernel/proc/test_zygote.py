@@ -130,10 +130,8 @@ def nice(pid: int) -> int:
         return int(f.read().rsplit(")", 1)[1].split()[16])
 
 
-def spare_pids(k: KernelProcess) -> list[int]:
-    """The zygote's children that are no agent yet: root's, waiting for the next strict
-    agent (kernel/proc/zygote.py `Spares`)."""
-    zygote = zygote_pid(k)
+def live_processes(uid: int, ppid: int | None = None) -> list[int]:
+    """Processes of real uid `uid` (children of `ppid` only, if given), zombies left out."""
     found = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -142,9 +140,16 @@ def spare_pids(k: KernelProcess) -> list[int]:
                     fields = dict(line.split(":", 1) for line in f if ":" in line)
             except OSError:
                 continue
-            if int(fields["PPid"]) == zygote and int(fields["Uid"].split()[0]) == 0:
+            if (int(fields["Uid"].split()[0]) == uid and not fields["State"].strip()
+                    .startswith("Z") and ppid in (None, int(fields["PPid"]))):
                 found.append(int(entry))
     return found
+
+
+def spare_pids(k: KernelProcess) -> list[int]:
+    """The zygote's children that are no agent yet: root's, waiting for the next strict
+    agent (kernel/proc/zygote.py `Spares`)."""
+    return live_processes(0, zygote_pid(k))
 
 
 @pytest.mark.skipif("strict" not in TIERS, reason="spares are the strict tier's")
@@ -174,21 +179,6 @@ def test_strict_agents_start_prepared_and_a_dead_spare_is_replaced(zkernel: Kern
             assert conn.proc.wait(agent_id, timeout=30).state == "killed"
 
 
-def uid_processes(uid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/status") as f:
-                    fields = dict(line.split(":", 1) for line in f if ":" in line)
-            except OSError:
-                continue
-            if int(fields["Uid"].split()[0]) == uid and not fields["State"].strip().startswith(
-                    "Z"):
-                found.append(int(entry))
-    return found
-
-
 @pytest.mark.skipif("strict" not in TIERS, reason="the strict tier's own pid namespace")
 @pytest.mark.parametrize("grace", [0, 2])
 def test_ending_a_strict_agent_by_its_pid_1_ends_every_process_of_it(
@@ -201,10 +191,10 @@ def test_ending_a_strict_agent_by_its_pid_1_ends_every_process_of_it(
         assert wait_until(lambda: conn.proc.logs(a).data == b"ready\n", timeout=30), \
             conn.proc.logs(a, "stderr").data
         uid = conn.proc.info(a).uid
-        assert uid is not None and len(uid_processes(uid)) == 2  # the agent, its grandchild
+        assert uid is not None and len(live_processes(uid)) == 2  # the agent, its grandchild
         conn.proc.kill(a, grace=grace)
         assert conn.proc.wait(a, timeout=30).state == "killed"
-    assert wait_until(lambda: not uid_processes(uid), timeout=5), uid_processes(uid)
+    assert wait_until(lambda: not live_processes(uid), timeout=5), live_processes(uid)
 
 
 def test_a_dead_zygote_is_restarted_and_starts_fall_back(base: Path) -> None:
