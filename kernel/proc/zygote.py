@@ -283,10 +283,9 @@ class Spares:
 
     def fresh(self, data: bytes, fds: list[int]) -> tuple[int, int]:
         """A spare forked now and given this request (the kernel's header and fds, as they
-        came): its pid and pidfd, which the caller sends on and closes. The kernel held no
-        spare when it sent this, so the next `offer` makes one (an offer it had not read yet
-        is dropped when the new one comes, and that spare exits)."""
-        self.offered = 0
+        came): its pid and pidfd, which the caller sends on and closes. (The kernel held no
+        spare: none offered yet, or the offer still on its way, which it reads with this
+        reply; either way `offer` afterwards leaves exactly one outstanding.)"""
         pid, mine = self._fork(ahead=False)
         try:
             socket.send_fds(mine, [data], fds)
