@@ -37,6 +37,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from kernel.proc import mounts
+
 log = logging.getLogger("kernel.proc.homes")
 
 IMAGE = "home.img"
@@ -165,8 +167,9 @@ def _mount_loop(image: Path, home: Path) -> None:
     _on_loop(image, mount)
 
 
-# The new mount API (Linux 5.2; numbered alike on every architecture from 424 on).
-_SYS_MOVE_MOUNT, _SYS_FSOPEN, _SYS_FSCONFIG, _SYS_FSMOUNT = 429, 430, 431, 432
+# The new mount API (Linux 5.2; numbered alike on every architecture from 424 on; move_mount
+# is kernel/proc/mounts.py's).
+_SYS_FSOPEN, _SYS_FSCONFIG, _SYS_FSMOUNT = 430, 431, 432
 _FSCONFIG_SET_FLAG, _FSCONFIG_SET_STRING, _FSCONFIG_CMD_CREATE = 0, 1, 6
 _MOUNT_ATTR_NOSUID, _MOUNT_ATTR_NODEV = 0x2, 0x4
 _FSOPEN_CLOEXEC = _FSMOUNT_CLOEXEC = 1
@@ -182,7 +185,8 @@ def _syscall(what: str, number: int, *args: Any) -> int:
 
 def _detached_mount(image: Path) -> int:
     """`image` mounted as `_mount_loop` would, but attached nowhere yet: an fd on the mount
-    (`_attach` puts it on a home). Closing the fd unmounts it and frees the loop device."""
+    (`mounts.move_mount` puts it on a home). Closing the fd unmounts it and frees the loop
+    device."""
     made: list[int] = []
 
     def mount(device: str) -> None:
@@ -200,11 +204,6 @@ def _detached_mount(image: Path) -> int:
 
     _on_loop(image, mount)
     return made[0]
-
-
-def _attach(mount_fd: int, home: Path) -> None:
-    _syscall(f"move_mount to {home}", _SYS_MOVE_MOUNT, mount_fd, b"", -100, os.fsencode(home),
-             4)  # AT_FDCWD, MOVE_MOUNT_F_EMPTY_PATH
 
 
 def _on_loop(image: Path, mount: Any, tries: int = 8) -> None:
@@ -317,7 +316,7 @@ class Spares:
             else:
                 self.taken += 1
                 try:
-                    _attach(fd, home)  # type: ignore[arg-type]
+                    mounts.move_mount(fd, str(home))
                     return "mounted"
                 except OSError as exc:
                     log.warning("a home mounted ahead could not be attached; mounting it "

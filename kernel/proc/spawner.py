@@ -49,11 +49,11 @@ HOME_LIMIT = "home_bytes"  # and the home's quota (0: none)
 LIMIT_NAMES = frozenset({f.name for f in dataclasses.fields(Limits)} | {LOG_LIMIT, HOME_LIMIT})
 _ENV_PASSTHROUGH = ("LANG", "LC_ALL", "TZ")
 _PATH = "/usr/local/bin:/usr/bin:/bin"
-# Set to an agent's default model (`agentos run --model`): the SDK's, the common convention's
-# and the OpenAI Agents SDK's variable.
 # Pins of paths only root can change, reused this long (kernel/proc/resolve.py pin_trusted);
 # at most this many kept.
 PIN_TTL, PINS_CACHED = 2.0, 256
+# Set to an agent's default model (`agentos run --model`): the SDK's, the common convention's
+# and the OpenAI Agents SDK's variable.
 MODEL_ENV = (layout.ENV_MODEL, "OPENAI_MODEL", "OPENAI_DEFAULT_MODEL")
 # The project root, so an agent finds `sdk` even when agentos runs from a source checkout.
 SDK_ROOT = str(Path(sandbox.PROJECT_ROOT))

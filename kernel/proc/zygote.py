@@ -649,13 +649,12 @@ class Zygote:
 
     def _take_spare(self, header: bytes, fds: list[int]) -> ZygoteChild | None:
         """Hand a strict start to the spare the zygote offered, if one is here and alive:
-        no round trip through the zygote. Then ask it for the next."""
+        no round trip through the zygote (`ZygoteChild.started` asks for the next)."""
         while self._pump(0):  # its offer, exits: whatever came since
             pass
         if self.spare is None or self.sock is None:
             return None
         pid, pidfd, sock = self.spare
-        self.spare = None
         try:
             # Back to full priority even if it is still preparing (it sets that itself too,
             # once it reads this; the zygote's capabilities are the kernel's).
@@ -665,12 +664,10 @@ class Zygote:
         try:
             socket.send_fds(sock, [header], fds)
         except OSError:  # it died (the zygote reports its exit): the zygote starts this one
-            os.close(pidfd)
-            if len(self._dropped) < 64:
-                self._dropped.add(pid)
+            self._drop_spare()
             return None
-        finally:
-            sock.close()
+        self.spare = None
+        sock.close()
         return ZygoteChild(self, pid, pidfd, spare=True)
 
     def took(self, pid: int) -> None:
